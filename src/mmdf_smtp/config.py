@@ -1,0 +1,328 @@
+"""The TOML configuration: found, read, checked, and turned into typed values.
+
+Every error names the file, the line (when the key can be found in it) and
+the key, and the commands exit with EX_CONFIG (78) on it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .protocol.limits import Limits
+
+DEFAULT_PATH = Path("/etc/mmdf/mmdf.toml")
+EMBEDDED = "<embedded default>"
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; the text says where and why."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SmtpdConfig:
+    listen: tuple[str, ...] = ("127.0.0.1:2525",)
+    maxconnects: int = 4
+    max_per_client: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TlsConfig:
+    certificate: Path
+    key: Path
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DnsConfig:
+    nameservers: tuple[str, ...] = ()  # "host" or "host:port"; empty: the system resolver
+    timeout: float = 10.0  # seconds for one whole look-up
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ChannelConfig:
+    name: str
+    hosts: tuple[str, ...] = ()
+    table: str | None = None  # a file path, or "nameserver"
+    relay: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LocalConfig:
+    users: tuple[str, ...] = ()
+    aliases: Path | None = None
+    maildir: str = "/var/mail/{user}/Maildir"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeliverConfig:
+    next_hop: str | None = None
+    queue_lifetime: int = 432_000
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    source: str  # the file it came from, or EMBEDDED
+    hostname: str
+    spool: Path
+    local_domains: tuple[str, ...] = ()
+    user: str | None = None
+    smtpd: SmtpdConfig = field(default_factory=SmtpdConfig)
+    limits: Limits = field(default_factory=Limits)
+    tls: TlsConfig | None = None
+    dns: DnsConfig = field(default_factory=DnsConfig)
+    channels: Mapping[str, ChannelConfig] = field(default_factory=dict)
+    local: LocalConfig = field(default_factory=LocalConfig)
+    deliver: DeliverConfig = field(default_factory=DeliverConfig)
+
+
+def find_config_path(explicit: str | None) -> Path | None:
+    """``-c PATH``, else ``$MMDF_CONFIG``, else /etc/mmdf/mmdf.toml, else None."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get("MMDF_CONFIG")
+    if env:
+        return Path(env)
+    if DEFAULT_PATH.exists():
+        return DEFAULT_PATH
+    return None
+
+
+def load(explicit: str | None = None) -> Config:
+    path = find_config_path(explicit)
+    if path is None:
+        text = resources.files("mmdf_smtp").joinpath("default.toml").read_text()
+        return parse(text, EMBEDDED, base=_default_base())
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8: {exc}") from exc
+    return parse(text, str(path), base=path.parent)
+
+
+def _default_base() -> Path:
+    """Where the embedded default puts its spool: the checkout's var/.
+
+    The embedded configuration is for trying the software out, so its spool
+    lies beside the source (``var/`` at the repository root) when running
+    from a checkout, else under the current directory.
+    """
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        if (parent / "pyproject.toml").exists() and (parent / "src").is_dir():
+            return parent
+    return Path.cwd()
+
+
+def parse(text: str, source: str, *, base: Path) -> Config:
+    """Parse configuration ``text``; relative paths are taken from ``base``."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: {exc}") from exc
+    return _Reader(text, source, base).config(data)
+
+
+_KEY_LINE = re.compile(r"^\s*([A-Za-z0-9_.-]+)\s*=")
+_TABLE_LINE = re.compile(r"^\s*\[+\s*([^\]]+?)\s*\]+")
+
+
+class _Reader:
+    def __init__(self, text: str, source: str, base: Path) -> None:
+        self._text = text
+        self._source = source
+        self._base = base
+
+    def _line_of(self, dotted: str) -> int | None:
+        """The line where ``dotted`` (``table.key``) is set, if it can be found."""
+        *tables, key = dotted.split(".")
+        want = ".".join(tables)
+        current = ""
+        for number, line in enumerate(self._text.splitlines(), 1):
+            if table := _TABLE_LINE.match(line):
+                current = table.group(1).replace('"', "").replace(" ", "")
+                continue
+            found = _KEY_LINE.match(line)
+            if found and current == want and found.group(1) == key:
+                return number
+        return None
+
+    def error(self, dotted: str, problem: str) -> ConfigError:
+        line = self._line_of(dotted)
+        where = f"{self._source}:{line}" if line else self._source
+        return ConfigError(f"{where}: {dotted}: {problem}")
+
+    def _table(self, data: Mapping[str, Any], key: str, allowed: set[str]) -> dict[str, Any]:
+        value = data.get(key, {})
+        if not isinstance(value, dict):
+            raise self.error(key, "must be a table")
+        for unknown in sorted(set(value) - allowed):
+            raise self.error(f"{key}.{unknown}", "unknown key")
+        return value
+
+    def _str(self, data: Mapping[str, Any], dotted: str, default: str | None) -> str | None:
+        value = data.get(dotted.rsplit(".", 1)[-1], default)
+        if value is not None and not isinstance(value, str):
+            raise self.error(dotted, "must be a string")
+        return value
+
+    def _int(self, data: Mapping[str, Any], dotted: str, default: int, minimum: int) -> int:
+        value = data.get(dotted.rsplit(".", 1)[-1], default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(dotted, "must be a whole number")
+        if value < minimum:
+            raise self.error(dotted, f"must be at least {minimum}")
+        return value
+
+    def _bool(self, data: Mapping[str, Any], dotted: str, default: bool) -> bool:
+        value = data.get(dotted.rsplit(".", 1)[-1], default)
+        if not isinstance(value, bool):
+            raise self.error(dotted, "must be true or false")
+        return value
+
+    def _strings(self, data: Mapping[str, Any], dotted: str) -> tuple[str, ...]:
+        value = data.get(dotted.rsplit(".", 1)[-1], [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.error(dotted, "must be a list of strings")
+        return tuple(value)
+
+    def _path(self, text: str) -> Path:
+        path = Path(text).expanduser()
+        return path if path.is_absolute() else self._base / path
+
+    def config(self, data: dict[str, Any]) -> Config:
+        top = {"hostname", "spool", "local_domains", "user"}
+        tables = {"smtpd", "limits", "tls", "dns", "channels", "local", "deliver"}
+        for unknown in sorted(set(data) - top - tables):
+            raise self.error(unknown, "unknown key")
+        hostname = self._str(data, "hostname", None) or socket.getfqdn()
+        spool = self._str(data, "spool", "var/spool")
+        user = self._str(data, "user", None)
+        domains = tuple(d.lower().rstrip(".") for d in self._strings(data, "local_domains"))
+        return Config(
+            source=self._source,
+            hostname=hostname,
+            spool=self._path(spool or "var/spool"),
+            local_domains=domains,
+            user=user,
+            smtpd=self._smtpd(data),
+            limits=self._limits(data),
+            tls=self._tls(data),
+            dns=self._dns(data),
+            channels=self._channels(data),
+            local=self._local(data),
+            deliver=self._deliver(data),
+        )
+
+    def _smtpd(self, data: Mapping[str, Any]) -> SmtpdConfig:
+        t = self._table(data, "smtpd", {"listen", "maxconnects", "max_per_client"})
+        listen = self._strings(t, "smtpd.listen") if "listen" in t else SmtpdConfig().listen
+        for address in listen:
+            try:
+                split_listen(address)
+            except ValueError as exc:
+                raise self.error("smtpd.listen", str(exc)) from exc
+        return SmtpdConfig(
+            listen=listen,
+            maxconnects=self._int(t, "smtpd.maxconnects", 4, 1),
+            max_per_client=self._int(t, "smtpd.max_per_client", 0, 0),
+        )
+
+    def _limits(self, data: Mapping[str, Any]) -> Limits:
+        t = self._table(
+            data,
+            "limits",
+            {"message_size", "recipients", "command_timeout", "data_timeout", "errors"},
+        )
+        d = Limits()
+        return Limits(
+            message_size=self._int(t, "limits.message_size", d.message_size, 0),
+            recipients=self._int(t, "limits.recipients", d.recipients, 1),
+            command_timeout=self._int(t, "limits.command_timeout", int(d.command_timeout), 1),
+            data_timeout=self._int(t, "limits.data_timeout", int(d.data_timeout), 1),
+            errors=self._int(t, "limits.errors", d.errors, 1),
+        )
+
+    def _tls(self, data: Mapping[str, Any]) -> TlsConfig | None:
+        if "tls" not in data:
+            return None
+        t = self._table(data, "tls", {"certificate", "key"})
+        cert = self._str(t, "tls.certificate", None)
+        key = self._str(t, "tls.key", None)
+        if not cert:
+            raise self.error("tls.certificate", "is required when [tls] is present")
+        if not key:
+            raise self.error("tls.key", "is required when [tls] is present")
+        return TlsConfig(certificate=self._path(cert), key=self._path(key))
+
+    def _dns(self, data: Mapping[str, Any]) -> DnsConfig:
+        t = self._table(data, "dns", {"nameservers", "timeout"})
+        servers = self._strings(t, "dns.nameservers")
+        for server in servers:
+            try:
+                split_listen(server, default_port=53)
+            except ValueError as exc:
+                raise self.error("dns.nameservers", str(exc)) from exc
+        timeout = t.get("timeout", DnsConfig().timeout)
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
+            raise self.error("dns.timeout", "must be a positive number of seconds")
+        return DnsConfig(nameservers=servers, timeout=float(timeout))
+
+    def _channels(self, data: Mapping[str, Any]) -> dict[str, ChannelConfig]:
+        t = self._table(data, "channels", set(data.get("channels", {})))
+        channels: dict[str, ChannelConfig] = {}
+        for name, body in t.items():
+            if not isinstance(body, dict):
+                raise self.error(f"channels.{name}", "must be a table")
+            prefix = f"channels.{name}"
+            for unknown in sorted(set(body) - {"hosts", "table", "relay"}):
+                raise self.error(f"{prefix}.{unknown}", "unknown key")
+            table = self._str(body, f"{prefix}.table", None)
+            if table is not None and table != "nameserver":
+                table = str(self._path(table))
+            channels[name] = ChannelConfig(
+                name=name,
+                hosts=self._strings(body, f"{prefix}.hosts"),
+                table=table,
+                relay=self._bool(body, f"{prefix}.relay", False),
+            )
+        return channels
+
+    def _local(self, data: Mapping[str, Any]) -> LocalConfig:
+        t = self._table(data, "local", {"users", "aliases", "maildir"})
+        aliases = self._str(t, "local.aliases", None)
+        maildir = self._str(t, "local.maildir", LocalConfig().maildir) or LocalConfig().maildir
+        return LocalConfig(
+            users=tuple(u.lower() for u in self._strings(t, "local.users")),
+            aliases=self._path(aliases) if aliases else None,
+            maildir=str(self._path(maildir)),
+        )
+
+    def _deliver(self, data: Mapping[str, Any]) -> DeliverConfig:
+        t = self._table(data, "deliver", {"next_hop", "queue_lifetime"})
+        return DeliverConfig(
+            next_hop=self._str(t, "deliver.next_hop", None),
+            queue_lifetime=self._int(t, "deliver.queue_lifetime", 432_000, 1),
+        )
+
+
+def split_listen(address: str, *, default_port: int | None = None) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` into its parts."""
+    host, sep, port = address.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif not sep or ":" in host:
+        if default_port is None:
+            raise ValueError(f"{address!r}: expected host:port or [ipv6]:port")
+        host, port = address.strip("[]"), str(default_port)
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{address!r}: expected host:port or [ipv6]:port")
+    return host, int(port)

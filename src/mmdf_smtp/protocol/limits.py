@@ -1,0 +1,29 @@
+"""Per-connection limits, enforced by the protocol core and nowhere else."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Limits:
+    # RFC 5321 4.5.3.1.4: "The maximum total length of a command line
+    # including the command word and the <CRLF> is 512 octets."
+    command_line: int = 512
+    # RFC 5321 4.5.3.1.6: "The maximum total length of a text line including
+    # the <CRLF> is 1000 octets (not counting the leading dot duplicated for
+    # transparency)."
+    text_line: int = 1000
+    # RFC 1870: advertised with SIZE; 0 means no limit is advertised.
+    message_size: int = 36_700_160
+    # RFC 5321 4.5.3.1.8: at least 100 recipients must be buffered.
+    recipients: int = 100
+    # RFC 5321 4.5.3.2.7: at least 5 minutes waiting for the next command.
+    command_timeout: float = 300.0
+    # RFC 5321 4.5.3.2.6 gives 10 minutes for the DATA termination; here the
+    # budget covers a whole DATA transfer or one BDAT chunk.
+    data_timeout: float = 600.0
+    # Protocol errors (5xx to commands) before the session is closed with 421.
+    errors: int = 10
+    # RFC 5321 6.3: a loop is suspected past this many Received headers.
+    received_headers: int = 100

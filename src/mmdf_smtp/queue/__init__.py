@@ -1,0 +1,63 @@
+"""The queue: where a message lies once the channel has answered 250.
+
+The protocol core never imports this package.  The session layer talks to
+a :class:`Queue` only through the small interface below, so that other
+backends can follow the spool directory of :mod:`.spool`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Envelope:
+    sender: str  # "" for the null reverse path
+    recipients: tuple[str, ...]
+    channel: str  # the source channel
+    remote_host: str  # the client's name, or its address literal
+    remote_addr: str  # the client's address, "" when unknown
+    helo: str
+    received: datetime  # aware, UTC
+    tls: str | None = None  # e.g. "TLSv1.3 TLS_AES_256_GCM_SHA384"; None without TLS
+    smtputf8: bool = False
+    body: str | None = None  # "7BIT" or "8BITMIME" from MAIL's BODY=
+
+
+class QueueError(Exception):
+    """A message could not be queued.  ``full`` is set when storage ran out."""
+
+    def __init__(self, message: str, *, full: bool = False) -> None:
+        super().__init__(message)
+        self.full = full
+
+
+class MessageWriter(Protocol):
+    """One message on its way into the queue."""
+
+    @property
+    def id(self) -> str:
+        """The queue id, known from the start (it goes into Received)."""
+        ...
+
+    def write(self, data: bytes) -> None:
+        """Append message octets.  May raise :class:`QueueError`."""
+        ...
+
+    def commit(self, envelope: Envelope) -> None:
+        """Make the message and its envelope durable; returns only when they
+        are on stable storage.  May raise :class:`QueueError`, after which
+        nothing of the message remains."""
+        ...
+
+    def abort(self) -> None:
+        """Forget the message.  Safe to call at any time, more than once."""
+        ...
+
+
+class Queue(Protocol):
+    def open(self) -> MessageWriter:
+        """Start a new message.  May raise :class:`QueueError`."""
+        ...

@@ -1,0 +1,223 @@
+"""One SMTP session's decisions: the protocol core joined to policy and queue.
+
+The shells (blocking and asyncio) move octets; this module answers the
+core's decision events the same way for all of them, so the wire and the
+queue cannot tell which shell served a session.  Only
+:meth:`Session.handle` of a :class:`~mmdf_smtp.protocol.MessageComplete`
+waits on the disk (fsync); the asyncio shell runs that one call in a thread.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import format_datetime
+
+from .config import ChannelConfig
+from .protocol import (
+    ConnectionClosed,
+    Event,
+    Hello,
+    Limits,
+    MailFrom,
+    MessageAborted,
+    MessageComplete,
+    MessageData,
+    Path,
+    RcptTo,
+    Reply,
+    Reset,
+    ServerConnection,
+    StartData,
+    StartTLS,
+    replies,
+)
+from .queue import Envelope, MessageWriter, Queue, QueueError
+
+log = logging.getLogger("mmdf_smtp.session")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Client:
+    """Who is on the other end, as far as the shell knows."""
+
+    host: str  # a name, or an address literal such as "[192.0.2.7]"
+    address: str  # "" when unknown (a pipe)
+
+
+def address_literal(address: str) -> str:
+    """RFC 5321 4.1.3: ``[192.0.2.7]`` or ``[IPv6:2001:db8::7]``."""
+    return f"[IPv6:{address}]" if ":" in address else f"[{address}]"
+
+
+class Session:
+    """Answers the decisions of one :class:`ServerConnection`."""
+
+    def __init__(
+        self,
+        *,
+        hostname: str,
+        client: Client,
+        channel: ChannelConfig | None,
+        refusal: Reply | None,
+        check_recipient: Callable[[ChannelConfig, Path], Reply | None],
+        queue: Queue,
+        limits: Limits,
+        tls_available: bool,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.hostname = hostname
+        self.client = client
+        self.channel = channel
+        self.connection = ServerConnection(
+            hostname=hostname, limits=limits, tls_available=tls_available
+        )
+        self.tls: str | None = None  # protocol and cipher once STARTTLS is done
+        self._check_recipient = check_recipient
+        self._queue = queue
+        self._clock = clock
+        self._recipients: list[str] = []
+        self._writer: MessageWriter | None = None
+        self._write_error: QueueError | None = None
+        self.connection.send(self._greeting(refusal))
+
+    def _greeting(self, refusal: Reply | None) -> Reply:
+        if refusal is not None:
+            return refusal
+        if self.channel is None:
+            return replies.NO_SERVICE.with_text(f"{self.hostname} No SMTP service here")
+        return replies.GREETING.with_text(f"{self.hostname} Server SMTP ready")
+
+    def tls_established(self, description: str) -> None:
+        self.tls = description
+        self.connection.tls_established()
+
+    def handle(self, event: Event) -> None:
+        """Answer ``event`` if it is a decision; keep the message state."""
+        conn = self.connection
+        match event:
+            case Hello():
+                conn.send(replies.HELLO.with_text(f"{self.hostname} Hello {event.name}"))
+            case MailFrom():
+                self._recipients.clear()
+                conn.send(replies.SENDER_OK)
+            case RcptTo():
+                conn.send(self._rcpt(event))
+            case StartData():
+                conn.send(self._open_message(event))
+            case MessageData():
+                self._write(event.data)
+            case MessageComplete():
+                conn.send(self._commit(event))
+            case MessageAborted() | Reset() | StartTLS() | ConnectionClosed():
+                self._drop_message()
+
+    def _rcpt(self, event: RcptTo) -> Reply:
+        assert self.channel is not None
+        refusal = self._check_recipient(self.channel, event.recipient)
+        if refusal is not None:
+            return refusal
+        self._recipients.append(event.recipient.address)
+        return replies.RECIPIENT_OK
+
+    def _open_message(self, event: StartData) -> Reply:
+        self._drop_message()
+        try:
+            self._writer = self._queue.open()
+        except QueueError as exc:
+            log.error("queue: cannot open a message: %s", exc)
+            return replies.QUEUE_FULL if exc.full else replies.QUEUE_FAILED
+        self._write(self.received_header(self._writer.id))
+        return replies.OK if event.chunking else replies.START_DATA
+
+    def _write(self, data: bytes) -> None:
+        if self._writer is None or self._write_error is not None:
+            return
+        try:
+            self._writer.write(data)
+        except QueueError as exc:
+            # Keep reading the message; the end of data gets the 4xx.
+            self._write_error = exc
+
+    def _commit(self, event: MessageComplete) -> Reply:
+        writer, error = self._writer, self._write_error
+        self._writer, self._write_error = None, None
+        if writer is None:
+            return replies.QUEUE_FAILED
+        if error is None:
+            try:
+                writer.commit(self._envelope())
+            except QueueError as exc:
+                error = exc
+        if error is not None:
+            writer.abort()
+            log.error("queue: message not queued: %s", error)
+            return replies.QUEUE_FULL if error.full else replies.QUEUE_FAILED
+        log.info(
+            "queued id=%s client=%s[%s] helo=%s from=<%s> to=%s size=%d channel=%s",
+            writer.id,
+            self.client.host,
+            self.client.address,
+            self.connection.helo,
+            self._sender(),
+            ",".join(f"<{r}>" for r in self._recipients),
+            event.size,
+            self.channel.name if self.channel else "",
+        )
+        return replies.QUEUED.with_text(f"Submitted & queued (msg.{writer.id})")
+
+    def _drop_message(self) -> None:
+        if self._writer is not None:
+            self._writer.abort()
+        self._writer, self._write_error = None, None
+
+    def _sender(self) -> str:
+        mail = self.connection.mail
+        return mail.sender.address if mail else ""
+
+    def _envelope(self) -> Envelope:
+        mail = self.connection.mail
+        assert mail is not None and self.channel is not None
+        return Envelope(
+            sender=mail.sender.address,
+            recipients=tuple(self._recipients),
+            channel=self.channel.name,
+            remote_host=self.client.host,
+            remote_addr=self.client.address,
+            helo=self.connection.helo or "",
+            received=self._clock(),
+            tls=self.tls,
+            smtputf8=mail.smtputf8,
+            body=mail.body,
+        )
+
+    def received_header(self, queue_id: str) -> bytes:
+        """The trace header of RFC 5321 4.4, with RFC 3848/6531 ``with`` words."""
+        conn = self.connection
+        mail = conn.mail
+        smtputf8 = mail is not None and mail.smtputf8
+        if smtputf8:
+            protocol = "UTF8SMTPS" if self.tls else "UTF8SMTP"
+        elif conn.esmtp:
+            protocol = "ESMTPS" if self.tls else "ESMTP"
+        else:
+            protocol = "SMTPS" if self.tls else "SMTP"
+        tcp_info = self.client.host
+        if self.client.address:
+            literal = address_literal(self.client.address)
+            if literal != tcp_info:
+                tcp_info = f"{tcp_info} {literal}"
+        lines = [f"Received: from {conn.helo} ({tcp_info})"]
+        by = f"\tby {self.hostname} (mmdf-smtp)"
+        if self.tls:
+            by += f" (using {self.tls})"
+        lines.append(by)
+        lines.append(f"\twith {protocol} id {queue_id}")
+        date = format_datetime(self._clock())
+        if len(self._recipients) == 1:
+            lines.append(f"\tfor <{self._recipients[0]}>; {date}")
+        else:
+            lines[-1] += f"; {date}"
+        return ("\r\n".join(lines) + "\r\n").encode()

@@ -1,0 +1,173 @@
+"""Serve one session on a pair of file descriptors, blocking.
+
+This is ``smtpsrvr``'s shell: stdin and stdout may be a socket (inetd,
+systemd ``Accept=yes``, tcpserver, smtpd's fork), or pipes (tests).  TLS
+runs through :class:`ssl.SSLObject` over memory BIOs, so STARTTLS works on
+any descriptor, pipes included.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import ssl
+import time
+from collections.abc import Callable
+
+from ..protocol import PAUSED, ConnectionClosed, Signal, StartTLS, Timer
+from ..session import Session
+from .tls import describe
+from .trace import Tracer, trace_input, trace_output
+
+READ_SIZE = 65536
+
+
+class _Gone(Exception):
+    """The client cannot be written to any more."""
+
+
+class BlockingShell:
+    def __init__(
+        self,
+        session: Session,
+        *,
+        rfd: int = 0,
+        wfd: int = 1,
+        tls_context: ssl.SSLContext | None = None,
+        trace: Tracer | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._session = session
+        self._conn = session.connection
+        self._rfd = rfd
+        self._wfd = wfd
+        self._tls_context = tls_context
+        self._trace = trace
+        self._clock = clock
+        self._generation = -1
+        self._deadline = 0.0
+        self._tls: ssl.SSLObject | None = None
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+
+    def run(self) -> None:
+        """Serve until the session ends."""
+        conn = self._conn
+        while True:
+            event = conn.next_event()
+            if isinstance(event, Signal):
+                if event is PAUSED:
+                    raise RuntimeError("the session left a decision unanswered")
+                self._flush()
+                data = self._read(conn.timer)
+                if data is None:
+                    conn.time_out()
+                    continue
+                if self._trace and data:
+                    trace_input(self._trace, conn, data)
+                conn.receive_data(data)
+                continue
+            self._session.handle(event)
+            if isinstance(event, ConnectionClosed):
+                self._flush()
+                return
+            if isinstance(event, StartTLS):
+                self._flush()
+                self._start_tls()
+
+    # -- output ----------------------------------------------------------
+
+    def _flush(self) -> None:
+        data = self._conn.data_to_send()
+        if not data:
+            return
+        if self._trace:
+            trace_output(self._trace, data)
+        if self._tls is not None:
+            self._tls.write(data)
+            data = self._outgoing.read()
+        try:
+            self._write_all(data)
+        except _Gone:
+            # Nobody to answer: end the session as if the client had left.
+            self._conn.receive_data(b"")
+
+    def _write_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        # A client that never reads its replies gets as long to drain them
+        # as it would have to send a command.
+        limit = self._conn.limits.command_timeout
+        while view:
+            try:
+                _, writable, _ = select.select([], [self._wfd], [], limit)
+                if not writable:
+                    raise _Gone
+                written = os.write(self._wfd, view)
+            except OSError as exc:
+                raise _Gone from exc
+            view = view[written:]
+
+    # -- input -----------------------------------------------------------
+
+    def _raw_read(self, timer: Timer | None) -> bytes | None:
+        """Octets from the descriptor; b"" at end of file; None on timeout."""
+        if timer is not None and timer.generation != self._generation:
+            self._generation = timer.generation
+            self._deadline = self._clock() + timer.seconds
+        remaining = None if timer is None else self._deadline - self._clock()
+        if remaining is not None and remaining <= 0:
+            return None
+        try:
+            readable, _, _ = select.select([self._rfd], [], [], remaining)
+            if not readable:
+                return None
+            return os.read(self._rfd, READ_SIZE)
+        except OSError:
+            return b""
+
+    def _read(self, timer: Timer | None) -> bytes | None:
+        if self._tls is None:
+            return self._raw_read(timer)
+        while True:
+            try:
+                return self._tls.read(READ_SIZE)
+            except ssl.SSLWantReadError:
+                pass
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                return b""
+            except ssl.SSLError:
+                return b""
+            raw = self._raw_read(timer)
+            if raw is None:
+                return None
+            if not raw:
+                self._incoming.write_eof()
+            else:
+                self._incoming.write(raw)
+
+    def _start_tls(self) -> None:
+        assert self._tls_context is not None, "STARTTLS is offered only with a context"
+        tls = self._tls_context.wrap_bio(self._incoming, self._outgoing, server_side=True)
+        # The handshake gets the command timeout, like any other wait.
+        timer = Timer(generation=self._generation - 1, seconds=self._conn.limits.command_timeout)
+        try:
+            while True:
+                try:
+                    tls.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    self._write_all(self._outgoing.read())
+                    raw = self._raw_read(timer)
+                    if not raw:
+                        raise _Gone from None
+                    self._incoming.write(raw)
+            self._write_all(self._outgoing.read())
+        except (ssl.SSLError, _Gone):
+            try:
+                self._write_all(self._outgoing.read())  # the alert, if any
+            except _Gone:
+                pass
+            self._conn.tls_failed()
+            return
+        self._tls = tls
+        self._session.tls_established(describe(tls.version(), tls.cipher()))

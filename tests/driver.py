@@ -1,0 +1,121 @@
+"""Drive the sans-IO core in tests: feed octets, answer decisions, collect replies."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from mmdf_smtp.protocol import (
+    NEED_DATA,
+    PAUSED,
+    ConnectionClosed,
+    Event,
+    Hello,
+    Limits,
+    MailFrom,
+    MessageComplete,
+    MessageData,
+    RcptTo,
+    Reply,
+    ServerConnection,
+    StartData,
+    StartTLS,
+    replies,
+)
+
+Answer = Callable[[Event], Reply | None]
+
+
+def accept_all(event: Event) -> Reply | None:
+    match event:
+        case Hello():
+            return replies.HELLO.with_text("mx.test Hello")
+        case MailFrom():
+            return replies.SENDER_OK
+        case RcptTo():
+            return replies.RECIPIENT_OK
+        case StartData():
+            return replies.OK if event.chunking else replies.START_DATA
+        case MessageComplete():
+            return replies.QUEUED
+    return None
+
+
+@dataclass
+class Run:
+    conn: ServerConnection
+    output: bytearray = field(default_factory=bytearray)
+    events: list[Event] = field(default_factory=list)
+
+    @property
+    def replies(self) -> list[str]:
+        """Each reply's last line (the one with a space after the code)."""
+        return [
+            line
+            for line in self.output.decode("utf-8", "replace").split("\r\n")
+            if len(line) > 3 and line[3] == " "
+        ]
+
+    @property
+    def codes(self) -> list[int]:
+        return [int(line[:3]) for line in self.replies]
+
+    @property
+    def content(self) -> bytes:
+        return b"".join(e.data for e in self.events if isinstance(e, MessageData))
+
+    def of(self, kind: type) -> list[Event]:
+        return [e for e in self.events if isinstance(e, kind)]
+
+    def feed(self, data: bytes, *, answer: Answer = accept_all, step: int | None = None) -> Run:
+        pieces: Iterable[bytes]
+        if step is None:
+            pieces = [data]
+        else:
+            pieces = [data[i : i + step] for i in range(0, len(data), step)]
+        for piece in pieces:
+            self.conn.receive_data(piece)
+            self.pump(answer)
+        return self
+
+    def eof(self, answer: Answer = accept_all) -> Run:
+        self.conn.receive_data(b"")
+        self.pump(answer)
+        return self
+
+    def pump(self, answer: Answer = accept_all) -> None:
+        while True:
+            event = self.conn.next_event()
+            if event is NEED_DATA:
+                break
+            if event is PAUSED:
+                raise AssertionError("decision left unanswered")
+            self.events.append(event)
+            reply = answer(event)
+            if reply is not None:
+                self.conn.send(reply)
+            if isinstance(event, StartTLS):
+                break
+            if isinstance(event, ConnectionClosed):
+                break
+        self.output += self.conn.data_to_send()
+
+
+def session(
+    *, limits: Limits | None = None, tls: bool = False, greeting: Reply | None = None
+) -> Run:
+    conn = ServerConnection(hostname="mx.test", limits=limits or Limits(), tls_available=tls)
+    conn.send(greeting or replies.GREETING.with_text("mx.test ready"))
+    run = Run(conn)
+    run.output += conn.data_to_send()
+    return run
+
+
+def transcript(
+    data: bytes, *, step: int | None = None, limits: Limits | None = None, tls: bool = False
+) -> Run:
+    return session(limits=limits, tls=tls).feed(data, step=step)
+
+
+EHLO = b"EHLO client.test\r\n"
+ENVELOPE = EHLO + b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\n"
