@@ -68,11 +68,9 @@ class Run:
         return [e for e in self.events if isinstance(e, kind)]
 
     def feed(self, data: bytes, *, answer: Answer = accept_all, step: int | None = None) -> Run:
-        pieces: Iterable[bytes]
-        if step is None:
-            pieces = [data]
-        else:
-            pieces = [data[i : i + step] for i in range(0, len(data), step)]
+        pieces: Iterable[bytes] = (
+            [data] if step is None else [data[i : i + step] for i in range(0, len(data), step)]
+        )
         for piece in pieces:
             self.conn.receive_data(piece)
             self.pump(answer)

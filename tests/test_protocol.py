@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from driver import ENVELOPE, EHLO, session, transcript
+from driver import EHLO, ENVELOPE, session, transcript
 from mmdf_smtp.protocol import (
     NEED_DATA,
     PAUSED,
@@ -83,7 +83,10 @@ def test_helo_gets_plain_reply_and_smtp_session() -> None:
         (b"\r\n", "500 5.5.1 Command unrecognized"),
         (EHLO + b"RSET now\r\n", "501 5.5.4 No parameters allowed"),
         (EHLO + b"VRFY\r\n", "501 5.5.2 Syntax: VRFY address"),
-        (EHLO + b"VRFY root\r\n", "252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery"),
+        (
+            EHLO + b"VRFY root\r\n",
+            "252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery",
+        ),
         (EHLO + b"EXPN staff\r\n", "502 5.5.1 EXPN not available"),
         (EHLO + b"NOOP anything at all\r\n", "250 2.0.0 OK"),
         (EHLO + b"STARTTLS\r\n", "502 5.5.1 Command not implemented"),
@@ -102,7 +105,8 @@ def test_sequence_and_syntax(data: bytes, reply: str, step: int | None) -> None:
 def test_help_is_multiline_with_enhanced_codes_on_every_line() -> None:
     run = transcript(b"HELP\r\n")
     assert run.output.decode().endswith(
-        "214-2.0.0 Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY EXPN HELP STARTTLS\r\n"
+        "214-2.0.0 Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY EXPN HELP"
+        " STARTTLS\r\n"
         "214 2.0.0 See RFC 5321\r\n"
     )
 
@@ -117,7 +121,10 @@ def test_help_is_multiline_with_enhanced_codes_on_every_line() -> None:
         (b'<"a>b"@example.org>', Path(local='"a>b"', domain="example.org")),
         (b"<user@[192.0.2.7]>", Path(local="user", domain="[192.0.2.7]")),
         (b"<user@[IPv6:2001:db8::7]>", Path(local="user", domain="[IPv6:2001:db8::7]")),
-        (b"<first.last+tag@sub.example.org>", Path(local="first.last+tag", domain="sub.example.org")),
+        (
+            b"<first.last+tag@sub.example.org>",
+            Path(local="first.last+tag", domain="sub.example.org"),
+        ),
     ],
 )
 def test_mail_paths(path: bytes, expected: Path) -> None:
@@ -148,7 +155,9 @@ def test_bad_sender_paths(path: bytes) -> None:
 
 
 def test_recipient_paths() -> None:
-    data = EHLO + b"MAIL FROM:<>\r\nRCPT TO:<Postmaster>\r\nRCPT TO:<>\r\nRCPT TO:<x@[127.0.0.1]>\r\n"
+    data = (
+        EHLO + b"MAIL FROM:<>\r\nRCPT TO:<Postmaster>\r\nRCPT TO:<>\r\nRCPT TO:<x@[127.0.0.1]>\r\n"
+    )
     run = transcript(data)
     assert [e.recipient for e in run.of(RcptTo)] == [
         Path(local="Postmaster", domain=""),
@@ -228,7 +237,7 @@ def test_command_line_limit_is_512_with_crlf() -> None:
 def test_endless_command_line_keeps_memory_bounded(step: int | None) -> None:
     run = session()
     run.feed(b"NOOP " + b"x" * 1_000_000, step=step)
-    assert len(run.conn._buffer) <= 512
+    assert run.conn.pending_input <= 512
     run.feed(b"\r\nNOOP\r\n")
     assert run.replies[-2:] == ["500 5.5.2 Line too long", "250 2.0.0 OK"]
 
@@ -338,7 +347,7 @@ def test_endless_data_line_keeps_memory_bounded() -> None:
     run = transcript(ENVELOPE + b"DATA\r\n")
     for _ in range(100):
         run.feed(b"y" * 10_000)
-        assert len(run.conn._buffer) <= 1001
+        assert run.conn.pending_input <= 1001
     run.feed(b"\r\n.\r\n")
     assert run.replies[-1].startswith("550 5.6.0")
 
@@ -587,3 +596,31 @@ def test_event_order_for_a_decision() -> None:
     conn.send(replies.HELLO)
     assert conn.next_event() == Reset()
     assert conn.next_event() is NEED_DATA
+
+
+def test_shut_down_waits_for_a_decision_under_way() -> None:
+    conn = ServerConnection(hostname="mx.test")
+    conn.send(replies.GREETING)
+    conn.receive_data(ENVELOPE + b"DATA\r\nx\r\n.\r\n")
+    answers = {
+        Hello: replies.HELLO,
+        MailFrom: replies.SENDER_OK,
+        RcptTo: replies.RECIPIENT_OK,
+        StartData: replies.START_DATA,
+    }
+    while not isinstance(event := conn.next_event(), MessageComplete):
+        if event in (PAUSED, NEED_DATA):
+            raise AssertionError(event)
+        if type(event) in answers:
+            conn.send(answers[type(event)])
+    conn.shut_down()  # SIGTERM while the message is being committed
+    conn.send(replies.QUEUED)
+    assert (
+        conn.data_to_send()
+        .decode()
+        .endswith(
+            "250 2.0.0 Submitted & queued\r\n"
+            "421 4.3.2 Server shutting down, closing transmission channel\r\n"
+        )
+    )
+    assert isinstance(conn.next_event(), ConnectionClosed)

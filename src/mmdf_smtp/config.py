@@ -323,6 +323,6 @@ def split_listen(address: str, *, default_port: int | None = None) -> tuple[str,
         if default_port is None:
             raise ValueError(f"{address!r}: expected host:port or [ipv6]:port")
         host, port = address.strip("[]"), str(default_port)
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ValueError(f"{address!r}: expected host:port or [ipv6]:port")
     return host, int(port)

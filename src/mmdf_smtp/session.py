@@ -124,12 +124,13 @@ class Session:
 
     def _open_message(self, event: StartData) -> Reply:
         self._drop_message()
+        now = self._clock()
         try:
-            self._writer = self._queue.open()
+            self._writer = self._queue.open(self._envelope(now))
         except QueueError as exc:
             log.error("queue: cannot open a message: %s", exc)
             return replies.QUEUE_FULL if exc.full else replies.QUEUE_FAILED
-        self._write(self.received_header(self._writer.id))
+        self._write(self.received_header(self._writer.id, now))
         return replies.OK if event.chunking else replies.START_DATA
 
     def _write(self, data: bytes) -> None:
@@ -148,7 +149,7 @@ class Session:
             return replies.QUEUE_FAILED
         if error is None:
             try:
-                writer.commit(self._envelope())
+                writer.commit()
             except QueueError as exc:
                 error = exc
         if error is not None:
@@ -177,7 +178,7 @@ class Session:
         mail = self.connection.mail
         return mail.sender.address if mail else ""
 
-    def _envelope(self) -> Envelope:
+    def _envelope(self, now: datetime) -> Envelope:
         mail = self.connection.mail
         assert mail is not None and self.channel is not None
         return Envelope(
@@ -187,13 +188,13 @@ class Session:
             remote_host=self.client.host,
             remote_addr=self.client.address,
             helo=self.connection.helo or "",
-            received=self._clock(),
+            received=now,
             tls=self.tls,
             smtputf8=mail.smtputf8,
             body=mail.body,
         )
 
-    def received_header(self, queue_id: str) -> bytes:
+    def received_header(self, queue_id: str, now: datetime) -> bytes:
         """The trace header of RFC 5321 4.4, with RFC 3848/6531 ``with`` words."""
         conn = self.connection
         mail = conn.mail
@@ -215,7 +216,7 @@ class Session:
             by += f" (using {self.tls})"
         lines.append(by)
         lines.append(f"\twith {protocol} id {queue_id}")
-        date = format_datetime(self._clock())
+        date = format_datetime(now)
         if len(self._recipients) == 1:
             lines.append(f"\tfor <{self._recipients[0]}>; {date}")
         else:

@@ -31,6 +31,7 @@ States::
 from __future__ import annotations
 
 import enum
+from collections import deque
 from dataclasses import dataclass
 from typing import Literal
 
@@ -116,10 +117,11 @@ class ServerConnection:
         self._buffer = bytearray()
         self._eof = False
         self._out: list[bytes] = []
-        self._events: list[Event] = []
+        self._events: deque[Event] = deque()
         self._pending: Event | None = None  # the decision event awaiting send()
         self._discarding_line = False  # inside a command line over the limit
         self._clean_close = False
+        self._shutting_down = False
         # Content of the open message (DATA or BDAT).
         self._checker: ContentChecker | None = None
         self._dot_reader: DotReader | None = None
@@ -144,7 +146,7 @@ class ServerConnection:
         """The next event, or :data:`NEED_DATA` / :data:`PAUSED`."""
         while True:
             if self._events:
-                return self._events.pop(0)
+                return self._events.popleft()
             if self.state is State.CLOSED:
                 return ConnectionClosed(clean=self._clean_close)
             if self.state in (State.GREETING, State.DECIDING, State.TLS):
@@ -161,6 +163,11 @@ class ServerConnection:
         out = b"".join(self._out)
         self._out.clear()
         return out
+
+    @property
+    def pending_input(self) -> int:
+        """Octets received and not yet consumed (for a shell's flow control)."""
+        return len(self._buffer)
 
     @property
     def closed(self) -> bool:
@@ -182,8 +189,14 @@ class ServerConnection:
             self._close()
 
     def shut_down(self) -> None:
-        """The server is stopping: 421 and close (RFC 5321 3.8)."""
-        if self.state is not State.CLOSED:
+        """The server is stopping: 421 and close (RFC 5321 3.8).
+
+        A decision under way (a message being committed) is answered first,
+        so a client never gets 421 for a message that was queued.
+        """
+        if self.state in (State.DECIDING, State.TLS):
+            self._shutting_down = True
+        elif self.state is not State.CLOSED:
             self._write(replies.SHUTTING_DOWN)
             self._close()
 
@@ -199,6 +212,8 @@ class ServerConnection:
         self.esmtp = False
         self._reset_transaction()
         self._enter(State.COMMAND)
+        if self._shutting_down:
+            self.shut_down()
 
     def tls_failed(self) -> None:
         """The handshake failed: nothing more can be said on this channel."""
@@ -235,6 +250,8 @@ class ServerConnection:
                 self._reply(reply)
             case _:  # pragma: no cover - only decision events are pending
                 raise AssertionError(pending)
+        if self._shutting_down:
+            self.shut_down()
 
     # ------------------------------------------------------------------
     # Internals

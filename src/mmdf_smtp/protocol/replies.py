@@ -39,9 +39,7 @@ class Reply:
         texts = self.text.split("\n")
         prefix = f"{self.enhanced} " if self.enhanced else ""
         last = len(texts) - 1
-        return [
-            f"{self.code}{' ' if i == last else '-'}{prefix}{t}" for i, t in enumerate(texts)
-        ]
+        return [f"{self.code}{' ' if i == last else '-'}{prefix}{t}" for i, t in enumerate(texts)]
 
     def to_bytes(self) -> bytes:
         # Reply text is ours, but a UTF-8 host name may appear in it (RFC 6531).
@@ -58,6 +56,7 @@ CLOSING = _r(221, "2.0.0", "Bye")
 SERVICE_UNAVAILABLE = _r(421, "4.3.2", "Service not available, closing transmission channel")
 SHUTTING_DOWN = _r(421, "4.3.2", "Server shutting down, closing transmission channel")
 TIMEOUT = _r(421, "4.4.2", "Timeout waiting for input, closing transmission channel")
+TOO_MANY_CONNECTIONS = _r(421, "4.7.0", "Too many connections from your host, try again later")
 TOO_MANY_ERRORS = _r(421, "4.7.0", "Too many errors, closing transmission channel")
 NO_SERVICE = _r(554, "5.7.1", "No SMTP service here")
 
@@ -70,15 +69,12 @@ SENDER_OK = _r(250, "2.1.0", "Sender OK")
 RECIPIENT_OK = _r(250, "2.1.5", "Recipient OK")
 START_DATA = _r(354, "", "Start mail input; end with <CRLF>.<CRLF>")
 QUEUED = _r(250, "2.0.0", "Submitted & queued")
-CANNOT_VRFY = _r(
-    252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery"
-)
+CANNOT_VRFY = _r(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
 EXPN_DISABLED = _r(502, "5.5.1", "EXPN not available")
 HELP = _r(
     214,
     "2.0.0",
-    "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY EXPN HELP STARTTLS\n"
-    "See RFC 5321",
+    "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY EXPN HELP STARTTLS\nSee RFC 5321",
 )
 READY_FOR_TLS = _r(220, "2.0.0", "Ready to start TLS")
 

@@ -46,10 +46,10 @@ class MessageWriter(Protocol):
         """Append message octets.  May raise :class:`QueueError`."""
         ...
 
-    def commit(self, envelope: Envelope) -> None:
-        """Make the message and its envelope durable; returns only when they
-        are on stable storage.  May raise :class:`QueueError`, after which
-        nothing of the message remains."""
+    def commit(self) -> None:
+        """Make the message durable; returns only when it is on stable
+        storage.  May raise :class:`QueueError`, after which nothing of the
+        message remains."""
         ...
 
     def abort(self) -> None:
@@ -58,6 +58,8 @@ class MessageWriter(Protocol):
 
 
 class Queue(Protocol):
-    def open(self) -> MessageWriter:
-        """Start a new message.  May raise :class:`QueueError`."""
+    def open(self, envelope: Envelope) -> MessageWriter:
+        """Start a new message.  The envelope is complete when the content
+        starts (RFC 5321: DATA follows the last RCPT), so it is written
+        first.  May raise :class:`QueueError`."""
         ...

@@ -8,6 +8,7 @@ any descriptor, pipes included.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import ssl
@@ -163,10 +164,8 @@ class BlockingShell:
                     self._incoming.write(raw)
             self._write_all(self._outgoing.read())
         except (ssl.SSLError, _Gone):
-            try:
+            with contextlib.suppress(_Gone):
                 self._write_all(self._outgoing.read())  # the alert, if any
-            except _Gone:
-                pass
             self._conn.tls_failed()
             return
         self._tls = tls

@@ -1,0 +1,92 @@
+"""checkque: what is in the queue.
+
+    checkque [-c config] [--json] [--cat ID]
+
+Without options, a table; ``--json`` one object a line per message;
+``--cat ID`` the stored message on stdout (exit 69, EX_UNAVAILABLE, when
+no such message is queued).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from datetime import UTC
+
+from ..config import ConfigError, load
+from ..queue.spool import QueuedMessage, Spool
+from .common import EX_CONFIG, EX_OK, EX_UNAVAILABLE, ArgumentParser
+
+
+def as_json(message: QueuedMessage) -> str:
+    envelope = message.envelope
+    return json.dumps(
+        {
+            "id": message.id,
+            "sender": envelope.sender,
+            "recipients": list(envelope.recipients),
+            "channel": envelope.channel,
+            "remote_host": envelope.remote_host,
+            "remote_addr": envelope.remote_addr,
+            "helo": envelope.helo,
+            "size": message.size,
+            "received": envelope.received.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "tls": envelope.tls,
+            "smtputf8": envelope.smtputf8,
+            "body": envelope.body,
+        },
+        ensure_ascii=False,
+    )
+
+
+def as_row(message: QueuedMessage) -> str:
+    envelope = message.envelope
+    received = envelope.received.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+    recipients = envelope.recipients[0] if envelope.recipients else ""
+    if len(envelope.recipients) > 1:
+        recipients += f" (+{len(envelope.recipients) - 1})"
+    sender = f"<{envelope.sender}>"
+    return (
+        f"{message.id}  {message.size:>9}  {received}  {envelope.channel:<8}  "
+        f"{sender}  {recipients}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = ArgumentParser(prog="checkque", description="Show the queue.")
+    parser.add_argument("-c", "--config", help="configuration file (TOML)")
+    shown = parser.add_mutually_exclusive_group()
+    shown.add_argument("--json", action="store_true", help="one JSON object a line")
+    shown.add_argument("--cat", metavar="ID", help="write the stored message to stdout")
+    args = parser.parse_args(argv)
+    try:
+        config = load(args.config)
+    except ConfigError as exc:
+        print(f"checkque: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    spool = Spool(config.spool)
+    if args.cat:
+        try:
+            stored = spool.open_message(args.cat)
+        except KeyError:
+            print(f"checkque: {args.cat}: no such message in the queue", file=sys.stderr)
+            return EX_UNAVAILABLE
+        with stored:
+            shutil.copyfileobj(stored, sys.stdout.buffer)
+        sys.stdout.buffer.flush()
+        return EX_OK
+    count = total = 0
+    for message in spool.messages():
+        if count == 0 and not args.json:
+            print(f"{'id':<26}  {'size':>9}  {'received (UTC)':<19}  {'channel':<8}  from  to")
+        print(as_json(message) if args.json else as_row(message))
+        count += 1
+        total += message.size
+    if not args.json:
+        print(f"{count} messages, {total} bytes" if count else "queue is empty")
+    return EX_OK
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

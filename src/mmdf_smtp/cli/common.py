@@ -1,0 +1,50 @@
+"""What every command shares: exit codes (sysexits.h), arguments, logging."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import NoReturn
+
+EX_OK = 0
+EX_USAGE = 64
+EX_DATAERR = 65
+EX_NOINPUT = 66
+EX_UNAVAILABLE = 69
+EX_SOFTWARE = 70
+EX_OSERR = 71
+EX_TEMPFAIL = 75
+EX_NOPERM = 77
+EX_CONFIG = 78
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but bad arguments exit with EX_USAGE rather than 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EX_USAGE, f"{self.prog}: {message}\n")
+
+
+def stderr_is_the_client() -> bool:
+    """Under inetd, stderr is the connection too: nothing may be logged there."""
+    try:
+        err, out = os.fstat(2), os.fstat(1)
+    except OSError:
+        return True
+    return (err.st_dev, err.st_ino) == (out.st_dev, out.st_ino)
+
+
+def setup_logging(program: str, *, debug: bool) -> None:
+    """Log lines as ``program(pid): text`` on stderr, when stderr is ours."""
+    root = logging.getLogger("mmdf_smtp")
+    root.handlers.clear()
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    if stderr_is_the_client():
+        root.addHandler(logging.NullHandler())
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{program}({os.getpid()}): %(message)s"))
+    root.addHandler(handler)

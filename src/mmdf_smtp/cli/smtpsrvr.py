@@ -1,0 +1,87 @@
+"""smtpsrvr, rsmtpsrvr: speak SMTP on stdin/stdout.
+
+    smtpsrvr  [-c config] [-d] remotehost localhost channels
+    rsmtpsrvr [-c config] [-d] remotehost localhost channels   (finicky)
+
+As in the seed, the program is finicky when its name starts with "r".
+``remotehost`` is a host name, an address literal (``[192.0.2.7]``,
+``[IPv6:2001:db8::7]``) or ``-`` for "find out".  When stdin is a socket the
+peer's address is read from it; under tcpserver ``$TCPREMOTEIP`` gives it;
+over pipes an address literal in ``remotehost`` is the only source.
+``localhost`` is the name this server gives itself (``-``: the configured
+hostname).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+
+from ..config import ConfigError
+from ..policy import UnknownChannel
+from ..service import Peer, Service, parse_address
+from ..shells.blocking import BlockingShell
+from .common import EX_CONFIG, EX_OK, EX_USAGE, ArgumentParser, setup_logging
+
+log = logging.getLogger("mmdf_smtp.smtpsrvr")
+
+
+def find_peer(remotehost: str, fd: int = 0) -> Peer:
+    """Who is on stdin: the socket, tcpserver's environment, or the argument."""
+    given = parse_address(remotehost)
+    name = None if given is not None or remotehost in ("", "-") else remotehost.rstrip(".")
+    try:
+        sock = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        sock = None
+    if sock is not None:
+        with sock:
+            try:
+                if sock.family in (socket.AF_INET, socket.AF_INET6):
+                    peer = parse_address(sock.getpeername()[0])
+                    local = parse_address(sock.getsockname()[0])
+                    return Peer(peer, local, name)
+            except OSError:
+                pass
+    env_ip = os.environ.get("TCPREMOTEIP")
+    if env_ip:
+        return Peer(parse_address(env_ip), parse_address(os.environ.get("TCPLOCALIP", "")), name)
+    return Peer(given, None, name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    program = os.path.basename(sys.argv[0]) or "smtpsrvr"
+    parser = ArgumentParser(prog=program, description="Speak SMTP on stdin/stdout.")
+    parser.add_argument("-c", "--config", help="configuration file (TOML)")
+    parser.add_argument("-d", "--debug", action="store_true", help="trace the session on stderr")
+    parser.add_argument("remotehost", help="client name, [address literal] or -")
+    parser.add_argument("localhost", help="this server's name, or - for the configured one")
+    parser.add_argument("channels", help="comma-separated channel names")
+    args = parser.parse_args(argv)
+    setup_logging(program, debug=args.debug)
+    channels = [c for c in args.channels.split(",") if c]
+    if not channels:
+        parser.error("the channel list is empty")
+    try:
+        service = Service.load(
+            args.config,
+            channels,
+            finicky=program.startswith("r"),
+            hostname=None if args.localhost in ("", "-") else args.localhost,
+        )
+    except UnknownChannel as exc:
+        print(f"{program}: {exc}", file=sys.stderr)
+        return EX_USAGE
+    except ConfigError as exc:
+        print(f"{program}: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    session = service.session(find_peer(args.remotehost))
+    trace = (lambda line: log.debug("%s", line)) if args.debug else None
+    BlockingShell(session, tls_context=service.tls_context, trace=trace).run()
+    return EX_OK
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,293 @@
+"""The standalone connection server: listen, limit, and serve.
+
+Like the seed's smtpd it never serves more than ``maxconnects`` sessions:
+at the limit it stops accepting, and new callers wait in the kernel's
+listen backlog until a session ends (no 421, as in the seed).  Each
+session is served in-process by the asyncio shell, or, when the command
+line names another program, by that program with the connection on its
+stdin and stdout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import pwd
+import signal
+import socket
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import ConfigError, split_listen
+from .policy import UnknownChannel
+from .protocol import replies
+from .service import Service, parse_address
+from .session import address_literal
+from .shells.aio import SessionProtocol
+from .shells.trace import Tracer
+
+log = logging.getLogger("mmdf_smtp.smtpd")
+
+# The seed listened with a backlog of maxconnects + 1; callers past it had
+# their SYNs dropped and retried.  A deeper backlog lets them simply wait.
+BACKLOG = 128
+GRACE_SECONDS = 30.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExternalServer:
+    """A site's own smtpsrvr: run per connection, as the seed did."""
+
+    path: str
+    finicky: bool
+
+
+def bind(addresses: Sequence[str]) -> list[socket.socket]:
+    """Listening sockets for ``host:port`` / ``[v6]:port`` addresses."""
+    sockets = []
+    for address in addresses:
+        host, port = split_listen(address)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            sock.close()
+            raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}") from exc
+        sock.listen(BACKLOG)
+        sock.setblocking(False)
+        sockets.append(sock)
+    return sockets
+
+
+def drop_privileges(user: str | None, spool: Path) -> None:
+    """After binding: become ``user``, who must own the spool.
+
+    Raises ConfigError when the user does not exist.
+    """
+    if os.geteuid() != 0:
+        return
+    if not user:
+        log.warning("running sessions as root: set `user` to drop privileges")
+        return
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise ConfigError(f"user: no such user {user!r}") from None
+    spool.mkdir(parents=True, exist_ok=True)
+    for path in (spool, *spool.rglob("*")):
+        os.chown(path, entry.pw_uid, entry.pw_gid)
+    os.setgroups([])
+    os.setgid(entry.pw_gid)
+    os.setuid(entry.pw_uid)
+
+
+def inherited() -> list[socket.socket]:
+    """Listening sockets handed over by systemd (sd_listen_fds(3)), if any."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return []
+    count = int(os.environ.get("LISTEN_FDS", "0") or 0)
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)  # not for the programs we run
+    sockets = []
+    for fd in range(3, 3 + count):
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        sockets.append(sock)
+    return sockets
+
+
+class Daemon:
+    def __init__(
+        self,
+        service: Service,
+        listeners: list[socket.socket],
+        *,
+        config_path: str | None,
+        external: ExternalServer | None = None,
+        trace: Tracer | None = None,
+    ) -> None:
+        self.service = service
+        self._listeners = listeners
+        self._config_path = config_path
+        self._external = external
+        self._trace = trace
+        self._slots = asyncio.Semaphore(service.config.smtpd.maxconnects)
+        self._per_client: Counter[str] = Counter()
+        self._sessions: set[SessionProtocol] = set()
+        self._children: set[asyncio.subprocess.Process] = set()
+        self._serving: set[asyncio.Task[None]] = set()
+        self._stopping = asyncio.Event()
+
+    @property
+    def active(self) -> int:
+        return len(self._sessions) + len(self._children)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self._stopping.set)
+        loop.add_signal_handler(signal.SIGINT, self._stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        names = ", ".join(_sockname(s) for s in self._listeners)
+        log.info("listening on %s, maxconnects %d", names, self.service.config.smtpd.maxconnects)
+        accepting = [loop.create_task(self._accept(sock)) for sock in self._listeners]
+        try:
+            await self._stopping.wait()
+        finally:
+            for task in accepting:
+                task.cancel()
+            for sock in self._listeners:
+                sock.close()
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+        await self._drain()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def reload(self) -> None:
+        """SIGHUP: new configuration and tables for new sessions."""
+        current = self.service
+        try:
+            self.service = Service.load(
+                self._config_path,
+                current.channels,
+                finicky=current.finicky,
+                hostname=current.hostname,
+            )
+        except (ConfigError, UnknownChannel) as exc:
+            log.error("reload failed, keeping the running configuration: %s", exc)
+            return
+        log.info("configuration reloaded from %s", self.service.config.source)
+
+    async def _drain(self) -> None:
+        """Let sessions finish for a grace period, then 421 the rest."""
+        tasks = [s.task for s in self._sessions if s.task is not None]
+        if tasks:
+            log.info("stopping: waiting for %d sessions", len(tasks))
+            _, pending = await asyncio.wait(tasks, timeout=GRACE_SECONDS)
+            for session in list(self._sessions):
+                session.shut_down()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+            for child in list(self._children):
+                with contextlib.suppress(ProcessLookupError):
+                    child.terminate()
+        log.info("stopped")
+
+    async def _accept(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._slots.acquire()
+            try:
+                sock, _ = await loop.sock_accept(listener)
+            except OSError as exc:
+                self._slots.release()
+                log.error("accept failed: %s", exc)
+                await asyncio.sleep(0.1)  # e.g. EMFILE: do not spin
+                continue
+            except asyncio.CancelledError:
+                self._slots.release()
+                raise
+            task = loop.create_task(self._serve(sock))
+            self._serving.add(task)
+            task.add_done_callback(self._serving.discard)
+
+    async def _serve(self, sock: socket.socket) -> None:
+        peer = sock.getpeername()[0] if sock.family != socket.AF_UNIX else ""
+        limit = self.service.config.smtpd.max_per_client
+        if limit and self._per_client[peer] >= limit:
+            await self._refuse(sock, replies.TOO_MANY_CONNECTIONS)
+            self._slots.release()
+            return
+        self._per_client[peer] += 1
+        try:
+            if self._external is not None:
+                await self._run_external(sock, self._external)
+            else:
+                await self._run_in_process(sock)
+        finally:
+            self._per_client[peer] -= 1
+            if not self._per_client[peer]:
+                del self._per_client[peer]
+            self._slots.release()
+
+    async def _run_in_process(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        service = self.service  # a reload affects new sessions only
+        _, protocol = await loop.connect_accepted_socket(
+            lambda: SessionProtocol(lambda: service, trace=self._trace), sock
+        )
+        self._sessions.add(protocol)
+        try:
+            if protocol.task is not None:
+                await asyncio.shield(protocol.task)
+        finally:
+            self._sessions.discard(protocol)
+
+    async def _run_external(self, sock: socket.socket, program: ExternalServer) -> None:
+        """The seed's way: exec the server with the connection on fds 0 and 1."""
+        loop = asyncio.get_running_loop()
+        address = parse_address(sock.getpeername()[0])
+        name = None
+        if address is not None:
+            name = await loop.run_in_executor(None, self.service.policy.remote_name, address)
+        remote = name or address_literal(str(address))
+        argv0 = "rsmtpsrvr" if program.finicky else "smtpsrvr"
+        sock.setblocking(True)
+        try:
+            child = await asyncio.create_subprocess_exec(
+                argv0,
+                remote,
+                self.service.hostname,
+                ",".join(self.service.channels),
+                executable=program.path,
+                stdin=sock.fileno(),
+                stdout=sock.fileno(),
+            )
+        except OSError as exc:
+            log.error("cannot run %s: %s", program.path, exc)
+            await self._refuse(sock, replies.SERVICE_UNAVAILABLE)
+            return
+        sock.close()
+        self._children.add(child)
+        try:
+            await child.wait()
+        finally:
+            self._children.discard(child)
+
+    async def _refuse(self, sock: socket.socket, reply: replies.Reply) -> None:
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(OSError):
+            await loop.sock_sendall(sock, reply.to_bytes())
+        sock.close()
+
+
+def _sockname(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def run(daemon_factory: Callable[[], Daemon]) -> None:
+    """Run the daemon on uvloop when it is installed (the fast path)."""
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    if os.environ.get("MMDF_NO_UVLOOP") != "1":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            loop_factory = uvloop.new_event_loop
+
+    async def main() -> None:
+        await daemon_factory().run()
+
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(main())

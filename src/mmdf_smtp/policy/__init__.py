@@ -1,0 +1,186 @@
+"""Policy: which channel a client belongs to, and where it may send.
+
+The seed's model: the ``channels`` argument lists channels in order; the
+client is looked up in each channel's host table and the first that knows
+it is the source channel.  Not found: the last channel, or, finicky, a
+refusal.  A channel without ``relay = true`` may send only to the local
+domains.  The protocol core never imports this package; the session asks
+it through :class:`Policy`.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import dns.resolver
+
+from ..config import ChannelConfig, Config
+from ..protocol import Path, Reply, replies
+from .aliases import read_aliases
+from .hosts import HostTable, IPAddress, build_table, normalize_name
+from .nameserver import DnsTemporaryError, NameServer, make_resolver
+
+__all__ = ["DnsTemporaryError", "Identification", "Policy", "UnknownChannel"]
+
+NAMESERVER = "nameserver"
+
+
+class UnknownChannel(Exception):
+    """A channel named on the command line that the configuration lacks."""
+
+
+@dataclass(frozen=True, slots=True)
+class Identification:
+    channel: ChannelConfig | None  # the source channel; None when refused
+    client_name: str | None  # the name the client was known by, if any
+    refusal: Reply | None  # the greeting to give instead of 220
+
+
+def literal(address: IPAddress | None) -> str:
+    if address is None:
+        return "unknown"
+    return f"[IPv6:{address}]" if address.version == 6 else f"[{address}]"
+
+
+class Policy:
+    """Channels, host tables, DNS and the recipient rules of one configuration.
+
+    Tables are read here, so a reload is a new Policy; a bad table raises
+    ConfigError and the old Policy stays in use.
+    """
+
+    def __init__(self, config: Config, resolver: dns.resolver.Resolver | None = None) -> None:
+        self.config = config
+        self._tables: dict[str, HostTable] = {}
+        for name, channel in config.channels.items():
+            file = None
+            if channel.table and channel.table != NAMESERVER:
+                file = pathlib.Path(channel.table)
+            self._tables[name] = build_table(channel.hosts, file, f"channels.{name}.hosts")
+        self._local_domains = {normalize_name(d) for d in config.local_domains}
+        self._users = {u.lower() for u in config.local.users}
+        self._aliases = read_aliases(config.local.aliases) if config.local.aliases else {}
+        self._resolver = resolver
+        self._nameserver: NameServer | None = None
+
+    @property
+    def nameserver(self) -> NameServer:
+        if self._nameserver is None:
+            self._nameserver = NameServer(self._resolver or make_resolver(self.config.dns))
+        return self._nameserver
+
+    def check_channels(self, channels: Sequence[str]) -> None:
+        for name in channels:
+            if name not in self.config.channels:
+                known = ", ".join(self.config.channels) or "none"
+                raise UnknownChannel(f"unknown channel {name!r} (configured: {known})")
+
+    def remote_name(self, address: IPAddress) -> str | None:
+        """The client's forward-confirmed name, or None (also when DNS fails)."""
+        try:
+            return self.nameserver.confirmed_name(address)
+        except DnsTemporaryError:
+            return None
+
+    def identify(
+        self,
+        channels: Sequence[str],
+        address: IPAddress | None,
+        name: str | None,
+        *,
+        finicky: bool,
+        us: str,
+        local_address: IPAddress | None = None,
+    ) -> Identification:
+        """Choose the source channel for a client (may ask DNS: blocks)."""
+        lookup = _Lookup(self, address, name)
+        try:
+            for channel_name in channels:
+                channel = self.config.channels[channel_name]
+                if self._knows(channel, lookup, local_address):
+                    return Identification(channel, lookup.name_if_known, None)
+        except DnsTemporaryError:
+            text = f"{us}: Cannot resolve your address {literal(address)}, try again later"
+            return Identification(None, None, replies.CANNOT_RESOLVE.with_text(text))
+        if finicky:
+            them = name or lookup.name_if_known or literal(address)
+            text = f"{us}: Your name, '{them}', is unknown to us."
+            return Identification(None, lookup.name_if_known, replies.UNKNOWN_HOST.with_text(text))
+        last = self.config.channels[channels[-1]]
+        return Identification(last, lookup.name_if_known, None)
+
+    def _knows(
+        self, channel: ChannelConfig, lookup: _Lookup, local_address: IPAddress | None
+    ) -> bool:
+        table = self._tables[channel.name]
+        name = lookup.name() if table.needs_name else None
+        if table.matches(lookup.address, name):
+            return True
+        if channel.table == NAMESERVER and lookup.address is not None:
+            return self._known_to_dns(lookup, local_address)
+        return False
+
+    def _known_to_dns(self, lookup: _Lookup, local_address: IPAddress | None) -> bool:
+        """RFC 974's loop rule: the own host is never found through DNS."""
+        if lookup.address == local_address:
+            return False
+        confirmed = lookup.confirmed()
+        if confirmed is None:
+            return False
+        own = normalize_name(self.config.hostname)
+        if confirmed == own or confirmed in self._local_domains:
+            return False
+        return lookup.address not in self.nameserver.addresses(own)
+
+    def check_recipient(self, channel: ChannelConfig, recipient: Path) -> Reply | None:
+        """None when ``channel`` may send to ``recipient``; else the refusal."""
+        domain = normalize_name(recipient.domain)
+        if recipient.domain and domain not in self._local_domains:
+            if channel.relay:
+                return None
+            return replies.RELAY_DENIED.with_text(f"Relaying denied for {recipient.domain}")
+        local = _unquote(recipient.local).lower()
+        if local == "postmaster" or local in self._users or local in self._aliases:
+            return None
+        if not recipient.domain and local != "postmaster":
+            return replies.RELAY_DENIED  # only postmaster may go without a domain
+        return replies.UNKNOWN_USER
+
+
+class _Lookup:
+    """One client's DNS answers, asked at most once each."""
+
+    def __init__(self, policy: Policy, address: IPAddress | None, name: str | None) -> None:
+        self._policy = policy
+        self.address = address
+        self._given = normalize_name(name) if name else None
+        self._confirmed: str | None = None
+        self._asked = False
+
+    def confirmed(self) -> str | None:
+        if not self._asked and self.address is not None:
+            self._asked = True
+            self._confirmed = self._policy.nameserver.confirmed_name(self.address)
+        return self._confirmed
+
+    def name(self) -> str | None:
+        return self._given or self.confirmed()
+
+    @property
+    def name_if_known(self) -> str | None:
+        return self._given or self._confirmed
+
+
+def _unquote(local: str) -> str:
+    if len(local) >= 2 and local[0] == local[-1] == '"':
+        body, out, escaped = local[1:-1], [], False
+        for char in body:
+            if escaped or char != "\\":
+                out.append(char)
+                escaped = False
+            else:
+                escaped = True
+        return "".join(out)
+    return local

@@ -1,0 +1,110 @@
+"""Everything a session needs that outlives it: configuration, policy, queue, TLS.
+
+Both ``smtpsrvr`` and the daemon build one :class:`Service` and ask it for
+a :class:`~mmdf_smtp.session.Session` per client.  A reload (SIGHUP) builds
+a new Service; sessions already running keep the one they started with.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .config import Config, load
+from .policy import Policy
+from .queue import Queue
+from .queue.spool import Spool
+from .session import Client, Session, address_literal
+from .shells.tls import server_context
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """The client as the shell found it."""
+
+    address: IPAddress | None
+    local_address: IPAddress | None = None
+    name: str | None = None  # a host name given by the caller, trusted as the seed did
+
+
+def parse_address(text: str) -> IPAddress | None:
+    """An address from ``[192.0.2.7]``, ``[IPv6:…]`` or a bare address.
+
+    IPv4-mapped IPv6 addresses (from a dual-stack socket) become IPv4, so
+    that tables and Received show the address the client really has.
+    """
+    body = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+    if body[:5].lower() == "ipv6:":
+        body = body[5:]
+    try:
+        address = ipaddress.ip_address(body.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return address.ipv4_mapped
+    return address
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Service:
+    config: Config
+    policy: Policy
+    queue: Queue
+    tls_context: ssl.SSLContext | None
+    channels: tuple[str, ...]
+    finicky: bool
+    hostname: str
+
+    @classmethod
+    def load(
+        cls,
+        config_path: str | None,
+        channels: Sequence[str],
+        *,
+        finicky: bool,
+        hostname: str | None = None,
+    ) -> Service:
+        """Read configuration, tables and certificates.
+
+        Raises ConfigError (or UnknownChannel for a channel the configuration
+        does not define), so a bad reload leaves the running service alone.
+        """
+        config = load(config_path)
+        policy = Policy(config)
+        policy.check_channels(channels)
+        return cls(
+            config=config,
+            policy=policy,
+            queue=Spool(config.spool),
+            tls_context=server_context(config.tls) if config.tls else None,
+            channels=tuple(channels),
+            finicky=finicky,
+            hostname=hostname or config.hostname,
+        )
+
+    def session(self, peer: Peer) -> Session:
+        """Identify the client (DNS may be asked: this blocks) and greet it."""
+        who = self.policy.identify(
+            self.channels,
+            peer.address,
+            peer.name,
+            finicky=self.finicky,
+            us=self.hostname,
+            local_address=peer.local_address,
+        )
+        address = str(peer.address) if peer.address is not None else ""
+        host = who.client_name or peer.name or (address_literal(address) if address else "unknown")
+        return Session(
+            hostname=self.hostname,
+            client=Client(host=host, address=address),
+            channel=who.channel,
+            refusal=who.refusal,
+            check_recipient=self.policy.check_recipient,
+            queue=self.queue,
+            limits=self.config.limits,
+            tls_available=self.tls_context is not None,
+        )

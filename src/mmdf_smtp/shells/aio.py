@@ -1,0 +1,226 @@
+"""Serve sessions on an asyncio event loop: the daemon's shell.
+
+One :class:`SessionProtocol` per connection moves octets between the
+transport and the protocol core; a task per session answers the core's
+events through the shared :class:`~mmdf_smtp.session.Session`.  The only
+blocking work, the client look-up (DNS) and the commit (fsync), runs in
+the loop's thread pool.
+
+Flow control, as in uvicorn: reading pauses while the core holds more
+unread input than :data:`HIGH_WATER` (a client pipelining into a slow
+decision), and a session waits for the transport to drain before reading
+more when the client does not read its replies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from collections.abc import Callable
+from typing import cast
+
+from ..protocol import PAUSED, ConnectionClosed, MessageComplete, Signal, StartTLS
+from ..service import Peer, Service, parse_address
+from ..session import Session
+from .tls import describe
+from .trace import Tracer, trace_input, trace_output
+
+log = logging.getLogger("mmdf_smtp.smtpd")
+
+HIGH_WATER = 256 * 1024
+
+
+class SessionProtocol(asyncio.Protocol):
+    def __init__(
+        self,
+        service: Callable[[], Service],
+        *,
+        on_close: Callable[[SessionProtocol], None] | None = None,
+        trace: Tracer | None = None,
+    ) -> None:
+        self._service = service
+        self._on_close = on_close
+        self._trace = trace
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._session: Session | None = None
+        self._early = bytearray()  # octets sent before the greeting
+        self._eof = False
+        self._wakeup = asyncio.Event()
+        self._can_write = asyncio.Event()
+        self._can_write.set()
+        self._reading_paused = False
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    # -- transport callbacks ------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport, but are one.
+        self._transport = cast(asyncio.Transport, transport)
+        self._task = self._loop.create_task(self._run())
+
+    def data_received(self, data: bytes) -> None:
+        if self._session is None:
+            self._early += data
+            if len(self._early) > HIGH_WATER:
+                self._pause_reading()
+        else:
+            if self._trace:
+                trace_input(self._trace, self._session.connection, data)
+            self._session.connection.receive_data(data)
+            if self._session.connection.pending_input > HIGH_WATER:
+                self._pause_reading()
+        self._wakeup.set()
+
+    def eof_received(self) -> bool | None:
+        self._eof = True
+        if self._session is not None:
+            self._session.connection.receive_data(b"")
+        self._wakeup.set()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.eof_received()
+        self._can_write.set()
+
+    def pause_writing(self) -> None:
+        self._can_write.clear()
+
+    def resume_writing(self) -> None:
+        self._can_write.set()
+
+    # -- control ------------------------------------------------------------
+
+    def shut_down(self) -> None:
+        """The server is stopping: 421 now, whatever the session was doing."""
+        self._stopping = True
+        if self._session is not None:
+            self._session.connection.shut_down()
+        self._wakeup.set()
+
+    @property
+    def task(self) -> asyncio.Task[None] | None:
+        return self._task
+
+    def _pause_reading(self) -> None:
+        if not self._reading_paused and self._transport is not None:
+            self._reading_paused = True
+            self._transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._reading_paused and self._transport is not None:
+            self._reading_paused = False
+            self._transport.resume_reading()
+
+    # -- the session --------------------------------------------------------
+
+    def _peer(self) -> Peer:
+        assert self._transport is not None
+        peername = self._transport.get_extra_info("peername")
+        sockname = self._transport.get_extra_info("sockname")
+        address = parse_address(peername[0]) if peername else None
+        local = parse_address(sockname[0]) if sockname else None
+        return Peer(address, local, None)
+
+    async def _run(self) -> None:
+        try:
+            await self._serve()
+        except Exception:
+            log.exception("session failed")
+        finally:
+            if self._transport is not None:
+                self._transport.close()
+            if self._on_close is not None:
+                self._on_close(self)
+
+    async def _serve(self) -> None:
+        service = self._service()
+        session = await self._loop.run_in_executor(None, service.session, self._peer())
+        self._session = session
+        conn = session.connection
+        if self._stopping:
+            conn.shut_down()
+        if self._early:
+            conn.receive_data(bytes(self._early))
+            self._early.clear()
+        if self._eof:
+            conn.receive_data(b"")
+        generation, deadline = -1, 0.0
+        while True:
+            event = conn.next_event()
+            if isinstance(event, Signal):
+                if event is PAUSED:
+                    raise RuntimeError("the session left a decision unanswered")
+                if not await self._flush(session):
+                    conn.receive_data(b"")
+                    continue
+                timer = conn.timer
+                if timer is not None and timer.generation != generation:
+                    generation, deadline = timer.generation, time.monotonic() + timer.seconds
+                self._resume_reading()
+                # data_received sets the flag: set here means input came in
+                # since the core last looked, so look again before waiting.
+                if not self._wakeup.is_set():
+                    remaining = None if timer is None else deadline - time.monotonic()
+                    try:
+                        await asyncio.wait_for(self._wakeup.wait(), remaining)
+                    except TimeoutError:
+                        conn.time_out()
+                self._wakeup.clear()
+                continue
+            if isinstance(event, MessageComplete):
+                await self._loop.run_in_executor(None, session.handle, event)
+            else:
+                session.handle(event)
+            if isinstance(event, ConnectionClosed):
+                await self._flush(session)
+                return
+            if isinstance(event, StartTLS):
+                await self._start_tls(session, service.tls_context)
+
+    async def _flush(self, session: Session) -> bool:
+        """Write the replies; False when the client cannot take them."""
+        data = session.connection.data_to_send()
+        if not data:
+            return True
+        if self._trace:
+            trace_output(self._trace, data)
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return False
+        transport.write(data)
+        if self._can_write.is_set():
+            return True
+        try:
+            timeout = session.connection.limits.command_timeout
+            await asyncio.wait_for(self._can_write.wait(), timeout)
+        except TimeoutError:
+            return False
+        return not transport.is_closing()
+
+    async def _start_tls(self, session: Session, context: ssl.SSLContext | None) -> None:
+        assert context is not None and self._transport is not None
+        if not await self._flush(session):
+            session.connection.tls_failed()
+            return
+        try:
+            transport = await self._loop.start_tls(
+                self._transport,
+                self,
+                context,
+                server_side=True,
+                ssl_handshake_timeout=session.connection.limits.command_timeout,
+            )
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+            log.info("TLS handshake failed: %s", exc)
+            session.connection.tls_failed()
+            return
+        if transport is None:
+            session.connection.tls_failed()
+            return
+        self._transport = transport
+        ssl_object = transport.get_extra_info("ssl_object")
+        session.tls_established(describe(ssl_object.version(), ssl_object.cipher()))

@@ -1,0 +1,87 @@
+"""Configuration: the embedded default, the search order, errors that say where."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mmdf_smtp.config import ConfigError, find_config_path, load, parse, split_listen
+
+
+def test_embedded_default_serves_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MMDF_CONFIG", raising=False)
+    monkeypatch.setattr("mmdf_smtp.config.DEFAULT_PATH", Path("/nonexistent/mmdf.toml"))
+    config = load(None)
+    assert config.source == "<embedded default>"
+    assert config.smtpd.listen == ("127.0.0.1:2525",)
+    assert config.smtpd.maxconnects == 4
+    assert config.spool.name == "spool" and config.spool.parent.name == "var"
+    assert config.channels["local"].relay is True
+    assert "127.0.0.0/8" in config.channels["local"].hosts
+    assert config.local_domains == ("localhost",)
+
+
+def test_search_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MMDF_CONFIG", str(tmp_path / "env.toml"))
+    assert find_config_path("given.toml") == Path("given.toml")
+    assert find_config_path(None) == tmp_path / "env.toml"
+
+
+def test_relative_paths_are_taken_from_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "mmdf.toml"
+    path.write_text(
+        'spool = "q"\n[channels.x]\ntable = "t/hosts"\n[channels.y]\ntable = "nameserver"\n'
+    )
+    config = load(str(path))
+    assert config.spool == tmp_path / "q"
+    assert config.channels["x"].table == str(tmp_path / "t/hosts")
+    assert config.channels["y"].table == "nameserver"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[limits]\nrecipients = "many"\n', "f.toml:2: limits.recipients: must be a whole number"),
+        ("[limits]\nerrors = 0\n", "f.toml:2: limits.errors: must be at least 1"),
+        ("\n[smtpd]\nmaxconnects = -1\n", "f.toml:3: smtpd.maxconnects: must be at least 1"),
+        (
+            '[smtpd]\nlisten = ["nowhere"]\n',
+            "f.toml:2: smtpd.listen: 'nowhere': expected host:port",
+        ),
+        ("colour = 1\n", "f.toml:1: colour: unknown key"),
+        ("[limits]\nsize = 1\n", "f.toml:2: limits.size: unknown key"),
+        ('[tls]\ncertificate = "c.pem"\n', "f.toml: tls.key: is required when [tls] is present"),
+        ("[channels.local]\nrelay = 1\n", "f.toml:2: channels.local.relay: must be true or false"),
+        ('[channels.local]\nhosts = "x"\n', "f.toml:2: channels.local.hosts: must be a list"),
+        ("[dns]\ntimeout = 0\n", "f.toml:2: dns.timeout: must be a positive number"),
+        ("hostname = \n", "f.toml: Invalid value"),
+    ],
+)
+def test_errors_name_file_line_and_key(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse(text, "f.toml", base=Path("/"))
+    assert str(caught.value).startswith(message)
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load(str(tmp_path / "missing.toml"))
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("127.0.0.1:25", ("127.0.0.1", 25)),
+        ("[::1]:2525", ("::1", 2525)),
+        ("localhost:0", ("localhost", 0)),
+    ],
+)
+def test_split_listen(text: str, expected: tuple[str, int]) -> None:
+    assert split_listen(text) == expected
+
+
+@pytest.mark.parametrize("text", ["127.0.0.1", "::1", "host:99999", ":25"])
+def test_split_listen_refuses(text: str) -> None:
+    with pytest.raises(ValueError):
+        split_listen(text)

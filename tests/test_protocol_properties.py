@@ -1,0 +1,151 @@
+"""Property tests for the grammar and the connection (hypothesis).
+
+The bounded runs here go in every test run; ``--soak`` raises the example
+counts for a long run by hand.
+"""
+
+from __future__ import annotations
+
+import re
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from driver import EHLO, ENVELOPE, session
+from mmdf_smtp.protocol import ConnectionClosed, Limits, MessageComplete, Path, replies
+from mmdf_smtp.protocol.content import DotReader
+from mmdf_smtp.protocol.grammar import GrammarError, parse_mail, parse_path, parse_rcpt
+
+ATEXT = "abcxyzABCXYZ0189!#$%&'*+/=?^_`{|}~-"
+label = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?", fullmatch=True)
+domain = st.lists(label, min_size=1, max_size=4).map(".".join)
+atom = st.text(alphabet=ATEXT, min_size=1, max_size=8)
+dot_string = st.lists(atom, min_size=1, max_size=4).map(".".join)
+quoted = st.text(
+    alphabet=st.characters(min_codepoint=32, max_codepoint=126), min_size=0, max_size=12
+).map(lambda s: '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"')
+local_part = st.one_of(dot_string, quoted).filter(lambda s: len(s) <= 64)
+ipv4 = st.ip_addresses(v=4).map(lambda a: f"[{a}]")
+ipv6 = st.ip_addresses(v=6).map(lambda a: f"[IPv6:{a}]")
+mail_domain = st.one_of(domain, ipv4, ipv6)
+
+REPLY_LINE = re.compile(rb"[2-5][0-9]{2}[ -][^\r\n]*\r\n")
+
+
+@given(local_part, mail_domain)
+def test_valid_paths_parse_back_to_their_parts(local: str, dom: str) -> None:
+    path = parse_path(f"<{local}@{dom}>", bad=replies.BAD_SENDER_ADDRESS, allow_null=False)
+    assert path == Path(local=local, domain=dom)
+
+
+@given(st.lists(domain, min_size=1, max_size=3), dot_string, domain)
+def test_source_routes_are_ignored(route: list[str], local: str, dom: str) -> None:
+    adl = ",".join("@" + r for r in route)
+    path = parse_path(f"<{adl}:{local}@{dom}>", bad=replies.BAD_SENDER_ADDRESS, allow_null=True)
+    assert path == Path(local=local, domain=dom)
+
+
+@given(st.text(max_size=300))
+def test_mail_and_rcpt_parsers_only_raise_grammar_errors(text: str) -> None:
+    for parse in (parse_mail, parse_rcpt):
+        try:
+            parsed = parse(text)
+        except GrammarError as exc:
+            assert exc.reply.code in (501, 553)
+        else:
+            assert text[:3].upper() in ("FRO", "TO:")
+            del parsed
+
+
+def _split(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    pieces, last = [], 0
+    for p in points:
+        pieces.append(data[last:p])
+        last = p
+    pieces.append(data[last:])
+    return [p for p in pieces if p]
+
+
+lines = st.lists(
+    st.binary(max_size=40).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")),
+    max_size=20,
+)
+
+
+@given(lines, st.lists(st.integers(min_value=0), max_size=10))
+def test_dot_reader_undoes_any_stuffing_at_any_split(body: list[bytes], cuts: list[int]) -> None:
+    message = b"".join(line + b"\r\n" for line in body)
+    stuffed = b"".join((b"." + line if line.startswith(b".") else line) + b"\r\n" for line in body)
+    reader = DotReader(Limits())
+    buffer = bytearray()
+    out, ended = [], False
+    for piece in [*_split(stuffed + b".\r\nNEXT", cuts)]:
+        buffer += piece
+        while not ended:
+            block, ended = reader.read(buffer)
+            out.append(block)
+            if not block and not ended:
+                break
+    assert ended
+    assert b"".join(out) == message
+    assert bytes(buffer) == b"NEXT"[: len(buffer)]
+
+
+@settings(suppress_health_check=[HealthCheck.too_slow], max_examples=300)
+@given(st.binary(max_size=2000), st.lists(st.integers(min_value=0), max_size=8))
+def test_any_input_gives_well_formed_replies_and_bounded_buffers(
+    data: bytes, cuts: list[int]
+) -> None:
+    run = session(limits=Limits(errors=1000))
+    for piece in _split(EHLO + data, cuts):
+        run.feed(piece)
+        assert run.conn.pending_input <= 70_000
+    run.eof()
+    out = bytes(run.output)
+    assert REPLY_LINE.sub(b"", out) == b""
+    assert isinstance(run.events[-1], ConnectionClosed)
+
+
+commands = st.sampled_from(
+    [
+        b"EHLO x\r\n",
+        b"HELO y\r\n",
+        b"MAIL FROM:<a@b.c>\r\n",
+        b"MAIL FROM:<>\r\n",
+        b"RCPT TO:<d@e.f>\r\n",
+        b"DATA\r\n",
+        b"hello\r\n",
+        b".\r\n",
+        b"BDAT 3\r\nabc",
+        b"BDAT 0 LAST\r\n",
+        b"RSET\r\n",
+        b"NOOP\r\n",
+        b"VRFY x\r\n",
+        b"STARTTLS\r\n",
+        b"\r\n",
+        b"\n",
+        b"x" * 600 + b"\r\n",
+    ]
+)
+
+
+@settings(max_examples=300)
+@given(st.lists(commands, max_size=30))
+def test_command_sequences_keep_the_state_consistent(script: list[bytes]) -> None:
+    run = session(limits=Limits(errors=1000))
+    run.feed(b"".join(script))
+    conn = run.conn
+    if conn.mail is None:
+        assert conn.recipients == 0
+    completed = run.of(MessageComplete)
+    assert len(completed) <= script.count(b".\r\n") + script.count(b"BDAT 0 LAST\r\n")
+    assert REPLY_LINE.sub(b"", bytes(run.output)) == b""
+
+
+def test_whole_envelope_fed_octet_by_octet_matches_whole() -> None:
+    data = ENVELOPE + b"DATA\r\nabc\r\n.\r\nQUIT\r\n"
+    whole = session().feed(data)
+    bytewise = session().feed(data, step=1)
+    assert whole.output == bytewise.output
+    assert whole.content == bytewise.content

@@ -1,0 +1,170 @@
+"""Helpers for tests over the wire: configurations, the daemon, smtpsrvr on pipes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+PYTHON = sys.executable
+SRC = Path(__file__).resolve().parent.parent / "src"
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(SRC) + os.pathsep + e.get("PYTHONPATH", "")
+    e.pop("MMDF_CONFIG", None)
+    return e
+
+
+def write_config(directory: Path, extra: str = "", *, tls: tuple[Path, Path] | None = None) -> Path:
+    """A configuration whose spool lies in ``directory``."""
+    text = f"""
+hostname = "mx.test"
+spool = "{directory / "spool"}"
+local_domains = ["example.org", "localhost"]
+
+[smtpd]
+listen = ["127.0.0.1:0"]
+maxconnects = 8
+
+[channels.local]
+hosts = ["localhost", "127.0.0.1/32", "::1"]
+relay = true
+
+[channels.other]
+hosts = ["127.0.0.2"]
+
+[channels.smtp]
+hosts = []
+
+[local]
+users = ["alice", "bob"]
+"""
+    if tls is not None:
+        text += f'\n[tls]\ncertificate = "{tls[0]}"\nkey = "{tls[1]}"\n'
+    path = directory / "mmdf.toml"
+    path.write_text(text + extra)
+    return path
+
+
+def checkque(config: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [PYTHON, "-m", "mmdf_smtp.cli.checkque", "-c", str(config), *args],
+        capture_output=True,
+        env=env(),
+        timeout=60,
+        check=False,
+    )
+
+
+def queued(config: Path) -> list[dict[str, Any]]:
+    result = checkque(config, "--json")
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.decode().splitlines() if line]
+
+
+def stored(config: Path, queue_id: str) -> bytes:
+    result = checkque(config, "--cat", queue_id)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def body_of(message: bytes) -> bytes:
+    """The stored message without the Received header we prepend."""
+    assert message.startswith(b"Received: from "), message[:80]
+    lines = message.split(b"\r\n")
+    i = 1
+    while lines[i].startswith(b"\t"):
+        i += 1
+    return b"\r\n".join(lines[i:])
+
+
+@dataclass
+class Daemon:
+    process: subprocess.Popen[bytes]
+    host: str
+    port: int
+    config: Path
+
+    def connect(self, source: str = "127.0.0.1") -> socket.socket:
+        address = (self.host, self.port)
+        return socket.create_connection(address, timeout=30, source_address=(source, 0))
+
+
+_LISTENING = re.compile(r"listening on (\S+):(\d+)")
+
+
+@contextmanager
+def daemon(config: Path, *args: str, channels: str = "local,smtp") -> Iterator[Daemon]:
+    """smtpd on an ephemeral loopback port; stopped (SIGTERM) afterwards."""
+    process = subprocess.Popen(
+        [PYTHON, "-m", "mmdf_smtp.cli.smtpd", "-c", str(config), *args, "smtpsrvr", channels],
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        env=env(),
+    )
+    assert process.stderr is not None
+    deadline = time.monotonic() + 30
+    port = 0
+    host = "127.0.0.1"
+    seen = []
+    while time.monotonic() < deadline:
+        line = process.stderr.readline().decode()
+        if not line:
+            break
+        seen.append(line)
+        match = _LISTENING.search(line)
+        if match:
+            host, port = match.group(1).strip("[]"), int(match.group(2))
+            break
+    assert port, "smtpd did not start:\n" + "".join(seen)
+    try:
+        yield Daemon(process, host, port, config)
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        process.stderr.close()
+
+
+def smtpsrvr(
+    config: Path,
+    data: bytes,
+    *,
+    remote: str = "[127.0.0.1]",
+    channels: str = "local,smtp",
+    program: str = "smtpsrvr",
+    options: tuple[str, ...] = (),
+    timeout: float = 60,
+) -> subprocess.CompletedProcess[bytes]:
+    """Run smtpsrvr (or rsmtpsrvr) over pipes with ``data`` as the whole client side."""
+    code = (
+        "import sys; from mmdf_smtp.cli.smtpsrvr import main; "
+        f"sys.argv[0] = {program!r}; raise SystemExit(main())"
+    )
+    return subprocess.run(
+        [PYTHON, "-c", code, *options, "-c", str(config), remote, "mx.test", channels],
+        input=data,
+        capture_output=True,
+        env=env(),
+        timeout=timeout,
+        check=False,
+    )
+
+
+def reply_lines(output: bytes) -> list[str]:
+    return [line for line in output.decode().split("\r\n") if len(line) > 3 and line[3] == " "]
