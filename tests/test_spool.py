@@ -1,0 +1,270 @@
+"""The spool: round trips, unique ids, errors, crashes at any point, and checkque."""
+
+from __future__ import annotations
+
+import errno
+import json
+import multiprocessing
+import os
+import random
+import signal
+import subprocess
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from mmdf_smtp.cli import checkque
+from mmdf_smtp.queue import Envelope, QueueError
+from mmdf_smtp.queue.spool import Spool
+from wire import PYTHON, env, write_config
+
+ENVELOPE = Envelope(
+    sender="a@example.net",
+    recipients=("b@example.org", "c@example.org"),
+    channel="smtp",
+    remote_host="client.example.net",
+    remote_addr="192.0.2.7",
+    helo="client.example.net",
+    received=datetime(2026, 11, 24, 3, 30, 0, tzinfo=UTC),
+    tls="TLSv1.3 with cipher TLS_AES_256_GCM_SHA384",
+    smtputf8=False,
+    body="8BITMIME",
+)
+
+
+def test_round_trip_in_small_chunks(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    message = bytes(range(256)) * 1000
+    writer = spool.open(ENVELOPE)
+    for i in range(0, len(message), 7):
+        writer.write(message[i : i + 7])
+    writer.commit()
+    [queued] = list(spool.messages())
+    assert queued.id == writer.id
+    assert queued.envelope == ENVELOPE
+    assert queued.size == len(message)
+    with spool.open_message(writer.id) as stored:
+        assert stored.read() == message
+    assert os.listdir(spool.tmp) == []
+
+
+def test_an_uncommitted_message_is_not_queued(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    writer = spool.open(ENVELOPE)
+    writer.write(b"half")
+    assert list(spool.messages()) == []
+    writer.abort()
+    writer.abort()
+    assert os.listdir(spool.tmp) == []
+
+
+def test_ids_are_unique_and_ordered(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    ids = [spool.new_id() for _ in range(5000)]
+    assert len(set(ids)) == len(ids)
+    assert ids == sorted(ids)
+
+
+def _write_many(directory: str, count: int) -> None:
+    spool = Spool(Path(directory))
+    for i in range(count):
+        writer = spool.open(ENVELOPE)
+        writer.write(f"message {i} from {os.getpid()}\r\n".encode())
+        writer.commit()
+
+
+def test_processes_sharing_a_spool(tmp_path: Path) -> None:
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_write_many, args=(str(tmp_path), 200)) for _ in range(3)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+        assert worker.exitcode == 0
+    spool = Spool(tmp_path)
+    ids = spool.ids()
+    assert len(ids) == 600 == len(set(ids))
+
+
+def test_full_disk_is_a_temporary_error_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = Spool(tmp_path)
+    writer = spool.open(ENVELOPE)
+    writer.write(b"x" * 1000)
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(QueueError) as caught:
+        writer.commit()
+    assert caught.value.full is True
+    assert os.listdir(spool.tmp) == [] and spool.ids() == []
+
+
+def test_unwritable_spool_is_a_queue_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(QueueError) as caught:
+        Spool(blocker / "spool").open(ENVELOPE)
+    assert caught.value.full is False
+
+
+CRASHER = """
+import os, sys, time
+from datetime import UTC, datetime
+from pathlib import Path
+from mmdf_smtp.queue import Envelope
+from mmdf_smtp.queue.spool import Spool
+spool = Spool(Path(sys.argv[1]))
+envelope = Envelope(sender="", recipients=("r@x",), channel="c", remote_host="h",
+                    remote_addr="", helo="h", received=datetime.now(UTC))
+for n in range(1000000):
+    body = (b"%08d" % n) * 4096
+    writer = spool.open(envelope)
+    writer.write(body[:10000])
+    writer.write(body[10000:])
+    writer.commit()
+    sys.stdout.write(writer.id + "\\n")
+    sys.stdout.flush()
+"""
+
+
+def test_kill_9_at_random_points_leaves_messages_whole_or_absent(tmp_path: Path) -> None:
+    rng = random.Random(1234)
+    acknowledged: list[str] = []
+    for _ in range(20):
+        process = subprocess.Popen(
+            [PYTHON, "-c", CRASHER, str(tmp_path)], stdout=subprocess.PIPE, env=env()
+        )
+        assert process.stdout is not None
+        for _ in range(rng.randint(1, 5)):
+            acknowledged.append(process.stdout.readline().decode().strip())
+        # Let it run on for a random moment, then kill it mid-write.
+        for _ in range(rng.randint(0, 3)):
+            process.stdout.readline()
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+        process.stdout.close()
+    spool = Spool(tmp_path)
+    spool.recover()
+    assert os.listdir(spool.tmp) == []
+    queued = set(spool.ids())
+    assert set(acknowledged) <= queued  # every acknowledged commit survived
+    for queue_id in queued:
+        with spool.open_message(queue_id) as stored:
+            data = stored.read()
+        assert len(data) == 8 * 4096
+        assert data == data[:8] * 4096
+
+
+def test_recover_keeps_files_of_live_writers(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    writer = spool.open(ENVELOPE)
+    # A file of another, live process (pid 1) and of a dead one.
+    live = "0" * 14 + "0000001" + "00000"
+    dead = "0" * 14 + f"{2**22 + 12345:07x}" + "00000"
+    (spool.tmp / live).write_bytes(b"")
+    (spool.tmp / dead).write_bytes(b"")
+    removed = spool.recover()
+    assert sorted(removed) == sorted([writer.id, dead])
+    assert os.listdir(spool.tmp) == [live]
+
+
+def test_open_message_refuses_non_ids(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    for bad in ["../../etc/passwd", "", "0" * 26 + "/x", "zz" * 13]:
+        with pytest.raises(KeyError):
+            spool.open_message(bad)
+
+
+# -- checkque -------------------------------------------------------------------
+
+
+@pytest.fixture
+def filled(tmp_path: Path) -> tuple[Path, list[str]]:
+    config = write_config(tmp_path)
+    spool = Spool(tmp_path / "spool")
+    ids = []
+    for body in (b"first\r\n", b"second message\r\n"):
+        writer = spool.open(ENVELOPE)
+        writer.write(body)
+        writer.commit()
+        ids.append(writer.id)
+    return config, ids
+
+
+def test_checkque_json(filled: tuple[Path, list[str]], capsys: pytest.CaptureFixture[str]) -> None:
+    config, ids = filled
+    assert checkque.main(["-c", str(config), "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["id"] for line in lines] == ids
+    assert lines[0] == {
+        "id": ids[0],
+        "sender": "a@example.net",
+        "recipients": ["b@example.org", "c@example.org"],
+        "channel": "smtp",
+        "remote_host": "client.example.net",
+        "remote_addr": "192.0.2.7",
+        "helo": "client.example.net",
+        "size": 7,
+        "received": "2026-11-24T03:30:00Z",
+        "tls": "TLSv1.3 with cipher TLS_AES_256_GCM_SHA384",
+        "smtputf8": False,
+        "body": "8BITMIME",
+    }
+
+
+def test_checkque_table(filled: tuple[Path, list[str]], capsys: pytest.CaptureFixture[str]) -> None:
+    config, ids = filled
+    assert checkque.main(["-c", str(config)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["id", "size", "received", "(UTC)", "channel", "from", "to"]
+    assert out[1].split() == [
+        ids[0],
+        "7",
+        "2026-11-24",
+        "03:30:00",
+        "smtp",
+        "<a@example.net>",
+        "b@example.org",
+        "(+1)",
+    ]
+    assert out[-1] == "2 messages, 23 bytes"
+
+
+def test_checkque_empty_and_cat(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    result = subprocess.run(
+        [PYTHON, "-m", "mmdf_smtp.cli.checkque", "-c", str(config)],
+        capture_output=True,
+        env=env(),
+        check=False,
+    )
+    assert (result.returncode, result.stdout) == (0, b"queue is empty\n")
+    spool = Spool(tmp_path / "spool")
+    writer = spool.open(ENVELOPE)
+    writer.write(b"exact \x00\xff bytes\r\n")
+    writer.commit()
+    result = subprocess.run(
+        [PYTHON, "-m", "mmdf_smtp.cli.checkque", "-c", str(config), "--cat", writer.id],
+        capture_output=True,
+        env=env(),
+        check=False,
+    )
+    assert (result.returncode, result.stdout) == (0, b"exact \x00\xff bytes\r\n")
+
+
+def test_checkque_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path)
+    assert checkque.main(["-c", str(config), "--cat", "0" * 26]) == 69
+    assert "no such message" in capsys.readouterr().err
+    bad = tmp_path / "bad.toml"
+    bad.write_text("spool = 5\n")
+    assert checkque.main(["-c", str(bad)]) == 78
+    assert f"{bad}:1: spool: must be a string" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as caught:
+        checkque.main(["--bogus"])
+    assert caught.value.code == 64
