@@ -156,10 +156,11 @@ class Session:
             writer.abort()
             log.error("queue: message not queued: %s", error)
             return replies.QUEUE_FULL if error.full else replies.QUEUE_FAILED
+        host = self.client.host if not self.client.host.startswith("[") else "unknown"
         log.info(
             "queued id=%s client=%s[%s] helo=%s from=<%s> to=%s size=%d channel=%s",
             writer.id,
-            self.client.host,
+            host,
             self.client.address,
             self.connection.helo,
             self._sender(),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import stat
 import sys
 from typing import NoReturn
 
@@ -31,10 +32,10 @@ class ArgumentParser(argparse.ArgumentParser):
 def stderr_is_the_client() -> bool:
     """Under inetd, stderr is the connection too: nothing may be logged there."""
     try:
-        err, out = os.fstat(2), os.fstat(1)
+        err, conn = os.fstat(2), os.fstat(0)
     except OSError:
         return True
-    return (err.st_dev, err.st_ino) == (out.st_dev, out.st_ino)
+    return stat.S_ISSOCK(err.st_mode) and (err.st_dev, err.st_ino) == (conn.st_dev, conn.st_ino)
 
 
 def setup_logging(program: str, *, debug: bool) -> None:
