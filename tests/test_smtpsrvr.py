@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import ssl
 import subprocess
 import threading
@@ -287,3 +288,167 @@ def test_starttls_over_pipes_and_injection_is_dropped(tmp_path: Path) -> None:
     data = stored(config, message["id"])
     assert b"\r\n\twith ESMTPS id " in data
     assert body_of(data) == b"secret\r\n"
+
+
+LIMITS = """
+[limits]
+message_size = 1000
+recipients = 2
+errors = 3
+data_timeout = 1
+"""
+
+
+@pytest.mark.parametrize(
+    ("client", "expected"),
+    [
+        (
+            b"EHLO c\r\nMAIL FROM:<a@b.example> SIZE=1001\r\n",
+            ["552 5.3.4 Message size exceeds fixed maximum message size"],
+        ),
+        (
+            b"EHLO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n"
+            + b"z" * 998
+            + b"\r\n"
+            + b"z" * 100
+            + b"\r\n.\r\n",
+            [
+                "250 2.1.0 Sender OK",
+                "250 2.1.5 Recipient OK",
+                "354 Start mail input; end with <CRLF>.<CRLF>",
+                "552 5.3.4 Message size exceeds fixed maximum message size",
+            ],
+        ),
+        (
+            b"EHLO c\r\nMAIL FROM:<>\r\n" + b"RCPT TO:<alice@example.org>\r\n" * 3,
+            [
+                "250 2.1.0 Sender OK",
+                "250 2.1.5 Recipient OK",
+                "250 2.1.5 Recipient OK",
+                "452 4.5.3 Too many recipients",
+            ],
+        ),
+        (
+            b"EHLO c\r\nFOO\r\nBAR\r\nBAZ\r\nNOOP\r\n",
+            [
+                "500 5.5.1 Command unrecognized",
+                "500 5.5.1 Command unrecognized",
+                "500 5.5.1 Command unrecognized",
+                "421 4.7.0 Too many errors, closing transmission channel",
+            ],
+        ),
+        (
+            b"EHLO c\r\nNOOP " + b"x" * 600 + b"\r\nNOOP\r\n",
+            ["500 5.5.2 Line too long", "250 2.0.0 OK"],
+        ),
+        (
+            b"EHLO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n"
+            b"partial",  # and then nothing: the data timeout
+            [
+                "250 2.1.0 Sender OK",
+                "250 2.1.5 Recipient OK",
+                "354 Start mail input; end with <CRLF>.<CRLF>",
+                "421 4.4.2 Timeout waiting for input, closing transmission channel",
+            ],
+        ),
+    ],
+)
+def test_limits_over_pipes(tmp_path: Path, client: bytes, expected: list[str]) -> None:
+    config = write_config(tmp_path, LIMITS)
+    process = subprocess.Popen(
+        [PYTHON, "-m", "mmdf_smtp.cli.smtpsrvr", "-c", str(config), "[127.0.0.1]", "-", "local"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env(),
+    )
+    assert process.stdin is not None and process.stdout is not None
+    process.stdin.write(client)
+    process.stdin.flush()
+    timer = threading.Timer(30, process.kill)
+    timer.start()
+    out = b""
+    while len(reply_lines(out)) < 2 + len(expected):
+        chunk = process.stdout.read1(65536)
+        if not chunk:
+            break
+        out += chunk
+    timer.cancel()
+    process.stdin.close()
+    process.stdout.close()
+    process.wait()
+    assert reply_lines(out)[2:] == expected
+    assert queued(config) == []
+
+
+def test_too_many_received_headers_over_pipes(config: Path) -> None:
+    hops = b"Received: from a by b; Tue, 24 Nov 2026 03:30:00 +0000\r\n" * 101
+    data = TRANSACTION.replace(b"Subject: test\r\n", hops)
+    lines = reply_lines(smtpsrvr(config, data).stdout)
+    assert lines[-2] == "554 5.4.6 Too many Received headers: mail loop suspected"
+    assert queued(config) == []
+
+
+def test_smtputf8_message(config: Path) -> None:
+    data = (
+        "EHLO c\r\nMAIL FROM:<jöran@exämple.net> SMTPUTF8\r\nRCPT TO:<alice@example.org>\r\n"
+        "DATA\r\nSubject: grüße\r\n\r\nhej\r\n.\r\nQUIT\r\n"
+    ).encode()
+    lines = reply_lines(smtpsrvr(config, data).stdout)
+    assert lines[-2].startswith("250 2.0.0 Submitted & queued")
+    [message] = queued(config)
+    assert message["sender"] == "jöran@exämple.net"
+    assert message["smtputf8"] is True
+    stored_message = stored(config, message["id"])
+    assert b"\r\n\twith UTF8SMTP id " in stored_message
+    assert body_of(stored_message) == "Subject: grüße\r\n\r\nhej\r\n".encode()
+
+
+def test_tcpserver_environment_gives_the_peer(config: Path) -> None:
+    code = (
+        "import os, sys; os.environ['TCPREMOTEIP'] = '127.0.0.2'; "
+        "from mmdf_smtp.cli.smtpsrvr import main; sys.argv[0] = 'rsmtpsrvr'; "
+        "raise SystemExit(main())"
+    )
+    result = subprocess.run(
+        [PYTHON, "-c", code, "-c", str(config), "-", "-", "local,other"],
+        input=b"HELO c\r\nMAIL FROM:<>\r\nRCPT TO:<postmaster>\r\nDATA\r\nx\r\n.\r\nQUIT\r\n",
+        capture_output=True,
+        env=env(),
+        check=False,
+    )
+    assert reply_lines(result.stdout)[-2].startswith("250 2.0.0 Submitted")
+    [message] = queued(config)
+    assert (message["channel"], message["remote_addr"]) == ("other", "127.0.0.2")
+
+
+@pytest.mark.parametrize(
+    ("source", "greeting"),
+    [
+        ("127.0.0.2", "220 mx.test Server SMTP ready"),
+        ("127.0.0.3", "554 5.7.1 mx.test: Your name, '[127.0.0.3]', is unknown to us."),
+    ],
+)
+def test_smtpsrvr_reads_the_peer_from_a_socket(config: Path, source: str, greeting: str) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname(), source_address=(source, 0))
+        conn, _ = listener.accept()
+    code = (
+        "import sys; from mmdf_smtp.cli.smtpsrvr import main; sys.argv[0] = 'rsmtpsrvr'; "
+        "raise SystemExit(main())"
+    )
+    with client, conn:
+        # remotehost names a client we do not know: the socket's address wins.
+        process = subprocess.Popen(
+            [PYTHON, "-c", code, "-c", str(config), "[127.0.0.1]", "-", "other"],
+            stdin=conn,
+            stdout=conn,
+            env=env(),
+        )
+        conn.close()
+        client.settimeout(30)
+        data = b""
+        while not data.endswith(b"\r\n"):
+            data += client.recv(4096)
+        client.sendall(b"QUIT\r\n")
+        assert process.wait(timeout=30) == 0
+    assert data.decode() == greeting + "\r\n"
