@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import ssl
 import subprocess
@@ -171,14 +172,20 @@ def test_command_timeout_says_421(tmp_path: Path) -> None:
 def test_debug_trace_shows_commands_and_replies(config: Path) -> None:
     result = smtpsrvr(config, b"NOOP\r\nQUIT\r\n", options=("-d",))
     lines = result.stderr.decode().splitlines()
-    pid = lines[0].split("(")[1].split(")")[0]
-    assert lines == [
-        f"smtpsrvr({pid}): >>> 220 mx.test Server SMTP ready",
-        f"smtpsrvr({pid}): <<< NOOP",
-        f"smtpsrvr({pid}): <<< QUIT",
-        f"smtpsrvr({pid}): >>> 250 2.0.0 OK",
-        f"smtpsrvr({pid}): >>> 221 2.0.0 mx.test closing connection",
+    prefix, session = lines[0].split(" ")[:2]
+    assert re.fullmatch(r"smtpsrvr\(\d+\):", prefix) and re.fullmatch("[0-9a-f]{8}", session)
+    assert lines[:5] == [
+        f"{prefix} {session} >>> 220 mx.test Server SMTP ready",
+        f"{prefix} {session} <<< NOOP",
+        f"{prefix} {session} <<< QUIT",
+        f"{prefix} {session} >>> 250 2.0.0 OK",
+        f"{prefix} {session} >>> 221 2.0.0 mx.test closing connection",
     ]
+    assert re.fullmatch(
+        rf"{re.escape(prefix)} session {session} client=unknown\[127\.0\.0\.1\] helo= "
+        r"channel=local tls=no messages=0 end=quit duration=\d+\.\d{3}s",
+        lines[5],
+    )
 
 
 class PipeTLSClient:

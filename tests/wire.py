@@ -105,10 +105,12 @@ _LISTENING = re.compile(r"listening on (\S+):(\d+)")
 
 
 @contextmanager
-def daemon(config: Path, *args: str, channels: str = "local,smtp") -> Iterator[Daemon]:
+def daemon(
+    config: Path, *args: str, program: str = "smtpsrvr", channels: str = "local,smtp"
+) -> Iterator[Daemon]:
     """smtpd on an ephemeral loopback port; stopped (SIGTERM) afterwards."""
     process = subprocess.Popen(
-        [PYTHON, "-m", "mmdf_smtp.cli.smtpd", "-c", str(config), *args, "smtpsrvr", channels],
+        [PYTHON, "-m", "mmdf_smtp.cli.smtpd", "-c", str(config), *args, program, channels],
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
         env=env(),

@@ -28,7 +28,6 @@ from .protocol import replies
 from .service import Service, parse_address
 from .session import address_literal
 from .shells.aio import SessionProtocol
-from .shells.trace import Tracer
 
 log = logging.getLogger("mmdf_smtp.smtpd")
 
@@ -112,17 +111,15 @@ class Daemon:
         *,
         config_path: str | None,
         external: ExternalServer | None = None,
-        trace: Tracer | None = None,
     ) -> None:
         self.service = service
         self._listeners = listeners
         self._config_path = config_path
         self._external = external
-        self._trace = trace
         self._slots = asyncio.Semaphore(service.config.smtpd.maxconnects)
         self._per_client: Counter[str] = Counter()
         self._sessions: set[SessionProtocol] = set()
-        self._children: set[asyncio.subprocess.Process] = set()
+        self._children: set[int] = set()  # pids of external servers
         self._serving: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
 
@@ -160,7 +157,6 @@ class Daemon:
                 self._config_path,
                 current.channels,
                 finicky=current.finicky,
-                hostname=current.hostname,
             )
         except (ConfigError, UnknownChannel) as exc:
             log.error("reload failed, keeping the running configuration: %s", exc)
@@ -177,9 +173,9 @@ class Daemon:
                 session.shut_down()
             if pending:
                 await asyncio.wait(pending, timeout=5)
-            for child in list(self._children):
+            for pid in list(self._children):
                 with contextlib.suppress(ProcessLookupError):
-                    child.terminate()
+                    os.kill(pid, signal.SIGTERM)
         log.info("stopped")
 
     async def _accept(self, listener: socket.socket) -> None:
@@ -223,7 +219,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         service = self.service  # a reload affects new sessions only
         _, protocol = await loop.connect_accepted_socket(
-            lambda: SessionProtocol(lambda: service, trace=self._trace), sock
+            lambda: SessionProtocol(lambda: service), sock
         )
         self._sessions.add(protocol)
         try:
@@ -241,33 +237,53 @@ class Daemon:
             name = await loop.run_in_executor(None, self.service.policy.remote_name, address)
         remote = name or address_literal(str(address))
         argv0 = "rsmtpsrvr" if program.finicky else "smtpsrvr"
+        argv = [argv0, remote, self.service.hostname, ",".join(self.service.channels)]
         sock.setblocking(True)
         try:
-            child = await asyncio.create_subprocess_exec(
-                argv0,
-                remote,
-                self.service.hostname,
-                ",".join(self.service.channels),
-                executable=program.path,
-                stdin=sock.fileno(),
-                stdout=sock.fileno(),
+            # posix_spawn keeps argv[0] as given (the seed's rsmtpsrvr
+            # signal), which asyncio's subprocess support under uvloop does not.
+            pid = os.posix_spawn(
+                program.path,
+                argv,
+                os.environ,
+                file_actions=[
+                    (os.POSIX_SPAWN_DUP2, sock.fileno(), 0),
+                    (os.POSIX_SPAWN_DUP2, sock.fileno(), 1),
+                ],
             )
         except OSError as exc:
             log.error("cannot run %s: %s", program.path, exc)
             await self._refuse(sock, replies.SERVICE_UNAVAILABLE)
             return
         sock.close()
-        self._children.add(child)
+        self._children.add(pid)
         try:
-            await child.wait()
+            await _exited(pid)
         finally:
-            self._children.discard(child)
+            self._children.discard(pid)
 
     async def _refuse(self, sock: socket.socket, reply: replies.Reply) -> None:
         loop = asyncio.get_running_loop()
         with contextlib.suppress(OSError):
             await loop.sock_sendall(sock, reply.to_bytes())
         sock.close()
+
+
+async def _exited(pid: int) -> int:
+    """Wait for a child without a thread: its pidfd turns readable at exit."""
+    loop = asyncio.get_running_loop()
+    pidfd = os.pidfd_open(pid)
+    try:
+        done = loop.create_future()
+        loop.add_reader(pidfd, done.set_result, None)
+        try:
+            await done
+        finally:
+            loop.remove_reader(pidfd)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        os.close(pidfd)
+    return os.waitstatus_to_exitcode(status)
 
 
 def _sockname(sock: socket.socket) -> str:

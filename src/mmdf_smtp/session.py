@@ -10,6 +10,8 @@ waits on the disk (fsync); the asyncio shell runs that one call in a thread.
 from __future__ import annotations
 
 import logging
+import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -71,9 +73,13 @@ class Session:
         self.hostname = hostname
         self.client = client
         self.channel = channel
+        self.id = secrets.token_hex(4)  # names the session in logs and traces
+        self.tracing = log.isEnabledFor(logging.DEBUG)
         self.connection = ServerConnection(
             hostname=hostname, limits=limits, tls_available=tls_available
         )
+        self._started = time.monotonic()
+        self._queued = 0
         self.tls: str | None = None  # protocol and cipher once STARTTLS is done
         self._check_recipient = check_recipient
         self._queue = queue
@@ -89,6 +95,9 @@ class Session:
         if self.channel is None:
             return replies.NO_SERVICE.with_text(f"{self.hostname} No SMTP service here")
         return replies.GREETING.with_text(f"{self.hostname} Server SMTP ready")
+
+    def trace(self, line: str) -> None:
+        log.debug("%s %s", self.id, line)
 
     def tls_established(self, description: str) -> None:
         self.tls = description
@@ -111,8 +120,11 @@ class Session:
                 self._write(event.data)
             case MessageComplete():
                 conn.send(self._commit(event))
-            case MessageAborted() | Reset() | StartTLS() | ConnectionClosed():
+            case MessageAborted() | Reset() | StartTLS():
                 self._drop_message()
+            case ConnectionClosed():
+                self._drop_message()
+                self._log_session(event)
 
     def _rcpt(self, event: RcptTo) -> Reply:
         assert self.channel is not None
@@ -156,11 +168,12 @@ class Session:
             writer.abort()
             log.error("queue: message not queued: %s", error)
             return replies.QUEUE_FULL if error.full else replies.QUEUE_FAILED
-        host = self.client.host if not self.client.host.startswith("[") else "unknown"
+        self._queued += 1
         log.info(
-            "queued id=%s client=%s[%s] helo=%s from=<%s> to=%s size=%d channel=%s",
+            "%s queued id=%s client=%s[%s] helo=%s from=<%s> to=%s size=%d channel=%s",
+            self.id,
             writer.id,
-            host,
+            self._log_host(),
             self.client.address,
             self.connection.helo,
             self._sender(),
@@ -169,6 +182,23 @@ class Session:
             self.channel.name if self.channel else "",
         )
         return replies.QUEUED.with_text(f"Submitted & queued (msg.{writer.id})")
+
+    def _log_session(self, event: ConnectionClosed) -> None:
+        log.info(
+            "session %s client=%s[%s] helo=%s channel=%s tls=%s messages=%d end=%s duration=%.3fs",
+            self.id,
+            self._log_host(),
+            self.client.address,
+            self.connection.helo or "",
+            self.channel.name if self.channel else "-",
+            "yes" if self.tls else "no",
+            self._queued,
+            "quit" if event.clean else "lost",
+            time.monotonic() - self._started,
+        )
+
+    def _log_host(self) -> str:
+        return self.client.host if not self.client.host.startswith("[") else "unknown"
 
     def _drop_message(self) -> None:
         if self._writer is not None:

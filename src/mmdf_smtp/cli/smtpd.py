@@ -1,11 +1,13 @@
-"""smtpd: the SMTP connection server.
+"""smtpd: the SMTP connection server, in the seed's flavours.
 
     smtpd [-d] [-f] [-n maxconnects] [-c config] [-l addr:port]... smtpsrvr channels
     smtpd [-f] [-c config] smtpsrvr channels      (stdin is a connected socket: inetd)
+    smtpd [-c config] sourcehost.sourceport       (sun: channel smtp, peer in hex)
 
-``smtpsrvr`` names the program that serves each connection.  When it is
-this package's own smtpsrvr (by name or path), sessions are served
-in-process on the event loop; any other program is executed per
+Standalone, it listens (or takes systemd's sockets, LISTEN_FDS) and serves
+each connection.  ``smtpsrvr`` names the program that serves a session:
+when it is this package's own smtpsrvr (by name or path) sessions are
+served in-process on the event loop; any other program is executed per
 connection with the connection on its stdin and stdout, argv
 ``[smtpsrvr|rsmtpsrvr, remotehost, localhost, channels]``.
 """
@@ -13,8 +15,10 @@ connection with the connection on its stdin and stdout, argv
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import logging
 import os
+import re
 import shutil
 import socket
 import sys
@@ -23,6 +27,7 @@ from ..config import ConfigError
 from ..daemon import Daemon, ExternalServer, bind, drop_privileges, inherited, run
 from ..policy import UnknownChannel
 from ..service import Service
+from ..session import address_literal
 from ..shells.blocking import BlockingShell
 from .common import EX_CONFIG, EX_OK, EX_OSERR, EX_USAGE, ArgumentParser, setup_logging
 from .smtpsrvr import find_peer
@@ -57,8 +62,23 @@ def stdin_is_a_connection() -> bool:
     return True
 
 
+SUN_ARGUMENT = re.compile(r"([0-9A-Fa-f]{8})\.([0-9]+)")
+
+
+def sun_peer(argument: str) -> str:
+    """The sun flavour's ``sourcehost.sourceport``: the host is IPv4 in hex."""
+    match = SUN_ARGUMENT.fullmatch(argument)
+    assert match is not None
+    return f"[{ipaddress.IPv4Address(int(match.group(1), 16))}]"
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(prog="smtpd", description="The SMTP connection server.")
+    parser = ArgumentParser(
+        prog="smtpd",
+        description="The SMTP connection server.",
+        usage="%(prog)s [-d] [-f] [-n maxconnects] [-c config] [-l addr:port]... "
+        "smtpsrvr channels\n       %(prog)s [-c config] sourcehost.sourceport",
+    )
     parser.add_argument("-d", "--debug", action="store_true", help="trace sessions on stderr")
     parser.add_argument("-f", "--finicky", action="store_true", help="refuse unknown hosts")
     parser.add_argument("-n", "--maxconnects", type=int, help="simultaneous sessions (default 4)")
@@ -66,20 +86,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "-l", "--listen", action="append", default=[], help="addr:port to listen on (repeatable)"
     )
-    parser.add_argument("smtpsrvr", help="the server program, e.g. smtpsrvr")
-    parser.add_argument("channels", help="comma-separated channel names")
+    parser.add_argument("arguments", nargs="+", metavar="smtpsrvr channels")
     args = parser.parse_args(argv)
     if args.maxconnects is not None and args.maxconnects <= 0:
         parser.error("maxconnects must be a positive number")
-    channels = [c for c in args.channels.split(",") if c]
-    if not channels:
-        parser.error("the channel list is empty")
+    sun = len(args.arguments) == 1 and SUN_ARGUMENT.fullmatch(args.arguments[0])
+    if sun:
+        program, channels = "smtpsrvr", ["smtp"]
+    elif len(args.arguments) == 2:
+        program = args.arguments[0]
+        channels = [c for c in args.arguments[1].split(",") if c]
+        if not channels:
+            parser.error("the channel list is empty")
+    else:
+        parser.error("expected: smtpsrvr channels, or sourcehost.sourceport")
     setup_logging("smtpd", debug=args.debug)
     external = None
-    if not is_own_server(args.smtpsrvr):
-        path = shutil.which(args.smtpsrvr)
+    if not is_own_server(program):
+        path = shutil.which(program)
         if path is None or not os.access(path, os.X_OK):
-            parser.error(f"{args.smtpsrvr}: not an executable program")
+            parser.error(f"{program}: not an executable program")
         external = ExternalServer(path=path, finicky=args.finicky)
     try:
         service = Service.load(args.config, channels, finicky=args.finicky)
@@ -94,12 +120,20 @@ def main(argv: list[str] | None = None) -> int:
         service = dataclasses.replace(
             service, config=dataclasses.replace(service.config, smtpd=smtpd)
         )
-    trace = (lambda line: log.debug("%s", line)) if args.debug else None
 
-    if stdin_is_a_connection() and not args.listen:
-        # inetd "nowait": one connection on stdin, served here.
-        session = service.session(find_peer("-"))
-        BlockingShell(session, tls_context=service.tls_context, trace=trace).run()
+    if sun or (stdin_is_a_connection() and not args.listen):
+        # Called by inetd with one connection on stdin: serve it, or run
+        # the site's program on it, as the seed's 4.3 and sun flavours did.
+        peer = find_peer(sun_peer(args.arguments[0]) if sun else "-")
+        if external is not None:
+            remote = peer.name or (
+                service.policy.remote_name(peer.address) if peer.address else None
+            )
+            literal = address_literal(str(peer.address)) if peer.address else "-"
+            argv0 = "rsmtpsrvr" if external.finicky else "smtpsrvr"
+            channel_list = ",".join(channels)
+            os.execv(external.path, [argv0, remote or literal, service.hostname, channel_list])
+        BlockingShell(service.session(peer), tls_context=service.tls_context).run()
         return EX_OK
 
     try:
@@ -113,7 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"smtpd: {exc}", file=sys.stderr)
         return EX_CONFIG
-    run(lambda: Daemon(service, listeners, config_path=args.config, external=external, trace=trace))
+    removed = service.queue.recover()
+    if removed:
+        log.info("removed %d unfinished messages left by a crash", len(removed))
+    run(lambda: Daemon(service, listeners, config_path=args.config, external=external))
     return EX_OK
 
 

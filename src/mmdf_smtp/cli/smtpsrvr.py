@@ -14,7 +14,6 @@ hostname).
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import sys
@@ -24,8 +23,6 @@ from ..policy import UnknownChannel
 from ..service import Peer, Service, parse_address
 from ..shells.blocking import BlockingShell
 from .common import EX_CONFIG, EX_OK, EX_USAGE, ArgumentParser, setup_logging
-
-log = logging.getLogger("mmdf_smtp.smtpsrvr")
 
 
 def find_peer(remotehost: str, fd: int = 0) -> Peer:
@@ -78,8 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{program}: {exc}", file=sys.stderr)
         return EX_CONFIG
     session = service.session(find_peer(args.remotehost))
-    trace = (lambda line: log.debug("%s", line)) if args.debug else None
-    BlockingShell(session, tls_context=service.tls_context, trace=trace).run()
+    BlockingShell(session, tls_context=service.tls_context).run()
     return EX_OK
 
 

@@ -58,6 +58,11 @@ class MessageWriter(Protocol):
 
 
 class Queue(Protocol):
+    def recover(self) -> list[str]:
+        """Clean up after writers that crashed; return what was removed.
+        Run at start-up, before messages are received."""
+        ...
+
     def open(self, envelope: Envelope) -> MessageWriter:
         """Start a new message.  The envelope is complete when the content
         starts (RFC 5321: DATA follows the last RCPT), so it is written

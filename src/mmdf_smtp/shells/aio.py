@@ -25,7 +25,7 @@ from ..protocol import PAUSED, ConnectionClosed, MessageComplete, Signal, StartT
 from ..service import Peer, Service, parse_address
 from ..session import Session
 from .tls import describe
-from .trace import Tracer, trace_input, trace_output
+from .trace import trace_input, trace_output
 
 log = logging.getLogger("mmdf_smtp.smtpd")
 
@@ -38,11 +38,9 @@ class SessionProtocol(asyncio.Protocol):
         service: Callable[[], Service],
         *,
         on_close: Callable[[SessionProtocol], None] | None = None,
-        trace: Tracer | None = None,
     ) -> None:
         self._service = service
         self._on_close = on_close
-        self._trace = trace
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._session: Session | None = None
@@ -68,8 +66,8 @@ class SessionProtocol(asyncio.Protocol):
             if len(self._early) > HIGH_WATER:
                 self._pause_reading()
         else:
-            if self._trace:
-                trace_input(self._trace, self._session.connection, data)
+            if self._session.tracing:
+                trace_input(self._session, data)
             self._session.connection.receive_data(data)
             if self._session.connection.pending_input > HIGH_WATER:
                 self._pause_reading()
@@ -130,6 +128,8 @@ class SessionProtocol(asyncio.Protocol):
             await self._serve()
         except Exception:
             log.exception("session failed")
+            if self._session is not None:
+                self._session.handle(ConnectionClosed(clean=False))
         finally:
             if self._transport is not None:
                 self._transport.close()
@@ -171,13 +171,14 @@ class SessionProtocol(asyncio.Protocol):
                         conn.time_out()
                 self._wakeup.clear()
                 continue
+            if isinstance(event, ConnectionClosed):
+                await self._flush(session)
+                session.handle(event)
+                return
             if isinstance(event, MessageComplete):
                 await self._loop.run_in_executor(None, session.handle, event)
             else:
                 session.handle(event)
-            if isinstance(event, ConnectionClosed):
-                await self._flush(session)
-                return
             if isinstance(event, StartTLS):
                 await self._start_tls(session, service.tls_context)
 
@@ -186,8 +187,8 @@ class SessionProtocol(asyncio.Protocol):
         data = session.connection.data_to_send()
         if not data:
             return True
-        if self._trace:
-            trace_output(self._trace, data)
+        if session.tracing:
+            trace_output(session, data)
         transport = self._transport
         if transport is None or transport.is_closing():
             return False

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from ..protocol import PAUSED, ConnectionClosed, Signal, StartTLS, Timer
 from ..session import Session
 from .tls import describe
-from .trace import Tracer, trace_input, trace_output
+from .trace import trace_input, trace_output
 
 READ_SIZE = 65536
 
@@ -35,7 +35,6 @@ class BlockingShell:
         rfd: int = 0,
         wfd: int = 1,
         tls_context: ssl.SSLContext | None = None,
-        trace: Tracer | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._session = session
@@ -43,7 +42,6 @@ class BlockingShell:
         self._rfd = rfd
         self._wfd = wfd
         self._tls_context = tls_context
-        self._trace = trace
         self._clock = clock
         self._generation = -1
         self._deadline = 0.0
@@ -64,14 +62,15 @@ class BlockingShell:
                 if data is None:
                     conn.time_out()
                     continue
-                if self._trace and data:
-                    trace_input(self._trace, conn, data)
+                if self._session.tracing and data:
+                    trace_input(self._session, data)
                 conn.receive_data(data)
                 continue
-            self._session.handle(event)
             if isinstance(event, ConnectionClosed):
                 self._flush()
+                self._session.handle(event)
                 return
+            self._session.handle(event)
             if isinstance(event, StartTLS):
                 self._flush()
                 self._start_tls()
@@ -82,8 +81,8 @@ class BlockingShell:
         data = self._conn.data_to_send()
         if not data:
             return
-        if self._trace:
-            trace_output(self._trace, data)
+        if self._session.tracing:
+            trace_output(self._session, data)
         if self._tls is not None:
             self._tls.write(data)
             data = self._outgoing.read()

@@ -1,0 +1,245 @@
+"""smtpd's flavours and controls: inetd, sun, an external smtpsrvr, limits, signals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from dnsserver import Zone, dns_server
+from test_wire import read_replies, recv_reply
+from wire import PYTHON, daemon, env, queued, write_config
+
+SMTPD = [PYTHON, "-m", "mmdf_smtp.cli.smtpd"]
+
+
+def serve_on_socketpair(args: list[str], client_bytes: bytes) -> tuple[bytes, int]:
+    """Run smtpd with one end of a socketpair as stdin/stdout (inetd)."""
+    ours, theirs = socket.socketpair()
+    with ours:
+        process = subprocess.Popen([*SMTPD, *args], stdin=theirs, stdout=theirs, env=env())
+        theirs.close()
+        ours.settimeout(30)
+        ours.sendall(client_bytes)
+        data = b""
+        while chunk := ours.recv(65536):
+            data += chunk
+        return data, process.wait(timeout=30)
+
+
+def test_inetd_flavour_serves_the_connection_on_stdin(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    out, status = serve_on_socketpair(
+        ["-c", str(config), "smtpsrvr", "local"],
+        b"EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\ninetd\r\n.\r\nQUIT\r\n",
+    )
+    assert status == 0
+    assert out.startswith(b"220 mx.test Server SMTP ready\r\n")
+    assert out.endswith(b"221 2.0.0 mx.test closing connection\r\n")
+    [message] = queued(config)
+    assert (message["channel"], message["remote_addr"]) == ("local", "")
+
+
+def test_sun_flavour_takes_the_peer_from_its_argument(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    out, status = serve_on_socketpair(
+        ["-c", str(config), "7f000002.1234"],
+        b"HELO c\r\nMAIL FROM:<>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\nsun\r\n.\r\nQUIT\r\n",
+    )
+    assert status == 0
+    assert b"250 2.0.0 Submitted & queued" in out
+    [message] = queued(config)
+    assert (message["channel"], message["remote_addr"]) == ("smtp", "127.0.0.2")
+
+
+WRAPPER_C = r"""
+#include <arpa/inet.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+/* A site's own smtpsrvr: records argv (argv[0] included, which a script
+   would lose to its interpreter) and the peer of stdin, then says hello. */
+int main(int argc, char **argv) {
+    FILE *log = fopen(LOGFILE, "w");
+    for (int i = 0; i < argc; i++) fprintf(log, "%s\n", argv[i]);
+    struct sockaddr_in peer; socklen_t len = sizeof peer;
+    if (getpeername(0, (struct sockaddr *)&peer, &len) == 0)
+        fprintf(log, "peer=%s\n", inet_ntoa(peer.sin_addr));
+    fclose(log);
+    const char *hello = "220 wrapper ready\r\n", *bye = "221 wrapper bye\r\n";
+    char line[512];
+    write(1, hello, strlen(hello));
+    read(0, line, sizeof line);
+    write(1, bye, strlen(bye));
+    return 0;
+}
+"""
+
+
+@pytest.fixture
+def wrapper(tmp_path: Path) -> tuple[Path, Path]:
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    assert compiler, "a C compiler is needed to build the test's smtpsrvr"
+    log = tmp_path / "argv.txt"
+    source = tmp_path / "mysrvr.c"
+    source.write_text(WRAPPER_C.replace("LOGFILE", json.dumps(str(log))))
+    program = tmp_path / "mysrvr"
+    subprocess.run([compiler, "-o", str(program), str(source)], check=True)
+    return program, log
+
+
+@pytest.mark.parametrize("finicky", [False, True])
+def test_an_external_smtpsrvr_gets_the_connection_and_the_seed_argv(
+    tmp_path: Path, wrapper: tuple[Path, Path], finicky: bool
+) -> None:
+    program, log = wrapper
+    zone = Zone()
+    zone.add("1.0.0.127.in-addr.arpa", "PTR", "loopback.test.")
+    zone.add("loopback.test", "A", "127.0.0.1")
+    with dns_server(zone) as nameserver:
+        config = write_config(tmp_path, f'\n[dns]\nnameservers = ["{nameserver}"]\ntimeout = 2\n')
+        flags = ["-f"] if finicky else []
+        started = daemon(config, *flags, program=str(program), channels="local,smtp")
+        with started as d, d.connect() as sock:
+            assert recv_reply(sock) == b"220 wrapper ready\r\n"
+            sock.sendall(b"QUIT\r\n")
+            assert recv_reply(sock) == b"221 wrapper bye\r\n"
+    assert log.read_text().splitlines() == [
+        "rsmtpsrvr" if finicky else "smtpsrvr",
+        "loopback.test",
+        "mx.test",
+        "local,smtp",
+        "peer=127.0.0.1",
+    ]
+
+
+def test_finicky_daemon_refuses_a_client_on_127_0_0_2(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    with daemon(config, "-f", channels="local") as d:
+        with d.connect("127.0.0.2") as sock:
+            assert recv_reply(sock) == (
+                b"554 5.7.1 mx.test: Your name, '[127.0.0.2]', is unknown to us.\r\n"
+            )
+            sock.sendall(b"MAIL FROM:<>\r\nQUIT\r\n")
+            assert read_replies(sock, 2) == [
+                b"503 5.5.1 Service refused; send QUIT",
+                b"221 2.0.0 mx.test closing connection",
+            ]
+        with d.connect("127.0.0.1") as sock:
+            assert recv_reply(sock) == b"220 mx.test Server SMTP ready\r\n"
+
+
+def test_max_per_client(tmp_path: Path) -> None:
+    config = write_config(tmp_path, "")
+    text = config.read_text().replace("maxconnects = 8", "maxconnects = 8\nmax_per_client = 1")
+    config.write_text(text)
+    with daemon(config) as d:
+        first = d.connect()
+        try:
+            assert recv_reply(first).startswith(b"220 ")
+            with d.connect() as second:
+                assert recv_reply(second) == (
+                    b"421 4.7.0 Too many connections from your host, try again later\r\n"
+                )
+            with d.connect("127.0.0.2") as other:
+                assert recv_reply(other).startswith(b"220 ")
+        finally:
+            first.close()
+
+
+def test_command_timeout_through_the_daemon(tmp_path: Path) -> None:
+    config = write_config(tmp_path, "\n[limits]\ncommand_timeout = 1\n")
+    with daemon(config) as d, d.connect() as sock:
+        assert recv_reply(sock).startswith(b"220 ")
+        sock.sendall(b"EHLO c\r\n")
+        recv_reply(sock)
+        sock.sendall(b"NOOP")
+        assert recv_reply(sock) == (
+            b"421 4.4.2 Timeout waiting for input, closing transmission channel\r\n"
+        )
+        assert sock.recv(100) == b""
+
+
+def test_sighup_reloads_and_keeps_the_old_configuration_when_the_new_is_bad(
+    tmp_path: Path,
+) -> None:
+    config = write_config(tmp_path)
+    with daemon(config) as d:
+        assert d.process.stderr is not None
+        config.write_text(
+            config.read_text().replace('hostname = "mx.test"', 'hostname = "mx2.test"')
+        )
+        d.process.send_signal(signal.SIGHUP)
+        while b"configuration reloaded" not in d.process.stderr.readline():
+            pass
+        with d.connect() as sock:
+            assert recv_reply(sock) == b"220 mx2.test Server SMTP ready\r\n"
+        config.write_text(config.read_text() + "\n[limits]\nerrors = 0\n")
+        d.process.send_signal(signal.SIGHUP)
+        line = d.process.stderr.readline()
+        while b"reload" not in line:
+            line = d.process.stderr.readline()
+        assert b"reload failed, keeping the running configuration" in line
+        assert b"limits.errors: must be at least 1" in line
+        with d.connect() as sock:
+            assert recv_reply(sock) == b"220 mx2.test Server SMTP ready\r\n"
+
+
+def test_sigterm_lets_a_session_finish_then_exits_0(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    with daemon(config) as d:
+        with d.connect() as sock:
+            assert recv_reply(sock).startswith(b"220 ")
+            d.process.send_signal(signal.SIGTERM)
+            sock.sendall(b"EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n")
+            assert read_replies(sock, 4)[-1].startswith(b"354")
+            sock.sendall(b"finished after SIGTERM\r\n.\r\nQUIT\r\n")
+            assert read_replies(sock, 2)[0].startswith(b"250 2.0.0 Submitted")
+        assert d.process.wait(timeout=30) == 0
+        with pytest.raises(OSError):
+            d.connect()
+    assert len(queued(config)) == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "status", "message"),
+    [
+        (["smtpsrvr"], 64, b"expected: smtpsrvr channels"),
+        (["-n", "0", "smtpsrvr", "local"], 64, b"maxconnects must be a positive number"),
+        (["/nonexistent/srvr", "local"], 64, b"/nonexistent/srvr: not an executable program"),
+        (["smtpsrvr", "local,nosuch"], 64, b"unknown channel 'nosuch'"),
+    ],
+)
+def test_usage_errors(tmp_path: Path, args: list[str], status: int, message: bytes) -> None:
+    config = write_config(tmp_path)
+    result = subprocess.run(
+        [*SMTPD, "-c", str(config), *args],
+        capture_output=True,
+        env=env(),
+        stdin=subprocess.DEVNULL,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == status
+    assert message in result.stderr
+
+
+def test_bad_configuration_exits_78(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text("[smtpd]\nmaxconnects = 0\n")
+    result = subprocess.run(
+        [*SMTPD, "-c", str(config), "smtpsrvr", "local"],
+        capture_output=True,
+        env=env(),
+        stdin=subprocess.DEVNULL,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 78
+    assert f"{config}:2: smtpd.maxconnects: must be at least 1".encode() in result.stderr
