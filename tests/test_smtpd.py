@@ -243,3 +243,38 @@ def test_bad_configuration_exits_78(tmp_path: Path) -> None:
     )
     assert result.returncode == 78
     assert f"{config}:2: smtpd.maxconnects: must be at least 1".encode() in result.stderr
+
+
+def test_systemd_socket_activation(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    # sd_listen_fds(3): the socket is fd 3 and LISTEN_PID names the server
+    # itself, so set it in the process that then becomes smtpd.
+    code = (
+        "import os, sys; os.dup2(int(sys.argv[1]), 3); "
+        "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1'); "
+        "os.execv(sys.executable, [sys.executable, '-m', 'mmdf_smtp.cli.smtpd', "
+        "'-c', sys.argv[2], 'smtpsrvr', 'local'])"
+    )
+    process = subprocess.Popen(
+        [PYTHON, "-c", code, str(listener.fileno()), str(config)],
+        pass_fds=[listener.fileno()],
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        env=env(),
+    )
+    listener.close()
+    try:
+        assert process.stderr is not None
+        line = process.stderr.readline()
+        while b"listening on" not in line:
+            assert line, "smtpd did not start"
+            line = process.stderr.readline()
+        assert f"listening on 127.0.0.1:{port}".encode() in line
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            assert recv_reply(sock) == b"220 mx.test Server SMTP ready\r\n"
+    finally:
+        process.terminate()
+        assert process.wait(timeout=30) == 0
+        process.stderr.close()  # type: ignore[union-attr]

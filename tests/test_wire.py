@@ -285,3 +285,32 @@ def test_sigterm_stops_cleanly(tmp_path: Path) -> None:
     with daemon(config) as d:
         d.process.send_signal(signal.SIGTERM)
         assert d.process.wait(timeout=30) == 0
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is installed by .ci/run")
+def test_curl_smtp_client(server: Daemon, tmp_path: Path) -> None:
+    mail = tmp_path / "mail.txt"
+    mail.write_bytes(b"Subject: curl\r\n\r\nsent by curl\r\n.dot line\r\n")
+    result = subprocess.run(
+        [
+            "curl",
+            "--silent",
+            "--show-error",
+            "--verbose",
+            f"smtp://{server.host}:{server.port}/curl.example",
+            "--mail-from",
+            "curl@example.net",
+            "--mail-rcpt",
+            "alice@example.org",
+            "--upload-file",
+            str(mail),
+        ],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    assert b"< 250 2.0.0 Submitted & queued (msg." in result.stderr
+    message = find(server, b"sent by curl")
+    assert message["helo"] == "curl.example"
+    assert body_of(stored(server.config, str(message["id"]))) == mail.read_bytes()
