@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import socket
@@ -176,17 +177,15 @@ def test_sighup_reloads_and_keeps_the_old_configuration_when_the_new_is_bad(
             config.read_text().replace('hostname = "mx.test"', 'hostname = "mx2.test"')
         )
         d.process.send_signal(signal.SIGHUP)
-        while b"configuration reloaded" not in d.process.stderr.readline():
-            pass
+        d.log_lines("configuration reloaded", d.workers)
+        assert d.workers == 2  # each worker reloads for itself
         with d.connect() as sock:
             assert recv_reply(sock) == b"220 mx2.test Server SMTP ready\r\n"
         config.write_text(config.read_text() + "\n[limits]\nerrors = 0\n")
         d.process.send_signal(signal.SIGHUP)
-        line = d.process.stderr.readline()
-        while b"reload" not in line:
-            line = d.process.stderr.readline()
-        assert b"reload failed, keeping the running configuration" in line
-        assert b"limits.errors: must be at least 1" in line
+        for line in d.log_lines("reload failed", d.workers):
+            assert "reload failed, keeping the running configuration" in line
+            assert "limits.errors: must be at least 1" in line
         with d.connect() as sock:
             assert recv_reply(sock) == b"220 mx2.test Server SMTP ready\r\n"
 
@@ -278,3 +277,17 @@ def test_systemd_socket_activation(tmp_path: Path) -> None:
         process.terminate()
         assert process.wait(timeout=30) == 0
         process.stderr.close()  # type: ignore[union-attr]
+
+
+def test_a_worker_that_dies_is_replaced(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    with daemon(config, "-n", "4") as d:
+        workers = [int(line.rsplit(" ", 1)[1]) for line in d.log_lines(" started, pid ", 2)]
+        os.kill(workers[0], signal.SIGKILL)
+        [line] = d.log_lines("starting another")
+        assert f"(pid {workers[0]}) died with status -9" in line
+        for _ in range(4):  # every slot is served again
+            with d.connect() as sock:
+                assert recv_reply(sock) == b"220 mx.test Server SMTP ready\r\n"
+                sock.sendall(b"QUIT\r\n")
+                recv_reply(sock)

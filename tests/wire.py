@@ -95,13 +95,25 @@ class Daemon:
     host: str
     port: int
     config: Path
+    workers: int
+
+    def log_lines(self, text: str, count: int = 1) -> list[str]:
+        """Read the daemon's log until ``count`` lines hold ``text``."""
+        assert self.process.stderr is not None
+        found: list[str] = []
+        while len(found) < count:
+            line = self.process.stderr.readline().decode()
+            assert line, f"smtpd ended before logging {text!r}"
+            if text in line:
+                found.append(line)
+        return found
 
     def connect(self, source: str = "127.0.0.1") -> socket.socket:
         address = (self.host, self.port)
         return socket.create_connection(address, timeout=30, source_address=(source, 0))
 
 
-_LISTENING = re.compile(r"listening on (\S+):(\d+)")
+_LISTENING = re.compile(r"listening on (\S+):(\d+), maxconnects \d+, (\d+) workers")
 
 
 @contextmanager
@@ -117,7 +129,7 @@ def daemon(
     )
     assert process.stderr is not None
     deadline = time.monotonic() + 30
-    port = 0
+    port = workers = 0
     host = "127.0.0.1"
     seen = []
     while time.monotonic() < deadline:
@@ -128,10 +140,11 @@ def daemon(
         match = _LISTENING.search(line)
         if match:
             host, port = match.group(1).strip("[]"), int(match.group(2))
+            workers = int(match.group(3))
             break
     assert port, "smtpd did not start:\n" + "".join(seen)
     try:
-        yield Daemon(process, host, port, config)
+        yield Daemon(process, host, port, config, workers)
     finally:
         if process.poll() is None:
             process.terminate()

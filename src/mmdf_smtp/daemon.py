@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
+import multiprocessing
 import os
 import pwd
 import signal
 import socket
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ log = logging.getLogger("mmdf_smtp.smtpd")
 # their SYNs dropped and retried.  A deeper backlog lets them simply wait.
 BACKLOG = 128
 GRACE_SECONDS = 30.0
+SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -103,7 +105,58 @@ def inherited() -> list[socket.socket]:
     return sockets
 
 
+class ClientCounts:
+    """Sessions per client address, shared by the worker processes.
+
+    A table in shared memory with one slot per possible session (no more
+    distinct clients can be connected than ``maxconnects``), under a
+    process-shared lock; it is touched once per connection, not per command.
+    """
+
+    def __init__(self, slots: int) -> None:
+        # An address is kept as two 64-bit halves of its 16-octet form.
+        self._high = multiprocessing.RawArray(ctypes.c_uint64, slots)
+        self._low = multiprocessing.RawArray(ctypes.c_uint64, slots)
+        self._counts = multiprocessing.RawArray(ctypes.c_int, slots)
+        self._lock = multiprocessing.Lock()
+        self._slots = slots
+
+    @staticmethod
+    def _key(address: str) -> tuple[int, int]:
+        parsed = parse_address(address)
+        packed = parsed.packed.rjust(16, b"\0") if parsed is not None else bytes(16)
+        return int.from_bytes(packed[:8]), int.from_bytes(packed[8:])
+
+    def _find(self, key: tuple[int, int]) -> int | None:
+        for i in range(self._slots):
+            if self._counts[i] and (self._high[i], self._low[i]) == key:
+                return i
+        return None
+
+    def acquire(self, address: str, limit: int) -> bool:
+        """Count a session for ``address``; False (and not counted) past ``limit``."""
+        key = self._key(address)
+        with self._lock:
+            i = self._find(key)
+            if i is None:
+                i = next(j for j in range(self._slots) if not self._counts[j])
+                self._high[i], self._low[i] = key
+            if limit and self._counts[i] >= limit:
+                return False
+            self._counts[i] += 1
+            return True
+
+    def release(self, address: str) -> None:
+        key = self._key(address)
+        with self._lock:
+            i = self._find(key)
+            if i is not None:
+                self._counts[i] -= 1
+
+
 class Daemon:
+    """One process's event loop: accepts within its share of the limits."""
+
     def __init__(
         self,
         service: Service,
@@ -111,29 +164,27 @@ class Daemon:
         *,
         config_path: str | None,
         external: ExternalServer | None = None,
+        slots: int | None = None,
+        clients: ClientCounts | None = None,
     ) -> None:
         self.service = service
         self._listeners = listeners
         self._config_path = config_path
         self._external = external
-        self._slots = asyncio.Semaphore(service.config.smtpd.maxconnects)
-        self._per_client: Counter[str] = Counter()
+        maxconnects = service.config.smtpd.maxconnects
+        self._slots = asyncio.Semaphore(slots or maxconnects)
+        self._clients = clients or ClientCounts(maxconnects)
         self._sessions: set[SessionProtocol] = set()
         self._children: set[int] = set()  # pids of external servers
         self._serving: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
-
-    @property
-    def active(self) -> int:
-        return len(self._sessions) + len(self._children)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self._stopping.set)
         loop.add_signal_handler(signal.SIGINT, self._stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
-        names = ", ".join(_sockname(s) for s in self._listeners)
-        log.info("listening on %s, maxconnects %d", names, self.service.config.smtpd.maxconnects)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
         accepting = [loop.create_task(self._accept(sock)) for sock in self._listeners]
         try:
             await self._stopping.wait()
@@ -142,12 +193,9 @@ class Daemon:
                 task.cancel()
             for sock in self._listeners:
                 sock.close()
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            for sig in SIGNALS:
                 loop.remove_signal_handler(sig)
         await self._drain()
-
-    def stop(self) -> None:
-        self._stopping.set()
 
     def reload(self) -> None:
         """SIGHUP: new configuration and tables for new sessions."""
@@ -165,18 +213,16 @@ class Daemon:
 
     async def _drain(self) -> None:
         """Let sessions finish for a grace period, then 421 the rest."""
-        tasks = [s.task for s in self._sessions if s.task is not None]
-        if tasks:
-            log.info("stopping: waiting for %d sessions", len(tasks))
-            _, pending = await asyncio.wait(tasks, timeout=GRACE_SECONDS)
-            for session in list(self._sessions):
-                session.shut_down()
+        if self._serving:
+            log.info("stopping: waiting for %d sessions", len(self._serving))
+            _, pending = await asyncio.wait(self._serving, timeout=GRACE_SECONDS)
             if pending:
+                for session in list(self._sessions):
+                    session.shut_down()
+                for pid in list(self._children):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGTERM)
                 await asyncio.wait(pending, timeout=5)
-            for pid in list(self._children):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGTERM)
-        log.info("stopped")
 
     async def _accept(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -197,22 +243,18 @@ class Daemon:
             task.add_done_callback(self._serving.discard)
 
     async def _serve(self, sock: socket.socket) -> None:
-        peer = sock.getpeername()[0] if sock.family != socket.AF_UNIX else ""
-        limit = self.service.config.smtpd.max_per_client
-        if limit and self._per_client[peer] >= limit:
+        peer = sock.getpeername()[0]
+        if not self._clients.acquire(peer, self.service.config.smtpd.max_per_client):
             await self._refuse(sock, replies.TOO_MANY_CONNECTIONS)
             self._slots.release()
             return
-        self._per_client[peer] += 1
         try:
             if self._external is not None:
                 await self._run_external(sock, self._external)
             else:
                 await self._run_in_process(sock)
         finally:
-            self._per_client[peer] -= 1
-            if not self._per_client[peer]:
-                del self._per_client[peer]
+            self._clients.release(peer)
             self._slots.release()
 
     async def _run_in_process(self, sock: socket.socket) -> None:
@@ -286,13 +328,104 @@ async def _exited(pid: int) -> int:
     return os.waitstatus_to_exitcode(status)
 
 
-def _sockname(sock: socket.socket) -> str:
+def sockname(sock: socket.socket) -> str:
     host, port = sock.getsockname()[:2]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def workers_for(maxconnects: int) -> int:
+    """One worker process per core, but never one with no session to serve."""
+    return max(1, min(os.cpu_count() or 1, maxconnects))
+
+
+def share(total: int, workers: int, index: int) -> int:
+    """Worker ``index``'s part of ``total`` sessions: the parts add up to it."""
+    return total // workers + (1 if index < total % workers else 0)
+
+
+class Supervisor:
+    """The parent of the worker processes, as in Postfix's master.
+
+    The listening sockets are bound before the workers are forked, so all
+    of them accept on the same sockets, each within its share of
+    ``maxconnects``; a busy worker stops accepting and the others go on.
+    A worker that dies is replaced.  SIGTERM and SIGHUP are passed on.
+    """
+
+    def __init__(self, workers: int, work: Callable[[int], None]) -> None:
+        self._count = workers
+        self._work = work
+        self._pids: dict[int, int] = {}  # pid -> worker index
+        self._stopping = False
+
+    def _spawn(self, index: int) -> None:
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            # Held back until the worker's loop has its handlers (Daemon.run):
+            # a SIGHUP or SIGTERM passed on meanwhile is delivered, not lost.
+            signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+            for sig in SIGNALS:
+                signal.signal(sig, signal.SIG_DFL)
+            _die_with(parent)
+            status = 0
+            try:
+                self._work(index)
+            except BaseException:
+                log.exception("worker %d failed", index)
+                status = 70
+            finally:
+                logging.shutdown()
+                os._exit(status)
+        self._pids[pid] = index
+        log.info("worker %d started, pid %d", index, pid)
+
+    def _forward(self, signum: int, _frame: object) -> None:
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            self._stopping = True
+        for pid in list(self._pids):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM if signum == signal.SIGINT else signum)
+
+    def run(self) -> None:
+        for sig in SIGNALS:
+            signal.signal(sig, self._forward)
+        for index in range(self._count):
+            self._spawn(index)
+        # Only now, with workers to pass them to, are signals let through.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+        while self._pids:
+            try:
+                pid, status = os.wait()
+            except ChildProcessError:
+                break
+            if pid not in self._pids:
+                continue
+            index = self._pids.pop(pid)
+            if not self._stopping:
+                log.error(
+                    "worker %d (pid %d) died with status %d; starting another",
+                    index,
+                    pid,
+                    os.waitstatus_to_exitcode(status),
+                )
+                self._spawn(index)
+        log.info("stopped")
+
+
+def _die_with(parent: int) -> None:
+    """A worker must not outlive a supervisor killed with SIGKILL (Linux)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it died before prctl took effect
+        os._exit(0)
+
+
 def run(daemon_factory: Callable[[], Daemon]) -> None:
-    """Run the daemon on uvloop when it is installed (the fast path)."""
+    """Run one daemon on uvloop when it is installed (the fast path)."""
     loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
     if os.environ.get("MMDF_NO_UVLOOP") != "1":
         try:

@@ -47,5 +47,6 @@ def setup_logging(program: str, *, debug: bool) -> None:
         root.addHandler(logging.NullHandler())
         return
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"{program}({os.getpid()}): %(message)s"))
+    # %(process)d, not getpid() now: worker processes log under their own pid.
+    handler.setFormatter(logging.Formatter(f"{program}(%(process)d): %(message)s"))
     root.addHandler(handler)

@@ -20,11 +20,25 @@ import logging
 import os
 import re
 import shutil
+import signal
 import socket
 import sys
 
 from ..config import ConfigError
-from ..daemon import Daemon, ExternalServer, bind, drop_privileges, inherited, run
+from ..daemon import (
+    SIGNALS,
+    ClientCounts,
+    Daemon,
+    ExternalServer,
+    Supervisor,
+    bind,
+    drop_privileges,
+    inherited,
+    run,
+    share,
+    sockname,
+    workers_for,
+)
 from ..policy import UnknownChannel
 from ..service import Service
 from ..session import address_literal
@@ -150,7 +164,32 @@ def main(argv: list[str] | None = None) -> int:
     removed = service.queue.recover()
     if removed:
         log.info("removed %d unfinished messages left by a crash", len(removed))
-    run(lambda: Daemon(service, listeners, config_path=args.config, external=external))
+    maxconnects = service.config.smtpd.maxconnects
+    workers = workers_for(maxconnects)
+    clients = ClientCounts(maxconnects)
+    # Signals wait until a handler is in place (Supervisor.run, Daemon.run):
+    # a SIGHUP or SIGTERM sent as soon as we say we listen must not kill us.
+    signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    names = ", ".join(sockname(sock) for sock in listeners)
+    log.info("listening on %s, maxconnects %d, %d workers", names, maxconnects, workers)
+
+    def work(index: int) -> None:
+        slots = share(maxconnects, workers, index)
+        run(
+            lambda: Daemon(
+                service,
+                listeners,
+                config_path=args.config,
+                external=external,
+                slots=slots,
+                clients=clients,
+            )
+        )
+
+    if workers == 1:
+        work(0)
+    else:
+        Supervisor(workers, work).run()
     return EX_OK
 
 
