@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from wire import body_of, daemon, queued, stored, write_config
+from wire import body_of, certificate, daemon, queued, stored, write_config
 
 pytestmark = pytest.mark.skipif(
     shutil.which("postfix") is None or shutil.which("sendmail") is None,
@@ -107,12 +107,7 @@ def test_postfix_relays_into_smtpd(tmp_path: Path) -> None:
 
 
 def test_postfix_relays_over_starttls(tmp_path: Path) -> None:
-    ca = trustme.CA()
-    cert = ca.issue_cert("mx.test", "127.0.0.1")
-    cert_path, key_path = tmp_path / "c.pem", tmp_path / "k.pem"
-    cert.private_key_and_cert_chain_pem.write_to_path(str(cert_path))
-    cert.private_key_pem.write_to_path(str(key_path))
-    config = write_config(tmp_path, tls=(cert_path, key_path))
+    config = write_config(tmp_path, tls=certificate(trustme.CA(), tmp_path))
     # "encrypt": Postfix must use STARTTLS (it does not verify the certificate).
     with daemon(config) as d, postfix(d.port, tls="encrypt") as instance:
         submit(instance, b"Subject: tls\n\nover starttls\n")

@@ -12,7 +12,18 @@ from pathlib import Path
 import pytest
 import trustme
 
-from wire import PYTHON, body_of, env, queued, reply_lines, smtpsrvr, stored, write_config
+from wire import (
+    PYTHON,
+    body_of,
+    certificate,
+    env,
+    queued,
+    reply_lines,
+    smtpsrvr,
+    spawn_smtpsrvr,
+    stored,
+    write_config,
+)
 
 TRANSACTION = (
     b"EHLO client.example\r\n"
@@ -146,14 +157,7 @@ def test_client_vanishing_mid_data_queues_nothing(config: Path) -> None:
 
 def test_command_timeout_says_421(tmp_path: Path) -> None:
     config = write_config(tmp_path, "\n[limits]\ncommand_timeout = 1\n")
-    code = "import sys; from mmdf_smtp.cli.smtpsrvr import main; raise SystemExit(main())"
-    process = subprocess.Popen(
-        [PYTHON, "-c", code, "-c", str(config), "[127.0.0.1]", "mx.test", "local"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env(),
-    )
+    process = spawn_smtpsrvr(config)
     assert process.stdin is not None and process.stdout is not None
     process.stdin.write(b"EHLO x\r\nNOOP")  # never finished, stdin kept open
     process.stdin.flush()
@@ -240,19 +244,8 @@ class PipeTLSClient:
 
 def test_starttls_over_pipes_and_injection_is_dropped(tmp_path: Path) -> None:
     ca = trustme.CA()
-    cert = ca.issue_cert("mx.test", "localhost", "127.0.0.1")
-    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert.private_key_and_cert_chain_pem.write_to_path(str(cert_path))
-    cert.private_key_pem.write_to_path(str(key_path))
-    config = write_config(tmp_path, tls=(cert_path, key_path))
-    code = "import sys; from mmdf_smtp.cli.smtpsrvr import main; raise SystemExit(main())"
-    process = subprocess.Popen(
-        [PYTHON, "-c", code, "-c", str(config), "[127.0.0.1]", "mx.test", "local"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env(),
-    )
+    config = write_config(tmp_path, tls=certificate(ca, tmp_path))
+    process = spawn_smtpsrvr(config)
     assert process.stdin is not None and process.stdout is not None
     timer = threading.Timer(60, process.kill)
     timer.start()
@@ -362,12 +355,7 @@ data_timeout = 1
 )
 def test_limits_over_pipes(tmp_path: Path, client: bytes, expected: list[str]) -> None:
     config = write_config(tmp_path, LIMITS)
-    process = subprocess.Popen(
-        [PYTHON, "-m", "mmdf_smtp.cli.smtpsrvr", "-c", str(config), "[127.0.0.1]", "-", "local"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        env=env(),
-    )
+    process = spawn_smtpsrvr(config)
     assert process.stdin is not None and process.stdout is not None
     process.stdin.write(client)
     process.stdin.flush()

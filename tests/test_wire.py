@@ -18,7 +18,7 @@ import aiosmtplib
 import pytest
 import trustme
 
-from wire import Daemon, body_of, daemon, queued, stored, write_config
+from wire import Daemon, body_of, certificate, daemon, queued, stored, write_config
 
 
 @pytest.fixture(scope="module")
@@ -29,11 +29,7 @@ def ca() -> trustme.CA:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, ca: trustme.CA) -> Iterator[Daemon]:
     directory = tmp_path_factory.mktemp("wire")
-    cert = ca.issue_cert("mx.test", "localhost", "127.0.0.1")
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert.private_key_and_cert_chain_pem.write_to_path(str(cert_path))
-    cert.private_key_pem.write_to_path(str(key_path))
-    config = write_config(directory, tls=(cert_path, key_path))
+    config = write_config(directory, tls=certificate(ca, directory))
     with daemon(config) as d:
         yield d
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import trustme
+
 PYTHON = sys.executable
 SRC = Path(__file__).resolve().parent.parent / "src"
 
@@ -179,6 +181,25 @@ def smtpsrvr(
         timeout=timeout,
         check=False,
     )
+
+
+def spawn_smtpsrvr(config: Path, remote: str = "[127.0.0.1]") -> subprocess.Popen[bytes]:
+    """smtpsrvr on pipes, for a test that talks to it turn by turn."""
+    return subprocess.Popen(
+        [PYTHON, "-m", "mmdf_smtp.cli.smtpsrvr", "-c", str(config), remote, "mx.test", "local"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env(),
+    )
+
+
+def certificate(ca: trustme.CA, directory: Path) -> tuple[Path, Path]:
+    """A certificate for mx.test and 127.0.0.1, as [tls] wants it: (cert, key)."""
+    cert = ca.issue_cert("mx.test", "localhost", "127.0.0.1")
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(cert_path))
+    cert.private_key_pem.write_to_path(str(key_path))
+    return cert_path, key_path
 
 
 def reply_lines(output: bytes) -> list[str]:

@@ -99,13 +99,17 @@ def load(explicit: str | None = None) -> Config:
     if path is None:
         text = resources.files("mmdf_smtp").joinpath("default.toml").read_text()
         return parse(text, EMBEDDED, base=_default_base())
+    return parse(read_text(path, "configuration"), str(path), base=path.parent)
+
+
+def read_text(path: Path, what: str) -> str:
+    """A UTF-8 file the configuration names; ConfigError when it cannot be read."""
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+        raise ConfigError(f"{path}: cannot read {what}: {exc.strerror}") from exc
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8: {exc}") from exc
-    return parse(text, str(path), base=path.parent)
+        raise ConfigError(f"{path}: {what} is not UTF-8: {exc}") from exc
 
 
 def _default_base() -> Path:

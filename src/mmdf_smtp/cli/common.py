@@ -9,6 +9,10 @@ import stat
 import sys
 from typing import NoReturn
 
+from ..config import ConfigError
+from ..policy import UnknownChannel
+from ..service import Service
+
 EX_OK = 0
 EX_USAGE = 64
 EX_DATAERR = 65
@@ -27,6 +31,25 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
         self.exit(EX_USAGE, f"{self.prog}: {message}\n")
+
+
+def load_service(
+    program: str,
+    config_path: str | None,
+    channels: list[str],
+    *,
+    finicky: bool,
+    hostname: str | None = None,
+) -> Service:
+    """The service, or exit: 64 for an unknown channel, 78 for bad configuration."""
+    try:
+        return Service.load(config_path, channels, finicky=finicky, hostname=hostname)
+    except UnknownChannel as exc:
+        print(f"{program}: {exc}", file=sys.stderr)
+        raise SystemExit(EX_USAGE) from None
+    except ConfigError as exc:
+        print(f"{program}: {exc}", file=sys.stderr)
+        raise SystemExit(EX_CONFIG) from None
 
 
 def stderr_is_the_client() -> bool:

@@ -39,11 +39,9 @@ from ..daemon import (
     sockname,
     workers_for,
 )
-from ..policy import UnknownChannel
-from ..service import Service
 from ..session import address_literal
 from ..shells.blocking import BlockingShell
-from .common import EX_CONFIG, EX_OK, EX_OSERR, EX_USAGE, ArgumentParser, setup_logging
+from .common import EX_CONFIG, EX_OK, EX_OSERR, ArgumentParser, load_service, setup_logging
 from .smtpsrvr import find_peer
 
 log = logging.getLogger("mmdf_smtp.smtpd")
@@ -121,14 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         if path is None or not os.access(path, os.X_OK):
             parser.error(f"{program}: not an executable program")
         external = ExternalServer(path=path, finicky=args.finicky)
-    try:
-        service = Service.load(args.config, channels, finicky=args.finicky)
-    except UnknownChannel as exc:
-        print(f"smtpd: {exc}", file=sys.stderr)
-        return EX_USAGE
-    except ConfigError as exc:
-        print(f"smtpd: {exc}", file=sys.stderr)
-        return EX_CONFIG
+    service = load_service("smtpd", args.config, channels, finicky=args.finicky)
     if args.maxconnects is not None:
         smtpd = dataclasses.replace(service.config.smtpd, maxconnects=args.maxconnects)
         service = dataclasses.replace(

@@ -18,11 +18,9 @@ import os
 import socket
 import sys
 
-from ..config import ConfigError
-from ..policy import UnknownChannel
-from ..service import Peer, Service, parse_address
+from ..service import Peer, parse_address
 from ..shells.blocking import BlockingShell
-from .common import EX_CONFIG, EX_OK, EX_USAGE, ArgumentParser, setup_logging
+from .common import EX_OK, ArgumentParser, load_service, setup_logging
 
 
 def find_peer(remotehost: str, fd: int = 0) -> Peer:
@@ -61,19 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     channels = [c for c in args.channels.split(",") if c]
     if not channels:
         parser.error("the channel list is empty")
-    try:
-        service = Service.load(
-            args.config,
-            channels,
-            finicky=program.startswith("r"),
-            hostname=None if args.localhost in ("", "-") else args.localhost,
-        )
-    except UnknownChannel as exc:
-        print(f"{program}: {exc}", file=sys.stderr)
-        return EX_USAGE
-    except ConfigError as exc:
-        print(f"{program}: {exc}", file=sys.stderr)
-        return EX_CONFIG
+    service = load_service(
+        program,
+        args.config,
+        channels,
+        finicky=program.startswith("r"),
+        hostname=None if args.localhost in ("", "-") else args.localhost,
+    )
     session = service.session(find_peer(args.remotehost))
     BlockingShell(session, tls_context=service.tls_context).run()
     return EX_OK

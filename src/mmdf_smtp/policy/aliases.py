@@ -13,16 +13,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import ConfigError
+from ..config import ConfigError, read_text
 
 
 def read_aliases(path: Path) -> dict[str, tuple[str, ...]]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read aliases: {exc.strerror}") from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: aliases file is not UTF-8: {exc}") from exc
+    text = read_text(path, "aliases")
     aliases: dict[str, list[str]] = {}
     current: str | None = None
     for number, raw in enumerate(text.splitlines(), 1):
