@@ -102,12 +102,11 @@ class ServerConnection:
         hostname: str,
         limits: Limits | None = None,
         tls_available: bool = False,
-        tls_active: bool = False,
     ) -> None:
         self.hostname = hostname
         self.limits = limits or Limits()
         self.tls_available = tls_available
-        self.tls_active = tls_active
+        self.tls_active = False
         self.state = State.GREETING
         self.helo: str | None = None
         self.esmtp = False

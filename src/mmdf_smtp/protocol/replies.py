@@ -22,10 +22,6 @@ class Reply:
         """2xx and 3xx: the command was accepted."""
         return self.code < 400
 
-    @property
-    def is_transient(self) -> bool:
-        return 400 <= self.code < 500
-
     def with_text(self, text: str) -> Reply:
         return replace(self, text=text)
 
@@ -104,8 +100,6 @@ DATA_AFTER_BDAT = _r(503, "5.5.1", "DATA cannot follow BDAT in one transaction")
 REFUSED_SEND_QUIT = _r(503, "5.5.1", "Service refused; send QUIT")
 NO_VALID_RECIPIENTS = _r(554, "5.5.1", "No valid recipients")
 TLS_ALREADY_ACTIVE = _r(503, "5.5.1", "TLS already active")
-TLS_NOT_AVAILABLE = _r(454, "4.7.0", "TLS not available")
-TLS_HANDSHAKE_FAILED = _r(454, "4.7.0", "TLS handshake failed")
 
 # Limits (RFC 5321 4.5.3.1, RFC 1870).
 TOO_MANY_RECIPIENTS = _r(452, "4.5.3", "Too many recipients")
