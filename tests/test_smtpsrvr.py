@@ -447,3 +447,33 @@ def test_smtpsrvr_reads_the_peer_from_a_socket(config: Path, source: str, greeti
         client.sendall(b"QUIT\r\n")
         assert process.wait(timeout=30) == 0
     assert data.decode() == greeting + "\r\n"
+
+
+def test_logging_to_syslog(tmp_path: Path) -> None:
+    address = tmp_path / "log"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as syslog:
+        syslog.bind(str(address))
+        syslog.settimeout(30)
+        config = write_config(tmp_path)
+        config.write_text(f'log = "syslog:{address}"\n' + config.read_text())
+        result = smtpsrvr(config, TRANSACTION)
+        assert result.stderr == b""
+        queued_line = syslog.recv(4096).decode()
+        session_line = syslog.recv(4096).decode()
+    [message] = queued(config)
+    # <22>: facility mail (2) * 8 + severity info (6), as syslog(3) sends it.
+    assert re.fullmatch(
+        rf"<22>smtpsrvr\[\d+\]: [0-9a-f]{{8}} queued id={message['id']} client=unknown"
+        r"\[127\.0\.0\.1\] helo=client\.example from=<sender@example\.net> "
+        r"to=<alice@example\.org> size=37 channel=local\x00",
+        queued_line,
+    )
+    assert re.fullmatch(r"<22>smtpsrvr\[\d+\]: session .* end=quit duration=\S+\x00", session_line)
+
+
+def test_bad_log_target_is_a_config_error(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    config.write_text('log = "file"\n' + config.read_text())
+    result = smtpsrvr(config, b"")
+    assert result.returncode == 78
+    assert b'log: must be "stderr", "syslog" or "syslog:/path/to/socket"' in result.stderr

@@ -73,6 +73,7 @@ class Config:
     spool: Path
     local_domains: tuple[str, ...] = ()
     user: str | None = None
+    log: str = "stderr"  # "stderr", "syslog", or "syslog:/path/of/the/socket"
     smtpd: SmtpdConfig = field(default_factory=SmtpdConfig)
     limits: Limits = field(default_factory=Limits)
     tls: TlsConfig | None = None
@@ -203,13 +204,16 @@ class _Reader:
         return path if path.is_absolute() else self._base / path
 
     def config(self, data: dict[str, Any]) -> Config:
-        top = {"hostname", "spool", "local_domains", "user"}
+        top = {"hostname", "spool", "local_domains", "user", "log"}
         tables = {"smtpd", "limits", "tls", "dns", "channels", "local", "deliver"}
         for unknown in sorted(set(data) - top - tables):
             raise self.error(unknown, "unknown key")
         hostname = self._str(data, "hostname", None) or socket.getfqdn()
         spool = self._str(data, "spool", "var/spool")
         user = self._str(data, "user", None)
+        log = self._str(data, "log", "stderr") or "stderr"
+        if log not in ("stderr", "syslog") and not log.startswith("syslog:/"):
+            raise self.error("log", 'must be "stderr", "syslog" or "syslog:/path/to/socket"')
         domains = tuple(d.lower().rstrip(".") for d in self._strings(data, "local_domains"))
         return Config(
             source=self._source,
@@ -217,6 +221,7 @@ class _Reader:
             spool=self._path(spool or "var/spool"),
             local_domains=domains,
             user=user,
+            log=log,
             smtpd=self._smtpd(data),
             limits=self._limits(data),
             tls=self._tls(data),

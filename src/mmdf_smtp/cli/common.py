@@ -7,6 +7,7 @@ import logging
 import os
 import stat
 import sys
+from logging.handlers import SysLogHandler
 from typing import NoReturn
 
 from ..config import ConfigError
@@ -61,15 +62,28 @@ def stderr_is_the_client() -> bool:
     return stat.S_ISSOCK(err.st_mode) and (err.st_dev, err.st_ino) == (conn.st_dev, conn.st_ino)
 
 
-def setup_logging(program: str, *, debug: bool) -> None:
-    """Log lines as ``program(pid): text`` on stderr, when stderr is ours."""
+def setup_logging(program: str, *, debug: bool, target: str = "stderr") -> None:
+    """Log as the configuration says; ``-d`` (debug) always traces to stderr.
+
+    On stderr lines read ``program(pid): text``, as the seed's debug output
+    did; to syslog they go as ``program[pid]: text`` with facility mail.
+    """
     root = logging.getLogger("mmdf_smtp")
     root.handlers.clear()
     root.setLevel(logging.DEBUG if debug else logging.INFO)
-    if stderr_is_the_client():
-        root.addHandler(logging.NullHandler())
-        return
-    handler = logging.StreamHandler(sys.stderr)
-    # %(process)d, not getpid() now: worker processes log under their own pid.
-    handler.setFormatter(logging.Formatter(f"{program}(%(process)d): %(message)s"))
+    handler: logging.Handler
+    if target.startswith("syslog") and not debug:
+        address = target.partition(":")[2] or "/dev/log"
+        try:
+            handler = SysLogHandler(address=address, facility=SysLogHandler.LOG_MAIL)
+        except OSError as exc:
+            print(f"{program}: cannot log to syslog at {address}: {exc}", file=sys.stderr)
+            raise SystemExit(EX_CONFIG) from None
+        # %(process)d, not getpid() now: worker processes log under their own pid.
+        handler.setFormatter(logging.Formatter(f"{program}[%(process)d]: %(message)s"))
+    elif stderr_is_the_client():
+        handler = logging.NullHandler()
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(f"{program}(%(process)d): %(message)s"))
     root.addHandler(handler)

@@ -112,7 +112,6 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("the channel list is empty")
     else:
         parser.error("expected: smtpsrvr channels, or sourcehost.sourceport")
-    setup_logging("smtpd", debug=args.debug)
     external = None
     if not is_own_server(program):
         path = shutil.which(program)
@@ -120,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{program}: not an executable program")
         external = ExternalServer(path=path, finicky=args.finicky)
     service = load_service("smtpd", args.config, channels, finicky=args.finicky)
+    setup_logging("smtpd", debug=args.debug, target=service.config.log)
     if args.maxconnects is not None:
         smtpd = dataclasses.replace(service.config.smtpd, maxconnects=args.maxconnects)
         service = dataclasses.replace(

@@ -55,7 +55,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("localhost", help="this server's name, or - for the configured one")
     parser.add_argument("channels", help="comma-separated channel names")
     args = parser.parse_args(argv)
-    setup_logging(program, debug=args.debug)
     channels = [c for c in args.channels.split(",") if c]
     if not channels:
         parser.error("the channel list is empty")
@@ -66,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         finicky=program.startswith("r"),
         hostname=None if args.localhost in ("", "-") else args.localhost,
     )
+    setup_logging(program, debug=args.debug, target=service.config.log)
     session = service.session(find_peer(args.remotehost))
     BlockingShell(session, tls_context=service.tls_context).run()
     return EX_OK
