@@ -259,10 +259,8 @@ class Daemon:
 
     async def _run_in_process(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
-        service = self.service  # a reload affects new sessions only
-        _, protocol = await loop.connect_accepted_socket(
-            lambda: SessionProtocol(lambda: service), sock
-        )
+        service = self.service
+        _, protocol = await loop.connect_accepted_socket(lambda: SessionProtocol(service), sock)
         self._sessions.add(protocol)
         try:
             if protocol.task is not None:

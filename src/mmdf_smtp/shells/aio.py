@@ -18,7 +18,6 @@ import asyncio
 import logging
 import ssl
 import time
-from collections.abc import Callable
 from typing import cast
 
 from ..protocol import PAUSED, ConnectionClosed, MessageComplete, Signal, StartTLS
@@ -33,14 +32,8 @@ HIGH_WATER = 256 * 1024
 
 
 class SessionProtocol(asyncio.Protocol):
-    def __init__(
-        self,
-        service: Callable[[], Service],
-        *,
-        on_close: Callable[[SessionProtocol], None] | None = None,
-    ) -> None:
-        self._service = service
-        self._on_close = on_close
+    def __init__(self, service: Service) -> None:
+        self._service = service  # as it was when the connection came: reloads are for later ones
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._session: Session | None = None
@@ -133,11 +126,9 @@ class SessionProtocol(asyncio.Protocol):
         finally:
             if self._transport is not None:
                 self._transport.close()
-            if self._on_close is not None:
-                self._on_close(self)
 
     async def _serve(self) -> None:
-        service = self._service()
+        service = self._service
         session = await self._loop.run_in_executor(None, service.session, self._peer())
         self._session = session
         conn = session.connection
