@@ -124,7 +124,6 @@ class ServerConnection:
         # Content of the open message (DATA or BDAT).
         self._checker: ContentChecker | None = None
         self._dot_reader: DotReader | None = None
-        self._message_open = False  # StartData was answered positively
         self._bdat_remaining = 0
         self._bdat_last = False
         self._bdat_refusal: Reply | None = None  # reply owed after a discarded chunk
@@ -255,6 +254,11 @@ class ServerConnection:
     # ------------------------------------------------------------------
     # Internals
 
+    @property
+    def _message_open(self) -> bool:
+        """StartData was answered positively: content goes to the application."""
+        return self._checker is not None
+
     def _expect(self, state: State) -> None:
         if self.state is not state:
             raise RuntimeError(f"expected state {state.value}, in {self.state.value}")
@@ -303,7 +307,6 @@ class ServerConnection:
         self.recipients = 0
         self._checker = None
         self._dot_reader = None
-        self._message_open = False
         self._bdat_refusal = None
 
     def _step(self) -> bool:
@@ -519,7 +522,6 @@ class ServerConnection:
             else:
                 self._reply(reply)
             return
-        self._message_open = True
         self._checker = ContentChecker(self.limits)
         if start.chunking:
             self._enter(State.BDAT)
