@@ -14,7 +14,7 @@ import pytest
 
 from dnsserver import Zone, dns_server
 from test_wire import read_replies, recv_reply
-from wire import PYTHON, daemon, env, queued, write_config
+from wire import PYTHON, daemon, env, queued, session_uid, write_config
 
 SMTPD = [PYTHON, "-m", "mmdf_smtp.cli.smtpd"]
 
@@ -72,6 +72,7 @@ int main(int argc, char **argv) {
     struct sockaddr_in peer; socklen_t len = sizeof peer;
     if (getpeername(0, (struct sockaddr *)&peer, &len) == 0)
         fprintf(log, "peer=%s\n", inet_ntoa(peer.sin_addr));
+    fprintf(log, "uid=%d\n", (int)getuid());
     fclose(log);
     const char *hello = "220 wrapper ready\r\n", *bye = "221 wrapper bye\r\n";
     char line[512];
@@ -88,6 +89,8 @@ def wrapper(tmp_path: Path) -> tuple[Path, Path]:
     compiler = shutil.which("cc") or shutil.which("gcc")
     assert compiler, "a C compiler is needed to build the test's smtpsrvr"
     log = tmp_path / "argv.txt"
+    log.touch(mode=0o666)  # written by the program, which runs as SESSION_USER
+    log.chmod(0o666)
     source = tmp_path / "mysrvr.c"
     source.write_text(WRAPPER_C.replace("LOGFILE", json.dumps(str(log))))
     program = tmp_path / "mysrvr"
@@ -117,6 +120,7 @@ def test_an_external_smtpsrvr_gets_the_connection_and_the_seed_argv(
         "mx.test",
         "local,smtp",
         "peer=127.0.0.1",
+        f"uid={session_uid()}",
     ]
 
 
@@ -291,3 +295,58 @@ def test_a_worker_that_dies_is_replaced(tmp_path: Path) -> None:
                 assert recv_reply(sock) == b"220 mx.test Server SMTP ready\r\n"
                 sock.sendall(b"QUIT\r\n")
                 recv_reply(sock)
+
+
+def uid_of(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    [line] = [line for line in status.splitlines() if line.startswith("Uid:")]
+    return int(line.split()[2])  # the effective uid
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root is asked to drop privileges")
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("", b"user: not set; sessions are never served as root"),
+        ('user = "root"', b"user: 'root' is root; sessions are never served as root"),
+        ('user = "no-such-user"', b"user: no such user 'no-such-user'"),
+    ],
+)
+def test_root_without_an_unprivileged_user_is_refused(
+    tmp_path: Path, setting: str, message: bytes
+) -> None:
+    config = write_config(tmp_path)
+    text = config.read_text().replace('user = "nobody"', setting)
+    config.write_text(text)
+    for command in (
+        [*SMTPD, "-c", str(config), "smtpsrvr", "local"],
+        [PYTHON, "-m", "mmdf_smtp.cli.smtpsrvr", "-c", str(config), "-", "-", "local"],
+    ):
+        result = subprocess.run(
+            command,
+            capture_output=True,
+            env=env(),
+            stdin=subprocess.DEVNULL,
+            timeout=30,
+            check=False,
+        )
+        assert result.returncode == 78, result.stderr
+        assert message in result.stderr
+        assert result.stdout == b""  # not even a greeting
+    assert not (tmp_path / "spool" / "queue").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root is asked to drop privileges")
+def test_started_as_root_sessions_run_as_user(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    with daemon(config, "-n", "2") as d:
+        workers = [int(line.rsplit(" ", 1)[1]) for line in d.log_lines(" started, pid ", 2)]
+        assert {uid_of(pid) for pid in [d.process.pid, *workers]} == {session_uid()}
+        with d.connect() as sock:
+            assert recv_reply(sock) == b"220 mx.test Server SMTP ready\r\n"
+            sock.sendall(b"HELO c\r\nMAIL FROM:<>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n")
+            assert read_replies(sock, 4)[-1].startswith(b"354")
+            sock.sendall(b"x\r\n.\r\nQUIT\r\n")
+            assert read_replies(sock, 2)[0].startswith(b"250 2.0.0 Submitted")
+    [message] = queued(config)
+    assert (tmp_path / "spool" / "queue" / message["id"]).stat().st_uid == session_uid()

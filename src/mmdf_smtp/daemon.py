@@ -16,12 +16,10 @@ import ctypes
 import logging
 import multiprocessing
 import os
-import pwd
 import signal
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from .config import ConfigError, split_listen
 from .policy import UnknownChannel
@@ -66,28 +64,6 @@ def bind(addresses: Sequence[str]) -> list[socket.socket]:
         sock.setblocking(False)
         sockets.append(sock)
     return sockets
-
-
-def drop_privileges(user: str | None, spool: Path) -> None:
-    """After binding: become ``user``, who must own the spool.
-
-    Raises ConfigError when the user does not exist.
-    """
-    if os.geteuid() != 0:
-        return
-    if not user:
-        log.warning("running sessions as root: set `user` to drop privileges")
-        return
-    try:
-        entry = pwd.getpwnam(user)
-    except KeyError:
-        raise ConfigError(f"user: no such user {user!r}") from None
-    spool.mkdir(parents=True, exist_ok=True)
-    for path in (spool, *spool.rglob("*")):
-        os.chown(path, entry.pw_uid, entry.pw_gid)
-    os.setgroups([])
-    os.setgid(entry.pw_gid)
-    os.setuid(entry.pw_uid)
 
 
 def inherited() -> list[socket.socket]:
