@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -14,7 +15,7 @@ import pytest
 
 from dnsserver import Zone, dns_server
 from test_wire import read_replies, recv_reply
-from wire import PYTHON, daemon, env, queued, session_uid, write_config
+from wire import PYTHON, SRC, daemon, env, queued, session_uid, write_config
 
 SMTPD = [PYTHON, "-m", "mmdf_smtp.cli.smtpd"]
 
@@ -350,3 +351,57 @@ def test_started_as_root_sessions_run_as_user(tmp_path: Path) -> None:
             assert read_replies(sock, 2)[0].startswith(b"250 2.0.0 Submitted")
     [message] = queued(config)
     assert (tmp_path / "spool" / "queue" / message["id"]).stat().st_uid == session_uid()
+
+
+def runner_for_nobody() -> tuple[list[str], dict[str, str]] | None:
+    """A command prefix and environment that run this checkout as nobody, if any.
+
+    The tests' own interpreter may live where nobody can read (under /root),
+    so this is Debian's, given the checkout's source and installed packages.
+    """
+    site = next(iter(Path(PYTHON).parent.parent.glob("lib/python3*/site-packages")), None)
+    system = Path("/usr/bin/python3")
+    if not system.exists() or site is None or shutil.which("setpriv") is None:
+        return None
+    command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", str(system)]
+    environment = {**env(), "PYTHONPATH": f"{SRC}:{site}"}
+    probe = [*command, "-c", "import dns.resolver, mmdf_smtp.cli.smtpd"]
+    if subprocess.run(probe, env=environment, capture_output=True, check=False).returncode:
+        return None
+    return command, environment
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become an ordinary user")
+def test_started_as_an_ordinary_user_it_serves_above_port_1023(tmp_path: Path) -> None:
+    runner = runner_for_nobody()
+    if runner is None:
+        pytest.skip("no interpreter with this checkout's packages that nobody can run")
+    command, environment = runner
+    config = write_config(tmp_path)
+    config.write_text(config.read_text().replace('user = "nobody"\n', ""))
+    (tmp_path / "spool").mkdir()
+    os.chown(tmp_path / "spool", 65534, 65534)
+    process = subprocess.Popen(
+        [*command, "-m", "mmdf_smtp.cli.smtpd", "-c", str(config), "-n", "1", "smtpsrvr", "local"],
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        env=environment,
+    )
+    try:
+        assert process.stderr is not None
+        line = process.stderr.readline().decode()
+        match = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
+        assert match, line
+        with socket.create_connection(("127.0.0.1", int(match.group(1))), timeout=30) as sock:
+            assert recv_reply(sock) == b"220 mx.test Server SMTP ready\r\n"
+            sock.sendall(b"HELO c\r\nMAIL FROM:<>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n")
+            assert read_replies(sock, 4)[-1].startswith(b"354")
+            sock.sendall(b"as nobody\r\n.\r\nQUIT\r\n")
+            assert read_replies(sock, 2)[0].startswith(b"250 2.0.0 Submitted")
+        assert uid_of(process.pid) == 65534
+    finally:
+        process.terminate()
+        assert process.wait(timeout=30) == 0
+        process.stderr.close()  # type: ignore[union-attr]
+    [message] = queued(config)
+    assert (tmp_path / "spool" / "queue" / message["id"]).stat().st_uid == 65534
