@@ -9,6 +9,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -141,10 +142,14 @@ def test_finicky_daemon_refuses_a_client_on_127_0_0_2(tmp_path: Path) -> None:
             assert recv_reply(sock) == b"220 mx.test Server SMTP ready\r\n"
 
 
+def with_smtpd_settings(config: Path, **settings: int) -> Path:
+    lines = "".join(f"\n{key} = {value}" for key, value in settings.items())
+    config.write_text(config.read_text().replace("maxconnects = 8", "maxconnects = 8" + lines))
+    return config
+
+
 def test_max_per_client(tmp_path: Path) -> None:
-    config = write_config(tmp_path, "")
-    text = config.read_text().replace("maxconnects = 8", "maxconnects = 8\nmax_per_client = 1")
-    config.write_text(text)
+    config = with_smtpd_settings(write_config(tmp_path), max_per_client=1)
     with daemon(config) as d:
         first = d.connect()
         try:
@@ -157,6 +162,71 @@ def test_max_per_client(tmp_path: Path) -> None:
                 assert recv_reply(other).startswith(b"220 ")
         finally:
             first.close()
+
+
+def test_max_per_network_counts_a_slash_24(tmp_path: Path) -> None:
+    config = with_smtpd_settings(write_config(tmp_path), max_per_network=2)
+    with daemon(config) as d:
+        held = [d.connect("127.0.0.1"), d.connect("127.0.0.2")]
+        try:
+            for sock in held:
+                assert recv_reply(sock).startswith(b"220 ")
+            with d.connect("127.0.0.3") as third:
+                assert recv_reply(third) == (
+                    b"421 4.7.0 Too many connections from your network, try again later\r\n"
+                )
+            with d.connect("127.0.1.1") as elsewhere:  # another /24
+                assert recv_reply(elsewhere).startswith(b"220 ")
+            # A session that ends gives its place back (once the server saw it end).
+            held.pop().close()
+            deadline = time.monotonic() + 10
+            greeting = b""
+            while not greeting.startswith(b"220 ") and time.monotonic() < deadline:
+                with d.connect("127.0.0.3") as later:
+                    greeting = recv_reply(later)
+            assert greeting.startswith(b"220 ")
+        finally:
+            for sock in held:
+                sock.close()
+
+
+def test_connection_rates_per_client_and_per_network(tmp_path: Path) -> None:
+    config = with_smtpd_settings(write_config(tmp_path), rate_per_client=2, rate_per_network=3)
+    with daemon(config) as d:
+
+        def greeting(source: str) -> bytes:
+            with d.connect(source) as sock:
+                return recv_reply(sock)
+
+        assert greeting("127.0.0.1").startswith(b"220 ")
+        assert greeting("127.0.0.1").startswith(b"220 ")
+        assert greeting("127.0.0.1") == (
+            b"421 4.7.0 Too many connections from your host in the last minute, try again later\r\n"
+        )
+        # The refused attempt counted for the network too: 3 this minute.
+        assert greeting("127.0.0.2") == (
+            b"421 4.7.0 Too many connections from your network in the last minute,"
+            b" try again later\r\n"
+        )
+        assert greeting("127.0.1.1").startswith(b"220 ")
+
+
+def test_errors_are_tarpitted_without_holding_up_other_clients(tmp_path: Path) -> None:
+    config = write_config(tmp_path, "\n[limits]\nerrors_before_delay = 1\nerror_delay = 1.5\n")
+    with daemon(config) as d, d.connect() as slow:
+        assert recv_reply(slow).startswith(b"220 ")
+        started = time.monotonic()
+        slow.sendall(b"BAD\r\n" * 3)  # two errors past the first: 3 s held back
+        with d.connect("127.0.0.2") as other:
+            assert recv_reply(other).startswith(b"220 ")
+            other.sendall(b"NOOP\r\n")
+            assert recv_reply(other) == b"250 2.0.0 OK\r\n"
+        slow.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            slow.recv(1)  # the other client was served while these wait
+        slow.setblocking(True)
+        assert read_replies(slow, 3) == [b"500 5.5.1 Command unrecognized"] * 3
+        assert time.monotonic() - started >= 3.0
 
 
 def test_command_timeout_through_the_daemon(tmp_path: Path) -> None:

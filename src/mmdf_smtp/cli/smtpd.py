@@ -24,9 +24,9 @@ import signal
 import socket
 import sys
 
+from ..admission import Admission
 from ..daemon import (
     SIGNALS,
-    ClientCounts,
     Daemon,
     ExternalServer,
     Supervisor,
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("removed %d unfinished messages left by a crash", len(removed))
     maxconnects = service.config.smtpd.maxconnects
     workers = workers_for(maxconnects)
-    clients = ClientCounts(maxconnects)
+    admission = Admission(maxconnects)
     # Signals wait until a handler is in place (Supervisor.run, Daemon.run):
     # a SIGHUP or SIGTERM sent as soon as we say we listen must not kill us.
     signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                 config_path=args.config,
                 external=external,
                 slots=slots,
-                clients=clients,
+                admission=admission,
             )
         )
 
