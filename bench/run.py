@@ -355,10 +355,11 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.monotonic() - started_at
 
     print(
-        f"# {platform.node()}: {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"{platform.node()}: {os.cpu_count()} cores, Python {platform.python_version()}, "
         f"{rounds} round(s), {elapsed:.0f} s; medians over rounds"
     )
     print(table(results, names))
+    print()
     for note in growth_notes(results, names):
         print(f"- {note}")
     if args.json:
