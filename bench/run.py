@@ -306,6 +306,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--idle", type=int, help="idle sessions to hold (default 1000; 20 with --smoke)"
     )
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("/var/tmp"),
+        help="where the run's directory is made: on disk, reachable by the postfix user",
+    )
     args = parser.parse_args(argv)
     missing = prerequisites()
     if missing:
@@ -317,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # On disk, not tmpfs: an fsync must reach stable storage.  Postfix's
     # daemons (user postfix) must be able to reach their directories.
-    top = Path(tempfile.mkdtemp(prefix="mmdf-bench-", dir="/var/tmp"))
+    top = Path(tempfile.mkdtemp(prefix="mmdf-bench-", dir=args.workdir))
     top.chmod(0o755)
     results = Results()
     servers: list[Server] = [

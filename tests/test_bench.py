@@ -13,6 +13,8 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,25 +38,38 @@ pytestmark = [
 ]
 
 
-def _leftovers(directory: str) -> list[str]:
-    """Processes whose command line names the run's directory."""
+def _leftovers(directory: Path) -> list[str]:
+    """Processes that name ``directory`` in their command line or environment.
+
+    Postfix's daemons name it only in MAIL_CONFIG, the others in argv.
+    """
     found = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
         try:
             command = Path(f"/proc/{pid}/cmdline").read_bytes()
+            environment = Path(f"/proc/{pid}/environ").read_bytes()
         except OSError:
             continue
-        if directory.encode() in command:
+        if str(directory).encode() in command + environment:
             found.append(command.replace(b"\0", b" ").decode(errors="replace"))
     return found
 
 
-def test_smoke_run_completes_and_every_server_answers(tmp_path: Path) -> None:
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    """On disk and reachable by the postfix user, which pytest's tmp_path is not."""
+    directory = Path(tempfile.mkdtemp(prefix="mmdf-bench-test-", dir="/var/tmp"))
+    directory.chmod(0o755)
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_smoke_run_completes_and_every_server_answers(tmp_path: Path, workdir: Path) -> None:
     figures = tmp_path / "figures.json"
     result = subprocess.run(
-        [sys.executable, str(BENCH), "--smoke", "--json", str(figures)],
+        [sys.executable, str(BENCH), "--smoke", "--json", str(figures), "--workdir", str(workdir)],
         capture_output=True,
         timeout=100,
         check=False,
@@ -80,4 +95,5 @@ def test_smoke_run_completes_and_every_server_answers(tmp_path: Path) -> None:
     table = result.stdout.decode()
     assert "| case | msg/s (mmdf-smtp / postfix / aiosmtpd) |" in table
     assert "| idle x20 (PSS growth, MiB) |" in table
-    assert _leftovers("/mmdf-bench-") == []
+    assert _leftovers(workdir) == []
+    assert list(workdir.iterdir()) == [], "the run's directory was not removed"
