@@ -75,17 +75,6 @@ def _wait_for_line(stream: IO[bytes], marker: bytes, log: Path, what: str) -> by
     raise RuntimeError(f"{what} did not start:\n" + b"".join(seen).decode(errors="replace"))
 
 
-def _code_reachable() -> bool:
-    """Whether any user can read the interpreter, its library and our sources."""
-    paths = [Path(os.path.realpath(sys.executable)), Path(sys.base_prefix) / "lib", SRC]
-    paths += [Path(entry) for entry in sys.path if entry and Path(entry).exists()]
-    for path in paths:
-        for part in (path, *path.parents):
-            if part.stat().st_mode & 0o005 != 0o005:
-                return False
-    return True
-
-
 def _drain(stream: IO[bytes], sink: IO[bytes]) -> None:
     with sink:
         shutil.copyfileobj(stream, sink)
@@ -153,11 +142,8 @@ class Mmdf(Server):
 
     def start(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        # Started as root, smtpd drops to `user` after binding; the workers
-        # then still import modules, so the interpreter and the code must be
-        # readable by that user.  Where they are not (an interpreter under
-        # /root, mode 0700), sessions run as root.
-        user = 'user = "nobody"' if os.geteuid() == 0 and _code_reachable() else ""
+        # Started as root, smtpd serves sessions as `user` (never as root).
+        user = 'user = "nobody"'
         config = self.directory / "mmdf.toml"
         config.write_text(
             f"""\
