@@ -129,7 +129,12 @@ class SessionProtocol(asyncio.Protocol):
 
     async def _serve(self) -> None:
         service = self._service
-        session = await self._loop.run_in_executor(None, service.session, self._peer())
+        # Most clients are known by address: chosen here, at once.  Those
+        # that need DNS wait for it in a thread, not on the loop.
+        peer = self._peer()
+        session = service.session_without_dns(peer)
+        if session is None:
+            session = await self._loop.run_in_executor(None, service.session, peer)
         self._session = session
         conn = session.connection
         if self._stopping:
