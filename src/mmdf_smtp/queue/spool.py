@@ -31,7 +31,7 @@ import os
 import re
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -41,10 +41,12 @@ from . import Envelope, QueueError
 _ID = re.compile(r"[0-9a-f]{26}")
 _BUFFER = 256 * 1024
 _FULL = (errno.ENOSPC, errno.EDQUOT)
+_FIELDS = fields(Envelope)
 
 
 def envelope_to_json(envelope: Envelope) -> bytes:
-    data: dict[str, Any] = asdict(envelope)
+    # Field by field, not dataclasses.asdict: that deep-copies, once a message.
+    data: dict[str, Any] = {field.name: getattr(envelope, field.name) for field in _FIELDS}
     data["recipients"] = list(envelope.recipients)
     data["received"] = envelope.received.isoformat()
     return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"

@@ -162,7 +162,9 @@ class SessionProtocol(asyncio.Protocol):
                 if not self._wakeup.is_set():
                     remaining = None if timer is None else deadline - time.monotonic()
                     try:
-                        await asyncio.wait_for(self._wakeup.wait(), remaining)
+                        # asyncio.timeout, not wait_for: no task per wait.
+                        async with asyncio.timeout(remaining):
+                            await self._wakeup.wait()
                     except TimeoutError:
                         conn.time_out()
                 self._wakeup.clear()
@@ -196,7 +198,8 @@ class SessionProtocol(asyncio.Protocol):
             return True
         try:
             timeout = session.connection.limits.command_timeout
-            await asyncio.wait_for(self._can_write.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._can_write.wait()
         except TimeoutError:
             return False
         return not transport.is_closing()
