@@ -83,8 +83,11 @@ def drop_privileges(user: str | None, spool: Path) -> None:
     except KeyError:
         raise ConfigError(f"user: no such user {user!r}") from None
     spool.mkdir(parents=True, exist_ok=True)
+    submitted = (spool / "maildrop", spool / "pickup")
     for path in (spool, *spool.rglob("*")):
-        os.chown(path, entry.pw_uid, entry.pw_gid)
+        # The owner of a submitted file is who submitted it (queue/maildrop.py).
+        if path.parent not in submitted:
+            os.chown(path, entry.pw_uid, entry.pw_gid)
     os.setgroups([])
     os.setgid(entry.pw_gid)
     os.setuid(entry.pw_uid)
