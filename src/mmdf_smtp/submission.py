@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from email.utils import format_datetime, formataddr
 from itertools import chain
-from typing import BinaryIO
+from typing import Protocol
 
 from .config import ChannelConfig, Config, ConfigError
 from .policy import Policy
@@ -160,7 +160,13 @@ def origin_domain(config: Config) -> str:
 # Reading the message.
 
 
-def read_lines(stream: BinaryIO, *, dot_ends: bool, limit: int) -> Iterator[bytes]:
+class LineSource(Protocol):
+    """Where a message is read from: a binary file, or stdin."""
+
+    def readline(self, size: int = -1, /) -> bytes: ...
+
+
+def read_lines(stream: LineSource, *, dot_ends: bool, limit: int) -> Iterator[bytes]:
     """The message on ``stream`` with CRLF line ends, in pieces.
 
     Each piece is a whole line ending in CRLF, or a part of a line longer
@@ -175,20 +181,20 @@ def read_lines(stream: BinaryIO, *, dot_ends: bool, limit: int) -> Iterator[byte
     carry = b""  # a CR at the end of a part: the next part may start with LF
     while True:
         chunk = stream.readline(PIECE)
-        data = carry + chunk
-        carry = b""
-        if data.endswith(b"\n"):
-            line = data[:-1]
-            piece = (line[:-1] if line.endswith(b"\r") else line) + CRLF
-        elif not chunk:
-            if not data:
+        if not chunk:
+            if at_line_start and not carry:
                 return
-            # The last line lacks its line end; a lone CR there is one.
-            piece = (data[:-1] if data.endswith(b"\r") else data) + CRLF
-        elif data.endswith(b"\r"):
-            carry, piece = b"\r", data[:-1]
+            # The last line lacks its line end (a lone CR there is one).
+            piece = CRLF
         else:
-            piece = data
+            data, carry = carry + chunk, b""
+            if data.endswith(b"\n"):
+                line = data[:-1]
+                piece = (line[:-1] if line.endswith(b"\r") else line) + CRLF
+            elif data.endswith(b"\r"):
+                carry, piece = b"\r", data[:-1]
+            else:
+                piece = data
         if dot_ends and at_line_start and piece == b"." + CRLF:
             return
         if piece:
@@ -409,12 +415,12 @@ class Planner:
 
     def sender(self, request: Request, submitter: Submitter) -> tuple[str, str | None, bool]:
         """The envelope sender; what an untrusted ``-f`` claimed instead; and
-        whether the sender is the submitter's own address."""
+        whether a From: made up for the message names the submitter."""
         own = f"{submitter.login}@{self.origin}"
         if request.sender is None:
             return own, None, True
         if request.sender.strip() in ("", "<>"):
-            return ("", None, False) if submitter.trusted else (own, "<>", True)
+            return ("", None, True) if submitter.trusted else (own, "<>", True)
         path = self.address(request.sender, "-f")
         if self._own_address(path, submitter):
             return path.address, None, True

@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import NoReturn
 
 from ..config import Config, ConfigError, load
 from ..policy import Policy, UnknownChannel
@@ -80,6 +79,37 @@ _LONG = ["channel="]
 
 class _Interrupted(Exception):
     pass
+
+
+class _Input:
+    """stdin, interrupted by a signal only while it is being read.
+
+    SIGTERM, SIGINT and SIGHUP abort a message being read, and then
+    nothing is queued; but one arriving while the queue file is created or
+    committed must wait, or a message could be queued and reported as not
+    (and sent twice), or its file left behind.  So the handler raises only
+    during a read, and a signal that came in between is raised at the next.
+    """
+
+    def __init__(self) -> None:
+        self.reading = False
+        self.received: str | None = None
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.received = signal.Signals(signum).name
+        if self.reading:
+            raise _Interrupted(self.received)
+
+    def readline(self, size: int = -1, /) -> bytes:
+        if self.received:
+            raise _Interrupted(self.received)
+        self.reading = True
+        try:
+            return sys.stdin.buffer.readline(size)
+        finally:
+            self.reading = False
 
 
 @dataclass
@@ -173,10 +203,6 @@ def become_user(config: Config) -> None:
     os.setuid(entry.pw_uid)
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> NoReturn:
-    raise _Interrupted(signal.Signals(signum).name)
-
-
 def main(argv: list[str] | None = None) -> int:
     program = Path(sys.argv[0]).name
     if program not in ("sendmail", "submit"):
@@ -226,8 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         return fail(EX_CONFIG, str(exc))
 
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, _interrupt)
+    stdin = _Input()
     spool = Spool(config.spool)
     try:
         if submitter.trusted:
@@ -235,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
             with contextlib.suppress(OSError):
                 prepare(spool)  # users' maildrop, as soon as someone may create it
         pieces = read_lines(
-            sys.stdin.buffer,
+            stdin,
             dot_ends=not options.ignore_dots,
             limit=config.limits.message_size,
         )
