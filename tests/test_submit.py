@@ -12,6 +12,7 @@ import io
 import logging
 import os
 import pwd
+import random
 import re
 import shutil
 import signal
@@ -547,17 +548,71 @@ def test_pickup_crashing_at_any_step_queues_once(
         monkeypatch.setattr(os, call, real)
         if not finished:
             run_pickup(config)
-        message, data = only_message(config)
-        assert message["sender"] == f"{user.pw_name}@example.org"
-        author = formataddr((user.pw_gecos.split(",")[0], message["sender"]))
-        rest = after_trace(data, message["id"], login=user.pw_name)
-        assert rest == b"Subject: once\r\n" + added(message["id"], data, author) + b"\r\nb\r\n"
+        spool = Spool(load(str(config)).spool)
+        [message] = spool.messages()
+        with spool.open_message(message.id) as file:
+            data = file.read()
+        assert message.envelope.sender == f"{user.pw_name}@example.org"
+        author = formataddr((user.pw_gecos.split(",")[0], message.envelope.sender))
+        rest = after_trace(data, message.id, login=user.pw_name)
+        assert rest == b"Subject: once\r\n" + added(message.id, data, author) + b"\r\nb\r\n"
         listing = spool_listing(config)
         assert (listing["maildrop"], listing["pickup"]) == ([], [])
         if finished:
             break
         step += 1
     assert step >= 3
+
+
+PICKUP = """
+import logging, sys
+from mmdf_smtp.config import load
+from mmdf_smtp.queue.maildrop import pickup
+from mmdf_smtp.queue.spool import Spool
+
+class Say(logging.Handler):
+    def emit(self, record):
+        sys.stdout.write(record.getMessage() + "\\n")
+        sys.stdout.flush()
+
+log = logging.getLogger("mmdf_smtp.maildrop")
+log.addHandler(Say())
+log.setLevel(logging.INFO)
+config = load(sys.argv[1])
+pickup(Spool(config.spool), config)
+"""
+
+
+def test_pickup_killed_at_random_points_queues_each_submission_once(config: Path) -> None:
+    user = other_user()
+    count = 24
+    for n in range(count):
+        text = f"Subject: number {n}\n\n".encode() + b"x" * 2000 + b"\n"
+        dropped(config, text, Request(recipients=("alice",)), user.pw_uid, user.pw_gid)
+    rng = random.Random(4321)
+    for _ in range(8):
+        process = subprocess.Popen(
+            [PYTHON, "-c", PICKUP, str(config)], stdout=subprocess.PIPE, env=env()
+        )
+        assert process.stdout is not None
+        for _ in range(rng.randint(0, 4)):
+            process.stdout.readline()
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+        process.stdout.close()
+    run_pickup(config)
+    spool = Spool(load(str(config)).spool)
+    spool.recover()
+    subjects = []
+    for message in spool.messages():
+        with spool.open_message(message.id) as file:
+            data = file.read()
+        subject = re.search(rb"\r\nSubject: number (\d+)\r\n", data)
+        assert subject is not None and data.endswith(b"x" * 2000 + b"\r\n")
+        subjects.append(int(subject[1]))
+    assert sorted(subjects) == list(range(count))
+    assert spool_listing(config) == {"maildrop": [], "pickup": [], "tmp": []}
+    assert entries(spool.directory / "corrupt") == []
 
 
 def test_smtpd_start_leaves_submitted_files_to_their_owners(config: Path) -> None:
@@ -697,3 +752,33 @@ def test_no_maildrop_is_69_for_an_unprivileged_user(config: Path) -> None:
     )
     assert result.returncode == 69
     assert b"the maildrop is made by pickup" in result.stderr
+
+
+def test_utf8_sender_and_full_name(config: Path) -> None:
+    args = ["-f", "jörg@exämple.org", "-F", "Jörg Müller", "alice"]
+    assert submit(config, *args, data=b"Subject: utf8\n\nb\n").returncode == 0
+    message, data = only_message(config)
+    assert (message["sender"], message["smtputf8"]) == ("jörg@exämple.org", True)
+    author = "=?utf-8?b?SsO2cmcgTcO8bGxlcg==?= <jörg@exämple.org>"  # RFC 2047
+    assert f"\r\nFrom: {author}\r\n".encode() in data
+
+
+def test_linked_as_sendmail(config: Path, tmp_path: Path) -> None:
+    installed = Path(PYTHON).parent / "submit"
+    if not installed.exists():
+        pytest.skip(f"the console script is not installed beside {PYTHON}")
+    sendmail = tmp_path / "sendmail"
+    sendmail.symlink_to(installed)
+
+    def run(*args: str, data: bytes) -> subprocess.CompletedProcess[bytes]:
+        command = [str(sendmail), "-c", str(config), *args]
+        return subprocess.run(
+            command, input=data, capture_output=True, env=env(), timeout=60, check=False
+        )
+
+    result = run("-oi", "-t", data=b"To: bob\n\n.\n")
+    assert (result.returncode, result.stderr) == (0, b"")
+    assert stored(config, queued(config)[0]["id"]).endswith(b"\r\n\r\n.\r\n")
+    result = run("-q", data=b"")
+    assert result.returncode == 64
+    assert result.stderr.endswith(b"sendmail: option -q not recognized\n")

@@ -457,11 +457,21 @@ class Planner:
             recipients=recipients,
             submitter=submitter,
             hostname=self.config.hostname,
-            from_header=formataddr((_CONTROLS.sub(" ", full_name).strip(), author)),
+            from_header=mailbox(_CONTROLS.sub(" ", full_name).strip(), author),
             warning=warning,
             body=request.body,
             smtputf8=not all(a.isascii() for a in (sender, *recipients)),
         )
+
+
+def mailbox(name: str, address: str) -> str:
+    """``Name <address>`` for a header: the name quoted, or RFC 2047-encoded
+    when not ASCII; the address as it is (UTF-8 under SMTPUTF8)."""
+    if not name:
+        return address
+    # formataddr quotes and encodes the name, but refuses a UTF-8 address.
+    placeholder = "x@x"
+    return formataddr((name, placeholder)).removesuffix(f"<{placeholder}>") + f"<{address}>"
 
 
 # Writing it to the queue.
