@@ -16,6 +16,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -463,18 +464,26 @@ def test_pickup_sets_aside_what_it_cannot_queue(
     link = root / "maildrop" / "link"
     link.symlink_to(target)
     os.lchown(link, user.pw_uid, user.pw_gid)
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(root / "maildrop" / "socket"))
+    listener.close()
+    os.lchown(root / "maildrop" / "socket", user.pw_uid, user.pw_gid)
     twice = dropped(config, b"b\n", Request(recipients=("alice",)), user.pw_uid, user.pw_gid)
     os.link(twice, root / "maildrop" / "twice")
+    good = Request(recipients=("bob",))
+    dropped(config, b"Subject: among bad ones\n\nb\n", good, user.pw_uid, user.pw_gid)
     caplog.set_level(logging.WARNING, logger="mmdf_smtp.maildrop")
-    assert run_pickup(config) == []
-    assert queued(config) == []
+    [queue_id] = run_pickup(config)
+    [message] = queued(config)
+    assert (message["id"], message["recipients"]) == (queue_id, ["bob@example.org"])
     assert spool_listing(config) == {"maildrop": [], "pickup": [], "tmp": []}
-    assert len(os.listdir(root / "corrupt")) == 6
+    assert len(os.listdir(root / "corrupt")) == 7
     assert target.read_bytes() == b"secret\n"
     reasons = "\n".join(r.getMessage() for r in caplog.records)
     assert "not a maildrop file" in reasons
     assert "owned by uid 0, who does not use the maildrop" in reasons
-    assert "a symbolic link" in reasons
+    assert "cannot be opened: a symbolic link" in reasons
+    assert "cannot be opened: No such device or address" in reasons  # the socket
     assert "2 links" in reasons
     assert f"uid {user.pw_uid}: <ghost@example.org>: 550 5.1.1 No such user here" in reasons
 

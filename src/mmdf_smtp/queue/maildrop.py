@@ -63,7 +63,7 @@ from ..submission import (
     read_lines,
 )
 from . import Envelope, QueueError
-from .spool import Spool, envelope_from_json, envelope_to_json
+from .spool import Spool, _fsync_directory, envelope_from_json, envelope_to_json
 
 log = logging.getLogger("mmdf_smtp.maildrop")
 
@@ -185,10 +185,10 @@ def drop(spool: Spool, request: Request, octets: Iterable[bytes]) -> str:
             f"cannot write to the maildrop {directory}: {exc.strerror}", missing=missing
         ) from exc
     try:
-        # The spool's owner reads it; its name, in a directory no user can
-        # list, keeps it from everyone else.
-        os.fchmod(fd, 0o644)
         with os.fdopen(fd, "wb", buffering=256 * 1024) as file:
+            # The spool's owner reads it; its name, in a directory no user
+            # can list, keeps it from everyone else.
+            os.fchmod(file.fileno(), 0o644)
             file.write(MAGIC + request_to_json(request) + b"\n")
             for data in octets:
                 file.write(data)
@@ -206,14 +206,6 @@ def drop(spool: Spool, request: Request, octets: Iterable[bytes]) -> str:
             os.unlink(partial)
         raise
     return name
-
-
-def _fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class _PickupWriter:
@@ -366,10 +358,11 @@ class _Pickup:
         try:
             fd = os.open(claim, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                self.set_aside(claim, "a symbolic link")
-                return
-            raise QueueError(f"cannot open {claim}: {exc.strerror}") from exc
+            # A symbolic link, a socket, a file its owner made unreadable:
+            # set aside, lest one user's file stop every pass.
+            reason = "a symbolic link" if exc.errno == errno.ELOOP else exc.strerror
+            self.set_aside(claim, f"cannot be opened: {reason}")
+            return
         with os.fdopen(fd, "rb") as file:
             info = os.fstat(file.fileno())
             if not stat.S_ISREG(info.st_mode):
@@ -379,7 +372,7 @@ class _Pickup:
             elif info.st_nlink != 1:
                 self.set_aside(claim, f"{info.st_nlink} links (a file of someone else?)")
             else:
-                self.submit(claim, file, info.st_uid)
+                self.queue_submission(claim, file, info.st_uid)
 
     def finish(self, claim: Path) -> None:
         """A queued message a crash left in ``pickup/``: on into the queue."""
@@ -393,7 +386,7 @@ class _Pickup:
         self.queued.append(claim.name)
         log.info("pickup: queued id=%s (committed before a restart)", claim.name)
 
-    def submit(self, claim: Path, file: BinaryIO, uid: int) -> None:
+    def queue_submission(self, claim: Path, file: BinaryIO, uid: int) -> None:
         try:
             request = request_from_json(file.readline(_MAX_REQUEST))
         except ValueError as exc:
