@@ -301,6 +301,17 @@ def test_the_size_limit_applies_and_leaves_nothing(tmp_path: Path) -> None:
     assert submit(config, "alice", data=b"Subject: small\n\nfits\n").returncode == 0
 
 
+def test_a_mail_loop_is_refused(config: Path) -> None:
+    hops = b"Received: from a by b; Tue, 24 Nov 2026 09:00:00 +0000\n"
+    assert submit(config, "alice", data=hops * 100 + b"\nb\n").returncode == 0
+    result = submit(config, "alice", data=hops * 101 + b"\nb\n")
+    assert result.returncode == 65
+    assert result.stderr == (
+        b"submit: 101 Received headers: Too many Received headers: mail loop suspected\n"
+    )
+    assert len(queued(config)) == 1
+
+
 def test_mbox_from_line_and_headerless_messages(config: Path) -> None:
     text = b"From root Tue Nov 24 09:00:00 2026\nSubject: mbox\n\nb\n"
     assert submit(config, "alice", data=text).returncode == 0

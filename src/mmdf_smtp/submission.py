@@ -84,6 +84,11 @@ class MessageTooBig(SubmissionError):
         super().__init__(f"message too big: over {limit} octets (limits.message_size)")
 
 
+class MailLoop(SubmissionError):
+    def __init__(self, count: int) -> None:
+        super().__init__(f"{count} Received headers: {replies.TOO_MANY_HOPS.text}")
+
+
 class UnknownLogin(SubmissionError):
     def __init__(self, uid: int) -> None:
         super().__init__(f"no login name for uid {uid}")
@@ -436,9 +441,15 @@ class Planner:
         """The envelope for ``request``; without ``message``, from the arguments alone.
 
         Raises :class:`SubmissionError`: a bad address, a refused recipient,
-        no recipients, or a channel the submitter may not choose.
+        no recipients, a channel the submitter may not choose, a mail loop.
         """
         channel = self.channel(request, submitter)
+        if message is not None:
+            # A local program that feeds mail back in (a pipe in a .forward)
+            # loops like a relay does; the same limit as smtpd's stops it.
+            hops = sum(1 for field in message.headers if split_field(field)[0] == "received")
+            if hops > self.config.limits.received_headers:
+                raise MailLoop(hops)
         sender, claimed, own = self.sender(request, submitter)
         texts = [(text, "argument") for text in request.recipients]
         if request.extract and message is not None:

@@ -12,11 +12,12 @@ ignored.
 Exit status (sysexits.h): 0 when the message is queued (or, for users
 other than root and the mail system's, safely in the maildrop), 64 for
 bad arguments (no recipients included), 65 for a message over the size
-limit or a bad address in its headers, 67 for an unknown local user, 69
-when the maildrop is not set up, 74 when stdin cannot be read, 75 when
-the queue cannot take the message now, 77 for a recipient the channel
-may not send to or an option only trusted users may give, 78 for a bad
-configuration.  On any error nothing is queued.
+limit, with a bad address in its headers or too many Received headers,
+67 for an unknown local user, 69 when the maildrop is not set up, 74
+when stdin cannot be read, 75 when the queue cannot take the message now,
+77 for a recipient the channel may not send to or an option only trusted
+users may give, 78 for a bad configuration.  On any error nothing is
+queued.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from ..queue.maildrop import MaildropError, drop, prepare
 from ..queue.spool import Spool
 from ..submission import (
     AddressError,
+    MailLoop,
     MessageTooBig,
     NoRecipients,
     NotPermitted,
@@ -170,7 +172,7 @@ def status_of(error: SubmissionError) -> int:
             return EX_NOUSER if error.unknown_user else EX_NOPERM
         case NoRecipients():
             return EX_USAGE
-        case MessageTooBig():
+        case MessageTooBig() | MailLoop():
             return EX_DATAERR
         case UnknownLogin():
             return EX_NOUSER
