@@ -42,11 +42,9 @@ DATE = re.compile(r"[A-Z][a-z]{2}, \d{2} [A-Z][a-z]{2} \d{4} \d{2}:\d{2}:\d{2} [
 ROOT_FROM = formataddr((pwd.getpwuid(0).pw_gecos.split(",")[0], "root@example.org"))
 
 
-def submit(
-    config: Path, *args: str, data: bytes = b"", command: list[str] | None = None
-) -> subprocess.CompletedProcess[bytes]:
+def submit(config: Path, *args: str, data: bytes = b"") -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(
-        [*(command or [PYTHON]), "-m", "mmdf_smtp.cli.submit", "-c", str(config), *args],
+        [PYTHON, "-m", "mmdf_smtp.cli.submit", "-c", str(config), *args],
         input=data,
         capture_output=True,
         env=env(),

@@ -6,11 +6,11 @@ unless told otherwise a line holding a single "." ends it.  The stored
 message has CRLF line ends, like one received over SMTP.
 
 Who submits decides what the message may claim.  Root and the mail
-system's user are *trusted*: they may name any envelope sender and source
-channel.  Anyone else sends as their login name at the origin domain; a
-``-f`` naming another address is recorded in an
-``X-Authentication-Warning:`` header, as sendmail does, and the
-``Received:`` header always names the login.
+system's user (without one, the spool's owner) are *trusted*: they may
+name any envelope sender and source channel.  Anyone else sends as their
+login name at the origin domain; a ``-f`` naming another address is
+recorded in an ``X-Authentication-Warning:`` header, as sendmail does,
+and the ``Received:`` header always names the login.
 
 Recipients and the envelope sender given without a domain belong to the
 origin domain (:func:`origin_domain`).  Each recipient passes the same
