@@ -800,3 +800,48 @@ def test_linked_as_sendmail(config: Path, tmp_path: Path) -> None:
     result = run("-q", data=b"")
     assert result.returncode == 64
     assert result.stderr.endswith(b"sendmail: option -q not recognized\n")
+
+
+def test_git_send_email_through_submit(config: Path, tmp_path: Path) -> None:
+    installed = Path(PYTHON).parent / "submit"
+    git = shutil.which("git")
+    if not installed.exists() or git is None:
+        pytest.skip("needs git and the submit console script")
+    probe = subprocess.run([git, "send-email", "--help"], capture_output=True, check=False)
+    if probe.returncode != 0:
+        pytest.skip("git send-email is not installed (Debian: git-email)")
+    repository = tmp_path / "repository"
+    commit = [git, "-C", str(repository), "-c", "user.name=T", "-c", "user.email=t@example.org"]
+    subprocess.run([git, "init", "-q", str(repository)], check=True)
+    (repository / "file").write_text("a line\n")
+    subprocess.run([*commit, "add", "file"], check=True)
+    subprocess.run([*commit, "commit", "-q", "-m", "Add a file"], check=True)
+    patches = tmp_path / "patches"
+    subprocess.run([*commit, "format-patch", "-q", "-1", "-o", str(patches)], check=True)
+    [patch] = patches.iterdir()
+    send = [
+        git,
+        "send-email",
+        f"--smtp-server={installed}",
+        "--smtp-server-option=-c",
+        f"--smtp-server-option={config}",
+        "--envelope-sender=root@example.org",
+        "--from=Root <root@example.org>",
+        "--to=alice@example.org",
+        "--cc=bob",
+        "--confirm=never",
+        "--suppress-cc=all",
+        str(patch),
+    ]
+    result = subprocess.run(send, capture_output=True, env=env(), timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    message, data = only_message(config)
+    assert message["sender"] == "root@example.org"
+    assert message["recipients"] == ["alice@example.org", "bob@example.org"]
+    rest = after_trace(data, message["id"])
+    # git's own From, Date and Message-Id are kept; none is added.
+    assert rest.startswith(b"From: Root <root@example.org>\r\nTo: alice@example.org\r\n")
+    assert b"\r\nSubject: [PATCH] Add a file\r\n" in rest
+    assert rest.count(b"\r\nDate: ") == 1
+    assert len(re.findall(rb"(?i)\r\nMessage-ID: ", rest)) == 1
+    assert b"\r\n+a line\r\n" in rest
