@@ -8,6 +8,7 @@ reachable by that user, by running submit as them under setpriv.
 
 from __future__ import annotations
 
+import fcntl
 import io
 import logging
 import os
@@ -845,3 +846,22 @@ def test_git_send_email_through_submit(config: Path, tmp_path: Path) -> None:
     assert rest.count(b"\r\nDate: ") == 1
     assert len(re.findall(rb"(?i)\r\nMessage-ID: ", rest)) == 1
     assert b"\r\n+a line\r\n" in rest
+
+
+def test_one_pickup_at_a_time(config: Path) -> None:
+    user = other_user()
+    dropped(config, b"b\n", Request(recipients=("alice",)), user.pw_uid, user.pw_gid)
+    claims = load(str(config)).spool / "pickup"
+    holder = os.open(claims, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        assert run_pickup(config) == []  # another pickup is at work
+    finally:
+        os.close(holder)
+    assert len(run_pickup(config)) == 1
+
+
+def test_an_empty_message_gets_its_headers(config: Path) -> None:
+    assert submit(config, "alice", data=b"").returncode == 0
+    message, data = only_message(config)
+    assert after_trace(data, message["id"]) == added(message["id"], data)
