@@ -651,19 +651,37 @@ def test_smtpd_start_leaves_submitted_files_to_their_owners(config: Path) -> Non
     assert (spool / "maildrop").stat().st_uid == nobody
 
 
-def test_root_with_a_user_writes_the_spool_as_that_user(config: Path) -> None:
-    user = other_user()
+def with_user(config: Path, name: str) -> None:
+    """Set the top-level ``user`` of a write_config() configuration."""
     text = config.read_text()
-    line = f'user = "{user.pw_name}"\n'
+    line = f'user = "{name}"\n'
     text = re.sub(r"(?m)^user = .*\n", line, text) if "\nuser = " in text else line + text
     config.write_text(text)
     _reachable(config.parent)
+
+
+def test_root_with_a_user_writes_the_spool_as_that_user(config: Path) -> None:
+    user = other_user()
+    with_user(config, user.pw_name)
     assert submit(config, "alice", data=b"b\n").returncode == 0
     message, _ = only_message(config)
     assert message["submitter"] == "root"
     spool = load(str(config)).spool
     for path in (spool, spool / "queue", spool / "queue" / message["id"], spool / "maildrop"):
         assert path.stat().st_uid == user.pw_uid, path
+
+
+def test_pickup_as_root_gives_the_queue_to_the_user(config: Path) -> None:
+    user = other_user()
+    with_user(config, user.pw_name)
+    nobody = pwd.getpwnam("nobody")
+    dropped(config, b"b\n", Request(recipients=("alice",)), nobody.pw_uid, nobody.pw_gid)
+    [queue_id] = run_pickup(config)
+    spool = load(str(config)).spool
+    for name in ("", "tmp", "queue", f"queue/{queue_id}", "maildrop", "pickup", "corrupt"):
+        assert (spool / name).stat().st_uid == user.pw_uid, name
+    [message] = queued(config)
+    assert (message["sender"], message["submitter"]) == ("nobody@example.org", "nobody")
 
 
 # submit run for real by an unprivileged user.

@@ -104,18 +104,19 @@ def spool_owner(config: Config) -> tuple[int, int] | None:
 
 
 def prepare(spool: Spool, owner: tuple[int, int] | None = None) -> None:
-    """Create the maildrop and pickup's directories, owned by ``owner`` if given.
+    """Create the maildrop and the directories pickup writes, owned by ``owner`` if given.
 
     The spool directory becomes searchable by all (0711, still not
     listable) so that users reach ``maildrop/``; ``tmp/`` and ``queue/``
     stay 0700.  Raises OSError.
     """
     drop = maildrop_dir(spool)
+    private = [spool.tmp, spool.queue, spool.directory / "pickup", spool.directory / "corrupt"]
     spool.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     drop.mkdir(exist_ok=True)
-    for name in ("pickup", "corrupt"):
-        (spool.directory / name).mkdir(mode=0o700, exist_ok=True)
-    for path in (spool.directory, drop, spool.directory / "pickup", spool.directory / "corrupt"):
+    for path in private:
+        path.mkdir(mode=0o700, exist_ok=True)
+    for path in (spool.directory, drop, *private):
         info = path.stat()
         if owner is not None and (info.st_uid, info.st_gid) != owner:
             os.chown(path, *owner)
@@ -220,8 +221,6 @@ class _PickupWriter:
         self._path = spool.tmp / self._id
         self._file: BinaryIO | None = None
         try:
-            spool.tmp.mkdir(mode=0o700, exist_ok=True)
-            spool.queue.mkdir(mode=0o700, exist_ok=True)
             fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             self._file = os.fdopen(fd, "wb", buffering=256 * 1024)
             if owner is not None:
