@@ -214,6 +214,8 @@ def test_checkque_json(filled: tuple[Path, list[str]], capsys: pytest.CaptureFix
         "tls": "TLSv1.3 with cipher TLS_AES_256_GCM_SHA384",
         "smtputf8": False,
         "body": "8BITMIME",
+        "submitter": None,
+        "submitter_uid": None,
     }
 
 

@@ -64,10 +64,17 @@ def drop_privileges(user: str | None, spool: Path) -> None:
         raise ConfigError(f"user: {user!r} is root; sessions are never served as root")
     _import_lazy_modules()
     spool.mkdir(parents=True, exist_ok=True)
-    if spool.stat().st_uid != entry.pw_uid:
-        # Taking a spool over (first start, or one made by root): once, not per session.
-        for path in (spool, *spool.rglob("*")):
+    # The spool's folders are the user's, always (a few stats); the files in
+    # them only need it when the spool is taken over (first start, or one
+    # root made), which is once, not per session: smtpsrvr runs per session.
+    adopting = spool.stat().st_uid != entry.pw_uid
+    folders = [spool, *(path for path in spool.iterdir() if path.is_dir())]
+    submitted = (spool / "maildrop", spool / "pickup")
+    for path in spool.rglob("*") if adopting else folders:
+        # The owner of a submitted file is who submitted it (queue/maildrop.py).
+        if path.parent not in submitted and path.stat().st_uid != entry.pw_uid:
             os.chown(path, entry.pw_uid, entry.pw_gid)
+    os.chown(spool, entry.pw_uid, entry.pw_gid)
     os.setgroups([])
     os.setgid(entry.pw_gid)
     os.setuid(entry.pw_uid)

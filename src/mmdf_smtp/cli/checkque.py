@@ -35,6 +35,8 @@ def as_json(message: QueuedMessage) -> str:
             "tls": envelope.tls,
             "smtputf8": envelope.smtputf8,
             "body": envelope.body,
+            "submitter": envelope.submitter,
+            "submitter_uid": envelope.submitter_uid,
         },
         ensure_ascii=False,
     )

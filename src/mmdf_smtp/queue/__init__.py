@@ -24,6 +24,9 @@ class Envelope:
     tls: str | None = None  # e.g. "TLSv1.3 TLS_AES_256_GCM_SHA384"; None without TLS
     smtputf8: bool = False
     body: str | None = None  # "7BIT" or "8BITMIME" from MAIL's BODY=
+    # Local submission (submit): who handed the message in.  None for SMTP.
+    submitter: str | None = None  # the login name
+    submitter_uid: int | None = None
 
 
 class QueueError(Exception):
