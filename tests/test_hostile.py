@@ -101,3 +101,35 @@ def test_rcpt_between_bdat_chunks_is_refused_not_lost(server: Daemon) -> None:
     [queue_id] = holding(server, b"bdat-rcpt")
     [entry] = [m for m in queued(server.config) if m["id"] == queue_id]
     assert entry["recipients"] == ["alice@example.org"]
+
+
+# -- octets in commands ------------------------------------------------------
+
+
+def test_nul_and_8bit_octets_in_commands(server: Daemon) -> None:
+    with server.connect() as sock:
+        recv_reply(sock)
+        sock.sendall(
+            b"EHLO c\x00\r\n"
+            b"\x00\x00\x00\r\n"
+            b"EHLO \xff\xfe\r\n"
+            b"EHLO c\r\n"
+            b"NOOP\x80\r\n"
+            b"MAIL FROM:<\xc3\xa4@example.org>\r\n"
+            b"MA\xc4\xb1L FROM:<a@example.net>\r\n"  # a dotless i: "MAIL" only to str.upper()
+            b"\xef\xbc\xadAIL FROM:<a@example.net>\r\n"  # a fullwidth M
+            b"MAIL FROM:<\xc3\xa4@example.org> SMTPUTF8\r\n"
+            b"QUIT\r\n"
+        )
+        assert finals(until_closed(sock)) == [
+            b"500 5.5.2 NUL character in command",
+            b"500 5.5.2 NUL character in command",
+            b"501 5.5.2 Command is not valid UTF-8",
+            b"250 STARTTLS",
+            b"501 5.5.2 Command is not valid UTF-8",
+            b"553 5.6.7 Non-ASCII address requires the SMTPUTF8 parameter",
+            b"500 5.5.1 Command unrecognized",
+            b"500 5.5.1 Command unrecognized",
+            b"250 2.1.0 Sender OK",
+            CLOSING,
+        ]
