@@ -9,7 +9,11 @@ stored, and what is answered 250 is stored once, byte for byte.
 
 from __future__ import annotations
 
+import select
 import socket
+import ssl
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +22,7 @@ import trustme
 
 from mmdf_smtp.queue.spool import Spool
 from test_wire import read_replies, recv_reply
-from wire import Daemon, certificate, daemon, queued, write_config
+from wire import Daemon, body_of, certificate, daemon, queued, stored, write_config
 
 CLOSING = b"221 2.0.0 mx.test closing connection"
 QUEUED = b"250 2.0.0 Submitted & queued (msg."
@@ -84,6 +88,86 @@ def worker_rss(server: Daemon) -> int:
     return total
 
 
+# -- SMTP smuggling ----------------------------------------------------------
+
+# Each ends DATA for some parser (SEC Consult 2023 and follow-ups); here none
+# does, and the message holding it is refused when the real end arrives.
+SMUGGLING = [
+    b"\n.\n",
+    b"\r.\r",
+    b"\n.\r\n",
+    b"\r\n.\n",
+    b"\r.\r\n",
+    b"\r\n.\r",
+    b"\n.\r",
+    b"\r.\n",
+    b"\n\r.\r\n",
+    b"\r\n.\n\r\n",
+    b"\r\n.\r\r\n",
+    b"\n.\n\r\n.\r",
+]
+
+
+@pytest.mark.parametrize("variant", SMUGGLING, ids=repr)
+def test_smuggled_end_of_data_is_refused_and_nothing_stored(server: Daemon, variant: bytes) -> None:
+    marker = f"smuggle-{SMUGGLING.index(variant)}".encode()
+    with open_data(server) as sock:
+        sock.sendall(
+            b"Subject: " + marker + b"\r\n\r\nfirst" + variant + b"MAIL FROM:<evil@example.net>\r\n"
+            b"RCPT TO:<bob@example.org>\r\nDATA\r\n" + marker + b"-inner\r\n.\r\nQUIT\r\n"
+        )
+        assert until_closed(sock) == BARE_LINE_END + b"\r\n" + CLOSING + b"\r\n"
+    assert holding(server, marker) == []
+
+
+# No bare line end in these: the "end" is content, and the message is one.
+LOOKALIKES = [
+    (b"\r\n\x00.\r\n", b"\r\n\x00.\r\n"),
+    (b"\r\n.\x00\r\n", b"\r\n\x00\r\n"),
+    (b"\r\n..\r\n", b"\r\n.\r\n"),
+    (b"\r\n. \r\n", b"\r\n \r\n"),
+]
+
+
+@pytest.mark.parametrize(("variant", "content"), LOOKALIKES, ids=repr)
+def test_end_of_data_lookalikes_make_one_message_byte_exact(
+    server: Daemon, variant: bytes, content: bytes
+) -> None:
+    marker = f"lookalike-{[v for v, _ in LOOKALIKES].index(variant)}".encode()
+    pipelined = b"MAIL FROM:<evil@example.net>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\ninner\r\n"
+    with open_data(server) as sock:
+        sock.sendall(
+            b"Subject: " + marker + b"\r\n\r\nfirst" + variant + pipelined + b".\r\nQUIT\r\n"
+        )
+        replies = finals(until_closed(sock))
+    assert replies[0].startswith(QUEUED) and replies[1:] == [CLOSING]
+    [queue_id] = holding(server, marker)
+    expected = b"Subject: " + marker + b"\r\n\r\nfirst" + content + pipelined
+    assert body_of(stored(server.config, queue_id)) == expected
+    [entry] = [m for m in queued(server.config) if m["id"] == queue_id]
+    assert entry["recipients"] == ["alice@example.org"]
+
+
+def test_bdat_chunk_with_a_bare_line_end_is_refused(server: Daemon) -> None:
+    chunk = b"Subject: bdat-smuggle\r\n\r\nfirst\n.\nMAIL FROM:<evil@example.net>\r\n"
+    with server.connect() as sock:
+        recv_reply(sock)
+        sock.sendall(ENVELOPE + b"BDAT %d LAST\r\n" % len(chunk) + chunk + b"QUIT\r\n")
+        assert finals(until_closed(sock))[-2:] == [BARE_LINE_END, CLOSING]
+    assert holding(server, b"bdat-smuggle") == []
+
+
+def test_bdat_chunk_holding_crlf_dot_crlf_is_content(server: Daemon) -> None:
+    chunk = b"Subject: bdat-dot\r\n\r\nfirst\r\n.\r\nMAIL FROM:<evil@example.net>\r\n"
+    with server.connect() as sock:
+        recv_reply(sock)
+        sock.sendall(ENVELOPE + b"BDAT %d LAST\r\n" % len(chunk) + chunk + b"QUIT\r\n")
+        replies = finals(until_closed(sock))
+    assert replies[-2].startswith(QUEUED) and replies[-1] == CLOSING
+    [queue_id] = holding(server, b"bdat-dot")
+    assert body_of(stored(server.config, queue_id)) == chunk
+
+
 def test_rcpt_between_bdat_chunks_is_refused_not_lost(server: Daemon) -> None:
     first, last = b"Subject: bdat-rcpt\r\n", b"\r\nbody\r\n"
     with server.connect() as sock:
@@ -133,3 +217,197 @@ def test_nul_and_8bit_octets_in_commands(server: Daemon) -> None:
             b"250 2.1.0 Sender OK",
             CLOSING,
         ]
+
+
+# -- over-long lines ---------------------------------------------------------
+
+LONG = b"X" * 5000 + b"\r\n"
+
+
+def test_overlong_line_before_the_greeting(server: Daemon) -> None:
+    with server.connect() as sock:
+        sock.sendall(LONG + b"EHLO c\r\nQUIT\r\n")
+        assert finals(until_closed(sock)) == [
+            b"220 mx.test Server SMTP ready",
+            LINE_TOO_LONG,
+            b"250 STARTTLS",
+            CLOSING,
+        ]
+
+
+@pytest.mark.parametrize(
+    ("before", "line", "after", "expected"),
+    [
+        pytest.param(b"EHLO c\r\n", LONG, b"NOOP\r\n", [LINE_TOO_LONG, b"250 2.0.0 OK"], id="ehlo"),
+        pytest.param(
+            b"EHLO c\r\n",
+            b"MAIL FROM:<" + b"a" * 600 + b"@example.net>\r\n",
+            b"MAIL FROM:<a@example.net>\r\n",
+            [LINE_TOO_LONG, b"250 2.1.0 Sender OK"],
+            id="mail",
+        ),
+        pytest.param(
+            b"EHLO c\r\nMAIL FROM:<a@example.net>\r\n",
+            b"RCPT TO:<" + b"a" * 600 + b"@example.org>\r\n",
+            b"RCPT TO:<bob@example.org>\r\n",
+            [LINE_TOO_LONG, b"250 2.1.5 Recipient OK"],
+            id="rcpt",
+        ),
+        pytest.param(
+            b"EHLO c\r\n", b"NOOP " + b"x" * 1_000_000, b"\r\nNOOP\r\n",
+            [LINE_TOO_LONG, b"250 2.0.0 OK"],
+            id="endless",
+        ),
+    ],
+)  # fmt: skip
+def test_overlong_command_lines(
+    server: Daemon, before: bytes, line: bytes, after: bytes, expected: list[bytes]
+) -> None:
+    with server.connect() as sock:
+        recv_reply(sock)
+        sock.sendall(before)
+        read_replies(sock, before.count(b"\r\n"))
+        sock.sendall(line + after + b"QUIT\r\n")
+        assert finals(until_closed(sock)) == [*expected, CLOSING]
+
+
+def test_overlong_line_in_data_refuses_the_message(server: Daemon) -> None:
+    with open_data(server) as sock:
+        sock.sendall(b"Subject: long-data\r\n\r\n" + LONG + b".\r\nQUIT\r\n")
+        assert finals(until_closed(sock)) == [
+            b"550 5.6.0 Message refused: a line is longer than 1000 octets with its <CRLF>",
+            CLOSING,
+        ]
+    assert holding(server, b"long-data") == []
+
+
+def test_overlong_line_in_bdat_refuses_the_message(server: Daemon) -> None:
+    chunk = b"Subject: long-bdat\r\n\r\n" + LONG
+    with server.connect() as sock:
+        recv_reply(sock)
+        sock.sendall(ENVELOPE + b"BDAT %d LAST\r\n" % len(chunk) + chunk + b"QUIT\r\n")
+        assert finals(until_closed(sock))[-2:] == [
+            b"550 5.6.0 Message refused: a line is longer than 1000 octets with its <CRLF>",
+            CLOSING,
+        ]
+    assert holding(server, b"long-bdat") == []
+
+
+def test_overlong_line_after_starttls(server: Daemon, ca: trustme.CA) -> None:
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    with server.connect() as sock:
+        recv_reply(sock)
+        sock.sendall(b"EHLO c\r\nSTARTTLS\r\n")
+        assert read_replies(sock, 2)[-1] == b"220 2.0.0 Ready to start TLS"
+        with context.wrap_socket(sock, server_hostname="mx.test") as tls:
+            tls.sendall(LONG + b"EHLO c\r\nQUIT\r\n")
+            data = b""
+            while chunk := tls.recv(65536):
+                data += chunk
+            assert finals(data) == [LINE_TOO_LONG, b"250 CHUNKING", CLOSING]  # no STARTTLS now
+
+
+# -- floods --------------------------------------------------------------------
+
+
+def test_recipients_past_the_limit_pipelined(server: Daemon) -> None:
+    recipients = [f"r{i}@example.net".encode() for i in range(150)]
+    with server.connect() as sock:
+        recv_reply(sock)
+        sock.sendall(
+            b"EHLO c\r\nMAIL FROM:<a@example.net>\r\n"
+            + b"".join(b"RCPT TO:<" + r + b">\r\n" for r in recipients)
+            + b"DATA\r\n"
+        )
+        replies = read_replies(sock, 2 + 150 + 1)
+        assert replies[2:] == [b"250 2.1.5 Recipient OK"] * 100 + [
+            b"452 4.5.3 Too many recipients"
+        ] * 50 + [b"354 Start mail input; end with <CRLF>.<CRLF>"]
+        sock.sendall(b"Subject: many-rcpt\r\n\r\nx\r\n.\r\nQUIT\r\n")
+        replies = finals(until_closed(sock))
+    assert replies[0].startswith(QUEUED) and replies[1:] == [CLOSING]
+    [queue_id] = holding(server, b"many-rcpt")
+    [entry] = [m for m in queued(server.config) if m["id"] == queue_id]
+    assert entry["recipients"] == [r.decode() for r in recipients[:100]]
+
+
+def test_header_flood_is_stored_with_bounded_memory(server: Daemon) -> None:
+    headers = b"".join(b"X-Flood-%06d: v\r\n" % i for i in range(100_000))
+    message = b"Subject: header-flood\r\n" + headers + b"\r\nbody\r\n"
+    before = worker_rss(server)
+    with open_data(server) as sock:
+        sock.sendall(message + b".\r\nQUIT\r\n")
+        replies = finals(until_closed(sock))
+    growth = worker_rss(server) - before
+    assert replies[0].startswith(QUEUED) and replies[1:] == [CLOSING]
+    [queue_id] = holding(server, b"header-flood")
+    assert body_of(stored(server.config, queue_id)) == message
+    # 2 MB of headers: none of it is held in memory.
+    assert growth < 8 * 1024 * 1024, growth
+
+
+# -- slow and silent clients -------------------------------------------------
+
+
+def test_slow_client_is_served_and_others_meanwhile(server: Daemon) -> None:
+    transaction = ENVELOPE + b"DATA\r\nSubject: slow-client\r\n\r\ntrickled\r\n.\r\nQUIT\r\n"
+    halfway, others_done = threading.Event(), threading.Event()
+    result: list[bytes] = []
+
+    def trickle() -> None:
+        with server.connect() as sock:
+            for i, octet in enumerate(transaction):
+                if i == len(transaction) // 2:
+                    halfway.set()
+                    others_done.wait(timeout=60)
+                sock.sendall(bytes([octet]))
+                time.sleep(0.005)
+            result.append(until_closed(sock))
+
+    slow = threading.Thread(target=trickle)
+    started = time.monotonic()
+    slow.start()
+    try:
+        assert halfway.wait(timeout=60)
+        # The slow client is in the middle of its DATA: others are served now.
+        for n in range(3):
+            with server.connect() as sock:
+                sock.sendall(ENVELOPE + b"DATA\r\nSubject: fast-%d\r\n\r\nx\r\n.\r\nQUIT\r\n" % n)
+                assert finals(until_closed(sock))[-2].startswith(QUEUED)
+    finally:
+        others_done.set()
+        slow.join(timeout=60)
+    assert time.monotonic() - started < 30
+    assert finals(result[0])[-2].startswith(QUEUED)
+    assert len(holding(server, b"slow-client")) == 1
+    for n in range(3):
+        assert len(holding(server, b"fast-%d" % n)) == 1
+
+
+def test_client_that_never_reads_its_replies(server: Daemon) -> None:
+    before = worker_rss(server)
+    silent = socket.socket()
+    silent.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    silent.connect((server.host, server.port))
+    silent.setblocking(False)
+    batch = b"NOOP\r\n" * 10_000
+    sent = 0
+    try:
+        assert silent.send(b"EHLO c\r\n") == 8
+        # Pipeline NOOPs until the daemon stops taking them (or 64 MB went in).
+        while sent < 64 * 1024 * 1024:
+            _, writable, _ = select.select([], [silent], [], 2.0)
+            if not writable:
+                break
+            sent += silent.send(batch)
+        assert sent < 64 * 1024 * 1024, "the daemon read everything without sending replies"
+        growth = worker_rss(server) - before
+        assert growth < 32 * 1024 * 1024, growth
+        # Meanwhile, others are served.
+        with server.connect() as sock:
+            sock.sendall(ENVELOPE + b"DATA\r\nSubject: beside-silent\r\n\r\nx\r\n.\r\nQUIT\r\n")
+            assert finals(until_closed(sock))[-2].startswith(QUEUED)
+    finally:
+        silent.close()
+    print(f"never-reading client: {sent} octets taken, worker RSS grew {growth} octets")
