@@ -2,16 +2,20 @@
 
 SMTP smuggling in every end-of-data variant, NUL and 8-bit octets in
 commands, over-long lines in every state, recipient and header floods,
-slow clients and clients that never read their replies.  Each test asserts
+slow clients and clients that never read their replies; and faults: a full
+disk, a session that raises.  Each test asserts
 the exact replies and what the queue holds afterwards: nothing refused is
 stored, and what is answered 250 is stored once, byte for byte.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import select
 import socket
 import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -411,3 +415,69 @@ def test_client_that_never_reads_its_replies(server: Daemon) -> None:
     finally:
         silent.close()
     print(f"never-reading client: {sent} octets taken, worker RSS grew {growth} octets")
+
+
+# -- faults ------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_spool(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MB filesystem (tmpfs) where the configuration puts the spool."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(spool)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield spool
+    finally:
+        subprocess.run(["umount", "-l", str(spool)], check=True)
+
+
+def send(d: Daemon, body: bytes) -> list[bytes]:
+    with d.connect() as sock:
+        sock.sendall(ENVELOPE + b"DATA\r\n")
+        assert read_replies(sock, 5)[-1] == b"354 Start mail input; end with <CRLF>.<CRLF>"
+        sock.sendall(body + b".\r\nQUIT\r\n")
+        return finals(until_closed(sock))
+
+
+def fill(directory: Path) -> Path:
+    filler = directory / "filler"
+    with open(filler, "wb") as file:
+        try:
+            while True:
+                file.write(b"\0" * 65536)
+                file.flush()
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+    return filler
+
+
+def test_disk_full_is_a_temporary_refusal_until_space_returns(
+    tmp_path: Path, small_spool: Path
+) -> None:
+    config = write_config(tmp_path)
+    full = [b"452 4.3.1 Insufficient system storage", CLOSING]
+    with daemon(config) as d:
+        # Bigger than the filesystem: the write fails midway.
+        big = b"Subject: too-big-for-disk\r\n\r\n" + (b"x" * 998 + b"\r\n") * 3000
+        assert send(d, big) == full
+        assert os.listdir(small_spool / "tmp") == []
+        # A full filesystem: the commit fails.
+        filler = fill(small_spool)
+        assert send(d, b"Subject: disk-full\r\n\r\nsmall\r\n") == full
+        assert os.listdir(small_spool / "tmp") == []
+        assert queued(config) == []
+        # Space returns: the same daemon accepts again.
+        filler.unlink()
+        replies = send(d, b"Subject: space-again\r\n\r\nsmall\r\n")
+        assert replies[0].startswith(QUEUED) and replies[1:] == [CLOSING]
+        assert d.process.poll() is None
+    [message] = queued(config)
+    assert body_of(stored(config, message["id"])) == b"Subject: space-again\r\n\r\nsmall\r\n"
+    assert os.listdir(small_spool / "tmp") == []
