@@ -10,9 +10,12 @@ stored, and what is answered 250 is stored once, byte for byte.
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import logging
 import os
 import select
+import signal
 import socket
 import ssl
 import subprocess
@@ -24,7 +27,13 @@ from pathlib import Path
 import pytest
 import trustme
 
+from mmdf_smtp.daemon import Daemon as Server
+from mmdf_smtp.daemon import bind
+from mmdf_smtp.protocol import Event, MailFrom, MessageComplete
 from mmdf_smtp.queue.spool import Spool
+from mmdf_smtp.service import Peer, Service
+from mmdf_smtp.session import Session
+from mmdf_smtp.shells.blocking import BlockingShell
 from test_wire import read_replies, recv_reply
 from wire import Daemon, body_of, certificate, daemon, queued, stored, write_config
 
@@ -481,3 +490,91 @@ def test_disk_full_is_a_temporary_refusal_until_space_returns(
     [message] = queued(config)
     assert body_of(stored(config, message["id"])) == b"Subject: space-again\r\n\r\nsmall\r\n"
     assert os.listdir(small_spool / "tmp") == []
+
+
+def test_a_session_that_raises_loses_only_itself(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An unexpected exception in one session: that client gets 421, the others go on."""
+    config = write_config(tmp_path)
+    service = Service.load(str(config), ["local", "smtp"], finicky=False)
+    listeners = bind(["127.0.0.1:0"])
+    port = listeners[0].getsockname()[1]
+    handle = Session.handle
+
+    def failing(self: Session, event: Event) -> None:
+        if isinstance(event, MailFrom) and event.sender.local == "boom":
+            raise RuntimeError("injected failure")
+        handle(self, event)
+
+    monkeypatch.setattr(Session, "handle", failing)
+
+    async def client(script: bytes, count: int) -> list[bytes]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(script)
+        data = await reader.read()  # to the server's close
+        writer.close()
+        return finals(data)[:count]
+
+    async def main() -> tuple[list[bytes], list[bytes], list[bytes]]:
+        running = asyncio.create_task(Server(service, listeners, config_path=str(config)).run())
+        # A message in flight while another session fails.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(ENVELOPE + b"DATA\r\nSubject: in-flight\r\n\r\n")
+        while b"354 " not in await reader.readline():
+            pass
+        failed = await client(b"EHLO c\r\nMAIL FROM:<boom@example.net>\r\nNOOP\r\n", 3)
+        writer.write(b"first half done\r\n.\r\nQUIT\r\n")
+        in_flight = finals(await reader.read())
+        writer.close()
+        after = await client(ENVELOPE + b"DATA\r\nSubject: after\r\n\r\nx\r\n.\r\nQUIT\r\n", 7)
+        os.kill(os.getpid(), signal.SIGTERM)
+        await running
+        return failed, in_flight, after
+
+    with caplog.at_level(logging.INFO, logger="mmdf_smtp"):
+        failed, in_flight, after = asyncio.run(main())
+    assert failed == [
+        b"220 mx.test Server SMTP ready",
+        b"250 CHUNKING",
+        b"421 4.3.0 Local error in processing, closing transmission channel",
+    ]
+    assert in_flight[-2].startswith(QUEUED) and in_flight[-1] == CLOSING
+    assert after[-2].startswith(QUEUED) and after[-1] == CLOSING
+    [failure] = [r for r in caplog.records if "session failed" in r.getMessage()]
+    assert failure.exc_info is not None and "injected failure" in str(failure.exc_info[1])
+    subjects = sorted(body_of(stored(config, m["id"])).split(b"\r\n")[0] for m in queued(config))
+    assert subjects == [b"Subject: after", b"Subject: in-flight"]
+    assert os.listdir(tmp_path / "spool" / "tmp") == []
+
+
+def test_smtpsrvr_session_that_raises_says_421_and_not_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The blocking shell: the exception goes to the log, 421 to the client."""
+    config = write_config(tmp_path)
+    service = Service.load(str(config), ["local"], finicky=False)
+    handle = Session.handle
+
+    def failing(self: Session, event: Event) -> None:
+        if isinstance(event, MessageComplete):
+            raise RuntimeError("injected failure")
+        handle(self, event)
+
+    monkeypatch.setattr(Session, "handle", failing)
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ours.sendall(ENVELOPE + b"DATA\r\nSubject: fails\r\n\r\nx\r\n.\r\nNOOP\r\n")
+        shell = BlockingShell(service.session(Peer(None)), rfd=theirs.fileno(), wfd=theirs.fileno())
+        with caplog.at_level(logging.INFO, logger="mmdf_smtp"):
+            assert shell.run() is False
+        theirs.shutdown(socket.SHUT_WR)
+        data = until_closed(ours)
+    assert finals(data)[-2:] == [
+        b"354 Start mail input; end with <CRLF>.<CRLF>",
+        b"421 4.3.0 Local error in processing, closing transmission channel",
+    ]
+    assert b"injected" not in data
+    assert any("session failed" in r.getMessage() for r in caplog.records)
+    assert queued(config) == []
+    assert os.listdir(tmp_path / "spool" / "tmp") == []

@@ -41,7 +41,15 @@ from ..daemon import (
 )
 from ..session import address_literal
 from ..shells.blocking import BlockingShell
-from .common import EX_CONFIG, EX_OK, EX_OSERR, ArgumentParser, load_service, setup_logging
+from .common import (
+    EX_CONFIG,
+    EX_OK,
+    EX_OSERR,
+    EX_SOFTWARE,
+    ArgumentParser,
+    load_service,
+    setup_logging,
+)
 from .smtpsrvr import find_peer
 
 log = logging.getLogger("mmdf_smtp.smtpd")
@@ -138,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
             argv0 = "rsmtpsrvr" if external.finicky else "smtpsrvr"
             channel_list = ",".join(channels)
             os.execv(external.path, [argv0, remote or literal, service.hostname, channel_list])
-        BlockingShell(service.session(peer), tls_context=service.tls_context).run()
-        return EX_OK
+        served = BlockingShell(service.session(peer), tls_context=service.tls_context).run()
+        return EX_OK if served else EX_SOFTWARE
 
     try:
         listeners = inherited() if not args.listen else []

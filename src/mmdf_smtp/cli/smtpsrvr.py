@@ -20,7 +20,7 @@ import sys
 
 from ..service import Peer, parse_address
 from ..shells.blocking import BlockingShell
-from .common import EX_OK, ArgumentParser, load_service, setup_logging
+from .common import EX_OK, EX_SOFTWARE, ArgumentParser, load_service, setup_logging
 
 
 def find_peer(remotehost: str, fd: int = 0) -> Peer:
@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     setup_logging(program, debug=args.debug, target=service.config.log)
     session = service.session(find_peer(args.remotehost))
-    BlockingShell(session, tls_context=service.tls_context).run()
-    return EX_OK
+    served = BlockingShell(session, tls_context=service.tls_context).run()
+    return EX_OK if served else EX_SOFTWARE
 
 
 if __name__ == "__main__":

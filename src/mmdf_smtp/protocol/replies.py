@@ -55,6 +55,7 @@ TIMEOUT = _r(421, "4.4.2", "Timeout waiting for input, closing transmission chan
 TOO_MANY_CONNECTIONS = _r(421, "4.7.0", "Too many connections from your host, try again later")
 TOO_MANY_ERRORS = _r(421, "4.7.0", "Too many errors, closing transmission channel")
 NO_SERVICE = _r(554, "5.7.1", "No SMTP service here")
+LOCAL_ERROR = _r(421, "4.3.0", "Local error in processing, closing transmission channel")
 
 # Greetings and simple commands.
 HELLO = _r(250, "", "Hello")

@@ -20,7 +20,7 @@ import ssl
 import time
 from typing import cast
 
-from ..protocol import PAUSED, ConnectionClosed, MessageComplete, Signal, StartTLS
+from ..protocol import PAUSED, ConnectionClosed, MessageComplete, Signal, StartTLS, replies
 from ..service import Peer, Service, parse_address
 from ..session import Session
 from .tls import describe
@@ -121,11 +121,26 @@ class SessionProtocol(asyncio.Protocol):
             await self._serve()
         except Exception:
             log.exception("session failed")
-            if self._session is not None:
-                self._session.handle(ConnectionClosed(clean=False))
+            self._say_goodbye()
         finally:
             if self._transport is not None:
                 self._transport.close()
+
+    def _say_goodbye(self) -> None:
+        """After a failure: the replies already due, then 421, and the message dropped.
+
+        The client learns that the session is over and may try again; a
+        message it was sending is not queued, and no 250 was said for it.
+        """
+        transport, session = self._transport, self._session
+        pending = session.connection.data_to_send() if session is not None else b""
+        if transport is not None and not transport.is_closing():
+            transport.write(pending + replies.LOCAL_ERROR.to_bytes())
+        if session is not None:
+            try:
+                session.handle(ConnectionClosed(clean=False))
+            except Exception:
+                log.exception("session clean-up failed")
 
     async def _serve(self) -> None:
         service = self._service
