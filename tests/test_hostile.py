@@ -345,6 +345,17 @@ def test_recipients_past_the_limit_pipelined(server: Daemon) -> None:
     assert entry["recipients"] == [r.decode() for r in recipients[:100]]
 
 
+def test_pipelined_errors_past_the_limit_close_with_421(server: Daemon) -> None:
+    with server.connect() as sock:
+        recv_reply(sock)
+        sock.sendall(b"EHLO c\r\n" + b"XYZZY\r\n" * 50 + b"NOOP\r\n")
+        assert finals(until_closed(sock)) == [
+            b"250 STARTTLS",
+            *[b"500 5.5.1 Command unrecognized"] * 10,
+            b"421 4.7.0 Too many errors, closing transmission channel",
+        ]
+
+
 def test_header_flood_is_stored_with_bounded_memory(server: Daemon) -> None:
     headers = b"".join(b"X-Flood-%06d: v\r\n" % i for i in range(100_000))
     message = b"Subject: header-flood\r\n" + headers + b"\r\nbody\r\n"
