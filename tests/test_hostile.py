@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 import trustme
 
+from dnsserver import Zone, dns_server
 from mmdf_smtp.daemon import Daemon as Server
 from mmdf_smtp.daemon import bind
 from mmdf_smtp.protocol import Event, MailFrom, MessageComplete
@@ -593,3 +594,36 @@ def test_smtpsrvr_session_that_raises_says_421_and_not_why(
     assert any("session failed" in r.getMessage() for r in caplog.records)
     assert queued(config) == []
     assert os.listdir(tmp_path / "spool" / "tmp") == []
+
+
+def test_silent_dns_is_a_bounded_temporary_refusal(tmp_path: Path) -> None:
+    """The client's look-up gets no answer: 421 within the DNS timeout, others served."""
+    zone = Zone(silent={"2.0.0.127.in-addr.arpa"})
+    with dns_server(zone) as nameserver:
+        extra = f"""
+[channels.dns]
+table = "nameserver"
+
+[dns]
+nameservers = ["{nameserver}"]
+timeout = 2
+"""
+        config = write_config(tmp_path, extra)
+        with daemon(config, channels="local,dns") as d:
+            started = time.monotonic()
+            with d.connect("127.0.0.2") as slow:
+                # While that look-up waits, a client the tables know is served.
+                with d.connect("127.0.0.1") as known:
+                    known.sendall(
+                        ENVELOPE + b"DATA\r\nSubject: beside-dns\r\n\r\nx\r\n.\r\nQUIT\r\n"
+                    )
+                    assert finals(until_closed(known))[-2].startswith(QUEUED)
+                slow.sendall(ENVELOPE + b"DATA\r\nSubject: unresolved\r\n\r\nx\r\n.\r\nQUIT\r\n")
+                assert finals(until_closed(slow)) == [
+                    b"421 4.4.3 mx.test: Cannot resolve your address [127.0.0.2], try again later"
+                ]
+            assert time.monotonic() - started < 15
+    assert ("2.0.0.127.in-addr.arpa", "PTR") in zone.queries
+    assert [body_of(stored(config, m["id"])) for m in queued(config)] == [
+        b"Subject: beside-dns\r\n\r\nx\r\n"
+    ]
