@@ -627,3 +627,23 @@ timeout = 2
     assert [body_of(stored(config, m["id"])) for m in queued(config)] == [
         b"Subject: beside-dns\r\n\r\nx\r\n"
     ]
+
+
+def test_clients_with_silent_dns_do_not_hold_up_the_others(tmp_path: Path) -> None:
+    """Twenty look-ups waiting on a silent nameserver: a known client is greeted at once."""
+    zone = Zone(silent={f"{i}.0.0.127.in-addr.arpa" for i in range(2, 22)})
+    with dns_server(zone) as nameserver:
+        extra = f'\n[channels.dns]\ntable = "nameserver"\n[dns]\nnameservers = ["{nameserver}"]\n'
+        config = write_config(tmp_path, extra + "timeout = 8\n")
+        with daemon(config, "-n", "60", channels="local,dns") as d:
+            waiting = [d.connect(f"127.0.0.{i}") for i in range(2, 22)]
+            try:
+                started = time.monotonic()
+                with d.connect("127.0.0.1") as known:
+                    known.sendall(ENVELOPE + b"DATA\r\nSubject: not-held\r\n\r\nx\r\n.\r\nQUIT\r\n")
+                    assert finals(until_closed(known))[-2].startswith(QUEUED)
+                assert time.monotonic() - started < 4  # well within the 8 s look-ups
+                assert len(zone.queries) >= len(waiting)
+            finally:
+                for sock in waiting:
+                    sock.close()

@@ -18,6 +18,7 @@ import asyncio
 import logging
 import ssl
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import cast
 
 from ..protocol import PAUSED, ConnectionClosed, MessageComplete, Signal, StartTLS, replies
@@ -29,6 +30,14 @@ from .trace import trace_input, trace_output
 log = logging.getLogger("mmdf_smtp.smtpd")
 
 HIGH_WATER = 256 * 1024
+
+# The blocking calls get threads of their own, as many as the sessions of a
+# worker may want at once (threads start only when needed).  In the loop's
+# default pool, a handful of clients whose look-ups wait on a silent
+# nameserver for dns.timeout held up the greeting of every other client
+# and the 250 of every message being committed.
+_LOOKUPS = ThreadPoolExecutor(max_workers=256, thread_name_prefix="lookup")
+_COMMITS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="commit")
 
 
 class SessionProtocol(asyncio.Protocol):
@@ -144,7 +153,7 @@ class SessionProtocol(asyncio.Protocol):
 
     async def _serve(self) -> None:
         service = self._service
-        session = await self._loop.run_in_executor(None, service.session, self._peer())
+        session = await self._loop.run_in_executor(_LOOKUPS, service.session, self._peer())
         self._session = session
         conn = session.connection
         if self._stopping:
@@ -182,7 +191,7 @@ class SessionProtocol(asyncio.Protocol):
                 session.handle(event)
                 return
             if isinstance(event, MessageComplete):
-                await self._loop.run_in_executor(None, session.handle, event)
+                await self._loop.run_in_executor(_COMMITS, session.handle, event)
             else:
                 session.handle(event)
             if isinstance(event, StartTLS):
