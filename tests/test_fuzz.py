@@ -202,6 +202,7 @@ class SessionMachine(RuleBasedStateMachine):
         self.codes: list[int] = []  # every reply's code, in order
         self.starts_granted = 0  # 354s we gave
         self.queued = 0  # 250s we gave to a complete message
+        self.queued_replies = 0  # "250 ... queued" lines the core wrote
         self.eof_sent = False
         self.tls_failed = False
         self.closed_event: ConnectionClosed | None = None
@@ -320,6 +321,8 @@ class SessionMachine(RuleBasedStateMachine):
                 continued = None
                 assert 221 not in self.codes, f"{code} after 221"
                 self.codes.append(code)
+                if match[0] == replies.QUEUED.to_bytes():
+                    self.queued_replies += 1
         assert position == len(out), f"malformed reply: {out[position:]!r}"
         assert continued is None, "a reply left half-sent"
 
@@ -494,6 +497,7 @@ class SessionMachine(RuleBasedStateMachine):
     @invariant()
     def replies_agree_with_the_decisions(self) -> None:
         assert self.codes.count(354) == self.starts_granted
+        assert self.queued_replies == self.queued  # 250 only for what we queued
         assert len(self.run.of(StartTLS)) == self.codes.count(220) - 1  # one was the greeting
         assert self.codes.count(221) <= 1
 
