@@ -1,4 +1,9 @@
-"""Shared test set-up: tests import their helper modules from this folder."""
+"""Shared test set-up: helper modules from this folder, and the --soak option.
+
+Every run keeps hypothesis's example counts small (the "ci" profile);
+``pytest --soak`` loads the "soak" profile, which raises them a hundredfold,
+and runs the tests marked ``soak`` that are skipped otherwise.
+"""
 
 from __future__ import annotations
 
@@ -9,19 +14,31 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+settings.register_profile("ci", deadline=None)
+settings.register_profile(
+    "soak", deadline=None, max_examples=20_000, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile("ci")
 
 _OWN_BASE: Path | None = None
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
-        "--soak", action="store_true", help="long soak and fuzz runs (by hand, not in CI)"
+        "--soak",
+        action="store_true",
+        default=False,
+        help="long fuzz and soak runs: more hypothesis examples, and the tests marked soak",
     )
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("--soak"):
+        settings.load_profile("soak")
     global _OWN_BASE  # noqa: PLW0603 - one per test run, removed at its end
     if os.geteuid() == 0 and config.option.basetemp is None:
         # Run as root, the servers under test serve sessions as nobody, who
@@ -36,3 +53,12 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_unconfigure(config: pytest.Config) -> None:
     if _OWN_BASE is not None:
         shutil.rmtree(_OWN_BASE, ignore_errors=True)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--soak"):
+        return
+    skip = pytest.mark.skip(reason="a long run: give --soak to run it")
+    for item in items:
+        if "soak" in item.keywords:
+            item.add_marker(skip)

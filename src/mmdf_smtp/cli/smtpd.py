@@ -42,6 +42,7 @@ from ..shells.blocking import BlockingShell
 from .common import (
     EX_OK,
     EX_OSERR,
+    EX_SOFTWARE,
     ArgumentParser,
     become_user,
     load_service,
@@ -144,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
             argv0 = "rsmtpsrvr" if external.finicky else "smtpsrvr"
             channel_list = ",".join(channels)
             os.execv(external.path, [argv0, remote or literal, service.hostname, channel_list])
-        BlockingShell(service.session(peer), tls_context=service.tls_context).run()
-        return EX_OK
+        served = BlockingShell(service.session(peer), tls_context=service.tls_context).run()
+        return EX_OK if served else EX_SOFTWARE
 
     try:
         listeners = inherited() if not args.listen else []

@@ -20,7 +20,7 @@ import sys
 
 from ..service import Peer, parse_address
 from ..shells.blocking import BlockingShell
-from .common import EX_OK, ArgumentParser, become_user, load_service, setup_logging
+from .common import EX_OK, EX_SOFTWARE, ArgumentParser, become_user, load_service, setup_logging
 
 
 def find_peer(remotehost: str, fd: int = 0) -> Peer:
@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     peer = find_peer(args.remotehost)
     become_user(program, service)
     session = service.session(peer)
-    BlockingShell(session, tls_context=service.tls_context).run()
-    return EX_OK
+    served = BlockingShell(session, tls_context=service.tls_context).run()
+    return EX_OK if served else EX_SOFTWARE
 
 
 if __name__ == "__main__":

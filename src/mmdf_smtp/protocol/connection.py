@@ -494,6 +494,10 @@ class ServerConnection:
     def _rcpt(self, argument: str) -> None:
         if self.mail is None:
             raise GrammarError(replies.NEED_MAIL)
+        if self._message_open:
+            # The envelope went to the queue with the first chunk: a recipient
+            # accepted now would be answered 250 and never delivered.
+            raise GrammarError(replies.RCPT_AFTER_BDAT)
         parsed = grammar.parse_rcpt(argument)
         if parsed.params:
             raise GrammarError(replies.UNKNOWN_PARAMETER)

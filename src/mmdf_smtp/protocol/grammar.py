@@ -90,7 +90,9 @@ class Command:
 def split_command(line: str) -> Command:
     """Split a command line (without CRLF) into its verb and argument."""
     verb, _, argument = line.partition(" ")
-    return Command(verb.upper(), argument.strip(" "))
+    # Verbs are ASCII (RFC 5321 4.1.1).  str.upper() would make "MAIL" of a
+    # dotless i ("MA\u0131L") or STARTTLS of a ligature: leave those unknown.
+    return Command(verb.upper() if verb.isascii() else verb, argument.strip(" "))
 
 
 def parse_helo(argument: str) -> str:

@@ -64,6 +64,7 @@ NETWORK_CONNECTION_RATE = _r(
 )
 TOO_MANY_ERRORS = _r(421, "4.7.0", "Too many errors, closing transmission channel")
 NO_SERVICE = _r(554, "5.7.1", "No SMTP service here")
+LOCAL_ERROR = _r(421, "4.3.0", "Local error in processing, closing transmission channel")
 
 # Greetings and simple commands.
 HELLO = _r(250, "", "Hello")
@@ -106,6 +107,7 @@ SEND_HELLO_FIRST = _r(503, "5.5.1", "Send EHLO or HELO first")
 NESTED_MAIL = _r(503, "5.5.1", "Sender already specified")
 NEED_MAIL = _r(503, "5.5.1", "Need MAIL command")
 DATA_AFTER_BDAT = _r(503, "5.5.1", "DATA cannot follow BDAT in one transaction")
+RCPT_AFTER_BDAT = _r(503, "5.5.1", "RCPT cannot follow BDAT in one transaction")
 REFUSED_SEND_QUIT = _r(503, "5.5.1", "Service refused; send QUIT")
 NO_VALID_RECIPIENTS = _r(554, "5.5.1", "No valid recipients")
 TLS_ALREADY_ACTIVE = _r(503, "5.5.1", "TLS already active")

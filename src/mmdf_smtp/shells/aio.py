@@ -18,9 +18,10 @@ import asyncio
 import logging
 import ssl
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import cast
 
-from ..protocol import PAUSED, ConnectionClosed, MessageComplete, Signal, StartTLS
+from ..protocol import PAUSED, ConnectionClosed, MessageComplete, Signal, StartTLS, replies
 from ..service import Peer, Service, parse_address
 from ..session import Session
 from .tls import describe
@@ -29,6 +30,14 @@ from .trace import trace_input, trace_output
 log = logging.getLogger("mmdf_smtp.smtpd")
 
 HIGH_WATER = 256 * 1024
+
+# The blocking calls get threads of their own, as many as the sessions of a
+# worker may want at once (threads start only when needed).  In the loop's
+# default pool, a handful of clients whose look-ups wait on a silent
+# nameserver for dns.timeout held up the greeting of every other client
+# and the 250 of every message being committed.
+_LOOKUPS = ThreadPoolExecutor(max_workers=256, thread_name_prefix="lookup")
+_COMMITS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="commit")
 
 
 class SessionProtocol(asyncio.Protocol):
@@ -121,11 +130,26 @@ class SessionProtocol(asyncio.Protocol):
             await self._serve()
         except Exception:
             log.exception("session failed")
-            if self._session is not None:
-                self._session.handle(ConnectionClosed(clean=False))
+            self._say_goodbye()
         finally:
             if self._transport is not None:
                 self._transport.close()
+
+    def _say_goodbye(self) -> None:
+        """After a failure: the replies already due, then 421, and the message dropped.
+
+        The client learns that the session is over and may try again; a
+        message it was sending is not queued, and no 250 was said for it.
+        """
+        transport, session = self._transport, self._session
+        pending = session.connection.data_to_send() if session is not None else b""
+        if transport is not None and not transport.is_closing():
+            transport.write(pending + replies.LOCAL_ERROR.to_bytes())
+        if session is not None:
+            try:
+                session.handle(ConnectionClosed(clean=False))
+            except Exception:
+                log.exception("session clean-up failed")
 
     async def _serve(self) -> None:
         service = self._service
@@ -134,7 +158,7 @@ class SessionProtocol(asyncio.Protocol):
         peer = self._peer()
         session = service.session_without_dns(peer)
         if session is None:
-            session = await self._loop.run_in_executor(None, service.session, peer)
+            session = await self._loop.run_in_executor(_LOOKUPS, service.session, peer)
         self._session = session
         conn = session.connection
         if self._stopping:
@@ -174,7 +198,7 @@ class SessionProtocol(asyncio.Protocol):
                 session.handle(event)
                 return
             if isinstance(event, MessageComplete):
-                await self._loop.run_in_executor(None, session.handle, event)
+                await self._loop.run_in_executor(_COMMITS, session.handle, event)
             else:
                 session.handle(event)
             if isinstance(event, StartTLS):

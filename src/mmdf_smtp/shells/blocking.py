@@ -9,16 +9,19 @@ any descriptor, pipes included.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import select
 import ssl
 import time
 from collections.abc import Callable
 
-from ..protocol import PAUSED, ConnectionClosed, Signal, StartTLS, Timer
+from ..protocol import PAUSED, ConnectionClosed, Signal, StartTLS, Timer, replies
 from ..session import Session
 from .tls import describe
 from .trace import trace_input, trace_output
+
+log = logging.getLogger("mmdf_smtp.smtpsrvr")
 
 READ_SIZE = 65536
 
@@ -51,8 +54,37 @@ class BlockingShell:
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
 
-    def run(self) -> None:
-        """Serve until the session ends."""
+    def run(self) -> bool:
+        """Serve until the session ends; False when it failed.
+
+        A failure (an exception from the session) is logged, never written
+        to the client (under inetd stderr is the connection): the client gets
+        the replies already due and 421, and a message it was sending is
+        dropped, as when it goes away.
+        """
+        try:
+            self._serve()
+        except Exception:
+            log.exception("session failed")
+            self._say_goodbye()
+            return False
+        return True
+
+    def _say_goodbye(self) -> None:
+        data = self._conn.data_to_send() + replies.LOCAL_ERROR.to_bytes()
+        try:
+            if self._tls is not None:
+                self._tls.write(data)
+                data = self._outgoing.read()
+            self._write_all(data)
+        except (_Gone, ssl.SSLError):
+            pass
+        try:
+            self._session.handle(ConnectionClosed(clean=False))
+        except Exception:
+            log.exception("session clean-up failed")
+
+    def _serve(self) -> None:
         conn = self._conn
         while True:
             event = conn.next_event()
