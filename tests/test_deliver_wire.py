@@ -1,0 +1,250 @@
+"""deliver as a program: beside the daemon, with swaks, a next hop, kill -9 and signals."""
+
+from __future__ import annotations
+
+import mailbox
+import shutil
+import signal
+import smtplib
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from mmdf_smtp.queue import Envelope
+from mmdf_smtp.queue.spool import Spool
+from peer import Handler, peer
+from wire import PYTHON, checkque, daemon, env, queued, write_config
+
+BODY = (
+    b"Subject: over the wire\r\n"
+    b"From: sender@example.net\r\n"
+    b"To: alice@example.org\r\n"
+    b"\r\n"
+    b"First line.\r\n"
+    b".A line that starts with a dot.\r\n"
+    b"\r\n"
+    b"Tabs\tand trailing spaces   \r\n"
+    b"Last line.\r\n"
+)
+
+
+def configure(directory: Path, extra: str = "") -> Path:
+    (directory / "aliases").write_text("staff: alice, bob\n")
+    local = f'maildir = "{directory}/mail/{{user}}/Maildir"\naliases = "{directory}/aliases"\n'
+    return write_config(directory, local + extra)
+
+
+def deliver_command(config: Path, *args: str) -> list[str]:
+    return [PYTHON, "-m", "mmdf_smtp.cli.deliver", "-c", str(config), *args]
+
+
+def run_deliver(config: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        deliver_command(config, *args), capture_output=True, env=env(), timeout=60, check=False
+    )
+
+
+def wait_for(process: subprocess.Popen[bytes], text: str, count: int = 1) -> list[str]:
+    """Read deliver's log until ``count`` lines hold ``text``."""
+    assert process.stderr is not None
+    found: list[str] = []
+    while len(found) < count:
+        line = process.stderr.readline().decode()
+        assert line, f"deliver ended before logging {text!r}"
+        if text in line:
+            found.append(line)
+    return found
+
+
+@contextmanager
+def deliver_service(config: Path) -> Iterator[subprocess.Popen[bytes]]:
+    process = subprocess.Popen(
+        deliver_command(config), stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env()
+    )
+    try:
+        wait_for(process, "waiting for messages")
+        yield process
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            process.wait(timeout=30)
+        assert process.stderr is not None
+        process.stderr.close()
+
+
+def maildir_messages(directory: Path, user: str) -> dict[str, bytes]:
+    box = mailbox.Maildir(directory / "mail" / user / "Maildir", factory=None, create=False)
+    return {key: box.get_bytes(key) for key in box.iterkeys()}
+
+
+def test_swaks_to_the_daemon_lands_in_the_maildir(tmp_path: Path) -> None:
+    swaks = shutil.which("swaks")
+    if swaks is None:
+        pytest.skip("swaks is not installed (apt-get install swaks)")
+    config = configure(tmp_path)
+    data = tmp_path / "message.eml"
+    data.write_bytes(BODY.removesuffix(b"\r\n"))  # swaks ends the data with CRLF . CRLF
+    with deliver_service(config) as deliverer, daemon(config) as server:
+        sent = subprocess.run(
+            [
+                *(swaks, "--server", f"{server.host}:{server.port}"),
+                *("--from", "sender@example.net", "--to", "alice@example.org"),
+                *("--data", str(data)),
+            ],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        assert sent.returncode == 0, sent.stdout.decode()
+        # Nothing is deferred, so deliver sleeps without a timeout: only the
+        # spool's poke can have woken it.
+        [line] = wait_for(deliverer, "status=delivered")
+    assert "to=<alice@example.org> relay=maildir attempts=1" in line
+    [message] = maildir_messages(tmp_path, "alice").values()
+    assert message.startswith(
+        b"Return-Path: <sender@example.net>\nDelivered-To: alice@example.org\nReceived: from "
+    )
+    assert message.endswith(b"\n\n" + BODY.split(b"\r\n\r\n", 1)[1].replace(b"\r\n", b"\n"))
+    box = mailbox.Maildir(tmp_path / "mail/alice/Maildir", create=False)
+    [parsed] = box
+    assert parsed["Subject"] == "over the wire"
+    assert parsed.get_payload(
+        decode=True
+    ) == b"First line.\n.A line that starts with a dot.\n\n" + (
+        b"Tabs\tand trailing spaces   \nLast line.\n"
+    )
+    assert queued(config) == []
+
+
+def test_a_relayed_message_reaches_the_lmtp_next_hop(tmp_path: Path) -> None:
+    handler = Handler(lmtp=True)
+    with peer(handler) as (_, port):
+        config = configure(tmp_path, f'[deliver]\nnext_hop = "lmtp:127.0.0.1:{port}"\n')
+        with deliver_service(config) as deliverer, daemon(config) as server:
+            with smtplib.SMTP(server.host, server.port, timeout=30) as client:
+                refused = client.sendmail(
+                    "sender@example.net", ["far@relay.test", "staff@example.org"], BODY
+                )
+            assert refused == {}
+            lines = wait_for(deliverer, "status=delivered", count=3)
+    assert sorted(line.split(" relay=")[1].split()[0] for line in lines) == [
+        f"lmtp:[127.0.0.1]:{port}",
+        "maildir",
+        "maildir",
+    ]
+    [received] = handler.messages
+    assert received.sender == "sender@example.net"
+    assert received.recipients == ["far@relay.test"]
+    assert received.content.startswith(b"Received: from ")
+    assert received.content.endswith(b"\r\n\r\n" + BODY.split(b"\r\n\r\n", 1)[1])
+    assert len(maildir_messages(tmp_path, "alice")) == 1
+    assert len(maildir_messages(tmp_path, "bob")) == 1
+
+
+def queue_many(spool: Spool, count: int) -> list[str]:
+    ids = []
+    for n in range(count):
+        writer = spool.open(
+            Envelope(
+                sender="sender@example.net",
+                recipients=("alice@example.org", "staff@example.org"),
+                channel="local",
+                remote_host="client.test",
+                remote_addr="127.0.0.1",
+                helo="client.test",
+                received=datetime.now(UTC),
+            )
+        )
+        writer.write(BODY + f"message {n}\r\n".encode())
+        writer.commit()
+        ids.append(writer.id)
+    return ids
+
+
+@pytest.mark.parametrize("kill_after", [1, 20, 45])
+def test_kill_9_mid_pass_and_a_restart_deliver_each_message_once(
+    tmp_path: Path, kill_after: int
+) -> None:
+    config = configure(tmp_path)
+    ids = queue_many(Spool(tmp_path / "spool"), 30)  # 60 deliveries: alice and bob each
+    process = subprocess.Popen(deliver_command(config, "--once"), stderr=subprocess.PIPE, env=env())
+    wait_for(process, "status=delivered", count=kill_after)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    assert process.stderr is not None
+    process.stderr.close()
+    left = queued(config)
+    assert left, "deliver finished before it was killed"
+    assert any(s["status"] == "pending" for m in left for s in m["states"])
+    again = run_deliver(config, "--once")
+    assert again.returncode == 0, again.stderr.decode()
+    assert queued(config) == []
+    for user in ("alice", "bob"):
+        names = sorted(maildir_messages(tmp_path, user))
+        delivered = sorted(name.split(".")[1][1:27] for name in names)
+        assert delivered == sorted(ids), user
+        for name, message in maildir_messages(tmp_path, user).items():
+            n = ids.index(name.split(".")[1][1:27])
+            assert message.endswith(f"\nmessage {n}\n".encode())
+
+
+def test_deferred_recipients_in_checkque(tmp_path: Path) -> None:
+    config = configure(tmp_path)
+    [queue_id] = queue_many(Spool(tmp_path / "spool"), 1)
+    writer = Spool(tmp_path / "spool").open(
+        Envelope(
+            sender="sender@example.net",
+            recipients=("far@relay.test",),
+            channel="local",
+            remote_host="client.test",
+            remote_addr="127.0.0.1",
+            helo="client.test",
+            received=datetime.now(UTC),
+        )
+    )
+    writer.write(BODY)
+    writer.commit()
+    result = run_deliver(config, "--once")
+    assert result.returncode == 0, result.stderr.decode()
+    [shown] = queued(config)
+    assert shown["id"] == writer.id
+    [state] = shown["states"]
+    assert state["recipient"] == state["address"] == "far@relay.test"
+    assert (state["status"], state["attempts"]) == ("deferred", 1)
+    assert state["last_reply"] == "451 4.4.0 No next hop configured for non-local mail"
+    tried = datetime.fromisoformat(state["last_try"])
+    assert (datetime.fromisoformat(state["next_try"]) - tried).total_seconds() == 60
+    table = checkque(config).stdout.decode().splitlines()
+    assert table[2].split(";")[0] == "    deferred   far@relay.test"
+    assert table[2].endswith("; 451 4.4.0 No next hop configured for non-local mail")
+    assert queue_id not in "\n".join(table)  # the local message was delivered and removed
+
+
+def test_sigterm_stops_the_service_and_once_asks_a_running_one(tmp_path: Path) -> None:
+    config = configure(tmp_path)
+    with deliver_service(config) as deliverer:
+        trigger = tmp_path / "spool/deliver.sock"
+        assert trigger.exists()
+        second = run_deliver(config)
+        assert second.returncode == 75
+        assert b"another deliver is running" in second.stderr
+        asked = run_deliver(config, "--once", "--flush")
+        assert asked.returncode == 0
+        assert b"asked the running deliver for a pass" in asked.stderr
+        deliverer.send_signal(signal.SIGTERM)
+        wait_for(deliverer, "stopped")
+        assert deliverer.wait(timeout=30) == 0
+    assert not trigger.exists()
+
+
+def test_command_line_errors(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[deliver]\nnext_hop = "pigeon:loft"\n')
+    result = run_deliver(bad, "--once")
+    assert result.returncode == 78
+    assert f"{bad}:2: deliver.next_hop: 'pigeon:loft': expected".encode() in result.stderr
+    assert run_deliver(bad, "--bogus").returncode == 64
