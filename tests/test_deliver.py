@@ -17,11 +17,11 @@ import trustme
 
 from mmdf_smtp.config import ConfigError, NextHop, load, parse_next_hop
 from mmdf_smtp.delivery import maildir
-from mmdf_smtp.delivery.nexthop import dot_stuffed
+from mmdf_smtp.delivery.nexthop import Outcome, dot_stuffed
 from mmdf_smtp.delivery.runner import Runner, backoff
 from mmdf_smtp.policy.aliases import Aliases, Destination
 from mmdf_smtp.queue import Envelope
-from mmdf_smtp.queue.spool import Spool
+from mmdf_smtp.queue.spool import DeliveryState, Spool
 from peer import Handler, peer
 from wire import write_config
 
@@ -186,6 +186,9 @@ def test_alias_nesting_is_bounded() -> None:
 def test_a_delivery_found_in_cur_is_not_repeated(tmp_path: Path) -> None:
     s = Setup(tmp_path)
     queue_id = s.queue("alice@example.org")
+    # What a run killed after the Maildir link leaves: the first state, and
+    # the file, which a mail reader has since moved to cur/.
+    s.spool.write_state(queue_id, s.runner.expand(s.spool.envelope(queue_id)))
     name = maildir.file_name(int(NOW.timestamp()), queue_id, 0, "mx.test")
     folder = tmp_path / "mail/alice/Maildir"
     maildir.create(folder)
@@ -194,6 +197,20 @@ def test_a_delivery_found_in_cur_is_not_repeated(tmp_path: Path) -> None:
     assert [p.name for p in (folder / "cur").iterdir()] == [f"{name}:2,S"]
     assert list((folder / "new").iterdir()) == []
     assert list(s.spool.messages()) == []
+
+
+def test_a_first_delivery_does_not_search_the_maildir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = Setup(tmp_path)
+    s.queue("alice@example.org")
+
+    def never(_folder: Path, _name: str) -> bool:
+        raise AssertionError("searched cur/ on a first delivery")
+
+    monkeypatch.setattr(maildir, "already_delivered", never)
+    s.runner.run()
+    assert s.messages("alice") == [as_delivered("alice@example.org")]
 
 
 class Crash(BaseException):
@@ -312,10 +329,48 @@ def test_flush_tries_deferred_recipients_now(tmp_path: Path) -> None:
     s = Setup(tmp_path)
     queue_id = s.queue("far@remote.test")
     s.runner.run()
-    assert s.spool.due(NOW) == ([], NOW + timedelta(seconds=60))
+    assert s.spool.due(NOW) == ([], {queue_id: NOW + timedelta(seconds=60)})
     s.runner.run(flush=True)
     state = s.spool.read_state(queue_id)
     assert state is not None and state.recipients[0].attempts == 2
+
+
+def test_waiting_states_are_not_read_again_until_due(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = Setup(tmp_path)
+    waiting = s.queue("far@remote.test")
+    s.runner.run()
+    read: list[str] = []
+    original = s.spool.read_state
+
+    def counting(queue_id: str) -> DeliveryState | None:
+        read.append(queue_id)
+        return original(queue_id)
+
+    monkeypatch.setattr(s.spool, "read_state", counting)
+    fresh = s.queue("alice@example.org")
+    assert s.runner.run() == NOW + timedelta(seconds=60)
+    assert waiting not in read and fresh in read
+    s.clock.advance(60)
+    s.runner.run()
+    assert waiting in read
+
+
+def test_a_failing_message_does_not_stop_the_others(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(hop: NextHop, **_: object) -> list[Outcome]:
+        raise ValueError("a bug")
+
+    s = hop_setup(tmp_path, "smtp", 9)
+    s.runner = Runner(s.config, s.spool, clock=s.clock, send=broken)
+    stuck = s.queue("far@remote.test")
+    s.queue("alice@example.org")
+    assert s.runner.run() == NOW + timedelta(seconds=60)
+    assert f"id={stuck}: delivery failed" in caplog.text
+    assert [m.id for m in s.spool.messages()] == [stuck]
+    assert s.messages("alice") == [as_delivered("alice@example.org")]
 
 
 # -- the next hop ------------------------------------------------------------------

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import mailbox
+import os
+import pwd
 import shutil
 import signal
 import smtplib
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from mmdf_smtp.config import load
 from mmdf_smtp.queue import Envelope
 from mmdf_smtp.queue.spool import Spool
 from peer import Handler, peer
@@ -33,9 +36,20 @@ BODY = (
 
 
 def configure(directory: Path, extra: str = "") -> Path:
+    """A configuration whose Maildirs lie under ``directory/mail``.
+
+    deliver started as root becomes the configured ``user``: the folder
+    it creates Maildirs in must then be that user's.
+    """
     (directory / "aliases").write_text("staff: alice, bob\n")
     local = f'maildir = "{directory}/mail/{{user}}/Maildir"\naliases = "{directory}/aliases"\n'
-    return write_config(directory, local + extra)
+    config = write_config(directory, local + extra)
+    (directory / "mail").mkdir()
+    user = load(str(config)).user
+    if user and os.geteuid() == 0:
+        entry = pwd.getpwnam(user)
+        os.chown(directory / "mail", entry.pw_uid, entry.pw_gid)
+    return config
 
 
 def deliver_command(config: Path, *args: str) -> list[str]:

@@ -42,13 +42,18 @@ def already_delivered(maildir: Path, name: str) -> bool:
         return False
 
 
-def deliver(maildir: Path, name: str, header: bytes, message: BinaryIO) -> bool:
+def deliver(
+    maildir: Path, name: str, header: bytes, message: BinaryIO, *, look_first: bool = True
+) -> bool:
     """Store ``header`` then ``message`` (CRLF turned into LF) as ``name``.
 
-    Returns False when the message was there already.  Raises OSError.
+    Returns False when the message was there already.  ``look_first``
+    searches ``new/`` and ``cur/`` before writing; without it (no earlier
+    attempt can have written the file) only ``new/`` is guarded, by the
+    link.  Raises OSError.
     """
     create(maildir)
-    if already_delivered(maildir, name):
+    if look_first and already_delivered(maildir, name):
         return False
     temporary = maildir / "tmp" / name
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -88,6 +88,8 @@ class Runner:
         self._pickup = pickup
         self._stopping = stopping
         self._notices: list[str] = []
+        # Next tries this runner wrote: their states need no reading until then.
+        self._waiting: dict[str, datetime] = {}
         table = read_aliases(config.local.aliases) if config.local.aliases else {}
         domains = config.local_domains
         self.aliases = Aliases(
@@ -105,7 +107,7 @@ class Runner:
         """
         if self._pickup is not None:
             self._pickup()
-        due, later = self.spool.due(self._clock(), flush=flush)
+        due, self._waiting = self.spool.due(self._clock(), flush=flush, known=self._waiting)
         self._notices.clear()
         # Notices queued by this pass are delivered by it too: the sender
         # hears of a failure at once, also under --once.
@@ -116,12 +118,18 @@ class Runner:
                 next_try = self.deliver(queue_id, flush=flush)
             except (OSError, QueueError) as exc:
                 # The spool itself failed (full, unreadable): the message
-                # stays as it was and is tried again on the next pass.
+                # stays as it was and is tried again after a while.
                 log.error("id=%s: cannot deliver: %s", queue_id, exc)
                 next_try = self._clock() + timedelta(seconds=self.config.deliver.retry_min)
-            if next_try is not None and (later is None or next_try < later):
-                later = next_try
-        return later
+            except Exception:
+                # A bug must not stop the other messages' delivery.
+                log.exception("id=%s: delivery failed", queue_id)
+                next_try = self._clock() + timedelta(seconds=self.config.deliver.retry_min)
+            if next_try is not None:
+                self._waiting[queue_id] = next_try
+            else:
+                self._waiting.pop(queue_id, None)
+        return min(self._waiting.values(), default=None)
 
     def deliver(self, queue_id: str, *, flush: bool = False) -> datetime | None:
         """Try the due recipients of one message; when its next try is due."""
@@ -130,6 +138,9 @@ class Runner:
         except KeyError:
             return None  # delivered and removed meanwhile
         state = self.spool.read_state(queue_id)
+        # Only a run that found a state on disk can follow one that crashed
+        # after a Maildir delivery: a first run need not look for its files.
+        retry = state is not None
         if state is None:
             state = self.expand(envelope)
             self.spool.write_state(queue_id, state)
@@ -140,7 +151,11 @@ class Runner:
             if r.status == PENDING
             or (r.status == DEFERRED and (flush or r.next_try is None or r.next_try <= now))
         ]
-        tried = [self._local(queue_id, envelope, state, i) for i in due if _is_local(state, i)]
+        tried = [
+            self._local(queue_id, envelope, state, i, retry=retry)
+            for i in due
+            if _is_local(state, i)
+        ]
         remote = [i for i in due if not _is_local(state, i)]
         if remote:
             tried += self._remote(queue_id, envelope, state, remote)
@@ -183,7 +198,9 @@ class Runner:
     def maildir_of(self, mailbox: str) -> Path:
         return Path(self.config.local.maildir.replace("{user}", mailbox))
 
-    def _local(self, queue_id: str, envelope: Envelope, state: DeliveryState, i: int) -> _Tried:
+    def _local(
+        self, queue_id: str, envelope: Envelope, state: DeliveryState, i: int, *, retry: bool
+    ) -> _Tried:
         entry = state.recipients[i]
         if entry.problem is not None:
             return _Tried(i, Outcome(550, entry.problem), "local")
@@ -195,7 +212,7 @@ class Runner:
         header = f"Return-Path: <{envelope.sender}>\nDelivered-To: {entry.address}\n".encode()
         try:
             with self.spool.open_message(queue_id) as message:
-                written = maildir.deliver(folder, name, header, message)
+                written = maildir.deliver(folder, name, header, message, look_first=retry)
         except OSError as exc:
             return _Tried(i, _maildir_failure(folder, exc), "maildir")
         text = f"2.0.0 Delivered to maildir as {name}"

@@ -39,7 +39,7 @@ import os
 import re
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -349,22 +349,34 @@ class Spool:
             raise
         _fsync_directory(self.state)
 
-    def due(self, now: datetime, *, flush: bool = False) -> tuple[list[str], datetime | None]:
-        """The ids to try now, in arrival order, and when the next of the rest is due.
+    def due(
+        self,
+        now: datetime,
+        *,
+        flush: bool = False,
+        known: Mapping[str, datetime] | None = None,
+    ) -> tuple[list[str], dict[str, datetime]]:
+        """The ids to try now, in arrival order, and when each of the others is next due.
 
         ``flush`` makes every deferred recipient due at once (``postqueue -f``).
+        ``known`` holds next tries the caller already knows (it wrote them):
+        their states are not read again until they are due.
         """
+        known = known or {}
         due: list[str] = []
-        later: datetime | None = None
+        waiting: dict[str, datetime] = {}
         for queue_id in self.ids():
-            state = self.read_state(queue_id)
-            if state is None or flush or state.due(now):
-                due.append(queue_id)
-                continue
-            next_try = state.next_try()
-            if next_try is not None and (later is None or next_try < later):
-                later = next_try
-        return due, later
+            next_try = known.get(queue_id)
+            if next_try is None or next_try <= now or flush:
+                state = self.read_state(queue_id)
+                # A state with nothing left to do is a removal a crash cut short.
+                if state is None or flush or state.done or state.due(now):
+                    due.append(queue_id)
+                    continue
+                next_try = state.next_try()
+            if next_try is not None:
+                waiting[queue_id] = next_try
+        return due, waiting
 
     def remove(self, queue_id: str) -> None:
         """Take a finished message out of the queue: the file, then its state."""
