@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiosmtpd.controller import Controller
+from aiosmtpd.controller import Controller, UnixSocketController
 from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
@@ -84,6 +84,23 @@ class _Controller(Controller):
         assert self.server is not None
         self.port = self.server.sockets[0].getsockname()[1]
         super()._trigger_server()
+
+
+class _UnixController(UnixSocketController):
+    def factory(self) -> SMTP:
+        return LMTP(self.handler, **self.SMTP_kwargs)
+
+
+@contextmanager
+def unix_lmtp_peer(handler: Handler, path: str) -> Iterator[Handler]:
+    """An LMTP server on a Unix socket, as Dovecot's lmtp usually is."""
+    handler.lmtp = True
+    controller = _UnixController(handler, unix_socket=path)
+    controller.start()
+    try:
+        yield handler
+    finally:
+        controller.stop()
 
 
 @contextmanager

@@ -22,7 +22,7 @@ from mmdf_smtp.delivery.runner import Runner, backoff
 from mmdf_smtp.policy.aliases import Aliases, Destination
 from mmdf_smtp.queue import Envelope
 from mmdf_smtp.queue.spool import DeliveryState, Spool
-from peer import Handler, peer
+from peer import Handler, peer, unix_lmtp_peer
 from wire import write_config
 
 NOW = datetime(2026, 11, 24, 10, 0, 0, tzinfo=UTC)
@@ -455,6 +455,36 @@ def test_starttls_is_used_when_the_next_hop_offers_it(tmp_path: Path) -> None:
         s.runner.run()
     [received] = handler.messages
     assert received.tls
+    assert list(s.spool.messages()) == []
+
+
+def test_a_failed_tls_handshake_falls_back_to_plaintext(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A server context with no certificate: the peer offers STARTTLS and
+    # every handshake fails.
+    broken = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    with peer(Handler(), tls=broken) as (handler, port):
+        s = hop_setup(tmp_path, "smtp", port)
+        s.queue("far@remote.test")
+        s.runner.run()
+    [received] = handler.messages
+    assert not received.tls
+    assert received.recipients == ["far@remote.test"]
+    assert "TLS handshake failed" in caplog.text
+    assert list(s.spool.messages()) == []
+
+
+def test_lmtp_over_a_unix_socket(tmp_path: Path) -> None:
+    path = tmp_path / "lmtp"
+    with unix_lmtp_peer(Handler(), str(path)) as handler:
+        s = Setup(tmp_path, f'[deliver]\nnext_hop = "lmtp:{path}"\n')
+        queue_id = s.queue("far@remote.test", "near@remote.test")
+        sent = stored_message(s, queue_id)
+        s.runner.run()
+    [received] = handler.messages
+    assert received.recipients == ["far@remote.test", "near@remote.test"]
+    assert received.content == sent
     assert list(s.spool.messages()) == []
 
 

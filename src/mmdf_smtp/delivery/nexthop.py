@@ -12,6 +12,7 @@ dot-stuffed on the way (RFC 5321 4.5.2).
 
 from __future__ import annotations
 
+import logging
 import smtplib
 import ssl
 from collections.abc import Iterator, Sequence
@@ -19,6 +20,8 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from ..config import NextHop
+
+log = logging.getLogger("mmdf_smtp.deliver")
 
 # RFC 5321 4.5.3.2 asks for minutes per command (10 for the end of data):
 # one bound for every read keeps it simple and still ends a dead peer.
@@ -64,8 +67,50 @@ def send(
     """Send ``message`` to ``recipients``; one outcome per recipient, in order.
 
     Never raises for the peer's or the network's faults: they become
-    temporary outcomes for every recipient not yet answered.
+    temporary outcomes for every recipient not yet answered.  A peer whose
+    TLS handshake fails gets the message again in plaintext, as with
+    Postfix's opportunistic TLS: encryption nobody checks is not worth
+    holding mail for.
     """
+    start = message.tell()
+
+    def attempt(tls: bool) -> list[Outcome]:
+        message.seek(start)
+        return _attempt(
+            hop,
+            hostname=hostname,
+            sender=sender,
+            recipients=recipients,
+            message=message,
+            smtputf8=smtputf8,
+            body=body,
+            timeout=timeout,
+            tls=tls,
+        )
+
+    try:
+        return attempt(tls=True)
+    except _HandshakeFailed as exc:
+        log.warning("%s: TLS handshake failed (%s); sending in plaintext", describe(hop), exc)
+        return attempt(tls=False)
+
+
+class _HandshakeFailed(Exception):
+    pass
+
+
+def _attempt(
+    hop: NextHop,
+    *,
+    hostname: str,
+    sender: str,
+    recipients: Sequence[str],
+    message: BinaryIO,
+    smtputf8: bool,
+    body: str | None,
+    timeout: float,
+    tls: bool,
+) -> list[Outcome]:
     outcomes: list[Outcome | None] = [None] * len(recipients)
     kind = smtplib.LMTP if hop.protocol == "lmtp" else smtplib.SMTP
     try:
@@ -84,6 +129,7 @@ def send(
             message=message,
             smtputf8=smtputf8,
             body=body,
+            tls=tls,
             outcomes=outcomes,
         )
     except (OSError, smtplib.SMTPException) as exc:
@@ -106,6 +152,7 @@ def _transaction(
     message: BinaryIO,
     smtputf8: bool,
     body: str | None,
+    tls: bool,
     outcomes: list[Outcome | None],
 ) -> None:
     def all_get(outcome: Outcome) -> None:
@@ -119,11 +166,14 @@ def _transaction(
     if code != 250:
         all_get(_outcome(code, text, "EHLO"))
         return
-    if client.has_extn("starttls") and hop.port != 0:
+    if tls and client.has_extn("starttls") and hop.port != 0:
         context = ssl.create_default_context()
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
-        code, text = client.starttls(context=context)
+        try:
+            code, text = client.starttls(context=context)
+        except ssl.SSLError as exc:
+            raise _HandshakeFailed(exc.reason or str(exc)) from exc
         if code == 220:
             code, text = client.ehlo()
             if code != 250:

@@ -108,6 +108,7 @@ class Runner:
         if self._pickup is not None:
             self._pickup()
         due, self._waiting = self.spool.due(self._clock(), flush=flush, known=self._waiting)
+        log.debug("pass: %d messages due, %d waiting", len(due), len(self._waiting))
         self._notices.clear()
         # Notices queued by this pass are delivered by it too: the sender
         # hears of a failure at once, also under --once.
