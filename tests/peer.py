@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import ssl
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -31,6 +33,9 @@ class Handler:
     data: Answer = lambda _: None  # for LMTP, per recipient; for SMTP, asked with ""
     lmtp: bool = False
     messages: list[Received] = field(default_factory=list)
+    # Set when the end of data arrives; the reply waits for ``release``, if given.
+    arrived: threading.Event = field(default_factory=threading.Event)
+    release: threading.Event | None = None
 
     async def handle_RCPT(  # noqa: N802 - aiosmtpd's hook names
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
@@ -45,6 +50,9 @@ class Handler:
         self, server: SMTP, session: Session, envelope: Envelope
     ) -> str:
         assert isinstance(envelope.original_content, bytes)
+        self.arrived.set()
+        if self.release is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.release.wait, 60)
         replies = (
             [self.data(r) or "250 2.0.0 OK" for r in envelope.rcpt_tos]
             if self.lmtp

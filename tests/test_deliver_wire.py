@@ -9,6 +9,7 @@ import shutil
 import signal
 import smtplib
 import subprocess
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -159,13 +160,35 @@ def test_a_relayed_message_reaches_the_lmtp_next_hop(tmp_path: Path) -> None:
     assert len(maildir_messages(tmp_path, "bob")) == 1
 
 
-def queue_many(spool: Spool, count: int) -> list[str]:
+def test_sigterm_lets_the_delivery_under_way_finish(tmp_path: Path) -> None:
+    handler = Handler(lmtp=True, release=threading.Event())
+    with peer(handler) as (_, port):
+        config = configure(tmp_path, f'[deliver]\nnext_hop = "lmtp:127.0.0.1:{port}"\n')
+        with deliver_service(config) as deliverer:
+            queue_many(Spool(tmp_path / "spool"), 1, recipients=("far@relay.test",))
+            assert handler.arrived.wait(30)
+            deliverer.send_signal(signal.SIGTERM)
+            assert handler.release is not None
+            handler.release.set()
+            [line] = wait_for(deliverer, "status=")
+            assert "to=<far@relay.test>" in line and "status=delivered" in line
+            wait_for(deliverer, "stopped")
+            assert deliverer.wait(timeout=30) == 0
+    assert len(handler.messages) == 1
+    assert queued(config) == []
+
+
+def queue_many(
+    spool: Spool,
+    count: int,
+    recipients: tuple[str, ...] = ("alice@example.org", "staff@example.org"),
+) -> list[str]:
     ids = []
     for n in range(count):
         writer = spool.open(
             Envelope(
                 sender="sender@example.net",
-                recipients=("alice@example.org", "staff@example.org"),
+                recipients=recipients,
                 channel="local",
                 remote_host="client.test",
                 remote_addr="127.0.0.1",
@@ -238,7 +261,7 @@ def test_deferred_recipients_in_checkque(tmp_path: Path) -> None:
     assert queue_id not in "\n".join(table)  # the local message was delivered and removed
 
 
-def test_sigterm_stops_the_service_and_once_asks_a_running_one(tmp_path: Path) -> None:
+def test_signals_and_a_second_deliver(tmp_path: Path) -> None:
     config = configure(tmp_path)
     with deliver_service(config) as deliverer:
         trigger = tmp_path / "spool/deliver.sock"
@@ -249,6 +272,13 @@ def test_sigterm_stops_the_service_and_once_asks_a_running_one(tmp_path: Path) -
         asked = run_deliver(config, "--once", "--flush")
         assert asked.returncode == 0
         assert b"asked the running deliver for a pass" in asked.stderr
+        (tmp_path / "aliases").write_text("broken line\n")
+        deliverer.send_signal(signal.SIGHUP)
+        [line] = wait_for(deliverer, "reload failed")
+        assert f"{tmp_path}/aliases:1: expected 'name: target, target'" in line
+        (tmp_path / "aliases").write_text("staff: alice\n")
+        deliverer.send_signal(signal.SIGHUP)
+        wait_for(deliverer, f"configuration reloaded from {config}")
         deliverer.send_signal(signal.SIGTERM)
         wait_for(deliverer, "stopped")
         assert deliverer.wait(timeout=30) == 0

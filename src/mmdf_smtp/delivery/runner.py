@@ -175,7 +175,7 @@ class Runner:
     def expand(self, envelope: Envelope) -> DeliveryState:
         """The message's destinations, in envelope order, aliases expanded."""
         entries: list[RecipientState] = []
-        seen: set[str] = set()  # one copy per mailbox or address, as RFC 5321 3.7.3 hopes
+        seen: set[str] = set()  # one copy per mailbox or address, as sendmail and Postfix
         for recipient in envelope.recipients:
             destinations = (
                 self.aliases.expand(recipient)
