@@ -280,6 +280,16 @@ def test_an_unknown_user_is_bounced_to_the_sender(tmp_path: Path) -> None:
     assert list(s.spool.messages()) == []
 
 
+def test_an_international_address_gets_rfc_6533_forms(tmp_path: Path) -> None:
+    s = Setup(tmp_path)
+    s.queue("jörg@example.org", sender="alice@example.org")
+    s.runner.run()
+    [bounce] = s.messages("alice")
+    assert b"\nContent-Type: message/global-delivery-status\n" in bounce
+    assert "\nFinal-Recipient: utf-8; jörg@example.org\n".encode() in bounce
+    assert b"\nContent-Type: message/global-headers\n\nFrom: Sender" in bounce
+
+
 def test_the_null_sender_never_gets_a_notification(tmp_path: Path) -> None:
     s = Setup(tmp_path)
     s.queue("carol@example.org", sender="")
@@ -402,7 +412,7 @@ def test_smtp_next_hop_gets_the_message_and_answers_per_recipient(tmp_path: Path
     _, [_, failed] = notification(bounce)
     assert failed["Final-Recipient"] == "rfc822; x@remote.test"
     assert failed["Status"] == "5.1.1"
-    assert failed["Remote-MTA"] == f"dns; smtp:[127.0.0.1]:{port}"
+    assert failed["Remote-MTA"] == "dns; 127.0.0.1"
     assert failed["Diagnostic-Code"] == "smtp; 550 5.1.1 <x@remote.test>: unknown"
     assert list(s.spool.messages()) == []
 

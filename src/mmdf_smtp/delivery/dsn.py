@@ -28,7 +28,8 @@ class Failure:
     recipient: str  # as the sender wrote it (the envelope recipient)
     address: str  # the address that failed, after alias expansion
     reply: str  # "550 5.1.1 text": ours or the remote host's
-    remote_mta: str | None = None  # the host that gave the reply, when it was not us
+    from_peer: bool = False  # the reply came from the next hop, not from us
+    remote_mta: str | None = None  # the next hop's host, when it has a name or address
     expired: bool = False  # deferred until the queue lifetime ran out
 
 
@@ -62,7 +63,15 @@ def build(
     failures: Sequence[Failure],
     header: bytes,
 ) -> bytes:
-    """The notification as octets with CRLF line ends, ready for the queue."""
+    """The notification as octets with CRLF line ends, ready for the queue.
+
+    With an address or a header that is not ASCII it takes RFC 6533's
+    forms: ``utf-8`` address types, ``message/global-delivery-status`` and
+    ``message/global-headers``.
+    """
+    addresses = [sender, *(f.recipient for f in failures), *(f.address for f in failures)]
+    international = not all(a.isascii() for a in addresses) or not header.isascii()
+    suffix = "global-" if international else ""
     boundary = f"{queue_id}.{secrets.token_hex(8)}/{hostname}"
     lines = [
         f"From: Mail Delivery System <MAILER-DAEMON@{hostname}>",
@@ -94,7 +103,7 @@ def build(
         lines += [f"<{named}>: {why}{failure.reply}", ""]
     lines += [
         f"--{boundary}",
-        "Content-Type: message/delivery-status",
+        f"Content-Type: message/{suffix}delivery-status",
         "",
         f"Reporting-MTA: dns; {hostname}",
         f"X-MMDF-Queue-ID: {queue_id}",
@@ -103,9 +112,9 @@ def build(
     for failure in failures:
         lines.append("")
         if failure.recipient.lower() != failure.address.lower():
-            lines.append(f"Original-Recipient: rfc822; {failure.recipient}")
+            lines.append(f"Original-Recipient: {_typed(failure.recipient)}")
         lines += [
-            f"Final-Recipient: rfc822; {failure.address}",
+            f"Final-Recipient: {_typed(failure.address)}",
             "Action: failed",
             f"Status: {status_of(failure.reply, expired=failure.expired)}",
         ]
@@ -113,7 +122,7 @@ def build(
             lines.append(f"Remote-MTA: dns; {failure.remote_mta}")
         # "smtp" is for a reply an SMTP peer gave (RFC 3464 2.3.6); ours are
         # in the same form but made here, so they get the private type.
-        kind = "smtp" if failure.remote_mta else "X-MMDF"
+        kind = "smtp" if failure.from_peer else "X-MMDF"
         lines += [
             f"Diagnostic-Code: {kind}; {failure.reply}",
             f"Last-Attempt-Date: {format_datetime(now)}",
@@ -121,8 +130,15 @@ def build(
     lines += [
         "",
         f"--{boundary}",
-        "Content-Type: text/rfc822-headers",
+        "Content-Type: message/global-headers"
+        if international
+        else "Content-Type: text/rfc822-headers",
         "",
     ]
     text = "\r\n".join(lines).encode() + b"\r\n" + header
     return text + f"\r\n--{boundary}--\r\n".encode()
+
+
+def _typed(address: str) -> str:
+    """An address with its RFC 3464 type: ``rfc822``, or RFC 6533's ``utf-8``."""
+    return f"rfc822; {address}" if address.isascii() else f"utf-8; {address}"

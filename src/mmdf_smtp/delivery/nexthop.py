@@ -35,6 +35,7 @@ class Outcome:
 
     code: int
     text: str  # with the enhanced status code first when there is one
+    from_peer: bool = False  # the next hop said it; else we did
 
     @property
     def temporary(self) -> bool:
@@ -46,6 +47,11 @@ class Outcome:
 
     def __str__(self) -> str:
         return f"{self.code} {self.text}"
+
+
+def host_of(hop: NextHop) -> str | None:
+    """The next hop's host for a DSN's Remote-MTA; None for a Unix socket."""
+    return hop.host if hop.port else None
 
 
 def describe(hop: NextHop) -> str:
@@ -223,7 +229,7 @@ def _outcome(code: int, text: bytes, after: str) -> Outcome:
     words = " ".join(text.decode("utf-8", "replace").split())
     if code // 100 not in (2, 4, 5):
         return Outcome(451, f"4.5.0 Unexpected reply {code} to {after}: {words}")
-    return Outcome(code, words)
+    return Outcome(code, words, from_peer=True)
 
 
 def _reason(exc: BaseException) -> str:

@@ -53,7 +53,8 @@ DSN_CHANNEL = "deliver"  # the source channel recorded for notifications
 class _Tried:
     index: int
     outcome: Outcome
-    relay: str  # "maildir" or the next hop
+    relay: str  # "maildir", "local" (no attempt possible), "none" (no next hop), or the next hop
+    remote_mta: str | None = None  # the next hop's host
 
 
 def backoff(attempts: int, *, first: int, longest: int) -> timedelta:
@@ -240,8 +241,8 @@ class Runner:
                 smtputf8=envelope.smtputf8,
                 body=envelope.body,
             )
-        relay = nexthop.describe(hop)
-        return [_Tried(i, o, relay) for i, o in zip(due, outcomes, strict=True)]
+        relay, host = nexthop.describe(hop), nexthop.host_of(hop)
+        return [_Tried(i, o, relay, host) for i, o in zip(due, outcomes, strict=True)]
 
     def _record(
         self, queue_id: str, envelope: Envelope, state: DeliveryState, tried: _Tried, now: datetime
@@ -253,17 +254,18 @@ class Runner:
         entry.last_try = now
         entry.next_try = None
         failure = None
-        remote_mta = tried.relay if tried.relay not in ("maildir", "local", "none") else None
         expires = envelope.received + timedelta(seconds=self.config.deliver.queue_lifetime)
         if not outcome.temporary and not outcome.permanent:
             entry.status = DELIVERED
-        elif outcome.permanent:
-            entry.status = BOUNCED
-            failure = dsn.Failure(entry.recipient, entry.address, entry.last_reply, remote_mta)
-        elif now >= expires:
+        elif outcome.permanent or now >= expires:
             entry.status = BOUNCED
             failure = dsn.Failure(
-                entry.recipient, entry.address, entry.last_reply, remote_mta, expired=True
+                entry.recipient,
+                entry.address,
+                entry.last_reply,
+                from_peer=outcome.from_peer,
+                remote_mta=tried.remote_mta if outcome.from_peer else None,
+                expired=not outcome.permanent,
             )
         else:
             entry.status = DEFERRED
