@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import json
 import mailbox
 import socket
 import ssl
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 import trustme
 
+from mmdf_smtp.cli import checkque
 from mmdf_smtp.config import ConfigError, NextHop, load, parse_next_hop
 from mmdf_smtp.delivery import maildir
 from mmdf_smtp.delivery.nexthop import Outcome, dot_stuffed
@@ -343,6 +345,24 @@ def test_flush_tries_deferred_recipients_now(tmp_path: Path) -> None:
     s.runner.run(flush=True)
     state = s.spool.read_state(queue_id)
     assert state is not None and state.recipients[0].attempts == 2
+
+
+def test_an_unreadable_state_is_reported_and_the_rest_delivered(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    s = Setup(tmp_path)
+    broken = s.queue("alice@example.org")
+    s.spool.prepare()
+    (s.spool.state / broken).write_text("{not json")
+    s.queue("bob@example.org")
+    assert s.runner.run() == NOW + timedelta(seconds=60)
+    assert f"{s.spool.state / broken}: unreadable delivery state" in caplog.text
+    assert [m.id for m in s.spool.messages()] == [broken]
+    assert s.messages("bob") == [as_delivered("bob@example.org")]
+    assert checkque.main(["-c", str(s.config_path), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["states"] == []
+    assert "unreadable delivery state" in err
 
 
 def test_waiting_states_are_not_read_again_until_due(

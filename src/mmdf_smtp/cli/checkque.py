@@ -108,7 +108,11 @@ def main(argv: list[str] | None = None) -> int:
         return EX_OK
     count = total = 0
     for message in spool.messages():
-        state = spool.read_state(message.id) or DeliveryState.untouched(message.envelope)
+        try:
+            state = spool.read_state(message.id) or DeliveryState.untouched(message.envelope)
+        except ValueError as exc:
+            print(f"checkque: {exc}", file=sys.stderr)
+            state = DeliveryState()
         if args.json:
             print(as_json(message, state))
         else:

@@ -326,11 +326,19 @@ class Spool:
             raise KeyError(queue_id) from None
 
     def read_state(self, queue_id: str) -> DeliveryState | None:
-        """The message's delivery state; None before deliver first saw it."""
+        """The message's delivery state; None before deliver first saw it.
+
+        Raises ValueError, naming the file, for a state that cannot be read.
+        """
+        path = self.state / queue_id
         try:
-            return DeliveryState.from_bytes((self.state / queue_id).read_bytes())
+            data = path.read_bytes()
         except FileNotFoundError:
             return None
+        try:
+            return DeliveryState.from_bytes(data)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path}: unreadable delivery state: {exc!r}") from exc
 
     def write_state(self, queue_id: str, state: DeliveryState) -> None:
         """Replace the delivery state atomically and durably.  Raises OSError."""
@@ -368,7 +376,11 @@ class Spool:
         for queue_id in self.ids():
             next_try = known.get(queue_id)
             if next_try is None or next_try <= now or flush:
-                state = self.read_state(queue_id)
+                try:
+                    state = self.read_state(queue_id)
+                except ValueError:
+                    due.append(queue_id)  # for the delivery attempt to report it
+                    continue
                 # A state with nothing left to do is a removal a crash cut short.
                 if state is None or flush or state.done or state.due(now):
                     due.append(queue_id)
