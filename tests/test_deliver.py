@@ -241,6 +241,19 @@ def test_a_crash_after_the_maildir_and_before_the_state_delivers_once(
     assert list(s.spool.messages()) == []
 
 
+@pytest.mark.parametrize(
+    ("template", "base"),
+    [
+        ("/var/mail/{user}/Maildir", "/var/mail"),
+        ("/var/vmail/example.org/{user}", "/var/vmail/example.org"),
+        ("/srv/mail/u-{user}/Maildir", "/srv/mail"),
+        ("/srv/shared/Maildir", "/srv/shared"),
+    ],
+)
+def test_the_folder_above_the_maildirs(template: str, base: str) -> None:
+    assert maildir.base_of(template) == Path(base)
+
+
 def test_lf_line_ends_across_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(maildir, "_CHUNK", 3)
     data = b"ab\r\ncd\r\r\n\r\n\re\rf\n"

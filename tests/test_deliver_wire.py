@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import mailbox
-import os
-import pwd
 import shutil
 import signal
 import smtplib
@@ -17,11 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from mmdf_smtp.config import load
 from mmdf_smtp.queue import Envelope
 from mmdf_smtp.queue.spool import Spool
 from peer import Handler, peer
-from wire import PYTHON, checkque, daemon, env, queued, write_config
+from wire import PYTHON, checkque, daemon, env, queued, session_uid, write_config
 
 BODY = (
     b"Subject: over the wire\r\n"
@@ -39,18 +36,12 @@ BODY = (
 def configure(directory: Path, extra: str = "") -> Path:
     """A configuration whose Maildirs lie under ``directory/mail``.
 
-    deliver started as root becomes the configured ``user``: the folder
-    it creates Maildirs in must then be that user's.
+    Started as root, deliver creates that folder for the configured
+    ``user`` and writes the Maildirs as that user.
     """
     (directory / "aliases").write_text("staff: alice, bob\n")
     local = f'maildir = "{directory}/mail/{{user}}/Maildir"\naliases = "{directory}/aliases"\n'
-    config = write_config(directory, local + extra)
-    (directory / "mail").mkdir()
-    user = load(str(config)).user
-    if user and os.geteuid() == 0:
-        entry = pwd.getpwnam(user)
-        os.chown(directory / "mail", entry.pw_uid, entry.pw_gid)
-    return config
+    return write_config(directory, local + extra)
 
 
 def deliver_command(config: Path, *args: str) -> list[str]:
@@ -120,6 +111,9 @@ def test_swaks_to_the_daemon_lands_in_the_maildir(tmp_path: Path) -> None:
         [line] = wait_for(deliverer, "status=delivered")
     assert "to=<alice@example.org> relay=maildir attempts=1" in line
     [message] = maildir_messages(tmp_path, "alice").values()
+    # Started as root, deliver wrote as the configured user, in a folder it made for it.
+    [path] = (tmp_path / "mail/alice/Maildir/new").iterdir()
+    assert path.stat().st_uid == (tmp_path / "mail").stat().st_uid == session_uid()
     assert message.startswith(
         b"Return-Path: <sender@example.net>\nDelivered-To: alice@example.org\nReceived: from "
     )
@@ -164,8 +158,9 @@ def test_sigterm_lets_the_delivery_under_way_finish(tmp_path: Path) -> None:
     handler = Handler(lmtp=True, release=threading.Event())
     with peer(handler) as (_, port):
         config = configure(tmp_path, f'[deliver]\nnext_hop = "lmtp:127.0.0.1:{port}"\n')
+        # Queued before deliver starts: it gives the spool to its user then.
+        queue_many(Spool(tmp_path / "spool"), 1, recipients=("far@relay.test",))
         with deliver_service(config) as deliverer:
-            queue_many(Spool(tmp_path / "spool"), 1, recipients=("far@relay.test",))
             assert handler.arrived.wait(30)
             deliverer.send_signal(signal.SIGTERM)
             assert handler.release is not None

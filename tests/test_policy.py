@@ -217,6 +217,22 @@ def test_first_channel_that_knows_the_client_wins(dns_policy: Policy, zone: Zone
     assert zone.queries == []  # no table needed a name: no DNS asked
 
 
+def test_an_address_entry_decides_even_when_the_table_has_names_and_dns_fails(
+    zone: Zone,
+) -> None:
+    with dns_server(zone) as address:
+        text = (
+            f'[dns]\nnameservers = ["{address}"]\ntimeout = 0.5\n'
+            '[channels.local]\nhosts = ["localhost", "127.0.0.12"]\n'
+        )
+        policy = Policy(config(text))
+        # 127.0.0.12's reverse zone fails: the address alone is enough.
+        who = policy.identify(["local"], ip("127.0.0.12"), None, finicky=True, us="mx")
+        assert who.channel is not None and who.channel.name == "local"
+        assert who.refusal is None
+        assert zone.queries == []
+
+
 def test_unknown_client_gets_the_last_channel_unless_finicky(dns_policy: Policy) -> None:
     who = dns_policy.identify(["local", "other"], ip("127.0.0.50"), None, finicky=False, us="mx")
     assert who.channel is not None and who.channel.name == "other"

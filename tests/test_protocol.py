@@ -268,6 +268,31 @@ def test_error_limit_closes_with_421() -> None:
     assert run.codes[-1] == 421  # nothing more is read
 
 
+def test_errors_past_the_soft_limit_are_held_back() -> None:
+    limits = Limits(errors=10, errors_before_delay=2, error_delay=1.5)
+    run = session(limits=limits).feed(EHLO)
+    delays = []
+    for command in [b"BAD\r\n", b"BAD\r\n", b"NOOP\r\n", b"BAD\r\n" * 3, b"NOOP\r\n"]:
+        run.conn.receive_data(command)
+        while run.conn.next_event() is not NEED_DATA:
+            pass
+        delays.append(run.conn.delay)
+        run.output += run.conn.data_to_send()
+        assert run.conn.delay == 0.0  # owed once, for the replies it came with
+    # The first two errors are free; each one after costs error_delay, and a
+    # pipelined batch of them costs the sum.
+    assert delays == [0.0, 0.0, 0.0, 4.5, 0.0]
+    assert run.codes[-5:] == [250, 500, 500, 500, 250]
+
+
+def test_no_delay_on_the_closing_421() -> None:
+    run = session(limits=Limits(errors=2, errors_before_delay=0, error_delay=1.0))
+    run.conn.receive_data(b"BAD\r\nBAD\r\n")
+    while not isinstance(run.conn.next_event(), ConnectionClosed):
+        pass
+    assert run.conn.delay == 1.0  # the first error only: the 421 closes at once
+
+
 # -- DATA -------------------------------------------------------------------
 
 

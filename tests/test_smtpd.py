@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from dnsserver import Zone, dns_server
 from test_wire import read_replies, recv_reply
-from wire import PYTHON, daemon, env, queued, write_config
+from wire import PYTHON, SRC, daemon, env, queued, session_uid, write_config
 
 SMTPD = [PYTHON, "-m", "mmdf_smtp.cli.smtpd"]
 
@@ -72,6 +74,7 @@ int main(int argc, char **argv) {
     struct sockaddr_in peer; socklen_t len = sizeof peer;
     if (getpeername(0, (struct sockaddr *)&peer, &len) == 0)
         fprintf(log, "peer=%s\n", inet_ntoa(peer.sin_addr));
+    fprintf(log, "uid=%d\n", (int)getuid());
     fclose(log);
     const char *hello = "220 wrapper ready\r\n", *bye = "221 wrapper bye\r\n";
     char line[512];
@@ -88,6 +91,8 @@ def wrapper(tmp_path: Path) -> tuple[Path, Path]:
     compiler = shutil.which("cc") or shutil.which("gcc")
     assert compiler, "a C compiler is needed to build the test's smtpsrvr"
     log = tmp_path / "argv.txt"
+    log.touch(mode=0o666)  # written by the program, which runs as SESSION_USER
+    log.chmod(0o666)
     source = tmp_path / "mysrvr.c"
     source.write_text(WRAPPER_C.replace("LOGFILE", json.dumps(str(log))))
     program = tmp_path / "mysrvr"
@@ -117,6 +122,7 @@ def test_an_external_smtpsrvr_gets_the_connection_and_the_seed_argv(
         "mx.test",
         "local,smtp",
         "peer=127.0.0.1",
+        f"uid={session_uid()}",
     ]
 
 
@@ -136,10 +142,14 @@ def test_finicky_daemon_refuses_a_client_on_127_0_0_2(tmp_path: Path) -> None:
             assert recv_reply(sock) == b"220 mx.test Server SMTP ready\r\n"
 
 
+def with_smtpd_settings(config: Path, **settings: int) -> Path:
+    lines = "".join(f"\n{key} = {value}" for key, value in settings.items())
+    config.write_text(config.read_text().replace("maxconnects = 8", "maxconnects = 8" + lines))
+    return config
+
+
 def test_max_per_client(tmp_path: Path) -> None:
-    config = write_config(tmp_path, "")
-    text = config.read_text().replace("maxconnects = 8", "maxconnects = 8\nmax_per_client = 1")
-    config.write_text(text)
+    config = with_smtpd_settings(write_config(tmp_path), max_per_client=1)
     with daemon(config) as d:
         first = d.connect()
         try:
@@ -152,6 +162,71 @@ def test_max_per_client(tmp_path: Path) -> None:
                 assert recv_reply(other).startswith(b"220 ")
         finally:
             first.close()
+
+
+def test_max_per_network_counts_a_slash_24(tmp_path: Path) -> None:
+    config = with_smtpd_settings(write_config(tmp_path), max_per_network=2)
+    with daemon(config) as d:
+        held = [d.connect("127.0.0.1"), d.connect("127.0.0.2")]
+        try:
+            for sock in held:
+                assert recv_reply(sock).startswith(b"220 ")
+            with d.connect("127.0.0.3") as third:
+                assert recv_reply(third) == (
+                    b"421 4.7.0 Too many connections from your network, try again later\r\n"
+                )
+            with d.connect("127.0.1.1") as elsewhere:  # another /24
+                assert recv_reply(elsewhere).startswith(b"220 ")
+            # A session that ends gives its place back (once the server saw it end).
+            held.pop().close()
+            deadline = time.monotonic() + 10
+            greeting = b""
+            while not greeting.startswith(b"220 ") and time.monotonic() < deadline:
+                with d.connect("127.0.0.3") as later:
+                    greeting = recv_reply(later)
+            assert greeting.startswith(b"220 ")
+        finally:
+            for sock in held:
+                sock.close()
+
+
+def test_connection_rates_per_client_and_per_network(tmp_path: Path) -> None:
+    config = with_smtpd_settings(write_config(tmp_path), rate_per_client=2, rate_per_network=3)
+    with daemon(config) as d:
+
+        def greeting(source: str) -> bytes:
+            with d.connect(source) as sock:
+                return recv_reply(sock)
+
+        assert greeting("127.0.0.1").startswith(b"220 ")
+        assert greeting("127.0.0.1").startswith(b"220 ")
+        assert greeting("127.0.0.1") == (
+            b"421 4.7.0 Too many connections from your host in the last minute, try again later\r\n"
+        )
+        # The refused attempt counted for the network too: 3 this minute.
+        assert greeting("127.0.0.2") == (
+            b"421 4.7.0 Too many connections from your network in the last minute,"
+            b" try again later\r\n"
+        )
+        assert greeting("127.0.1.1").startswith(b"220 ")
+
+
+def test_errors_are_tarpitted_without_holding_up_other_clients(tmp_path: Path) -> None:
+    config = write_config(tmp_path, "\n[limits]\nerrors_before_delay = 1\nerror_delay = 1.5\n")
+    with daemon(config) as d, d.connect() as slow:
+        assert recv_reply(slow).startswith(b"220 ")
+        started = time.monotonic()
+        slow.sendall(b"BAD\r\n" * 3)  # two errors past the first: 3 s held back
+        with d.connect("127.0.0.2") as other:
+            assert recv_reply(other).startswith(b"220 ")
+            other.sendall(b"NOOP\r\n")
+            assert recv_reply(other) == b"250 2.0.0 OK\r\n"
+        slow.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            slow.recv(1)  # the other client was served while these wait
+        slow.setblocking(True)
+        assert read_replies(slow, 3) == [b"500 5.5.1 Command unrecognized"] * 3
+        assert time.monotonic() - started >= 3.0
 
 
 def test_command_timeout_through_the_daemon(tmp_path: Path) -> None:
@@ -291,3 +366,112 @@ def test_a_worker_that_dies_is_replaced(tmp_path: Path) -> None:
                 assert recv_reply(sock) == b"220 mx.test Server SMTP ready\r\n"
                 sock.sendall(b"QUIT\r\n")
                 recv_reply(sock)
+
+
+def uid_of(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    [line] = [line for line in status.splitlines() if line.startswith("Uid:")]
+    return int(line.split()[2])  # the effective uid
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root is asked to drop privileges")
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("", b"user: not set; sessions are never served as root"),
+        ('user = "root"', b"user: 'root' is root; sessions are never served as root"),
+        ('user = "no-such-user"', b"user: no such user 'no-such-user'"),
+    ],
+)
+def test_root_without_an_unprivileged_user_is_refused(
+    tmp_path: Path, setting: str, message: bytes
+) -> None:
+    config = write_config(tmp_path)
+    text = config.read_text().replace('user = "nobody"', setting)
+    config.write_text(text)
+    for command in (
+        [*SMTPD, "-c", str(config), "smtpsrvr", "local"],
+        [PYTHON, "-m", "mmdf_smtp.cli.smtpsrvr", "-c", str(config), "-", "-", "local"],
+    ):
+        result = subprocess.run(
+            command,
+            capture_output=True,
+            env=env(),
+            stdin=subprocess.DEVNULL,
+            timeout=30,
+            check=False,
+        )
+        assert result.returncode == 78, result.stderr
+        assert message in result.stderr
+        assert result.stdout == b""  # not even a greeting
+    assert not (tmp_path / "spool" / "queue").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root is asked to drop privileges")
+def test_started_as_root_sessions_run_as_user(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    with daemon(config, "-n", "2") as d:
+        workers = [int(line.rsplit(" ", 1)[1]) for line in d.log_lines(" started, pid ", 2)]
+        assert {uid_of(pid) for pid in [d.process.pid, *workers]} == {session_uid()}
+        with d.connect() as sock:
+            assert recv_reply(sock) == b"220 mx.test Server SMTP ready\r\n"
+            sock.sendall(b"HELO c\r\nMAIL FROM:<>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n")
+            assert read_replies(sock, 4)[-1].startswith(b"354")
+            sock.sendall(b"x\r\n.\r\nQUIT\r\n")
+            assert read_replies(sock, 2)[0].startswith(b"250 2.0.0 Submitted")
+    [message] = queued(config)
+    assert (tmp_path / "spool" / "queue" / message["id"]).stat().st_uid == session_uid()
+
+
+def runner_for_nobody() -> tuple[list[str], dict[str, str]] | None:
+    """A command prefix and environment that run this checkout as nobody, if any.
+
+    The tests' own interpreter may live where nobody can read (under /root),
+    so this is Debian's, given the checkout's source and installed packages.
+    """
+    site = next(iter(Path(PYTHON).parent.parent.glob("lib/python3*/site-packages")), None)
+    system = Path("/usr/bin/python3")
+    if not system.exists() or site is None or shutil.which("setpriv") is None:
+        return None
+    command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", str(system)]
+    environment = {**env(), "PYTHONPATH": f"{SRC}:{site}"}
+    probe = [*command, "-c", "import dns.resolver, mmdf_smtp.cli.smtpd"]
+    if subprocess.run(probe, env=environment, capture_output=True, check=False).returncode:
+        return None
+    return command, environment
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become an ordinary user")
+def test_started_as_an_ordinary_user_it_serves_above_port_1023(tmp_path: Path) -> None:
+    runner = runner_for_nobody()
+    if runner is None:
+        pytest.skip("no interpreter with this checkout's packages that nobody can run")
+    command, environment = runner
+    config = write_config(tmp_path)
+    config.write_text(config.read_text().replace('user = "nobody"\n', ""))
+    (tmp_path / "spool").mkdir()
+    os.chown(tmp_path / "spool", 65534, 65534)
+    process = subprocess.Popen(
+        [*command, "-m", "mmdf_smtp.cli.smtpd", "-c", str(config), "-n", "1", "smtpsrvr", "local"],
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        env=environment,
+    )
+    try:
+        assert process.stderr is not None
+        line = process.stderr.readline().decode()
+        match = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
+        assert match, line
+        with socket.create_connection(("127.0.0.1", int(match.group(1))), timeout=30) as sock:
+            assert recv_reply(sock) == b"220 mx.test Server SMTP ready\r\n"
+            sock.sendall(b"HELO c\r\nMAIL FROM:<>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n")
+            assert read_replies(sock, 4)[-1].startswith(b"354")
+            sock.sendall(b"as nobody\r\n.\r\nQUIT\r\n")
+            assert read_replies(sock, 2)[0].startswith(b"250 2.0.0 Submitted")
+        assert uid_of(process.pid) == 65534
+    finally:
+        process.terminate()
+        assert process.wait(timeout=30) == 0
+        process.stderr.close()  # type: ignore[union-attr]
+    [message] = queued(config)
+    assert (tmp_path / "spool" / "queue" / message["id"]).stat().st_uid == 65534

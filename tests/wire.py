@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import re
 import socket
 import subprocess
@@ -28,12 +29,36 @@ def env() -> dict[str, str]:
     return e
 
 
+SESSION_USER = "nobody"
+
+
+def session_uid() -> int:
+    """The uid sessions run as: SESSION_USER's when the tests run as root."""
+    return pwd.getpwnam(SESSION_USER).pw_uid if os.geteuid() == 0 else os.geteuid()
+
+
+def reachable_by_anyone(directory: Path) -> None:
+    """Let ``SESSION_USER`` reach ``directory``: pytest makes its folders 0700.
+
+    Run as root, the servers under test serve sessions as SESSION_USER, who
+    must reach the spool, the configuration (SIGHUP) and programs put here.
+    """
+    if os.geteuid() != 0:
+        return
+    for path in (directory, *directory.parents):
+        mode = path.stat().st_mode
+        if mode & 0o011 != 0o011:
+            path.chmod(mode | 0o011)
+
+
 def write_config(directory: Path, extra: str = "", *, tls: tuple[Path, Path] | None = None) -> Path:
     """A configuration whose spool lies in ``directory``."""
+    reachable_by_anyone(directory)
     text = f"""
 hostname = "mx.test"
 spool = "{directory / "spool"}"
 local_domains = ["example.org", "localhost"]
+user = "{SESSION_USER}"
 
 [smtpd]
 listen = ["127.0.0.1:0"]

@@ -30,7 +30,10 @@ class ConfigError(Exception):
 class SmtpdConfig:
     listen: tuple[str, ...] = ("127.0.0.1:2525",)
     maxconnects: int = 4
-    max_per_client: int = 0
+    max_per_client: int = 0  # sessions at once from one address; 0: no limit
+    max_per_network: int = 0  # from one /24 or /64
+    rate_per_client: int = 0  # new connections a minute from one address
+    rate_per_network: int = 0  # from one /24 or /64
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -198,6 +201,17 @@ class _Reader:
             raise self.error(dotted, f"must be at least {minimum}")
         return value
 
+    def _seconds(
+        self, data: Mapping[str, Any], dotted: str, default: float, *, zero: bool
+    ) -> float:
+        """A number of seconds; 0 allowed only where it means "none"."""
+        value = data.get(dotted.rsplit(".", 1)[-1], default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise self.error(dotted, "must be a number of seconds")
+        if value == 0 and not zero:
+            raise self.error(dotted, "must be a positive number of seconds")
+        return float(value)
+
     def _bool(self, data: Mapping[str, Any], dotted: str, default: bool) -> bool:
         value = data.get(dotted.rsplit(".", 1)[-1], default)
         if not isinstance(value, bool):
@@ -243,7 +257,8 @@ class _Reader:
         )
 
     def _smtpd(self, data: Mapping[str, Any]) -> SmtpdConfig:
-        t = self._table(data, "smtpd", {"listen", "maxconnects", "max_per_client"})
+        counts = {"max_per_client", "max_per_network", "rate_per_client", "rate_per_network"}
+        t = self._table(data, "smtpd", {"listen", "maxconnects", *counts})
         listen = self._strings(t, "smtpd.listen") if "listen" in t else SmtpdConfig().listen
         for address in listen:
             try:
@@ -253,14 +268,22 @@ class _Reader:
         return SmtpdConfig(
             listen=listen,
             maxconnects=self._int(t, "smtpd.maxconnects", 4, 1),
-            max_per_client=self._int(t, "smtpd.max_per_client", 0, 0),
+            **{key: self._int(t, f"smtpd.{key}", 0, 0) for key in sorted(counts)},
         )
 
     def _limits(self, data: Mapping[str, Any]) -> Limits:
         t = self._table(
             data,
             "limits",
-            {"message_size", "recipients", "command_timeout", "data_timeout", "errors"},
+            {
+                "message_size",
+                "recipients",
+                "command_timeout",
+                "data_timeout",
+                "errors",
+                "errors_before_delay",
+                "error_delay",
+            },
         )
         d = Limits()
         return Limits(
@@ -269,6 +292,10 @@ class _Reader:
             command_timeout=self._int(t, "limits.command_timeout", int(d.command_timeout), 1),
             data_timeout=self._int(t, "limits.data_timeout", int(d.data_timeout), 1),
             errors=self._int(t, "limits.errors", d.errors, 1),
+            errors_before_delay=self._int(
+                t, "limits.errors_before_delay", d.errors_before_delay, 0
+            ),
+            error_delay=self._seconds(t, "limits.error_delay", d.error_delay, zero=True),
         )
 
     def _tls(self, data: Mapping[str, Any]) -> TlsConfig | None:
@@ -291,10 +318,8 @@ class _Reader:
                 split_listen(server, default_port=53)
             except ValueError as exc:
                 raise self.error("dns.nameservers", str(exc)) from exc
-        timeout = t.get("timeout", DnsConfig().timeout)
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
-            raise self.error("dns.timeout", "must be a positive number of seconds")
-        return DnsConfig(nameservers=servers, timeout=float(timeout))
+        timeout = self._seconds(t, "dns.timeout", DnsConfig().timeout, zero=False)
+        return DnsConfig(nameservers=servers, timeout=timeout)
 
     def _channels(self, data: Mapping[str, Any]) -> dict[str, ChannelConfig]:
         t = self._table(data, "channels", set(data.get("channels", {})))

@@ -14,15 +14,13 @@ import asyncio
 import contextlib
 import ctypes
 import logging
-import multiprocessing
 import os
-import pwd
 import signal
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
+from .admission import Admission
 from .config import ConfigError, split_listen
 from .policy import UnknownChannel
 from .protocol import replies
@@ -68,28 +66,6 @@ def bind(addresses: Sequence[str]) -> list[socket.socket]:
     return sockets
 
 
-def drop_privileges(user: str | None, spool: Path) -> None:
-    """After binding: become ``user``, who must own the spool.
-
-    Raises ConfigError when the user does not exist.
-    """
-    if os.geteuid() != 0:
-        return
-    if not user:
-        log.warning("running sessions as root: set `user` to drop privileges")
-        return
-    try:
-        entry = pwd.getpwnam(user)
-    except KeyError:
-        raise ConfigError(f"user: no such user {user!r}") from None
-    spool.mkdir(parents=True, exist_ok=True)
-    for path in (spool, *spool.rglob("*")):
-        os.chown(path, entry.pw_uid, entry.pw_gid)
-    os.setgroups([])
-    os.setgid(entry.pw_gid)
-    os.setuid(entry.pw_uid)
-
-
 def inherited() -> list[socket.socket]:
     """Listening sockets handed over by systemd (sd_listen_fds(3)), if any."""
     if os.environ.get("LISTEN_PID") != str(os.getpid()):
@@ -105,55 +81,6 @@ def inherited() -> list[socket.socket]:
     return sockets
 
 
-class ClientCounts:
-    """Sessions per client address, shared by the worker processes.
-
-    A table in shared memory with one slot per possible session (no more
-    distinct clients can be connected than ``maxconnects``), under a
-    process-shared lock; it is touched once per connection, not per command.
-    """
-
-    def __init__(self, slots: int) -> None:
-        # An address is kept as two 64-bit halves of its 16-octet form.
-        self._high = multiprocessing.RawArray(ctypes.c_uint64, slots)
-        self._low = multiprocessing.RawArray(ctypes.c_uint64, slots)
-        self._counts = multiprocessing.RawArray(ctypes.c_int, slots)
-        self._lock = multiprocessing.Lock()
-        self._slots = slots
-
-    @staticmethod
-    def _key(address: str) -> tuple[int, int]:
-        parsed = parse_address(address)
-        packed = parsed.packed.rjust(16, b"\0") if parsed is not None else bytes(16)
-        return int.from_bytes(packed[:8]), int.from_bytes(packed[8:])
-
-    def _find(self, key: tuple[int, int]) -> int | None:
-        for i in range(self._slots):
-            if self._counts[i] and (self._high[i], self._low[i]) == key:
-                return i
-        return None
-
-    def acquire(self, address: str, limit: int) -> bool:
-        """Count a session for ``address``; False (and not counted) past ``limit``."""
-        key = self._key(address)
-        with self._lock:
-            i = self._find(key)
-            if i is None:
-                i = next(j for j in range(self._slots) if not self._counts[j])
-                self._high[i], self._low[i] = key
-            if limit and self._counts[i] >= limit:
-                return False
-            self._counts[i] += 1
-            return True
-
-    def release(self, address: str) -> None:
-        key = self._key(address)
-        with self._lock:
-            i = self._find(key)
-            if i is not None:
-                self._counts[i] -= 1
-
-
 class Daemon:
     """One process's event loop: accepts within its share of the limits."""
 
@@ -165,7 +92,7 @@ class Daemon:
         config_path: str | None,
         external: ExternalServer | None = None,
         slots: int | None = None,
-        clients: ClientCounts | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self.service = service
         self._listeners = listeners
@@ -173,7 +100,7 @@ class Daemon:
         self._external = external
         maxconnects = service.config.smtpd.maxconnects
         self._slots = asyncio.Semaphore(slots or maxconnects)
-        self._clients = clients or ClientCounts(maxconnects)
+        self._admission = admission or Admission(maxconnects)
         self._sessions: set[SessionProtocol] = set()
         self._children: set[int] = set()  # pids of external servers
         self._serving: set[asyncio.Task[None]] = set()
@@ -243,9 +170,9 @@ class Daemon:
             task.add_done_callback(self._serving.discard)
 
     async def _serve(self, sock: socket.socket) -> None:
-        peer = sock.getpeername()[0]
-        if not self._clients.acquire(peer, self.service.config.smtpd.max_per_client):
-            await self._refuse(sock, replies.TOO_MANY_CONNECTIONS)
+        ticket = self._admission.admit(sock.getpeername()[0], self.service.config.smtpd)
+        if isinstance(ticket, replies.Reply):
+            await self._refuse(sock, ticket)
             self._slots.release()
             return
         try:
@@ -254,7 +181,7 @@ class Daemon:
             else:
                 await self._run_in_process(sock)
         finally:
-            self._clients.release(peer)
+            self._admission.release(ticket)
             self._slots.release()
 
     async def _run_in_process(self, sock: socket.socket) -> None:

@@ -12,6 +12,7 @@ from typing import NoReturn
 
 from ..config import ConfigError
 from ..policy import UnknownChannel
+from ..privileges import drop_privileges
 from ..service import Service
 
 EX_OK = 0
@@ -51,6 +52,18 @@ def load_service(
     except ConfigError as exc:
         print(f"{program}: {exc}", file=sys.stderr)
         raise SystemExit(EX_CONFIG) from None
+
+
+def become_user(program: str, service: Service) -> None:
+    """Stop being root before serving anyone, or exit 78 (see privileges)."""
+    try:
+        drop_privileges(service.config.user, service.config.spool)
+    except ConfigError as exc:
+        print(f"{program}: {service.config.source}: {exc}", file=sys.stderr)
+        raise SystemExit(EX_CONFIG) from None
+    except OSError as exc:
+        print(f"{program}: cannot become {service.config.user}: {exc}", file=sys.stderr)
+        raise SystemExit(EX_OSERR) from None
 
 
 def stderr_is_the_client() -> bool:

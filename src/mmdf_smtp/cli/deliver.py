@@ -18,6 +18,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import pwd
 import selectors
 import signal
 import socket
@@ -26,8 +27,9 @@ from datetime import UTC, datetime
 from typing import IO
 
 from ..config import Config, ConfigError, load
-from ..daemon import drop_privileges
+from ..delivery import maildir
 from ..delivery.runner import Runner
+from ..privileges import drop_privileges
 from ..queue.spool import Spool
 from .common import EX_CONFIG, EX_OK, EX_OSERR, EX_TEMPFAIL, ArgumentParser, setup_logging
 
@@ -48,6 +50,24 @@ def lock(spool: Spool) -> IO[bytes] | None:
         file.close()
         return None
     return file
+
+
+def give_maildir_base(template: str, user: str) -> None:
+    """Create the folder the Maildirs go in, for ``user``, when it is missing.
+
+    deliver writes Maildirs as ``user`` (as smtpd serves sessions as it): a
+    missing base such as ``var/mail`` is made its own, as the spool is.  An
+    existing folder is left as it is; the administrator chose its owner.
+    """
+    base = maildir.base_of(template)
+    if base.exists():
+        return
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        return  # drop_privileges says so
+    base.mkdir(mode=0o755, parents=True, exist_ok=True)
+    os.chown(base, entry.pw_uid, entry.pw_gid)
 
 
 def ask_running(spool: Spool, what: bytes) -> bool:
@@ -151,10 +171,15 @@ def main(argv: list[str] | None = None) -> int:
         return EX_CONFIG
     setup_logging("deliver", debug=args.debug, target=config.log)
     try:
+        if os.geteuid() == 0 and config.user:
+            give_maildir_base(config.local.maildir, config.user)
         drop_privileges(config.user, config.spool)
     except ConfigError as exc:
-        print(f"deliver: {exc}", file=sys.stderr)
+        print(f"deliver: {config.source}: {exc}", file=sys.stderr)
         return EX_CONFIG
+    except OSError as exc:
+        print(f"deliver: cannot become {config.user}: {exc}", file=sys.stderr)
+        return EX_OSERR
     spool = Spool(config.spool)
     try:
         held = lock(spool)

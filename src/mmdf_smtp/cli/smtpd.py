@@ -24,15 +24,13 @@ import signal
 import socket
 import sys
 
-from ..config import ConfigError
+from ..admission import Admission
 from ..daemon import (
     SIGNALS,
-    ClientCounts,
     Daemon,
     ExternalServer,
     Supervisor,
     bind,
-    drop_privileges,
     inherited,
     run,
     share,
@@ -41,7 +39,14 @@ from ..daemon import (
 )
 from ..session import address_literal
 from ..shells.blocking import BlockingShell
-from .common import EX_CONFIG, EX_OK, EX_OSERR, ArgumentParser, load_service, setup_logging
+from .common import (
+    EX_OK,
+    EX_OSERR,
+    ArgumentParser,
+    become_user,
+    load_service,
+    setup_logging,
+)
 from .smtpsrvr import find_peer
 
 log = logging.getLogger("mmdf_smtp.smtpd")
@@ -130,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         # Called by inetd with one connection on stdin: serve it, or run
         # the site's program on it, as the seed's 4.3 and sun flavours did.
         peer = find_peer(sun_peer(args.arguments[0]) if sun else "-")
+        become_user("smtpd", service)
         if external is not None:
             remote = peer.name or (
                 service.policy.remote_name(peer.address) if peer.address else None
@@ -147,17 +153,13 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"smtpd: {exc.strerror}", file=sys.stderr)
         return EX_OSERR
-    try:
-        drop_privileges(service.config.user, service.config.spool)
-    except ConfigError as exc:
-        print(f"smtpd: {exc}", file=sys.stderr)
-        return EX_CONFIG
+    become_user("smtpd", service)
     removed = service.queue.recover()
     if removed:
         log.info("removed %d unfinished messages left by a crash", len(removed))
     maxconnects = service.config.smtpd.maxconnects
     workers = workers_for(maxconnects)
-    clients = ClientCounts(maxconnects)
+    admission = Admission(maxconnects)
     # Signals wait until a handler is in place (Supervisor.run, Daemon.run):
     # a SIGHUP or SIGTERM sent as soon as we say we listen must not kill us.
     signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
@@ -173,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                 config_path=args.config,
                 external=external,
                 slots=slots,
-                clients=clients,
+                admission=admission,
             )
         )
 

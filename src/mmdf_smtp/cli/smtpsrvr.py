@@ -20,7 +20,7 @@ import sys
 
 from ..service import Peer, parse_address
 from ..shells.blocking import BlockingShell
-from .common import EX_OK, ArgumentParser, load_service, setup_logging
+from .common import EX_OK, ArgumentParser, become_user, load_service, setup_logging
 
 
 def find_peer(remotehost: str, fd: int = 0) -> Peer:
@@ -66,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         hostname=None if args.localhost in ("", "-") else args.localhost,
     )
     setup_logging(program, debug=args.debug, target=service.config.log)
-    session = service.session(find_peer(args.remotehost))
+    peer = find_peer(args.remotehost)
+    become_user(program, service)
+    session = service.session(peer)
     BlockingShell(session, tls_context=service.tls_context).run()
     return EX_OK
 

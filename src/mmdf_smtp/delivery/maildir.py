@@ -25,6 +25,13 @@ def file_name(received_epoch: int, queue_id: str, index: int, hostname: str) -> 
     return f"{received_epoch}.M{queue_id}R{index}.{host}"
 
 
+def base_of(template: str) -> Path:
+    """The fixed folder above every Maildir of ``template``: ``/var/mail`` for
+    ``/var/mail/{user}/Maildir``; for a template without ``{user}``, its parent."""
+    head, user, _ = template.partition("{user}")
+    return Path(head) if user and head.endswith("/") else Path(head).parent
+
+
 def create(maildir: Path) -> None:
     """The Maildir and its three folders, private to the user, if missing."""
     for folder in (maildir, maildir / "tmp", maildir / "new", maildir / "cur"):

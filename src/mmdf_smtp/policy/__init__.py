@@ -115,8 +115,11 @@ class Policy:
         self, channel: ChannelConfig, lookup: _Lookup, local_address: IPAddress | None
     ) -> bool:
         table = self._tables[channel.name]
-        name = lookup.name() if table.needs_name else None
-        if table.matches(lookup.address, name):
+        # An address entry decides without DNS: a known client is never kept
+        # waiting on, or refused for, a look-up its channel does not need.
+        if table.matches(lookup.address, None):
+            return True
+        if table.needs_name and table.matches(None, lookup.name()):
             return True
         if channel.table == NAMESERVER and lookup.address is not None:
             return self._known_to_dns(lookup, local_address)

@@ -113,6 +113,7 @@ class ServerConnection:
         self.mail: MailFrom | None = None
         self.recipients = 0
         self.errors = 0
+        self._delay = 0.0  # seconds owed before data_to_send() goes out
         self._buffer = bytearray()
         self._eof = False
         self._out: list[bytes] = []
@@ -157,10 +158,19 @@ class ServerConnection:
                 return NEED_DATA
 
     def data_to_send(self) -> bytes:
-        """Replies produced so far, to be written to the client."""
+        """Replies produced so far, to be written to the client.
+
+        Read :attr:`delay` first: the shell holds these octets back that long.
+        """
         out = b"".join(self._out)
         self._out.clear()
+        self._delay = 0.0
         return out
+
+    @property
+    def delay(self) -> float:
+        """Seconds the shell waits before writing :meth:`data_to_send` (the tarpit)."""
+        return self._delay
 
     @property
     def pending_input(self) -> int:
@@ -290,6 +300,8 @@ class ServerConnection:
             if self.errors >= self.limits.errors:
                 self._write(replies.TOO_MANY_ERRORS)
                 self._close()
+            elif self.errors > self.limits.errors_before_delay:
+                self._delay += self.limits.error_delay
 
     def _decide(self, event: Event) -> None:
         self._pending = event

@@ -25,5 +25,11 @@ class Limits:
     data_timeout: float = 600.0
     # Protocol errors (5xx to commands) before the session is closed with 421.
     errors: int = 10
+    # The tarpit, as Postfix's smtpd_soft_error_limit and error_sleep_time:
+    # past this many errors each error reply is held back ``error_delay``
+    # seconds, which costs a dictionary attack its speed and a real client
+    # almost nothing.
+    errors_before_delay: int = 3
+    error_delay: float = 1.0
     # RFC 5321 6.3: a loop is suspected past this many Received headers.
     received_headers: int = 100

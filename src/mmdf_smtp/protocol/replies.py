@@ -53,6 +53,15 @@ SERVICE_UNAVAILABLE = _r(421, "4.3.2", "Service not available, closing transmiss
 SHUTTING_DOWN = _r(421, "4.3.2", "Server shutting down, closing transmission channel")
 TIMEOUT = _r(421, "4.4.2", "Timeout waiting for input, closing transmission channel")
 TOO_MANY_CONNECTIONS = _r(421, "4.7.0", "Too many connections from your host, try again later")
+TOO_MANY_NETWORK_CONNECTIONS = _r(
+    421, "4.7.0", "Too many connections from your network, try again later"
+)
+CLIENT_CONNECTION_RATE = _r(
+    421, "4.7.0", "Too many connections from your host in the last minute, try again later"
+)
+NETWORK_CONNECTION_RATE = _r(
+    421, "4.7.0", "Too many connections from your network in the last minute, try again later"
+)
 TOO_MANY_ERRORS = _r(421, "4.7.0", "Too many errors, closing transmission channel")
 NO_SERVICE = _r(554, "5.7.1", "No SMTP service here")
 

@@ -175,9 +175,12 @@ class SessionProtocol(asyncio.Protocol):
 
     async def _flush(self, session: Session) -> bool:
         """Write the replies; False when the client cannot take them."""
+        delay = session.connection.delay
         data = session.connection.data_to_send()
         if not data:
             return True
+        if delay:
+            await asyncio.sleep(delay)
         if session.tracing:
             trace_output(session, data)
         transport = self._transport

@@ -36,6 +36,7 @@ class BlockingShell:
         wfd: int = 1,
         tls_context: ssl.SSLContext | None = None,
         clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self._session = session
         self._conn = session.connection
@@ -43,6 +44,7 @@ class BlockingShell:
         self._wfd = wfd
         self._tls_context = tls_context
         self._clock = clock
+        self._sleep = sleep
         self._generation = -1
         self._deadline = 0.0
         self._tls: ssl.SSLObject | None = None
@@ -78,9 +80,12 @@ class BlockingShell:
     # -- output ----------------------------------------------------------
 
     def _flush(self) -> None:
+        delay = self._conn.delay
         data = self._conn.data_to_send()
         if not data:
             return
+        if delay:
+            self._sleep(delay)
         if self._session.tracing:
             trace_output(self._session, data)
         if self._tls is not None:
