@@ -30,13 +30,11 @@ from ..config import Config, ConfigError, load
 from ..delivery import maildir
 from ..delivery.runner import Runner
 from ..privileges import drop_privileges
-from ..queue.spool import Spool
+from ..queue.spool import FLUSH, Spool
 from .common import EX_CONFIG, EX_OK, EX_OSERR, EX_TEMPFAIL, ArgumentParser, setup_logging
 
 log = logging.getLogger("mmdf_smtp.deliver")
 
-POKE = b"."
-FLUSH = b"F"
 LOCK = "deliver.lock"
 
 
@@ -68,15 +66,6 @@ def give_maildir_base(template: str, user: str) -> None:
         return  # drop_privileges says so
     base.mkdir(mode=0o755, parents=True, exist_ok=True)
     os.chown(base, entry.pw_uid, entry.pw_gid)
-
-
-def ask_running(spool: Spool, what: bytes) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        try:
-            sock.sendto(what, str(spool.trigger))
-        except OSError:
-            return False
-    return True
 
 
 class Service:
@@ -190,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.once and not args.flush:
             print(f"deliver: another deliver is running on {config.spool}", file=sys.stderr)
             return EX_TEMPFAIL
-        if not ask_running(spool, FLUSH if args.flush else POKE):
+        if not spool.poke(flush=args.flush):
             print("deliver: another deliver holds the spool and does not listen", file=sys.stderr)
             return EX_TEMPFAIL
         print("deliver: asked the running deliver for a pass", file=sys.stderr)

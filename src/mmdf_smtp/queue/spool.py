@@ -51,6 +51,8 @@ _ID = re.compile(r"[0-9a-f]{26}")
 _BUFFER = 256 * 1024
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 TRIGGER = "deliver.sock"
+POKE = b"."  # a message was queued
+FLUSH = b"F"  # try deferred recipients now
 
 PENDING = "pending"
 DEFERRED = "deferred"
@@ -251,8 +253,9 @@ class Spool:
             self.state.mkdir(mode=0o700, exist_ok=True)
             self._ready = True
 
-    def poke(self) -> None:
-        """Tell a running ``deliver`` that a message was queued.
+    def poke(self, *, flush: bool = False) -> bool:
+        """Tell a running ``deliver`` that a message was queued (or, with
+        ``flush``, to try deferred recipients now); False when none listens.
 
         One datagram, never waited for: deliver may not be running, or its
         socket may be full of earlier pokes, and either way the message is
@@ -262,9 +265,10 @@ class Spool:
             if self._poker is None:
                 self._poker = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
                 self._poker.setblocking(False)
-            self._poker.sendto(b".", str(self.trigger))
+            self._poker.sendto(FLUSH if flush else POKE, str(self.trigger))
         except OSError:
-            pass
+            return False
+        return True
 
     def new_id(self) -> str:
         # The counter's next() is atomic under the GIL: threads get distinct ids.
