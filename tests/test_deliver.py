@@ -66,7 +66,12 @@ class Setup:
         self.directory = directory
 
     def queue(
-        self, *recipients: str, sender: str = "sender@example.net", message: bytes = MESSAGE
+        self,
+        *recipients: str,
+        sender: str = "sender@example.net",
+        message: bytes = MESSAGE,
+        smtputf8: bool = False,
+        body: str | None = None,
     ) -> str:
         writer = self.spool.open(
             Envelope(
@@ -77,6 +82,8 @@ class Setup:
                 remote_addr="127.0.0.1",
                 helo="client.test",
                 received=self.clock(),
+                smtputf8=smtputf8,
+                body=body,
             )
         )
         writer.write(message)
@@ -473,6 +480,16 @@ def test_lmtp_4xx_defers_and_a_later_success_delivers_once(tmp_path: Path) -> No
         (["b@remote.test"], sent),
     ]
     assert list(s.spool.messages()) == []
+
+
+def test_smtputf8_and_8bitmime_are_passed_on(tmp_path: Path) -> None:
+    with peer(Handler()) as (handler, port):
+        s = hop_setup(tmp_path, "smtp", port)
+        s.queue("jörg@remote.test", sender="zoë@example.net", smtputf8=True, body="8BITMIME")
+        s.runner.run()
+    [received] = handler.messages
+    assert (received.sender, received.recipients) == ("zoë@example.net", ["jörg@remote.test"])
+    assert sorted(received.mail_options) == ["BODY=8BITMIME", "SMTPUTF8"]
 
 
 def test_lmtp_5xx_bounces_with_a_notification(tmp_path: Path) -> None:

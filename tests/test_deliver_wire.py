@@ -154,6 +154,27 @@ def test_a_relayed_message_reaches_the_lmtp_next_hop(tmp_path: Path) -> None:
     assert len(maildir_messages(tmp_path, "bob")) == 1
 
 
+def test_a_4xx_from_the_peer_defers_and_flush_delivers(tmp_path: Path) -> None:
+    replies = {"far@relay.test": "451 4.3.0 Try again later"}
+    handler = Handler(data=replies.get, lmtp=True)
+    with peer(handler) as (_, port):
+        config = configure(tmp_path, f'[deliver]\nnext_hop = "lmtp:127.0.0.1:{port}"\n')
+        queue_many(Spool(tmp_path / "spool"), 1, recipients=("far@relay.test",))
+        first = run_deliver(config, "--once")
+        assert b"status=deferred (451 4.3.0 Try again later)" in first.stderr
+        [shown] = queued(config)
+        assert [s["status"] for s in shown["states"]] == ["deferred"]
+        again = run_deliver(config, "--once")  # not due for a minute: nothing is tried
+        assert b"status=" not in again.stderr
+        replies.clear()
+        flushed = run_deliver(config, "--once", "--flush")
+        assert b"relay=lmtp:[127.0.0.1]:" in flushed.stderr
+        assert b"attempts=2 status=delivered (250 2.0.0 OK)" in flushed.stderr
+    assert queued(config) == []
+    [received] = handler.messages
+    assert received.recipients == ["far@relay.test"]
+
+
 def test_sigterm_lets_the_delivery_under_way_finish(tmp_path: Path) -> None:
     handler = Handler(lmtp=True, release=threading.Event())
     with peer(handler) as (_, port):
