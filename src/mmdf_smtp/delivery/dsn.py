@@ -92,7 +92,7 @@ def build(
         f"This is the mail system at {hostname}.",
         "",
         "Your message could not be delivered to one or more recipients.",
-        "It is attached below.",
+        "The header of your message is attached below.",
         "",
     ]
     for failure in failures:
