@@ -548,6 +548,34 @@ def test_lmtp_over_a_unix_socket(tmp_path: Path) -> None:
     assert list(s.spool.messages()) == []
 
 
+class Grumpy(Handler):
+    """A peer that refuses EHLO and HELO alike."""
+
+    async def handle_EHLO(  # noqa: N802 - aiosmtpd's hook names
+        self, server: object, session: object, envelope: object, name: str, lines: list[str]
+    ) -> list[str]:
+        return ["550 5.7.1 Not you"]
+
+    async def handle_HELO(  # noqa: N802
+        self, server: object, session: object, envelope: object, name: str
+    ) -> str:
+        return "550 5.7.1 Not you either"
+
+
+def test_a_next_hop_refusing_to_talk_defers(tmp_path: Path) -> None:
+    with peer(Grumpy()) as (_, port):
+        s = hop_setup(tmp_path, "smtp", port)
+        queue_id = s.queue("far@remote.test")
+        s.runner.run()
+    state = s.spool.read_state(queue_id)
+    assert state is not None
+    [entry] = state.recipients
+    assert entry.status == "deferred"
+    assert entry.last_reply == (
+        f"451 4.4.0 smtp:[127.0.0.1]:{port} refused EHLO and HELO: 550 5.7.1 Not you either"
+    )
+
+
 def test_an_unreachable_next_hop_defers(tmp_path: Path) -> None:
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused

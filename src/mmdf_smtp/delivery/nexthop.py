@@ -170,7 +170,7 @@ def _transaction(
     if code != 250 and hop.protocol == "smtp":
         code, text = client.helo()
     if code != 250:
-        all_get(_outcome(code, text, "EHLO"))
+        all_get(_refused(hop, code, text, "LHLO" if hop.protocol == "lmtp" else "EHLO and HELO"))
         return
     if tls and client.has_extn("starttls") and hop.port != 0:
         context = ssl.create_default_context()
@@ -183,7 +183,7 @@ def _transaction(
         if code == 220:
             code, text = client.ehlo()
             if code != 250:
-                all_get(_outcome(code, text, "EHLO after STARTTLS"))
+                all_get(_refused(hop, code, text, "EHLO after STARTTLS"))
                 return
     options = ""
     if smtputf8:
@@ -230,6 +230,13 @@ def _outcome(code: int, text: bytes, after: str) -> Outcome:
     if code // 100 not in (2, 4, 5):
         return Outcome(451, f"4.5.0 Unexpected reply {code} to {after}: {words}")
     return Outcome(code, words, from_peer=True)
+
+
+def _refused(hop: NextHop, code: int, text: bytes, command: str) -> Outcome:
+    """A next hop that will not talk is its own fault, not the recipients':
+    even a 5xx then defers (as Postfix's ``smtp_skip_5xx_greeting``)."""
+    words = " ".join(text.decode("utf-8", "replace").split())
+    return Outcome(451, f"4.4.0 {describe(hop)} refused {command}: {code} {words}")
 
 
 def _reason(exc: BaseException) -> str:
