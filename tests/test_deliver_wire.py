@@ -218,12 +218,13 @@ def queue_many(
     return ids
 
 
-@pytest.mark.parametrize("kill_after", [1, 20, 45])
+# Killed well before the end: a busy machine may let deliver run on a while.
+@pytest.mark.parametrize("kill_after", [1, 25, 60])
 def test_kill_9_mid_pass_and_a_restart_deliver_each_message_once(
     tmp_path: Path, kill_after: int
 ) -> None:
     config = configure(tmp_path)
-    ids = queue_many(Spool(tmp_path / "spool"), 30)  # 60 deliveries: alice and bob each
+    ids = queue_many(Spool(tmp_path / "spool"), 60)  # 120 deliveries: alice and bob each
     process = subprocess.Popen(deliver_command(config, "--once"), stderr=subprocess.PIPE, env=env())
     wait_for(process, "status=delivered", count=kill_after)
     process.send_signal(signal.SIGKILL)
