@@ -1,5 +1,6 @@
 # Two targets a user needs: `make run` and `make test`.  Both build their
-# own virtual environment in .venv from pyproject.toml.
+# own virtual environment in .venv from pyproject.toml.  `make bench`
+# compares the daemon with Postfix and aiosmtpd (see README, Performance).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -10,7 +11,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,fast]'
+	$(BIN)/pip install --quiet -e '.[test,fast,bench]'
 	touch $@
 
 # deliver runs beside smtpd; Ctrl-C stops smtpd, and the trap stops deliver.
@@ -20,12 +21,15 @@ run: $(STAMP)
 	$(BIN)/smtpd -d smtpsrvr local,smtp
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
 
 test: lint
 	$(BIN)/pytest
+
+bench: $(STAMP)
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) var build *.egg-info

@@ -15,6 +15,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 _OWN_BASE: Path | None = None
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--soak", action="store_true", help="long soak and fuzz runs (by hand, not in CI)"
+    )
+
+
 def pytest_configure(config: pytest.Config) -> None:
     global _OWN_BASE  # noqa: PLW0603 - one per test run, removed at its end
     if os.geteuid() == 0 and config.option.basetemp is None:

@@ -233,6 +233,25 @@ def test_an_address_entry_decides_even_when_the_table_has_names_and_dns_fails(
         assert zone.queries == []
 
 
+def test_without_dns_a_client_is_decided_or_left_for_a_thread(
+    dns_policy: Policy, zone: Zone
+) -> None:
+    known = dns_policy.identify(
+        ["local", "smtp"], ip("127.0.0.1"), None, finicky=True, us="mx", dns=False
+    )
+    assert known is not None and known.channel is not None and known.channel.name == "local"
+    # The nameserver table would need a look-up: no decision, and no query.
+    assert (
+        dns_policy.identify(
+            ["local", "smtp"], ip("127.0.0.10"), None, finicky=True, us="mx", dns=False
+        )
+        is None
+    )
+    assert zone.queries == []
+    who = dns_policy.identify(["local", "smtp"], ip("127.0.0.10"), None, finicky=True, us="mx")
+    assert who is not None and who.channel is not None and who.channel.name == "smtp"
+
+
 def test_unknown_client_gets_the_last_channel_unless_finicky(dns_policy: Policy) -> None:
     who = dns_policy.identify(["local", "other"], ip("127.0.0.50"), None, finicky=False, us="mx")
     assert who.channel is not None and who.channel.name == "other"

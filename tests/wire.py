@@ -5,16 +5,17 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import queue
 import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import trustme
 
@@ -116,21 +117,47 @@ def body_of(message: bytes) -> bytes:
     return b"\r\n".join(lines[i:])
 
 
-@dataclass
 class Daemon:
-    process: subprocess.Popen[bytes]
-    host: str
-    port: int
-    config: Path
-    workers: int
+    """A running smtpd.  Its log is read all the time, by a thread, into
+    :attr:`lines`: a daemon that logs more than a pipe holds must not stall
+    on a test that is not reading."""
 
-    def log_lines(self, text: str, count: int = 1) -> list[str]:
-        """Read the daemon's log until ``count`` lines hold ``text``."""
-        assert self.process.stderr is not None
+    def __init__(self, process: subprocess.Popen[bytes], config: Path) -> None:
+        assert process.stderr is not None
+        self.process = process
+        self.config = config
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read_log, args=(process.stderr,))
+        self._reader.start()
+        self.host, self.port, self.workers = self._wait_until_listening()
+
+    def _read_log(self, stream: IO[bytes]) -> None:
+        for line in stream:
+            self.lines.put(line.decode(errors="replace"))
+        self.lines.put(None)
+
+    def _wait_until_listening(self) -> tuple[str, int, int]:
+        seen = []
+        deadline = time.monotonic() + 30
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                line = self.lines.get(timeout=remaining)
+            except queue.Empty:
+                break
+            if line is None:
+                break
+            seen.append(line)
+            if match := _LISTENING.search(line):
+                return match.group(1).strip("[]"), int(match.group(2)), int(match.group(3))
+        raise AssertionError("smtpd did not start:\n" + "".join(seen))
+
+    def log_lines(self, text: str, count: int = 1, timeout: float = 60) -> list[str]:
+        """Wait until ``count`` more lines of the log hold ``text``."""
         found: list[str] = []
+        deadline = time.monotonic() + timeout
         while len(found) < count:
-            line = self.process.stderr.readline().decode()
-            assert line, f"smtpd ended before logging {text!r}"
+            line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            assert line is not None, f"smtpd ended before logging {text!r}"
             if text in line:
                 found.append(line)
         return found
@@ -138,6 +165,18 @@ class Daemon:
     def connect(self, source: str = "127.0.0.1") -> socket.socket:
         address = (self.host, self.port)
         return socket.create_connection(address, timeout=30, source_address=(source, 0))
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._reader.join(timeout=30)
+        assert self.process.stderr is not None
+        self.process.stderr.close()
 
 
 _LISTENING = re.compile(r"listening on (\S+):(\d+), maxconnects \d+, (\d+) workers")
@@ -154,33 +193,16 @@ def daemon(
         stdin=subprocess.DEVNULL,
         env=env(),
     )
-    assert process.stderr is not None
-    deadline = time.monotonic() + 30
-    port = workers = 0
-    host = "127.0.0.1"
-    seen = []
-    while time.monotonic() < deadline:
-        line = process.stderr.readline().decode()
-        if not line:
-            break
-        seen.append(line)
-        match = _LISTENING.search(line)
-        if match:
-            host, port = match.group(1).strip("[]"), int(match.group(2))
-            workers = int(match.group(3))
-            break
-    assert port, "smtpd did not start:\n" + "".join(seen)
     try:
-        yield Daemon(process, host, port, config, workers)
+        started = Daemon(process, config)
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
+    try:
+        yield started
     finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        process.stderr.close()
+        started.stop()
 
 
 def smtpsrvr(

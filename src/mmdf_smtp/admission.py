@@ -44,39 +44,63 @@ def client_keys(peer: str) -> tuple[Key, Key]:
 
 
 class SessionCounts:
-    """Open sessions per key, with one slot per possible session.
+    """Open sessions per key, in a hash table with linear probing.
 
-    No more distinct keys can be counted at once than there are sessions
-    (``maxconnects``), so the table never fills.
+    At most ``sessions`` keys are counted at once (each needs an open
+    session), so a table of twice that never fills and probe runs stay
+    short.  A key whose count falls to zero leaves by backward-shift
+    deletion (Knuth's Algorithm R), which keeps every run unbroken without
+    tombstones, however many distinct clients come and go.
     """
 
-    def __init__(self, slots: int) -> None:
-        self._high = multiprocessing.RawArray(ctypes.c_uint64, slots)
-        self._low = multiprocessing.RawArray(ctypes.c_uint64, slots)
-        self._counts = multiprocessing.RawArray(ctypes.c_int, slots)
-        self._slots = slots
+    def __init__(self, sessions: int) -> None:
+        size = 2 * sessions + 1
+        self._high = multiprocessing.RawArray(ctypes.c_uint64, size)
+        self._low = multiprocessing.RawArray(ctypes.c_uint64, size)
+        self._counts = multiprocessing.RawArray(ctypes.c_int, size)  # 0: the slot is free
+        self._size = size
 
-    def _find(self, key: Key) -> int | None:
-        for i in range(self._slots):
-            if self._counts[i] and (self._high[i], self._low[i]) == key:
-                return i
-        return None
+    def _home(self, key: Key) -> int:
+        return hash(key) % self._size
+
+    def _slot(self, key: Key) -> int:
+        """Where ``key`` is, or the free slot where it would go."""
+        i = self._home(key)
+        while self._counts[i] and (self._high[i], self._low[i]) != key:
+            i = (i + 1) % self._size
+        return i
 
     def acquire(self, key: Key, limit: int) -> bool:
         """Count a session; False (and not counted) at ``limit`` (0: none)."""
-        i = self._find(key)
-        if i is None:
-            i = next(j for j in range(self._slots) if not self._counts[j])
-            self._high[i], self._low[i] = key
+        i = self._slot(key)
         if limit and self._counts[i] >= limit:
             return False
+        self._high[i], self._low[i] = key
         self._counts[i] += 1
         return True
 
     def release(self, key: Key) -> None:
-        i = self._find(key)
-        if i is not None:
+        i = self._slot(key)
+        if self._counts[i] > 1:
             self._counts[i] -= 1
+        elif self._counts[i] == 1:
+            self._remove(i)
+
+    def _remove(self, hole: int) -> None:
+        size = self._size
+        j = hole
+        while True:
+            j = (j + 1) % size
+            if not self._counts[j]:
+                break
+            home = self._home((self._high[j], self._low[j]))
+            # The entry at j may fill the hole only if its run passes the hole.
+            if (home - hole - 1) % size < (j - hole) % size:
+                continue
+            self._high[hole], self._low[hole] = self._high[j], self._low[j]
+            self._counts[hole] = self._counts[j]
+            hole = j
+        self._counts[hole] = 0
 
 
 class ConnectionRates:

@@ -88,6 +88,15 @@ class Service:
 
     def session(self, peer: Peer) -> Session:
         """Identify the client (DNS may be asked: this blocks) and greet it."""
+        session = self._session(peer, dns=True)
+        assert session is not None  # with DNS, every client is decided
+        return session
+
+    def session_without_dns(self, peer: Peer) -> Session | None:
+        """The session, when the client is decided without asking DNS; else None."""
+        return self._session(peer, dns=False)
+
+    def _session(self, peer: Peer, *, dns: bool) -> Session | None:
         who = self.policy.identify(
             self.channels,
             peer.address,
@@ -95,7 +104,10 @@ class Service:
             finicky=self.finicky,
             us=self.hostname,
             local_address=peer.local_address,
+            dns=dns,
         )
+        if who is None:
+            return None
         address = str(peer.address) if peer.address is not None else ""
         host = who.client_name or peer.name or (address_literal(address) if address else "unknown")
         return Session(

@@ -93,14 +93,23 @@ class Policy:
         finicky: bool,
         us: str,
         local_address: IPAddress | None = None,
-    ) -> Identification:
-        """Choose the source channel for a client (may ask DNS: blocks)."""
-        lookup = _Lookup(self, address, name)
+        dns: bool = True,
+    ) -> Identification | None:
+        """Choose the source channel for a client.
+
+        May ask DNS, which blocks; with ``dns=False`` it never does, and
+        returns None where the choice would need an answer from DNS (so an
+        event loop can decide most clients at once and send the rest to a
+        thread).
+        """
+        lookup = _Lookup(self, address, name, dns=dns)
         try:
             for channel_name in channels:
                 channel = self.config.channels[channel_name]
                 if self._knows(channel, lookup, local_address):
                     return Identification(channel, lookup.name_if_known, None)
+        except _DnsNeeded:
+            return None
         except DnsTemporaryError:
             text = f"{us}: Cannot resolve your address {literal(address)}, try again later"
             return Identification(None, None, replies.CANNOT_RESOLVE.with_text(text))
@@ -152,18 +161,27 @@ class Policy:
         return replies.UNKNOWN_USER
 
 
+class _DnsNeeded(Exception):
+    """The choice needs DNS, and the caller said not to ask."""
+
+
 class _Lookup:
     """One client's DNS answers, asked at most once each."""
 
-    def __init__(self, policy: Policy, address: IPAddress | None, name: str | None) -> None:
+    def __init__(
+        self, policy: Policy, address: IPAddress | None, name: str | None, *, dns: bool
+    ) -> None:
         self._policy = policy
         self.address = address
         self._given = normalize_name(name) if name else None
         self._confirmed: str | None = None
         self._asked = False
+        self._dns = dns
 
     def confirmed(self) -> str | None:
         if not self._asked and self.address is not None:
+            if not self._dns:
+                raise _DnsNeeded
             self._asked = True
             self._confirmed = self._policy.nameserver.confirmed_name(self.address)
         return self._confirmed

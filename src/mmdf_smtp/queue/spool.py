@@ -40,7 +40,7 @@ import re
 import socket
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -50,6 +50,7 @@ from . import Envelope, QueueError
 _ID = re.compile(r"[0-9a-f]{26}")
 _BUFFER = 256 * 1024
 _FULL = (errno.ENOSPC, errno.EDQUOT)
+_FIELDS = fields(Envelope)
 TRIGGER = "deliver.sock"
 POKE = b"."  # a message was queued
 FLUSH = b"F"  # try deferred recipients now
@@ -62,7 +63,8 @@ FINAL = frozenset({DELIVERED, BOUNCED})
 
 
 def envelope_to_json(envelope: Envelope) -> bytes:
-    data: dict[str, Any] = asdict(envelope)
+    # Field by field, not dataclasses.asdict: that deep-copies, once a message.
+    data: dict[str, Any] = {field.name: getattr(envelope, field.name) for field in _FIELDS}
     data["recipients"] = list(envelope.recipients)
     data["received"] = envelope.received.isoformat()
     return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"

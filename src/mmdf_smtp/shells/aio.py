@@ -129,7 +129,12 @@ class SessionProtocol(asyncio.Protocol):
 
     async def _serve(self) -> None:
         service = self._service
-        session = await self._loop.run_in_executor(None, service.session, self._peer())
+        # Most clients are known by address: chosen here, at once.  Those
+        # that need DNS wait for it in a thread, not on the loop.
+        peer = self._peer()
+        session = service.session_without_dns(peer)
+        if session is None:
+            session = await self._loop.run_in_executor(None, service.session, peer)
         self._session = session
         conn = session.connection
         if self._stopping:
@@ -157,7 +162,9 @@ class SessionProtocol(asyncio.Protocol):
                 if not self._wakeup.is_set():
                     remaining = None if timer is None else deadline - time.monotonic()
                     try:
-                        await asyncio.wait_for(self._wakeup.wait(), remaining)
+                        # asyncio.timeout, not wait_for: no task per wait.
+                        async with asyncio.timeout(remaining):
+                            await self._wakeup.wait()
                     except TimeoutError:
                         conn.time_out()
                 self._wakeup.clear()
@@ -191,7 +198,8 @@ class SessionProtocol(asyncio.Protocol):
             return True
         try:
             timeout = session.connection.limits.command_timeout
-            await asyncio.wait_for(self._can_write.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._can_write.wait()
         except TimeoutError:
             return False
         return not transport.is_closing()

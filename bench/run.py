@@ -1,0 +1,384 @@
+"""Benchmark mmdf-smtp against Postfix and aiosmtpd, in one run on one machine.
+
+    python bench/run.py [--smoke] [--rounds N] [--json FILE]
+
+Starts the three servers on free loopback ports, each with the same
+durability (250 only once the message is on stable storage), drives them
+case by case in interleaved rounds (every case runs on every server before
+the next case; the servers' order rotates from round to round), and prints
+one table of medians over the rounds with mmdf-smtp's ratios to the others.
+Every server it starts, it stops.  See README.md, "Performance".
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from load import IdleConnections, LoadError, Run, pipelining_client, smtp_source
+from memory import Footprint, PeakSampler, footprint
+from servers import Aiosmtpd, Mmdf, Postfix, Server
+
+KIB = 1024
+MIB = 1024 * KIB
+EX_UNAVAILABLE = 69
+EX_SOFTWARE = 70
+IDLE_SLOTS = 1100  # maxconnects / Postfix's smtpd process limit: room for the idle case
+
+
+@dataclass(frozen=True)
+class Case:
+    """One measurement: ``count`` messages of ``size`` octets from ``clients`` clients.
+
+    ``load`` is "connect" (a connection per message, smtp-source), "reuse"
+    (smtp-source -d) or "pipeline" (our client, reusing connections).
+    """
+
+    size: int
+    clients: int
+    load: str
+    count: int
+
+    @property
+    def name(self) -> str:
+        size = f"{self.size // MIB} MiB" if self.size >= MIB else f"{self.size // KIB} KiB"
+        return f"{size} x{self.clients} {self.load}"
+
+    def run(self, port: int) -> Run:
+        if self.load == "pipeline":
+            return pipelining_client(port, size=self.size, count=self.count, clients=self.clients)
+        return smtp_source(
+            port,
+            size=self.size,
+            count=self.count,
+            sessions=self.clients,
+            reuse=self.load == "reuse",
+        )
+
+
+@dataclass
+class Measurement:
+    messages: int
+    seconds: float
+    size: int
+    p50: float | None
+    p99: float | None
+    before: Footprint
+    peak: Footprint
+    error: str | None = None
+
+    @property
+    def rate(self) -> float:
+        return self.messages / self.seconds if self.seconds else 0.0
+
+    @property
+    def megabytes(self) -> float:
+        return self.rate * self.size / 1e6
+
+
+@dataclass
+class Results:
+    by_case: dict[str, dict[str, list[Measurement]]] = field(default_factory=dict)
+
+    def add(self, case: str, server: str, measurement: Measurement) -> None:
+        self.by_case.setdefault(case, {}).setdefault(server, []).append(measurement)
+
+
+def cases(smoke: bool) -> list[Case]:
+    """The benchmark's cases; in smoke mode a handful of tiny ones."""
+    if smoke:
+        return [
+            Case(KIB, 2, "connect", 10),
+            Case(KIB, 2, "reuse", 10),
+            Case(KIB, 2, "pipeline", 10),
+            Case(100 * KIB, 2, "pipeline", 4),
+            Case(MIB, 1, "pipeline", 1),
+        ]
+    found = []
+    for load in ("connect", "reuse", "pipeline"):
+        # Sessions that reuse their connection are faster: twice the messages.
+        scale = 1 if load == "connect" else 2
+        for size, per_client, least in ((KIB, 20, 400), (100 * KIB, 4, 80)):
+            for clients in (1, 10, 50):
+                count = max(per_client * clients, least) * scale
+                found.append(Case(size, clients, load, count))
+    found.append(Case(20 * MIB, 1, "pipeline", 1))
+    return found
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def measure(server: Server, case: Case) -> Measurement:
+    before = footprint(server.root_pid())
+    error = None
+    run = Run(0, case.size, 0.0)
+    with PeakSampler(server.root_pid) as sampler:
+        try:
+            run = case.run(server.port)
+        except (LoadError, OSError, TimeoutError) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+    server.settle()
+    p50 = percentile(run.latencies, 0.5) if run.latencies else None
+    p99 = percentile(run.latencies, 0.99) if run.latencies else None
+    return Measurement(run.messages, run.seconds, case.size, p50, p99, before, sampler.peak, error)
+
+
+def measure_idle(server: Server, count: int) -> Measurement:
+    """Memory with ``count`` greeted, idle sessions, against the moment before.
+
+    A few sessions first, so that the baseline is a server that has served:
+    workers forked, session processes started, first-use imports done.
+    """
+    warm_up = IdleConnections(server.port, 10)
+    warm_up.open()
+    warm_up.close()
+    before = footprint(server.root_pid())
+    idle = IdleConnections(server.port, count)
+    error = None
+    peak = before
+    start = time.perf_counter()
+    try:
+        idle.open()
+        seconds = time.perf_counter() - start
+        # Postfix forks a process per session: let the tree settle, keep the peak.
+        for _ in range(5):
+            peak = peak.max(footprint(server.root_pid()))
+            time.sleep(0.2)
+    except (LoadError, OSError, TimeoutError) as exc:
+        seconds = time.perf_counter() - start
+        error = f"{type(exc).__name__}: {exc}"
+    finally:
+        idle.close()
+    return Measurement(count if error is None else 0, seconds, 0, None, None, before, peak, error)
+
+
+@contextlib.contextmanager
+def started(server: Server) -> Iterator[Server]:
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+def prerequisites() -> list[str]:
+    missing = []
+    if shutil.which("smtp-source") is None and not Path("/usr/sbin/smtp-source").exists():
+        missing.append("smtp-source (Debian's postfix package)")
+    if shutil.which("postfix") is None:
+        missing.append("postfix (Debian's postfix package)")
+    if importlib.util.find_spec("aiosmtpd") is None:
+        missing.append("aiosmtpd (pip install -e '.[bench]')")
+    return missing
+
+
+def raise_file_limit() -> None:
+    """1,000 idle sessions need more descriptors than the usual 1024; children inherit it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def mib(value: int) -> str:
+    return f"{value / MIB:.1f}"
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else 0.0
+
+
+def _cell(
+    servers: list[str], runs: dict[str, list[Measurement]], get: Callable[[list[Measurement]], str]
+) -> str:
+    return " / ".join(get(runs.get(name, [])) if runs.get(name) else "-" for name in servers)
+
+
+def _ok(measurements: list[Measurement]) -> list[Measurement]:
+    return [m for m in measurements if m.error is None]
+
+
+def table(results: Results, servers: list[str]) -> str:
+    """One Markdown table: medians over rounds, mmdf-smtp's ratios to the others."""
+    order = " / ".join(servers)
+    header = (
+        f"| case | msg/s ({order}) | MB/s | p50 ms | p99 ms | peak PSS MiB | "
+        f"x {servers[1]} | x {servers[2]} |"
+    )
+    lines = [header, "|" + "---|" * 8]
+
+    def fmt(values: list[float], pattern: str) -> str:
+        return pattern.format(_median(values)) if values else "-"
+
+    for case, runs in results.by_case.items():
+        if case.startswith("idle"):
+            continue
+        ok = {name: _ok(runs.get(name, [])) for name in servers}
+        rates = {name: _median([m.rate for m in ok[name]]) for name in servers}
+        ratios = [
+            f"{rates[servers[0]] / rates[other]:.2f}" if rates[other] else "-"
+            for other in servers[1:]
+        ]
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    case,
+                    _cell(servers, ok, lambda ms: fmt([m.rate for m in ms], "{:.0f}")),
+                    _cell(servers, ok, lambda ms: fmt([m.megabytes for m in ms], "{:.1f}")),
+                    _cell(
+                        servers,
+                        ok,
+                        lambda ms: fmt([m.p50 * 1e3 for m in ms if m.p50 is not None], "{:.1f}"),
+                    ),
+                    _cell(
+                        servers,
+                        ok,
+                        lambda ms: fmt([m.p99 * 1e3 for m in ms if m.p99 is not None], "{:.1f}"),
+                    ),
+                    _cell(servers, ok, lambda ms: fmt([m.peak.pss / MIB for m in ms], "{:.0f}")),
+                    *ratios,
+                ]
+            )
+            + " |"
+        )
+    for case, runs in results.by_case.items():
+        if not case.startswith("idle"):
+            continue
+        ok = {name: _ok(runs.get(name, [])) for name in servers}
+        growth = {
+            name: _median([(m.peak.pss - m.before.pss) / MIB for m in ok[name]]) for name in servers
+        }
+        ratios = [
+            f"{growth[servers[0]] / growth[other]:.2f}" if growth[other] else "-"
+            for other in servers[1:]
+        ]
+        cell = " / ".join(f"+{growth[name]:.1f}" if ok[name] else "-" for name in servers)
+        lines.append(
+            f"| {case} (PSS growth, MiB) | - | - | - | - | {cell} | {ratios[0]} | {ratios[1]} |"
+        )
+    return "\n".join(lines)
+
+
+def growth_notes(results: Results, servers: list[str]) -> list[str]:
+    """Memory added by the largest message, per server (RSS and PSS of the tree)."""
+    notes = []
+    for case, runs in results.by_case.items():
+        if "MiB" not in case:
+            continue
+        for name in servers:
+            ok = _ok(runs.get(name, []))
+            if ok:
+                pss = _median([(m.peak.pss - m.before.pss) / MIB for m in ok])
+                rss = _median([(m.peak.rss - m.before.rss) / MIB for m in ok])
+                notes.append(f"{case}: {name} grew by {pss:.1f} MiB PSS ({rss:.1f} MiB RSS)")
+    return notes
+
+
+def errors(results: Results) -> list[str]:
+    found: list[str] = []
+    for case, runs in results.by_case.items():
+        for name, measurements in runs.items():
+            found.extend(f"{case} on {name}: {m.error}" for m in measurements if m.error)
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="a few seconds of tiny cases")
+    parser.add_argument("--rounds", type=int, help="rounds per case (default 3; 1 with --smoke)")
+    parser.add_argument("--json", type=Path, help="write every round's figures to this file")
+    parser.add_argument(
+        "--idle", type=int, help="idle sessions to hold (default 1000; 20 with --smoke)"
+    )
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("/var/tmp"),
+        help="where the run's directory is made: on disk, reachable by the postfix user",
+    )
+    args = parser.parse_args(argv)
+    missing = prerequisites()
+    if missing:
+        print("bench: missing " + ", ".join(missing), file=sys.stderr)
+        return EX_UNAVAILABLE
+    rounds = args.rounds or (1 if args.smoke else 3)
+    idle = args.idle if args.idle is not None else (20 if args.smoke else 1000)
+    raise_file_limit()
+
+    # On disk, not tmpfs: an fsync must reach stable storage.  Postfix's
+    # daemons (user postfix) must be able to reach their directories.
+    top = Path(tempfile.mkdtemp(prefix="mmdf-bench-", dir=args.workdir))
+    top.chmod(0o755)
+    results = Results()
+    servers: list[Server] = [
+        Mmdf(top / "mmdf", maxconnects=100),
+        Postfix(top / "postfix", maxproc=IDLE_SLOTS),
+        Aiosmtpd(top / "aiosmtpd"),
+    ]
+    names = [server.name for server in servers]
+    started_at = time.monotonic()
+    try:
+        with contextlib.ExitStack() as stack:
+            for server in servers:
+                stack.enter_context(started(server))
+            for round_ in range(rounds):
+                for case in cases(args.smoke):
+                    shift = round_ % len(servers)
+                    for server in servers[shift:] + servers[:shift]:
+                        measurement = measure(server, case)
+                        results.add(case.name, server.name, measurement)
+                        if not server.alive():
+                            raise RuntimeError(f"{server.name} died during {case.name}")
+                print(f"round {round_ + 1}/{rounds} done", file=sys.stderr, flush=True)
+            # The idle case last: Postfix's session processes outlive it for
+            # max_idle, and would weigh on every later measurement.
+            idle_name = f"idle x{idle}"
+            for server in servers:
+                target = server
+                if isinstance(server, Mmdf):
+                    # maxconnects 100 above, as Postfix's default process limit;
+                    # holding the idle sessions needs a daemon with more slots.
+                    target = stack.enter_context(started(Mmdf(top / "mmdf-idle", IDLE_SLOTS)))
+                results.add(idle_name, server.name, measure_idle(target, idle))
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+    elapsed = time.monotonic() - started_at
+
+    print(
+        f"{platform.node()}: {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"{rounds} round(s), {elapsed:.0f} s; medians over rounds"
+    )
+    print(table(results, names))
+    print()
+    for note in growth_notes(results, names):
+        print(f"- {note}")
+    if args.json:
+        raw = {
+            case: {name: [asdict(m) for m in ms] for name, ms in runs.items()}
+            for case, runs in results.by_case.items()
+        }
+        args.json.write_text(json.dumps(raw, indent=1))
+    failures = errors(results)
+    for failure in failures:
+        print(f"bench: {failure}", file=sys.stderr)
+    return EX_SOFTWARE if failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

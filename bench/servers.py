@@ -1,0 +1,396 @@
+"""The three servers under test, each started on a free loopback port and stopped.
+
+Every server gives the same promise: ``250`` to the end of data only once
+the message is on stable storage.  mmdf-smtp and aiosmtpd spool each
+message into a directory and fsync it; Postfix's cleanup fsyncs its queue
+file before smtpd answers, and the queue manager then hands the message to
+the discard transport.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import IO
+
+HERE = Path(__file__).resolve().parent
+SRC = HERE.parent / "src"
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 40.0
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on (Postfix's master binds it itself)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and all its descendants, from /proc/<pid>/task/<tid>/children."""
+    found = [root]
+    i = 0
+    while i < len(found):
+        pid = found[i]
+        i += 1
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/children") as file:
+                    found.extend(int(child) for child in file.read().split())
+            except OSError:
+                continue
+    return found
+
+
+def _wait_for_line(stream: IO[bytes], marker: bytes, log: Path, what: str) -> bytes:
+    """Read ``stream`` until a line holds ``marker``; then copy the rest into ``log``.
+
+    The copy runs in a thread so that the server never blocks on a full pipe.
+    """
+    seen: list[bytes] = []
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        line = stream.readline()
+        if not line:
+            break
+        seen.append(line)
+        if marker in line:
+            sink = log.open("ab")
+            sink.writelines(seen)
+            threading.Thread(target=_drain, args=(stream, sink), daemon=True).start()
+            return line
+    raise RuntimeError(f"{what} did not start:\n" + b"".join(seen).decode(errors="replace"))
+
+
+def _drain(stream: IO[bytes], sink: IO[bytes]) -> None:
+    with sink:
+        shutil.copyfileobj(stream, sink)
+
+
+def _clear(directory: Path) -> None:
+    """Empty a spool directory between runs, as delivery would."""
+    if directory.is_dir():
+        for entry in os.scandir(directory):
+            os.unlink(entry.path)
+
+
+class Server:
+    """A server under test: its name, address, processes and spool."""
+
+    name = ""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.port = 0
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def root_pid(self) -> int:
+        raise NotImplementedError
+
+    def pids(self) -> list[int]:
+        return process_tree(self.root_pid())
+
+    def settle(self) -> None:
+        """After a run: let queued work finish so that it does not slow the next run."""
+
+    def alive(self) -> bool:
+        try:
+            os.kill(self.root_pid(), 0)
+        except OSError:
+            return False
+        return True
+
+
+def _terminate(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+class Mmdf(Server):
+    """mmdf-smtp's smtpd on its fast path: sessions in-process, one worker per core."""
+
+    name = "mmdf-smtp"
+
+    def __init__(self, directory: Path, maxconnects: int) -> None:
+        super().__init__(directory)
+        self.maxconnects = maxconnects
+        self.process: subprocess.Popen[bytes] | None = None
+        self.spool = directory / "spool"
+
+    def start(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        # Started as root, smtpd serves sessions as `user` (never as root).
+        user = 'user = "nobody"'
+        config = self.directory / "mmdf.toml"
+        config.write_text(
+            f"""\
+{user}
+hostname = "mx.bench"
+spool = "{self.spool}"
+local_domains = ["example.org"]
+
+[smtpd]
+listen = ["127.0.0.1:0"]
+maxconnects = {self.maxconnects}
+
+[limits]
+message_size = 52428800
+
+[channels.local]
+hosts = ["127.0.0.0/8"]
+relay = true
+
+[local]
+users = ["a"]
+"""
+        )
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(SRC) + os.pathsep + env.get("PYTHONPATH", "")
+        env.pop("MMDF_CONFIG", None)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "mmdf_smtp.cli.smtpd", "-c", str(config), "smtpsrvr", "local"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+        assert self.process.stderr is not None
+        line = _wait_for_line(
+            self.process.stderr, b"listening on", self.directory / "smtpd.log", self.name
+        )
+        # "listening on 127.0.0.1:PORT, maxconnects N, W workers"
+        address = line.split(b"listening on ", 1)[1].split(b",", 1)[0]
+        self.port = int(address.rsplit(b":", 1)[1])
+
+    def root_pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def settle(self) -> None:
+        _clear(self.spool / "queue")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            _terminate(self.process)
+
+
+class Aiosmtpd(Server):
+    """aiosmtpd with a handler that writes and fsyncs each message (aiosmtpd_spool.py)."""
+
+    name = "aiosmtpd"
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.process: subprocess.Popen[bytes] | None = None
+        self.spool = directory / "spool"
+
+    def start(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            [sys.executable, str(HERE / "aiosmtpd_spool.py"), "127.0.0.1", "0", str(self.spool)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        assert self.process.stdout is not None
+        line = _wait_for_line(
+            self.process.stdout, b"listening on", self.directory / "aiosmtpd.log", self.name
+        )
+        self.port = int(line.strip().rsplit(b":", 1)[1])
+
+    def root_pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def settle(self) -> None:
+        _clear(self.spool / "queue")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            _terminate(self.process)
+
+
+MASTER_CF = """\
+{port} inet  n       -       n       -       {maxproc} smtpd
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+flush     unix  n       -       n       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+showq     unix  n       -       n       -       -       showq
+"""
+
+
+class Postfix(Server):
+    """A private Postfix instance: its own config, queue and data directories.
+
+    chroot off, loopback only, no DNS, every recipient accepted from
+    127.0.0.0/8 and delivered to the discard transport.  The system's
+    /etc/postfix is never read or written.
+    """
+
+    name = "postfix"
+
+    def __init__(self, directory: Path, maxproc: int) -> None:
+        super().__init__(directory)
+        self.maxproc = maxproc
+        self.started = False
+
+    def _postfix(self, *args: str) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            ["postfix", "-c", str(self.directory), *args],
+            capture_output=True,
+            timeout=STOP_TIMEOUT,
+            check=False,
+        )
+
+    def start(self) -> None:
+        # Postfix's daemons run as the postfix user: the tree must be reachable.
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory.chmod(0o755)
+        for parent in self.directory.parents:
+            if parent == Path("/"):
+                break
+            if parent.stat().st_mode & 0o005 != 0o005:
+                raise RuntimeError(f"{parent} is not reachable by the postfix user")
+        (self.directory / "queue").mkdir(exist_ok=True)
+        (self.directory / "data").mkdir(exist_ok=True)
+        shutil.chown(self.directory / "data", "postfix")
+        self.port = free_port()
+        main_cf = f"""\
+compatibility_level = 3.6
+queue_directory = {self.directory}/queue
+data_directory = {self.directory}/data
+mail_owner = postfix
+setgid_group = postdrop
+myhostname = pf.bench
+myorigin = pf.bench
+mydestination =
+inet_interfaces = loopback-only
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+smtpd_relay_restrictions = permit_mynetworks, reject
+smtpd_recipient_restrictions = permit_mynetworks, reject
+default_transport = discard
+relay_transport = discard
+local_transport = discard
+virtual_transport = discard
+local_recipient_maps =
+alias_maps =
+alias_database =
+smtp_dns_support_level = disabled
+smtp_host_lookup = native
+disable_dns_lookups = yes
+smtpd_peername_lookup = no
+smtpd_client_connection_count_limit = 0
+smtpd_client_connection_rate_limit = 0
+default_process_limit = {self.maxproc}
+message_size_limit = 52428800
+maillog_file = {self.directory}/maillog
+"""
+        (self.directory / "main.cf").write_text(main_cf)
+        (self.directory / "master.cf").write_text(
+            MASTER_CF.format(port=f"127.0.0.1:{self.port}", maxproc=self.maxproc)
+        )
+        for step in ("check", "start"):
+            result = self._postfix(step)
+            if result.returncode != 0:
+                raise RuntimeError(f"postfix {step} failed:\n{result.stderr.decode()}")
+        self.started = True
+        self._wait_listening()
+
+    def _wait_listening(self) -> None:
+        """``postfix start`` returns before master has bound the port."""
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+                    if sock.recv(512).startswith(b"220"):
+                        sock.sendall(b"QUIT\r\n")
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("postfix did not start listening")
+
+    def root_pid(self) -> int:
+        text = (self.directory / "queue" / "pid" / "master.pid").read_text()
+        return int(text.split()[0])
+
+    def settle(self) -> None:
+        """Wait (bounded) until the queue manager has discarded everything queued."""
+        queue = self.directory / "queue"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if not any(
+                files
+                for name in ("maildrop", "incoming", "active")
+                for _, _, files in os.walk(queue / name)
+            ):
+                return
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if not self.started:
+            return
+        pids: list[int] = []
+        with contextlib.suppress(OSError, ValueError):
+            pids = self.pids()
+        self._postfix("stop")
+        # Leftovers (a smtpd still holding a connection): end them by pid.
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for pid in pids:
+            while time.monotonic() < deadline and _exists(pid):
+                time.sleep(0.05)
+            if _exists(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        self.started = False
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie of ours is gone for our purposes.
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            return file.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

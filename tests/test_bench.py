@@ -1,0 +1,99 @@
+"""The benchmark's smoke run: every server starts, answers every case, and stops.
+
+Timings are never asserted: the machine is shared and noisy.  What must
+hold is that the run completed, each server accepted every message it was
+sent, and no server was left running.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "run.py"
+SERVERS = ["mmdf-smtp", "postfix", "aiosmtpd"]
+
+pytestmark = [
+    pytest.mark.skipif(
+        shutil.which("smtp-source") is None and not Path("/usr/sbin/smtp-source").exists(),
+        reason="smtp-source comes with Debian's postfix, installed by .ci/run",
+    ),
+    pytest.mark.skipif(
+        shutil.which("postfix") is None, reason="Debian's postfix is installed by .ci/run"
+    ),
+    pytest.mark.skipif(
+        importlib.util.find_spec("aiosmtpd") is None,
+        reason="aiosmtpd is the extra 'bench' (pip install -e '.[bench]')",
+    ),
+    pytest.mark.skipif(os.geteuid() != 0, reason="a private Postfix instance must start as root"),
+]
+
+
+def _leftovers(directory: Path) -> list[str]:
+    """Processes that name ``directory`` in their command line or environment.
+
+    Postfix's daemons name it only in MAIL_CONFIG, the others in argv.
+    """
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+            environment = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:
+            continue
+        if str(directory).encode() in command + environment:
+            found.append(command.replace(b"\0", b" ").decode(errors="replace"))
+    return found
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    """On disk and reachable by the postfix user, which pytest's tmp_path is not."""
+    directory = Path(tempfile.mkdtemp(prefix="mmdf-bench-test-", dir="/var/tmp"))
+    directory.chmod(0o755)
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_smoke_run_completes_and_every_server_answers(tmp_path: Path, workdir: Path) -> None:
+    figures = tmp_path / "figures.json"
+    result = subprocess.run(
+        [sys.executable, str(BENCH), "--smoke", "--json", str(figures), "--workdir", str(workdir)],
+        capture_output=True,
+        timeout=100,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    raw = json.loads(figures.read_text())
+    assert list(raw) == [
+        "1 KiB x2 connect",
+        "1 KiB x2 reuse",
+        "1 KiB x2 pipeline",
+        "100 KiB x2 pipeline",
+        "1 MiB x1 pipeline",
+        "idle x20",
+    ]
+    sent = {"1 KiB x2 connect": 10, "1 KiB x2 reuse": 10, "1 KiB x2 pipeline": 10}
+    sent |= {"100 KiB x2 pipeline": 4, "1 MiB x1 pipeline": 1, "idle x20": 20}
+    for case, runs in raw.items():
+        assert sorted(runs) == sorted(SERVERS), case
+        for server, [measurement] in runs.items():
+            assert measurement["error"] is None, (case, server, measurement["error"])
+            assert measurement["messages"] == sent[case], (case, server)
+            assert measurement["peak"]["pss"] > 0, (case, server)
+    table = result.stdout.decode()
+    assert "| case | msg/s (mmdf-smtp / postfix / aiosmtpd) |" in table
+    assert "| idle x20 (PSS growth, MiB) |" in table
+    assert _leftovers(workdir) == []
+    assert list(workdir.iterdir()) == [], "the run's directory was not removed"
