@@ -14,7 +14,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test,fast,bench]'
 	touch $@
 
+# deliver runs beside smtpd; Ctrl-C stops smtpd, and the trap stops deliver.
 run: $(STAMP)
+	$(BIN)/deliver & deliver=$$!; \
+	trap 'kill $$deliver 2>/dev/null; wait $$deliver' EXIT INT TERM; \
 	$(BIN)/smtpd -d smtpsrvr local,smtp
 
 lint: $(STAMP)

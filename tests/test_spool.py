@@ -216,6 +216,18 @@ def test_checkque_json(filled: tuple[Path, list[str]], capsys: pytest.CaptureFix
         "body": "8BITMIME",
         "submitter": None,
         "submitter_uid": None,
+        "states": [
+            {
+                "recipient": r,
+                "address": r,
+                "status": "pending",
+                "attempts": 0,
+                "last_reply": "",
+                "last_try": None,
+                "next_try": None,
+            }
+            for r in ("b@example.org", "c@example.org")
+        ],
     }
 
 
@@ -234,6 +246,7 @@ def test_checkque_table(filled: tuple[Path, list[str]], capsys: pytest.CaptureFi
         "b@example.org",
         "(+1)",
     ]
+    assert out[2:4] == ["    pending    b@example.org", "    pending    c@example.org"]
     assert out[-1] == "2 messages, 23 bytes"
 
 

@@ -64,9 +64,20 @@ class LocalConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class NextHop:
+    """Where non-local mail goes: ``lmtp:host:port``, ``lmtp:/socket`` or ``smtp:host:port``."""
+
+    protocol: str  # "lmtp" or "smtp"
+    host: str  # a host name, an address, or (LMTP only) the path of a Unix socket
+    port: int  # 0 for a Unix socket
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class DeliverConfig:
-    next_hop: str | None = None
-    queue_lifetime: int = 432_000
+    next_hop: NextHop | None = None
+    queue_lifetime: int = 432_000  # seconds from arrival before a temporary failure bounces
+    retry_min: int = 60  # seconds before the first retry; doubled at each one
+    retry_max: int = 3600  # the longest wait between two tries
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -341,11 +352,37 @@ class _Reader:
         )
 
     def _deliver(self, data: Mapping[str, Any]) -> DeliverConfig:
-        t = self._table(data, "deliver", {"next_hop", "queue_lifetime"})
+        t = self._table(data, "deliver", {"next_hop", "queue_lifetime", "retry_min", "retry_max"})
+        next_hop = self._str(t, "deliver.next_hop", None)
+        retry_min = self._int(t, "deliver.retry_min", 60, 1)
+        retry_max = self._int(t, "deliver.retry_max", 3600, 1)
+        if retry_max < retry_min:
+            raise self.error("deliver.retry_max", f"must be at least retry_min ({retry_min})")
+        try:
+            hop = parse_next_hop(next_hop) if next_hop else None
+        except ValueError as exc:
+            raise self.error("deliver.next_hop", str(exc)) from exc
         return DeliverConfig(
-            next_hop=self._str(t, "deliver.next_hop", None),
+            next_hop=hop,
             queue_lifetime=self._int(t, "deliver.queue_lifetime", 432_000, 1),
+            retry_min=retry_min,
+            retry_max=retry_max,
         )
+
+
+def parse_next_hop(text: str) -> NextHop:
+    """``lmtp:host:port``, ``lmtp:/path/to/socket`` or ``smtp:host:port``."""
+    protocol, _, rest = text.partition(":")
+    expected = 'expected "lmtp:host:port", "lmtp:/path/to/socket" or "smtp:host:port"'
+    if protocol not in ("lmtp", "smtp") or not rest:
+        raise ValueError(f"{text!r}: {expected}")
+    if protocol == "lmtp" and rest.startswith("/"):
+        return NextHop(protocol=protocol, host=rest, port=0)
+    try:
+        host, port = split_listen(rest)
+    except ValueError:
+        raise ValueError(f"{text!r}: {expected}") from None
+    return NextHop(protocol=protocol, host=host, port=port)
 
 
 def split_listen(address: str, *, default_port: int | None = None) -> tuple[str, int]:

@@ -2,7 +2,9 @@
 
     checkque [-c config] [--json] [--cat ID]
 
-Without options, a table; ``--json`` one object a line per message;
+Without options, a table with a line per message and one under it per
+recipient with its delivery state (pending, deferred, delivered, bounced);
+``--json`` one object a line per message, ``states`` holding the same;
 ``--cat ID`` the stored message on stdout (exit 69, EX_UNAVAILABLE, when
 no such message is queued).
 """
@@ -12,14 +14,41 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-from datetime import UTC
+from datetime import UTC, datetime
 
 from ..config import ConfigError, load
-from ..queue.spool import QueuedMessage, Spool
+from ..queue.spool import DEFERRED, DeliveryState, QueuedMessage, RecipientState, Spool
 from .common import EX_CONFIG, EX_OK, EX_UNAVAILABLE, ArgumentParser
 
 
-def as_json(message: QueuedMessage) -> str:
+def _utc(moment: datetime | None, layout: str = "%Y-%m-%dT%H:%M:%SZ") -> str | None:
+    return moment.astimezone(UTC).strftime(layout) if moment is not None else None
+
+
+def state_as_json(entry: RecipientState) -> dict[str, object]:
+    return {
+        "recipient": entry.recipient,
+        "address": entry.address,
+        "status": entry.status,
+        "attempts": entry.attempts,
+        "last_reply": entry.last_reply,
+        "last_try": _utc(entry.last_try),
+        "next_try": _utc(entry.next_try),
+    }
+
+
+def state_as_row(entry: RecipientState) -> str:
+    row = f"    {entry.status:<9}  {entry.address}"
+    if entry.address.lower() != entry.recipient.lower():
+        row += f" (for {entry.recipient})"
+    if entry.status == DEFERRED:
+        row += f"; try {entry.attempts + 1} at {_utc(entry.next_try, '%Y-%m-%d %H:%M:%S')}"
+    if entry.last_reply:
+        row += f"; {entry.last_reply}"
+    return row
+
+
+def as_json(message: QueuedMessage, state: DeliveryState) -> str:
     envelope = message.envelope
     return json.dumps(
         {
@@ -37,6 +66,7 @@ def as_json(message: QueuedMessage) -> str:
             "body": envelope.body,
             "submitter": envelope.submitter,
             "submitter_uid": envelope.submitter_uid,
+            "states": [state_as_json(entry) for entry in state.recipients],
         },
         ensure_ascii=False,
     )
@@ -80,9 +110,19 @@ def main(argv: list[str] | None = None) -> int:
         return EX_OK
     count = total = 0
     for message in spool.messages():
-        if count == 0 and not args.json:
-            print(f"{'id':<26}  {'size':>9}  {'received (UTC)':<19}  {'channel':<8}  from  to")
-        print(as_json(message) if args.json else as_row(message))
+        try:
+            state = spool.read_state(message.id) or DeliveryState.untouched(message.envelope)
+        except ValueError as exc:
+            print(f"checkque: {exc}", file=sys.stderr)
+            state = DeliveryState()
+        if args.json:
+            print(as_json(message, state))
+        else:
+            if count == 0:
+                print(f"{'id':<26}  {'size':>9}  {'received (UTC)':<19}  {'channel':<8}  from  to")
+            print(as_row(message))
+            for entry in state.recipients:
+                print(state_as_row(entry))
         count += 1
         total += message.size
     if not args.json:

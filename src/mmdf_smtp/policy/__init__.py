@@ -18,7 +18,7 @@ import dns.resolver
 
 from ..config import ChannelConfig, Config
 from ..protocol import Path, Reply, replies
-from .aliases import read_aliases
+from .aliases import read_aliases, unquote
 from .hosts import HostTable, IPAddress, build_table, normalize_name
 from .nameserver import DnsTemporaryError, NameServer, make_resolver
 
@@ -153,7 +153,7 @@ class Policy:
             if channel.relay:
                 return None
             return replies.RELAY_DENIED.with_text(f"Relaying denied for {recipient.domain}")
-        local = _unquote(recipient.local).lower()
+        local = unquote(recipient.local).lower()
         if local == "postmaster" or local in self._users or local in self._aliases:
             return None
         if not recipient.domain and local != "postmaster":
@@ -192,16 +192,3 @@ class _Lookup:
     @property
     def name_if_known(self) -> str | None:
         return self._given or self._confirmed
-
-
-def _unquote(local: str) -> str:
-    if len(local) >= 2 and local[0] == local[-1] == '"':
-        body, out, escaped = local[1:-1], [], False
-        for char in body:
-            if escaped or char != "\\":
-                out.append(char)
-                escaped = False
-            else:
-                escaped = True
-        return "".join(out)
-    return local

@@ -2,8 +2,10 @@
 
 Layout::
 
-    <spool>/tmp/<id>     a message being received
-    <spool>/queue/<id>   a queued message
+    <spool>/tmp/<id>       a message being received
+    <spool>/queue/<id>     a queued message (never changed once there)
+    <spool>/state/<id>     its recipients' delivery state, once deliver has seen it
+    <spool>/deliver.sock   where ``deliver`` listens for "a message was queued"
 
 Each file is the envelope as one line of JSON, then the message octets as
 received (dot-unstuffed, CRLF line ends, our Received header first).  The
@@ -15,6 +17,12 @@ commit point), and ``queue/`` is fsynced.  A crash before the rename
 leaves only a file in ``tmp/``, which :meth:`Spool.recover` removes; after
 the directory fsync the message is on stable storage.  A message is never
 partial (it reaches ``queue/`` whole) and never twice (a rename moves it).
+
+The delivery state is JSON, replaced whole (temporary file, fsync, rename,
+fsync of ``state/``).  A finished message is removed file first, state
+second: a crash between the two leaves a state without a message, which
+:meth:`Spool.forget_orphans` removes; the other order could leave a
+message without its state, to be delivered again.
 
 Queue ids are hex: microseconds since the epoch (14 digits), the writer's
 pid (7) and a per-process counter (5).  They are unique across the
@@ -29,9 +37,10 @@ import itertools
 import json
 import os
 import re
+import socket
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -42,6 +51,15 @@ _ID = re.compile(r"[0-9a-f]{26}")
 _BUFFER = 256 * 1024
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 _FIELDS = fields(Envelope)
+TRIGGER = "deliver.sock"
+POKE = b"."  # a message was queued
+FLUSH = b"F"  # try deferred recipients now
+
+PENDING = "pending"
+DEFERRED = "deferred"
+DELIVERED = "delivered"
+BOUNCED = "bounced"
+FINAL = frozenset({DELIVERED, BOUNCED})
 
 
 def envelope_to_json(envelope: Envelope) -> bytes:
@@ -64,6 +82,84 @@ class QueuedMessage:
     id: str
     envelope: Envelope
     size: int  # octets of the message, without the envelope line
+
+
+@dataclass(slots=True, kw_only=True)
+class RecipientState:
+    """Where one destination of a message stands.
+
+    ``recipient`` is the envelope recipient, ``address`` what it became
+    after alias expansion; ``mailbox`` the local user whose Maildir takes
+    it (None: the next hop).  ``problem`` is a reason known before any
+    attempt (no such user, an alias loop).
+    """
+
+    recipient: str
+    address: str
+    mailbox: str | None = None
+    problem: str | None = None
+    status: str = PENDING  # pending | deferred | delivered | bounced
+    attempts: int = 0
+    last_reply: str = ""
+    last_try: datetime | None = None
+    next_try: datetime | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.status in FINAL
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        for key in ("last_try", "next_try"):
+            value = data[key]
+            data[key] = value.isoformat() if value is not None else None
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RecipientState:
+        data = dict(data)
+        for key in ("last_try", "next_try"):
+            if data.get(key) is not None:
+                data[key] = datetime.fromisoformat(data[key])
+        return cls(**data)
+
+
+@dataclass(slots=True)
+class DeliveryState:
+    """The delivery state of one message: a destination per entry, in order.
+
+    The order is fixed when the state is first written; an entry's index
+    names its Maildir file, so that a retry finds what a crash left.
+    """
+
+    recipients: list[RecipientState] = field(default_factory=list)
+
+    @classmethod
+    def untouched(cls, envelope: Envelope) -> DeliveryState:
+        """What a message deliver has not seen yet looks like: all pending."""
+        return cls([RecipientState(recipient=r, address=r) for r in envelope.recipients])
+
+    @property
+    def done(self) -> bool:
+        return all(r.done for r in self.recipients)
+
+    def due(self, now: datetime) -> bool:
+        return any(
+            r.status == PENDING or (r.status == DEFERRED and (r.next_try or now) <= now)
+            for r in self.recipients
+        )
+
+    def next_try(self) -> datetime | None:
+        tries = [r.next_try for r in self.recipients if r.status == DEFERRED and r.next_try]
+        return min(tries, default=None)
+
+    def to_bytes(self) -> bytes:
+        data = {"recipients": [r.to_json() for r in self.recipients]}
+        return json.dumps(data, ensure_ascii=False, indent=1).encode() + b"\n"
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> DeliveryState:
+        return cls([RecipientState.from_json(r) for r in json.loads(data)["recipients"]])
 
 
 def _error(action: str, exc: OSError) -> QueueError:
@@ -125,6 +221,7 @@ class SpoolWriter:
             self._path = self._spool.queue / self._id
             self.abort()
             raise _error("cannot sync the queue directory", exc) from exc
+        self._spool.poke()
 
     def abort(self) -> None:
         file, self._file = self._file, None
@@ -143,15 +240,37 @@ class Spool:
         self.directory = directory
         self.tmp = directory / "tmp"
         self.queue = directory / "queue"
+        self.state = directory / "state"
+        self.trigger = directory / TRIGGER
         self._counter = itertools.count()
         self._ready = False
+        self._poker: socket.socket | None = None
 
-    def _prepare(self) -> None:
+    def prepare(self) -> None:
+        """Create the spool's folders if missing.  Raises OSError."""
         if not self._ready:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             self.tmp.mkdir(mode=0o700, exist_ok=True)
             self.queue.mkdir(mode=0o700, exist_ok=True)
+            self.state.mkdir(mode=0o700, exist_ok=True)
             self._ready = True
+
+    def poke(self, *, flush: bool = False) -> bool:
+        """Tell a running ``deliver`` that a message was queued (or, with
+        ``flush``, to try deferred recipients now); False when none listens.
+
+        One datagram, never waited for: deliver may not be running, or its
+        socket may be full of earlier pokes, and either way the message is
+        safe in the queue and found by deliver's next pass.
+        """
+        try:
+            if self._poker is None:
+                self._poker = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                self._poker.setblocking(False)
+            self._poker.sendto(FLUSH if flush else POKE, str(self.trigger))
+        except OSError:
+            return False
+        return True
 
     def new_id(self) -> str:
         # The counter's next() is atomic under the GIL: threads get distinct ids.
@@ -160,7 +279,7 @@ class Spool:
 
     def open(self, envelope: Envelope) -> SpoolWriter:
         try:
-            self._prepare()
+            self.prepare()
         except OSError as exc:
             raise _error(f"cannot create the spool {self.directory}", exc) from exc
         return SpoolWriter(self, self.new_id(), envelope)
@@ -203,6 +322,106 @@ class Spool:
             except FileNotFoundError:
                 continue
             yield QueuedMessage(queue_id, envelope_from_json(header), size)
+
+    def envelope(self, queue_id: str) -> Envelope:
+        """The envelope of a queued message; KeyError when it is not queued."""
+        try:
+            with open(self.queue / queue_id, "rb") as file:
+                return envelope_from_json(file.readline())
+        except FileNotFoundError:
+            raise KeyError(queue_id) from None
+
+    def read_state(self, queue_id: str) -> DeliveryState | None:
+        """The message's delivery state; None before deliver first saw it.
+
+        Raises ValueError, naming the file, for a state that cannot be read.
+        """
+        path = self.state / queue_id
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            return DeliveryState.from_bytes(data)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path}: unreadable delivery state: {exc!r}") from exc
+
+    def write_state(self, queue_id: str, state: DeliveryState) -> None:
+        """Replace the delivery state atomically and durably.  Raises OSError."""
+        self.prepare()
+        temporary = self.state / f".{queue_id}.{os.getpid()}"
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as file:
+                file.write(state.to_bytes())
+                file.flush()
+                os.fsync(file.fileno())
+            os.rename(temporary, self.state / queue_id)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+        _fsync_directory(self.state)
+
+    def due(
+        self,
+        now: datetime,
+        *,
+        flush: bool = False,
+        known: Mapping[str, datetime] | None = None,
+    ) -> tuple[list[str], dict[str, datetime]]:
+        """The ids to try now, in arrival order, and when each of the others is next due.
+
+        ``flush`` makes every deferred recipient due at once (``postqueue -f``).
+        ``known`` holds next tries the caller already knows (it wrote them):
+        their states are not read again until they are due.
+        """
+        known = known or {}
+        due: list[str] = []
+        waiting: dict[str, datetime] = {}
+        for queue_id in self.ids():
+            next_try = known.get(queue_id)
+            if next_try is None or next_try <= now or flush:
+                try:
+                    state = self.read_state(queue_id)
+                except ValueError:
+                    due.append(queue_id)  # for the delivery attempt to report it
+                    continue
+                # A state with nothing left to do is a removal a crash cut short.
+                if state is None or flush or state.done or state.due(now):
+                    due.append(queue_id)
+                    continue
+                next_try = state.next_try()
+            if next_try is not None:
+                waiting[queue_id] = next_try
+        return due, waiting
+
+    def remove(self, queue_id: str) -> None:
+        """Take a finished message out of the queue: the file, then its state."""
+        os.unlink(self.queue / queue_id)
+        _fsync_directory(self.queue)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.state / queue_id)
+
+    def forget_orphans(self) -> list[str]:
+        """Remove states whose message is gone and temporary states a crash left.
+
+        Only deliver writes states; it runs this at start-up, before its
+        first pass.
+        """
+        removed: list[str] = []
+        try:
+            names = os.listdir(self.state)
+        except FileNotFoundError:
+            return removed
+        queued = set(self.ids())
+        for name in names:
+            if name in queued:
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.state / name)
+                removed.append(name)
+        return removed
 
     def open_message(self, queue_id: str) -> BinaryIO:
         """The stored message (without its envelope line), for reading.

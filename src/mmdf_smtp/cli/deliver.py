@@ -1,0 +1,207 @@
+"""deliver: run the queue.
+
+    deliver [-c config] [-d] [--once] [--flush]
+
+As a service (the default) it makes a pass at start, then one whenever a
+message is queued (the spool pokes ``<spool>/deliver.sock``) and when a
+deferred recipient is next due; SIGTERM or SIGINT ends it after the
+message under way, SIGHUP reloads the configuration and aliases.
+``--once`` makes one pass over what is due and exits; ``--flush`` tries
+deferred recipients now (as ``postqueue -f``).  One deliver runs per
+spool: when a service holds it, ``--once`` and ``--flush`` ask that
+service for a pass instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import pwd
+import selectors
+import signal
+import socket
+import sys
+from datetime import UTC, datetime
+from typing import IO
+
+from ..config import Config, ConfigError, load
+from ..delivery import maildir
+from ..delivery.runner import Runner
+from ..privileges import drop_privileges
+from ..queue.spool import FLUSH, Spool
+from .common import EX_CONFIG, EX_OK, EX_OSERR, EX_TEMPFAIL, ArgumentParser, setup_logging
+
+log = logging.getLogger("mmdf_smtp.deliver")
+
+LOCK = "deliver.lock"
+
+
+def lock(spool: Spool) -> IO[bytes] | None:
+    """The spool's deliver lock, or None when another deliver holds it."""
+    spool.prepare()
+    file = open(spool.directory / LOCK, "ab")  # noqa: SIM115 - held for the process's life
+    try:
+        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        file.close()
+        return None
+    return file
+
+
+def give_maildir_base(template: str, user: str) -> None:
+    """Create the folder the Maildirs go in, for ``user``, when it is missing.
+
+    deliver writes Maildirs as ``user`` (as smtpd serves sessions as it): a
+    missing base such as ``var/mail`` is made its own, as the spool is.  An
+    existing folder is left as it is; the administrator chose its owner.
+    """
+    base = maildir.base_of(template)
+    if base.exists():
+        return
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        return  # drop_privileges says so
+    base.mkdir(mode=0o755, parents=True, exist_ok=True)
+    os.chown(base, entry.pw_uid, entry.pw_gid)
+
+
+class Service:
+    """The long-running deliver: passes on pokes, on retry times, and on SIGHUP."""
+
+    def __init__(self, config_path: str | None, config: Config, spool: Spool) -> None:
+        self._config_path = config_path
+        self._spool = spool
+        self._stop = False
+        self._reload = False
+        self.runner = self._runner(config)
+
+    def _runner(self, config: Config) -> Runner:
+        return Runner(config, self._spool, stopping=lambda: self._stop)
+
+    def run(self, *, flush: bool) -> None:
+        trigger = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._spool.trigger)  # a crashed deliver's; we hold the lock
+        trigger.bind(str(self._spool.trigger))
+        trigger.setblocking(False)
+        wake_read, wake_write = socket.socketpair()
+        wake_read.setblocking(False)
+        wake_write.setblocking(False)
+        signal.set_wakeup_fd(wake_write.fileno(), warn_on_full_buffer=False)
+        signal.signal(signal.SIGTERM, self._stopping)
+        signal.signal(signal.SIGINT, self._stopping)
+        signal.signal(signal.SIGHUP, self._reloading)
+        selector = selectors.DefaultSelector()
+        selector.register(trigger, selectors.EVENT_READ)
+        selector.register(wake_read, selectors.EVENT_READ)
+        log.info("waiting for messages on %s", self._spool.trigger)
+        try:
+            while not self._stop:
+                if self._reload:
+                    self._reload = False
+                    self.reload()
+                later = self.runner.run(flush=flush)
+                if self._stop:
+                    break
+                timeout = None
+                if later is not None:
+                    timeout = max(0.0, (later - datetime.now(UTC)).total_seconds())
+                selector.select(timeout)
+                flush = FLUSH in _drain(trigger)
+                _drain(wake_read)
+        finally:
+            signal.set_wakeup_fd(-1)
+            selector.close()
+            trigger.close()
+            wake_read.close()
+            wake_write.close()
+            with contextlib.suppress(OSError):
+                os.unlink(self._spool.trigger)
+        log.info("stopped")
+
+    def reload(self) -> None:
+        try:
+            self.runner = self._runner(load(self._config_path))
+        except ConfigError as exc:
+            log.error("reload failed, keeping the running configuration: %s", exc)
+            return
+        log.info("configuration reloaded from %s", self.runner.config.source)
+
+    def _stopping(self, _signum: int, _frame: object) -> None:
+        self._stop = True
+
+    def _reloading(self, _signum: int, _frame: object) -> None:
+        self._reload = True
+
+
+def _drain(sock: socket.socket) -> bytes:
+    data = b""
+    while True:
+        try:
+            data += sock.recv(64)
+        except BlockingIOError:
+            return data
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = ArgumentParser(prog="deliver", description="Run the queue.")
+    parser.add_argument("-c", "--config", help="configuration file (TOML)")
+    parser.add_argument("-d", "--debug", action="store_true", help="log details on stderr")
+    parser.add_argument("--once", action="store_true", help="one pass over what is due, then exit")
+    parser.add_argument("--flush", action="store_true", help="try deferred recipients now")
+    args = parser.parse_args(argv)
+    try:
+        config = load(args.config)
+    except ConfigError as exc:
+        print(f"deliver: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    setup_logging("deliver", debug=args.debug, target=config.log)
+    try:
+        if os.geteuid() == 0 and config.user:
+            give_maildir_base(config.local.maildir, config.user)
+        drop_privileges(config.user, config.spool)
+    except ConfigError as exc:
+        print(f"deliver: {config.source}: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    except OSError as exc:
+        print(f"deliver: cannot become {config.user}: {exc}", file=sys.stderr)
+        return EX_OSERR
+    spool = Spool(config.spool)
+    try:
+        held = lock(spool)
+    except OSError as exc:
+        print(f"deliver: cannot use the spool {config.spool}: {exc.strerror}", file=sys.stderr)
+        return EX_OSERR
+    if held is None:
+        if not args.once and not args.flush:
+            print(f"deliver: another deliver is running on {config.spool}", file=sys.stderr)
+            return EX_TEMPFAIL
+        if not spool.poke(flush=args.flush):
+            print("deliver: another deliver holds the spool and does not listen", file=sys.stderr)
+            return EX_TEMPFAIL
+        print("deliver: asked the running deliver for a pass", file=sys.stderr)
+        return EX_OK
+    try:
+        removed = spool.forget_orphans()
+        if removed:
+            log.info("removed %d delivery states of messages no longer queued", len(removed))
+        if args.once:
+            Runner(config, spool).run(flush=args.flush)
+        else:
+            Service(args.config, config, spool).run(flush=args.flush)
+    except ConfigError as exc:
+        print(f"deliver: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    except OSError as exc:
+        print(f"deliver: {exc}", file=sys.stderr)
+        return EX_OSERR
+    finally:
+        held.close()
+    return EX_OK
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,103 @@
+"""Writing one message into a Maildir, exactly once across crashes.
+
+The file name is chosen by the caller from the queue id and the
+recipient's index, so it is the same on every attempt: a retry after a
+crash first looks for it in ``new/`` and ``cur/`` (where a mail reader
+may have moved it, with ``:2,flags`` added) and writes nothing when it is
+there.  Otherwise the message is written in ``tmp/``, fsynced, linked
+into ``new/`` and ``new/`` fsynced (the Maildir protocol, maildir(5)).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+_CHUNK = 256 * 1024
+
+
+def file_name(received_epoch: int, queue_id: str, index: int, hostname: str) -> str:
+    """``<time>.M<queue id>R<index>.<host>``; the host with '/' and ':' escaped (maildir(5))."""
+    host = hostname.replace("/", r"\057").replace(":", r"\072")
+    return f"{received_epoch}.M{queue_id}R{index}.{host}"
+
+
+def base_of(template: str) -> Path:
+    """The fixed folder above every Maildir of ``template``: ``/var/mail`` for
+    ``/var/mail/{user}/Maildir``; for a template without ``{user}``, its parent."""
+    head, user, _ = template.partition("{user}")
+    return Path(head) if user and head.endswith("/") else Path(head).parent
+
+
+def create(maildir: Path) -> None:
+    """The Maildir and its three folders, private to the user, if missing."""
+    for folder in (maildir, maildir / "tmp", maildir / "new", maildir / "cur"):
+        with contextlib.suppress(FileExistsError):
+            folder.mkdir(mode=0o700, parents=True)
+
+
+def already_delivered(maildir: Path, name: str) -> bool:
+    if (maildir / "new" / name).exists():
+        return True
+    try:
+        with os.scandir(maildir / "cur") as entries:
+            return any(e.name == name or e.name.startswith(name + ":") for e in entries)
+    except FileNotFoundError:
+        return False
+
+
+def deliver(
+    maildir: Path, name: str, header: bytes, message: BinaryIO, *, look_first: bool = True
+) -> bool:
+    """Store ``header`` then ``message`` (CRLF turned into LF) as ``name``.
+
+    Returns False when the message was there already.  ``look_first``
+    searches ``new/`` and ``cur/`` before writing; without it (no earlier
+    attempt can have written the file) only ``new/`` is guarded, by the
+    link.  Raises OSError.
+    """
+    create(maildir)
+    if look_first and already_delivered(maildir, name):
+        return False
+    temporary = maildir / "tmp" / name
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(header)
+            for chunk in lf_line_ends(message):
+                file.write(chunk)
+            file.flush()
+            os.fsync(file.fileno())
+        try:
+            # A link, not a rename: it never replaces a file of that name.
+            os.link(temporary, maildir / "new" / name)
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(temporary)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    fd = os.open(maildir / "new", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return True
+
+
+def lf_line_ends(message: BinaryIO) -> Iterator[bytes]:
+    """The message in chunks with each CRLF as LF; a CR split from its LF waits for it."""
+    held = b""
+    while data := message.read(_CHUNK):
+        data = held + data
+        held = b""
+        if data.endswith(b"\r"):
+            data, held = data[:-1], b"\r"
+        yield data.replace(b"\r\n", b"\n")
+    if held:
+        yield held

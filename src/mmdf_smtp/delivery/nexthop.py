@@ -1,0 +1,263 @@
+"""Handing a message to the next hop over SMTP (RFC 5321) or LMTP (RFC 2033).
+
+One transaction per message carries all its remote recipients; the
+answer is one reply per recipient: the RCPT refusal for those refused,
+else the reply to the end of data (LMTP gives one per accepted
+recipient, SMTP one for all).  STARTTLS is used whenever the peer offers
+it, opportunistically: the certificate is not checked, as with Postfix's
+``smtp_tls_security_level = may`` (a peer that offers no STARTTLS gets the
+message in plaintext).  The message is streamed from the spool,
+dot-stuffed on the way (RFC 5321 4.5.2).
+"""
+
+from __future__ import annotations
+
+import logging
+import smtplib
+import ssl
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from ..config import NextHop
+
+log = logging.getLogger("mmdf_smtp.deliver")
+
+# RFC 5321 4.5.3.2 asks for minutes per command (10 for the end of data):
+# one bound for every read keeps it simple and still ends a dead peer.
+TIMEOUT = 600.0
+_CHUNK = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """A reply that decides a recipient's fate: the peer's, or one we made up."""
+
+    code: int
+    text: str  # with the enhanced status code first when there is one
+    from_peer: bool = False  # the next hop said it; else we did
+
+    @property
+    def temporary(self) -> bool:
+        return 400 <= self.code < 500
+
+    @property
+    def permanent(self) -> bool:
+        return self.code >= 500
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.text}"
+
+
+def host_of(hop: NextHop) -> str | None:
+    """The next hop's host for a DSN's Remote-MTA; None for a Unix socket."""
+    return hop.host if hop.port else None
+
+
+def describe(hop: NextHop) -> str:
+    where = hop.host if hop.port == 0 else f"[{hop.host}]:{hop.port}"
+    return f"{hop.protocol}:{where}"
+
+
+def send(
+    hop: NextHop,
+    *,
+    hostname: str,
+    sender: str,
+    recipients: Sequence[str],
+    message: BinaryIO,
+    smtputf8: bool = False,
+    body: str | None = None,
+    timeout: float = TIMEOUT,
+) -> list[Outcome]:
+    """Send ``message`` to ``recipients``; one outcome per recipient, in order.
+
+    Never raises for the peer's or the network's faults: they become
+    temporary outcomes for every recipient not yet answered.  A peer whose
+    TLS handshake fails gets the message again in plaintext, as with
+    Postfix's opportunistic TLS: encryption nobody checks is not worth
+    holding mail for.
+    """
+    start = message.tell()
+
+    def attempt(tls: bool) -> list[Outcome]:
+        message.seek(start)
+        return _attempt(
+            hop,
+            hostname=hostname,
+            sender=sender,
+            recipients=recipients,
+            message=message,
+            smtputf8=smtputf8,
+            body=body,
+            timeout=timeout,
+            tls=tls,
+        )
+
+    try:
+        return attempt(tls=True)
+    except _HandshakeFailed as exc:
+        log.warning("%s: TLS handshake failed (%s); sending in plaintext", describe(hop), exc)
+        return attempt(tls=False)
+
+
+class _HandshakeFailed(Exception):
+    pass
+
+
+def _attempt(
+    hop: NextHop,
+    *,
+    hostname: str,
+    sender: str,
+    recipients: Sequence[str],
+    message: BinaryIO,
+    smtputf8: bool,
+    body: str | None,
+    timeout: float,
+    tls: bool,
+) -> list[Outcome]:
+    outcomes: list[Outcome | None] = [None] * len(recipients)
+    kind = smtplib.LMTP if hop.protocol == "lmtp" else smtplib.SMTP
+    try:
+        # Connecting in the constructor: STARTTLS names the host it was given.
+        client = kind(hop.host, hop.port, local_hostname=hostname, timeout=timeout)
+    except (OSError, smtplib.SMTPException) as exc:
+        # No greeting, or not a 220: Postfix too defers rather than bounces.
+        failure = Outcome(451, f"4.4.1 {describe(hop)}: {_reason(exc)}")
+        return [failure] * len(recipients)
+    try:
+        _transaction(
+            client,
+            hop,
+            sender=sender,
+            recipients=recipients,
+            message=message,
+            smtputf8=smtputf8,
+            body=body,
+            tls=tls,
+            outcomes=outcomes,
+        )
+    except (OSError, smtplib.SMTPException) as exc:
+        failure = Outcome(451, f"4.4.2 {describe(hop)}: {_reason(exc)}")
+        outcomes = [o if o is not None else failure for o in outcomes]
+    finally:
+        try:
+            client.quit()
+        except (OSError, smtplib.SMTPException):
+            client.close()
+    return [o or Outcome(451, "4.4.2 No reply from the next hop") for o in outcomes]
+
+
+def _transaction(
+    client: smtplib.SMTP,
+    hop: NextHop,
+    *,
+    sender: str,
+    recipients: Sequence[str],
+    message: BinaryIO,
+    smtputf8: bool,
+    body: str | None,
+    tls: bool,
+    outcomes: list[Outcome | None],
+) -> None:
+    def all_get(outcome: Outcome) -> None:
+        for i, current in enumerate(outcomes):
+            if current is None:
+                outcomes[i] = outcome
+
+    code, text = client.ehlo()
+    if code != 250 and hop.protocol == "smtp":
+        code, text = client.helo()
+    if code != 250:
+        all_get(_refused(hop, code, text, "LHLO" if hop.protocol == "lmtp" else "EHLO and HELO"))
+        return
+    if tls and client.has_extn("starttls") and hop.port != 0:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        try:
+            code, text = client.starttls(context=context)
+        except ssl.SSLError as exc:
+            raise _HandshakeFailed(exc.reason or str(exc)) from exc
+        if code == 220:
+            code, text = client.ehlo()
+            if code != 250:
+                all_get(_refused(hop, code, text, "EHLO after STARTTLS"))
+                return
+    options = ""
+    if smtputf8:
+        if not client.has_extn("smtputf8"):
+            all_get(Outcome(550, "5.6.7 The next hop does not support SMTPUTF8"))
+            return
+        client.command_encoding = "utf-8"
+        options += " SMTPUTF8"
+    if body == "8BITMIME" and client.has_extn("8bitmime"):
+        options += " BODY=8BITMIME"
+    code, text = client.docmd("MAIL", f"FROM:<{sender}>{options}")
+    if code != 250:
+        all_get(_outcome(code, text, "MAIL"))
+        return
+    accepted: list[int] = []
+    for i, recipient in enumerate(recipients):
+        code, text = client.docmd("RCPT", f"TO:<{recipient}>")
+        if code in (250, 251):
+            accepted.append(i)
+        else:
+            outcomes[i] = _outcome(code, text, "RCPT")
+    if not accepted:
+        return
+    code, text = client.docmd("DATA")
+    if code != 354:
+        all_get(_outcome(code, text, "DATA"))
+        return
+    assert client.sock is not None
+    for chunk in dot_stuffed(message):
+        client.sock.sendall(chunk)
+    client.sock.sendall(b".\r\n")
+    if hop.protocol == "lmtp":
+        # RFC 2033 4.2: one reply per accepted recipient, in RCPT order.
+        for i in accepted:
+            code, text = client.getreply()
+            outcomes[i] = _outcome(code, text, "end of data")
+    else:
+        code, text = client.getreply()
+        all_get(_outcome(code, text, "end of data"))
+
+
+def _outcome(code: int, text: bytes, after: str) -> Outcome:
+    words = " ".join(text.decode("utf-8", "replace").split())
+    if code // 100 not in (2, 4, 5):
+        return Outcome(451, f"4.5.0 Unexpected reply {code} to {after}: {words}")
+    return Outcome(code, words, from_peer=True)
+
+
+def _refused(hop: NextHop, code: int, text: bytes, command: str) -> Outcome:
+    """A next hop that will not talk is its own fault, not the recipients':
+    even a 5xx then defers (as Postfix's ``smtp_skip_5xx_greeting``)."""
+    words = " ".join(text.decode("utf-8", "replace").split())
+    return Outcome(451, f"4.4.0 {describe(hop)} refused {command}: {code} {words}")
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, smtplib.SMTPResponseException):
+        error = exc.smtp_error
+        text = error.decode("utf-8", "replace") if isinstance(error, bytes) else error
+        return f"{exc.smtp_code} {text}"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def dot_stuffed(message: BinaryIO) -> Iterator[bytes]:
+    """The message with CRLF line ends and leading dots doubled, in chunks."""
+    buffer = bytearray()
+    for line in message:
+        if line.startswith(b"."):
+            buffer += b"."
+        buffer += line.removesuffix(b"\n").removesuffix(b"\r") + b"\r\n"
+        if len(buffer) >= _CHUNK:
+            yield bytes(buffer)
+            buffer.clear()
+    if buffer:
+        yield bytes(buffer)

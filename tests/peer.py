@@ -1,0 +1,127 @@
+"""A next hop for deliver's tests: aiosmtpd speaking SMTP or LMTP on a loopback port."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiosmtpd.controller import Controller, UnixSocketController
+from aiosmtpd.lmtp import LMTP
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+# What the peer answers: a function of the recipient, or None for "250".
+Answer = Callable[[str], str | None]
+
+
+@dataclass
+class Received:
+    sender: str
+    recipients: list[str]
+    content: bytes
+    tls: bool
+    mail_options: list[str]
+
+
+@dataclass
+class Handler:
+    rcpt: Answer = lambda _: None
+    data: Answer = lambda _: None  # for LMTP, per recipient; for SMTP, asked with ""
+    lmtp: bool = False
+    messages: list[Received] = field(default_factory=list)
+    # Set when the end of data arrives; the reply waits for ``release``, if given.
+    arrived: threading.Event = field(default_factory=threading.Event)
+    release: threading.Event | None = None
+
+    async def handle_RCPT(  # noqa: N802 - aiosmtpd's hook names
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        reply = self.rcpt(address)
+        if reply is not None:
+            return reply
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(  # noqa: N802
+        self, server: SMTP, session: Session, envelope: Envelope
+    ) -> str:
+        assert isinstance(envelope.original_content, bytes)
+        self.arrived.set()
+        if self.release is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.release.wait, 60)
+        replies = (
+            [self.data(r) or "250 2.0.0 OK" for r in envelope.rcpt_tos]
+            if self.lmtp
+            else [self.data("") or "250 2.0.0 OK"]
+        )
+        per_recipient = replies if self.lmtp else replies * len(envelope.rcpt_tos)
+        accepted = [
+            r
+            for r, reply in zip(envelope.rcpt_tos, per_recipient, strict=True)
+            if reply.startswith("2")
+        ]
+        if accepted:
+            self.messages.append(
+                Received(
+                    sender=envelope.mail_from or "",
+                    recipients=accepted,
+                    content=envelope.original_content,
+                    tls=session.ssl is not None,
+                    mail_options=list(envelope.mail_options),
+                )
+            )
+        return "\r\n".join(replies)
+
+
+class _Controller(Controller):
+    """aiosmtpd's controller on an ephemeral port (it wants a fixed one)."""
+
+    def __init__(self, handler: Handler, **kwargs: Any) -> None:
+        super().__init__(handler, hostname="127.0.0.1", port=0, **kwargs)
+        self._lmtp = handler.lmtp
+
+    def factory(self) -> SMTP:
+        cls = LMTP if self._lmtp else SMTP
+        return cls(self.handler, **self.SMTP_kwargs)
+
+    def _trigger_server(self) -> None:
+        assert self.server is not None
+        self.port = self.server.sockets[0].getsockname()[1]
+        super()._trigger_server()
+
+
+class _UnixController(UnixSocketController):
+    def factory(self) -> SMTP:
+        return LMTP(self.handler, **self.SMTP_kwargs)
+
+
+@contextmanager
+def unix_lmtp_peer(handler: Handler, path: str) -> Iterator[Handler]:
+    """An LMTP server on a Unix socket, as Dovecot's lmtp usually is."""
+    handler.lmtp = True
+    controller = _UnixController(handler, unix_socket=path)
+    controller.start()
+    try:
+        yield handler
+    finally:
+        controller.stop()
+
+
+@contextmanager
+def peer(
+    handler: Handler, *, tls: ssl.SSLContext | None = None, require_tls: bool = False
+) -> Iterator[tuple[Handler, int]]:
+    kwargs: dict[str, Any] = {}
+    if tls is not None:
+        kwargs["tls_context"] = tls
+        kwargs["require_starttls"] = require_tls
+    controller = _Controller(handler, **kwargs)
+    controller.start()
+    try:
+        yield handler, controller.port
+    finally:
+        controller.stop()
