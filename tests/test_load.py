@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from mmdf_smtp.queue.spool import Spool
-from wire import Daemon, body_of, daemon, write_config
+from wire import Daemon, body_of, daemon, memory_of_tree, write_config
 
 
 @dataclass
@@ -167,21 +167,6 @@ def test_soak_every_250_is_queued_once_and_nothing_else(
     assert not list((tmp_path / "spool" / "tmp").iterdir())  # no leftovers
 
 
-def rss_of_tree(pid: int) -> int:
-    """Resident memory of a process and its children, in bytes."""
-    total = 0
-    for candidate in [pid, *children_of(pid)]:
-        status = Path(f"/proc/{candidate}/status").read_text()
-        [line] = [x for x in status.splitlines() if x.startswith("VmRSS:")]
-        total += int(line.split()[1]) * 1024
-    return total
-
-
-def children_of(pid: int) -> list[int]:
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(child) for child in path.read_text().split()]
-
-
 async def hold_idle(d: Daemon, count: int) -> list[asyncio.StreamWriter]:
     gate = asyncio.Semaphore(100)  # the listen backlog is 128: do not overrun it
 
@@ -206,11 +191,11 @@ def test_ten_thousand_idle_connections(tmp_path: Path, capsys: pytest.CaptureFix
         config = write_config(tmp_path)
         config.write_text(config.read_text().replace("maxconnects = 8", f"maxconnects = {wanted}"))
         with daemon(config) as d:
-            before = rss_of_tree(d.process.pid)
+            before = memory_of_tree(d.process.pid, "VmRSS")
 
             async def scenario() -> tuple[int, bytes]:
                 writers = await hold_idle(d, count)
-                held = rss_of_tree(d.process.pid)
+                held = memory_of_tree(d.process.pid, "VmRSS")
                 # With all of them held, a new client is still served whole.
                 reader, writer = await asyncio.open_connection(d.host, d.port)
                 await read_reply(reader)

@@ -33,6 +33,22 @@ def env() -> dict[str, str]:
 SESSION_USER = "nobody"
 
 
+def process_tree(pid: int) -> list[int]:
+    """A process and its children (smtpd's supervisor and its workers)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [pid, *map(int, children)]
+
+
+def memory_of_tree(pid: int, field: str) -> int:
+    """The sum of a /proc status field (``VmRSS``, ``VmHWM``) over a process tree, in bytes."""
+    total = 0
+    for member in process_tree(pid):
+        for line in Path(f"/proc/{member}/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
 def session_uid() -> int:
     """The uid sessions run as: SESSION_USER's when the tests run as root."""
     return pwd.getpwnam(SESSION_USER).pw_uid if os.geteuid() == 0 else os.geteuid()
