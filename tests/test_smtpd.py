@@ -377,8 +377,8 @@ def uid_of(pid: int) -> int:
 @pytest.mark.parametrize(
     ("setting", "message"),
     [
-        ("", b"user: not set; sessions are never served as root"),
-        ('user = "root"', b"user: 'root' is root; sessions are never served as root"),
+        ("", b"user: not set; the mail system never runs as root"),
+        ('user = "root"', b"user: 'root' is root; the mail system never runs as root"),
         ('user = "no-such-user"', b"user: no such user 'no-such-user'"),
     ],
 )

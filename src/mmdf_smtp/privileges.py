@@ -1,9 +1,10 @@
-"""Who serves sessions: never root.
+"""Who the mail system runs as: never root.
 
 A program started as root (smtpd to bind port 25, smtpsrvr or smtpd under
-an inetd that runs it as root) reads its configuration, tables and keys,
-binds, and then becomes the configured ``user`` before it reads a byte
-from a client.  Started as anyone else it stays who it is.
+an inetd that runs it as root, deliver, root's submit) reads its
+configuration, tables and keys, binds, and then becomes the configured
+``user`` before it reads a byte from a client or writes the spool.
+Started as anyone else it stays who it is.
 """
 
 from __future__ import annotations
@@ -49,19 +50,20 @@ def _import_lazy_modules() -> None:
 def drop_privileges(user: str | None, spool: Path) -> None:
     """When root, become ``user``, and give it the spool.
 
-    Raises ConfigError when ``user`` is unset, unknown or root itself: a
-    session faces the Internet and is never served as root.
+    Raises ConfigError when ``user`` is unset, unknown or root itself:
+    sessions face the Internet, and nothing of the mail system needs root
+    once its sockets are bound.
     """
     if os.geteuid() != 0:
         return
     if not user:
-        raise ConfigError("user: not set; sessions are never served as root")
+        raise ConfigError("user: not set; the mail system never runs as root")
     try:
         entry = pwd.getpwnam(user)
     except KeyError:
         raise ConfigError(f"user: no such user {user!r}") from None
     if entry.pw_uid == 0:
-        raise ConfigError(f"user: {user!r} is root; sessions are never served as root")
+        raise ConfigError(f"user: {user!r} is root; the mail system never runs as root")
     _import_lazy_modules()
     spool.mkdir(parents=True, exist_ok=True)
     # The spool's folders are the user's, always (a few stats); the files in

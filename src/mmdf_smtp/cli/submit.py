@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import getopt
 import os
-import pwd
 import signal
 import sys
 from dataclasses import dataclass, field
@@ -33,8 +32,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 
-from ..config import Config, ConfigError, load
+from ..config import ConfigError, load
 from ..policy import Policy, UnknownChannel
+from ..privileges import drop_privileges
 from ..queue import QueueError
 from ..queue.maildrop import MaildropError, drop, prepare
 from ..queue.spool import Spool
@@ -181,30 +181,6 @@ def status_of(error: SubmissionError) -> int:
     return EX_SOFTWARE
 
 
-def become_user(config: Config) -> None:
-    """Root gives up root for the configured ``user`` before writing the spool.
-
-    Unlike smtpd, which re-owns the whole spool once at start, submit runs
-    for every message: only the directories it writes are given to the
-    user.  Raises ConfigError when the user does not exist.
-    """
-    if os.geteuid() != 0 or not config.user:
-        return
-    try:
-        entry = pwd.getpwnam(config.user)
-    except KeyError:
-        raise ConfigError(f"{config.source}: user: no such user {config.user!r}") from None
-    spool = Spool(config.spool)
-    for directory in (spool.directory, spool.tmp, spool.queue):
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        info = directory.stat()
-        if (info.st_uid, info.st_gid) != (entry.pw_uid, entry.pw_gid):
-            os.chown(directory, entry.pw_uid, entry.pw_gid)
-    os.setgroups([])
-    os.setgid(entry.pw_gid)
-    os.setuid(entry.pw_uid)
-
-
 def main(argv: list[str] | None = None) -> int:
     program = Path(sys.argv[0]).name
     if program not in ("sendmail", "submit"):
@@ -258,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     spool = Spool(config.spool)
     try:
         if submitter.trusted:
-            become_user(config)
+            drop_privileges(config.user, config.spool)
             with contextlib.suppress(OSError):
                 prepare(spool)  # users' maildrop, as soon as someone may create it
         pieces = read_lines(
