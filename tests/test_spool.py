@@ -231,6 +231,20 @@ def test_checkque_json(filled: tuple[Path, list[str]], capsys: pytest.CaptureFix
     }
 
 
+def test_a_damaged_queue_file_does_not_hide_the_others(
+    filled: tuple[Path, list[str]],
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    config, ids = filled
+    damaged = Spool(config.parent / "spool").queue / ids[0]
+    damaged.write_bytes(b'{"sender": "a@example.net"\r\nbody\r\n')
+    assert checkque.main(["-c", str(config), "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["id"] for line in lines] == ids[1:]
+    assert f"queue file {damaged}: not an envelope" in caplog.text
+
+
 def test_checkque_table(filled: tuple[Path, list[str]], capsys: pytest.CaptureFixture[str]) -> None:
     config, ids = filled
     assert checkque.main(["-c", str(config)]) == 0

@@ -35,6 +35,7 @@ import contextlib
 import errno
 import itertools
 import json
+import logging
 import os
 import re
 import socket
@@ -46,6 +47,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from . import Envelope, QueueError
+
+log = logging.getLogger("mmdf_smtp.queue")
 
 _ID = re.compile(r"[0-9a-f]{26}")
 _BUFFER = 256 * 1024
@@ -71,10 +74,14 @@ def envelope_to_json(envelope: Envelope) -> bytes:
 
 
 def envelope_from_json(line: bytes) -> Envelope:
-    data = json.loads(line)
-    data["recipients"] = tuple(data["recipients"])
-    data["received"] = datetime.fromisoformat(data["received"])
-    return Envelope(**data)
+    """The envelope line of a queue file; ValueError when it is not one."""
+    try:
+        data = json.loads(line)
+        data["recipients"] = tuple(data["recipients"])
+        data["received"] = datetime.fromisoformat(data["received"])
+        return Envelope(**data)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ValueError(f"not an envelope: {exc!r}") from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,15 +320,23 @@ class Spool:
             return []
 
     def messages(self) -> Iterator[QueuedMessage]:
-        """The queued messages in arrival order; ones gone meanwhile are skipped."""
+        """The queued messages in arrival order.
+
+        Ones gone meanwhile are skipped; so is one whose envelope cannot be
+        read, with a warning: one damaged file must not hide the others.
+        """
         for queue_id in self.ids():
             try:
                 with open(self.queue / queue_id, "rb") as file:
                     header = file.readline()
                     size = os.fstat(file.fileno()).st_size - len(header)
+                envelope = envelope_from_json(header)
             except FileNotFoundError:
                 continue
-            yield QueuedMessage(queue_id, envelope_from_json(header), size)
+            except ValueError as exc:
+                log.warning("queue file %s: %s", self.queue / queue_id, exc)
+                continue
+            yield QueuedMessage(queue_id, envelope, size)
 
     def envelope(self, queue_id: str) -> Envelope:
         """The envelope of a queued message; KeyError when it is not queued."""
