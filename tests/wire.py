@@ -82,7 +82,7 @@ listen = ["127.0.0.1:0"]
 maxconnects = 8
 
 [channels.local]
-hosts = ["localhost", "127.0.0.1/32", "::1"]
+hosts = ["127.0.0.1/32", "::1"]
 relay = true
 
 [channels.other]
