@@ -16,7 +16,7 @@ import pytest
 
 from mmdf_smtp.cli import checkque
 from mmdf_smtp.queue import Envelope, QueueError
-from mmdf_smtp.queue.spool import Spool
+from mmdf_smtp.queue.spool import IN_MEMORY, Spool
 from wire import PYTHON, env, write_config
 
 ENVELOPE = Envelope(
@@ -104,6 +104,48 @@ def test_full_disk_is_a_temporary_error_and_leaves_nothing(
     assert os.listdir(spool.tmp) == [] and spool.ids() == []
 
 
+def test_a_small_message_touches_the_disk_only_at_its_commit(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, in_memory=4096)
+    small = spool.open(ENVELOPE)
+    small.write(b"x" * 1000)
+    assert os.listdir(spool.tmp) == []
+    large = spool.open(ENVELOPE)
+    large.write(b"y" * 3000)
+    assert os.listdir(spool.tmp) == []
+    large.write(b"y" * 3000)  # past in_memory: from here on it is written as it comes
+    assert os.listdir(spool.tmp) == [large.id]
+    large.write(b"y" * 3000)
+    small.commit()
+    large.commit()
+    assert os.listdir(spool.tmp) == [] and spool.ids() == sorted([small.id, large.id])
+    with spool.open_message(small.id) as stored:
+        assert stored.read() == b"x" * 1000
+    with spool.open_message(large.id) as stored:
+        assert stored.read() == b"y" * 9000
+    aborted = spool.open(ENVELOPE)
+    aborted.write(b"z")
+    aborted.abort()
+    assert os.listdir(spool.tmp) == [] and len(spool.ids()) == 2
+
+
+def test_full_disk_when_a_small_message_is_stored_is_a_temporary_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = Spool(tmp_path, in_memory=IN_MEMORY)
+    writer = spool.open(ENVELOPE)
+    writer.write(b"x" * 1000)
+
+    def full(path: Path, flags: int, mode: int = 0o777) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "open", full)
+        with pytest.raises(QueueError) as caught:
+            writer.commit()
+    assert caught.value.full is True
+    assert os.listdir(spool.tmp) == [] and spool.ids() == []
+
+
 def test_unwritable_spool_is_a_queue_error(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
@@ -117,12 +159,13 @@ import os, sys, time
 from datetime import UTC, datetime
 from pathlib import Path
 from mmdf_smtp.queue import Envelope
-from mmdf_smtp.queue.spool import Spool
-spool = Spool(Path(sys.argv[1]))
+from mmdf_smtp.queue.spool import IN_MEMORY, Spool
+spool = Spool(Path(sys.argv[1]), in_memory=64 * 1024)
 envelope = Envelope(sender="", recipients=("r@x",), channel="c", remote_host="h",
                     remote_addr="", helo="h", received=datetime.now(UTC))
+size = int(sys.argv[2])
 for n in range(1000000):
-    body = (b"%08d" % n) * 4096
+    body = (b"%08d" % n) * (size // 8)
     writer = spool.open(envelope)
     writer.write(body[:10000])
     writer.write(body[10000:])
@@ -132,12 +175,15 @@ for n in range(1000000):
 """
 
 
-def test_kill_9_at_random_points_leaves_messages_whole_or_absent(tmp_path: Path) -> None:
+# 32 KiB messages are held in memory and written whole at the commit;
+# 128 KiB ones go to their file in tmp/ as they are written.
+@pytest.mark.parametrize("size", [32 * 1024, 128 * 1024])
+def test_kill_9_at_random_points_leaves_messages_whole_or_absent(tmp_path: Path, size: int) -> None:
     rng = random.Random(1234)
     acknowledged: list[str] = []
     for _ in range(20):
         process = subprocess.Popen(
-            [PYTHON, "-c", CRASHER, str(tmp_path)], stdout=subprocess.PIPE, env=env()
+            [PYTHON, "-c", CRASHER, str(tmp_path), str(size)], stdout=subprocess.PIPE, env=env()
         )
         assert process.stdout is not None
         for _ in range(rng.randint(1, 5)):
@@ -156,8 +202,8 @@ def test_kill_9_at_random_points_leaves_messages_whole_or_absent(tmp_path: Path)
     for queue_id in queued:
         with spool.open_message(queue_id) as stored:
             data = stored.read()
-        assert len(data) == 8 * 4096
-        assert data == data[:8] * 4096
+        assert len(data) == size
+        assert data == data[:8] * (size // 8)
 
 
 def test_recover_keeps_files_of_live_writers(tmp_path: Path) -> None:

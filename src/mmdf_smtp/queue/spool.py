@@ -49,6 +49,9 @@ from . import Envelope, QueueError
 
 _ID = re.compile(r"[0-9a-f]{26}")
 _BUFFER = 256 * 1024
+# What smtpd's sessions hold in memory before a message gets its file
+# (envelope included): a smaller one is written whole at its commit.
+IN_MEMORY = 64 * 1024
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 _FIELDS = fields(Envelope)
 TRIGGER = "deliver.sock"
@@ -175,33 +178,61 @@ def _fsync_directory(path: Path) -> None:
 
 
 class SpoolWriter:
-    def __init__(self, spool: Spool, queue_id: str, envelope: Envelope) -> None:
+    """One message on its way into the spool.
+
+    A message is kept in memory until it outgrows ``in_memory`` octets; only
+    then is its file created in ``tmp/`` and the rest written there.  A small
+    message thus touches the disk only in :meth:`commit` (create, write,
+    fsync, rename, directory fsync), which the daemon runs in one thread-pool
+    job; its event loop never waits on the filesystem for it.  A failure to
+    store it (a full disk) surfaces there, as the same :class:`QueueError`.
+    """
+
+    def __init__(self, spool: Spool, queue_id: str, envelope: Envelope, *, in_memory: int) -> None:
         self._spool = spool
         self._id = queue_id
         self._path = spool.tmp / queue_id
+        self._in_memory = in_memory
+        self._pending: bytearray | None = bytearray(envelope_to_json(envelope))
         self._file: BinaryIO | None = None
-        try:
-            fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            self._file = os.fdopen(fd, "wb", buffering=_BUFFER)
-            self._file.write(envelope_to_json(envelope))
-        except OSError as exc:
-            self.abort()
-            raise _error("cannot create a queue file", exc) from exc
+        self._created = False
+        if len(self._pending) > in_memory:
+            self._spill()
 
     @property
     def id(self) -> str:
         return self._id
 
     def write(self, data: bytes) -> None:
-        if self._file is None:
+        if self._file is not None:
+            try:
+                self._file.write(data)
+            except OSError as exc:
+                self.abort()
+                raise _error("cannot write a queue file", exc) from exc
+            return
+        if self._pending is None:
             raise QueueError("message already closed")
+        self._pending += data
+        if len(self._pending) > self._in_memory:
+            self._spill()
+
+    def _spill(self) -> None:
+        """Create the file in tmp/ and move what memory holds into it."""
+        pending, self._pending = self._pending, None
+        assert pending is not None
         try:
-            self._file.write(data)
+            fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            self._created = True
+            self._file = os.fdopen(fd, "wb", buffering=_BUFFER)
+            self._file.write(pending)
         except OSError as exc:
             self.abort()
-            raise _error("cannot write a queue file", exc) from exc
+            raise _error("cannot create a queue file", exc) from exc
 
     def commit(self) -> None:
+        if self._file is None and self._pending is not None:
+            self._spill()
         file, self._file = self._file, None
         if file is None:
             raise QueueError("message already closed")
@@ -214,7 +245,7 @@ class SpoolWriter:
             self.abort()
             raise _error("cannot commit a queue file", exc) from exc
         try:
-            _fsync_directory(self._spool.queue)
+            self._spool.sync_queue()
         except OSError as exc:
             # Renamed but maybe not durable: saying 250 would be a lie, and
             # the client will send again, so take the message back out.
@@ -224,20 +255,27 @@ class SpoolWriter:
         self._spool.poke()
 
     def abort(self) -> None:
+        self._pending = None
         file, self._file = self._file, None
         if file is not None:
             # Closing flushes, and a full disk may be why we are here.
             with contextlib.suppress(OSError):
                 file.close()
-        with contextlib.suppress(OSError):
-            os.unlink(self._path)
+        if self._created:
+            with contextlib.suppress(OSError):
+                os.unlink(self._path)
 
 
 class Spool:
-    """The queue on a directory.  Safe to share between threads and processes."""
+    """The queue on a directory.  Safe to share between threads and processes.
 
-    def __init__(self, directory: Path) -> None:
+    ``in_memory``: the octets a message may reach before its file is created
+    (see :class:`SpoolWriter`); 0 creates it when the message is opened.
+    """
+
+    def __init__(self, directory: Path, *, in_memory: int = 0) -> None:
         self.directory = directory
+        self.in_memory = in_memory
         self.tmp = directory / "tmp"
         self.queue = directory / "queue"
         self.state = directory / "state"
@@ -272,6 +310,10 @@ class Spool:
             return False
         return True
 
+    def sync_queue(self) -> None:
+        """Make the renames into queue/ done so far durable.  Raises OSError."""
+        _fsync_directory(self.queue)
+
     def new_id(self) -> str:
         # The counter's next() is atomic under the GIL: threads get distinct ids.
         count = next(self._counter) & 0xFFFFF
@@ -282,7 +324,7 @@ class Spool:
             self.prepare()
         except OSError as exc:
             raise _error(f"cannot create the spool {self.directory}", exc) from exc
-        return SpoolWriter(self, self.new_id(), envelope)
+        return SpoolWriter(self, self.new_id(), envelope, in_memory=self.in_memory)
 
     def recover(self) -> list[str]:
         """Remove what crashed writers left in tmp/; return the ids removed.
