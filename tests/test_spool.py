@@ -9,6 +9,7 @@ import os
 import random
 import signal
 import subprocess
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pytest
 
 from mmdf_smtp.cli import checkque
 from mmdf_smtp.queue import Envelope, QueueError
+from mmdf_smtp.queue import spool as spool_module
 from mmdf_smtp.queue.spool import IN_MEMORY, Spool
 from wire import PYTHON, env, write_config
 
@@ -329,3 +331,73 @@ def test_checkque_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     with pytest.raises(SystemExit) as caught:
         checkque.main(["--bogus"])
     assert caught.value.code == 64
+
+
+class _WatchedCondition(threading.Condition):
+    """Tells when ``waiters`` threads have gone to wait on it."""
+
+    def __init__(self, waiters: int) -> None:
+        super().__init__()
+        self._waits = 0
+        self._expected = waiters
+        self.all_waiting = threading.Event()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self._waits += 1
+        if self._waits == self._expected:
+            self.all_waiting.set()
+        return super().wait(timeout)
+
+
+def test_commits_at_once_share_one_directory_sync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = Spool(tmp_path)
+    writers = [spool.open(ENVELOPE) for _ in range(4)]
+    watched = _WatchedCondition(waiters=3)
+    monkeypatch.setattr(spool, "_sync", watched)
+    seen: list[set[str]] = []  # what queue/ held as each directory sync began
+    first_started, release = threading.Event(), threading.Event()
+
+    def fsync_directory(path: Path) -> None:
+        seen.append(set(os.listdir(path)))
+        if len(seen) == 1:
+            first_started.set()
+            assert release.wait(10)
+
+    monkeypatch.setattr(spool_module, "_fsync_directory", fsync_directory)
+    first = threading.Thread(target=writers[0].commit)
+    first.start()
+    assert first_started.wait(10)
+    # The others rename while the first sync runs: it may not cover them.
+    others = [threading.Thread(target=writer.commit) for writer in writers[1:]]
+    for thread in others:
+        thread.start()
+    assert watched.all_waiting.wait(10)
+    assert all(thread.is_alive() for thread in others)
+    release.set()
+    for thread in [first, *others]:
+        thread.join(10)
+    assert seen == [{writers[0].id}, {writer.id for writer in writers}]
+    assert spool.ids() == sorted(writer.id for writer in writers)
+
+
+def test_a_failed_directory_sync_fails_its_commit_and_the_next_one_syncs_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = Spool(tmp_path)
+    calls: list[Path] = []
+
+    def failing_once(path: Path) -> None:
+        calls.append(path)
+        if len(calls) == 1:
+            raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(spool_module, "_fsync_directory", failing_once)
+    failed = spool.open(ENVELOPE)
+    with pytest.raises(QueueError):
+        failed.commit()
+    committed = spool.open(ENVELOPE)
+    committed.commit()
+    assert calls == [spool.queue, spool.queue]
+    assert spool.ids() == [committed.id] and os.listdir(spool.tmp) == []

@@ -38,6 +38,7 @@ import json
 import os
 import re
 import socket
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -283,6 +284,10 @@ class Spool:
         self._counter = itertools.count()
         self._ready = False
         self._poker: socket.socket | None = None
+        self._sync = threading.Condition()
+        self._syncing = False
+        self._syncs_started = 0
+        self._syncs_done = 0
 
     def prepare(self) -> None:
         """Create the spool's folders if missing.  Raises OSError."""
@@ -311,8 +316,32 @@ class Spool:
         return True
 
     def sync_queue(self) -> None:
-        """Make the renames into queue/ done so far durable.  Raises OSError."""
-        _fsync_directory(self.queue)
+        """Make the renames into queue/ done so far durable.  Raises OSError.
+
+        Group commit: one fsync of queue/ covers every rename done before it
+        started, so threads committing at once share one.  A caller waits
+        for a sync that starts after it came (its rename is done by then);
+        whichever caller finds none running starts it.  A failed sync counts
+        for nobody: its caller gets the error, the others start another.
+        """
+        sync = self._sync
+        with sync:
+            wanted = self._syncs_started + 1
+            while self._syncs_done < wanted:
+                if self._syncing:
+                    sync.wait()
+                    continue
+                self._syncing = True
+                self._syncs_started += 1
+                number = self._syncs_started
+                sync.release()
+                try:
+                    _fsync_directory(self.queue)
+                finally:
+                    sync.acquire()
+                    self._syncing = False
+                    sync.notify_all()
+                self._syncs_done = number
 
     def new_id(self) -> str:
         # The counter's next() is atomic under the GIL: threads get distinct ids.
