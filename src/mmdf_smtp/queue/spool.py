@@ -17,6 +17,9 @@ commit point), and ``queue/`` is fsynced.  A crash before the rename
 leaves only a file in ``tmp/``, which :meth:`Spool.recover` removes; after
 the directory fsync the message is on stable storage.  A message is never
 partial (it reaches ``queue/`` whole) and never twice (a rename moves it).
+smtpd's sessions hold a message of up to :data:`IN_MEMORY` octets in
+memory and create its file only at the commit; threads committing at once
+share one fsync of ``queue/`` (:meth:`Spool.sync_queue`).
 
 The delivery state is JSON, replaced whole (temporary file, fsync, rename,
 fsync of ``state/``).  A finished message is removed file first, state
