@@ -134,9 +134,10 @@ class Mmdf(Server):
 
     name = "mmdf-smtp"
 
-    def __init__(self, directory: Path, maxconnects: int) -> None:
+    def __init__(self, directory: Path, maxconnects: int, *, src: Path = SRC) -> None:
         super().__init__(directory)
         self.maxconnects = maxconnects
+        self.src = src
         self.process: subprocess.Popen[bytes] | None = None
         self.spool = directory / "spool"
 
@@ -168,7 +169,7 @@ users = ["a"]
 """
         )
         env = dict(os.environ)
-        env["PYTHONPATH"] = str(SRC) + os.pathsep + env.get("PYTHONPATH", "")
+        env["PYTHONPATH"] = str(self.src) + os.pathsep + env.get("PYTHONPATH", "")
         env.pop("MMDF_CONFIG", None)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "mmdf_smtp.cli.smtpd", "-c", str(config), "smtpsrvr", "local"],

@@ -9,6 +9,7 @@ import os
 import random
 import signal
 import subprocess
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -16,7 +17,8 @@ import pytest
 
 from mmdf_smtp.cli import checkque
 from mmdf_smtp.queue import Envelope, QueueError
-from mmdf_smtp.queue.spool import Spool
+from mmdf_smtp.queue import spool as spool_module
+from mmdf_smtp.queue.spool import IN_MEMORY, Spool
 from wire import PYTHON, env, write_config
 
 ENVELOPE = Envelope(
@@ -104,6 +106,48 @@ def test_full_disk_is_a_temporary_error_and_leaves_nothing(
     assert os.listdir(spool.tmp) == [] and spool.ids() == []
 
 
+def test_a_small_message_touches_the_disk_only_at_its_commit(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, in_memory=4096)
+    small = spool.open(ENVELOPE)
+    small.write(b"x" * 1000)
+    assert os.listdir(spool.tmp) == []
+    large = spool.open(ENVELOPE)
+    large.write(b"y" * 3000)
+    assert os.listdir(spool.tmp) == []
+    large.write(b"y" * 3000)  # past in_memory: from here on it is written as it comes
+    assert os.listdir(spool.tmp) == [large.id]
+    large.write(b"y" * 3000)
+    small.commit()
+    large.commit()
+    assert os.listdir(spool.tmp) == [] and spool.ids() == sorted([small.id, large.id])
+    with spool.open_message(small.id) as stored:
+        assert stored.read() == b"x" * 1000
+    with spool.open_message(large.id) as stored:
+        assert stored.read() == b"y" * 9000
+    aborted = spool.open(ENVELOPE)
+    aborted.write(b"z")
+    aborted.abort()
+    assert os.listdir(spool.tmp) == [] and len(spool.ids()) == 2
+
+
+def test_full_disk_when_a_small_message_is_stored_is_a_temporary_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = Spool(tmp_path, in_memory=IN_MEMORY)
+    writer = spool.open(ENVELOPE)
+    writer.write(b"x" * 1000)
+
+    def full(path: Path, flags: int, mode: int = 0o777) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "open", full)
+        with pytest.raises(QueueError) as caught:
+            writer.commit()
+    assert caught.value.full is True
+    assert os.listdir(spool.tmp) == [] and spool.ids() == []
+
+
 def test_unwritable_spool_is_a_queue_error(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
@@ -117,12 +161,13 @@ import os, sys, time
 from datetime import UTC, datetime
 from pathlib import Path
 from mmdf_smtp.queue import Envelope
-from mmdf_smtp.queue.spool import Spool
-spool = Spool(Path(sys.argv[1]))
+from mmdf_smtp.queue.spool import IN_MEMORY, Spool
+spool = Spool(Path(sys.argv[1]), in_memory=64 * 1024)
 envelope = Envelope(sender="", recipients=("r@x",), channel="c", remote_host="h",
                     remote_addr="", helo="h", received=datetime.now(UTC))
+size = int(sys.argv[2])
 for n in range(1000000):
-    body = (b"%08d" % n) * 4096
+    body = (b"%08d" % n) * (size // 8)
     writer = spool.open(envelope)
     writer.write(body[:10000])
     writer.write(body[10000:])
@@ -132,12 +177,15 @@ for n in range(1000000):
 """
 
 
-def test_kill_9_at_random_points_leaves_messages_whole_or_absent(tmp_path: Path) -> None:
+# 32 KiB messages are held in memory and written whole at the commit;
+# 128 KiB ones go to their file in tmp/ as they are written.
+@pytest.mark.parametrize("size", [32 * 1024, 128 * 1024])
+def test_kill_9_at_random_points_leaves_messages_whole_or_absent(tmp_path: Path, size: int) -> None:
     rng = random.Random(1234)
     acknowledged: list[str] = []
     for _ in range(20):
         process = subprocess.Popen(
-            [PYTHON, "-c", CRASHER, str(tmp_path)], stdout=subprocess.PIPE, env=env()
+            [PYTHON, "-c", CRASHER, str(tmp_path), str(size)], stdout=subprocess.PIPE, env=env()
         )
         assert process.stdout is not None
         for _ in range(rng.randint(1, 5)):
@@ -156,8 +204,8 @@ def test_kill_9_at_random_points_leaves_messages_whole_or_absent(tmp_path: Path)
     for queue_id in queued:
         with spool.open_message(queue_id) as stored:
             data = stored.read()
-        assert len(data) == 8 * 4096
-        assert data == data[:8] * 4096
+        assert len(data) == size
+        assert data == data[:8] * (size // 8)
 
 
 def test_recover_keeps_files_of_live_writers(tmp_path: Path) -> None:
@@ -297,3 +345,73 @@ def test_checkque_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     with pytest.raises(SystemExit) as caught:
         checkque.main(["--bogus"])
     assert caught.value.code == 64
+
+
+class _WatchedCondition(threading.Condition):
+    """Tells when ``waiters`` threads have gone to wait on it."""
+
+    def __init__(self, waiters: int) -> None:
+        super().__init__()
+        self._waits = 0
+        self._expected = waiters
+        self.all_waiting = threading.Event()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self._waits += 1
+        if self._waits == self._expected:
+            self.all_waiting.set()
+        return super().wait(timeout)
+
+
+def test_commits_at_once_share_one_directory_sync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = Spool(tmp_path)
+    writers = [spool.open(ENVELOPE) for _ in range(4)]
+    watched = _WatchedCondition(waiters=3)
+    monkeypatch.setattr(spool, "_sync", watched)
+    seen: list[set[str]] = []  # what queue/ held as each directory sync began
+    first_started, release = threading.Event(), threading.Event()
+
+    def fsync_directory(path: Path) -> None:
+        seen.append(set(os.listdir(path)))
+        if len(seen) == 1:
+            first_started.set()
+            assert release.wait(10)
+
+    monkeypatch.setattr(spool_module, "_fsync_directory", fsync_directory)
+    first = threading.Thread(target=writers[0].commit)
+    first.start()
+    assert first_started.wait(10)
+    # The others rename while the first sync runs: it may not cover them.
+    others = [threading.Thread(target=writer.commit) for writer in writers[1:]]
+    for thread in others:
+        thread.start()
+    assert watched.all_waiting.wait(10)
+    assert all(thread.is_alive() for thread in others)
+    release.set()
+    for thread in [first, *others]:
+        thread.join(10)
+    assert seen == [{writers[0].id}, {writer.id for writer in writers}]
+    assert spool.ids() == sorted(writer.id for writer in writers)
+
+
+def test_a_failed_directory_sync_fails_its_commit_and_the_next_one_syncs_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = Spool(tmp_path)
+    calls: list[Path] = []
+
+    def failing_once(path: Path) -> None:
+        calls.append(path)
+        if len(calls) == 1:
+            raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(spool_module, "_fsync_directory", failing_once)
+    failed = spool.open(ENVELOPE)
+    with pytest.raises(QueueError):
+        failed.commit()
+    committed = spool.open(ENVELOPE)
+    committed.commit()
+    assert calls == [spool.queue, spool.queue]
+    assert spool.ids() == [committed.id] and os.listdir(spool.tmp) == []

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from .config import Config, load
 from .policy import Policy
 from .queue import Queue
-from .queue.spool import Spool
+from .queue.spool import IN_MEMORY, Spool
 from .session import Client, Session, address_literal
 from .shells.tls import server_context
 
@@ -79,7 +79,7 @@ class Service:
         return cls(
             config=config,
             policy=policy,
-            queue=Spool(config.spool),
+            queue=Spool(config.spool, in_memory=IN_MEMORY),
             tls_context=server_context(config.tls) if config.tls else None,
             channels=tuple(channels),
             finicky=finicky,

@@ -17,6 +17,9 @@ commit point), and ``queue/`` is fsynced.  A crash before the rename
 leaves only a file in ``tmp/``, which :meth:`Spool.recover` removes; after
 the directory fsync the message is on stable storage.  A message is never
 partial (it reaches ``queue/`` whole) and never twice (a rename moves it).
+smtpd's sessions hold a message of up to :data:`IN_MEMORY` octets in
+memory and create its file only at the commit; threads committing at once
+share one fsync of ``queue/`` (:meth:`Spool.sync_queue`).
 
 The delivery state is JSON, replaced whole (temporary file, fsync, rename,
 fsync of ``state/``).  A finished message is removed file first, state
@@ -39,6 +42,7 @@ import logging
 import os
 import re
 import socket
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -52,6 +56,9 @@ log = logging.getLogger("mmdf_smtp.queue")
 
 _ID = re.compile(r"[0-9a-f]{26}")
 _BUFFER = 256 * 1024
+# What smtpd's sessions hold in memory before a message gets its file
+# (envelope included): a smaller one is written whole at its commit.
+IN_MEMORY = 64 * 1024
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 _FIELDS = fields(Envelope)
 TRIGGER = "deliver.sock"
@@ -182,33 +189,61 @@ def _fsync_directory(path: Path) -> None:
 
 
 class SpoolWriter:
-    def __init__(self, spool: Spool, queue_id: str, envelope: Envelope) -> None:
+    """One message on its way into the spool.
+
+    A message is kept in memory until it outgrows ``in_memory`` octets; only
+    then is its file created in ``tmp/`` and the rest written there.  A small
+    message thus touches the disk only in :meth:`commit` (create, write,
+    fsync, rename, directory fsync), which the daemon runs in one thread-pool
+    job; its event loop never waits on the filesystem for it.  A failure to
+    store it (a full disk) surfaces there, as the same :class:`QueueError`.
+    """
+
+    def __init__(self, spool: Spool, queue_id: str, envelope: Envelope, *, in_memory: int) -> None:
         self._spool = spool
         self._id = queue_id
         self._path = spool.tmp / queue_id
+        self._in_memory = in_memory
+        self._pending: bytearray | None = bytearray(envelope_to_json(envelope))
         self._file: BinaryIO | None = None
-        try:
-            fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            self._file = os.fdopen(fd, "wb", buffering=_BUFFER)
-            self._file.write(envelope_to_json(envelope))
-        except OSError as exc:
-            self.abort()
-            raise _error("cannot create a queue file", exc) from exc
+        self._created = False
+        if len(self._pending) > in_memory:
+            self._spill()
 
     @property
     def id(self) -> str:
         return self._id
 
     def write(self, data: bytes) -> None:
-        if self._file is None:
+        if self._file is not None:
+            try:
+                self._file.write(data)
+            except OSError as exc:
+                self.abort()
+                raise _error("cannot write a queue file", exc) from exc
+            return
+        if self._pending is None:
             raise QueueError("message already closed")
+        self._pending += data
+        if len(self._pending) > self._in_memory:
+            self._spill()
+
+    def _spill(self) -> None:
+        """Create the file in tmp/ and move what memory holds into it."""
+        pending, self._pending = self._pending, None
+        assert pending is not None
         try:
-            self._file.write(data)
+            fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            self._created = True
+            self._file = os.fdopen(fd, "wb", buffering=_BUFFER)
+            self._file.write(pending)
         except OSError as exc:
             self.abort()
-            raise _error("cannot write a queue file", exc) from exc
+            raise _error("cannot create a queue file", exc) from exc
 
     def commit(self) -> None:
+        if self._file is None and self._pending is not None:
+            self._spill()
         file, self._file = self._file, None
         if file is None:
             raise QueueError("message already closed")
@@ -221,7 +256,7 @@ class SpoolWriter:
             self.abort()
             raise _error("cannot commit a queue file", exc) from exc
         try:
-            _fsync_directory(self._spool.queue)
+            self._spool.sync_queue()
         except OSError as exc:
             # Renamed but maybe not durable: saying 250 would be a lie, and
             # the client will send again, so take the message back out.
@@ -231,20 +266,27 @@ class SpoolWriter:
         self._spool.poke()
 
     def abort(self) -> None:
+        self._pending = None
         file, self._file = self._file, None
         if file is not None:
             # Closing flushes, and a full disk may be why we are here.
             with contextlib.suppress(OSError):
                 file.close()
-        with contextlib.suppress(OSError):
-            os.unlink(self._path)
+        if self._created:
+            with contextlib.suppress(OSError):
+                os.unlink(self._path)
 
 
 class Spool:
-    """The queue on a directory.  Safe to share between threads and processes."""
+    """The queue on a directory.  Safe to share between threads and processes.
 
-    def __init__(self, directory: Path) -> None:
+    ``in_memory``: the octets a message may reach before its file is created
+    (see :class:`SpoolWriter`); 0 creates it when the message is opened.
+    """
+
+    def __init__(self, directory: Path, *, in_memory: int = 0) -> None:
         self.directory = directory
+        self.in_memory = in_memory
         self.tmp = directory / "tmp"
         self.queue = directory / "queue"
         self.state = directory / "state"
@@ -252,6 +294,10 @@ class Spool:
         self._counter = itertools.count()
         self._ready = False
         self._poker: socket.socket | None = None
+        self._sync = threading.Condition()
+        self._syncing = False
+        self._syncs_started = 0
+        self._syncs_done = 0
 
     def prepare(self) -> None:
         """Create the spool's folders if missing.  Raises OSError."""
@@ -279,6 +325,34 @@ class Spool:
             return False
         return True
 
+    def sync_queue(self) -> None:
+        """Make the renames into queue/ done so far durable.  Raises OSError.
+
+        Group commit: one fsync of queue/ covers every rename done before it
+        started, so threads committing at once share one.  A caller waits
+        for a sync that starts after it came (its rename is done by then);
+        whichever caller finds none running starts it.  A failed sync counts
+        for nobody: its caller gets the error, the others start another.
+        """
+        sync = self._sync
+        with sync:
+            wanted = self._syncs_started + 1
+            while self._syncs_done < wanted:
+                if self._syncing:
+                    sync.wait()
+                    continue
+                self._syncing = True
+                self._syncs_started += 1
+                number = self._syncs_started
+                sync.release()
+                try:
+                    _fsync_directory(self.queue)
+                finally:
+                    sync.acquire()
+                    self._syncing = False
+                    sync.notify_all()
+                self._syncs_done = number
+
     def new_id(self) -> str:
         # The counter's next() is atomic under the GIL: threads get distinct ids.
         count = next(self._counter) & 0xFFFFF
@@ -289,7 +363,7 @@ class Spool:
             self.prepare()
         except OSError as exc:
             raise _error(f"cannot create the spool {self.directory}", exc) from exc
-        return SpoolWriter(self, self.new_id(), envelope)
+        return SpoolWriter(self, self.new_id(), envelope, in_memory=self.in_memory)
 
     def recover(self) -> list[str]:
         """Remove what crashed writers left in tmp/; return the ids removed.
