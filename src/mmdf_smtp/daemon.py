@@ -26,7 +26,7 @@ from .policy import UnknownChannel
 from .protocol import replies
 from .service import Service, parse_address
 from .session import address_literal
-from .shells.aio import SessionProtocol
+from .shells.aio import LOOKUPS, SessionProtocol
 
 log = logging.getLogger("mmdf_smtp.smtpd")
 
@@ -201,7 +201,7 @@ class Daemon:
         address = parse_address(sock.getpeername()[0])
         name = None
         if address is not None:
-            name = await loop.run_in_executor(None, self.service.policy.remote_name, address)
+            name = await loop.run_in_executor(LOOKUPS, self.service.policy.remote_name, address)
         remote = name or address_literal(str(address))
         argv0 = "rsmtpsrvr" if program.finicky else "smtpsrvr"
         argv = [argv0, remote, self.service.hostname, ",".join(self.service.channels)]

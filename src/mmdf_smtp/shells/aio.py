@@ -36,7 +36,7 @@ HIGH_WATER = 256 * 1024
 # default pool, a handful of clients whose look-ups wait on a silent
 # nameserver for dns.timeout held up the greeting of every other client
 # and the 250 of every message being committed.
-_LOOKUPS = ThreadPoolExecutor(max_workers=256, thread_name_prefix="lookup")
+LOOKUPS = ThreadPoolExecutor(max_workers=256, thread_name_prefix="lookup")
 _COMMITS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="commit")
 
 
@@ -158,7 +158,7 @@ class SessionProtocol(asyncio.Protocol):
         peer = self._peer()
         session = service.session_without_dns(peer)
         if session is None:
-            session = await self._loop.run_in_executor(_LOOKUPS, service.session, peer)
+            session = await self._loop.run_in_executor(LOOKUPS, service.session, peer)
         self._session = session
         conn = session.connection
         if self._stopping:
