@@ -117,3 +117,20 @@ def transcript(
 
 EHLO = b"EHLO client.test\r\n"
 ENVELOPE = EHLO + b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\n"
+
+# Each ends DATA for some parser (SEC Consult 2023 and follow-ups); here none
+# does, and the message holding it is refused when the real end arrives.
+SMUGGLED_ENDS = [
+    b"\n.\n",
+    b"\r.\r",
+    b"\n.\r\n",
+    b"\r\n.\n",
+    b"\r.\r\n",
+    b"\r\n.\r",
+    b"\n.\r",
+    b"\r.\n",
+    b"\n\r.\r\n",
+    b"\r\n.\n\r\n",
+    b"\r\n.\r\r\n",
+    b"\n.\n\r\n.\r",
+]

@@ -38,7 +38,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from driver import Run, session
+from driver import SMUGGLED_ENDS, Run, session
 from mmdf_smtp.protocol import (
     ConnectionClosed,
     Event,
@@ -137,19 +137,6 @@ octets = st.one_of(
 )
 cuts = st.lists(st.integers(min_value=0, max_value=10_000), max_size=6)
 
-# Each variant holds a bare CR or LF: it ends DATA for some parser, never here.
-SMUGGLING = [
-    b"\n.\n",
-    b"\r.\r",
-    b"\n.\r\n",
-    b"\r\n.\n",
-    b"\r.\r\n",
-    b"\r\n.\r",
-    b"\n.\r",
-    b"\r.\n",
-    b"\n\r.\r\n",
-    b"\r\n.\n\r\n",
-]
 text_line = st.binary(max_size=120).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b""))
 
 
@@ -390,7 +377,7 @@ class SessionMachine(RuleBasedStateMachine):
         self.feed(wire + (b".\r\n" if end else b""), points)
 
     @precondition(lambda self: self.run.conn.state is State.DATA and self.at_line_start)
-    @rule(variant=st.sampled_from(SMUGGLING), points=cuts)
+    @rule(variant=st.sampled_from(SMUGGLED_ENDS), points=cuts)
     def smuggle(self, variant: bytes, points: list[int]) -> None:
         self.model.smuggled = True
         self.model.expected = None

@@ -28,6 +28,7 @@ import pytest
 import trustme
 
 from dnsserver import Zone, dns_server
+from driver import SMUGGLED_ENDS
 from mmdf_smtp.daemon import Daemon as Server
 from mmdf_smtp.daemon import bind
 from mmdf_smtp.protocol import Event, MailFrom, MessageComplete
@@ -104,27 +105,10 @@ def worker_rss(server: Daemon) -> int:
 
 # -- SMTP smuggling ----------------------------------------------------------
 
-# Each ends DATA for some parser (SEC Consult 2023 and follow-ups); here none
-# does, and the message holding it is refused when the real end arrives.
-SMUGGLING = [
-    b"\n.\n",
-    b"\r.\r",
-    b"\n.\r\n",
-    b"\r\n.\n",
-    b"\r.\r\n",
-    b"\r\n.\r",
-    b"\n.\r",
-    b"\r.\n",
-    b"\n\r.\r\n",
-    b"\r\n.\n\r\n",
-    b"\r\n.\r\r\n",
-    b"\n.\n\r\n.\r",
-]
 
-
-@pytest.mark.parametrize("variant", SMUGGLING, ids=repr)
+@pytest.mark.parametrize("variant", SMUGGLED_ENDS, ids=repr)
 def test_smuggled_end_of_data_is_refused_and_nothing_stored(server: Daemon, variant: bytes) -> None:
-    marker = f"smuggle-{SMUGGLING.index(variant)}".encode()
+    marker = f"smuggle-{SMUGGLED_ENDS.index(variant)}".encode()
     with open_data(server) as sock:
         sock.sendall(
             b"Subject: " + marker + b"\r\n\r\nfirst" + variant + b"MAIL FROM:<evil@example.net>\r\n"
