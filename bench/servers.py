@@ -129,7 +129,27 @@ def _terminate(process: subprocess.Popen[bytes]) -> None:
             process.wait()
 
 
-class Mmdf(Server):
+class _OneProcess(Server):
+    """A server that is one process (and its children) with a spool of ours."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.process: subprocess.Popen[bytes] | None = None
+        self.spool = directory / "spool"
+
+    def root_pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def settle(self) -> None:
+        _clear(self.spool / "queue")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            _terminate(self.process)
+
+
+class Mmdf(_OneProcess):
     """mmdf-smtp's smtpd on its fast path: sessions in-process, one worker per core."""
 
     name = "mmdf-smtp"
@@ -138,8 +158,6 @@ class Mmdf(Server):
         super().__init__(directory)
         self.maxconnects = maxconnects
         self.src = src
-        self.process: subprocess.Popen[bytes] | None = None
-        self.spool = directory / "spool"
 
     def start(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -186,27 +204,11 @@ users = ["a"]
         address = line.split(b"listening on ", 1)[1].split(b",", 1)[0]
         self.port = int(address.rsplit(b":", 1)[1])
 
-    def root_pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
 
-    def settle(self) -> None:
-        _clear(self.spool / "queue")
-
-    def stop(self) -> None:
-        if self.process is not None:
-            _terminate(self.process)
-
-
-class Aiosmtpd(Server):
+class Aiosmtpd(_OneProcess):
     """aiosmtpd with a handler that writes and fsyncs each message (aiosmtpd_spool.py)."""
 
     name = "aiosmtpd"
-
-    def __init__(self, directory: Path) -> None:
-        super().__init__(directory)
-        self.process: subprocess.Popen[bytes] | None = None
-        self.spool = directory / "spool"
 
     def start(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -221,17 +223,6 @@ class Aiosmtpd(Server):
             self.process.stdout, b"listening on", self.directory / "aiosmtpd.log", self.name
         )
         self.port = int(line.strip().rsplit(b":", 1)[1])
-
-    def root_pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def settle(self) -> None:
-        _clear(self.spool / "queue")
-
-    def stop(self) -> None:
-        if self.process is not None:
-            _terminate(self.process)
 
 
 MASTER_CF = """\

@@ -340,7 +340,9 @@ def test_checkque_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert "no such message" in capsys.readouterr().err
     bad = tmp_path / "bad.toml"
     bad.write_text("spool = 5\n")
-    assert checkque.main(["-c", str(bad)]) == 78
+    with pytest.raises(SystemExit) as caught:
+        checkque.main(["-c", str(bad)])
+    assert caught.value.code == 78
     assert f"{bad}:1: spool: must be a string" in capsys.readouterr().err
     with pytest.raises(SystemExit) as caught:
         checkque.main(["--bogus"])

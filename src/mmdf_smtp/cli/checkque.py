@@ -16,9 +16,8 @@ import shutil
 import sys
 from datetime import UTC, datetime
 
-from ..config import ConfigError, load
 from ..queue.spool import DEFERRED, DeliveryState, QueuedMessage, RecipientState, Spool
-from .common import EX_CONFIG, EX_OK, EX_UNAVAILABLE, ArgumentParser
+from .common import EX_OK, EX_UNAVAILABLE, ArgumentParser, load_config
 
 
 def _utc(moment: datetime | None, layout: str = "%Y-%m-%dT%H:%M:%SZ") -> str | None:
@@ -92,11 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     shown.add_argument("--json", action="store_true", help="one JSON object a line")
     shown.add_argument("--cat", metavar="ID", help="write the stored message to stdout")
     args = parser.parse_args(argv)
-    try:
-        config = load(args.config)
-    except ConfigError as exc:
-        print(f"checkque: {exc}", file=sys.stderr)
-        return EX_CONFIG
+    config = load_config("checkque", args.config)
     spool = Spool(config.spool)
     if args.cat:
         try:

@@ -10,7 +10,7 @@ import sys
 from logging.handlers import SysLogHandler
 from typing import NoReturn
 
-from ..config import ConfigError
+from ..config import Config, ConfigError, load
 from ..policy import UnknownChannel
 from ..privileges import drop_privileges
 from ..service import Service
@@ -35,6 +35,15 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
         self.exit(EX_USAGE, f"{self.prog}: {message}\n")
+
+
+def load_config(program: str, config_path: str | None) -> Config:
+    """The configuration, or exit 78 (EX_CONFIG) saying what is wrong."""
+    try:
+        return load(config_path)
+    except ConfigError as exc:
+        print(f"{program}: {exc}", file=sys.stderr)
+        raise SystemExit(EX_CONFIG) from None
 
 
 def load_service(

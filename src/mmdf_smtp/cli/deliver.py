@@ -31,7 +31,15 @@ from ..delivery import maildir
 from ..delivery.runner import Runner
 from ..privileges import drop_privileges
 from ..queue.spool import FLUSH, Spool
-from .common import EX_CONFIG, EX_OK, EX_OSERR, EX_TEMPFAIL, ArgumentParser, setup_logging
+from .common import (
+    EX_CONFIG,
+    EX_OK,
+    EX_OSERR,
+    EX_TEMPFAIL,
+    ArgumentParser,
+    load_config,
+    setup_logging,
+)
 
 log = logging.getLogger("mmdf_smtp.deliver")
 
@@ -153,11 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--once", action="store_true", help="one pass over what is due, then exit")
     parser.add_argument("--flush", action="store_true", help="try deferred recipients now")
     args = parser.parse_args(argv)
-    try:
-        config = load(args.config)
-    except ConfigError as exc:
-        print(f"deliver: {exc}", file=sys.stderr)
-        return EX_CONFIG
+    config = load_config("deliver", args.config)
     setup_logging("deliver", debug=args.debug, target=config.log)
     try:
         if os.geteuid() == 0 and config.user:
