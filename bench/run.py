@@ -18,6 +18,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import resource
 import shutil
 import statistics
@@ -307,6 +308,11 @@ def main(argv: list[str] | None = None) -> int:
         "--idle", type=int, help="idle sessions to hold (default 1000; 20 with --smoke)"
     )
     parser.add_argument(
+        "--only",
+        metavar="REGEX",
+        help="run only the cases whose name matches, e.g. '1 KiB x10' (no idle case unless named)",
+    )
+    parser.add_argument(
         "--workdir",
         type=Path,
         default=Path("/var/tmp"),
@@ -337,8 +343,9 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.ExitStack() as stack:
             for server in servers:
                 stack.enter_context(started(server))
+            chosen = [c for c in cases(args.smoke) if not args.only or re.search(args.only, c.name)]
             for round_ in range(rounds):
-                for case in cases(args.smoke):
+                for case in chosen:
                     shift = round_ % len(servers)
                     for server in servers[shift:] + servers[:shift]:
                         measurement = measure(server, case)
@@ -349,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
             # The idle case last: Postfix's session processes outlive it for
             # max_idle, and would weigh on every later measurement.
             idle_name = f"idle x{idle}"
-            for server in servers:
+            for server in servers if not args.only or re.search(args.only, idle_name) else []:
                 target = server
                 if isinstance(server, Mmdf):
                     # maxconnects 100 above, as Postfix's default process limit;

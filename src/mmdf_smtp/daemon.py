@@ -19,8 +19,9 @@ import signal
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from .admission import Admission
+from .admission import Admission, Ticket
 from .config import ConfigError, split_listen
 from .policy import UnknownChannel
 from .protocol import replies
@@ -82,7 +83,13 @@ def inherited() -> list[socket.socket]:
 
 
 class Daemon:
-    """One process's event loop: accepts within its share of the limits."""
+    """One process's event loop: accepts within its share of the limits.
+
+    Accepting is driven by the listening sockets' readiness, with no task
+    per listener or per session: while the worker has a free slot it
+    accepts every caller waiting, and with none it stops watching the
+    listeners until a session ends, so that callers wait in the backlog.
+    """
 
     def __init__(
         self,
@@ -99,11 +106,15 @@ class Daemon:
         self._config_path = config_path
         self._external = external
         maxconnects = service.config.smtpd.maxconnects
-        self._slots = asyncio.Semaphore(slots or maxconnects)
+        self._free = slots or maxconnects
+        self._accepting = False
         self._admission = admission or Admission(maxconnects)
         self._sessions: set[SessionProtocol] = set()
         self._children: set[int] = set()  # pids of external servers
-        self._serving: set[asyncio.Task[None]] = set()
+        self._serving = 0
+        self._idle = asyncio.Event()  # set while no session is served
+        self._idle.set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = asyncio.Event()
 
     async def run(self) -> None:
@@ -112,12 +123,11 @@ class Daemon:
         loop.add_signal_handler(signal.SIGINT, self._stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
-        accepting = [loop.create_task(self._accept(sock)) for sock in self._listeners]
+        self._start_accepting()
         try:
             await self._stopping.wait()
         finally:
-            for task in accepting:
-                task.cancel()
+            self._stop_accepting()
             for sock in self._listeners:
                 sock.close()
             for sig in SIGNALS:
@@ -141,59 +151,97 @@ class Daemon:
     async def _drain(self) -> None:
         """Let sessions finish for a grace period, then 421 the rest."""
         if self._serving:
-            log.info("stopping: waiting for %d sessions", len(self._serving))
-            _, pending = await asyncio.wait(self._serving, timeout=GRACE_SECONDS)
-            if pending:
+            log.info("stopping: waiting for %d sessions", self._serving)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(GRACE_SECONDS):
+                    await self._idle.wait()
+            if self._serving:
                 for session in list(self._sessions):
                     session.shut_down()
                 for pid in list(self._children):
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGTERM)
-                await asyncio.wait(pending, timeout=5)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(5):
+                        await self._idle.wait()
 
-    async def _accept(self, listener: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await self._slots.acquire()
-            try:
-                sock, _ = await loop.sock_accept(listener)
-            except OSError as exc:
-                self._slots.release()
-                log.error("accept failed: %s", exc)
-                await asyncio.sleep(0.1)  # e.g. EMFILE: do not spin
-                continue
-            except asyncio.CancelledError:
-                self._slots.release()
-                raise
-            task = loop.create_task(self._serve(sock))
-            self._serving.add(task)
-            task.add_done_callback(self._serving.discard)
+    # -- accepting ----------------------------------------------------------
 
-    async def _serve(self, sock: socket.socket) -> None:
-        ticket = self._admission.admit(sock.getpeername()[0], self.service.config.smtpd)
-        if isinstance(ticket, replies.Reply):
-            await self._refuse(sock, ticket)
-            self._slots.release()
+    def _start_accepting(self) -> None:
+        if self._accepting or self._stopping.is_set():
             return
-        try:
-            if self._external is not None:
-                await self._run_external(sock, self._external)
-            else:
-                await self._run_in_process(sock)
-        finally:
-            self._admission.release(ticket)
-            self._slots.release()
-
-    async def _run_in_process(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
-        service = self.service
-        _, protocol = await loop.connect_accepted_socket(lambda: SessionProtocol(service), sock)
-        self._sessions.add(protocol)
-        try:
-            if protocol.task is not None:
-                await asyncio.shield(protocol.task)
-        finally:
+        self._accepting = True
+        for sock in self._listeners:
+            loop.add_reader(sock.fileno(), self._accept, sock)
+
+    def _stop_accepting(self) -> None:
+        if not self._accepting:
+            return
+        loop = asyncio.get_running_loop()
+        self._accepting = False
+        for sock in self._listeners:
+            loop.remove_reader(sock.fileno())
+
+    def _accept(self, listener: socket.socket) -> None:
+        """Take the callers waiting on ``listener``, as many as there are slots."""
+        while self._free > 0:
+            try:
+                sock, address = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return  # another worker took it, or none is left
+            except OSError as exc:
+                log.error("accept failed: %s", exc)
+                # E.g. EMFILE: do not spin; look again in a while.
+                self._stop_accepting()
+                asyncio.get_running_loop().call_later(0.1, self._start_accepting)
+                return
+            self._free -= 1
+            self._serve(sock, address[0])
+        self._stop_accepting()
+
+    def _serve(self, sock: socket.socket, peer: str) -> None:
+        ticket = self._admission.admit(peer, self.service.config.smtpd)
+        if isinstance(ticket, replies.Reply):
+            _refuse(sock, ticket)
+            self._slot_freed()
+            return
+        self._serving += 1
+        self._idle.clear()
+        loop = asyncio.get_running_loop()
+        task: asyncio.Task[Any]
+        if self._external is not None:
+            task = loop.create_task(self._run_external(sock, self._external))
+            task.add_done_callback(lambda _: self._ended(ticket, None))
+        else:
+            protocol = SessionProtocol(self.service, on_end=lambda: self._ended(ticket, protocol))
+            self._sessions.add(protocol)
+            task = loop.create_task(loop.connect_accepted_socket(lambda: protocol, sock))
+            task.add_done_callback(lambda done: self._connected(done, protocol, sock))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _connected(
+        self, task: asyncio.Task[Any], protocol: SessionProtocol, sock: socket.socket
+    ) -> None:
+        problem = "cancelled" if task.cancelled() else task.exception()
+        if problem is not None:
+            log.error("cannot serve a connection: %s", problem)
+            sock.close()
+            protocol.abandon()
+
+    def _ended(self, ticket: Ticket, protocol: SessionProtocol | None) -> None:
+        self._admission.release(ticket)
+        if protocol is not None:
             self._sessions.discard(protocol)
+        self._serving -= 1
+        if not self._serving:
+            self._idle.set()
+        self._slot_freed()
+
+    def _slot_freed(self) -> None:
+        self._free += 1
+        self._start_accepting()
 
     async def _run_external(self, sock: socket.socket, program: ExternalServer) -> None:
         """The seed's way: exec the server with the connection on fds 0 and 1."""
@@ -220,7 +268,7 @@ class Daemon:
             )
         except OSError as exc:
             log.error("cannot run %s: %s", program.path, exc)
-            await self._refuse(sock, replies.SERVICE_UNAVAILABLE)
+            _refuse(sock, replies.SERVICE_UNAVAILABLE)
             return
         sock.close()
         self._children.add(pid)
@@ -229,11 +277,12 @@ class Daemon:
         finally:
             self._children.discard(pid)
 
-    async def _refuse(self, sock: socket.socket, reply: replies.Reply) -> None:
-        loop = asyncio.get_running_loop()
-        with contextlib.suppress(OSError):
-            await loop.sock_sendall(sock, reply.to_bytes())
-        sock.close()
+
+def _refuse(sock: socket.socket, reply: replies.Reply) -> None:
+    """A one-line refusal: it fits any socket buffer, so it is sent without waiting."""
+    with contextlib.suppress(OSError):
+        sock.send(reply.to_bytes())
+    sock.close()
 
 
 async def _exited(pid: int) -> int:

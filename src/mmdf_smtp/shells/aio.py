@@ -1,15 +1,22 @@
 """Serve sessions on an asyncio event loop: the daemon's shell.
 
 One :class:`SessionProtocol` per connection moves octets between the
-transport and the protocol core; a task per session answers the core's
-events through the shared :class:`~mmdf_smtp.session.Session`.  The only
-blocking work, the client look-up (DNS) and the commit (fsync), runs in
-the loop's thread pool.
+transport and the protocol core, and answers the core's events through
+the shared :class:`~mmdf_smtp.session.Session`.  It is driven by the
+transport's callbacks alone, with no task per session: a session costs
+the loop a few callbacks per command, not a coroutine's wake-ups, which
+is most of what a short session of a connection per message spends.
+
+The only blocking work, the client look-up (DNS) and the commit (fsync),
+runs in threads of its own; while one is out the session is *held*: input
+is still taken in, but no event is read until the thread's answer is in.
+The tarpit's delay, a client that does not read its replies, and the TLS
+handshake hold it the same way.
 
 Flow control, as in uvicorn: reading pauses while the core holds more
 unread input than :data:`HIGH_WATER` (a client pipelining into a slow
-decision), and a session waits for the transport to drain before reading
-more when the client does not read its replies.
+decision), and a session whose client does not take its replies waits up
+to ``command_timeout`` for the transport to drain, then ends.
 """
 
 from __future__ import annotations
@@ -17,11 +24,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-import time
-from concurrent.futures import ThreadPoolExecutor
-from typing import cast
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, cast
 
-from ..protocol import PAUSED, ConnectionClosed, MessageComplete, Signal, StartTLS, replies
+from ..protocol import NEED_DATA, ConnectionClosed, MessageComplete, Signal, StartTLS, replies
 from ..service import Peer, Service, parse_address
 from ..session import Session
 from .tls import describe
@@ -39,58 +46,87 @@ HIGH_WATER = 256 * 1024
 LOOKUPS = ThreadPoolExecutor(max_workers=256, thread_name_prefix="lookup")
 _COMMITS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="commit")
 
+_Callback = Callable[[Future[Any]], None]
+
 
 class SessionProtocol(asyncio.Protocol):
-    def __init__(self, service: Service) -> None:
+    """One client connection.  ``on_end`` is called once, when the session is over."""
+
+    def __init__(self, service: Service, on_end: Callable[[], None] | None = None) -> None:
         self._service = service  # as it was when the connection came: reloads are for later ones
+        self._on_end = on_end
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._session: Session | None = None
-        self._early = bytearray()  # octets sent before the greeting
+        self._early = bytearray()  # octets sent before the session was set up
         self._eof = False
-        self._wakeup = asyncio.Event()
-        self._can_write = asyncio.Event()
-        self._can_write.set()
+        self._held = False  # waiting for a thread, a timer or the TLS handshake
+        self._hold: asyncio.TimerHandle | None = None  # the tarpit's delay or the drain wait
+        self._writable = True
         self._reading_paused = False
-        self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._ended = False
+        # The wait for input: one timer, moved on lazily as the core's waits
+        # start (see _wait_for_input), rather than a new one per command.
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._deadline = 0.0
+        self._generation = -1
 
     # -- transport callbacks ------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport, but are one.
         self._transport = cast(asyncio.Transport, transport)
-        self._task = self._loop.create_task(self._run())
+        service = self._service
+        # Most clients are known by address: decided here, at once.  Those
+        # that need DNS wait for it in a thread, not on the loop.
+        peer = self._peer()
+        session = service.session_without_dns(peer)
+        if session is not None:
+            self._begin(session)
+            return
+        self._held = True
+        future = LOOKUPS.submit(service.session, peer)
+        future.add_done_callback(self._from_thread(self._identified))
 
     def data_received(self, data: bytes) -> None:
-        if self._session is None:
+        session = self._session
+        if session is None:
             self._early += data
             if len(self._early) > HIGH_WATER:
                 self._pause_reading()
-        else:
-            if self._session.tracing:
-                trace_input(self._session, data)
-            self._session.connection.receive_data(data)
-            if self._session.connection.pending_input > HIGH_WATER:
-                self._pause_reading()
-        self._wakeup.set()
+            return
+        if session.tracing:
+            trace_input(session, data)
+        conn = session.connection
+        conn.receive_data(data)
+        if conn.pending_input > HIGH_WATER:
+            self._pause_reading()
+        self._pump()
 
-    def eof_received(self) -> bool | None:
-        self._eof = True
-        if self._session is not None:
-            self._session.connection.receive_data(b"")
-        self._wakeup.set()
-        return None
+    def eof_received(self) -> bool:
+        self._end_of_input()
+        # Keep the transport open for the replies still due (a commit may be
+        # under way); asyncio's TLS transport closes at end of file anyway.
+        return self._session is None or self._session.tls is None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.eof_received()
-        self._can_write.set()
+        self._writable = True
+        if self._hold is not None:
+            # Nobody is left to wait for, nor to hold replies back from.
+            self._hold.cancel()
+            self._hold = None
+            self._held = False
+        self._end_of_input()
 
     def pause_writing(self) -> None:
-        self._can_write.clear()
+        self._writable = False
 
     def resume_writing(self) -> None:
-        self._can_write.set()
+        self._writable = True
+        if self._hold is not None and self._session is not None:
+            self._release()
 
     # -- control ------------------------------------------------------------
 
@@ -99,21 +135,11 @@ class SessionProtocol(asyncio.Protocol):
         self._stopping = True
         if self._session is not None:
             self._session.connection.shut_down()
-        self._wakeup.set()
+            self._pump()
 
-    @property
-    def task(self) -> asyncio.Task[None] | None:
-        return self._task
-
-    def _pause_reading(self) -> None:
-        if not self._reading_paused and self._transport is not None:
-            self._reading_paused = True
-            self._transport.pause_reading()
-
-    def _resume_reading(self) -> None:
-        if self._reading_paused and self._transport is not None:
-            self._reading_paused = False
-            self._transport.resume_reading()
+    def abandon(self) -> None:
+        """The connection could not be set up: the session is over before it began."""
+        self._close()
 
     # -- the session --------------------------------------------------------
 
@@ -125,15 +151,203 @@ class SessionProtocol(asyncio.Protocol):
         local = parse_address(sockname[0]) if sockname else None
         return Peer(address, local, None)
 
-    async def _run(self) -> None:
+    def _from_thread(self, callback: _Callback) -> _Callback:
+        """A done callback for a thread's future that runs ``callback`` on the loop."""
+        loop = self._loop
+
+        def done(future: Future[Any]) -> None:
+            loop.call_soon_threadsafe(callback, future)
+
+        return done
+
+    def _identified(self, future: Future[Session]) -> None:
+        self._held = False
         try:
-            await self._serve()
+            session = future.result()
         except Exception:
             log.exception("session failed")
             self._say_goodbye()
-        finally:
-            if self._transport is not None:
-                self._transport.close()
+            self._close()
+            return
+        self._begin(session)
+
+    def _begin(self, session: Session) -> None:
+        self._session = session
+        conn = session.connection
+        if self._stopping:
+            conn.shut_down()
+        if self._early:
+            conn.receive_data(bytes(self._early))
+            self._early.clear()
+        if self._eof:
+            conn.receive_data(b"")
+        self._pump()
+
+    def _end_of_input(self) -> None:
+        self._eof = True
+        if self._session is not None:
+            self._session.connection.receive_data(b"")
+            self._pump()
+
+    def _pump(self) -> None:
+        """Answer the core's events until it needs input, a thread, or a timer."""
+        session = self._session
+        if self._held or self._ended or session is None:
+            return
+        conn = session.connection
+        try:
+            while True:
+                event = conn.next_event()
+                if event is NEED_DATA:
+                    if self._flush(session):
+                        self._wait_for_input()
+                    return
+                if isinstance(event, ConnectionClosed):
+                    if self._flush(session):
+                        session.handle(event)
+                        self._close()
+                    return
+                if isinstance(event, MessageComplete):
+                    # The commit waits on the disk: a thread's job.
+                    self._held = True
+                    future = _COMMITS.submit(session.handle, event)
+                    future.add_done_callback(self._from_thread(self._committed))
+                    return
+                if isinstance(event, Signal):  # PAUSED: no decision is out
+                    raise RuntimeError("the session left a decision unanswered")
+                session.handle(event)
+                if isinstance(event, StartTLS):
+                    # "220 Ready to start TLS" goes out in plaintext, then the handshake.
+                    self._held = True
+                    data = conn.data_to_send()
+                    if session.tracing:
+                        trace_output(session, data)
+                    assert self._transport is not None
+                    self._transport.write(data)
+                    self._loop.create_task(self._start_tls(session, self._service.tls_context))
+                    return
+        except Exception:
+            log.exception("session failed")
+            self._say_goodbye()
+            self._close()
+
+    def _committed(self, future: Future[None]) -> None:
+        self._held = False
+        try:
+            future.result()
+        except Exception:
+            log.exception("session failed")
+            self._say_goodbye()
+            self._close()
+            return
+        self._pump()
+
+    def _flush(self, session: Session) -> bool:
+        """Write the replies due; False when the session is held meanwhile."""
+        conn = session.connection
+        delay = conn.delay
+        data = conn.data_to_send()
+        if not data:
+            return True
+        if delay:
+            # The tarpit: the replies go out later, and nothing is read meanwhile.
+            self._held = True
+            self._hold = self._loop.call_later(delay, self._write_held, session, data)
+            return False
+        return self._write(session, data)
+
+    def _write_held(self, session: Session, data: bytes) -> None:
+        self._hold = None
+        self._held = False
+        if self._write(session, data):
+            self._pump()
+
+    def _write(self, session: Session, data: bytes) -> bool:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return True  # the client is gone; the core hears of it from connection_lost
+        if session.tracing:
+            trace_output(session, data)
+        transport.write(data)
+        if self._writable:
+            return True
+        # The client does not read: wait for the transport to drain, for
+        # as long as it would be given to send a command.
+        self._held = True
+        timeout = session.connection.limits.command_timeout
+        self._hold = self._loop.call_later(timeout, self._not_drained)
+        return False
+
+    def _release(self) -> None:
+        """The transport drained: the session goes on."""
+        assert self._hold is not None
+        self._hold.cancel()
+        self._hold = None
+        self._held = False
+        self._pump()
+
+    def _not_drained(self) -> None:
+        self._hold = None
+        self._held = False
+        if self._transport is not None:
+            self._transport.abort()  # connection_lost follows and ends the session
+
+    def _wait_for_input(self) -> None:
+        """Start or go on with the core's wait for input, and read."""
+        assert self._session is not None
+        timer = self._session.connection.timer
+        self._resume_reading()
+        if timer is None:
+            return
+        if timer.generation != self._generation:
+            self._generation = timer.generation
+            self._deadline = self._loop.time() + timer.seconds
+        if self._timer is None or self._deadline < self._timer_at:
+            self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = self._deadline
+        self._timer = self._loop.call_at(self._deadline, self._timer_fired)
+
+    def _timer_fired(self) -> None:
+        self._timer = None
+        session = self._session
+        if session is None or self._ended:
+            return
+        timer = session.connection.timer
+        if self._held or timer is None:
+            return  # not waiting for input now; the next wait arms it again
+        if timer.generation != self._generation or self._loop.time() < self._deadline:
+            # The wait it was armed for is over; the current one ends later.
+            self._wait_for_input()
+            return
+        session.connection.time_out()
+        self._pump()
+
+    def _pause_reading(self) -> None:
+        if not self._reading_paused and self._transport is not None:
+            self._reading_paused = True
+            self._transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._reading_paused and self._transport is not None:
+            self._reading_paused = False
+            self._transport.resume_reading()
+
+    def _close(self) -> None:
+        """The session is over: close the connection, once, and say so."""
+        if self._ended:
+            return
+        self._ended = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._transport is not None:
+            self._transport.close()
+        if self._on_end is not None:
+            self._on_end()
 
     def _say_goodbye(self) -> None:
         """After a failure: the replies already due, then 421, and the message dropped.
@@ -151,88 +365,8 @@ class SessionProtocol(asyncio.Protocol):
             except Exception:
                 log.exception("session clean-up failed")
 
-    async def _serve(self) -> None:
-        service = self._service
-        # Most clients are known by address: chosen here, at once.  Those
-        # that need DNS wait for it in a thread, not on the loop.
-        peer = self._peer()
-        session = service.session_without_dns(peer)
-        if session is None:
-            session = await self._loop.run_in_executor(LOOKUPS, service.session, peer)
-        self._session = session
-        conn = session.connection
-        if self._stopping:
-            conn.shut_down()
-        if self._early:
-            conn.receive_data(bytes(self._early))
-            self._early.clear()
-        if self._eof:
-            conn.receive_data(b"")
-        generation, deadline = -1, 0.0
-        while True:
-            event = conn.next_event()
-            if isinstance(event, Signal):
-                if event is PAUSED:
-                    raise RuntimeError("the session left a decision unanswered")
-                if not await self._flush(session):
-                    conn.receive_data(b"")
-                    continue
-                timer = conn.timer
-                if timer is not None and timer.generation != generation:
-                    generation, deadline = timer.generation, time.monotonic() + timer.seconds
-                self._resume_reading()
-                # data_received sets the flag: set here means input came in
-                # since the core last looked, so look again before waiting.
-                if not self._wakeup.is_set():
-                    remaining = None if timer is None else deadline - time.monotonic()
-                    try:
-                        # asyncio.timeout, not wait_for: no task per wait.
-                        async with asyncio.timeout(remaining):
-                            await self._wakeup.wait()
-                    except TimeoutError:
-                        conn.time_out()
-                self._wakeup.clear()
-                continue
-            if isinstance(event, ConnectionClosed):
-                await self._flush(session)
-                session.handle(event)
-                return
-            if isinstance(event, MessageComplete):
-                await self._loop.run_in_executor(_COMMITS, session.handle, event)
-            else:
-                session.handle(event)
-            if isinstance(event, StartTLS):
-                await self._start_tls(session, service.tls_context)
-
-    async def _flush(self, session: Session) -> bool:
-        """Write the replies; False when the client cannot take them."""
-        delay = session.connection.delay
-        data = session.connection.data_to_send()
-        if not data:
-            return True
-        if delay:
-            await asyncio.sleep(delay)
-        if session.tracing:
-            trace_output(session, data)
-        transport = self._transport
-        if transport is None or transport.is_closing():
-            return False
-        transport.write(data)
-        if self._can_write.is_set():
-            return True
-        try:
-            timeout = session.connection.limits.command_timeout
-            async with asyncio.timeout(timeout):
-                await self._can_write.wait()
-        except TimeoutError:
-            return False
-        return not transport.is_closing()
-
     async def _start_tls(self, session: Session, context: ssl.SSLContext | None) -> None:
         assert context is not None and self._transport is not None
-        if not await self._flush(session):
-            session.connection.tls_failed()
-            return
         try:
             transport = await self._loop.start_tls(
                 self._transport,
@@ -243,11 +377,12 @@ class SessionProtocol(asyncio.Protocol):
             )
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
             log.info("TLS handshake failed: %s", exc)
-            session.connection.tls_failed()
-            return
+            transport = None
+        self._held = False
         if transport is None:
             session.connection.tls_failed()
-            return
-        self._transport = transport
-        ssl_object = transport.get_extra_info("ssl_object")
-        session.tls_established(describe(ssl_object.version(), ssl_object.cipher()))
+        else:
+            self._transport = transport
+            ssl_object = transport.get_extra_info("ssl_object")
+            session.tls_established(describe(ssl_object.version(), ssl_object.cipher()))
+        self._pump()
