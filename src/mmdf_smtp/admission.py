@@ -154,12 +154,20 @@ class Admission:
         self._client_rates = ConnectionRates()
         self._network_rates = ConnectionRates()
 
-    def admit(self, peer: str, limits: SmtpdConfig) -> Ticket | Reply:
+    def admit(self, peer: str, limits: SmtpdConfig) -> Ticket | Reply | None:
         """A ticket for a connection from ``peer``, or the 421 that refuses it.
 
         Refused connections count toward the rates: a client that keeps
-        knocking stays refused until it slows down.
+        knocking stays refused until it slows down.  With no limit set
+        nothing is counted, and the ticket is None.
         """
+        if not (
+            limits.max_per_client
+            or limits.max_per_network
+            or limits.rate_per_client
+            or limits.rate_per_network
+        ):
+            return None
         client, network = client_keys(peer)
         now = self._clock()
         with self._lock:
@@ -181,7 +189,9 @@ class Admission:
                 return replies.TOO_MANY_NETWORK_CONNECTIONS
         return Ticket(client, network)
 
-    def release(self, ticket: Ticket) -> None:
+    def release(self, ticket: Ticket | None) -> None:
+        if ticket is None:
+            return
         with self._lock:
             self._clients.release(ticket.client)
             self._networks.release(ticket.network)

@@ -17,9 +17,10 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TextIO
 
 from .admission import Admission, Ticket
 from .config import ConfigError, split_listen
@@ -27,7 +28,7 @@ from .policy import UnknownChannel
 from .protocol import replies
 from .service import Service, parse_address
 from .session import address_literal
-from .shells.aio import LOOKUPS, SessionProtocol
+from .shells.aio import LOOKUPS, Committer, SessionProtocol
 
 log = logging.getLogger("mmdf_smtp.smtpd")
 
@@ -116,6 +117,7 @@ class Daemon:
         self._idle.set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = asyncio.Event()
+        self._committer = Committer(asyncio.get_running_loop())
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -214,7 +216,9 @@ class Daemon:
             task = loop.create_task(self._run_external(sock, self._external))
             task.add_done_callback(lambda _: self._ended(ticket, None))
         else:
-            protocol = SessionProtocol(self.service, on_end=lambda: self._ended(ticket, protocol))
+            protocol = SessionProtocol(
+                self.service, self._committer, on_end=lambda: self._ended(ticket, protocol)
+            )
             self._sessions.add(protocol)
             task = loop.create_task(loop.connect_accepted_socket(lambda: protocol, sock))
             task.add_done_callback(lambda done: self._connected(done, protocol, sock))
@@ -230,7 +234,7 @@ class Daemon:
             sock.close()
             protocol.abandon()
 
-    def _ended(self, ticket: Ticket, protocol: SessionProtocol | None) -> None:
+    def _ended(self, ticket: Ticket | None, protocol: SessionProtocol | None) -> None:
         self._admission.release(ticket)
         if protocol is not None:
             self._sessions.discard(protocol)
@@ -398,6 +402,64 @@ def _die_with(parent: int) -> None:
         os._exit(0)
 
 
+class LoopBufferedStream:
+    """A log stream whose lines from the event loop go out once per loop pass.
+
+    Two lines a message (the message's, the session's), each its own write
+    to a pipe, cost the loop as much as a reply to the client.  Lines
+    written on the loop are gathered and written together when the loop
+    has run its ready callbacks; under load that is one write for many
+    sessions, when idle it is at once.  A process killed with SIGKILL loses
+    the lines of that one pass.  Lines from other threads go straight out.
+    """
+
+    def __init__(self, stream: TextIO, loop: asyncio.AbstractEventLoop) -> None:
+        self.stream = stream
+        self._loop = loop
+        self._loop_thread = threading.get_ident()
+        self._lines: list[str] = []
+
+    def write(self, text: str) -> int:
+        if threading.get_ident() != self._loop_thread:
+            self.stream.write(text)
+            self.stream.flush()
+        else:
+            if not self._lines:
+                self._loop.call_soon(self.flush_lines)
+            self._lines.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        """Called after every record; the loop's lines wait for flush_lines."""
+
+    def flush_lines(self) -> None:
+        lines, self._lines = self._lines, []
+        if lines:
+            self.stream.write("".join(lines))
+            self.stream.flush()
+
+
+@contextlib.contextmanager
+def log_lines_batched(loop: asyncio.AbstractEventLoop) -> Iterator[None]:
+    """Batch the package's stderr log lines on ``loop`` while in the block."""
+    handlers = [
+        handler
+        for handler in logging.getLogger("mmdf_smtp").handlers
+        if type(handler) is logging.StreamHandler
+    ]
+    buffered = []
+    for handler in handlers:
+        stream = LoopBufferedStream(handler.stream, loop)
+        buffered.append(stream)
+        handler.setStream(stream)
+    try:
+        yield
+    finally:
+        for handler, stream in zip(handlers, buffered, strict=True):
+            stream.flush_lines()
+            handler.setStream(stream.stream)
+
+
 def run(daemon_factory: Callable[[], Daemon]) -> None:
     """Run one daemon on uvloop when it is installed (the fast path)."""
     loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
@@ -410,7 +472,8 @@ def run(daemon_factory: Callable[[], Daemon]) -> None:
             loop_factory = uvloop.new_event_loop
 
     async def main() -> None:
-        await daemon_factory().run()
+        with log_lines_batched(asyncio.get_running_loop()):
+            await daemon_factory().run()
 
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         runner.run(main())

@@ -7,6 +7,7 @@ a new Service; sessions already running keep the one they started with.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import ssl
 from collections.abc import Sequence
@@ -31,6 +32,7 @@ class Peer:
     name: str | None = None  # a host name given by the caller, trusted as the seed did
 
 
+@functools.lru_cache(maxsize=4096)  # clients come back; parsing an address is not cheap
 def parse_address(text: str) -> IPAddress | None:
     """An address from ``[192.0.2.7]``, ``[IPv6:…]`` or a bare address.
 

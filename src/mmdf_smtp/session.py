@@ -2,15 +2,18 @@
 
 The shells (blocking and asyncio) move octets; this module answers the
 core's decision events the same way for all of them, so the wire and the
-queue cannot tell which shell served a session.  Only
-:meth:`Session.handle` of a :class:`~mmdf_smtp.protocol.MessageComplete`
-waits on the disk (fsync); the asyncio shell runs that one call in a thread.
+queue cannot tell which shell served a session.  Only the commit at a
+:class:`~mmdf_smtp.protocol.MessageComplete` waits on the disk (fsync):
+:meth:`Session.handle` does it in place, and the asyncio shell instead
+takes the message with :meth:`Session.end_message`, commits it in a
+thread together with others that ended meanwhile, and answers with
+:meth:`Session.answer_commit`.
 """
 
 from __future__ import annotations
 
 import logging
-import secrets
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -73,7 +76,8 @@ class Session:
         self.hostname = hostname
         self.client = client
         self.channel = channel
-        self.id = secrets.token_hex(4)  # names the session in logs and traces
+        # Names the session in logs and traces; random reseeds in each worker.
+        self.id = f"{random.getrandbits(32):08x}"
         self.tracing = log.isEnabledFor(logging.DEBUG)
         self.connection = ServerConnection(
             hostname=hostname, limits=limits, tls_available=tls_available
@@ -95,6 +99,10 @@ class Session:
         if self.channel is None:
             return replies.NO_SERVICE.with_text(f"{self.hostname} No SMTP service here")
         return replies.GREETING.with_text(f"{self.hostname} Server SMTP ready")
+
+    @property
+    def queue(self) -> Queue:
+        return self._queue
 
     def trace(self, line: str) -> None:
         log.debug("%s %s", self.id, line)
@@ -119,7 +127,13 @@ class Session:
             case MessageData():
                 self._write(event.data)
             case MessageComplete():
-                conn.send(self._commit(event))
+                writer, error = self.end_message()
+                if writer is not None and error is None:
+                    try:
+                        writer.commit()
+                    except QueueError as exc:
+                        error = exc
+                self.answer_commit(event, writer, error)
             case MessageAborted() | Reset() | StartTLS():
                 self._drop_message()
             case ConnectionClosed():
@@ -154,16 +168,27 @@ class Session:
             # Keep reading the message; the end of data gets the 4xx.
             self._write_error = exc
 
-    def _commit(self, event: MessageComplete) -> Reply:
+    def end_message(self) -> tuple[MessageWriter | None, QueueError | None]:
+        """The message whose data ended, for its commit, and a write error it met.
+
+        The commit is the caller's (a shell may gather several into one);
+        :meth:`answer_commit` then answers the end of data.
+        """
         writer, error = self._writer, self._write_error
         self._writer, self._write_error = None, None
+        return writer, error
+
+    def answer_commit(
+        self, event: MessageComplete, writer: MessageWriter | None, error: QueueError | None
+    ) -> None:
+        """250 for a message committed, 4xx for one that was not."""
+        self.connection.send(self._commit_reply(event, writer, error))
+
+    def _commit_reply(
+        self, event: MessageComplete, writer: MessageWriter | None, error: QueueError | None
+    ) -> Reply:
         if writer is None:
             return replies.QUEUE_FAILED
-        if error is None:
-            try:
-                writer.commit()
-            except QueueError as exc:
-                error = exc
         if error is not None:
             writer.abort()
             log.error("queue: message not queued: %s", error)

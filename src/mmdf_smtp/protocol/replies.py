@@ -8,7 +8,7 @@ strings inline: callers pick a constant here, or build one with
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -16,6 +16,14 @@ class Reply:
     code: int
     enhanced: str  # "" for the greeting and replies that RFC 2034 exempts
     text: str
+    # The octets on the wire, made once: most replies are constants sent
+    # again and again.
+    _wire: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Reply text is ours, but a UTF-8 host name may appear in it (RFC 6531).
+        wire = "".join(line + "\r\n" for line in self.lines()).encode()
+        object.__setattr__(self, "_wire", wire)
 
     @property
     def is_positive(self) -> bool:
@@ -23,7 +31,7 @@ class Reply:
         return self.code < 400
 
     def with_text(self, text: str) -> Reply:
-        return replace(self, text=text)
+        return Reply(code=self.code, enhanced=self.enhanced, text=text)
 
     def lines(self) -> list[str]:
         """The reply as text lines, without line ends.
@@ -38,8 +46,7 @@ class Reply:
         return [f"{self.code}{' ' if i == last else '-'}{prefix}{t}" for i, t in enumerate(texts)]
 
     def to_bytes(self) -> bytes:
-        # Reply text is ours, but a UTF-8 host name may appear in it (RFC 6531).
-        return "".join(line + "\r\n" for line in self.lines()).encode()
+        return self._wire
 
 
 def _r(code: int, enhanced: str, text: str) -> Reply:

@@ -7,6 +7,7 @@ backends can follow the spool directory of :mod:`.spool`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -70,4 +71,10 @@ class Queue(Protocol):
         """Start a new message.  The envelope is complete when the content
         starts (RFC 5321: DATA follows the last RCPT), so it is written
         first.  May raise :class:`QueueError`."""
+        ...
+
+    def commit_all(self, writers: Sequence[MessageWriter]) -> list[QueueError | None]:
+        """Commit messages of this queue that ended together, sharing what
+        can be shared (a directory sync); for each, None once it is on
+        stable storage, or the error after which nothing of it remains."""
         ...

@@ -44,13 +44,13 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from . import Envelope, QueueError
+from . import Envelope, MessageWriter, QueueError
 
 log = logging.getLogger("mmdf_smtp.queue")
 
@@ -233,37 +233,56 @@ class SpoolWriter:
         pending, self._pending = self._pending, None
         assert pending is not None
         try:
-            fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            self._created = True
+            fd = self._create()
             self._file = os.fdopen(fd, "wb", buffering=_BUFFER)
             self._file.write(pending)
         except OSError as exc:
             self.abort()
             raise _error("cannot create a queue file", exc) from exc
 
+    def _create(self) -> int:
+        fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self._created = True
+        return fd
+
     def commit(self) -> None:
-        if self._file is None and self._pending is not None:
-            self._spill()
+        error = self._spool.commit_all([self])[0]
+        if error is not None:
+            raise error
+
+    def _store(self) -> None:
+        """Put the whole message on stable storage in tmp/.  Raises QueueError."""
+        pending, self._pending = self._pending, None
         file, self._file = self._file, None
-        if file is None:
-            raise QueueError("message already closed")
         try:
-            with file:
-                file.flush()
-                os.fsync(file.fileno())
+            if pending is not None:
+                # Still in memory: one write, with no buffer object in between.
+                fd = self._create()
+                try:
+                    view = memoryview(pending)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            elif file is not None:
+                with file:
+                    file.flush()
+                    os.fsync(file.fileno())
+            else:
+                raise QueueError("message already closed")
+        except OSError as exc:
+            self.abort()
+            raise _error("cannot commit a queue file", exc) from exc
+
+    def _move_to_queue(self) -> None:
+        """The commit point: tmp/ to queue/.  Raises QueueError."""
+        try:
             os.rename(self._path, self._spool.queue / self._id)
         except OSError as exc:
             self.abort()
             raise _error("cannot commit a queue file", exc) from exc
-        try:
-            self._spool.sync_queue()
-        except OSError as exc:
-            # Renamed but maybe not durable: saying 250 would be a lie, and
-            # the client will send again, so take the message back out.
-            self._path = self._spool.queue / self._id
-            self.abort()
-            raise _error("cannot sync the queue directory", exc) from exc
-        self._spool.poke()
+        self._path = self._spool.queue / self._id
 
     def abort(self) -> None:
         self._pending = None
@@ -324,6 +343,41 @@ class Spool:
         except OSError:
             return False
         return True
+
+    def commit_all(self, writers: Sequence[MessageWriter]) -> list[QueueError | None]:
+        """Commit several messages together; for each, None or why it failed.
+
+        Each file is written and fsynced in tmp/ and renamed into queue/;
+        then one fsync of queue/ makes all the renames durable, and one
+        poke tells deliver.  A message that fails is taken back out, and
+        the others are not held up by it.
+        """
+        results: list[QueueError | None] = []
+        moved: list[SpoolWriter] = []
+        for writer in writers:
+            assert isinstance(writer, SpoolWriter)
+            try:
+                writer._store()
+                writer._move_to_queue()
+            except QueueError as exc:
+                results.append(exc)
+                continue
+            results.append(None)
+            moved.append(writer)
+        if moved:
+            try:
+                self.sync_queue()
+            except OSError as exc:
+                # Renamed but maybe not durable: saying 250 would be a lie, and
+                # the client will send again, so take the messages back out.
+                error = _error("cannot sync the queue directory", exc)
+                for writer in moved:
+                    writer.abort()
+                return [error if result is None else result for result in results]
+            for writer in moved:
+                writer._created = False  # queued for good: abort() must not touch it
+            self.poke()
+        return results
 
     def sync_queue(self) -> None:
         """Make the renames into queue/ done so far durable.  Raises OSError.

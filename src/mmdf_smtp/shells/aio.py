@@ -22,13 +22,17 @@ to ``command_timeout`` for the transport to drain, then ends.
 from __future__ import annotations
 
 import asyncio
+import functools
+import itertools
 import logging
 import ssl
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, cast
 
 from ..protocol import NEED_DATA, ConnectionClosed, MessageComplete, Signal, StartTLS, replies
+from ..queue import MessageWriter, Queue, QueueError
 from ..service import Peer, Service, parse_address
 from ..session import Session
 from .tls import describe
@@ -44,7 +48,60 @@ HIGH_WATER = 256 * 1024
 # nameserver for dns.timeout held up the greeting of every other client
 # and the 250 of every message being committed.
 LOOKUPS = ThreadPoolExecutor(max_workers=256, thread_name_prefix="lookup")
-_COMMITS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="commit")
+
+CommitDone = Callable[[Exception | None], None]
+
+
+class Committer:
+    """One thread that commits, together, the messages that ended while it was busy.
+
+    A commit mostly waits on the disk.  Taking every message that ended
+    meanwhile in one go lets them share a directory sync
+    (:meth:`~mmdf_smtp.queue.Queue.commit_all`) and costs the loop one
+    wake-up for the lot, where a thread per message cost a hand-over of
+    the interpreter per system call.  ``done`` gets None, the
+    :class:`QueueError` that kept the message out, or an unexpected error;
+    it is called on the loop.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._jobs: list[tuple[Queue, MessageWriter, CommitDone]] = []
+        self._ready = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, queue: Queue, writer: MessageWriter, done: CommitDone) -> None:
+        with self._ready:
+            self._jobs.append((queue, writer, done))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="commit", daemon=True)
+                self._thread.start()
+            else:
+                self._ready.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._ready:
+                while not self._jobs:
+                    self._ready.wait()
+                batch, self._jobs = self._jobs, []
+            results: list[Exception | None] = []
+            # Sessions that started before a reload may name another queue.
+            for queue, jobs in itertools.groupby(batch, key=lambda job: job[0]):
+                writers = [writer for _, writer, _ in jobs]
+                try:
+                    results.extend(queue.commit_all(writers))
+                except Exception as exc:
+                    results.extend([exc] * len(writers))
+            self._loop.call_soon_threadsafe(self._finished, batch, results)
+
+    @staticmethod
+    def _finished(
+        batch: list[tuple[Queue, MessageWriter, CommitDone]], results: list[Exception | None]
+    ) -> None:
+        for (_, _, done), result in zip(batch, results, strict=True):
+            done(result)
+
 
 _Callback = Callable[[Future[Any]], None]
 
@@ -52,8 +109,14 @@ _Callback = Callable[[Future[Any]], None]
 class SessionProtocol(asyncio.Protocol):
     """One client connection.  ``on_end`` is called once, when the session is over."""
 
-    def __init__(self, service: Service, on_end: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        service: Service,
+        committer: Committer,
+        on_end: Callable[[], None] | None = None,
+    ) -> None:
         self._service = service  # as it was when the connection came: reloads are for later ones
+        self._committer = committer
         self._on_end = on_end
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
@@ -208,10 +271,14 @@ class SessionProtocol(asyncio.Protocol):
                         self._close()
                     return
                 if isinstance(event, MessageComplete):
-                    # The commit waits on the disk: a thread's job.
+                    writer, error = session.end_message()
+                    if writer is None or error is not None:
+                        session.answer_commit(event, writer, error)
+                        continue
+                    # The commit waits on the disk: the committer's job.
                     self._held = True
-                    future = _COMMITS.submit(session.handle, event)
-                    future.add_done_callback(self._from_thread(self._committed))
+                    done = functools.partial(self._committed, session, event, writer)
+                    self._committer.submit(session.queue, writer, done)
                     return
                 if isinstance(event, Signal):  # PAUSED: no decision is out
                     raise RuntimeError("the session left a decision unanswered")
@@ -231,10 +298,21 @@ class SessionProtocol(asyncio.Protocol):
             self._say_goodbye()
             self._close()
 
-    def _committed(self, future: Future[None]) -> None:
+    def _committed(
+        self,
+        session: Session,
+        event: MessageComplete,
+        writer: MessageWriter,
+        result: Exception | None,
+    ) -> None:
         self._held = False
+        if result is not None and not isinstance(result, QueueError):
+            log.error("session failed", exc_info=result)
+            self._say_goodbye()
+            self._close()
+            return
         try:
-            future.result()
+            session.answer_commit(event, writer, result)
         except Exception:
             log.exception("session failed")
             self._say_goodbye()
