@@ -18,8 +18,11 @@ leaves only a file in ``tmp/``, which :meth:`Spool.recover` removes; after
 the directory fsync the message is on stable storage.  A message is never
 partial (it reaches ``queue/`` whole) and never twice (a rename moves it).
 smtpd's sessions hold a message of up to :data:`IN_MEMORY` octets in
-memory and create its file only at the commit; threads committing at once
-share one fsync of ``queue/`` (:meth:`Spool.sync_queue`).
+memory and create its file only at the commit.  Group commit: messages
+committed together (:meth:`Spool.commit_all`) are all written out before
+the first fsync, so that one journal commit carries them, and share one
+fsync of ``queue/``; threads committing at once share it too
+(:meth:`Spool.sync_queue`).
 
 The delivery state is JSON, replaced whole (temporary file, fsync, rename,
 fsync of ``state/``).  A finished message is removed file first, state
@@ -35,6 +38,7 @@ processes sharing a spool and sort by arrival time.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import itertools
 import json
@@ -44,7 +48,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
@@ -180,6 +184,32 @@ def _error(action: str, exc: OSError) -> QueueError:
     return QueueError(f"{action}: {exc.strerror or exc}", full=exc.errno in _FULL)
 
 
+def _writeback_starter() -> Callable[[int], None]:
+    """Linux's sync_file_range(2) with SYNC_FILE_RANGE_WRITE, where there is one.
+
+    It starts the write-out of a file's dirty pages without waiting.  Done
+    for every file of a group commit before the first fsync, it lets that
+    fsync's journal commit carry the block allocations of all of them
+    (ext4 allocates at write-out), so the later fsyncs find little to do.
+    Elsewhere each fsync simply does it all.
+    """
+    try:
+        call = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return lambda fd: None
+    call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    call.restype = ctypes.c_int
+    sync_file_range_write = 2
+
+    def start(fd: int) -> None:
+        call(fd, 0, 0, sync_file_range_write)  # only a hint: its errors come back at fsync
+
+    return start
+
+
+_start_writeback = _writeback_starter()
+
+
 def _fsync_directory(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -193,10 +223,10 @@ class SpoolWriter:
 
     A message is kept in memory until it outgrows ``in_memory`` octets; only
     then is its file created in ``tmp/`` and the rest written there.  A small
-    message thus touches the disk only in :meth:`commit` (create, write,
-    fsync, rename, directory fsync), which the daemon runs in one thread-pool
-    job; its event loop never waits on the filesystem for it.  A failure to
-    store it (a full disk) surfaces there, as the same :class:`QueueError`.
+    message thus touches the disk only at its commit (create, write, fsync,
+    rename, directory fsync), which the daemon runs in its committer
+    thread; its event loop never waits on the filesystem for it.  A failure
+    to store it (a full disk) surfaces there, as the same :class:`QueueError`.
     """
 
     def __init__(self, spool: Spool, queue_id: str, envelope: Envelope, *, in_memory: int) -> None:
@@ -250,27 +280,32 @@ class SpoolWriter:
         if error is not None:
             raise error
 
-    def _store(self) -> None:
-        """Put the whole message on stable storage in tmp/.  Raises QueueError."""
-        pending, self._pending = self._pending, None
-        file, self._file = self._file, None
+    def _write_out(self) -> None:
+        """Write the whole message to its file and start it on its way to the disk.
+
+        Raises QueueError.  The writing-out of several messages committed
+        together thus overlaps, and their fsyncs (:meth:`_sync`) share one
+        journal commit instead of one each.
+        """
+        if self._file is None and self._pending is not None:
+            self._spill()
+        file = self._file
+        if file is None:
+            raise QueueError("message already closed")
         try:
-            if pending is not None:
-                # Still in memory: one write, with no buffer object in between.
-                fd = self._create()
-                try:
-                    view = memoryview(pending)
-                    while view:
-                        view = view[os.write(fd, view) :]
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            elif file is not None:
-                with file:
-                    file.flush()
-                    os.fsync(file.fileno())
-            else:
-                raise QueueError("message already closed")
+            file.flush()
+            _start_writeback(file.fileno())
+        except OSError as exc:
+            self.abort()
+            raise _error("cannot commit a queue file", exc) from exc
+
+    def _sync(self) -> None:
+        """Wait until the file is on stable storage, and close it.  Raises QueueError."""
+        file, self._file = self._file, None
+        assert file is not None
+        try:
+            with file:
+                os.fsync(file.fileno())
         except OSError as exc:
             self.abort()
             raise _error("cannot commit a queue file", exc) from exc
@@ -353,16 +388,25 @@ class Spool:
         the others are not held up by it.
         """
         results: list[QueueError | None] = []
-        moved: list[SpoolWriter] = []
         for writer in writers:
             assert isinstance(writer, SpoolWriter)
             try:
-                writer._store()
-                writer._move_to_queue()
+                writer._write_out()
             except QueueError as exc:
                 results.append(exc)
                 continue
             results.append(None)
+        moved: list[SpoolWriter] = []
+        for i, writer in enumerate(writers):
+            if results[i] is not None:
+                continue
+            assert isinstance(writer, SpoolWriter)
+            try:
+                writer._sync()
+                writer._move_to_queue()
+            except QueueError as exc:
+                results[i] = exc
+                continue
             moved.append(writer)
         if moved:
             try:
