@@ -186,21 +186,28 @@ class Daemon:
             loop.remove_reader(sock.fileno())
 
     def _accept(self, listener: socket.socket) -> None:
-        """Take the callers waiting on ``listener``, as many as there are slots."""
-        while self._free > 0:
-            try:
-                sock, address = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return  # another worker took it, or none is left
-            except OSError as exc:
-                log.error("accept failed: %s", exc)
-                # E.g. EMFILE: do not spin; look again in a while.
-                self._stop_accepting()
-                asyncio.get_running_loop().call_later(0.1, self._start_accepting)
-                return
-            self._free -= 1
-            self._serve(sock, address[0])
-        self._stop_accepting()
+        """Take one caller waiting on ``listener``.
+
+        One at a time: the listener stays readable while callers wait, so
+        the loop comes back for the next after its other work, and the
+        other workers, woken too, take their share.  A worker taking all
+        waiting callers at once served nine of ten clients arriving
+        together, on one core, while the other worker had one.
+        """
+        try:
+            sock, address = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return  # another worker took it
+        except OSError as exc:
+            log.error("accept failed: %s", exc)
+            # E.g. EMFILE: do not spin; look again in a while.
+            self._stop_accepting()
+            asyncio.get_running_loop().call_later(0.1, self._start_accepting)
+            return
+        self._free -= 1
+        if not self._free:
+            self._stop_accepting()
+        self._serve(sock, address[0])
 
     def _serve(self, sock: socket.socket, peer: str) -> None:
         ticket = self._admission.admit(peer, self.service.config.smtpd)
