@@ -36,6 +36,7 @@ log = logging.getLogger("mmdf_smtp.smtpd")
 # their SYNs dropped and retried.  A deeper backlog lets them simply wait.
 BACKLOG = 128
 GRACE_SECONDS = 30.0
+LOG_FLUSH_DELAY = 0.02  # seconds a log line may wait to share a write with others
 SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 
@@ -410,14 +411,14 @@ def _die_with(parent: int) -> None:
 
 
 class LoopBufferedStream:
-    """A log stream whose lines from the event loop go out once per loop pass.
+    """A log stream whose lines from the event loop go out together, every few ms.
 
     Two lines a message (the message's, the session's), each its own write
-    to a pipe, cost the loop as much as a reply to the client.  Lines
-    written on the loop are gathered and written together when the loop
-    has run its ready callbacks; under load that is one write for many
-    sessions, when idle it is at once.  A process killed with SIGKILL loses
-    the lines of that one pass.  Lines from other threads go straight out.
+    to a pipe that wakes its reader, cost the loop as much as a reply to
+    the client.  Lines written on the loop are gathered and written at most
+    :data:`LOG_FLUSH_DELAY` later, in one write; a process killed with
+    SIGKILL loses those of the last moment.  Lines from other threads go
+    straight out.
     """
 
     def __init__(self, stream: TextIO, loop: asyncio.AbstractEventLoop) -> None:
@@ -432,7 +433,7 @@ class LoopBufferedStream:
             self.stream.flush()
         else:
             if not self._lines:
-                self._loop.call_soon(self.flush_lines)
+                self._loop.call_later(LOG_FLUSH_DELAY, self.flush_lines)
             self._lines.append(text)
         return len(text)
 
