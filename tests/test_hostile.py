@@ -21,7 +21,7 @@ import ssl
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -32,6 +32,7 @@ from driver import SMUGGLED_ENDS
 from mmdf_smtp.daemon import Daemon as Server
 from mmdf_smtp.daemon import bind
 from mmdf_smtp.protocol import Event, MailFrom, MessageComplete
+from mmdf_smtp.queue import MessageWriter, QueueError
 from mmdf_smtp.queue.spool import Spool
 from mmdf_smtp.service import Peer, Service
 from mmdf_smtp.session import Session
@@ -545,6 +546,54 @@ def test_a_session_that_raises_loses_only_itself(
     assert failure.exc_info is not None and "injected failure" in str(failure.exc_info[1])
     subjects = sorted(body_of(stored(config, m["id"])).split(b"\r\n")[0] for m in queued(config))
     assert subjects == [b"Subject: after", b"Subject: in-flight"]
+    assert os.listdir(tmp_path / "spool" / "tmp") == []
+
+
+def test_a_commit_that_raises_in_the_daemon_says_421_and_keeps_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The committer thread's unexpected error: 421 for that message, the next one queued."""
+    config = write_config(tmp_path)
+    service = Service.load(str(config), ["local"], finicky=False)
+    listeners = bind(["127.0.0.1:0"])
+    port = listeners[0].getsockname()[1]
+    commit_all = Spool.commit_all
+    calls: list[int] = []
+
+    def failing(self: Spool, writers: Sequence[MessageWriter]) -> list[QueueError | None]:
+        calls.append(len(writers))
+        if len(calls) == 1:  # the first client's message
+            raise RuntimeError("injected failure")
+        return commit_all(self, writers)
+
+    monkeypatch.setattr(Spool, "commit_all", failing)
+
+    async def client(body: bytes) -> list[bytes]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(ENVELOPE + b"DATA\r\n" + body + b".\r\nQUIT\r\n")
+        data = await reader.read()
+        writer.close()
+        return finals(data)
+
+    async def main() -> tuple[list[bytes], list[bytes]]:
+        running = asyncio.create_task(Server(service, listeners, config_path=str(config)).run())
+        failed = await client(b"Subject: boom\r\n\r\nx\r\n")
+        after = await client(b"Subject: after\r\n\r\nx\r\n")
+        os.kill(os.getpid(), signal.SIGTERM)
+        await running
+        return failed, after
+
+    with caplog.at_level(logging.INFO, logger="mmdf_smtp"):
+        failed, after = asyncio.run(main())
+    assert failed[-2:] == [
+        b"354 Start mail input; end with <CRLF>.<CRLF>",
+        b"421 4.3.0 Local error in processing, closing transmission channel",
+    ]
+    assert after[-2].startswith(QUEUED) and after[-1] == CLOSING
+    [failure] = [r for r in caplog.records if "session failed" in r.getMessage()]
+    assert failure.exc_info is not None and "injected failure" in str(failure.exc_info[1])
+    subjects = [body_of(stored(config, m["id"])).split(b"\r\n")[0] for m in queued(config)]
+    assert subjects == [b"Subject: after"]
     assert os.listdir(tmp_path / "spool" / "tmp") == []
 
 

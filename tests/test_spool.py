@@ -417,3 +417,64 @@ def test_a_failed_directory_sync_fails_its_commit_and_the_next_one_syncs_again(
     committed.commit()
     assert calls == [spool.queue, spool.queue]
     assert spool.ids() == [committed.id] and os.listdir(spool.tmp) == []
+
+
+def test_commit_all_isolates_a_failing_message_and_syncs_queue_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = Spool(tmp_path, in_memory=IN_MEMORY)
+    writers = [spool.open(ENVELOPE) for _ in range(3)]
+    for i, writer in enumerate(writers):
+        writer.write(b"message %d\r\n" % i)
+    doomed = writers[1].id
+    real_fsync = os.fsync
+    events: list[str] = []
+
+    def fsync(fd: int) -> None:
+        name = os.readlink(f"/proc/self/fd/{fd}").rsplit("/", 1)[1]
+        events.append(f"fsync {name}")
+        if name == doomed:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    def fsync_directory(path: Path) -> None:
+        events.append(f"sync {path.name}")
+
+    def start_writeback(fd: int) -> None:
+        events.append("write-out " + os.readlink(f"/proc/self/fd/{fd}").rsplit("/", 1)[1])
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(spool_module, "_fsync_directory", fsync_directory)
+    monkeypatch.setattr(spool_module, "_start_writeback", start_writeback)
+    results = spool.commit_all(writers)
+
+    assert results[0] is None and results[2] is None
+    assert isinstance(results[1], QueueError) and results[1].full is True
+    ids = [writer.id for writer in writers]
+    # Every file is on its way to the disk before the first fsync; one directory sync.
+    assert events == [
+        *(f"write-out {i}" for i in ids),
+        *(f"fsync {i}" for i in ids),
+        "sync queue",
+    ]
+    assert spool.ids() == sorted([ids[0], ids[2]]) and os.listdir(spool.tmp) == []
+    for i in (0, 2):
+        with spool.open_message(ids[i]) as stored:
+            assert stored.read() == b"message %d\r\n" % i
+    writers[0].abort()  # once queued, a message is not the writer's to take back
+    assert spool.ids() == sorted([ids[0], ids[2]])
+
+
+def test_commit_all_takes_every_message_back_out_when_the_directory_sync_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = Spool(tmp_path)
+    writers = [spool.open(ENVELOPE) for _ in range(2)]
+
+    def failing(path: Path) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(spool_module, "_fsync_directory", failing)
+    results = spool.commit_all(writers)
+    assert all(isinstance(result, QueueError) and not result.full for result in results)
+    assert spool.ids() == [] and os.listdir(spool.tmp) == []

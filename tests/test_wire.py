@@ -222,6 +222,34 @@ def test_raw_smuggling_attempt_is_refused(server: Daemon) -> None:
         find(server, b"smuggled-body")
 
 
+def test_a_client_that_half_closes_after_its_commands_gets_every_reply(
+    server: Daemon,
+) -> None:
+    """The whole session in one write, then shutdown(SHUT_WR): the 250 comes after the EOF."""
+    with server.connect() as sock:
+        recv_reply(sock)
+        sock.sendall(
+            b"EHLO c\r\nMAIL FROM:<a@example.net>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n"
+            b"Subject: half-closed\r\n\r\nsent before the EOF\r\n.\r\nQUIT\r\n"
+        )
+        sock.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+        finals = [line for line in data.split(b"\r\n") if len(line) > 3 and line[3:4] == b" "]
+    assert finals[-5:-2] == [
+        b"250 2.1.0 Sender OK",
+        b"250 2.1.5 Recipient OK",
+        b"354 Start mail input; end with <CRLF>.<CRLF>",
+    ]
+    assert finals[-2].startswith(b"250 2.0.0 Submitted & queued")
+    assert finals[-1].startswith(b"221 2.0.0 ")
+    message = find(server, b"sent before the EOF")
+    assert body_of(stored(server.config, str(message["id"]))) == (
+        b"Subject: half-closed\r\n\r\nsent before the EOF\r\n"
+    )
+
+
 def test_bdat_on_a_socket(server: Daemon) -> None:
     body = b"Subject: bdat\r\n\r\nchunked body\r\n"
     with server.connect() as sock:

@@ -317,6 +317,7 @@ class SessionProtocol(asyncio.Protocol):
         self._held = False
         if result is not None and not isinstance(result, QueueError):
             log.error("session failed", exc_info=result)
+            writer.abort()
             self._say_goodbye()
             self._close()
             return
