@@ -443,17 +443,26 @@ def test_commit_all_isolates_a_failing_message_and_syncs_queue_once(
     def start_writeback(fd: int) -> None:
         events.append("write-out " + os.readlink(f"/proc/self/fd/{fd}").rsplit("/", 1)[1])
 
+    real_rename = os.rename
+
+    def rename(source: Path, target: Path) -> None:
+        events.append(f"rename {Path(target).name}")
+        real_rename(source, target)
+
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(spool_module, "_fsync_directory", fsync_directory)
     monkeypatch.setattr(spool_module, "_start_writeback", start_writeback)
+    monkeypatch.setattr(os, "rename", rename)
     results = spool.commit_all(writers)
 
     assert results[0] is None and results[2] is None
     assert isinstance(results[1], QueueError) and results[1].full is True
     ids = [writer.id for writer in writers]
-    # Every file is on its way to the disk before the first fsync; one directory sync.
+    # Every file on its way to the disk, and renamed, before the first fsync
+    # (one journal commit for all); one directory sync.
     assert events == [
         *(f"write-out {i}" for i in ids),
+        *(f"rename {i}" for i in ids),
         *(f"fsync {i}" for i in ids),
         "sync queue",
     ]
@@ -478,3 +487,31 @@ def test_commit_all_takes_every_message_back_out_when_the_directory_sync_fails(
     results = spool.commit_all(writers)
     assert all(isinstance(result, QueueError) and not result.full for result in results)
     assert spool.ids() == [] and os.listdir(spool.tmp) == []
+
+
+def test_a_message_still_being_committed_is_not_queued_until_recovery(tmp_path: Path) -> None:
+    """A crash between the rename into queue/ and the queued mode: whole, so kept."""
+    spool = Spool(tmp_path)
+    spool.prepare()
+    dead = subprocess.Popen(["true"])  # a pid that no longer runs
+    dead.wait()
+    written = spool.open(ENVELOPE)
+    written.write(b"Subject: cut short\r\n\r\nwhole\r\n")
+    written.commit()
+    # The same file as a writer of a dead process leaves it after the rename.
+    data = (spool.queue / written.id).read_bytes()
+    os.unlink(spool.queue / written.id)
+    orphan = written.id[:14] + f"{dead.pid & 0xFFFFFFF:07x}" + written.id[21:]
+    live = written.id[:14] + f"{os.getppid() & 0xFFFFFFF:07x}" + written.id[21:]
+    for name in (orphan, live):
+        (spool.queue / name).write_bytes(data)
+        os.chmod(spool.queue / name, spool_module.COMMITTING)
+    assert spool.ids() == [] and list(spool.messages()) == []
+    with pytest.raises(KeyError):
+        spool.open_message(orphan)
+    assert spool.recover() == []
+    assert spool.ids() == [orphan]  # the live writer's is still its own
+    [message] = list(spool.messages())
+    assert message.envelope == ENVELOPE
+    with spool.open_message(orphan) as stored:
+        assert stored.read() == b"Subject: cut short\r\n\r\nwhole\r\n"

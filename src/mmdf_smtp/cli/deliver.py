@@ -189,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         print("deliver: asked the running deliver for a pass", file=sys.stderr)
         return EX_OK
     try:
+        # A crashed smtpd's messages whose commit was cut short: deliverable now.
+        spool.recover()
         removed = spool.forget_orphans()
         if removed:
             log.info("removed %d delivery states of messages no longer queued", len(removed))

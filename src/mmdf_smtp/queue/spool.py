@@ -12,17 +12,20 @@ received (dot-unstuffed, CRLF line ends, our Received header first).  The
 envelope is whole before the content starts, so one file holds both and
 one rename commits them together.
 
-Commit: the file is fsynced, renamed from ``tmp/`` into ``queue/`` (the
-commit point), and ``queue/`` is fsynced.  A crash before the rename
-leaves only a file in ``tmp/``, which :meth:`Spool.recover` removes; after
-the directory fsync the message is on stable storage.  A message is never
-partial (it reaches ``queue/`` whole) and never twice (a rename moves it).
+Commit: the file, created unreadable (mode :data:`COMMITTING`), is
+written out to the disk, renamed from ``tmp/`` into ``queue/``, fsynced,
+and ``queue/`` is fsynced; then it gets its readable mode
+(:data:`QUEUED`), and only then is it answered 250 and seen by deliver.
+A crash before the rename leaves only a file in ``tmp/``, which
+:meth:`Spool.recover` removes; a name in ``queue/`` always has the whole
+file behind it (the rename comes after the write-out), and recovery makes
+one left unreadable deliverable.  A message is never partial and never
+twice (a rename moves it).
 smtpd's sessions hold a message of up to :data:`IN_MEMORY` octets in
 memory and create its file only at the commit.  Group commit: messages
-committed together (:meth:`Spool.commit_all`) are all written out before
-the first fsync, so that one journal commit carries them, and share one
-fsync of ``queue/``; threads committing at once share it too
-(:meth:`Spool.sync_queue`).
+committed together (:meth:`Spool.commit_all`) share one journal commit
+and one fsync of ``queue/``; threads committing at once share the
+latter too (:meth:`Spool.sync_queue`).
 
 The delivery state is JSON, replaced whole (temporary file, fsync, rename,
 fsync of ``state/``).  A finished message is removed file first, state
@@ -46,6 +49,7 @@ import logging
 import os
 import re
 import socket
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -64,6 +68,10 @@ _BUFFER = 256 * 1024
 # (envelope included): a smaller one is written whole at its commit.
 IN_MEMORY = 64 * 1024
 _FULL = (errno.ENOSPC, errno.EDQUOT)
+# A message file's mode says whether it is queued: one being committed is
+# not readable, so deliver and checkque pass it by (Spool.ids).
+COMMITTING = 0o200
+QUEUED = 0o600
 _FIELDS = fields(Envelope)
 TRIGGER = "deliver.sock"
 POKE = b"."  # a message was queued
@@ -184,30 +192,46 @@ def _error(action: str, exc: OSError) -> QueueError:
     return QueueError(f"{action}: {exc.strerror or exc}", full=exc.errno in _FULL)
 
 
-def _writeback_starter() -> Callable[[int], None]:
-    """Linux's sync_file_range(2) with SYNC_FILE_RANGE_WRITE, where there is one.
-
-    It starts the write-out of a file's dirty pages without waiting.  Done
-    for every file of a group commit before the first fsync, it lets that
-    fsync's journal commit carry the block allocations of all of them
-    (ext4 allocates at write-out), so the later fsyncs find little to do.
-    Elsewhere each fsync simply does it all.
-    """
+def _sync_file_range() -> Callable[[int, int], int] | None:
+    """Linux's sync_file_range(2), where there is one."""
     try:
         call = ctypes.CDLL(None, use_errno=True).sync_file_range
     except (OSError, AttributeError):
-        return lambda fd: None
+        return None
     call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
     call.restype = ctypes.c_int
-    sync_file_range_write = 2
-
-    def start(fd: int) -> None:
-        call(fd, 0, 0, sync_file_range_write)  # only a hint: its errors come back at fsync
-
-    return start
+    return lambda fd, flags: int(call(fd, 0, 0, flags))
 
 
-_start_writeback = _writeback_starter()
+_SYNC_FILE_RANGE = _sync_file_range()
+_WRITE = 2  # SYNC_FILE_RANGE_WRITE
+_WRITE_AND_WAIT = 7  # SYNC_FILE_RANGE_WAIT_BEFORE | _WRITE | _WAIT_AFTER
+
+
+def _start_writeback(fd: int) -> None:
+    """Start writing a file's dirty pages out, without waiting.
+
+    Done for every file of a group commit first, so that the disk takes
+    them together and the block allocations (ext4 allocates at write-out)
+    all fall in one journal commit.  Only a hint: errors come back later.
+    """
+    if _SYNC_FILE_RANGE is not None:
+        _SYNC_FILE_RANGE(fd, _WRITE)
+
+
+def _wait_for_writeback(fd: int) -> None:
+    """Return once a file's octets have reached the disk (maybe its cache).  Raises OSError.
+
+    Before the rename into queue/: a journal commit that carries the
+    rename then also carries the file's size and blocks, and flushes the
+    disk's cache before it, so a crash never shows the name with less than
+    the whole file.  Without sync_file_range, fsync does it (and more).
+    """
+    if _SYNC_FILE_RANGE is None:
+        os.fsync(fd)
+    elif _SYNC_FILE_RANGE(fd, _WRITE_AND_WAIT) < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
 
 
 def _fsync_directory(path: Path) -> None:
@@ -271,7 +295,7 @@ class SpoolWriter:
             raise _error("cannot create a queue file", exc) from exc
 
     def _create(self) -> int:
-        fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, COMMITTING)
         self._created = True
         return fd
 
@@ -298,6 +322,24 @@ class SpoolWriter:
         except OSError as exc:
             self.abort()
             raise _error("cannot commit a queue file", exc) from exc
+
+    def _settle(self) -> None:
+        """Wait until the file's octets are on the disk.  Raises QueueError."""
+        assert self._file is not None
+        try:
+            _wait_for_writeback(self._file.fileno())
+        except OSError as exc:
+            self.abort()
+            raise _error("cannot commit a queue file", exc) from exc
+
+    def _publish(self) -> None:
+        """Durable in queue/: let deliver see it.  Raises QueueError."""
+        try:
+            os.chmod(self._path, QUEUED)
+        except OSError as exc:
+            self.abort()
+            raise _error("cannot commit a queue file", exc) from exc
+        self._created = False  # queued for good: abort() must not touch it
 
     def _sync(self) -> None:
         """Wait until the file is on stable storage, and close it.  Raises QueueError."""
@@ -382,10 +424,20 @@ class Spool:
     def commit_all(self, writers: Sequence[MessageWriter]) -> list[QueueError | None]:
         """Commit several messages together; for each, None or why it failed.
 
-        Each file is written and fsynced in tmp/ and renamed into queue/;
-        then one fsync of queue/ makes all the renames durable, and one
-        poke tells deliver.  A message that fails is taken back out, and
-        the others are not held up by it.
+        The order costs the disk one journal commit for the lot, where
+        fsync-then-rename cost two (the data's, then the rename's):
+
+        1. every file is written out, and the write-out of all started;
+        2. once each file's octets are on the disk, it is renamed into
+           queue/, still in the mode that keeps deliver off it;
+        3. each file is fsynced (the first fsync's journal commit carries
+           the others and the renames) and queue/ is fsynced once;
+        4. each file gets its queued mode, and deliver one poke.
+
+        A crash leaves a name in queue/ only with the whole file behind it
+        (step 2); one still in its committing mode is finished by
+        :meth:`recover`.  A message that fails is taken back out, and the
+        others are not held up by it.
         """
         results: list[QueueError | None] = []
         for writer in writers:
@@ -396,31 +448,41 @@ class Spool:
                 results.append(exc)
                 continue
             results.append(None)
-        moved: list[SpoolWriter] = []
+        moved: dict[int, SpoolWriter] = {}
         for i, writer in enumerate(writers):
             if results[i] is not None:
                 continue
             assert isinstance(writer, SpoolWriter)
             try:
-                writer._sync()
+                writer._settle()
                 writer._move_to_queue()
             except QueueError as exc:
                 results[i] = exc
                 continue
-            moved.append(writer)
-        if moved:
+            moved[i] = writer
+        for i, writer in list(moved.items()):
             try:
-                self.sync_queue()
-            except OSError as exc:
-                # Renamed but maybe not durable: saying 250 would be a lie, and
-                # the client will send again, so take the messages back out.
-                error = _error("cannot sync the queue directory", exc)
-                for writer in moved:
-                    writer.abort()
-                return [error if result is None else result for result in results]
-            for writer in moved:
-                writer._created = False  # queued for good: abort() must not touch it
-            self.poke()
+                writer._sync()
+            except QueueError as exc:
+                results[i] = exc
+                del moved[i]
+        if not moved:
+            return results
+        try:
+            self.sync_queue()
+        except OSError as exc:
+            # Renamed but maybe not durable: saying 250 would be a lie, and
+            # the client will send again, so take the messages back out.
+            error = _error("cannot sync the queue directory", exc)
+            for writer in moved.values():
+                writer.abort()
+            return [error if result is None else result for result in results]
+        for i, writer in moved.items():
+            try:
+                writer._publish()
+            except QueueError as exc:
+                results[i] = exc
+        self.poke()
         return results
 
     def sync_queue(self) -> None:
@@ -464,17 +526,20 @@ class Spool:
         return SpoolWriter(self, self.new_id(), envelope, in_memory=self.in_memory)
 
     def recover(self) -> list[str]:
-        """Remove what crashed writers left in tmp/; return the ids removed.
+        """Clean up after crashed writers; return the ids removed from tmp/.
 
         A file belongs to the process whose pid is in its id; while that
         process lives the file may still be written.  Files of this process
         are stale too, as recovery runs before any message is received.
+        What crashed writers left in tmp/ is removed.  A message in queue/
+        still in its committing mode is whole (it was renamed only once
+        written) and may have had its 250: it is made deliverable.
         """
         removed: list[str] = []
         try:
             names = os.listdir(self.tmp)
         except FileNotFoundError:
-            return removed
+            names = []
         for name in names:
             if _ID.fullmatch(name) and _alive(int(name[14:21], 16)):
                 continue
@@ -483,13 +548,36 @@ class Spool:
             except FileNotFoundError:
                 continue
             removed.append(name)
+        finished = 0
+        for name in self._names(committing=True):
+            if not _alive(int(name[14:21], 16)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.chmod(self.queue / name, QUEUED)
+                    finished += 1
+        if finished:
+            log.info("made %d messages whose commit a crash cut short deliverable", finished)
         return removed
 
     def ids(self) -> list[str]:
+        """The queued messages' ids, in arrival order; not those being committed."""
+        return sorted(self._names(committing=False))
+
+    def _names(self, *, committing: bool) -> list[str]:
+        found = []
         try:
-            return sorted(n for n in os.listdir(self.queue) if _ID.fullmatch(n))
+            with os.scandir(self.queue) as entries:
+                for entry in entries:
+                    if not _ID.fullmatch(entry.name):
+                        continue
+                    try:
+                        readable = bool(entry.stat().st_mode & stat.S_IRUSR)
+                    except FileNotFoundError:
+                        continue
+                    if readable != committing:
+                        found.append(entry.name)
         except FileNotFoundError:
-            return []
+            pass
+        return found
 
     def messages(self) -> Iterator[QueuedMessage]:
         """The queued messages in arrival order.
@@ -515,7 +603,7 @@ class Spool:
         try:
             with open(self.queue / queue_id, "rb") as file:
                 return envelope_from_json(file.readline())
-        except FileNotFoundError:
+        except (FileNotFoundError, PermissionError):  # gone, or still being committed
             raise KeyError(queue_id) from None
 
     def read_state(self, queue_id: str) -> DeliveryState | None:
@@ -619,8 +707,11 @@ class Spool:
             raise KeyError(queue_id)
         try:
             file = open(self.queue / queue_id, "rb")  # noqa: SIM115 - returned to the caller
-        except FileNotFoundError:
+        except (FileNotFoundError, PermissionError):
             raise KeyError(queue_id) from None
+        if not os.fstat(file.fileno()).st_mode & stat.S_IRUSR:  # still being committed
+            file.close()
+            raise KeyError(queue_id)
         file.readline()
         return file
 
