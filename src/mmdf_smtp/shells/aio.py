@@ -133,7 +133,8 @@ class SessionProtocol(asyncio.Protocol):
         self._early = bytearray()  # octets sent before the session was set up
         self._eof = False
         self._held = False  # waiting for a thread, a timer or the TLS handshake
-        self._hold: asyncio.TimerHandle | None = None  # the tarpit's delay or the drain wait
+        self._delay: asyncio.TimerHandle | None = None  # the tarpit holding replies back
+        self._drain: asyncio.TimerHandle | None = None  # waiting for a client to read
         self._writable = True
         self._reading_paused = False
         self._stopping = False
@@ -185,11 +186,8 @@ class SessionProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._writable = True
-        if self._hold is not None:
-            # Nobody is left to wait for, nor to hold replies back from.
-            self._hold.cancel()
-            self._hold = None
-            self._held = False
+        # Nobody is left to wait for, nor to hold replies back from.
+        self._stop_holding()
         self._end_of_input()
 
     def pause_writing(self) -> None:
@@ -197,8 +195,9 @@ class SessionProtocol(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._writable = True
-        if self._hold is not None and self._session is not None:
-            self._release()
+        if self._drain is not None:
+            self._stop_holding()
+            self._pump()
 
     # -- control ------------------------------------------------------------
 
@@ -340,12 +339,12 @@ class SessionProtocol(asyncio.Protocol):
         if delay:
             # The tarpit: the replies go out later, and nothing is read meanwhile.
             self._held = True
-            self._hold = self._loop.call_later(delay, self._write_held, session, data)
+            self._delay = self._loop.call_later(delay, self._write_held, session, data)
             return False
         return self._write(session, data)
 
     def _write_held(self, session: Session, data: bytes) -> None:
-        self._hold = None
+        self._delay = None
         self._held = False
         if self._write(session, data):
             self._pump()
@@ -363,19 +362,19 @@ class SessionProtocol(asyncio.Protocol):
         # as long as it would be given to send a command.
         self._held = True
         timeout = session.connection.limits.command_timeout
-        self._hold = self._loop.call_later(timeout, self._not_drained)
+        self._drain = self._loop.call_later(timeout, self._not_drained)
         return False
 
-    def _release(self) -> None:
-        """The transport drained: the session goes on."""
-        assert self._hold is not None
-        self._hold.cancel()
-        self._hold = None
-        self._held = False
-        self._pump()
+    def _stop_holding(self) -> None:
+        """End the tarpit's delay or the drain wait, whichever holds the session."""
+        for timer in (self._delay, self._drain):
+            if timer is not None:
+                timer.cancel()
+                self._held = False
+        self._delay = self._drain = None
 
     def _not_drained(self) -> None:
-        self._hold = None
+        self._drain = None
         self._held = False
         if self._transport is not None:
             self._transport.abort()  # connection_lost follows and ends the session
