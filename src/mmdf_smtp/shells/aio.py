@@ -29,7 +29,7 @@ import ssl
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, cast
+from typing import cast
 
 from ..protocol import NEED_DATA, ConnectionClosed, MessageComplete, Signal, StartTLS, replies
 from ..queue import MessageWriter, Queue, QueueError
@@ -112,9 +112,6 @@ class Committer:
             done(result)
 
 
-_Callback = Callable[[Future[Any]], None]
-
-
 class SessionProtocol(asyncio.Protocol):
     """One client connection.  ``on_end`` is called once, when the session is over."""
 
@@ -161,7 +158,8 @@ class SessionProtocol(asyncio.Protocol):
             return
         self._held = True
         future = LOOKUPS.submit(service.session, peer)
-        future.add_done_callback(self._from_thread(self._identified))
+        loop = self._loop
+        future.add_done_callback(lambda done: loop.call_soon_threadsafe(self._identified, done))
 
     def data_received(self, data: bytes) -> None:
         session = self._session
@@ -221,15 +219,6 @@ class SessionProtocol(asyncio.Protocol):
         address = parse_address(peername[0]) if peername else None
         local = parse_address(sockname[0]) if sockname else None
         return Peer(address, local, None)
-
-    def _from_thread(self, callback: _Callback) -> _Callback:
-        """A done callback for a thread's future that runs ``callback`` on the loop."""
-        loop = self._loop
-
-        def done(future: Future[Any]) -> None:
-            loop.call_soon_threadsafe(callback, future)
-
-        return done
 
     def _identified(self, future: Future[Session]) -> None:
         self._held = False
