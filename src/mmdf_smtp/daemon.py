@@ -88,9 +88,9 @@ class Daemon:
     """One process's event loop: accepts within its share of the limits.
 
     Accepting is driven by the listening sockets' readiness, with no task
-    per listener or per session: while the worker has a free slot it
-    accepts every caller waiting, and with none it stops watching the
-    listeners until a session ends, so that callers wait in the backlog.
+    per listener or per session: while the worker has a free slot it takes
+    callers one a callback, and with none it stops watching the listeners
+    until a session ends, so that callers wait in the backlog.
     """
 
     def __init__(

@@ -247,8 +247,8 @@ class SpoolWriter:
 
     A message is kept in memory until it outgrows ``in_memory`` octets; only
     then is its file created in ``tmp/`` and the rest written there.  A small
-    message thus touches the disk only at its commit (create, write, fsync,
-    rename, directory fsync), which the daemon runs in its committer
+    message thus touches the disk only at its commit (see
+    :meth:`Spool.commit_all`), which the daemon runs in a committer
     thread; its event loop never waits on the filesystem for it.  A failure
     to store it (a full disk) surfaces there, as the same :class:`QueueError`.
     """
