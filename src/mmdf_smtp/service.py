@@ -51,6 +51,11 @@ def parse_address(text: str) -> IPAddress | None:
     return address
 
 
+@functools.lru_cache(maxsize=4096)
+def _address_text(address: IPAddress) -> str:
+    return str(address)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Service:
     config: Config
@@ -110,7 +115,7 @@ class Service:
         )
         if who is None:
             return None
-        address = str(peer.address) if peer.address is not None else ""
+        address = _address_text(peer.address) if peer.address is not None else ""
         host = who.client_name or peer.name or (address_literal(address) if address else "unknown")
         return Session(
             hostname=self.hostname,

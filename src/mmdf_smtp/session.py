@@ -12,6 +12,7 @@ thread together with others that ended meanwhile, and answers with
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import time
@@ -50,6 +51,11 @@ class Client:
 
     host: str  # a name, or an address literal such as "[192.0.2.7]"
     address: str  # "" when unknown (a pipe)
+
+
+@functools.lru_cache(maxsize=4)  # messages come many a second
+def _date_text(now: datetime) -> str:
+    return format_datetime(now)
 
 
 def address_literal(address: str) -> str:
@@ -97,8 +103,8 @@ class Session:
         if refusal is not None:
             return refusal
         if self.channel is None:
-            return replies.NO_SERVICE.with_text(f"{self.hostname} No SMTP service here")
-        return replies.GREETING.with_text(f"{self.hostname} Server SMTP ready")
+            return replies.NO_SERVICE.with_fixed_text(f"{self.hostname} No SMTP service here")
+        return replies.GREETING.with_fixed_text(f"{self.hostname} Server SMTP ready")
 
     @property
     def queue(self) -> Queue:
@@ -116,7 +122,7 @@ class Session:
         conn = self.connection
         match event:
             case Hello():
-                conn.send(replies.HELLO.with_text(f"{self.hostname} Hello {event.name}"))
+                conn.send(replies.HELLO.with_fixed_text(f"{self.hostname} Hello {event.name}"))
             case MailFrom():
                 self._recipients.clear()
                 conn.send(replies.SENDER_OK)
@@ -272,7 +278,7 @@ class Session:
             by += f" (using {self.tls})"
         lines.append(by)
         lines.append(f"\twith {protocol} id {queue_id}")
-        date = format_datetime(now)
+        date = _date_text(now.replace(microsecond=0))
         if len(self._recipients) == 1:
             lines.append(f"\tfor <{self._recipients[0]}>; {date}")
         else:

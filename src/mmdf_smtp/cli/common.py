@@ -92,6 +92,11 @@ def setup_logging(program: str, *, debug: bool, target: str = "stderr") -> None:
     On stderr lines read ``program(pid): text``, as the seed's debug output
     did; to syslog they go as ``program[pid]: text`` with facility mail.
     """
+    # The formats use no caller, thread or process name; finding the caller
+    # walks the stack once a line (the logging HOWTO, "Optimization").
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logMultiprocessing = False
     root = logging.getLogger("mmdf_smtp")
     root.handlers.clear()
     root.setLevel(logging.DEBUG if debug else logging.INFO)

@@ -31,6 +31,7 @@ States::
 from __future__ import annotations
 
 import enum
+import functools
 from collections import deque
 from dataclasses import dataclass
 from typing import Literal
@@ -91,6 +92,12 @@ class Timer:
 
 
 _EHLO_KEYWORDS_BEFORE_TLS = ("STARTTLS",)
+
+
+@functools.lru_cache(maxsize=1024)  # a client says the same EHLO each time it comes
+def _ehlo_reply(text: str, keywords: tuple[str, ...]) -> Reply:
+    # RFC 2034 3: no enhanced codes on the EHLO response itself.
+    return Reply(code=250, enhanced="", text="\n".join((text, *keywords)))
 
 
 class ServerConnection:
@@ -419,7 +426,7 @@ class ServerConnection:
             raise GrammarError(replies.NO_ARGUMENTS_ALLOWED)
 
     def _quit(self) -> None:
-        self._write(replies.CLOSING.with_text(f"{self.hostname} closing connection"))
+        self._write(replies.CLOSING.with_fixed_text(f"{self.hostname} closing connection"))
         self._clean_close = True
         self._close()
 
@@ -435,9 +442,7 @@ class ServerConnection:
         if not self.esmtp:
             self._write(reply)
             return
-        # RFC 2034 3: no enhanced codes on the EHLO response itself.
-        lines = [reply.text, *self.extensions()]
-        self._write(Reply(code=250, enhanced="", text="\n".join(lines)))
+        self._write(_ehlo_reply(reply.text, tuple(self.extensions())))
 
     def extensions(self) -> list[str]:
         """The EHLO keywords this session offers now."""

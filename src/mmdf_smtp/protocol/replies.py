@@ -8,6 +8,7 @@ strings inline: callers pick a constant here, or build one with
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 
@@ -22,7 +23,12 @@ class Reply:
 
     def __post_init__(self) -> None:
         # Reply text is ours, but a UTF-8 host name may appear in it (RFC 6531).
-        wire = "".join(line + "\r\n" for line in self.lines()).encode()
+        if "\n" in self.text:
+            wire = "".join(line + "\r\n" for line in self.lines()).encode()
+        elif self.enhanced:
+            wire = f"{self.code} {self.enhanced} {self.text}\r\n".encode()
+        else:
+            wire = f"{self.code} {self.text}\r\n".encode()
         object.__setattr__(self, "_wire", wire)
 
     @property
@@ -32,6 +38,10 @@ class Reply:
 
     def with_text(self, text: str) -> Reply:
         return Reply(code=self.code, enhanced=self.enhanced, text=text)
+
+    def with_fixed_text(self, text: str) -> Reply:
+        """:meth:`with_text` for a text that comes again and again (a host name's)."""
+        return _with_fixed_text(self, text)
 
     def lines(self) -> list[str]:
         """The reply as text lines, without line ends.
@@ -47,6 +57,11 @@ class Reply:
 
     def to_bytes(self) -> bytes:
         return self._wire
+
+
+@functools.lru_cache(maxsize=1024)
+def _with_fixed_text(reply: Reply, text: str) -> Reply:
+    return reply.with_text(text)
 
 
 def _r(code: int, enhanced: str, text: str) -> Reply:

@@ -89,7 +89,11 @@ def envelope_to_json(envelope: Envelope) -> bytes:
     data: dict[str, Any] = {field.name: getattr(envelope, field.name) for field in _FIELDS}
     data["recipients"] = list(envelope.recipients)
     data["received"] = envelope.received.isoformat()
-    return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+    return _ENVELOPE_ENCODER.encode(data).encode() + b"\n"
+
+
+# One encoder for all: json.dumps with options makes a new one each call.
+_ENVELOPE_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 
 def envelope_from_json(line: bytes) -> Envelope:
