@@ -135,10 +135,8 @@ def measure(server: Server, case: Case) -> Measurement:
         except (LoadError, OSError, TimeoutError) as exc:
             error = f"{type(exc).__name__}: {exc}"
     server.settle()
-    # Removing a case's messages is the filesystem's work for a while after
-    # (the root filesystem here is mounted with `discard`: freed blocks are
-    # trimmed at the next journal commits); done now, it does not slow down
-    # whichever server's fsyncs come next.
+    # What a case wrote (and Postfix removed) is the filesystem's work for a
+    # while after; done now, it does not slow down whichever server comes next.
     os.sync()
     p50 = percentile(run.latencies, 0.5) if run.latencies else None
     p99 = percentile(run.latencies, 0.99) if run.latencies else None
