@@ -18,7 +18,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
 from .config import ChannelConfig
@@ -54,7 +54,9 @@ class Client:
 
 
 @functools.lru_cache(maxsize=4)  # messages come many a second
-def _date_text(now: datetime) -> str:
+def _date_text(now: datetime, offset: timedelta | None) -> str:
+    # The offset is part of the key: equal instants compare equal across
+    # zones, and each is written in its own.
     return format_datetime(now)
 
 
@@ -278,7 +280,7 @@ class Session:
             by += f" (using {self.tls})"
         lines.append(by)
         lines.append(f"\twith {protocol} id {queue_id}")
-        date = _date_text(now.replace(microsecond=0))
+        date = _date_text(now.replace(microsecond=0), now.utcoffset())
         if len(self._recipients) == 1:
             lines.append(f"\tfor <{self._recipients[0]}>; {date}")
         else:
