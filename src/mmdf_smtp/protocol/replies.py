@@ -23,13 +23,8 @@ class Reply:
 
     def __post_init__(self) -> None:
         # Reply text is ours, but a UTF-8 host name may appear in it (RFC 6531).
-        if "\n" in self.text:
-            wire = "".join(line + "\r\n" for line in self.lines()).encode()
-        elif self.enhanced:
-            wire = f"{self.code} {self.enhanced} {self.text}\r\n".encode()
-        else:
-            wire = f"{self.code} {self.text}\r\n".encode()
-        object.__setattr__(self, "_wire", wire)
+        text = "\r\n".join(self.lines()) if "\n" in self.text else self._line(" ", self.text)
+        object.__setattr__(self, "_wire", (text + "\r\n").encode())
 
     @property
     def is_positive(self) -> bool:
@@ -51,9 +46,12 @@ class Reply:
         clients too: they are harmless text to a client that ignores them.
         """
         texts = self.text.split("\n")
-        prefix = f"{self.enhanced} " if self.enhanced else ""
         last = len(texts) - 1
-        return [f"{self.code}{' ' if i == last else '-'}{prefix}{t}" for i, t in enumerate(texts)]
+        return [self._line(" " if i == last else "-", t) for i, t in enumerate(texts)]
+
+    def _line(self, separator: str, text: str) -> str:
+        prefix = f"{self.enhanced} " if self.enhanced else ""
+        return f"{self.code}{separator}{prefix}{text}"
 
     def to_bytes(self) -> bytes:
         return self._wire
