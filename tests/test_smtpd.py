@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -474,3 +475,46 @@ def test_started_as_an_ordinary_user_it_serves_above_port_1023(tmp_path: Path) -
         process.stderr.close()  # type: ignore[union-attr]
     [message] = queued(config)
     assert (tmp_path / "spool" / "queue" / message["id"]).stat().st_uid == 65534
+
+
+def children_of(pid: int) -> list[int]:
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def wait_for(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 10
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert condition()
+
+
+def test_a_commit_process_that_dies_is_replaced_and_keeps_no_connection_open(
+    tmp_path: Path,
+) -> None:
+    config = write_config(tmp_path)
+    with daemon(config, "-n", "1") as d:  # one worker: smtpd itself, with its commit process
+        assert d.workers == 1
+        wait_for(lambda: len(children_of(d.process.pid)) == 1)  # forked as the loop starts
+        [first] = children_of(d.process.pid)
+        with d.connect() as sock:
+            sock.settimeout(10)
+            assert recv_reply(sock).startswith(b"220 ")
+            os.kill(first, signal.SIGKILL)
+            # Reaped once the worker saw its socket end.
+            wait_for(lambda: first not in children_of(d.process.pid))
+            sock.sendall(b"EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n")
+            assert read_replies(sock, 4)[-1].startswith(b"354")
+            sock.sendall(b"after the commit process died\r\n.\r\nQUIT\r\n")
+            assert read_replies(sock, 2) == [
+                b"250 2.0.0 Submitted & queued (msg." + queued(config)[0]["id"].encode() + b")",
+                b"221 2.0.0 mx.test closing connection",
+            ]
+            # The new commit process was forked with this connection open: a
+            # copy of its socket held there would keep it open now.
+            assert sock.recv(1) == b""
+        [second] = children_of(d.process.pid)
+        assert second != first
+        d.stop()
+        wait_for(lambda: not Path(f"/proc/{second}").exists())  # it ended with its worker
+    [message] = queued(config)
+    assert message["sender"] == ""

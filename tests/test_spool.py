@@ -114,7 +114,7 @@ def test_a_small_message_touches_the_disk_only_at_its_commit(tmp_path: Path) -> 
     large = spool.open(ENVELOPE)
     large.write(b"y" * 3000)
     assert os.listdir(spool.tmp) == []
-    large.write(b"y" * 3000)  # past in_memory: from here on it is written as it comes
+    large.write(b"y" * 3000)  # past in_memory: from here on it goes to its file
     assert os.listdir(spool.tmp) == [large.id]
     large.write(b"y" * 3000)
     small.commit()
@@ -515,3 +515,45 @@ def test_a_message_still_being_committed_is_not_queued_until_recovery(tmp_path: 
     assert message.envelope == ENVELOPE
     with spool.open_message(orphan) as stored:
         assert stored.read() == b"Subject: cut short\r\n\r\nwhole\r\n"
+
+
+def test_a_message_handed_over_is_committed_by_the_taker_alone(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, in_memory=4096)
+    small = spool.open(ENVELOPE)
+    small.write(b"held in memory\r\n")
+    large = spool.open(ENVELOPE)
+    large.write(b"y" * 5000)  # past in_memory: in its file
+    large.write(b"tail\r\n")  # held again, until the hand-over writes it out
+    tokens = [spool.hand_over(small), spool.hand_over(large)]
+    assert tokens[0].startswith(b"M" + small.id.encode())
+    assert tokens[1] == b"F" + large.id.encode()
+    small.abort()  # the giver is done with them: this touches nothing
+    large.abort()
+    assert os.listdir(spool.tmp) == [large.id]
+    with pytest.raises(QueueError, match="already closed"):
+        small.write(b"more")
+    taker = Spool(tmp_path, in_memory=4096)  # as the commit process has it
+    writers = [taker.take_over(token) for token in tokens]
+    assert [writer.id for writer in writers] == [small.id, large.id]
+    assert taker.commit_all(writers) == [None, None]
+    assert os.listdir(spool.tmp) == [] and spool.ids() == sorted([small.id, large.id])
+    with spool.open_message(small.id) as stored:
+        assert stored.read() == b"held in memory\r\n"
+    with spool.open_message(large.id) as stored:
+        assert stored.read() == b"y" * 5000 + b"tail\r\n"
+
+
+@pytest.mark.parametrize("token", [b"", b"X" + b"0" * 26, b"M" + b"not an id at all!!!!!!!!!!"])
+def test_what_is_not_a_message_handed_over_is_refused(tmp_path: Path, token: bytes) -> None:
+    with pytest.raises(QueueError, match="not a message handed over"):
+        Spool(tmp_path).take_over(token)
+
+
+def test_a_message_whose_file_is_gone_cannot_be_taken_over(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    writer = spool.open(ENVELOPE)  # in_memory 0: its file at once
+    token = spool.hand_over(writer)
+    os.unlink(spool.tmp / writer.id)
+    with pytest.raises(QueueError, match="cannot open a queue file handed over"):
+        spool.take_over(token)
+    assert spool.ids() == []

@@ -28,7 +28,8 @@ from .policy import UnknownChannel
 from .protocol import replies
 from .service import Service, parse_address
 from .session import address_literal
-from .shells.aio import LOOKUPS, Committer, SessionProtocol
+from .shells.aio import LOOKUPS, SessionProtocol
+from .shells.committer import Committer
 
 log = logging.getLogger("mmdf_smtp.smtpd")
 
@@ -118,7 +119,7 @@ class Daemon:
         self._idle.set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = asyncio.Event()
-        self._committer = Committer(asyncio.get_running_loop())
+        self._committer = Committer(asyncio.get_running_loop(), service.queue)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -136,6 +137,7 @@ class Daemon:
             for sig in SIGNALS:
                 loop.remove_signal_handler(sig)
         await self._drain()
+        self._committer.close()
 
     def reload(self) -> None:
         """SIGHUP: new configuration and tables for new sessions."""
@@ -149,6 +151,7 @@ class Daemon:
         except (ConfigError, UnknownChannel) as exc:
             log.error("reload failed, keeping the running configuration: %s", exc)
             return
+        self._committer.use(self.service.queue)
         log.info("configuration reloaded from %s", self.service.config.source)
 
     async def _drain(self) -> None:

@@ -73,6 +73,18 @@ class Queue(Protocol):
         first.  May raise :class:`QueueError`."""
         ...
 
+    def hand_over(self, writer: MessageWriter) -> bytes:
+        """A message not yet committed, as octets that :meth:`take_over`, in
+        another process on this queue, makes a writer of again (the daemon
+        commits in a process of its own).  ``writer`` is done with after
+        it.  May raise :class:`QueueError`."""
+        ...
+
+    def take_over(self, token: bytes) -> MessageWriter:
+        """The writer of a message that :meth:`hand_over` gave.  May raise
+        :class:`QueueError`, after which nothing of the message remains."""
+        ...
+
     def commit_all(self, writers: Sequence[MessageWriter]) -> list[QueueError | None]:
         """Commit messages of this queue that ended together, sharing what
         can be shared (a directory sync); for each, None once it is on

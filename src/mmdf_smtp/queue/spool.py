@@ -63,6 +63,10 @@ from . import Envelope, MessageWriter, QueueError
 log = logging.getLogger("mmdf_smtp.queue")
 
 _ID = re.compile(r"[0-9a-f]{26}")
+_ID_LENGTH = 26
+# What a message handed over to another process starts with (Spool.hand_over).
+_IN_TOKEN = b"M"  # then its id and every octet of it
+_IN_FILE = b"F"  # then its id: the rest is in its file in tmp/
 _BUFFER = 256 * 1024
 # What smtpd's sessions hold in memory before a message gets its file
 # (envelope included): a smaller one is written whole at its commit.
@@ -250,88 +254,117 @@ class SpoolWriter:
     """One message on its way into the spool.
 
     A message is kept in memory until it outgrows ``in_memory`` octets; only
-    then is its file created in ``tmp/`` and the rest written there.  A small
-    message thus touches the disk only at its commit (see
-    :meth:`Spool.commit_all`), which the daemon runs in a committer
-    thread; its event loop never waits on the filesystem for it.  A failure
-    to store it (a full disk) surfaces there, as the same :class:`QueueError`.
+    then is its file created in ``tmp/`` and the rest written there, in
+    pieces of :data:`_BUFFER`.  A small message thus touches the disk only
+    at its commit (see :meth:`Spool.commit_all`), which the daemon runs in
+    its commit process (:meth:`Spool.hand_over`); its event loop never
+    waits on the filesystem for it.  A failure to store it (a full disk)
+    surfaces there, as the same :class:`QueueError`.
+
+    The file is a bare descriptor, not a file object: a commit is a run of
+    system calls by threads that share the interpreter, and every call
+    costs a hand-over of it (a buffered file's opening alone made three).
     """
 
-    def __init__(self, spool: Spool, queue_id: str, envelope: Envelope, *, in_memory: int) -> None:
+    def __init__(
+        self, spool: Spool, queue_id: str, held: bytearray, *, in_memory: int, fd: int | None = None
+    ) -> None:
+        """``held``: the octets so far (the envelope line first) not yet in
+        the file; ``fd``: the file in tmp/, if it was created already."""
         self._spool = spool
         self._id = queue_id
         self._path = spool.tmp / queue_id
-        self._in_memory = in_memory
-        self._pending: bytearray | None = bytearray(envelope_to_json(envelope))
-        self._file: BinaryIO | None = None
-        self._created = False
-        if len(self._pending) > in_memory:
-            self._spill()
+        self._held = held
+        self._hold = in_memory if fd is None else _BUFFER  # octets held before they go to the file
+        self._fd = fd
+        self._open = True
+        self._created = fd is not None
+        if len(self._held) > self._hold:
+            self._write_held()
 
     @property
     def id(self) -> str:
         return self._id
 
     def write(self, data: bytes) -> None:
-        if self._file is not None:
-            try:
-                self._file.write(data)
-            except OSError as exc:
-                self.abort()
-                raise _error("cannot write a queue file", exc) from exc
-            return
-        if self._pending is None:
+        if not self._open:
             raise QueueError("message already closed")
-        self._pending += data
-        if len(self._pending) > self._in_memory:
-            self._spill()
+        if not self._held and len(data) >= _BUFFER and self._fd is not None:
+            self._write_file(data)  # a big piece goes as it is, not copied first
+            return
+        self._held += data
+        if len(self._held) > self._hold:
+            self._write_held()
 
-    def _spill(self) -> None:
-        """Create the file in tmp/ and move what memory holds into it."""
-        pending, self._pending = self._pending, None
-        assert pending is not None
+    def _write_held(self) -> None:
+        """Move what memory holds into the file, creating it first if need be."""
         try:
-            fd = self._create()
-            self._file = os.fdopen(fd, "wb", buffering=_BUFFER)
-            self._file.write(pending)
+            if self._fd is None:
+                self._fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, COMMITTING)
+                self._created = True
+                self._hold = _BUFFER
         except OSError as exc:
             self.abort()
             raise _error("cannot create a queue file", exc) from exc
+        self._write_file(self._held)
+        self._held.clear()
 
-    def _create(self) -> int:
-        fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, COMMITTING)
-        self._created = True
-        return fd
+    def _write_file(self, data: bytes | bytearray) -> None:
+        assert self._fd is not None
+        try:
+            with memoryview(data) as whole:
+                done = 0
+                while done < len(whole):
+                    done += os.write(self._fd, whole[done:])
+        except OSError as exc:
+            self.abort()
+            raise _error("cannot write a queue file", exc) from exc
+
+    def _hand_over(self) -> bytes:
+        """The message as :meth:`Spool.take_over` takes it; this writer is done with it.
+
+        One held in memory goes whole; one with a file is written out and
+        goes by its id.  Raises QueueError.
+        """
+        if not self._open:
+            raise QueueError("message already closed")
+        if self._fd is None:
+            token = _IN_TOKEN + self._id.encode() + self._held
+        else:
+            self._write_held()
+            fd, self._fd = self._fd, None
+            os.close(fd)
+            token = _IN_FILE + self._id.encode()
+        self._open = False
+        self._created = False  # the file is the taker's now
+        self._held = bytearray()
+        return token
 
     def commit(self) -> None:
         error = self._spool.commit_all([self])[0]
         if error is not None:
             raise error
 
-    def _write_out(self) -> None:
-        """Write the whole message to its file and start it on its way to the disk.
+    def _write_out(self, *, start_writeback: bool) -> None:
+        """Write the whole message to its file; with ``start_writeback``, start
+        it on its way to the disk.  Raises QueueError.
 
-        Raises QueueError.  The writing-out of several messages committed
-        together thus overlaps, and their fsyncs (:meth:`_sync`) share one
-        journal commit instead of one each.
+        The writing-out of several messages committed together thus
+        overlaps, and their fsyncs (:meth:`_sync`) share one journal commit
+        instead of one each.
         """
-        if self._file is None and self._pending is not None:
-            self._spill()
-        file = self._file
-        if file is None:
+        if not self._open:
             raise QueueError("message already closed")
-        try:
-            file.flush()
-            _start_writeback(file.fileno())
-        except OSError as exc:
-            self.abort()
-            raise _error("cannot commit a queue file", exc) from exc
+        self._write_held()
+        if start_writeback:
+            assert self._fd is not None
+            _start_writeback(self._fd)
 
     def _settle(self) -> None:
         """Wait until the file's octets are on the disk.  Raises QueueError."""
-        assert self._file is not None
+        assert self._fd is not None
         try:
-            _wait_for_writeback(self._file.fileno())
+            _wait_for_writeback(self._fd)
         except OSError as exc:
             self.abort()
             raise _error("cannot commit a queue file", exc) from exc
@@ -347,11 +380,14 @@ class SpoolWriter:
 
     def _sync(self) -> None:
         """Wait until the file is on stable storage, and close it.  Raises QueueError."""
-        file, self._file = self._file, None
-        assert file is not None
+        fd, self._fd = self._fd, None
+        self._open = False
+        assert fd is not None
         try:
-            with file:
-                os.fsync(file.fileno())
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         except OSError as exc:
             self.abort()
             raise _error("cannot commit a queue file", exc) from exc
@@ -366,12 +402,12 @@ class SpoolWriter:
         self._path = self._spool.queue / self._id
 
     def abort(self) -> None:
-        self._pending = None
-        file, self._file = self._file, None
-        if file is not None:
-            # Closing flushes, and a full disk may be why we are here.
+        self._open = False
+        self._held = bytearray()
+        fd, self._fd = self._fd, None
+        if fd is not None:
             with contextlib.suppress(OSError):
-                file.close()
+                os.close(fd)
         if self._created:
             with contextlib.suppress(OSError):
                 os.unlink(self._path)
@@ -394,6 +430,7 @@ class Spool:
         self._counter = itertools.count()
         self._ready = False
         self._poker: socket.socket | None = None
+        self._poker_pid = 0
         self._sync = threading.Condition()
         self._syncing = False
         self._syncs_started = 0
@@ -417,10 +454,16 @@ class Spool:
         safe in the queue and found by deliver's next pass.
         """
         try:
-            if self._poker is None:
-                self._poker = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-                self._poker.setblocking(False)
-            self._poker.sendto(FLUSH if flush else POKE, str(self.trigger))
+            poker = self._poker
+            if poker is None or self._poker_pid != os.getpid():
+                if poker is not None:
+                    # A copy from before a fork, whose descriptor may have
+                    # been closed since: not ours to close.
+                    poker.detach()
+                poker = self._poker = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                poker.setblocking(False)
+                self._poker_pid = os.getpid()
+            poker.sendto(FLUSH if flush else POKE, str(self.trigger))
         except OSError:
             return False
         return True
@@ -444,10 +487,12 @@ class Spool:
         others are not held up by it.
         """
         results: list[QueueError | None] = []
+        # One file alone has no write-out to overlap: the wait starts it.
+        several = len(writers) > 1
         for writer in writers:
             assert isinstance(writer, SpoolWriter)
             try:
-                writer._write_out()
+                writer._write_out(start_writeback=several)
             except QueueError as exc:
                 results.append(exc)
                 continue
@@ -527,7 +572,27 @@ class Spool:
             self.prepare()
         except OSError as exc:
             raise _error(f"cannot create the spool {self.directory}", exc) from exc
-        return SpoolWriter(self, self.new_id(), envelope, in_memory=self.in_memory)
+        held = bytearray(envelope_to_json(envelope))
+        return SpoolWriter(self, self.new_id(), held, in_memory=self.in_memory)
+
+    def hand_over(self, writer: MessageWriter) -> bytes:
+        assert isinstance(writer, SpoolWriter)
+        return writer._hand_over()
+
+    def take_over(self, token: bytes) -> SpoolWriter:
+        kind, queue_id = token[:1], token[1 : 1 + _ID_LENGTH].decode(errors="replace")
+        if kind not in (_IN_TOKEN, _IN_FILE) or not _ID.fullmatch(queue_id):
+            raise QueueError("not a message handed over")
+        if kind == _IN_TOKEN:
+            held = bytearray(memoryview(token)[1 + _ID_LENGTH :])
+            return SpoolWriter(self, queue_id, held, in_memory=self.in_memory)
+        try:
+            fd = os.open(self.tmp / queue_id, os.O_WRONLY | os.O_APPEND)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(self.tmp / queue_id)
+            raise _error("cannot open a queue file handed over", exc) from exc
+        return SpoolWriter(self, queue_id, bytearray(), in_memory=self.in_memory, fd=fd)
 
     def recover(self) -> list[str]:
         """Clean up after crashed writers; return the ids removed from tmp/.

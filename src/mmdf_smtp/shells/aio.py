@@ -7,9 +7,10 @@ transport's callbacks alone, with no task per session: a session costs
 the loop a few callbacks per command, not a coroutine's wake-ups, which
 is most of what a short session of a connection per message spends.
 
-The only blocking work, the client look-up (DNS) and the commit (fsync),
-runs in threads of its own; while one is out the session is *held*: input
-is still taken in, but no event is read until the thread's answer is in.
+The only blocking work runs elsewhere: the client look-up (DNS) in
+threads, the commit (fsync) in the worker's commit process (see
+:mod:`.committer`); while one is out the session is *held*: input is
+still taken in, but no event is read until the answer is in.
 The tarpit's delay, a client that does not read its replies, and the TLS
 handshake hold it the same way.
 
@@ -23,18 +24,17 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import itertools
 import logging
 import ssl
-import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import cast
 
 from ..protocol import NEED_DATA, ConnectionClosed, MessageComplete, Signal, StartTLS, replies
-from ..queue import MessageWriter, Queue, QueueError
+from ..queue import MessageWriter, QueueError
 from ..service import Peer, Service, parse_address
 from ..session import Session
+from .committer import Committer
 from .tls import describe
 from .trace import trace_input, trace_output
 
@@ -48,68 +48,6 @@ HIGH_WATER = 256 * 1024
 # nameserver for dns.timeout held up the greeting of every other client
 # and the 250 of every message being committed.
 LOOKUPS = ThreadPoolExecutor(max_workers=256, thread_name_prefix="lookup")
-
-CommitDone = Callable[[Exception | None], None]
-
-
-class Committer:
-    """A few threads that commit, together, the messages that ended while they were busy.
-
-    A commit mostly waits on the disk.  A thread takes every message that
-    ended meanwhile in one go, so that they share a journal commit and a
-    directory sync (:meth:`~mmdf_smtp.queue.Queue.commit_all`), and the
-    loop gets one wake-up for the lot; a thread per message cost a
-    hand-over of the interpreter per system call.  A message never waits
-    for another batch to finish while one of the :data:`THREADS` is free
-    (a big message's fsync does not hold up the small ones' 250), and
-    batches that overlap have their fsyncs joined by the filesystem; more
-    threads than two cost CPU and gained nothing measurable.
-    ``done`` gets None, the :class:`QueueError` that kept the message out,
-    or an unexpected error; it is called on the loop.
-    """
-
-    THREADS = 2
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._jobs: list[tuple[Queue, MessageWriter, CommitDone]] = []
-        self._ready = threading.Condition()
-        self._threads = 0
-        self._idle = 0
-
-    def submit(self, queue: Queue, writer: MessageWriter, done: CommitDone) -> None:
-        with self._ready:
-            self._jobs.append((queue, writer, done))
-            if self._idle:
-                self._ready.notify()
-            elif self._threads < self.THREADS:
-                self._threads += 1
-                threading.Thread(target=self._run, name="commit", daemon=True).start()
-
-    def _run(self) -> None:
-        while True:
-            with self._ready:
-                while not self._jobs:
-                    self._idle += 1
-                    self._ready.wait()
-                    self._idle -= 1
-                batch, self._jobs = self._jobs, []
-            results: list[Exception | None] = []
-            # Sessions that started before a reload may name another queue.
-            for queue, jobs in itertools.groupby(batch, key=lambda job: job[0]):
-                writers = [writer for _, writer, _ in jobs]
-                try:
-                    results.extend(queue.commit_all(writers))
-                except Exception as exc:
-                    results.extend([exc] * len(writers))
-            self._loop.call_soon_threadsafe(self._finished, batch, results)
-
-    @staticmethod
-    def _finished(
-        batch: list[tuple[Queue, MessageWriter, CommitDone]], results: list[Exception | None]
-    ) -> None:
-        for (_, _, done), result in zip(batch, results, strict=True):
-            done(result)
 
 
 class SessionProtocol(asyncio.Protocol):

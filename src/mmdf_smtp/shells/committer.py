@@ -1,0 +1,374 @@
+"""Commits off the event loop: a commit process of each worker's own.
+
+A commit is a short run of system calls that mostly wait on the disk
+(create, write, rename, fsync, the directory's fsync).  Made by threads
+of the worker, each of those calls handed the interpreter to the thread
+and back, and the loop, busy with the other sessions, kept it a while
+every time: a small message's commit took 2-3 ms where the disk needed
+0.5, and the hand-overs cost the worker more CPU than the sessions.  So
+a worker forks a process to commit for it (:class:`CommitProcess`).  The
+loop hands it each message in one datagram over a socket pair
+(:meth:`~mmdf_smtp.queue.Queue.hand_over`: a small one whole, a big one
+by the name of the file it is already written to) and reads the
+outcomes as it reads its clients: no thread, no lock, no wake-up but the
+socket's.
+
+In the commit process, :class:`CommitThreads` take every message that
+came in while they were busy in one go, so that they share a directory
+sync (:meth:`~mmdf_smtp.queue.Queue.commit_all`).  A message never waits
+for another batch to finish while one of the :data:`CommitThreads.THREADS`
+is free: a big message's fsync does not hold up the small ones' 250.
+
+The commit process lives as long as its socket: when the worker exits
+(or dies), it finishes the commits it has and exits too.  If it dies,
+the messages it had are answered with a temporary error (the client
+sends them again) and the next commit starts another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import gc
+import itertools
+import logging
+import os
+import signal
+import socket
+import struct
+import sys
+import threading
+import traceback
+from collections.abc import Callable
+
+from ..queue import MessageWriter, Queue, QueueError
+
+log = logging.getLogger("mmdf_smtp.smtpd")
+
+CommitDone = Callable[[Exception | None], None]
+
+# A datagram is a job's number, then the message (worker to commit
+# process), or the job's number, then its outcome (back).  A message held
+# in memory is at most the queue's in-memory size (64 KiB for the spool);
+# the socket buffers have room for a few of the largest.
+_NUMBER = struct.Struct("!Q")
+DATAGRAM = 256 * 1024
+_SOCKET_BUFFER = 4 * DATAGRAM
+_OUTCOME = 4096  # an outcome's most octets: a datagram read whole from a small buffer
+_COMMITTED = b"0"
+_FAILED = b"1"  # then the QueueError's text: a temporary failure
+_FULL = b"2"  # then the text: storage ran out
+_BROKEN = b"3"  # then the text: an unexpected error, not the message's fault
+
+
+class CommitThreads:
+    """A few threads that commit, together, the messages that came while they were busy.
+
+    ``finished`` gets each batch with its outcomes (None, the QueueError
+    that kept a message out, or an unexpected error), in the thread that
+    committed it.
+    """
+
+    THREADS = 2
+
+    def __init__(
+        self,
+        queue: Queue,
+        finished: Callable[[list[tuple[MessageWriter, int]], list[Exception | None]], None],
+    ) -> None:
+        self._queue = queue
+        self._finished = finished
+        self._jobs: list[tuple[MessageWriter, int]] = []
+        self._ready = threading.Condition()
+        self._threads = 0
+        self._idle = 0
+        self._busy = 0
+
+    def submit(self, writer: MessageWriter, number: int) -> None:
+        with self._ready:
+            self._jobs.append((writer, number))
+            if self._idle:
+                self._ready.notify()
+            elif self._threads < self.THREADS:
+                self._threads += 1
+                threading.Thread(target=self._run, name="commit", daemon=True).start()
+
+    def wait_until_done(self) -> None:
+        with self._ready:
+            self._ready.wait_for(lambda: not self._jobs and not self._busy)
+
+    def _run(self) -> None:
+        while True:
+            with self._ready:
+                while not self._jobs:
+                    self._idle += 1
+                    self._ready.wait()
+                    self._idle -= 1
+                batch, self._jobs = self._jobs, []
+                self._busy += 1
+            results: list[Exception | None]
+            try:
+                results = list(self._queue.commit_all([writer for writer, _ in batch]))
+            except Exception as exc:
+                results = [exc] * len(batch)
+            try:
+                self._finished(batch, results)
+            finally:
+                with self._ready:
+                    self._busy -= 1
+                    self._ready.notify_all()
+
+
+def _outcome(result: Exception | None) -> bytes:
+    if result is None:
+        return _COMMITTED
+    if isinstance(result, QueueError):
+        kind, text = _FULL if result.full else _FAILED, str(result)
+    else:
+        kind, text = _BROKEN, f"{type(result).__name__}: {result}"
+    return kind + text.encode(errors="replace")[: _OUTCOME - _NUMBER.size - 1]
+
+
+def _result(outcome: bytes) -> Exception | None:
+    kind, text = outcome[:1], outcome[1:].decode(errors="replace")
+    if kind == _COMMITTED:
+        return None
+    if kind in (_FAILED, _FULL):
+        return QueueError(text, full=kind == _FULL)
+    return RuntimeError(f"in the commit process: {text}")
+
+
+def serve(sock: socket.socket, queue: Queue) -> None:
+    """The commit process: commit what comes on ``sock`` until it closes."""
+    # The worker's signals are the worker's: a SIGTERM to the process group
+    # must not cut a commit short.  The end comes with the socket's.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    signal.set_wakeup_fd(-1)
+    sock.setblocking(True)
+
+    def answer(number: int, result: Exception | None) -> None:
+        with contextlib.suppress(OSError):  # the worker is gone: nobody to tell
+            sock.send(_NUMBER.pack(number) + _outcome(result))
+
+    def finished(batch: list[tuple[MessageWriter, int]], results: list[Exception | None]) -> None:
+        for (_, number), result in zip(batch, results, strict=True):
+            answer(number, result)
+
+    threads = CommitThreads(queue, finished)
+    buffer = bytearray(DATAGRAM)
+    with memoryview(buffer) as view:
+        while True:
+            try:
+                size = sock.recv_into(buffer)
+            except ConnectionResetError:
+                size = 0
+            if size < _NUMBER.size:
+                break
+            (number,) = _NUMBER.unpack_from(buffer)
+            try:
+                writer = queue.take_over(bytes(view[_NUMBER.size : size]))
+            except Exception as exc:
+                answer(number, exc)
+                continue
+            threads.submit(writer, number)
+    threads.wait_until_done()
+
+
+def _leave_the_worker(*, keep: int) -> None:
+    """In a new commit process: let go of the worker's descriptors.
+
+    Its clients' connections above all: a copy held here would keep one
+    open after the worker closed it.  What the worker's objects held is
+    closed under them, so none of them may close "its" descriptor later,
+    when the number may be a queue file's: the collector is kept off
+    everything made before the fork.
+    """
+    gc.freeze()
+    os.closerange(3, keep)
+    os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
+
+
+class CommitProcess:
+    """The worker's side of a commit process for one queue."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, queue: Queue) -> None:
+        self.queue = queue
+        self._loop = loop
+        self._pending: dict[int, CommitDone] = {}
+        self._outbox: collections.deque[bytes] = collections.deque()
+        self._numbers = itertools.count()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        for sock in (ours, theirs):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child's coverage is not collected
+            status = 0
+            try:
+                _leave_the_worker(keep=theirs.fileno())
+                serve(theirs, queue)
+            except BaseException:
+                status = 70
+                with contextlib.suppress(OSError):
+                    os.write(2, traceback.format_exc().encode(errors="replace"))
+            finally:
+                with contextlib.suppress(Exception):
+                    sys.stderr.flush()
+                os._exit(status)
+        theirs.close()
+        self.pid = pid
+        self._sock = ours
+        ours.setblocking(False)
+        loop.add_reader(ours.fileno(), self._read)
+        self._closed = False
+
+    @property
+    def idle(self) -> bool:
+        return not self._pending
+
+    @property
+    def alive(self) -> bool:
+        return not self._closed
+
+    def submit(self, writer: MessageWriter, done: CommitDone) -> None:
+        try:
+            message = self.queue.hand_over(writer)
+        except QueueError as exc:
+            writer.abort()
+            self._loop.call_soon(done, exc)
+            return
+        if _NUMBER.size + len(message) > DATAGRAM:
+            # Not from the spool, whose messages held in memory are smaller.
+            self._loop.call_soon(done, RuntimeError("a message handed over is too big"))
+            return
+        number = next(self._numbers)
+        self._pending[number] = done
+        datagram = _NUMBER.pack(number) + message
+        if self._outbox:
+            self._outbox.append(datagram)
+            return
+        self._send(datagram)
+
+    def _send(self, datagram: bytes) -> None:
+        try:
+            self._sock.send(datagram)
+        except BlockingIOError:
+            self._outbox.append(datagram)
+            self._loop.add_writer(self._sock.fileno(), self._send_queued)
+        except OSError as exc:
+            self._broken(exc)
+
+    def _send_queued(self) -> None:
+        while self._outbox:
+            try:
+                self._sock.send(self._outbox[0])
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._broken(exc)
+                return
+            self._outbox.popleft()
+        self._loop.remove_writer(self._sock.fileno())
+
+    def _read(self) -> None:
+        while True:
+            try:
+                datagram = self._sock.recv(_OUTCOME)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._broken(exc)
+                return
+            if not datagram:
+                self._broken(None)
+                return
+            (number,) = _NUMBER.unpack_from(datagram)
+            done = self._pending.pop(number, None)
+            if done is not None:
+                done(_result(datagram[_NUMBER.size :]))
+
+    def _broken(self, exc: OSError | None) -> None:
+        """The commit process is gone: what it had gets a temporary error."""
+        pending, self._pending = self._pending, {}
+        if pending:
+            log.error(
+                "the commit process (pid %d) stopped with %d messages: %s",
+                self.pid,
+                len(pending),
+                exc or "end of file",
+            )
+        self.close()
+        error = QueueError("the commit process stopped")
+        for done in pending.values():
+            # Not from within the submit that may have found it gone.
+            self._loop.call_soon(done, error)
+
+    def close(self) -> None:
+        """Stop it: it finishes the commits it has, then exits."""
+        if self._closed:
+            return
+        self._closed = True
+        self._loop.remove_reader(self._sock.fileno())
+        if self._outbox:
+            self._loop.remove_writer(self._sock.fileno())
+            self._outbox.clear()
+        self._sock.close()
+        self._reap()
+
+    def _reap(self) -> None:
+        try:
+            pid, _ = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:  # still finishing its commits
+            self._loop.call_later(0.1, self._reap)
+
+
+class Committer:
+    """Where the worker's sessions commit: a commit process per queue.
+
+    A reload may bring a new queue; sessions begun before it still commit
+    to theirs.  The process of a queue no longer current is closed once
+    it has nothing left to commit.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, queue: Queue) -> None:
+        self._loop = loop
+        self._processes: dict[int, CommitProcess] = {}  # by id() of the queue
+        self._current = queue
+        self._process_for(queue)
+
+    def submit(self, queue: Queue, writer: MessageWriter, done: CommitDone) -> None:
+        process = self._process_for(queue)
+
+        def finished(result: Exception | None) -> None:
+            if process.idle and process.queue is not self._current:
+                self._retire(process)
+            done(result)
+
+        process.submit(writer, finished)
+
+    def use(self, queue: Queue) -> None:
+        """From now on new sessions commit to ``queue``."""
+        self._current = queue
+        for process in list(self._processes.values()):
+            if process.idle and process.queue is not queue:
+                self._retire(process)
+
+    def close(self) -> None:
+        for process in list(self._processes.values()):
+            self._retire(process)
+
+    def _process_for(self, queue: Queue) -> CommitProcess:
+        process = self._processes.get(id(queue))
+        if process is None or not process.alive:
+            process = CommitProcess(self._loop, queue)
+            self._processes[id(queue)] = process
+        return process
+
+    def _retire(self, process: CommitProcess) -> None:
+        process.close()
+        if self._processes.get(id(process.queue)) is process:
+            del self._processes[id(process.queue)]
