@@ -40,7 +40,7 @@ import struct
 import sys
 import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from ..queue import MessageWriter, Queue, QueueError
 
@@ -48,14 +48,17 @@ log = logging.getLogger("mmdf_smtp.smtpd")
 
 CommitDone = Callable[[Exception | None], None]
 
-# A datagram is a job's number, then the message (worker to commit
-# process), or the job's number, then its outcome (back).  A message held
-# in memory is at most the queue's in-memory size (64 KiB for the spool);
-# the socket buffers have room for a few of the largest.
-_NUMBER = struct.Struct("!Q")
+# A datagram is a run of records: a job's number and a length, then as
+# many octets of the message (worker to commit process) or of its outcome
+# (back).  All the messages that ended in one turn of the loop go in one
+# datagram, and a batch's outcomes in one: a wake-up of the other side
+# costs more than the octets.  A message held in memory is at most the
+# queue's in-memory size (64 KiB for the spool); the socket buffers have
+# room for a few datagrams of the largest.
+_RECORD = struct.Struct("!QI")
 DATAGRAM = 256 * 1024
 _SOCKET_BUFFER = 4 * DATAGRAM
-_OUTCOME = 4096  # an outcome's most octets: a datagram read whole from a small buffer
+_OUTCOME = 4096  # an outcome's most octets
 _COMMITTED = b"0"
 _FAILED = b"1"  # then the QueueError's text: a temporary failure
 _FULL = b"2"  # then the text: storage ran out
@@ -85,9 +88,11 @@ class CommitThreads:
         self._idle = 0
         self._busy = 0
 
-    def submit(self, writer: MessageWriter, number: int) -> None:
+    def submit(self, jobs: list[tuple[MessageWriter, int]]) -> None:
+        if not jobs:
+            return
         with self._ready:
-            self._jobs.append((writer, number))
+            self._jobs += jobs
             if self._idle:
                 self._ready.notify()
             elif self._threads < self.THREADS:
@@ -127,7 +132,7 @@ def _outcome(result: Exception | None) -> bytes:
         kind, text = _FULL if result.full else _FAILED, str(result)
     else:
         kind, text = _BROKEN, f"{type(result).__name__}: {result}"
-    return kind + text.encode(errors="replace")[: _OUTCOME - _NUMBER.size - 1]
+    return kind + text.encode(errors="replace")[: _OUTCOME - 1]
 
 
 def _result(outcome: bytes) -> Exception | None:
@@ -139,6 +144,29 @@ def _result(outcome: bytes) -> Exception | None:
     return RuntimeError(f"in the commit process: {text}")
 
 
+def _datagrams(records: list[tuple[int, bytes]]) -> Iterator[bytes]:
+    """Records packed into datagrams of at most :data:`DATAGRAM` octets."""
+    pieces: list[bytes] = []
+    size = 0
+    for number, octets in records:
+        if pieces and size + _RECORD.size + len(octets) > DATAGRAM:
+            yield b"".join(pieces)
+            pieces, size = [], 0
+        pieces += (_RECORD.pack(number, len(octets)), octets)
+        size += _RECORD.size + len(octets)
+    if pieces:
+        yield b"".join(pieces)
+
+
+def _records(datagram: memoryview) -> Iterator[tuple[int, bytes]]:
+    offset = 0
+    while offset + _RECORD.size <= len(datagram):
+        number, size = _RECORD.unpack_from(datagram, offset)
+        offset += _RECORD.size
+        yield number, bytes(datagram[offset : offset + size])
+        offset += size
+
+
 def serve(sock: socket.socket, queue: Queue) -> None:
     """The commit process: commit what comes on ``sock`` until it closes."""
     # The worker's signals are the worker's: a SIGTERM to the process group
@@ -148,13 +176,14 @@ def serve(sock: socket.socket, queue: Queue) -> None:
     signal.set_wakeup_fd(-1)
     sock.setblocking(True)
 
-    def answer(number: int, result: Exception | None) -> None:
+    def answer(outcomes: list[tuple[int, bytes]]) -> None:
         with contextlib.suppress(OSError):  # the worker is gone: nobody to tell
-            sock.send(_NUMBER.pack(number) + _outcome(result))
+            for datagram in _datagrams(outcomes):
+                sock.send(datagram)
 
     def finished(batch: list[tuple[MessageWriter, int]], results: list[Exception | None]) -> None:
-        for (_, number), result in zip(batch, results, strict=True):
-            answer(number, result)
+        pairs = zip(batch, results, strict=True)
+        answer([(number, _outcome(result)) for (_, number), result in pairs])
 
     threads = CommitThreads(queue, finished)
     buffer = bytearray(DATAGRAM)
@@ -164,15 +193,18 @@ def serve(sock: socket.socket, queue: Queue) -> None:
                 size = sock.recv_into(buffer)
             except ConnectionResetError:
                 size = 0
-            if size < _NUMBER.size:
+            if not size:
                 break
-            (number,) = _NUMBER.unpack_from(buffer)
-            try:
-                writer = queue.take_over(bytes(view[_NUMBER.size : size]))
-            except Exception as exc:
-                answer(number, exc)
-                continue
-            threads.submit(writer, number)
+            jobs: list[tuple[MessageWriter, int]] = []
+            refused: list[tuple[int, bytes]] = []
+            for number, message in _records(view[:size]):
+                try:
+                    jobs.append((queue.take_over(message), number))
+                except Exception as exc:
+                    refused.append((number, _outcome(exc)))
+            if refused:
+                answer(refused)
+            threads.submit(jobs)
     threads.wait_until_done()
 
 
@@ -197,7 +229,9 @@ class CommitProcess:
         self.queue = queue
         self._loop = loop
         self._pending: dict[int, CommitDone] = {}
-        self._outbox: collections.deque[bytes] = collections.deque()
+        self._unsent: list[tuple[int, bytes]] = []  # for the end of this turn of the loop
+        self._outbox: collections.deque[bytes] = collections.deque()  # for when the socket drains
+        self._input = bytearray(DATAGRAM)
         self._numbers = itertools.count()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         for sock in (ours, theirs):
@@ -239,17 +273,25 @@ class CommitProcess:
             writer.abort()
             self._loop.call_soon(done, exc)
             return
-        if _NUMBER.size + len(message) > DATAGRAM:
+        if _RECORD.size + len(message) > DATAGRAM:
             # Not from the spool, whose messages held in memory are smaller.
             self._loop.call_soon(done, RuntimeError("a message handed over is too big"))
             return
         number = next(self._numbers)
         self._pending[number] = done
-        datagram = _NUMBER.pack(number) + message
-        if self._outbox:
-            self._outbox.append(datagram)
-            return
-        self._send(datagram)
+        if not self._unsent:
+            self._loop.call_soon(self._send_unsent)
+        self._unsent.append((number, message))
+
+    def _send_unsent(self) -> None:
+        records, self._unsent = self._unsent, []
+        for datagram in _datagrams(records):
+            if self._closed:
+                return
+            if self._outbox:
+                self._outbox.append(datagram)
+            else:
+                self._send(datagram)
 
     def _send(self, datagram: bytes) -> None:
         try:
@@ -273,25 +315,27 @@ class CommitProcess:
         self._loop.remove_writer(self._sock.fileno())
 
     def _read(self) -> None:
-        while True:
-            try:
-                datagram = self._sock.recv(_OUTCOME)
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                self._broken(exc)
-                return
-            if not datagram:
-                self._broken(None)
-                return
-            (number,) = _NUMBER.unpack_from(datagram)
-            done = self._pending.pop(number, None)
-            if done is not None:
-                done(_result(datagram[_NUMBER.size :]))
+        with memoryview(self._input) as view:
+            while not self._closed:
+                try:
+                    size = self._sock.recv_into(self._input)
+                except BlockingIOError:
+                    return
+                except OSError as exc:
+                    self._broken(exc)
+                    return
+                if not size:
+                    self._broken(None)
+                    return
+                for number, outcome in _records(view[:size]):
+                    done = self._pending.pop(number, None)
+                    if done is not None:
+                        done(_result(outcome))
 
     def _broken(self, exc: OSError | None) -> None:
         """The commit process is gone: what it had gets a temporary error."""
         pending, self._pending = self._pending, {}
+        self._unsent.clear()
         if pending:
             log.error(
                 "the commit process (pid %d) stopped with %d messages: %s",
