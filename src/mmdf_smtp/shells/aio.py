@@ -213,7 +213,7 @@ class SessionProtocol(asyncio.Protocol):
                     # The commit waits on the disk: the committer's job.
                     self._held = True
                     done = functools.partial(self._committed, session, event, writer)
-                    self._committer.submit(session.queue, writer, done)
+                    self._committer.submit(session.queue, writer, event.size, done)
                     return
                 if isinstance(event, Signal):  # PAUSED: no decision is out
                     raise RuntimeError("the session left a decision unanswered")

@@ -13,11 +13,12 @@ by the name of the file it is already written to) and reads the
 outcomes as it reads its clients: no thread, no lock, no wake-up but the
 socket's.
 
-In the commit process, :class:`CommitThreads` take every message that
-came in while they were busy in one go, so that they share a directory
-sync (:meth:`~mmdf_smtp.queue.Queue.commit_all`).  A message never waits
-for another batch to finish while one of the :data:`CommitThreads.THREADS`
-is free: a big message's fsync does not hold up the small ones' 250.
+In the commit process, the one thread commits every small message that
+came in while it was busy in one go, so that they share a directory sync
+(:meth:`~mmdf_smtp.queue.Queue.commit_all`), with no hand-over to another
+thread.  A message of :data:`BIG` octets or more goes to
+:class:`CommitThreads` instead: its fsync may take a while, and it must
+not hold up the small ones' 250.
 
 The commit process lives as long as its socket: when the worker exits
 (or dies), it finishes the commits it has and exits too.  If it dies,
@@ -55,7 +56,15 @@ CommitDone = Callable[[Exception | None], None]
 # costs more than the octets.  A message held in memory is at most the
 # queue's in-memory size (64 KiB for the spool); the socket buffers have
 # room for a few datagrams of the largest.
-_RECORD = struct.Struct("!QI")
+_RECORD = struct.Struct("!QIc")  # number, length, kind
+_SMALL = b"s"
+_BIG = b"b"  # a message of BIG octets or more
+_OUTCOME_KIND = b"-"
+# A message this big may keep its fsync a while: it is committed in a
+# thread of its own, so that the small ones' 250 never wait for it.  The
+# small ones are committed by the commit process's one thread, with no
+# hand-over at all.
+BIG = 1024 * 1024
 DATAGRAM = 256 * 1024
 _SOCKET_BUFFER = 4 * DATAGRAM
 _OUTCOME = 4096  # an outcome's most octets
@@ -112,17 +121,20 @@ class CommitThreads:
                     self._idle -= 1
                 batch, self._jobs = self._jobs, []
                 self._busy += 1
-            results: list[Exception | None]
-            try:
-                results = list(self._queue.commit_all([writer for writer, _ in batch]))
-            except Exception as exc:
-                results = [exc] * len(batch)
+            results = _commit(self._queue, [writer for writer, _ in batch])
             try:
                 self._finished(batch, results)
             finally:
                 with self._ready:
                     self._busy -= 1
                     self._ready.notify_all()
+
+
+def _commit(queue: Queue, writers: list[MessageWriter]) -> list[Exception | None]:
+    try:
+        return list(queue.commit_all(writers))
+    except Exception as exc:
+        return [exc] * len(writers)
 
 
 def _outcome(result: Exception | None) -> bytes:
@@ -144,26 +156,26 @@ def _result(outcome: bytes) -> Exception | None:
     return RuntimeError(f"in the commit process: {text}")
 
 
-def _datagrams(records: list[tuple[int, bytes]]) -> Iterator[bytes]:
-    """Records packed into datagrams of at most :data:`DATAGRAM` octets."""
+def _datagrams(records: list[tuple[int, bytes, bytes]]) -> Iterator[bytes]:
+    """Records (number, kind, octets) packed into datagrams of at most :data:`DATAGRAM` octets."""
     pieces: list[bytes] = []
     size = 0
-    for number, octets in records:
+    for number, kind, octets in records:
         if pieces and size + _RECORD.size + len(octets) > DATAGRAM:
             yield b"".join(pieces)
             pieces, size = [], 0
-        pieces += (_RECORD.pack(number, len(octets)), octets)
+        pieces += (_RECORD.pack(number, len(octets), kind), octets)
         size += _RECORD.size + len(octets)
     if pieces:
         yield b"".join(pieces)
 
 
-def _records(datagram: memoryview) -> Iterator[tuple[int, bytes]]:
+def _records(datagram: memoryview) -> Iterator[tuple[int, bytes, bytes]]:
     offset = 0
     while offset + _RECORD.size <= len(datagram):
-        number, size = _RECORD.unpack_from(datagram, offset)
+        number, size, kind = _RECORD.unpack_from(datagram, offset)
         offset += _RECORD.size
-        yield number, bytes(datagram[offset : offset + size])
+        yield number, kind, bytes(datagram[offset : offset + size])
         offset += size
 
 
@@ -176,36 +188,50 @@ def serve(sock: socket.socket, queue: Queue) -> None:
     signal.set_wakeup_fd(-1)
     sock.setblocking(True)
 
-    def answer(outcomes: list[tuple[int, bytes]]) -> None:
+    def answer(outcomes: list[tuple[int, bytes, bytes]]) -> None:
         with contextlib.suppress(OSError):  # the worker is gone: nobody to tell
             for datagram in _datagrams(outcomes):
                 sock.send(datagram)
 
     def finished(batch: list[tuple[MessageWriter, int]], results: list[Exception | None]) -> None:
         pairs = zip(batch, results, strict=True)
-        answer([(number, _outcome(result)) for (_, number), result in pairs])
+        answer([(number, _OUTCOME_KIND, _outcome(result)) for (_, number), result in pairs])
 
-    threads = CommitThreads(queue, finished)
+    big = CommitThreads(queue, finished)
     buffer = bytearray(DATAGRAM)
     with memoryview(buffer) as view:
-        while True:
+        flags = 0  # the first datagram of a batch is waited for; the rest are what came meanwhile
+        ended = False
+        small: list[tuple[MessageWriter, int]] = []
+        while not ended:
             try:
-                size = sock.recv_into(buffer)
+                size = sock.recv_into(buffer, 0, flags)
+            except BlockingIOError:
+                size = -1
             except ConnectionResetError:
                 size = 0
-            if not size:
-                break
-            jobs: list[tuple[MessageWriter, int]] = []
-            refused: list[tuple[int, bytes]] = []
-            for number, message in _records(view[:size]):
-                try:
-                    jobs.append((queue.take_over(message), number))
-                except Exception as exc:
-                    refused.append((number, _outcome(exc)))
-            if refused:
-                answer(refused)
-            threads.submit(jobs)
-    threads.wait_until_done()
+            ended = size == 0
+            if size > 0:
+                flags = socket.MSG_DONTWAIT
+                large: list[tuple[MessageWriter, int]] = []
+                refused: list[tuple[int, bytes, bytes]] = []
+                for number, kind, message in _records(view[:size]):
+                    try:
+                        writer = queue.take_over(message)
+                    except Exception as exc:
+                        refused.append((number, _OUTCOME_KIND, _outcome(exc)))
+                        continue
+                    (large if kind == _BIG else small).append((writer, number))
+                if refused:
+                    answer(refused)
+                big.submit(large)
+                continue
+            # Nothing more came: commit the small ones together, here.
+            if small:
+                batch, small = small, []
+                finished(batch, _commit(queue, [writer for writer, _ in batch]))
+            flags = 0
+    big.wait_until_done()
 
 
 def _leave_the_worker(*, keep: int) -> None:
@@ -229,7 +255,7 @@ class CommitProcess:
         self.queue = queue
         self._loop = loop
         self._pending: dict[int, CommitDone] = {}
-        self._unsent: list[tuple[int, bytes]] = []  # for the end of this turn of the loop
+        self._unsent: list[tuple[int, bytes, bytes]] = []  # for the end of this turn of the loop
         self._outbox: collections.deque[bytes] = collections.deque()  # for when the socket drains
         self._input = bytearray(DATAGRAM)
         self._numbers = itertools.count()
@@ -266,7 +292,7 @@ class CommitProcess:
     def alive(self) -> bool:
         return not self._closed
 
-    def submit(self, writer: MessageWriter, done: CommitDone) -> None:
+    def submit(self, writer: MessageWriter, size: int, done: CommitDone) -> None:
         try:
             message = self.queue.hand_over(writer)
         except QueueError as exc:
@@ -281,7 +307,7 @@ class CommitProcess:
         self._pending[number] = done
         if not self._unsent:
             self._loop.call_soon(self._send_unsent)
-        self._unsent.append((number, message))
+        self._unsent.append((number, _BIG if size >= BIG else _SMALL, message))
 
     def _send_unsent(self) -> None:
         records, self._unsent = self._unsent, []
@@ -327,7 +353,7 @@ class CommitProcess:
                 if not size:
                     self._broken(None)
                     return
-                for number, outcome in _records(view[:size]):
+                for number, _, outcome in _records(view[:size]):
                     done = self._pending.pop(number, None)
                     if done is not None:
                         done(_result(outcome))
@@ -384,7 +410,8 @@ class Committer:
         self._current = queue
         self._process_for(queue)
 
-    def submit(self, queue: Queue, writer: MessageWriter, done: CommitDone) -> None:
+    def submit(self, queue: Queue, writer: MessageWriter, size: int, done: CommitDone) -> None:
+        """Commit ``writer``'s message of ``size`` octets; ``done`` gets its outcome."""
         process = self._process_for(queue)
 
         def finished(result: Exception | None) -> None:
@@ -392,7 +419,7 @@ class Committer:
                 self._retire(process)
             done(result)
 
-        process.submit(writer, finished)
+        process.submit(writer, size, finished)
 
     def use(self, queue: Queue) -> None:
         """From now on new sessions commit to ``queue``."""
