@@ -265,6 +265,29 @@ def test_sighup_reloads_and_keeps_the_old_configuration_when_the_new_is_bad(
             assert recv_reply(sock) == b"220 mx2.test Server SMTP ready\r\n"
 
 
+def test_after_sighup_messages_go_to_the_new_spool(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    with daemon(config, "-n", "1") as d:
+        wait_for(lambda: len(children_of(d.process.pid)) == 1)
+        [before] = children_of(d.process.pid)
+        moved = tmp_path / "spool2"
+        moved.mkdir()
+        os.chown(moved, session_uid(), -1)  # smtpd has become the session user by now
+        config.write_text(config.read_text().replace(str(tmp_path / "spool"), str(moved)))
+        d.process.send_signal(signal.SIGHUP)
+        d.log_lines("configuration reloaded")
+        # The old queue's commit process had nothing left to commit: it is gone.
+        wait_for(lambda: before not in children_of(d.process.pid))
+        with d.connect() as sock:
+            sock.sendall(b"HELO c\r\nMAIL FROM:<>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n")
+            assert read_replies(sock, 4)[-1].startswith(b"354")
+            sock.sendall(b"after the reload\r\n.\r\nQUIT\r\n")
+            assert read_replies(sock, 2)[0].startswith(b"250 2.0.0 Submitted")
+    assert list((tmp_path / "spool").glob("queue/*")) == []
+    [name] = os.listdir(moved / "queue")
+    assert (moved / "queue" / name).read_bytes().endswith(b"after the reload\r\n")
+
+
 def test_sigterm_lets_a_session_finish_then_exits_0(tmp_path: Path) -> None:
     config = write_config(tmp_path)
     with daemon(config) as d:
@@ -412,7 +435,11 @@ def test_started_as_root_sessions_run_as_user(tmp_path: Path) -> None:
     config = write_config(tmp_path)
     with daemon(config, "-n", "2") as d:
         workers = [int(line.rsplit(" ", 1)[1]) for line in d.log_lines(" started, pid ", 2)]
-        assert {uid_of(pid) for pid in [d.process.pid, *workers]} == {session_uid()}
+        wait_for(lambda: all(children_of(worker) for worker in workers))
+        committers = [pid for worker in workers for pid in children_of(worker)]
+        assert len(committers) == 2  # a commit process each
+        processes = [d.process.pid, *workers, *committers]
+        assert {uid_of(pid) for pid in processes} == {session_uid()}
         with d.connect() as sock:
             assert recv_reply(sock) == b"220 mx.test Server SMTP ready\r\n"
             sock.sendall(b"HELO c\r\nMAIL FROM:<>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n")
