@@ -66,6 +66,8 @@ _OUTCOME_KIND = b"-"
 # hand-over at all.
 BIG = 1024 * 1024
 DATAGRAM = 256 * 1024
+# A worker that never pauses must not keep its messages waiting for a gap.
+_MOST_IN_A_BATCH = 256
 _SOCKET_BUFFER = 4 * DATAGRAM
 _OUTCOME = 4096  # an outcome's most octets
 _COMMITTED = b"0"
@@ -225,8 +227,9 @@ def serve(sock: socket.socket, queue: Queue) -> None:
                 if refused:
                     answer(refused)
                 big.submit(large)
-                continue
-            # Nothing more came: commit the small ones together, here.
+                if len(small) < _MOST_IN_A_BATCH:
+                    continue
+            # Nothing more came (or a batch is full): commit the small ones together, here.
             if small:
                 batch, small = small, []
                 finished(batch, _commit(queue, [writer for writer, _ in batch]))
