@@ -333,7 +333,11 @@ class SpoolWriter:
         else:
             self._write_held()
             fd, self._fd = self._fd, None
-            os.close(fd)
+            try:
+                os.close(fd)  # where a network filesystem reports a failed write
+            except OSError as exc:
+                self.abort()
+                raise _error("cannot write a queue file", exc) from exc
             token = _IN_FILE + self._id.encode()
         self._open = False
         self._created = False  # the file is the taker's now
