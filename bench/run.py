@@ -31,7 +31,7 @@ from pathlib import Path
 
 from load import IdleConnections, LoadError, Run, pipelining_client, smtp_source
 from memory import Footprint, PeakSampler, footprint
-from servers import Aiosmtpd, Mmdf, Postfix, Server
+from servers import Aiosmtpd, Mmdf, Postfix, Server, spread_subdirectories
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -334,6 +334,12 @@ def main(argv: list[str] | None = None) -> int:
     # daemons (user postfix) must be able to reach their directories.
     top = Path(tempfile.mkdtemp(prefix="mmdf-bench-", dir=args.workdir))
     top.chmod(0o755)
+    if not spread_subdirectories(top):
+        print(
+            "bench: the servers' directories share block groups (no chattr +T here):"
+            " one server's unlinks may slow another's creates",
+            file=sys.stderr,
+        )
     results = Results()
     servers: list[Server] = [
         Mmdf(top / "mmdf", maxconnects=100),
