@@ -27,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from load import smtp_source  # noqa: E402
-from servers import SRC, Mmdf, process_tree, spread_subdirectories  # noqa: E402
+from servers import SRC, Mmdf, process_tree, spread_subdirectories, unique_name  # noqa: E402
 
 _TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -51,7 +51,7 @@ def measure(src: Path, *, count: int, sessions: int, size: int, reuse: bool) -> 
         path = Path(directory)
         path.chmod(0o755)  # the sessions run as nobody
         spread_subdirectories(path)
-        server = Mmdf(path / "mmdf", maxconnects=100, src=src)
+        server = Mmdf(path / unique_name("mmdf"), maxconnects=100, src=src)
         server.start()
         try:
             before = tree_cpu_seconds(server.root_pid())

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from load import IdleConnections, LoadError, Run, pipelining_client, smtp_source
 from memory import Footprint, PeakSampler, footprint
-from servers import Aiosmtpd, Mmdf, Postfix, Server, spread_subdirectories
+from servers import Aiosmtpd, Mmdf, Postfix, Server, spread_subdirectories, unique_name
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -342,9 +342,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     results = Results()
     servers: list[Server] = [
-        Mmdf(top / "mmdf", maxconnects=100),
-        Postfix(top / "postfix", maxproc=IDLE_SLOTS),
-        Aiosmtpd(top / "aiosmtpd"),
+        Mmdf(top / unique_name("mmdf"), maxconnects=100),
+        Postfix(top / unique_name("postfix"), maxproc=IDLE_SLOTS),
+        Aiosmtpd(top / unique_name("aiosmtpd")),
     ]
     names = [server.name for server in servers]
     started_at = time.monotonic()
@@ -370,7 +370,9 @@ def main(argv: list[str] | None = None) -> int:
                 if isinstance(server, Mmdf):
                     # maxconnects 100 above, as Postfix's default process limit;
                     # holding the idle sessions needs a daemon with more slots.
-                    target = stack.enter_context(started(Mmdf(top / "mmdf-idle", IDLE_SLOTS)))
+                    target = stack.enter_context(
+                        started(Mmdf(top / unique_name("mmdf-idle"), IDLE_SLOTS))
+                    )
                 results.add(idle_name, server.name, measure_idle(target, idle))
     finally:
         shutil.rmtree(top, ignore_errors=True)

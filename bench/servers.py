@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -55,6 +56,9 @@ def spread_subdirectories(directory: Path) -> bool:
     would cost the other servers' creates a millisecond or more.  With the
     flag (the one ext4 sets on top-level directories) the servers'
     directories are spread to fresh groups, as if each had a disk of its own.
+    The group is looked for from a hash of the new directory's name: give
+    each run's directories names of their own (:func:`unique_name`), or a
+    run would land where the last one's clean-up just freed its inodes.
     False where the filesystem does not take the flag.
     """
     flags = bytearray(8)
@@ -68,6 +72,11 @@ def spread_subdirectories(directory: Path) -> bool:
     finally:
         os.close(fd)
     return True
+
+
+def unique_name(name: str) -> str:
+    """``name`` with a suffix of its own: see :func:`spread_subdirectories`."""
+    return f"{name}-{secrets.token_hex(4)}"
 
 
 def process_tree(root: int) -> list[int]:
