@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from driver import EHLO, ENVELOPE, session
 from mmdf_smtp.protocol import ConnectionClosed, Limits, MessageComplete, Path, replies
-from mmdf_smtp.protocol.content import DotReader
+from mmdf_smtp.protocol.content import ContentChecker, DotReader
 from mmdf_smtp.protocol.grammar import GrammarError, parse_mail, parse_path, parse_rcpt
 
 ATEXT = "abcxyzABCXYZ0189!#$%&'*+/=?^_`{|}~-"
@@ -90,6 +90,40 @@ def test_dot_reader_undoes_any_stuffing_at_any_split(body: list[bytes], cuts: li
     assert ended
     assert b"".join(out) == message
     assert bytes(buffer) == b"NEXT"[: len(buffer)]
+
+
+def _problems_of_whole(content: bytes, limit: int) -> set[bytes]:
+    """The problems the content has, worked out from all of it at once, line by line."""
+    unpaired = content.replace(b"\r\n", b"")
+    if b"\r" in unpaired or b"\n" in unpaired:
+        # Which lines are too long then depends on where a line is taken to
+        # end; the checker may meet either problem first.
+        return {replies.BARE_LINE_END_IN_DATA.to_bytes(), replies.DATA_LINE_TOO_LONG.to_bytes()}
+    *ended, last = content.split(b"\r\n")
+    if any(len(line) + 2 > limit for line in ended) or len(last) > limit:
+        return {replies.DATA_LINE_TOO_LONG.to_bytes()}  # the last line, still open (BDAT)
+    return set()
+
+
+@settings(max_examples=500)
+@given(
+    st.lists(st.sampled_from([b"a", b"a" * 5, b"\r\n", b"\r", b"\n"]), max_size=40),
+    st.integers(min_value=2, max_value=12),
+    st.lists(st.integers(min_value=0), max_size=8),
+)
+def test_content_checker_finds_at_any_split_what_the_whole_shows(
+    parts: list[bytes], limit: int, cuts: list[int]
+) -> None:
+    content = b"".join(parts)
+    checker = ContentChecker(Limits(text_line=limit))
+    for piece in _split(content, cuts):
+        checker.feed(piece)
+    checker.finish()
+    problems = _problems_of_whole(content, limit)
+    if checker.problem is None:
+        assert not problems
+    else:
+        assert checker.problem.to_bytes() in problems
 
 
 @settings(suppress_health_check=[HealthCheck.too_slow], max_examples=300)

@@ -15,6 +15,7 @@ from .replies import Reply
 
 _END_AT_START = b".\r\n"
 _END = b"\r\n.\r\n"
+_STUFFED = b"\r\n."
 
 
 class ContentChecker:
@@ -60,22 +61,39 @@ class ContentChecker:
         text = b"\r" + block if self._cr_pending else block
         crlf = text.count(b"\r\n")
         trailing_cr = 1 if text.endswith(b"\r") else 0
-        if text.count(b"\n") != crlf or text.count(b"\r") - trailing_cr != crlf:
+        # Every CR and every LF must be half of a CRLF (a trailing CR may be,
+        # with the next block's LF): as many of them as twice the CRLFs.
+        # Deleting them all is one pass; counting CR and LF, two.
+        line_ends = len(text) - len(text.translate(None, b"\r\n"))
+        if line_ends - trailing_cr != 2 * crlf:
             self.problem = replies.BARE_LINE_END_IN_DATA
         self._cr_pending = bool(trailing_cr)
 
     def _check_line_lengths(self, block: bytes) -> None:
-        pieces = block.split(b"\n")
-        # Every piece but the last ended with LF, which counts to its line.
-        first = self._line_length + len(pieces[0]) + (1 if len(pieces) > 1 else 0)
-        longest = max(first, max(map(len, pieces[1:-1]), default=0) + 1)
-        if len(pieces) > 1:
-            longest = max(longest, len(pieces[-1]))
-            self._line_length = len(pieces[-1])
-        else:
-            self._line_length = first
-        if longest > self._limits.text_line:
+        # A line's length counts its LF.  Rather than split the block into
+        # its lines, hop from LF to the last LF within a line's length of
+        # it: a hop a line limit long, not a line, and no list of lines.
+        limit = self._limits.text_line
+        last = block.find(b"\n")
+        if last < 0:
+            self._line_length += len(block)
+            if self._line_length > limit:
+                self.problem = replies.DATA_LINE_TOO_LONG
+            return
+        if self._line_length + last + 1 > limit:
             self.problem = replies.DATA_LINE_TOO_LONG
+            return
+        end = len(block)
+        rfind = block.rfind
+        while end - last - 1 > limit:
+            # More than a line's worth follows: its first `limit` octets must hold an LF.
+            last = rfind(b"\n", last + 1, last + 1 + limit)
+            if last < 0:
+                self.problem = replies.DATA_LINE_TOO_LONG
+                return
+        # Lines after the last hop are shorter than a hop; the block's last
+        # line goes on in the next block.
+        self._line_length = end - rfind(b"\n") - 1
 
     def _count_received(self, block: bytes) -> None:
         # Only the start of each header line matters: keep a short prefix.
@@ -117,16 +135,19 @@ class DotReader:
         if self._at_line_start and buffer[:3] == _END_AT_START:
             del buffer[:3]
             return b"", True
-        end = buffer.find(_END)
+        # The end marker starts as a stuffed line does, with CRLF ".": where
+        # there is none, neither is to be looked for.
+        stuffed = buffer.find(_STUFFED)
+        end = buffer.find(_END, stuffed) if stuffed >= 0 else -1
         if end >= 0:
-            block = self._unstuff(bytes(buffer[: end + 2]))
+            block = self._unstuff(_head(buffer, end + 2), stuffed >= 0)
             del buffer[: end + 5]
             return block, True
         cut = buffer.rfind(b"\r\n")
         if cut >= 0:
             # Whole lines up to the last CRLF; what follows may be the start
             # of the end marker and waits for more input.
-            block = self._unstuff(bytes(buffer[: cut + 2]))
+            block = self._unstuff(_head(buffer, cut + 2), stuffed >= 0)
             del buffer[: cut + 2]
             self._at_line_start = True
             return block, False
@@ -143,10 +164,16 @@ class DotReader:
             return block, False
         return b"", False
 
-    def _unstuff(self, block: bytes) -> bytes:
+    def _unstuff(self, block: bytes, stuffed: bool) -> bytes:
         # "If the first character [of a line] is a period and there are
         # other characters on the line, the first character is deleted."
         if self._at_line_start and block.startswith(b"."):
             block = block[1:]
         self._at_line_start = True
-        return block.replace(b"\r\n.", b"\r\n")
+        return block.replace(_STUFFED, b"\r\n") if stuffed else block
+
+
+def _head(buffer: bytearray, size: int) -> bytes:
+    """The first ``size`` octets of ``buffer``, copied once (a slice would copy twice)."""
+    with memoryview(buffer) as view:
+        return bytes(view[:size])
