@@ -143,7 +143,7 @@ class Daemon:
         self.process = process
         self.config = config
         self.lines: queue.Queue[str | None] = queue.Queue()
-        self._reader = threading.Thread(target=self._read_log, args=(process.stderr,))
+        self._reader = threading.Thread(target=self._read_log, args=(process.stderr,), daemon=True)
         self._reader.start()
         self.host, self.port, self.workers = self._wait_until_listening()
 
@@ -191,6 +191,11 @@ class Daemon:
                 self.process.kill()
                 self.process.wait()
         self._reader.join(timeout=30)
+        # Closing the stream under a reader still blocked on it would wait
+        # for that read for ever: say what holds it instead.
+        assert not self._reader.is_alive(), (
+            "smtpd's stderr is still open after it ended: a process it started outlives it"
+        )
         assert self.process.stderr is not None
         self.process.stderr.close()
 
