@@ -62,8 +62,8 @@ from . import Envelope, MessageWriter, QueueError
 
 log = logging.getLogger("mmdf_smtp.queue")
 
-_ID = re.compile(r"[0-9a-f]{26}")
-_ID_LENGTH = 26
+_ID_LENGTH = 26  # hex digits: time in microseconds, pid, counter (Spool.new_id)
+_ID = re.compile(rf"[0-9a-f]{{{_ID_LENGTH}}}")
 # What a message handed over to another process starts with (Spool.hand_over).
 _IN_TOKEN = b"M"  # then its id and every octet of it
 _IN_FILE = b"F"  # then its id: the rest is in its file in tmp/
@@ -261,9 +261,9 @@ class SpoolWriter:
     waits on the filesystem for it.  A failure to store it (a full disk)
     surfaces there, as the same :class:`QueueError`.
 
-    The file is a bare descriptor, not a file object: a commit is a run of
-    system calls by threads that share the interpreter, and every call
-    costs a hand-over of it (a buffered file's opening alone made three).
+    The file is a bare descriptor, not a file object: a buffered file's
+    opening alone made three more system calls, and a big message's commit
+    runs in a thread, which hands the interpreter over at every call.
     """
 
     def __init__(
