@@ -543,6 +543,37 @@ def test_a_message_handed_over_is_committed_by_the_taker_alone(tmp_path: Path) -
         assert stored.read() == b"y" * 5000 + b"tail\r\n"
 
 
+def test_a_message_taken_back_is_queued_only_if_its_commit_was_done(tmp_path: Path) -> None:
+    """The taker died: the state of each file tells what it had done, and only that."""
+    spool = Spool(tmp_path, in_memory=4096)
+    taker = Spool(tmp_path, in_memory=4096)
+    writers = []
+    for content in (b"never taken\r\n", b"z" * 5000, b"renamed\r\n", b"committed\r\n"):
+        writer = spool.open(ENVELOPE)
+        writer.write(content)
+        writers.append((writer, spool.hand_over(writer)))
+    _, (in_tmp, _), (renamed, renamed_token), (committed, committed_token) = writers
+    assert os.listdir(spool.tmp) == [in_tmp.id]  # 5000 octets: in its file already
+    # Cut short after the rename into queue/, before the syncs were all done.
+    cut = taker.take_over(renamed_token)
+    assert isinstance(cut, spool_module.SpoolWriter)
+    cut._write_out(start_writeback=False)
+    cut._settle()
+    cut._move_to_queue()
+    assert cut._fd is not None
+    os.close(cut._fd)  # as the taker's death would
+    assert taker.commit_all([taker.take_over(committed_token)]) == [None]
+    assert sorted(os.listdir(spool.queue)) == sorted([renamed.id, committed.id])
+    assert spool.ids() == [committed.id]
+
+    assert [spool.take_back(writer) for writer, _ in writers] == [False, False, False, True]
+    assert os.listdir(spool.tmp) == [] and os.listdir(spool.queue) == [committed.id]
+    with spool.open_message(committed.id) as stored:
+        assert stored.read() == b"committed\r\n"
+    assert spool.take_back(committed) is True  # asking again changes nothing
+    assert spool.ids() == [committed.id]
+
+
 @pytest.mark.parametrize("token", [b"", b"X" + b"0" * 26, b"M" + b"not an id at all!!!!!!!!!!"])
 def test_what_is_not_a_message_handed_over_is_refused(tmp_path: Path, token: bytes) -> None:
     with pytest.raises(QueueError, match="not a message handed over"):

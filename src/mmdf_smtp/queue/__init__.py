@@ -85,6 +85,12 @@ class Queue(Protocol):
         :class:`QueueError`, after which nothing of the message remains."""
         ...
 
+    def take_back(self, writer: MessageWriter) -> bool:
+        """After :meth:`hand_over`, when the process that took the message
+        over has exited with no word of it: True if the message was
+        committed; if not, nothing of it remains."""
+        ...
+
     def commit_all(self, writers: Sequence[MessageWriter]) -> list[QueueError | None]:
         """Commit messages of this queue that ended together, sharing what
         can be shared (a directory sync); for each, None once it is on

@@ -603,6 +603,29 @@ class Spool:
             raise _error("cannot open a queue file handed over", exc) from exc
         return SpoolWriter(self, queue_id, bytearray(), in_memory=self.in_memory, fd=fd)
 
+    def take_back(self, writer: MessageWriter) -> bool:
+        """Whether the message that ``writer`` handed over was committed, its
+        taker being gone; if not, what the taker left of it is removed.
+
+        Queued mode is given only once the files and ``queue/`` are synced
+        (:meth:`commit_all`), so a message in it is on stable storage, and
+        deliver is told of it.  One in ``queue/`` still in its committing
+        mode may have missed a sync: it goes, with a file left in ``tmp/``.
+        Only once the taker has exited; a live one may still be at it.
+        """
+        queue_id = writer.id
+        try:
+            queued = bool(os.stat(self._in_queue + queue_id).st_mode & stat.S_IRUSR)
+        except OSError:
+            queued = False
+        if queued:
+            self.poke()
+            return True
+        for path in (self._in_queue + queue_id, self._in_tmp + queue_id):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        return False
+
     def recover(self) -> list[str]:
         """Clean up after crashed writers; return the ids removed from tmp/.
 

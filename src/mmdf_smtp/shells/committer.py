@@ -22,8 +22,11 @@ not hold up the small ones' 250.
 
 The commit process lives as long as its socket: when the worker exits
 (or dies), it finishes the commits it has and exits too.  If it dies,
-the messages it had are answered with a temporary error (the client
-sends them again) and the next commit starts another.
+the messages it had not answered for are answered once it has exited,
+as the queue finds them: 250 for one it had committed, a temporary
+error for the others, whose leftovers are removed so that the client's
+next try is the only copy (:meth:`CommitProcess._broken`).  The next
+commit starts another process.
 """
 
 from __future__ import annotations
@@ -74,6 +77,11 @@ _COMMITTED = b"0"
 _FAILED = b"1"  # then the QueueError's text: a temporary failure
 _FULL = b"2"  # then the text: storage ran out
 _BROKEN = b"3"  # then the text: an unexpected error, not the message's fault
+# How long the sessions of a commit process that stopped answering wait
+# for it to exit before they are told their messages were not queued: it
+# may still be finishing a big message's fsync.
+EXIT_WAIT = 30.0
+_REAP_EVERY = 0.1
 
 
 class CommitThreads:
@@ -257,7 +265,7 @@ class CommitProcess:
     def __init__(self, loop: asyncio.AbstractEventLoop, queue: Queue) -> None:
         self.queue = queue
         self._loop = loop
-        self._pending: dict[int, CommitDone] = {}
+        self._pending: dict[int, tuple[CommitDone, MessageWriter]] = {}
         self._unsent: list[tuple[int, bytes, bytes]] = []  # for the end of this turn of the loop
         self._outbox: collections.deque[bytes] = collections.deque()  # for when the socket drains
         self._input = bytearray(DATAGRAM)
@@ -307,7 +315,7 @@ class CommitProcess:
             self._loop.call_soon(done, RuntimeError("a message handed over is too big"))
             return
         number = next(self._numbers)
-        self._pending[number] = done
+        self._pending[number] = (done, writer)
         if not self._unsent:
             self._loop.call_soon(self._send_unsent)
         self._unsent.append((number, _BIG if size >= BIG else _SMALL, message))
@@ -357,46 +365,89 @@ class CommitProcess:
                     self._broken(None)
                     return
                 for number, _, outcome in _records(view[:size]):
-                    done = self._pending.pop(number, None)
-                    if done is not None:
-                        done(_result(outcome))
+                    job = self._pending.pop(number, None)
+                    if job is not None:
+                        job[0](_result(outcome))
 
     def _broken(self, exc: OSError | None) -> None:
-        """The commit process is gone: what it had gets a temporary error."""
+        """The commit process is gone, or its socket broke: once it has
+        exited, the messages it did not answer for are answered as the queue
+        finds them (:meth:`~mmdf_smtp.queue.Queue.take_back`).
+
+        A message it committed gets its 250 after all, and one it did not
+        is removed and gets a temporary error, so that the client's next
+        try is not delivered twice, nor a copy left unseen in ``queue/``.
+        """
         pending, self._pending = self._pending, {}
         self._unsent.clear()
+        if not self._shut():
+            return  # heard of already: nothing is pending any more
+        reason = str(exc) if exc else "end of file"
+        # Never from within the submit that may have found it gone: the
+        # first look is from the loop.
+        self._loop.call_soon(self._reap, lambda exited: self._answer(pending, reason, exited), 0.0)
+
+    def _answer(
+        self,
+        pending: dict[int, tuple[CommitDone, MessageWriter]],
+        reason: str,
+        exited: bool,
+    ) -> None:
+        error = QueueError("the commit process stopped")
+        committed = 0
+        for done, writer in pending.values():
+            result: Exception | None = error
+            if exited:
+                try:
+                    if self.queue.take_back(writer):
+                        result = None
+                        committed += 1
+                except Exception:
+                    log.exception("cannot tell whether message %s was committed", writer.id)
+            self._loop.call_soon(done, result)  # each on its own, as an outcome read is
         if pending:
             log.error(
-                "the commit process (pid %d) stopped with %d messages: %s",
+                "the commit process (pid %d) stopped (%s) with %d messages: %s",
                 self.pid,
+                reason,
                 len(pending),
-                exc or "end of file",
+                f"{committed} committed, the rest not"
+                if exited
+                else f"it had not exited after {EXIT_WAIT:g} s, so none is taken back",
             )
-        self.close()
-        error = QueueError("the commit process stopped")
-        for done in pending.values():
-            # Not from within the submit that may have found it gone.
-            self._loop.call_soon(done, error)
 
     def close(self) -> None:
         """Stop it: it finishes the commits it has, then exits."""
+        if self._shut():
+            self._reap(None, 0.0)
+
+    def _shut(self) -> bool:
+        """Close our end of the socket, once; False if it was closed already."""
         if self._closed:
-            return
+            return False
         self._closed = True
         self._loop.remove_reader(self._sock.fileno())
         if self._outbox:
             self._loop.remove_writer(self._sock.fileno())
             self._outbox.clear()
         self._sock.close()
-        self._reap()
+        return True
 
-    def _reap(self) -> None:
+    def _reap(self, exited: Callable[[bool], None] | None, waited: float) -> None:
+        """Collect the process once it has exited.  ``exited`` hears whether
+        it did within :data:`EXIT_WAIT` (it finishes the commits it has)."""
         try:
             pid, _ = os.waitpid(self.pid, os.WNOHANG)
-        except ChildProcessError:
+        except ChildProcessError:  # collected already
+            pid = self.pid
+        if pid:
+            if exited is not None:
+                exited(True)
             return
-        if pid == 0:  # still finishing its commits
-            self._loop.call_later(0.1, self._reap)
+        if exited is not None and waited >= EXIT_WAIT:
+            exited(False)
+            exited = None
+        self._loop.call_later(_REAP_EVERY, self._reap, exited, waited + _REAP_EVERY)
 
 
 class Committer:
