@@ -391,6 +391,56 @@ def test_a_worker_that_dies_is_replaced(tmp_path: Path) -> None:
                 recv_reply(sock)
 
 
+def test_a_worker_that_replaces_another_after_sighup_has_the_reloaded_configuration(
+    tmp_path: Path,
+) -> None:
+    config = write_config(tmp_path)
+    with daemon(config, "-n", "2") as d:  # two workers, one session each
+        workers = [int(line.rsplit(" ", 1)[1]) for line in d.log_lines(" started, pid ", 2)]
+        config.write_text(
+            config.read_text().replace('hostname = "mx.test"', 'hostname = "mx2.test"')
+        )
+        d.process.send_signal(signal.SIGHUP)
+        d.log_lines("configuration reloaded", 2)
+        os.kill(workers[0], signal.SIGKILL)
+        d.log_lines(" started, pid ")
+        # Both at once: one of them is the replacement's.
+        with d.connect() as first, d.connect() as second:
+            assert recv_reply(first) == b"220 mx2.test Server SMTP ready\r\n"
+            assert recv_reply(second) == b"220 mx2.test Server SMTP ready\r\n"
+
+
+FAILING_WORKERS = """
+import logging, sys
+from mmdf_smtp.daemon import Supervisor
+logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(message)s")
+def work(index):
+    raise RuntimeError("this worker cannot start")
+Supervisor(1, work).run()
+"""
+
+
+def test_a_worker_that_cannot_start_is_restarted_after_a_growing_pause() -> None:
+    process = subprocess.Popen(
+        [PYTHON, "-c", FAILING_WORKERS], stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env()
+    )
+    assert process.stderr is not None
+    try:
+        time.sleep(2.5)  # restarts due at about 1 s and 3 s: one within the window
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=5) == 0  # at once, not when the next restart is due
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    log = process.stderr.read().decode()
+    process.stderr.close()
+    assert log.count("worker 0 failed") == 2, log
+    pauses = re.findall(r"died with status 70 after [0-9.]+ s; starting another in (\S+) s", log)
+    assert pauses == ["1", "2"], log
+    assert log.rstrip().endswith("stopped")
+
+
 def uid_of(pid: int) -> int:
     status = Path(f"/proc/{pid}/status").read_text()
     [line] = [line for line in status.splitlines() if line.startswith("Uid:")]

@@ -18,6 +18,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
@@ -39,6 +40,12 @@ BACKLOG = 128
 GRACE_SECONDS = 30.0
 LOG_FLUSH_DELAY = 0.02  # seconds a log line may wait to share a write with others
 SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+# A worker that dies sooner than QUICK_EXIT after its start is restarted only
+# after a pause: THROTTLE_FIRST, doubled for each quick death in a row.
+QUICK_EXIT = 5.0
+THROTTLE_FIRST = 1.0
+THROTTLE_MAX = 60.0
+WAIT_POLL = 0.1  # seconds between looks for an ended worker while a restart is due
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -338,17 +345,33 @@ class Supervisor:
     The listening sockets are bound before the workers are forked, so all
     of them accept on the same sockets, each within its share of
     ``maxconnects``; a busy worker stops accepting and the others go on.
-    A worker that dies is replaced.  SIGTERM and SIGHUP are passed on.
+    A worker that dies is replaced: at once if it had run a while, else
+    after a pause that doubles each time (up to :data:`THROTTLE_MAX`), so
+    that a worker that cannot start is not forked again and again, as fast
+    as the machine can, with a traceback in the log each time (Postfix's
+    master throttles such a service the same way).  SIGTERM and SIGHUP are
+    passed on; ``reload``, called on SIGHUP first, lets the workers that
+    replace others start with the configuration that the running ones reload.
     """
 
-    def __init__(self, workers: int, work: Callable[[int], None]) -> None:
+    def __init__(
+        self,
+        workers: int,
+        work: Callable[[int], None],
+        reload: Callable[[], None] | None = None,
+    ) -> None:
         self._count = workers
         self._work = work
+        self._reload = reload
         self._pids: dict[int, int] = {}  # pid -> worker index
+        self._started: dict[int, float] = {}  # worker index -> when its process was forked
+        self._pauses: dict[int, float] = {}  # worker index -> its last pause before a restart
+        self._due: dict[int, float] = {}  # worker index -> when it is to be started again
         self._stopping = False
 
     def _spawn(self, index: int) -> None:
         parent = os.getpid()
+        self._started[index] = time.monotonic()
         pid = os.fork()
         if pid == 0:
             # Held back until the worker's loop has its handlers (Daemon.run):
@@ -372,6 +395,8 @@ class Supervisor:
     def _forward(self, signum: int, _frame: object) -> None:
         if signum in (signal.SIGTERM, signal.SIGINT):
             self._stopping = True
+        elif signum == signal.SIGHUP and self._reload is not None:
+            self._reload()
         for pid in list(self._pids):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM if signum == signal.SIGINT else signum)
@@ -383,23 +408,57 @@ class Supervisor:
             self._spawn(index)
         # Only now, with workers to pass them to, are signals let through.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
-        while self._pids:
+        while self._pids or (self._due and not self._stopping):
+            if self._stopping:
+                self._due.clear()
+            for index, due in list(self._due.items()):
+                if due <= time.monotonic():
+                    del self._due[index]
+                    self._spawn(index)
             try:
-                pid, status = os.wait()
+                pid, status = self._wait()
             except ChildProcessError:
+                if self._due:
+                    continue  # every worker is waiting for its restart
                 break
-            if pid not in self._pids:
+            if pid == 0 or pid not in self._pids:
                 continue
             index = self._pids.pop(pid)
             if not self._stopping:
-                log.error(
-                    "worker %d (pid %d) died with status %d; starting another",
-                    index,
-                    pid,
-                    os.waitstatus_to_exitcode(status),
-                )
-                self._spawn(index)
+                self._restart(index, pid, os.waitstatus_to_exitcode(status))
         log.info("stopped")
+
+    def _wait(self) -> tuple[int, int]:
+        """The next worker to end (pid 0 if none did by the next restart due)."""
+        if not self._due:
+            return os.wait()
+        pause = min(self._due.values()) - time.monotonic()
+        if pause > 0:
+            time.sleep(min(pause, WAIT_POLL))
+        if not self._pids:
+            return 0, 0
+        return os.waitpid(-1, os.WNOHANG)
+
+    def _restart(self, index: int, pid: int, status: int) -> None:
+        lived = time.monotonic() - self._started[index]
+        if lived >= QUICK_EXIT:
+            self._pauses.pop(index, None)
+            log.error(
+                "worker %d (pid %d) died with status %d; starting another", index, pid, status
+            )
+            self._spawn(index)
+            return
+        pause = min(THROTTLE_MAX, 2 * self._pauses.get(index, THROTTLE_FIRST / 2))
+        self._pauses[index] = pause
+        self._due[index] = time.monotonic() + pause
+        log.error(
+            "worker %d (pid %d) died with status %d after %.1f s; starting another in %g s",
+            index,
+            pid,
+            status,
+            lived,
+            pause,
+        )
 
 
 def _die_with(parent: int) -> None:

@@ -14,6 +14,7 @@ connection with the connection on its stdin and stdout, argv
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import ipaddress
 import logging
@@ -25,6 +26,7 @@ import socket
 import sys
 
 from ..admission import Admission
+from ..config import ConfigError
 from ..daemon import (
     SIGNALS,
     Daemon,
@@ -37,6 +39,8 @@ from ..daemon import (
     sockname,
     workers_for,
 )
+from ..policy import UnknownChannel
+from ..service import Service
 from ..session import address_literal
 from ..shells.blocking import BlockingShell
 from .common import (
@@ -167,11 +171,20 @@ def main(argv: list[str] | None = None) -> int:
     names = ", ".join(sockname(sock) for sock in listeners)
     log.info("listening on %s, maxconnects %d, %d workers", names, maxconnects, workers)
 
+    current = service
+
+    def reload() -> None:
+        # For the workers that will replace others; the running ones reload
+        # for themselves, and log what is wrong with a bad configuration.
+        nonlocal current
+        with contextlib.suppress(ConfigError, UnknownChannel):
+            current = Service.load(args.config, channels, finicky=args.finicky)
+
     def work(index: int) -> None:
         slots = share(maxconnects, workers, index)
         run(
             lambda: Daemon(
-                service,
+                current,
                 listeners,
                 config_path=args.config,
                 external=external,
@@ -183,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     if workers == 1:
         work(0)
     else:
-        Supervisor(workers, work).run()
+        Supervisor(workers, work, reload).run()
     return EX_OK
 
 
