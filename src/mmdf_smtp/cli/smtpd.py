@@ -14,7 +14,6 @@ connection with the connection on its stdin and stdout, argv
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import ipaddress
 import logging
@@ -176,9 +175,15 @@ def main(argv: list[str] | None = None) -> int:
     def reload() -> None:
         # For the workers that will replace others; the running ones reload
         # for themselves, and log what is wrong with a bad configuration.
+        # This runs in the supervisor's signal handler, where anything
+        # raised would end the supervisor, and every worker with it.
         nonlocal current
-        with contextlib.suppress(ConfigError, UnknownChannel):
+        try:
             current = Service.load(args.config, channels, finicky=args.finicky)
+        except (ConfigError, UnknownChannel):
+            pass
+        except Exception:
+            log.exception("reload failed, keeping the running configuration")
 
     def work(index: int) -> None:
         slots = share(maxconnects, workers, index)
