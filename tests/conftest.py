@@ -2,7 +2,8 @@
 
 Every run keeps hypothesis's example counts small (the "ci" profile);
 ``pytest --soak`` loads the "soak" profile, which raises them a hundredfold,
-and runs the tests marked ``soak`` that are skipped otherwise.
+runs the tests marked ``soak`` that are skipped otherwise, and gives each
+test :data:`SOAK_TIMEOUT` instead of the usual limit.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ settings.register_profile(
 settings.load_profile("ci")
 
 _OWN_BASE: Path | None = None
+SOAK_TIMEOUT = 2 * 3600  # seconds a test may take in a --soak run
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -57,6 +59,10 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if config.getoption("--soak"):
+        # The usual limit (pyproject's timeout) is for the short runs: a
+        # soak of 20,000 examples takes many minutes, a hang still ends.
+        for item in items:
+            item.add_marker(pytest.mark.timeout(SOAK_TIMEOUT))
         return
     skip = pytest.mark.skip(reason="a long run: give --soak to run it")
     for item in items:
