@@ -8,6 +8,8 @@ import json
 import mailbox
 import socket
 import ssl
+import threading
+import time
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from io import BytesIO
@@ -18,7 +20,7 @@ import trustme
 
 from mmdf_smtp.cli import checkque
 from mmdf_smtp.config import ConfigError, NextHop, load, parse_next_hop
-from mmdf_smtp.delivery import maildir
+from mmdf_smtp.delivery import maildir, nexthop
 from mmdf_smtp.delivery.nexthop import Outcome, dot_stuffed
 from mmdf_smtp.delivery.runner import Runner, backoff
 from mmdf_smtp.policy.aliases import Aliases, Destination
@@ -588,6 +590,115 @@ def test_an_unreachable_next_hop_defers(tmp_path: Path) -> None:
     assert entry.status == "deferred"
     assert entry.last_reply.startswith("451 4.4.1 smtp:[127.0.0.1]:")
     assert "refused" in entry.last_reply.lower()
+
+
+def test_a_next_hop_that_is_down_is_left_alone_for_retry_min(tmp_path: Path) -> None:
+    tries: list[list[str]] = []
+
+    def down(hop: NextHop, *, recipients: list[str], **_: object) -> list[Outcome]:
+        tries.append(recipients)
+        failure = Outcome(451, "4.4.1 smtp:[127.0.0.1]:9: timed out", unreachable=True)
+        return [failure] * len(recipients)
+
+    s = hop_setup(tmp_path, "smtp", 9)
+    s.runner = Runner(s.config, s.spool, clock=s.clock, send=down)
+    first = s.queue("one@remote.test")
+    second = s.queue("two@remote.test", "alice@example.org")
+    assert s.runner.run() == NOW + timedelta(seconds=60)
+    # One connection timeout for the pass, not one for each message.
+    assert tries == [["one@remote.test"]]
+    suspended = "451 4.4.1 delivery temporarily suspended: smtp:[127.0.0.1]:9: timed out"
+    replies = {}
+    for queue_id in (first, second):
+        state = s.spool.read_state(queue_id)
+        assert state is not None
+        replies[queue_id] = [(r.status, r.last_reply) for r in state.recipients]
+    assert replies[first] == [("deferred", "451 4.4.1 smtp:[127.0.0.1]:9: timed out")]
+    assert replies[second][0] == ("deferred", suspended)
+    assert replies[second][1][0] == "delivered"
+    assert replies[second][1][1].startswith("250 2.0.0 Delivered to maildir as ")
+    assert s.messages("alice") == [as_delivered("alice@example.org")]
+
+    # A message that comes meanwhile waits too; retry_min after the failure
+    # the hop is tried again, and a flush tries it at once.
+    s.clock.advance(30)
+    third = s.queue("three@remote.test")
+    s.runner.run()
+    assert len(tries) == 1
+    state = s.spool.read_state(third)
+    assert state is not None and state.recipients[0].last_reply == suspended
+    s.clock.advance(30)
+    s.runner.run()
+    assert tries[1:] == [["one@remote.test"]]
+    s.runner.run(flush=True)
+    assert tries[2:] == [["one@remote.test"]]
+
+
+def test_connecting_has_a_bound_shorter_than_a_command() -> None:
+    # A listener whose backlog is full drops the next SYN, as a host that
+    # is down does: the connection neither succeeds nor is refused.
+    with socket.socket() as full, socket.socket() as filler:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        filler.connect(full.getsockname())
+        hop = NextHop(protocol="smtp", host="127.0.0.1", port=full.getsockname()[1])
+        started = time.monotonic()
+        [outcome] = nexthop.send(
+            hop,
+            hostname="mx.test",
+            sender="a@example.org",
+            recipients=["far@remote.test"],
+            message=BytesIO(MESSAGE),
+            connect_timeout=0.5,
+        )
+        elapsed = time.monotonic() - started
+    assert outcome == Outcome(
+        451, f"4.4.1 smtp:[127.0.0.1]:{hop.port}: timed out", unreachable=True
+    )
+    assert 0.4 < elapsed < 5
+
+
+def test_a_slow_greeting_gets_a_commands_bound() -> None:
+    """The greeting comes after the connect bound: the message still goes."""
+    received: list[bytes] = []
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+
+        def serve() -> None:
+            conn, _ = listener.accept()
+            with conn, conn.makefile("rb") as lines:
+                time.sleep(1.0)
+                conn.sendall(b"220 slow.test ready\r\n")
+                for line in lines:
+                    command = line[:4].upper()
+                    if command == b"DATA":
+                        conn.sendall(b"354 go on\r\n")
+                        data = b""
+                        while not data.endswith(b"\r\n.\r\n"):
+                            data += lines.readline()
+                        received.append(data)
+                        conn.sendall(b"250 2.0.0 Stored\r\n")
+                    elif command == b"QUIT":
+                        conn.sendall(b"221 bye\r\n")
+                        return
+                    else:
+                        conn.sendall(b"250 ok\r\n")
+
+        server = threading.Thread(target=serve, daemon=True)
+        server.start()
+        [outcome] = nexthop.send(
+            NextHop(protocol="smtp", host="127.0.0.1", port=listener.getsockname()[1]),
+            hostname="mx.test",
+            sender="a@example.org",
+            recipients=["far@remote.test"],
+            message=BytesIO(b"Subject: slow\r\n\r\n.dot\r\n"),
+            timeout=10,
+            connect_timeout=0.3,
+        )
+        server.join(10)
+    assert outcome == Outcome(250, "2.0.0 Stored", from_peer=True)
+    assert received == [b"Subject: slow\r\n\r\n..dot\r\n.\r\n"]
 
 
 def test_dot_stuffing_and_line_ends() -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import smtplib
+import socket
 import ssl
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,9 @@ log = logging.getLogger("mmdf_smtp.deliver")
 # RFC 5321 4.5.3.2 asks for minutes per command (10 for the end of data):
 # one bound for every read keeps it simple and still ends a dead peer.
 TIMEOUT = 600.0
+# Connecting is not a command: a next hop that does not take the
+# connection within this long is down (Postfix's smtp_connect_timeout).
+CONNECT_TIMEOUT = 30.0
 _CHUNK = 64 * 1024
 
 
@@ -36,6 +40,7 @@ class Outcome:
     code: int
     text: str  # with the enhanced status code first when there is one
     from_peer: bool = False  # the next hop said it; else we did
+    unreachable: bool = False  # no session with the next hop: not connected, or not greeted
 
     @property
     def temporary(self) -> bool:
@@ -69,6 +74,7 @@ def send(
     smtputf8: bool = False,
     body: str | None = None,
     timeout: float = TIMEOUT,
+    connect_timeout: float = CONNECT_TIMEOUT,
 ) -> list[Outcome]:
     """Send ``message`` to ``recipients``; one outcome per recipient, in order.
 
@@ -91,6 +97,7 @@ def send(
             smtputf8=smtputf8,
             body=body,
             timeout=timeout,
+            connect_timeout=connect_timeout,
             tls=tls,
         )
 
@@ -105,6 +112,28 @@ class _HandshakeFailed(Exception):
     pass
 
 
+class _SMTPClient(smtplib.SMTP):
+    """smtplib's client, whose connecting has a bound of its own, shorter
+    than the one every command's reply gets (from the greeting on)."""
+
+    def __init__(
+        self, host: str, port: int, *, local_hostname: str, timeout: float, connect_timeout: float
+    ) -> None:
+        self._connect_timeout = connect_timeout  # read while the constructor connects
+        super().__init__(host, port, local_hostname=local_hostname, timeout=timeout)
+
+    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
+        # smtplib's hook for how to connect (SMTP_SSL's too), not in its stubs.
+        bound = min(timeout, self._connect_timeout)
+        sock: socket.socket = super()._get_socket(host, port, bound)  # type: ignore[misc]
+        sock.settimeout(timeout)
+        return sock
+
+
+class _LMTPClient(_SMTPClient, smtplib.LMTP):
+    pass
+
+
 def _attempt(
     hop: NextHop,
     *,
@@ -115,16 +144,23 @@ def _attempt(
     smtputf8: bool,
     body: str | None,
     timeout: float,
+    connect_timeout: float,
     tls: bool,
 ) -> list[Outcome]:
     outcomes: list[Outcome | None] = [None] * len(recipients)
-    kind = smtplib.LMTP if hop.protocol == "lmtp" else smtplib.SMTP
+    kind = _LMTPClient if hop.protocol == "lmtp" else _SMTPClient
     try:
         # Connecting in the constructor: STARTTLS names the host it was given.
-        client = kind(hop.host, hop.port, local_hostname=hostname, timeout=timeout)
+        client = kind(
+            hop.host,
+            hop.port,
+            local_hostname=hostname,
+            timeout=timeout,
+            connect_timeout=connect_timeout,
+        )
     except (OSError, smtplib.SMTPException) as exc:
         # No greeting, or not a 220: Postfix too defers rather than bounces.
-        failure = Outcome(451, f"4.4.1 {describe(hop)}: {_reason(exc)}")
+        failure = Outcome(451, f"4.4.1 {describe(hop)}: {_reason(exc)}", unreachable=True)
         return [failure] * len(recipients)
     try:
         _transaction(

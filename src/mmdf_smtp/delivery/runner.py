@@ -98,6 +98,11 @@ class Runner:
         self._notices: list[str] = []
         # Next tries this runner wrote: their states need no reading until then.
         self._waiting: dict[str, datetime] = {}
+        # A next hop that could not be reached, until when it is left alone,
+        # and what its recipients are told meanwhile: like a dead destination
+        # in Postfix's queue manager, so that a hop that is down costs one
+        # connection timeout, not one for each message.
+        self._hop_down: tuple[datetime, Outcome] | None = None
         table = read_aliases(config.local.aliases) if config.local.aliases else {}
         domains = config.local_domains
         self.aliases = Aliases(
@@ -115,6 +120,8 @@ class Runner:
         """
         if self._pickup is not None:
             self._pickup()
+        if flush:
+            self._hop_down = None  # the administrator asks for a try now
         due, self._waiting = self.spool.due(self._clock(), flush=flush, known=self._waiting)
         log.debug("pass: %d messages due, %d waiting", len(due), len(self._waiting))
         self._notices.clear()
@@ -238,6 +245,10 @@ class Runner:
             # than bouncing it at once: the administrator may add one.
             outcome = Outcome(451, "4.4.0 No next hop configured for non-local mail")
             return [_Tried(i, outcome, "none") for i in due]
+        relay, host = nexthop.describe(hop), nexthop.host_of(hop)
+        now = self._clock()
+        if self._hop_down is not None and now < self._hop_down[0]:
+            return [_Tried(i, self._hop_down[1], relay, host) for i in due]
         with self.spool.open_message(queue_id) as message:
             outcomes = self._send(
                 hop,
@@ -248,7 +259,12 @@ class Runner:
                 smtputf8=envelope.smtputf8,
                 body=envelope.body,
             )
-        relay, host = nexthop.describe(hop), nexthop.host_of(hop)
+        if outcomes and all(outcome.unreachable for outcome in outcomes):
+            pause = self.config.deliver.retry_min
+            reason = outcomes[0].text.split(" ", 1)[-1]  # without its status code
+            suspended = Outcome(451, f"4.4.1 delivery temporarily suspended: {reason}")
+            self._hop_down = (now + timedelta(seconds=pause), suspended)
+            log.warning("%s; delivery to it suspended for %d s", reason, pause)
         return [_Tried(i, o, relay, host) for i, o in zip(due, outcomes, strict=True)]
 
     def _record(
