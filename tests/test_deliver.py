@@ -597,6 +597,7 @@ def test_a_next_hop_that_is_down_is_left_alone_for_retry_min(tmp_path: Path) -> 
 
     def down(hop: NextHop, *, recipients: list[str], **_: object) -> list[Outcome]:
         tries.append(recipients)
+        s.clock.advance(30)  # the connect bound, waited out
         failure = Outcome(451, "4.4.1 smtp:[127.0.0.1]:9: timed out", unreachable=True)
         return [failure] * len(recipients)
 
@@ -619,17 +620,18 @@ def test_a_next_hop_that_is_down_is_left_alone_for_retry_min(tmp_path: Path) -> 
     assert replies[second][1][1].startswith("250 2.0.0 Delivered to maildir as ")
     assert s.messages("alice") == [as_delivered("alice@example.org")]
 
-    # A message that comes meanwhile waits too; retry_min after the failure
-    # the hop is tried again, and a flush tries it at once.
-    s.clock.advance(30)
+    # retry_min counts from the failure, 30 s after the pass began: at 60 s
+    # the first message is due but not tried, and one that comes meanwhile
+    # waits too.  At 90 s the hop is tried again; a flush tries it at once.
+    s.clock.now = NOW + timedelta(seconds=60)
     third = s.queue("three@remote.test")
     s.runner.run()
     assert len(tries) == 1
     state = s.spool.read_state(third)
     assert state is not None and state.recipients[0].last_reply == suspended
-    s.clock.advance(30)
+    s.clock.now = NOW + timedelta(seconds=90)
     s.runner.run()
-    assert tries[1:] == [["one@remote.test"]]
+    assert tries[1:] == [["two@remote.test"]]
     s.runner.run(flush=True)
     assert tries[2:] == [["one@remote.test"]]
 

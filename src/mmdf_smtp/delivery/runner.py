@@ -263,7 +263,8 @@ class Runner:
             pause = self.config.deliver.retry_min
             reason = outcomes[0].text.split(" ", 1)[-1]  # without its status code
             suspended = Outcome(451, f"4.4.1 delivery temporarily suspended: {reason}")
-            self._hop_down = (now + timedelta(seconds=pause), suspended)
+            # From the failure on: finding it out may have taken the connect bound.
+            self._hop_down = (self._clock() + timedelta(seconds=pause), suspended)
             log.warning("%s; delivery to it suspended for %d s", reason, pause)
         return [_Tried(i, o, relay, host) for i, o in zip(due, outcomes, strict=True)]
 
