@@ -54,6 +54,12 @@ class Outcome:
         return f"{self.code} {self.text}"
 
 
+def suspended(failure: Outcome) -> Outcome:
+    """What recipients are told while a next hop that was ``failure`` is left alone."""
+    why = failure.text.split(" ", 1)[-1]  # the failure's text without its status code
+    return Outcome(451, f"4.4.1 delivery temporarily suspended: {why}")
+
+
 def host_of(hop: NextHop) -> str | None:
     """The next hop's host for a DSN's Remote-MTA; None for a Unix socket."""
     return hop.host if hop.port else None

@@ -261,11 +261,10 @@ class Runner:
             )
         if outcomes and all(outcome.unreachable for outcome in outcomes):
             pause = self.config.deliver.retry_min
-            reason = outcomes[0].text.split(" ", 1)[-1]  # without its status code
-            suspended = Outcome(451, f"4.4.1 delivery temporarily suspended: {reason}")
             # From the failure on: finding it out may have taken the connect bound.
-            self._hop_down = (self._clock() + timedelta(seconds=pause), suspended)
-            log.warning("%s; delivery to it suspended for %d s", reason, pause)
+            until = self._clock() + timedelta(seconds=pause)
+            self._hop_down = (until, nexthop.suspended(outcomes[0]))
+            log.warning("%s; delivery to it suspended for %d s", outcomes[0], pause)
         return [_Tried(i, o, relay, host) for i, o in zip(due, outcomes, strict=True)]
 
     def _record(
