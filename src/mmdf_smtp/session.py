@@ -8,20 +8,31 @@ queue cannot tell which shell served a session.  Only the commit at a
 takes the message with :meth:`Session.end_message`, commits it in a
 thread together with others that ended meanwhile, and answers with
 :meth:`Session.answer_commit`.
+
+A session with filters (:mod:`mmdf_smtp.filters`: blocklists, checks,
+milters) answers some decisions only once they have spoken: for those,
+:meth:`Session.begin` and :meth:`Session.handle` return a coroutine that
+answers when it is done, and the shell runs it (on its event loop, or on
+a loop of the session's own in the blocking shell) with the session held
+meanwhile.  At the end of data, :meth:`Session.filter_message` does the
+same before the commit.  Without filters, everything is answered at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
 from .config import ChannelConfig
+from .filters import Filters, StagedMessage, Verdict
+from .filters import staged as staging
 from .protocol import (
     ConnectionClosed,
     Event,
@@ -44,6 +55,8 @@ from .queue import Envelope, MessageWriter, Queue, QueueError
 
 log = logging.getLogger("mmdf_smtp.session")
 
+Pending = Coroutine[None, None, None]
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Client:
@@ -51,6 +64,7 @@ class Client:
 
     host: str  # a name, or an address literal such as "[192.0.2.7]"
     address: str  # "" when unknown (a pipe)
+    port: int = 0  # 0 when unknown
 
 
 @functools.lru_cache(maxsize=4)  # messages come many a second
@@ -79,8 +93,12 @@ class Session:
         queue: Queue,
         limits: Limits,
         tls_available: bool,
+        filters: Filters | None = None,
+        staging_directory: str | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
+        """``filters``: the session's, if any; with filters that read the
+        content, ``staging_directory`` is where a big message is staged."""
         self.hostname = hostname
         self.client = client
         self.channel = channel
@@ -99,7 +117,25 @@ class Session:
         self._recipients: list[str] = []
         self._writer: MessageWriter | None = None
         self._write_error: QueueError | None = None
-        self.connection.send(self._greeting(refusal))
+        self._refusal = refusal
+        self._filters = filters
+        self._staging_directory = staging_directory
+        self._queue_id: str | None = None  # with filters: named at MAIL
+        self._discard = False  # a filter asked to drop the transaction's message
+        self._staged: StagedMessage | None = None
+        self._staged_at: datetime | None = None  # when the staged message's data began
+
+    def begin(self) -> Pending | None:
+        """Greet the client: at once, or by the coroutine returned (filters first)."""
+        greeting = self._greeting(self._refusal)
+        if self._filters is None or greeting.code != 220:
+            self.connection.send(greeting)
+            return None
+        return self._filtered_greeting(self._filters, greeting)
+
+    async def _filtered_greeting(self, filters: Filters, greeting: Reply) -> None:
+        verdict = await filters.connect()
+        self.connection.send(self._refused("connect", verdict) or greeting)
 
     def _greeting(self, refusal: Reply | None) -> Reply:
         if refusal is not None:
@@ -119,8 +155,14 @@ class Session:
         self.tls = description
         self.connection.tls_established()
 
-    def handle(self, event: Event) -> None:
-        """Answer ``event`` if it is a decision; keep the message state."""
+    def handle(self, event: Event) -> Pending | None:
+        """Answer ``event`` if it is a decision; keep the message state.
+
+        Returns a coroutine when the answer waits for the filters: the
+        shell runs it, and holds the session until it is done.
+        """
+        if self._filters is not None:
+            return self._handle_filtered(self._filters, event)
         conn = self.connection
         match event:
             case Hello():
@@ -135,18 +177,210 @@ class Session:
             case MessageData():
                 self._write(event.data)
             case MessageComplete():
-                writer, error = self.end_message()
-                if writer is not None and error is None:
-                    try:
-                        writer.commit()
-                    except QueueError as exc:
-                        error = exc
-                self.answer_commit(event, writer, error)
+                self._commit_in_place(event)
             case MessageAborted() | Reset() | StartTLS():
                 self._drop_message()
             case ConnectionClosed():
                 self._drop_message()
                 self._log_session(event)
+        return None
+
+    def _handle_filtered(self, filters: Filters, event: Event) -> Pending | None:
+        conn = self.connection
+        match event:
+            case Hello():
+                return self._filtered_hello(filters, event)
+            case MailFrom():
+                self._recipients.clear()
+                self._discard = False
+                return self._filtered_mail(filters, event)
+            case RcptTo():
+                assert self.channel is not None
+                refusal = self._check_recipient(self.channel, event.recipient)
+                if refusal is not None:
+                    conn.send(refusal)
+                    return None
+                return self._filtered_rcpt(filters, event)
+            case StartData():
+                return self._filtered_data(filters, event)
+            case MessageData():
+                if self._staged is not None:
+                    self._staged.write(event.data)
+                else:
+                    self._write(event.data)
+            case MessageComplete():
+                return self._filtered_commit(filters, event)
+            case MessageAborted() | Reset() | StartTLS():
+                had_transaction = self._queue_id is not None
+                self._drop_message()
+                if had_transaction:
+                    return filters.reset()
+            case ConnectionClosed():
+                self._drop_message()
+                self._log_session(event)
+                return filters.close()
+        return None
+
+    def _commit_in_place(self, event: MessageComplete) -> None:
+        writer, error = self.end_message()
+        if writer is not None and error is None:
+            try:
+                writer.commit()
+            except QueueError as exc:
+                error = exc
+        self.answer_commit(event, writer, error)
+
+    async def _filtered_commit(self, filters: Filters, event: MessageComplete) -> None:
+        # The blocking shell's way: the commit waits on the disk in place.
+        if await self._filter_message(filters, event):
+            self._commit_in_place(event)
+
+    async def _filtered_hello(self, filters: Filters, event: Hello) -> None:
+        verdict = await filters.helo(event.name, self.tls)
+        hello = replies.HELLO.with_fixed_text(f"{self.hostname} Hello {event.name}")
+        self.connection.send(self._refused("helo", verdict) or hello)
+
+    async def _filtered_mail(self, filters: Filters, event: MailFrom) -> None:
+        if self._queue_id is not None:
+            await filters.reset()  # the transaction before this one ended without data
+        self._queue_id = self._queue.new_id()
+        verdict = await filters.mail(event, self._queue_id)
+        self._discard = verdict.discard
+        refusal = self._refused("mail", verdict, sender=event.sender.address)
+        if refusal is not None:
+            self._queue_id = None
+            await filters.reset()
+        self.connection.send(refusal or replies.SENDER_OK)
+
+    async def _filtered_rcpt(self, filters: Filters, event: RcptTo) -> None:
+        verdict = await filters.rcpt(event.recipient)
+        self._discard = self._discard or verdict.discard
+        refusal = self._refused("rcpt", verdict, recipient=event.recipient.address)
+        if refusal is None:
+            self._recipients.append(event.recipient.address)
+        self.connection.send(refusal or replies.RECIPIENT_OK)
+
+    async def _filtered_data(self, filters: Filters, event: StartData) -> None:
+        verdict = await filters.data()
+        self._discard = self._discard or verdict.discard
+        refusal = self._refused("data", verdict)
+        if refusal is not None:
+            self.connection.send(refusal)
+            return
+        if not filters.wants_content:
+            self.connection.send(self._open_message(event))
+            return
+        self._drop_staged()
+        mail = self.connection.mail
+        assert mail is not None and self._queue_id is not None
+        now = self._clock()
+        self._staged = StagedMessage(
+            queue_id=self._queue_id,
+            envelope=staging.Envelope(
+                sender=mail.sender.address, recipients=list(self._recipients)
+            ),
+            trace=self.received_header(self._queue_id, now),
+            directory=self._staging_directory or ".",
+        )
+        self._staged_at = now
+        self.connection.send(replies.OK if event.chunking else replies.START_DATA)
+
+    def filter_message(self, event: MessageComplete) -> Coroutine[None, None, bool] | None:
+        """At the end of data, what the filters say before the commit.
+
+        None when there is nothing to ask; else a coroutine that either
+        answers ``event`` itself (a refusal, a discard: it returns False) or
+        readies the message for :meth:`end_message` (True).
+        """
+        if self._filters is None:
+            return None
+        return self._filter_message(self._filters, event)
+
+    async def _filter_message(self, filters: Filters, event: MessageComplete) -> bool:
+        staged, self._staged = self._staged, None
+        if staged is None:
+            if not self._discard or self._writer is None:
+                return True  # nothing staged: the content went straight to its file
+            self._drop_message()
+            self.connection.send(self._discarded())
+            await filters.reset()
+            return False
+        try:
+            staged.finish()
+            verdict = await filters.message(staged)
+            refusal = self._refused("end of data", verdict)
+            if refusal is not None or verdict.discard or self._discard:
+                self._queue_id = None
+                self.connection.send(refusal or self._discarded())
+                return False
+            self._writer, self._write_error = await self._write_staged(staged)
+            return True
+        finally:
+            staged.close()
+
+    async def _write_staged(
+        self, staged: StagedMessage
+    ) -> tuple[MessageWriter | None, QueueError | None]:
+        """The staged message's queue file, written as the filters left it."""
+        assert self._staged_at is not None
+        envelope = self._envelope(self._staged_at, staged)
+        try:
+            writer = self._queue.open(envelope, queue_id=staged.queue_id)
+        except QueueError as exc:
+            log.error("queue: cannot open a message: %s", exc)
+            return None, exc
+        try:
+            if staged.on_disk:
+                # A big message: copying it waits on the disk, not for the loop.
+                await asyncio.to_thread(staged.write_to, writer)
+            else:
+                staged.write_to(writer)
+        except QueueError as exc:
+            return writer, exc
+        return writer, None
+
+    def _discarded(self) -> Reply:
+        # The client is told what it would be told of a message queued: a
+        # discard is the filter's secret (as in Sendmail and Postfix).
+        queue_id, self._queue_id = self._queue_id, None
+        log.info(
+            "%s discarded id=%s client=%s[%s] from=<%s>",
+            self.id,
+            queue_id,
+            self._log_host(),
+            self.client.address,
+            self._sender(),
+        )
+        return replies.QUEUED.with_text(f"Submitted & queued (msg.{queue_id})")
+
+    def _refused(
+        self,
+        stage: str,
+        verdict: Verdict,
+        *,
+        sender: str | None = None,
+        recipient: str | None = None,
+    ) -> Reply | None:
+        """The verdict's reply when it refuses, logged; None to go on."""
+        reply = verdict.reply
+        if reply is None or reply.is_positive:
+            return None
+        details = []
+        if sender is not None or stage not in ("connect", "helo"):
+            details.append(f"from=<{sender if sender is not None else self._sender()}>")
+        if recipient is not None:
+            details.append(f"to=<{recipient}>")
+        log.info(
+            '%s refused client=%s[%s] helo=%s %s stage=%s reply="%s"',
+            self.id,
+            self._log_host(),
+            self.client.address,
+            self.connection.helo or "",
+            " ".join(details),
+            stage.replace(" ", "-"),
+            reply.to_bytes().decode(errors="replace").rstrip().replace("\r\n", " / "),
+        )
+        return reply
 
     def _rcpt(self, event: RcptTo) -> Reply:
         assert self.channel is not None
@@ -160,7 +394,7 @@ class Session:
         self._drop_message()
         now = self._clock()
         try:
-            self._writer = self._queue.open(self._envelope(now))
+            self._writer = self._queue.open(self._envelope(now), queue_id=self._queue_id)
         except QueueError as exc:
             log.error("queue: cannot open a message: %s", exc)
             return replies.QUEUE_FULL if exc.full else replies.QUEUE_FAILED
@@ -237,17 +471,24 @@ class Session:
         if self._writer is not None:
             self._writer.abort()
         self._writer, self._write_error = None, None
+        self._drop_staged()
+        self._queue_id = None
+
+    def _drop_staged(self) -> None:
+        if self._staged is not None:
+            self._staged.close()
+            self._staged = None
 
     def _sender(self) -> str:
         mail = self.connection.mail
         return mail.sender.address if mail else ""
 
-    def _envelope(self, now: datetime) -> Envelope:
+    def _envelope(self, now: datetime, staged: StagedMessage | None = None) -> Envelope:
         mail = self.connection.mail
         assert mail is not None and self.channel is not None
         return Envelope(
-            sender=mail.sender.address,
-            recipients=tuple(self._recipients),
+            sender=staged.envelope.sender if staged else mail.sender.address,
+            recipients=tuple(staged.envelope.recipients if staged else self._recipients),
             channel=self.channel.name,
             remote_host=self.client.host,
             remote_addr=self.client.address,

@@ -206,10 +206,11 @@ class ServerConnection:
     def shut_down(self) -> None:
         """The server is stopping: 421 and close (RFC 5321 3.8).
 
-        A decision under way (a message being committed) is answered first,
-        so a client never gets 421 for a message that was queued.
+        A decision under way (a message being committed, a greeting that
+        waits for the filters) is answered first, so a client never gets
+        421 for a message that was queued.
         """
-        if self.state in (State.DECIDING, State.TLS):
+        if self.state in (State.GREETING, State.DECIDING, State.TLS):
             self._shutting_down = True
         elif self.state is not State.CLOSED:
             self._write(replies.SHUTTING_DOWN)
@@ -242,6 +243,8 @@ class ServerConnection:
         """Answer the greeting, or the decision event last returned."""
         if self.state is State.GREETING:
             self._greet(reply)
+            if self._shutting_down:
+                self.shut_down()
             return
         if self.state is not State.DECIDING or self._pending is None:
             raise RuntimeError(f"no decision is awaited in state {self.state.value}")

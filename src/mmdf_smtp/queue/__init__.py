@@ -67,10 +67,17 @@ class Queue(Protocol):
         Run at start-up, before messages are received."""
         ...
 
-    def open(self, envelope: Envelope) -> MessageWriter:
+    def new_id(self) -> str:
+        """A queue id for a message to come, unique in this queue (see :meth:`open`)."""
+        ...
+
+    def open(self, envelope: Envelope, *, queue_id: str | None = None) -> MessageWriter:
         """Start a new message.  The envelope is complete when the content
         starts (RFC 5321: DATA follows the last RCPT), so it is written
-        first.  May raise :class:`QueueError`."""
+        first.  ``queue_id``: one :meth:`new_id` gave earlier, when the
+        message had to be named before its envelope was known (a milter's
+        ``i`` macro at MAIL); by default a new one.  May raise
+        :class:`QueueError`."""
         ...
 
     def hand_over(self, writer: MessageWriter) -> bytes:

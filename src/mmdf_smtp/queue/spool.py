@@ -576,13 +576,13 @@ class Spool:
         count = next(self._counter) & 0xFFFFF
         return f"{time.time_ns() // 1000:014x}{os.getpid() & 0xFFFFFFF:07x}{count:05x}"
 
-    def open(self, envelope: Envelope) -> SpoolWriter:
+    def open(self, envelope: Envelope, *, queue_id: str | None = None) -> SpoolWriter:
         try:
             self.prepare()
         except OSError as exc:
             raise _error(f"cannot create the spool {self.directory}", exc) from exc
         held = bytearray(envelope_to_json(envelope))
-        return SpoolWriter(self, self.new_id(), held, in_memory=self.in_memory)
+        return SpoolWriter(self, queue_id or self.new_id(), held, in_memory=self.in_memory)
 
     def hand_over(self, writer: MessageWriter) -> bytes:
         assert isinstance(writer, SpoolWriter)

@@ -10,7 +10,9 @@ is most of what a short session of a connection per message spends.
 The only blocking work runs elsewhere: the client look-up (DNS) in
 threads, the commit (fsync) in the worker's commit process (see
 :mod:`.committer`); while one is out the session is *held*: input is
-still taken in, but no event is read until the answer is in.
+still taken in, but no event is read until the answer is in.  A session
+with filters (milters, checks) is held the same way while a task of the
+loop waits for their verdict.
 The tarpit's delay, a client that does not read its replies, and the TLS
 handshake hold it the same way.
 
@@ -26,9 +28,9 @@ import asyncio
 import functools
 import logging
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import cast
+from typing import Any, TypeVar, cast
 
 from ..protocol import NEED_DATA, ConnectionClosed, MessageComplete, Signal, StartTLS, replies
 from ..queue import MessageWriter, QueueError
@@ -48,6 +50,20 @@ HIGH_WATER = 256 * 1024
 # nameserver for dns.timeout held up the greeting of every other client
 # and the 250 of every message being committed.
 LOOKUPS = ThreadPoolExecutor(max_workers=256, thread_name_prefix="lookup")
+
+T = TypeVar("T")
+
+# Tasks nobody waits for (telling the filters a session is over): the loop
+# keeps only weak references to its tasks.
+_BACKGROUND: set[asyncio.Task[None]] = set()
+
+
+def _in_background(pending: Coroutine[Any, Any, None] | None) -> None:
+    if pending is None:
+        return
+    task = asyncio.get_running_loop().create_task(pending)
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
 
 
 class SessionProtocol(asyncio.Protocol):
@@ -80,6 +96,7 @@ class SessionProtocol(asyncio.Protocol):
         self._timer_at = 0.0
         self._deadline = 0.0
         self._generation = -1
+        self._filtering: asyncio.Task[Any] | None = None  # the filters' verdict, awaited
 
     # -- transport callbacks ------------------------------------------------
 
@@ -172,14 +189,46 @@ class SessionProtocol(asyncio.Protocol):
     def _begin(self, session: Session) -> None:
         self._session = session
         conn = session.connection
-        if self._stopping:
-            conn.shut_down()
+        greeting = session.begin()
         if self._early:
             conn.receive_data(bytes(self._early))
             self._early.clear()
         if self._eof:
             conn.receive_data(b"")
+        if greeting is not None:
+            self._await(session, greeting, self._greeted)
+            return
+        self._greeted(None)
+
+    def _greeted(self, _: None) -> None:
+        assert self._session is not None
+        if self._stopping:
+            self._session.connection.shut_down()
         self._pump()
+
+    def _await(
+        self, session: Session, pending: Coroutine[Any, Any, T], then: Callable[[T], None]
+    ) -> None:
+        """Hold the session while the filters decide; then go on with ``then``."""
+        self._held = True
+        task = self._loop.create_task(pending)
+        self._filtering = task
+        task.add_done_callback(functools.partial(self._decided, session, then))
+
+    def _decided(self, session: Session, then: Callable[[T], None], task: asyncio.Task[T]) -> None:
+        self._filtering = None
+        self._held = False
+        if task.cancelled():
+            self._close()
+            return
+        try:
+            result = task.result()
+        except Exception:
+            log.exception("session failed")
+            self._say_goodbye()
+            self._close()
+            return
+        then(result)
 
     def _end_of_input(self) -> None:
         self._eof = True
@@ -202,22 +251,24 @@ class SessionProtocol(asyncio.Protocol):
                     return
                 if isinstance(event, ConnectionClosed):
                     if self._flush(session):
-                        session.handle(event)
+                        _in_background(session.handle(event))
                         self._close()
                     return
                 if isinstance(event, MessageComplete):
-                    writer, error = session.end_message()
-                    if writer is None or error is not None:
-                        session.answer_commit(event, writer, error)
-                        continue
-                    # The commit waits on the disk: the committer's job.
-                    self._held = True
-                    done = functools.partial(self._committed, session, event, writer)
-                    self._committer.submit(session.queue, writer, event.size, done)
-                    return
+                    filtering = session.filter_message(event)
+                    if filtering is not None:
+                        then = functools.partial(self._filtered, session, event)
+                        self._await(session, filtering, then)
+                        return
+                    if self._commit(session, event):
+                        return
+                    continue
                 if isinstance(event, Signal):  # PAUSED: no decision is out
                     raise RuntimeError("the session left a decision unanswered")
-                session.handle(event)
+                pending = session.handle(event)
+                if pending is not None:
+                    self._await(session, pending, lambda _: self._pump())
+                    return
                 if isinstance(event, StartTLS):
                     # "220 Ready to start TLS" goes out in plaintext, then the handshake.
                     self._held = True
@@ -232,6 +283,23 @@ class SessionProtocol(asyncio.Protocol):
             log.exception("session failed")
             self._say_goodbye()
             self._close()
+
+    def _commit(self, session: Session, event: MessageComplete) -> bool:
+        """Commit the message that ended; True when the session is held for it."""
+        writer, error = session.end_message()
+        if writer is None or error is not None:
+            session.answer_commit(event, writer, error)
+            return False
+        # The commit waits on the disk: the committer's job.
+        self._held = True
+        done = functools.partial(self._committed, session, event, writer)
+        self._committer.submit(session.queue, writer, event.size, done)
+        return True
+
+    def _filtered(self, session: Session, event: MessageComplete, keep: bool) -> None:
+        if keep and self._commit(session, event):
+            return
+        self._pump()
 
     def _committed(
         self,
@@ -375,7 +443,7 @@ class SessionProtocol(asyncio.Protocol):
             transport.write(pending + replies.LOCAL_ERROR.to_bytes())
         if session is not None:
             try:
-                session.handle(ConnectionClosed(clean=False))
+                _in_background(session.handle(ConnectionClosed(clean=False)))
             except Exception:
                 log.exception("session clean-up failed")
 

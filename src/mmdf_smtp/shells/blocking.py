@@ -8,13 +8,15 @@ any descriptor, pipes included.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 import select
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from ..protocol import PAUSED, ConnectionClosed, Signal, StartTLS, Timer, replies
 from ..session import Session
@@ -53,6 +55,7 @@ class BlockingShell:
         self._tls: ssl.SSLObject | None = None
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
+        self._loop: asyncio.Runner | None = None  # made for the first filter's verdict
 
     def run(self) -> bool:
         """Serve until the session ends; False when it failed.
@@ -68,7 +71,18 @@ class BlockingShell:
             log.exception("session failed")
             self._say_goodbye()
             return False
+        finally:
+            if self._loop is not None:
+                self._loop.close()
         return True
+
+    def _wait_for(self, pending: Coroutine[Any, Any, None] | None) -> None:
+        """Run what the filters have to say to its end."""
+        if pending is None:
+            return
+        if self._loop is None:
+            self._loop = asyncio.Runner()
+        self._loop.run(pending)
 
     def _say_goodbye(self) -> None:
         data = self._conn.data_to_send() + replies.LOCAL_ERROR.to_bytes()
@@ -80,12 +94,13 @@ class BlockingShell:
         except (_Gone, ssl.SSLError):
             pass
         try:
-            self._session.handle(ConnectionClosed(clean=False))
+            self._wait_for(self._session.handle(ConnectionClosed(clean=False)))
         except Exception:
             log.exception("session clean-up failed")
 
     def _serve(self) -> None:
         conn = self._conn
+        self._wait_for(self._session.begin())
         while True:
             event = conn.next_event()
             if isinstance(event, Signal):
@@ -102,9 +117,9 @@ class BlockingShell:
                 continue
             if isinstance(event, ConnectionClosed):
                 self._flush()
-                self._session.handle(event)
+                self._wait_for(self._session.handle(event))
                 return
-            self._session.handle(event)
+            self._wait_for(self._session.handle(event))
             if isinstance(event, StartTLS):
                 self._flush()
                 self._start_tls()
