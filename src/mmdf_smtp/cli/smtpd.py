@@ -193,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         "       %(prog)s [-c config] sourcehost.sourceport\n"
         f"       %(prog)s {FLAVOUR_41}",
         epilog="The last form (the seed's 4.1 and 5.2 flavour) takes no options: "
-        "it reads the configuration from $MMDF_CONFIG or /etc/mmdf/mmdf.toml, "
+        "it reads the configuration from $MMDF_CONFIG, /etc/mmdf/mmdf.toml or "
+        "the embedded default, "
         "listens on port (a number or service name) at every address of "
         "network (a name or address of this machine), serves at most "
         "maxconnects sessions at once, and gives smtpsrvr network as its "
@@ -288,8 +289,8 @@ def main_41(program: str, channel_list: str, port: str, maxconnects: str, networ
     """``smtpd smtpsrvr channels port maxconnects network``: the 4.1 and 5.2 flavour.
 
     The arguments are checked before the configuration is read (from
-    ``$MMDF_CONFIG`` or the default places: this form has no ``-c``), but
-    for whether ``network`` is on this machine, which binding tells.
+    ``$MMDF_CONFIG`` or the default places: this form has no ``-c``),
+    except whether ``network`` is on this machine, which binding tells.
     """
     channels = parse_channels(channel_list)
     port_number = parse_port(port)
