@@ -145,6 +145,7 @@ class Daemon:
         self.lines: queue.Queue[str | None] = queue.Queue()
         self._reader = threading.Thread(target=self._read_log, args=(process.stderr,), daemon=True)
         self._reader.start()
+        self.listening = ""  # every address, as logged: "127.0.0.1:25, [::1]:25"
         self.host, self.port, self.workers = self._wait_until_listening()
 
     def _read_log(self, stream: IO[bytes]) -> None:
@@ -164,6 +165,7 @@ class Daemon:
                 break
             seen.append(line)
             if match := _LISTENING.search(line):
+                self.listening = line.split("listening on ", 1)[1].split(", maxconnects")[0]
                 return match.group(1).strip("[]"), int(match.group(2)), int(match.group(3))
         raise AssertionError("smtpd did not start:\n" + "".join(seen))
 
@@ -200,7 +202,8 @@ class Daemon:
         self.process.stderr.close()
 
 
-_LISTENING = re.compile(r"listening on (\S+):(\d+), maxconnects \d+, (\d+) workers")
+# The first address of the line ("listening on A:P, [B]:P, maxconnects ..."), and the workers.
+_LISTENING = re.compile(r"listening on (\S+):(\d+)(?:, \S+)*, maxconnects \d+, (\d+) workers")
 
 
 @contextmanager

@@ -50,10 +50,16 @@ WAIT_POLL = 0.1  # seconds between looks for an ended worker while a restart is 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ExternalServer:
-    """A site's own smtpsrvr: run per connection, as the seed did."""
+    """A site's own smtpsrvr: run per connection, as the seed did.
+
+    Its argv[0] is ``rsmtpsrvr`` when finicky, else ``smtpsrvr`` (the seed's
+    4.2 flavour), unless ``argv0`` says otherwise: the 4.1 flavour gave the
+    program's path as written on the command line.
+    """
 
     path: str
     finicky: bool
+    argv0: str | None = None
 
 
 def bind(addresses: Sequence[str]) -> list[socket.socket]:
@@ -62,19 +68,29 @@ def bind(addresses: Sequence[str]) -> list[socket.socket]:
     for address in addresses:
         host, port = split_listen(address)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sockets.append(listening_socket(family, (host, port)))
+        except OSError as exc:
+            for sock in sockets:
+                sock.close()
+            raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}") from exc
+    return sockets
+
+
+def listening_socket(family: int, address: tuple[Any, ...]) -> socket.socket:
+    """A non-blocking socket listening on ``address`` (a ``bind`` address of ``family``)."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            sock.close()
-            raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}") from exc
+        sock.bind(address)
         sock.listen(BACKLOG)
-        sock.setblocking(False)
-        sockets.append(sock)
-    return sockets
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
 
 
 def inherited() -> list[socket.socket]:
@@ -110,10 +126,12 @@ class Daemon:
         external: ExternalServer | None = None,
         slots: int | None = None,
         admission: Admission | None = None,
+        hostname: str | None = None,
     ) -> None:
         self.service = service
         self._listeners = listeners
         self._config_path = config_path
+        self._hostname = hostname  # the command line's name for us, kept over reloads
         self._external = external
         maxconnects = service.config.smtpd.maxconnects
         self._free = slots or maxconnects
@@ -154,6 +172,7 @@ class Daemon:
                 self._config_path,
                 current.channels,
                 finicky=current.finicky,
+                hostname=self._hostname,
             )
         except (ConfigError, UnknownChannel) as exc:
             log.error("reload failed, keeping the running configuration: %s", exc)
@@ -273,7 +292,7 @@ class Daemon:
         if address is not None:
             name = await loop.run_in_executor(LOOKUPS, self.service.policy.remote_name, address)
         remote = name or address_literal(str(address))
-        argv0 = "rsmtpsrvr" if program.finicky else "smtpsrvr"
+        argv0 = program.argv0 or ("rsmtpsrvr" if program.finicky else "smtpsrvr")
         argv = [argv0, remote, self.service.hostname, ",".join(self.service.channels)]
         sock.setblocking(True)
         try:

@@ -3,6 +3,7 @@
     smtpd [-d] [-f] [-n maxconnects] [-c config] [-l addr:port]... smtpsrvr channels
     smtpd [-f] [-c config] smtpsrvr channels      (stdin is a connected socket: inetd)
     smtpd [-c config] sourcehost.sourceport       (sun: channel smtp, peer in hex)
+    smtpd smtpsrvr channels port maxconnects network   (4.1 and 5.2: no options)
 
 Standalone, it listens (or takes systemd's sockets, LISTEN_FDS) and serves
 each connection.  ``smtpsrvr`` names the program that serves a session:
@@ -10,11 +11,18 @@ when it is this package's own smtpsrvr (by name or path) sessions are
 served in-process on the event loop; any other program is executed per
 connection with the connection on its stdin and stdout, argv
 ``[smtpsrvr|rsmtpsrvr, remotehost, localhost, channels]``.
+
+The 4.1 flavour is told apart by its five arguments and no options.  It
+listens on ``port`` at every address of ``network`` (a name or address of
+this machine) and calls itself ``network``: that is the ``localhost`` the
+program gets, argv ``[smtpsrvr, remotehost, network, channels]`` with the
+program's path as written for argv[0], as the original's execl did.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import ipaddress
 import logging
 import os
@@ -23,6 +31,7 @@ import shutil
 import signal
 import socket
 import sys
+from typing import Any
 
 from ..admission import Admission
 from ..config import ConfigError
@@ -33,6 +42,7 @@ from ..daemon import (
     Supervisor,
     bind,
     inherited,
+    listening_socket,
     run,
     share,
     sockname,
@@ -93,12 +103,102 @@ def sun_peer(argument: str) -> str:
     return f"[{ipaddress.IPv4Address(int(match.group(1), 16))}]"
 
 
+class UsageError(Exception):
+    """A bad command-line argument; the text names it."""
+
+
+def parse_port(text: str) -> int:
+    """``port``: 1 to 65535, or a TCP service name from services(5)."""
+    if text.isascii() and text.isdigit():
+        port = int(text)
+        if 1 <= port <= 65535:
+            return port
+        raise UsageError(f"port {text!r}: not a number from 1 to 65535")
+    try:
+        return socket.getservbyname(text, "tcp")
+    except (OSError, ValueError):  # ValueError: a NUL or a lone surrogate in the name
+        raise UsageError(f"port {text!r}: not a number nor a known TCP service") from None
+
+
+def parse_maxconnects(text: str) -> int:
+    if text.isascii() and text.isdigit() and int(text) > 0:
+        return int(text)
+    raise UsageError(f"maxconnects {text!r}: not a positive whole number")
+
+
+SocketAddress = tuple[int, tuple[Any, ...]]  # (family, bind address)
+
+
+def network_addresses(network: str, port: int) -> list[SocketAddress]:
+    """Every address, IPv4 and IPv6, that ``network`` names, with ``port``."""
+    if not network:
+        raise UsageError("network '': empty")
+    try:
+        found = socket.getaddrinfo(network, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise UsageError(f"network {network!r}: cannot resolve: {exc.strerror}") from None
+    except UnicodeError:  # Python's IDNA codec: an empty or overlong label
+        raise UsageError(f"network {network!r}: not a host name") from None
+    addresses: list[SocketAddress] = []
+    for family, _, _, _, address in found:
+        if family in (socket.AF_INET, socket.AF_INET6) and (family, address) not in addresses:
+            addresses.append((family, address))
+    if not addresses:
+        raise UsageError(f"network {network!r}: no IPv4 or IPv6 address")
+    return addresses
+
+
+def listen_on_network(network: str, addresses: list[SocketAddress]) -> list[socket.socket]:
+    """Listen on every address of ``network``; UsageError for one not on this machine.
+
+    Binding is the test of "on this machine": the kernel knows, and it is
+    asked at the moment that counts.  An address family the kernel lacks
+    (IPv6 turned off) is passed over, so long as some address is left.
+    """
+    listeners: list[socket.socket] = []
+    try:
+        for family, address in addresses:
+            host, port = address[:2]
+            shown = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+            try:
+                listeners.append(listening_socket(family, address))
+            except OSError as exc:
+                if exc.errno == errno.EAFNOSUPPORT:
+                    continue
+                if exc.errno == errno.EADDRNOTAVAIL:
+                    raise UsageError(
+                        f"network {network!r}: {host} is not an address of this machine"
+                    ) from None
+                raise OSError(
+                    exc.errno, f"network {network!r}: cannot listen on {shown}: {exc.strerror}"
+                ) from None
+        if not listeners:
+            raise UsageError(f"network {network!r}: this machine has none of its addresses")
+    except BaseException:
+        for sock in listeners:
+            sock.close()
+        raise
+    return listeners
+
+
+FLAVOUR_41 = "smtpsrvr channels port maxconnects network"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(
         prog="smtpd",
         description="The SMTP connection server.",
         usage="%(prog)s [-d] [-f] [-n maxconnects] [-c config] [-l addr:port]... "
-        "smtpsrvr channels\n       %(prog)s [-c config] sourcehost.sourceport",
+        "smtpsrvr channels\n"
+        "       %(prog)s [-c config] sourcehost.sourceport\n"
+        f"       %(prog)s {FLAVOUR_41}",
+        epilog="The last form (the seed's 4.1 and 5.2 flavour) takes no options: "
+        "it reads the configuration from $MMDF_CONFIG, /etc/mmdf/mmdf.toml or "
+        "the embedded default, "
+        "listens on port (a number or service name) at every address of "
+        "network (a name or address of this machine), serves at most "
+        "maxconnects sessions at once, and gives smtpsrvr network as its "
+        "localhost.",
     )
     parser.add_argument("-d", "--debug", action="store_true", help="trace sessions on stderr")
     parser.add_argument("-f", "--finicky", action="store_true", help="refuse unknown hosts")
@@ -109,31 +209,31 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("arguments", nargs="+", metavar="smtpsrvr channels")
     args = parser.parse_args(argv)
-    if args.maxconnects is not None and args.maxconnects <= 0:
-        parser.error("maxconnects must be a positive number")
-    sun = len(args.arguments) == 1 and SUN_ARGUMENT.fullmatch(args.arguments[0])
-    if sun:
-        program, channels = "smtpsrvr", ["smtp"]
-    elif len(args.arguments) == 2:
-        program = args.arguments[0]
-        channels = [c for c in args.arguments[1].split(",") if c]
-        if not channels:
-            parser.error("the channel list is empty")
-    else:
-        parser.error("expected: smtpsrvr channels, or sourcehost.sourceport")
-    external = None
-    if not is_own_server(program):
-        path = shutil.which(program)
-        if path is None or not os.access(path, os.X_OK):
-            parser.error(f"{program}: not an executable program")
-        external = ExternalServer(path=path, finicky=args.finicky)
+    try:
+        if len(args.arguments) == 5:
+            flags = args.debug or args.finicky or args.listen
+            if flags or args.maxconnects is not None or args.config is not None:
+                raise UsageError(f"the form smtpd {FLAVOUR_41} takes no options")
+            return main_41(*args.arguments)
+        if args.maxconnects is not None and args.maxconnects <= 0:
+            raise UsageError("maxconnects must be a positive number")
+        sun = len(args.arguments) == 1 and SUN_ARGUMENT.fullmatch(args.arguments[0])
+        if sun:
+            program, channels = "smtpsrvr", ["smtp"]
+        elif len(args.arguments) == 2:
+            program = args.arguments[0]
+            channels = parse_channels(args.arguments[1])
+        else:
+            raise UsageError(
+                f"expected: smtpsrvr channels, or sourcehost.sourceport, or {FLAVOUR_41}"
+            )
+        external = external_server(program, finicky=args.finicky)
+    except UsageError as exc:
+        parser.error(str(exc))
     service = load_service("smtpd", args.config, channels, finicky=args.finicky)
     setup_logging("smtpd", debug=args.debug, target=service.config.log)
     if args.maxconnects is not None:
-        smtpd = dataclasses.replace(service.config.smtpd, maxconnects=args.maxconnects)
-        service = dataclasses.replace(
-            service, config=dataclasses.replace(service.config, smtpd=smtpd)
-        )
+        service = with_maxconnects(service, args.maxconnects)
 
     if sun or (stdin_is_a_connection() and not args.listen):
         # Called by inetd with one connection on stdin: serve it, or run
@@ -157,6 +257,68 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"smtpd: {exc.strerror}", file=sys.stderr)
         return EX_OSERR
+    serve(service, listeners, config_path=args.config, external=external)
+    return EX_OK
+
+
+def parse_channels(text: str) -> list[str]:
+    channels = [c for c in text.split(",") if c]
+    if not channels:
+        raise UsageError("the channel list is empty")
+    return channels
+
+
+def external_server(
+    program: str, *, finicky: bool, argv0: str | None = None
+) -> ExternalServer | None:
+    """The program to run per connection; None when it is our own smtpsrvr."""
+    if is_own_server(program):
+        return None
+    path = shutil.which(program)
+    if path is None or not os.access(path, os.X_OK):
+        raise UsageError(f"{program}: not an executable program")
+    return ExternalServer(path=path, finicky=finicky, argv0=argv0)
+
+
+def with_maxconnects(service: Service, maxconnects: int) -> Service:
+    smtpd = dataclasses.replace(service.config.smtpd, maxconnects=maxconnects)
+    return dataclasses.replace(service, config=dataclasses.replace(service.config, smtpd=smtpd))
+
+
+def main_41(program: str, channel_list: str, port: str, maxconnects: str, network: str) -> int:
+    """``smtpd smtpsrvr channels port maxconnects network``: the 4.1 and 5.2 flavour.
+
+    The arguments are checked before the configuration is read (from
+    ``$MMDF_CONFIG`` or the default places: this form has no ``-c``),
+    except whether ``network`` is on this machine, which binding tells.
+    """
+    channels = parse_channels(channel_list)
+    port_number = parse_port(port)
+    sessions = parse_maxconnects(maxconnects)
+    addresses = network_addresses(network, port_number)
+    # The original exec'd the program by the path it was given, as argv[0] too.
+    external = external_server(program, finicky=False, argv0=program)
+    service = load_service("smtpd", None, channels, finicky=False, hostname=network)
+    setup_logging("smtpd", debug=False, target=service.config.log)
+    service = with_maxconnects(service, sessions)
+    try:
+        listeners = listen_on_network(network, addresses)
+    except OSError as exc:
+        print(f"smtpd: {exc.strerror}", file=sys.stderr)
+        return EX_OSERR
+    serve(service, listeners, config_path=None, external=external, hostname=network)
+    return EX_OK
+
+
+def serve(
+    service: Service,
+    listeners: list[socket.socket],
+    *,
+    config_path: str | None,
+    external: ExternalServer | None,
+    hostname: str | None = None,
+) -> None:
+    """Serve on ``listeners`` until SIGTERM: one worker per core, within maxconnects."""
     become_user("smtpd", service)
     removed = service.queue.recover()
     if removed:
@@ -179,7 +341,9 @@ def main(argv: list[str] | None = None) -> int:
         # raised would end the supervisor, and every worker with it.
         nonlocal current
         try:
-            current = Service.load(args.config, channels, finicky=args.finicky)
+            current = Service.load(
+                config_path, service.channels, finicky=service.finicky, hostname=hostname
+            )
         except (ConfigError, UnknownChannel):
             pass
         except Exception:
@@ -191,10 +355,11 @@ def main(argv: list[str] | None = None) -> int:
             lambda: Daemon(
                 current,
                 listeners,
-                config_path=args.config,
+                config_path=config_path,
                 external=external,
                 slots=slots,
                 admission=admission,
+                hostname=hostname,
             )
         )
 
@@ -202,7 +367,6 @@ def main(argv: list[str] | None = None) -> int:
         work(0)
     else:
         Supervisor(workers, work, reload).run()
-    return EX_OK
 
 
 if __name__ == "__main__":
