@@ -42,7 +42,7 @@ PAGES = sorted(path for path in MAN.iterdir() if path.suffix in (".5", ".8"))
 INCLUDES = [path for path in PAGES if path.read_text().startswith(".so ")]
 FORMATTED = [path for path in PAGES if path not in INCLUDES]
 
-# The commands with an argparse parser, and the page of each.
+# The commands with an argparse parser; the page of each is man/<command>.8.
 ARGPARSE_COMMANDS = ["smtpd", "smtpsrvr", "checkque", "deliver"]
 
 
