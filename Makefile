@@ -8,7 +8,8 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test lint bench clean
 
-$(STAMP): pyproject.toml
+# The manual pages are installed too (share/man): a new one needs a reinstall.
+$(STAMP): pyproject.toml $(wildcard man/*.[0-9])
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test,fast,bench]'
@@ -21,8 +22,8 @@ run: $(STAMP)
 	$(BIN)/smtpd -d smtpsrvr local,smtp
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench build_backend
+	$(BIN)/ruff format --check src tests bench build_backend
 	$(BIN)/mypy
 
 test: lint
