@@ -208,7 +208,10 @@ def _verify_one(verifier: dkim.DKIM, keys: _KeyLookups, index: int, value: bytes
         valid = verifier.verify(idx=index, dnsfunc=keys)
     except dkim.ValidationError as exc:
         # The body hash or the header's signature does not match.
-        return _described(value, "fail", str(exc))
+        reason = str(exc)
+        if reason.startswith("body hash mismatch"):
+            reason = "body hash mismatch"  # without dkimpy's two hashes
+        return _described(value, "fail", reason)
     except dkim.KeyFormatError as exc:
         # Raised by dkimpy after the key was found: too small for RFC 8301.
         return _described(value, "policy", str(exc))

@@ -131,6 +131,6 @@ def check_spf(
         identity=kind,
         result=cast(SpfResult, result),
         domain=domain.lower(),
-        sender=checked_sender,
+        sender=helo if identity == "helo" else checked_sender,
         explanation=str(explanation),
     )
