@@ -19,10 +19,10 @@ from typing import Any, TypeVar
 
 import dkim
 import pytest
-from authdns import AuthZone, auth_dns_server
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
+from authdns import AuthZone, auth_dns_server
 from mmdf_smtp.checks import (
     AuthConfig,
     Checks,
@@ -301,7 +301,7 @@ def test_dkim_none_and_over_the_size_cap(server: str) -> None:
 def test_arc_chain_sealed_and_verified(server: str) -> None:
     msg = message(
         from_="alice@example.com",
-        extra=b"Authentication-Results: forwarder.example.org; spf=pass smtp.mailfrom=example.com\r\n",
+        extra=b"Authentication-Results: forwarder.example.org; spf=pass\r\n",
     )
     seal = dkim.arc_sign(
         msg, b"arc", b"forwarder.example.org", RSA_PRIVATE, b"forwarder.example.org"
