@@ -594,3 +594,39 @@ def test_dnsbl_config() -> None:
     ]:
         with pytest.raises(ValueError, match=key):
             DnsblConfig.from_table(table)
+
+
+def test_verification_leaves_the_loop_free(server: str) -> None:
+    """A large message is hashed in a worker thread: the loop keeps turning meanwhile."""
+    big = signed(message(body=(b"x" * 76 + b"\r\n") * 55_000))  # 4 MiB of base64-like lines
+
+    async def go() -> tuple[float, float, Any]:
+        checks = checks_for(server)
+        loop = asyncio.get_running_loop()
+        longest = 0.0
+        done = asyncio.Event()
+
+        async def ticker() -> None:
+            nonlocal longest
+            last = loop.time()
+            while not done.is_set():
+                await asyncio.sleep(0)
+                now = loop.time()
+                longest, last = max(longest, now - last), now
+
+        task = asyncio.create_task(ticker())
+        await asyncio.sleep(0)  # the ticker is running from here on
+        started = loop.time()
+        try:
+            end = await checks.at_end_of_message(big, SpfVerdicts())
+        finally:
+            elapsed = loop.time() - started
+            done.set()
+            await task
+            checks.close()
+        return longest, elapsed, end
+
+    longest, elapsed, end = run(go)
+    assert [d.result for d in end.dkim] == ["pass"]
+    # Hashing on the loop would stop it for most of the verification.
+    assert longest < elapsed / 3, (longest, elapsed)

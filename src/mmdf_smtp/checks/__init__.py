@@ -34,13 +34,15 @@ Policy, per ``[auth]`` (CONTRACT.md):
 - A DNS failure is ``temperror`` in the results field, and refuses only
   where noted above; DMARC never refuses on a ``temperror``.
 
-Every look-up goes through the one :class:`~.dns.Resolver`.  pyspf and
-dkimpy resolve synchronously and do CPU work, so they run in this object's
-own worker threads (``workers`` of them) with a look-up function that
-submits each query to the loop's resolver (see :mod:`.spf`, :mod:`.dkim`):
-the event loop never blocks.  DKIM verification holds at most
-``dkim_max_size`` octets of a message and at most ``verifications`` run at
-once, so their memory is bounded whatever the message sizes (:mod:`.dkim`).
+Every look-up goes through the one :class:`~.dns.Resolver`, on the loop.
+pyspf resolves synchronously, so it runs in this object's own worker
+threads (``workers`` of them) with a look-up function that submits each
+query to the loop's resolver (:mod:`.spf`).  DKIM and ARC keys are fetched
+on the loop first, then dkimpy verifies in a pool of ``verifications``
+worker processes (a "forkserver" pool made at the first message; its
+CPU-bound calls hold the GIL, :mod:`.dkim`): the event loop never blocks.
+A verification holds at most ``dkim_max_size`` octets of a message, so
+the memory of all of them is bounded whatever the message sizes.
 """
 
 from __future__ import annotations
@@ -48,14 +50,26 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import multiprocessing
+import os
 import random
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
-from .dkim import DEFAULT_MAX_SIZE, DkimReport, MessageSource, parse_header, read_header
+from .dkim import (
+    DEFAULT_MAX_SIZE,
+    DkimReport,
+    MessageSource,
+    fetch_keys,
+    key_names,
+    parse_header,
+    read_header,
+    too_large_report,
+)
 from .dkim import verify_message as _verify_message
 from .dmarc import evaluate_dmarc
 from .dns import DnsTemporaryError, Resolver
@@ -102,6 +116,19 @@ log = logging.getLogger(__name__)
 QUARANTINE_FIELD = "X-MMDF-Quarantine"
 DEFAULT_WORKERS = 16
 DEFAULT_VERIFICATIONS = 2
+
+
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """Workers started from a clean server process, not forked from a threaded daemon."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["mmdf_smtp.checks.dkim"])
+    return context
+
+
+def _start_pool(workers: int) -> ProcessPoolExecutor:
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=_worker_context())
+    pool.submit(int).result()  # the fork server and one worker are up
+    return pool
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -177,11 +204,18 @@ class Checks:
         self._rng = random.Random(seed)
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="checks")
         self._verifications = verifications
-        self._verifying: asyncio.Semaphore | None = None
+        # Made at the first verification, so that a daemon that drops
+        # privileges has done so before.
+        self._processes: ProcessPoolExecutor | None = None
+        self._starting: asyncio.Future[ProcessPoolExecutor] | None = None
         self._spf_querytime = spf_querytime
 
     def close(self) -> None:
+        """Stop the worker threads and processes (verifications under way are abandoned)."""
         self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._processes is not None:
+            self._processes.shutdown(wait=False, cancel_futures=True)
+            self._processes = None
 
     async def at_connect(self, address: str) -> DnsblVerdict:
         """The DNS blocklists' verdict on the client (an empty one without ``[dnsbl]``)."""
@@ -268,26 +302,35 @@ class Checks:
         if not auth.dkim:
             header = await loop.run_in_executor(self._executor, read_header, message)
             return DkimReport(headers=parse_header(header))
-        if self._verifying is None:
-            self._verifying = asyncio.Semaphore(self._verifications)
-        async with self._verifying:
+        header = await loop.run_in_executor(self._executor, read_header, message)
+        headers = parse_header(header)
+        if isinstance(message, bytes) and len(message) > auth.dkim_max_size:
+            return too_large_report(headers, auth.dkim_max_size)
+        keys = await fetch_keys(self.resolver, key_names(headers))
+        if self._processes is None:
+            if self._starting is None:
+                # Starting the fork server and a worker takes a good part of
+                # a second: in a thread, not on the loop.
+                self._starting = loop.run_in_executor(
+                    self._executor, _start_pool, self._verifications
+                )
             try:
-                return await loop.run_in_executor(
-                    self._executor,
-                    partial(
-                        _verify_message,
-                        self.resolver.blocking(loop),
-                        message,
-                        max_size=auth.dkim_max_size,
-                    ),
-                )
-            except Exception as exc:  # dkimpy's defect must not take the session down
-                log.exception("DKIM verification failed")
-                header = await loop.run_in_executor(self._executor, read_header, message)
-                headers = parse_header(header)
-                signatures = tuple(
-                    DkimVerdict(result="temperror", reason=f"verification failed: {exc}")
-                    for name, _ in headers
-                    if name.lower() == b"dkim-signature"
-                )
-                return DkimReport(signatures=signatures, headers=headers)
+                self._processes = await asyncio.shield(self._starting)
+            finally:
+                self._starting = None
+        source = message if isinstance(message, bytes) else os.fspath(message)
+        try:
+            return await loop.run_in_executor(
+                self._processes,
+                partial(_verify_message, keys, source, max_size=auth.dkim_max_size),
+            )
+        except Exception as exc:  # dkimpy's defect, a killed worker: not the session's end
+            log.exception("DKIM verification failed")
+            if isinstance(exc, BrokenProcessPool):
+                self._processes = None
+            signatures = tuple(
+                DkimVerdict(result="temperror", reason="verification failed")
+                for name, _ in headers
+                if name.lower() == b"dkim-signature"
+            )
+            return DkimReport(signatures=signatures, headers=headers)

@@ -6,13 +6,18 @@ keeps apart: a bad signature (``fail``), a missing key (``permerror``), a
 signature that cannot be parsed (``neutral``), a key too small or a message
 too large to verify (``policy``) and a DNS failure (``temperror``).  dkimpy
 reads a DNS failure as "no key"; the look-up function given to it here
-records each key look-up's outcome, so a DNS failure is told apart.
+records each key's outcome, so a DNS failure is told apart.
 
-Threads: verification is CPU work (hashing up to the whole message, RSA or
-Ed25519) and dkimpy resolves synchronously, so :func:`verify_message` is
-called in a worker thread with :meth:`Resolver.blocking` as its look-up:
-the loop neither hashes nor waits.  dkimpy's asyncio support covers DKIM
-only (not ARC), wants aiodns, and would still hash on the loop.
+Where it runs: in two steps.  :func:`key_names` reads the key names from
+the header (DKIM-Signature, ARC-Seal, ARC-Message-Signature ``s=``/``d=``)
+and :func:`fetch_keys` fetches them all at once on the event loop through
+the resolver.  Then :func:`verify_message`, which needs no DNS, does the
+CPU work (parsing, canonicalization, hashing the body, RSA or Ed25519) in
+a worker *process*: dkimpy's parse and canonicalization are long calls
+that hold the GIL (a 4 MiB message stalled a loop beside a worker thread
+for 50-100 ms), so a thread would not keep the loop free.  dkimpy's own
+asyncio support covers DKIM only (not ARC), wants aiodns, and would hash
+on the loop.
 
 Memory: dkimpy verifies a message held in memory, and its parse and
 canonicalization make copies (about four times the message at the peak).
@@ -20,16 +25,19 @@ So the bytes verified are bounded: a message larger than ``max_size``
 (``[auth] dkim_max_size``, 16 MiB by default) is not read beyond its
 header; each of its signatures gets ``policy`` ("message too large to
 verify") and ARC is not evaluated (no ``arc=`` result).  The caller
-bounds how many verifications run at once (the combiner's semaphore), so
-the memory of all verifications together is bounded too.  A message may
+bounds how many verifications run at once (the combiner's process pool
+has ``verifications`` processes), so the memory of all verifications
+together is bounded too.  A message may
 be given as bytes or as the path of its file; from a file only
 ``max_size + 1`` bytes are ever read.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from os import PathLike
 from typing import Any, cast
@@ -37,7 +45,7 @@ from typing import Any, cast
 import dkim
 from dkim.util import InvalidTagValueList, parse_tag_value
 
-from .dns import DnsTemporaryError, Lookup
+from .dns import DnsTemporaryError, Resolver
 from .verdicts import ArcResult, ArcVerdict, DkimResult, DkimVerdict
 
 DEFAULT_MAX_SIZE = 16 * 1024 * 1024
@@ -48,7 +56,14 @@ MIN_RSA_BITS = 1024
 # lines are at most 998 octets; this is thousands of fields).
 MAX_HEADER_SIZE = 1024 * 1024
 
+# RFC 6376 6.1: "Verifiers MAY limit the number of signatures they will attempt to verify";
+# past this many, a signature is not verified (policy).
+MAX_SIGNATURES = 10
+MAX_ARC_SETS = 50  # RFC 8617 4.2.1
+
 MessageSource = bytes | PathLike[str] | str
+TEMPORARY = "temporary"  # a key record whose look-up failed
+KeyRecord = bytes | str | None  # the TXT record, TEMPORARY, or None: there is none
 
 _quiet = logging.getLogger("mmdf_smtp.checks.dkimpy")
 _quiet.addHandler(logging.NullHandler())
@@ -67,28 +82,26 @@ class DkimReport:
 
 @dataclass(slots=True)
 class _KeyLookups:
-    """dkimpy's ``dnsfunc`` over the resolver, remembering how each look-up ended."""
+    """dkimpy's ``dnsfunc`` over the keys fetched beforehand, remembering what it gave."""
 
-    lookup: Lookup
+    records: Mapping[str, KeyRecord]
     outcomes: dict[str, str] = field(default_factory=dict)  # name: "found" | "absent" | "temporary"
 
     def __call__(self, name: bytes | str, timeout: float = 5) -> bytes | None:
         text = name.decode("ascii", "replace") if isinstance(name, bytes) else name
         key = text.rstrip(".").lower()
-        try:
-            answer = self.lookup(text, "TXT")
-        except DnsTemporaryError:
+        # A name not fetched beforehand (there is none) cannot be asked now.
+        record = self.records.get(key, TEMPORARY)
+        if record == TEMPORARY:
             self.outcomes[key] = "temporary"
             # dkimpy turns this into "signature does not verify": the
             # outcome recorded above makes it temperror.
-            raise dkim.DnsTimeoutError(key) from None
-        if not answer.txts:
+            raise dkim.DnsTimeoutError(key)
+        if record is None:
             self.outcomes[key] = "absent"
             return None
         self.outcomes[key] = "found"
-        # RFC 6376 3.6.2.2: a key is one TXT record; more than one is the
-        # publisher's error, and the first is what dkimpy would take.
-        return answer.txts[0]
+        return cast(bytes, record)
 
     def outcome(self, selector: str, domain: str) -> str:
         return self.outcomes.get(f"{selector}._domainkey.{domain}".lower(), "")
@@ -143,33 +156,87 @@ def parse_header(message: bytes) -> tuple[tuple[bytes, bytes], ...]:
     return tuple((name, value) for name, value in fields)
 
 
+def key_names(headers: Sequence[tuple[bytes, bytes]]) -> list[str]:
+    """The key records the signatures of a header name: ``selector._domainkey.domain``.
+
+    From the first :data:`MAX_SIGNATURES` DKIM-Signature fields, and from
+    every ARC-Seal and ARC-Message-Signature of at most :data:`MAX_ARC_SETS`
+    instances (RFC 8617 4.2.1).
+    """
+    names: dict[str, None] = {}
+    dkim_seen = 0
+    for name, value in headers:
+        kind = name.lower()
+        if kind == b"dkim-signature":
+            dkim_seen += 1
+            if dkim_seen > MAX_SIGNATURES:
+                continue
+        elif kind not in (b"arc-seal", b"arc-message-signature"):
+            continue
+        tags = _tags(value)
+        selector = tags.get(b"s", b"").strip().decode("ascii", "replace")
+        domain = tags.get(b"d", b"").strip().decode("ascii", "replace")
+        if selector and domain:
+            names[f"{selector}._domainkey.{domain}".rstrip(".").lower()] = None
+    return list(names)[: MAX_SIGNATURES + 2 * MAX_ARC_SETS]
+
+
+async def fetch_keys(resolver: Resolver, names: Sequence[str]) -> dict[str, KeyRecord]:
+    """The key records of ``names``, all at once, on the loop: TXT, None (absent) or TEMPORARY."""
+
+    async def one(name: str) -> KeyRecord:
+        try:
+            answer = await resolver.query(name, "TXT")
+        except DnsTemporaryError:
+            return TEMPORARY
+        # RFC 6376 3.6.2.2: a key is one TXT record; more than one is the
+        # publisher's error, and the first is what dkimpy would take.
+        return answer.txts[0] if answer.txts else None
+
+    records = await asyncio.gather(*(one(name) for name in names))
+    return dict(zip(names, records, strict=True))
+
+
+def too_large_report(headers: tuple[tuple[bytes, bytes], ...], max_size: int) -> DkimReport:
+    """The report on a message over ``max_size``: each signature ``policy``, no ARC result."""
+    verdicts = tuple(
+        _unverified(value, "policy", f"message over {max_size} octets not verified")
+        for name, value in headers
+        if name.lower() == b"dkim-signature"
+    )
+    return DkimReport(signatures=verdicts, arc=None, headers=headers, too_large=True)
+
+
 def verify_message(
-    lookup: Lookup,
+    records: Mapping[str, KeyRecord],
     source: MessageSource,
     *,
     max_size: int = DEFAULT_MAX_SIZE,
     arc: bool = True,
 ) -> DkimReport:
-    """Verify every DKIM-Signature and the ARC chain; call it in a worker thread."""
+    """Verify every DKIM-Signature and the ARC chain with the keys in ``records``.
+
+    Pure CPU work, no DNS: :class:`~mmdf_smtp.checks.Checks` runs it in a
+    worker process, the keys fetched beforehand by :func:`fetch_keys`.
+    """
     message, too_large = read_message(source, max_size)
     headers = parse_header(message)
-    signatures = [value for name, value in headers if name.lower() == b"dkim-signature"]
     if too_large:
-        verdicts = tuple(
-            _unverified(value, "policy", f"message over {max_size} octets not verified")
-            for value in signatures
-        )
-        return DkimReport(signatures=verdicts, arc=None, headers=headers, too_large=True)
-    keys = _KeyLookups(lookup)
+        return too_large_report(headers, max_size)
+    signatures = [value for name, value in headers if name.lower() == b"dkim-signature"]
+    keys = _KeyLookups(records)
     try:
         verifier = dkim.DKIM(message, logger=_quiet, minkey=MIN_RSA_BITS)
     except dkim.DKIMException as exc:
         verdicts = tuple(_unverified(value, "neutral", str(exc)) for value in signatures)
         return DkimReport(signatures=verdicts, arc=_arc_unparsable(headers), headers=headers)
     verdicts = tuple(
-        _verify_one(verifier, keys, index, value) for index, value in enumerate(signatures)
+        _verify_one(verifier, keys, index, value)
+        if index < MAX_SIGNATURES
+        else _unverified(value, "policy", f"more than {MAX_SIGNATURES} signatures")
+        for index, value in enumerate(signatures)
     )
-    arc_verdict = _verify_arc(message, lookup, headers) if arc else None
+    arc_verdict = _verify_arc(message, records, headers) if arc else None
     return DkimReport(signatures=verdicts, arc=arc_verdict, headers=headers)
 
 
@@ -253,7 +320,7 @@ def _arc_instances(headers: tuple[tuple[bytes, bytes], ...]) -> int:
 
 
 def _verify_arc(
-    message: bytes, lookup: Lookup, headers: tuple[tuple[bytes, bytes], ...]
+    message: bytes, records: Mapping[str, KeyRecord], headers: tuple[tuple[bytes, bytes], ...]
 ) -> ArcVerdict:
     instances = _arc_instances(headers)
     if not instances and not any(
@@ -261,7 +328,10 @@ def _verify_arc(
         for name, _ in headers
     ):
         return ArcVerdict(result="none")
-    keys = _KeyLookups(lookup)
+    if instances > MAX_ARC_SETS:
+        # RFC 8617 4.2.1: more than 50 sets is a failed chain.
+        return ArcVerdict(result="fail", instances=instances, reason="too many ARC sets")
+    keys = _KeyLookups(records)
     try:
         chain: Any
         chain, _results, reason = dkim.ARC(message, logger=_quiet, minkey=MIN_RSA_BITS).verify(
