@@ -1,0 +1,336 @@
+"""Built-in checks at SMTP time: DNS blocklists, SPF, DKIM, ARC, DMARC, and their results field.
+
+The session asks :class:`Checks` once per stage and gets typed verdicts
+back; reply data comes as :class:`Refusal` (code, enhanced code, text;
+``Refusal.reply()`` makes the protocol's ``Reply``)::
+
+    checks = Checks(auth=AuthConfig.from_table(toml["auth"], hostname=...),
+                    dnsbl=DnsblConfig.from_table(toml["dnsbl"]),
+                    resolver=Resolver(config.dns.nameservers))
+
+    verdict = await checks.at_connect(client_ip)      # DnsblVerdict
+    if verdict.refusal: send verdict.refusal.reply() (554 5.7.1), close
+
+    spf = await checks.at_mail(client_ip, helo, sender)   # SpfVerdicts, per MAIL
+    if spf.refusal: send it instead of 250 (550 5.7.23, or 451 4.4.3)
+
+    end = await checks.at_end_of_message(message, spf)    # EndOfMessage
+    if end.refusal: send it (550 5.7.1) and queue nothing
+    else: strip the arriving fields claiming our id (results.remove_claiming_fields),
+          prepend end.field (and end.quarantine, a header field, when set)
+
+    checks.close()   # at shutdown: stops the worker threads
+
+Policy, per ``[auth]`` (CONTRACT.md):
+
+- ``reject_spf_fail`` (default false): SPF ``fail`` of MAIL FROM gets
+  550 5.7.23 (RFC 7372 3.2) at MAIL; a DNS failure then gets 451 4.4.3
+  (RFC 7208 8.6).  Off, SPF only feeds the results field and DMARC.
+- ``reject_dmarc`` (default true): a DMARC failure whose disposition is
+  ``reject`` (``p``/``sp`` reject, in the ``pct`` sample) gets 550 5.7.1
+  at end of data.  Off, such a message is marked as quarantined instead.
+- A ``quarantine`` disposition never refuses: :attr:`EndOfMessage.quarantine`
+  is a header field (``X-MMDF-Quarantine``) for the queued copy.
+- A DNS failure is ``temperror`` in the results field, and refuses only
+  where noted above; DMARC never refuses on a ``temperror``.
+
+Every look-up goes through the one :class:`~.dns.Resolver`, on the loop.
+pyspf resolves synchronously, so it runs in this object's own worker
+threads (``workers`` of them) with a look-up function that submits each
+query to the loop's resolver (:mod:`.spf`).  DKIM and ARC keys are fetched
+on the loop first, then dkimpy verifies in a pool of ``verifications``
+worker processes (a "forkserver" pool made at the first message; its
+CPU-bound calls hold the GIL, :mod:`.dkim`): the event loop never blocks.
+A verification holds at most ``dkim_max_size`` octets of a message, so
+the memory of all of them is bounded whatever the message sizes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import multiprocessing
+import os
+import random
+from collections.abc import Mapping
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, replace
+from functools import partial
+from typing import Any
+
+from .dkim import (
+    DEFAULT_MAX_SIZE,
+    DkimReport,
+    MessageSource,
+    fetch_keys,
+    key_names,
+    parse_header,
+    read_header,
+    too_large_report,
+)
+from .dkim import verify_message as _verify_message
+from .dmarc import evaluate_dmarc
+from .dns import DnsTemporaryError, Resolver
+from .dnsbl import Dnsbl, DnsblConfig, Site
+from .results import (
+    authentication_results,
+    claims_authserv_id,
+    remove_claiming_fields,
+)
+from .spf import DEFAULT_QUERYTIME, check_spf
+from .verdicts import (
+    ArcVerdict,
+    DkimVerdict,
+    DmarcVerdict,
+    DnsblVerdict,
+    Listing,
+    Refusal,
+    SpfVerdict,
+    SpfVerdicts,
+)
+
+__all__ = [
+    "ArcVerdict",
+    "AuthConfig",
+    "Checks",
+    "DkimVerdict",
+    "DmarcVerdict",
+    "DnsTemporaryError",
+    "DnsblConfig",
+    "DnsblVerdict",
+    "EndOfMessage",
+    "Listing",
+    "Refusal",
+    "Resolver",
+    "Site",
+    "SpfVerdict",
+    "SpfVerdicts",
+    "claims_authserv_id",
+    "remove_claiming_fields",
+]
+
+log = logging.getLogger(__name__)
+
+QUARANTINE_FIELD = "X-MMDF-Quarantine"
+DEFAULT_WORKERS = 16
+DEFAULT_VERIFICATIONS = 2
+
+
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """Workers started from a clean server process, not forked from a threaded daemon."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["mmdf_smtp.checks.dkim"])
+    return context
+
+
+def _start_pool(workers: int) -> ProcessPoolExecutor:
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=_worker_context())
+    pool.submit(int).result()  # the fork server and one worker are up
+    return pool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuthConfig:
+    """The ``[auth]`` table."""
+
+    authserv_id: str
+    spf: bool = True
+    dkim: bool = True
+    dmarc: bool = True
+    reject_spf_fail: bool = False
+    reject_dmarc: bool = True
+    dkim_max_size: int = DEFAULT_MAX_SIZE
+
+    @classmethod
+    def from_table(cls, table: Mapping[str, Any], *, hostname: str) -> AuthConfig:
+        """From the parsed TOML table; ``authserv_id`` defaults to ``hostname``.
+
+        ValueError naming the key when a value is bad or a key unknown.
+        """
+        booleans = ("spf", "dkim", "dmarc", "reject_spf_fail", "reject_dmarc")
+        unknown = set(table) - {"authserv_id", "dkim_max_size", *booleans}
+        if unknown:
+            raise ValueError(f"auth: unknown key {sorted(unknown)[0]!r}")
+        values: dict[str, Any] = {}
+        for key in booleans:
+            if key in table:
+                if not isinstance(table[key], bool):
+                    raise ValueError(f"auth.{key}: expected true or false")
+                values[key] = table[key]
+        authserv_id = table.get("authserv_id", hostname)
+        if not isinstance(authserv_id, str) or not authserv_id.strip():
+            raise ValueError("auth.authserv_id: expected a non-empty string")
+        if any(ch <= " " or ch in '()<>@,;:\\"/[]?=' for ch in authserv_id):
+            # RFC 8601 2.5: an authserv-id is a token, a host name in practice.
+            raise ValueError(f"auth.authserv_id: {authserv_id!r} is not a token")
+        size = table.get("dkim_max_size", DEFAULT_MAX_SIZE)
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1024:
+            raise ValueError("auth.dkim_max_size: expected a size in octets, at least 1024")
+        return cls(authserv_id=authserv_id, dkim_max_size=size, **values)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EndOfMessage:
+    """What the checks say at end of data."""
+
+    field: bytes  # the Authentication-Results field to prepend, with its line end
+    refusal: Refusal | None = None  # send this instead of queueing
+    quarantine: bytes | None = None  # a header field to prepend: the message is quarantined
+    dkim: tuple[DkimVerdict, ...] = ()
+    arc: ArcVerdict | None = None
+    dmarc: DmarcVerdict | None = None
+
+
+class Checks:
+    """The one place the session asks: per connection, per MAIL, per message."""
+
+    def __init__(
+        self,
+        *,
+        auth: AuthConfig | None,
+        dnsbl: DnsblConfig | None,
+        resolver: Resolver,
+        seed: int | None = None,
+        workers: int = DEFAULT_WORKERS,
+        verifications: int = DEFAULT_VERIFICATIONS,
+        spf_querytime: float = DEFAULT_QUERYTIME,
+    ) -> None:
+        self.auth = auth
+        self.resolver = resolver
+        self.dnsbl = Dnsbl(dnsbl, resolver) if dnsbl is not None and dnsbl.sites else None
+        # Seeded: deterministic pct sampling (tests); else seeded from the OS.
+        self._rng = random.Random(seed)
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="checks")
+        self._verifications = verifications
+        # Made at the first verification, so that a daemon that drops
+        # privileges has done so before.
+        self._processes: ProcessPoolExecutor | None = None
+        self._starting: asyncio.Future[ProcessPoolExecutor] | None = None
+        self._spf_querytime = spf_querytime
+
+    def close(self) -> None:
+        """Stop the worker threads and processes (verifications under way are abandoned)."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._processes is not None:
+            self._processes.shutdown(wait=False, cancel_futures=True)
+            self._processes = None
+
+    async def at_connect(self, address: str) -> DnsblVerdict:
+        """The DNS blocklists' verdict on the client (an empty one without ``[dnsbl]``)."""
+        if self.dnsbl is None:
+            return DnsblVerdict()
+        return await self.dnsbl.check(address)
+
+    async def at_mail(self, ip: str, helo: str, sender: str) -> SpfVerdicts:
+        """SPF of MAIL FROM (``sender``, "" for <>) and of the HELO name."""
+        auth = self.auth
+        if auth is None or not auth.spf:
+            return SpfVerdicts()
+        ip_text = str(ipaddress.ip_address(ip.strip("[]").removeprefix("IPv6:")))
+        loop = asyncio.get_running_loop()
+        run = partial(
+            check_spf,
+            self.resolver.blocking(loop),
+            ip=ip_text,
+            sender=sender,
+            helo=helo,
+            receiver=auth.authserv_id,
+            querytime=self._spf_querytime,
+        )
+        helo_check = loop.run_in_executor(self._executor, partial(run, identity="helo"))
+        if sender:
+            mailfrom = await loop.run_in_executor(self._executor, partial(run, identity="mailfrom"))
+            helo_verdict = await helo_check
+        else:
+            # RFC 7208 2.4: for the null path, MAIL FROM is checked as
+            # postmaster@<HELO>: the HELO check, under the other identity.
+            helo_verdict = await helo_check
+            mailfrom = replace(helo_verdict, identity="mailfrom", sender=f"postmaster@{helo}")
+        refusal = None
+        if auth.reject_spf_fail:
+            if mailfrom.result == "fail":
+                refusal = Refusal(550, "5.7.23", f"SPF validation failed for {mailfrom.domain}")
+            elif mailfrom.result == "temperror":
+                refusal = Refusal(
+                    451, "4.4.3", f"Temporary DNS error checking SPF for {mailfrom.domain}"
+                )
+        return SpfVerdicts(mailfrom=mailfrom, helo=helo_verdict, refusal=refusal)
+
+    async def at_end_of_message(self, message: MessageSource, spf: SpfVerdicts) -> EndOfMessage:
+        """DKIM, ARC and DMARC of the message as received; ``message``: bytes or its file's path."""
+        auth = self.auth
+        if auth is None:
+            return EndOfMessage(field=b"")
+        loop = asyncio.get_running_loop()
+        report = await self._verify(loop, message, auth)
+        dmarc = None
+        if auth.dmarc:
+            dmarc = await evaluate_dmarc(
+                self.resolver, report.headers, spf.mailfrom, report.signatures, self._rng
+            )
+        field = authentication_results(
+            auth.authserv_id,
+            spf=spf if auth.spf else None,
+            dkim=report.signatures if auth.dkim else None,
+            arc=report.arc if auth.dkim else None,
+            dmarc=dmarc,
+        )
+        refusal = quarantine = None
+        if dmarc is not None and dmarc.result == "fail":
+            if dmarc.disposition == "reject" and auth.reject_dmarc:
+                refusal = Refusal(
+                    550, "5.7.1", f"Email rejected per DMARC policy for {dmarc.from_domain}"
+                )
+            elif dmarc.disposition in ("reject", "quarantine"):
+                quarantine = (
+                    f"{QUARANTINE_FIELD}: DMARC policy {dmarc.policy} of {dmarc.from_domain}\r\n"
+                ).encode()
+        return EndOfMessage(
+            field=field,
+            refusal=refusal,
+            quarantine=quarantine,
+            dkim=report.signatures,
+            arc=report.arc,
+            dmarc=dmarc,
+        )
+
+    async def _verify(
+        self, loop: asyncio.AbstractEventLoop, message: MessageSource, auth: AuthConfig
+    ) -> DkimReport:
+        if not auth.dkim:
+            header = await loop.run_in_executor(self._executor, read_header, message)
+            return DkimReport(headers=parse_header(header))
+        header = await loop.run_in_executor(self._executor, read_header, message)
+        headers = parse_header(header)
+        if isinstance(message, bytes) and len(message) > auth.dkim_max_size:
+            return too_large_report(headers, auth.dkim_max_size)
+        keys = await fetch_keys(self.resolver, key_names(headers))
+        if self._processes is None:
+            if self._starting is None:
+                # Starting the fork server and a worker takes a good part of
+                # a second: in a thread, not on the loop.
+                self._starting = loop.run_in_executor(
+                    self._executor, _start_pool, self._verifications
+                )
+            try:
+                self._processes = await asyncio.shield(self._starting)
+            finally:
+                self._starting = None
+        source = message if isinstance(message, bytes) else os.fspath(message)
+        try:
+            return await loop.run_in_executor(
+                self._processes,
+                partial(_verify_message, keys, source, max_size=auth.dkim_max_size),
+            )
+        except Exception as exc:  # dkimpy's defect, a killed worker: not the session's end
+            log.exception("DKIM verification failed")
+            if isinstance(exc, BrokenProcessPool):
+                self._processes = None
+            signatures = tuple(
+                DkimVerdict(result="temperror", reason="verification failed")
+                for name, _ in headers
+                if name.lower() == b"dkim-signature"
+            )
+            return DkimReport(signatures=signatures, headers=headers)
