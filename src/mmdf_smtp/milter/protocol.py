@@ -329,7 +329,7 @@ class Negotiated:
             raise NegotiationError(
                 f"milter protocol version {reply.version}, this MTA speaks 2 to {offered_version}"
             )
-        if reply.actions & ~offered_actions:
+        if int(reply.actions) & ~int(offered_actions):
             raise NegotiationError(
                 f"milter asks for actions {reply.actions!r} beyond {offered_actions!r}"
             )
@@ -559,11 +559,10 @@ class MilterProtocol:
 
     def quit(self) -> bytes:
         """QUIT (nothing if the connection is already given up); the driver then closes."""
-        was = self.state
-        self.state = State.CLOSED
-        if was in (State.READY, State.WAITING):
-            return codec.encode(codec.Quit())
-        return b""
+        if not self.usable:
+            return b""
+        was, self.state = self.state, State.CLOSED
+        return codec.encode(codec.Quit()) if was is State.READY else b""
 
     def fail(self, verdict: Verdict) -> None:
         """The conversation is broken: ``verdict`` answers every later stage."""
