@@ -36,7 +36,7 @@ earlier milter changed it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 
 from . import codec
 from .client import Milter
@@ -54,11 +54,11 @@ class MilterChain:
         self.milters = [Milter(config) for config in configs]
         self._discarding: Verdict | None = None
 
-    async def _ask(self, stage: str, *args: object) -> Verdict:
+    async def _ask(self, stage: Callable[[Milter], Awaitable[Verdict]]) -> Verdict:
         if self._discarding is not None:
             return self._discarding
         for milter in self.milters:
-            verdict: Verdict = await getattr(milter, stage)(*args)
+            verdict = await stage(milter)
             if verdict.action not in _GOING_ON:
                 if verdict.action is Action.DISCARD:
                     self._discarding = verdict
@@ -83,13 +83,13 @@ class MilterChain:
         return CONTINUE
 
     async def helo(self, name: str, macros: Mapping[str, str] = _NO_MACROS) -> Verdict:
-        return await self._ask("helo", name, macros)
+        return await self._ask(lambda m: m.helo(name, macros))
 
     async def mail(
         self, sender: str, arguments: tuple[str, ...] = (), macros: Mapping[str, str] = _NO_MACROS
     ) -> Verdict:
         self._discarding = None
-        return await self._ask("mail", sender, arguments, macros)
+        return await self._ask(lambda m: m.mail(sender, arguments, macros))
 
     async def rcpt(
         self,
@@ -97,24 +97,24 @@ class MilterChain:
         arguments: tuple[str, ...] = (),
         macros: Mapping[str, str] = _NO_MACROS,
     ) -> Verdict:
-        return await self._ask("rcpt", recipient, arguments, macros)
+        return await self._ask(lambda m: m.rcpt(recipient, arguments, macros))
 
     async def data(self, macros: Mapping[str, str] = _NO_MACROS) -> Verdict:
-        return await self._ask("data", macros)
+        return await self._ask(lambda m: m.data(macros))
 
     async def unknown(self, line: str, macros: Mapping[str, str] = _NO_MACROS) -> Verdict:
-        return await self._ask("unknown", line, macros)
+        return await self._ask(lambda m: m.unknown(line, macros))
 
     async def header(
         self, name: str, value: str, macros: Mapping[str, str] = _NO_MACROS
     ) -> Verdict:
-        return await self._ask("header", name, value, macros)
+        return await self._ask(lambda m: m.header(name, value, macros))
 
     async def end_of_headers(self, macros: Mapping[str, str] = _NO_MACROS) -> Verdict:
-        return await self._ask("end_of_headers", macros)
+        return await self._ask(lambda m: m.end_of_headers(macros))
 
     async def body(self, data: bytes, macros: Mapping[str, str] = _NO_MACROS) -> Verdict:
-        return await self._ask("body", data, macros)
+        return await self._ask(lambda m: m.body(data, macros))
 
     async def end_of_message(self, macros: Mapping[str, str] = _NO_MACROS) -> Verdict:
         discarding, self._discarding = self._discarding, None
