@@ -1,0 +1,340 @@
+"""A milter, as the SMTP session sees it: one awaitable per SMTP stage.
+
+One :class:`Milter` per configured milter per SMTP session (milters close
+their end when the SMTP client goes, so connections are not shared, as in
+Postfix).  Every stage method returns a :class:`~.protocol.Verdict` and
+never raises for the milter's sake: a milter that cannot be reached, is
+slow past its timeout, closes the connection or breaks the protocol costs
+at most that timeout, is logged once (WARNING, logger
+``mmdf_smtp.milter``), its connection is closed, and the verdict is then the
+configured ``default_action`` for the rest of the session:
+
+* ``tempfail``: TEMPFAIL with ``451 4.7.1 Service unavailable - try again later``;
+* ``reject``: REJECT with ``550 5.7.1 Service unavailable``;
+* ``accept``: CONTINUE; the milter is left out for the rest of the session.
+
+Only cancellation (the SMTP session going away) propagates; the milter's
+connection is closed first.
+
+What to call, in SMTP order (``macros`` maps macro names, ``j`` or
+``{client_addr}`` or ``client_addr``, to their values; each stage sends the
+ones Postfix sends by default, or those the milter asked for)::
+
+    await m.connect(hostname=..., address=..., port=..., macros=...)  # opens the socket
+    await m.helo(name, macros)
+    await m.mail("<sender>", ("SIZE=123",), macros)
+    await m.rcpt("<rcpt>", (), macros)       # per recipient; see wants_rejected_recipients
+    await m.data(macros)
+    await m.header(name, value, macros)      # per field; value as after the colon
+    await m.end_of_headers(macros)
+    await m.body(chunk, macros)              # any sizes; sent in chunks of <= 65535
+    verdict = await m.end_of_message(macros) # .modifications, .quarantine
+    await m.abort()                          # RSET, or a transaction that ends without EOM
+    await m.quit()                           # end of the SMTP session
+
+Timeouts are Postfix's: ``connect_timeout`` for the connection,
+``command_timeout`` for negotiation and each envelope stage,
+``content_timeout`` for each header, body chunk and end of message; an
+SMFIR_PROGRESS restarts the wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from collections.abc import Mapping
+
+from . import codec
+from .config import DefaultAction, MilterConfig
+from .protocol import (
+    CONTINUE,
+    DEFAULT_REJECT,
+    DEFAULT_TEMPFAIL,
+    PROGRESS,
+    Action,
+    MilterProtocol,
+    Negotiated,
+    State,
+    Step,
+    Verdict,
+)
+
+logger = logging.getLogger("mmdf_smtp.milter")
+
+_NO_MACROS: Mapping[str, str] = {}
+
+
+class _Broken(Exception):
+    """A failure on the milter's connection, with what went wrong."""
+
+
+def default_verdict(action: DefaultAction) -> Verdict:
+    """The verdict for every stage after a milter has failed."""
+    if action is DefaultAction.TEMPFAIL:
+        return Verdict(action=Action.TEMPFAIL, reply=DEFAULT_TEMPFAIL)
+    if action is DefaultAction.REJECT:
+        return Verdict(action=Action.REJECT, reply=DEFAULT_REJECT)
+    return CONTINUE
+
+
+def client_family(address: str) -> codec.Family:
+    """SMFIA_* for a client address: IPv4, IPv6, a unix socket path, or unknown."""
+    if address.startswith("/"):
+        return codec.Family.UNIX
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return codec.Family.UNKNOWN
+    return codec.Family.INET if parsed.version == 4 else codec.Family.INET6
+
+
+class Milter:
+    """One milter conversation for one SMTP session."""
+
+    def __init__(self, config: MilterConfig, *, name: str | None = None) -> None:
+        self.config = config
+        self.name = name or config.socket
+        self._protocol = MilterProtocol()
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._body = bytearray()
+
+    @property
+    def negotiated(self) -> Negotiated | None:
+        """What the milter asked for (None before it answered, or if it never did)."""
+        return self._protocol.negotiated
+
+    @property
+    def wants_rejected_recipients(self) -> bool:
+        """SMFIP_RCPT_REJ: call :meth:`rcpt` for refused recipients too."""
+        negotiated = self._protocol.negotiated
+        return negotiated is not None and negotiated.wants_rejected_recipients
+
+    @property
+    def failed(self) -> bool:
+        return self._protocol.failed
+
+    # -- the stages
+
+    async def connect(
+        self,
+        *,
+        hostname: str,
+        address: str,
+        port: int = 0,
+        family: codec.Family | None = None,
+        macros: Mapping[str, str] = _NO_MACROS,
+    ) -> Verdict:
+        """Open the connection, negotiate, and send the SMTP client's identity.
+
+        ``hostname`` is the client's verified name; without one ("" or
+        "unknown") the milter is sent ``[address]``, as Sendmail and Postfix
+        do.  The family is found from ``address`` unless given.
+        """
+        if family is None:
+            family = client_family(address)
+        if hostname in ("", "unknown"):
+            hostname = f"[{address}]" if family is not codec.Family.UNKNOWN else "unknown"
+        if family is codec.Family.UNKNOWN:
+            command = codec.Connect(hostname=hostname, family=family)
+        elif family is codec.Family.UNIX:
+            command = codec.Connect(hostname=hostname, family=family, port=0, address=address)
+        else:
+            command = codec.Connect(hostname=hostname, family=family, port=port, address=address)
+        if not await self.open():
+            return self._protocol.begin(command).verdict or CONTINUE
+        return await self._stage(command, macros, self.config.command_timeout)
+
+    async def helo(self, name: str, macros: Mapping[str, str] = _NO_MACROS) -> Verdict:
+        return await self._stage(codec.Helo(name=name), macros, self.config.command_timeout)
+
+    async def mail(
+        self, sender: str, arguments: tuple[str, ...] = (), macros: Mapping[str, str] = _NO_MACROS
+    ) -> Verdict:
+        """MAIL: ``sender`` with its angle brackets (``<>`` for the null path)."""
+        self._body.clear()
+        command = codec.MailFrom(sender=sender, arguments=arguments)
+        return await self._stage(command, macros, self.config.command_timeout)
+
+    async def rcpt(
+        self,
+        recipient: str,
+        arguments: tuple[str, ...] = (),
+        macros: Mapping[str, str] = _NO_MACROS,
+    ) -> Verdict:
+        command = codec.RcptTo(recipient=recipient, arguments=arguments)
+        return await self._stage(command, macros, self.config.command_timeout)
+
+    async def data(self, macros: Mapping[str, str] = _NO_MACROS) -> Verdict:
+        return await self._stage(codec.Data(), macros, self.config.command_timeout)
+
+    async def unknown(self, line: str, macros: Mapping[str, str] = _NO_MACROS) -> Verdict:
+        return await self._stage(codec.Unknown(line=line), macros, self.config.command_timeout)
+
+    async def header(
+        self, name: str, value: str, macros: Mapping[str, str] = _NO_MACROS
+    ) -> Verdict:
+        """One header field: ``value`` is all after the colon (leading space, folds included)."""
+        command = codec.Header(name=name, value=value)
+        return await self._stage(command, macros, self.config.content_timeout)
+
+    async def end_of_headers(self, macros: Mapping[str, str] = _NO_MACROS) -> Verdict:
+        return await self._stage(codec.EndOfHeaders(), macros, self.config.content_timeout)
+
+    async def body(self, data: bytes, macros: Mapping[str, str] = _NO_MACROS) -> Verdict:
+        """Body octets (CRLF line ends), in pieces of any size.
+
+        They are sent in chunks of 65535 octets as they fill; the rest goes
+        at :meth:`end_of_message`.  After the milter's SKIP (or ACCEPT, or
+        with SMFIP_NOBODY) nothing more is buffered or sent.
+        """
+        if not self._protocol.wants_body:
+            self._body.clear()
+            return await self._stage(codec.BodyChunk(data=b""), macros, self.config.content_timeout)
+        self._body += data
+        while len(self._body) >= codec.CHUNK_SIZE:
+            verdict = await self._send_body(macros, codec.CHUNK_SIZE)
+            if not verdict.is_continue:
+                return verdict
+        return CONTINUE
+
+    async def _send_body(self, macros: Mapping[str, str], size: int) -> Verdict:
+        chunk = bytes(self._body[:size])
+        del self._body[:size]
+        verdict = await self._stage(
+            codec.BodyChunk(data=chunk), macros, self.config.content_timeout
+        )
+        if not self._protocol.wants_body:
+            self._body.clear()
+        return verdict
+
+    async def end_of_message(self, macros: Mapping[str, str] = _NO_MACROS) -> Verdict:
+        """The last body octets, then end of message: the final verdict with modifications."""
+        if self._body and self._protocol.wants_body:
+            verdict = await self._send_body(macros, len(self._body))
+            if verdict.action is not Action.CONTINUE and verdict.action is not Action.ACCEPT:
+                return verdict
+        self._body.clear()
+        return await self._stage(codec.EndOfMessage(), macros, self.config.content_timeout)
+
+    async def abort(self) -> None:
+        """End the transaction without end of message (RSET, a refusal, a client gone)."""
+        self._body.clear()
+        data = self._protocol.abort()
+        if data:
+            try:
+                await self._write(data, self.config.command_timeout)
+            except _Broken as error:
+                self._fail(f"abort: {error}")
+
+    async def quit(self) -> None:
+        """End of the SMTP session: QUIT if the conversation is still on, then close."""
+        data = self._protocol.quit()
+        if data and self._writer is not None and not self._writer.is_closing():
+            self._writer.write(data)
+        self._close()
+
+    # -- connection
+
+    async def open(self) -> bool:
+        """Connect and negotiate (done by :meth:`connect`); False if the milter failed."""
+        if self._protocol.state is not State.NEW:
+            return self._protocol.usable
+        address = self.config.address
+        try:
+            async with asyncio.timeout(self.config.connect_timeout):
+                if address.kind == "unix":
+                    self._reader, self._writer = await asyncio.open_unix_connection(address.path)
+                else:
+                    self._reader, self._writer = await asyncio.open_connection(
+                        address.host, address.port
+                    )
+        except TimeoutError:
+            self._fail(f"connect: no connection in {self.config.connect_timeout:g} s")
+            return False
+        except OSError as error:
+            self._fail(f"connect: {error.strerror or error}")
+            return False
+        try:
+            await self._write(self._protocol.negotiate(), self.config.command_timeout)
+            await self._receive(self.config.command_timeout, "negotiation")
+        except _Broken as error:
+            self._fail(f"negotiation: {error}")
+            return False
+        return True
+
+    async def _stage(
+        self, command: codec.Command, macros: Mapping[str, str], timeout: float
+    ) -> Verdict:
+        what = type(command).__name__
+        try:
+            step: Step = self._protocol.begin(command, macros)
+            if step.data:
+                await self._write(step.data, timeout)
+            if step.verdict is not None:
+                verdict = step.verdict
+            else:
+                result = await self._receive(timeout, what)
+                assert isinstance(result, Verdict)
+                verdict = result
+        except _Broken as error:
+            return self._fail(f"{what}: {error}")
+        if not self._protocol.usable:
+            self._close()
+        return verdict
+
+    async def _write(self, data: bytes, timeout: float) -> None:
+        writer = self._writer
+        if writer is None or writer.is_closing():
+            raise _Broken("connection closed")
+        try:
+            writer.write(data)
+            async with asyncio.timeout(timeout):
+                await writer.drain()
+        except TimeoutError:
+            raise _Broken(f"no progress writing for {timeout:g} s") from None
+        except OSError as error:
+            raise _Broken(f"write error: {error.strerror or error}") from None
+        except asyncio.CancelledError:
+            self._close()
+            raise
+
+    async def _receive(self, timeout: float, what: str) -> Verdict | Negotiated:
+        reader = self._reader
+        assert reader is not None
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(timeout) as deadline:
+                while True:
+                    event = self._protocol.next_event()
+                    if event is codec.NEED_DATA:
+                        self._protocol.receive_data(await reader.read(65536))
+                    elif event is PROGRESS:
+                        deadline.reschedule(loop.time() + timeout)
+                    else:
+                        assert isinstance(event, Verdict | Negotiated)
+                        return event
+        except TimeoutError:
+            raise _Broken(f"no answer in {timeout:g} s") from None
+        except codec.MilterProtocolError as error:
+            raise _Broken(f"protocol error: {error}") from None
+        except OSError as error:
+            raise _Broken(f"read error: {error.strerror or error}") from None
+        except asyncio.CancelledError:
+            self._close()
+            raise
+
+    def _fail(self, what: str) -> Verdict:
+        verdict = default_verdict(self.config.default_action)
+        logger.warning(
+            "milter %s: %s; default action %s", self.name, what, self.config.default_action.value
+        )
+        self._protocol.fail(verdict)
+        self._close()
+        return verdict
+
+    def _close(self) -> None:
+        writer, self._writer, self._reader = self._writer, None, None
+        if writer is not None:
+            writer.close()
