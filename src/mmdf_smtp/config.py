@@ -16,6 +16,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .checks import AuthConfig, DnsblConfig
+from .milter.config import MilterConfig
 from .protocol.limits import Limits
 
 DEFAULT_PATH = Path("/etc/mmdf/mmdf.toml")
@@ -54,6 +56,7 @@ class ChannelConfig:
     hosts: tuple[str, ...] = ()
     table: str | None = None  # a file path, or "nameserver"
     relay: bool = False
+    checks: bool = True  # false: trusted hosts, whose mail skips blocklists, [auth] and milters
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -95,6 +98,14 @@ class Config:
     channels: Mapping[str, ChannelConfig] = field(default_factory=dict)
     local: LocalConfig = field(default_factory=LocalConfig)
     deliver: DeliverConfig = field(default_factory=DeliverConfig)
+    auth: AuthConfig | None = None  # the built-in checks at SMTP time; None: none
+    milters: tuple[MilterConfig, ...] = ()  # in the order they are asked
+    dnsbl: DnsblConfig | None = None  # the blocklists asked at connect; None: none
+
+    @property
+    def filters(self) -> bool:
+        """Whether any filter is configured (a channel may still skip them)."""
+        return bool(self.auth or self.milters or (self.dnsbl and self.dnsbl.sites))
 
 
 def find_config_path(explicit: str | None) -> Path | None:
@@ -231,6 +242,7 @@ class _Reader:
     def config(self, data: dict[str, Any]) -> Config:
         top = {"hostname", "spool", "local_domains", "user", "log"}
         tables = {"smtpd", "limits", "tls", "dns", "channels", "local", "deliver"}
+        tables |= {"auth", "milters", "dnsbl"}
         for unknown in sorted(set(data) - top - tables):
             raise self.error(unknown, "unknown key")
         hostname = self._str(data, "hostname", None) or socket.getfqdn()
@@ -254,7 +266,51 @@ class _Reader:
             channels=self._channels(data),
             local=self._local(data),
             deliver=self._deliver(data),
+            auth=self._auth(data, hostname),
+            milters=self._milters(data),
+            dnsbl=self._dnsbl(data),
         )
+
+    def _auth(self, data: Mapping[str, Any], hostname: str) -> AuthConfig | None:
+        if "auth" not in data:
+            return None
+        table = data["auth"]
+        if not isinstance(table, dict):
+            raise self.error("auth", "must be a table")
+        try:
+            return AuthConfig.from_table(table, hostname=hostname)
+        except ValueError as exc:
+            raise self._checked_error("auth", table, exc) from exc
+
+    def _milters(self, data: Mapping[str, Any]) -> tuple[MilterConfig, ...]:
+        tables = data.get("milters", [])
+        if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+            raise self.error("milters", "must be an array of tables: [[milters]]")
+        milters = []
+        for table in tables:
+            try:
+                milters.append(MilterConfig.from_table(table))
+            except ValueError as exc:
+                raise self._checked_error("milters", table, exc) from exc
+        return tuple(milters)
+
+    def _dnsbl(self, data: Mapping[str, Any]) -> DnsblConfig | None:
+        if "dnsbl" not in data:
+            return None
+        table = data["dnsbl"]
+        if not isinstance(table, dict):
+            raise self.error("dnsbl", "must be a table")
+        try:
+            return DnsblConfig.from_table(table)
+        except ValueError as exc:
+            raise self._checked_error("dnsbl", table, exc) from exc
+
+    def _checked_error(self, name: str, table: Mapping[str, Any], exc: ValueError) -> ConfigError:
+        """A table's own check failed: name the key it names, and its line."""
+        text = str(exc)
+        named = [key for key in table if key in text]
+        key = f"{name}.{max(named, key=len)}" if named else name
+        return self.error(key, text)
 
     def _smtpd(self, data: Mapping[str, Any]) -> SmtpdConfig:
         counts = {"max_per_client", "max_per_network", "rate_per_client", "rate_per_network"}
@@ -328,7 +384,7 @@ class _Reader:
             if not isinstance(body, dict):
                 raise self.error(f"channels.{name}", "must be a table")
             prefix = f"channels.{name}"
-            for unknown in sorted(set(body) - {"hosts", "table", "relay"}):
+            for unknown in sorted(set(body) - {"hosts", "table", "relay", "checks"}):
                 raise self.error(f"{prefix}.{unknown}", "unknown key")
             table = self._str(body, f"{prefix}.table", None)
             if table is not None and table != "nameserver":
@@ -338,6 +394,7 @@ class _Reader:
                 hosts=self._strings(body, f"{prefix}.hosts"),
                 table=table,
                 relay=self._bool(body, f"{prefix}.relay", False),
+                checks=self._bool(body, f"{prefix}.checks", True),
             )
         return channels
 

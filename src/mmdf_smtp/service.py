@@ -13,7 +13,10 @@ import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .checks import Checks, Resolver
 from .config import Config, load
+from .filters import Connection
+from .filters.combined import SessionFilters
 from .policy import Policy
 from .queue import Queue
 from .queue.spool import IN_MEMORY, Spool
@@ -30,6 +33,8 @@ class Peer:
     address: IPAddress | None
     local_address: IPAddress | None = None
     name: str | None = None  # a host name given by the caller, trusted as the seed did
+    port: int = 0  # 0 when unknown
+    local_port: int = 0
 
 
 @functools.lru_cache(maxsize=4096)  # clients come back; parsing an address is not cheap
@@ -65,6 +70,9 @@ class Service:
     channels: tuple[str, ...]
     finicky: bool
     hostname: str
+    # The built-in checks' DNS and threads, shared by the sessions; None
+    # without [auth] and [dnsbl].
+    checks: Checks | None = None
 
     @classmethod
     def load(
@@ -91,6 +99,7 @@ class Service:
             channels=tuple(channels),
             finicky=finicky,
             hostname=hostname or config.hostname,
+            checks=_checks(config),
         )
 
     def session(self, peer: Peer) -> Session:
@@ -117,13 +126,38 @@ class Service:
             return None
         address = _address_text(peer.address) if peer.address is not None else ""
         host = who.client_name or peer.name or (address_literal(address) if address else "unknown")
+        filters = None
+        if who.channel is not None and who.channel.checks and self.config.filters:
+            local = _address_text(peer.local_address) if peer.local_address else ""
+            filters = SessionFilters(
+                Connection(
+                    client_name=host,
+                    client_address=address,
+                    client_port=peer.port,
+                    local_address=local,
+                    local_port=peer.local_port,
+                    hostname=self.hostname,
+                ),
+                checks=self.checks,
+                milters=self.config.milters,
+            )
         return Session(
             hostname=self.hostname,
-            client=Client(host=host, address=address),
+            client=Client(host=host, address=address, port=peer.port),
             channel=who.channel,
             refusal=who.refusal,
             check_recipient=self.policy.check_recipient,
             queue=self.queue,
             limits=self.config.limits,
             tls_available=self.tls_context is not None,
+            filters=filters,
+            staging_directory=str(self.config.spool / "tmp"),
         )
+
+
+def _checks(config: Config) -> Checks | None:
+    """The built-in checks, when configured.  No thread starts until a session asks."""
+    if config.auth is None and config.dnsbl is None:
+        return None
+    resolver = Resolver(config.dns.nameservers, lifetime=config.dns.timeout)
+    return Checks(auth=config.auth, dnsbl=config.dnsbl, resolver=resolver)

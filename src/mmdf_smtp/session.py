@@ -273,6 +273,12 @@ class Session:
         self._drop_staged()
         mail = self.connection.mail
         assert mail is not None and self._queue_id is not None
+        try:
+            self._queue.prepare()  # a big message is staged in its folder
+        except OSError as exc:
+            log.error("queue: cannot stage a message: %s", exc)
+            self.connection.send(replies.QUEUE_FAILED)
+            return
         now = self._clock()
         self._staged = StagedMessage(
             queue_id=self._queue_id,
@@ -309,7 +315,9 @@ class Session:
             staged.finish()
             verdict = await filters.message(staged)
             refusal = self._refused("end of data", verdict)
-            if refusal is not None or verdict.discard or self._discard:
+            # A message whose recipients the milters all took away goes nowhere.
+            nobody = not staged.envelope.recipients
+            if refusal is not None or verdict.discard or self._discard or nobody:
                 self._queue_id = None
                 self.connection.send(refusal or self._discarded())
                 return False
@@ -497,6 +505,7 @@ class Session:
             tls=self.tls,
             smtputf8=mail.smtputf8,
             body=mail.body,
+            quarantine=staged.quarantine if staged else None,
         )
 
     def received_header(self, queue_id: str, now: datetime) -> bytes:

@@ -35,15 +35,30 @@ def find_peer(remotehost: str, fd: int = 0) -> Peer:
         with sock:
             try:
                 if sock.family in (socket.AF_INET, socket.AF_INET6):
-                    peer = parse_address(sock.getpeername()[0])
-                    local = parse_address(sock.getsockname()[0])
-                    return Peer(peer, local, name)
+                    theirs, ours = sock.getpeername(), sock.getsockname()
+                    return Peer(
+                        parse_address(theirs[0]),
+                        parse_address(ours[0]),
+                        name,
+                        port=theirs[1],
+                        local_port=ours[1],
+                    )
             except OSError:
                 pass
     env_ip = os.environ.get("TCPREMOTEIP")
     if env_ip:
-        return Peer(parse_address(env_ip), parse_address(os.environ.get("TCPLOCALIP", "")), name)
+        return Peer(
+            parse_address(env_ip),
+            parse_address(os.environ.get("TCPLOCALIP", "")),
+            name,
+            port=_port(os.environ.get("TCPREMOTEPORT", "")),
+            local_port=_port(os.environ.get("TCPLOCALPORT", "")),
+        )
     return Peer(given, None, name)
+
+
+def _port(text: str) -> int:
+    return int(text) if text.isdigit() and int(text) < 65536 else 0
 
 
 def main(argv: list[str] | None = None) -> int:

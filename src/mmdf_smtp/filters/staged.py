@@ -16,7 +16,6 @@ into fields a filter may change; the body is left where it lies.
 
 from __future__ import annotations
 
-import os
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,19 +31,17 @@ _ENCODING = "utf-8"
 _ERRORS = "surrogateescape"  # any octet survives the round trip
 
 
-@dataclass(slots=True)
-class Header:
-    """One header field: its name, and its value as it follows the colon
-    (the leading space kept; a folded value's lines joined by LF, as
-    Sendmail and Postfix hold them and hand them to milters)."""
+Header = tuple[str, str]
+"""One header field: its name, and its value as it follows the colon (the
+leading space kept; a folded value's lines joined by LF, as Sendmail and
+Postfix hold them and hand them to milters)."""
 
-    name: str
-    value: str
 
-    def to_bytes(self) -> bytes:
-        # A milter's value may come with CRLF or LF between its lines.
-        value = self.value.replace("\r\n", "\n").replace("\n", "\r\n")
-        return f"{self.name}:{value}\r\n".encode(_ENCODING, _ERRORS)
+def header_bytes(header: Header) -> bytes:
+    name, value = header
+    # A milter's value may come with CRLF or LF between its lines.
+    value = value.replace("\r\n", "\n").replace("\n", "\r\n")
+    return f"{name}:{value}\r\n".encode(_ENCODING, _ERRORS)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -115,14 +112,10 @@ class StagedMessage:
         self._body_start = taken
         self.headers = list(_fields(lines))
 
-    def original(self, limit: int) -> bytes | None:
-        """The message as the client sent it (no trace of ours); None past ``limit`` octets."""
-        file = self._file
-        size = file.seek(0, os.SEEK_END) - self._trace_size
-        if size > limit:
-            return None
-        file.seek(self._trace_size)
-        return file.read()
+    def original(self, limit: int) -> bytes:
+        """The message as the client sent it (no trace of ours), up to ``limit`` octets."""
+        self._file.seek(self._trace_size)
+        return self._file.read(limit)
 
     def body_chunks(self, size: int = CHUNK) -> Iterator[bytes]:
         """The body as it stands (replaced or as received), in pieces."""
@@ -151,7 +144,7 @@ class StagedMessage:
     def write_to(self, writer: MessageWriter) -> int:
         """Write the message as it now stands into its queue file; return its size."""
         size = 0
-        head = b"".join(header.to_bytes() for header in self.headers) + self._separator
+        head = b"".join(map(header_bytes, self.headers)) + self._separator
         writer.write(head)
         size += len(head)
         for chunk in self.body_chunks():
@@ -194,4 +187,4 @@ def _header(lines: list[bytes]) -> Header:
     if text.endswith("\r\n"):
         text = text[:-2]
     name, _, value = text.partition(":")
-    return Header(name=name, value=value.replace("\r\n", "\n"))
+    return name, value.replace("\r\n", "\n")

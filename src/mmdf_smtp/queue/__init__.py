@@ -28,6 +28,9 @@ class Envelope:
     # Local submission (submit): who handed the message in.  None for SMTP.
     submitter: str | None = None  # the login name
     submitter_uid: int | None = None
+    # Why a filter (a milter's SMFIR_QUARANTINE) held the message for an
+    # administrator: it is not delivered until released.  None: not held.
+    quarantine: str | None = None
 
 
 class QueueError(Exception):
@@ -65,6 +68,10 @@ class Queue(Protocol):
     def recover(self) -> list[str]:
         """Clean up after writers that crashed; return what was removed.
         Run at start-up, before messages are received."""
+        ...
+
+    def prepare(self) -> None:
+        """Create the queue's folders if missing.  Raises OSError."""
         ...
 
     def new_id(self) -> str:

@@ -173,7 +173,13 @@ class SessionProtocol(asyncio.Protocol):
         sockname = self._transport.get_extra_info("sockname")
         address = parse_address(peername[0]) if peername else None
         local = parse_address(sockname[0]) if sockname else None
-        return Peer(address, local, None)
+        return Peer(
+            address,
+            local,
+            None,
+            port=peername[1] if peername else 0,
+            local_port=sockname[1] if sockname else 0,
+        )
 
     def _identified(self, future: Future[Session]) -> None:
         self._held = False
