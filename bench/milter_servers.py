@@ -182,6 +182,16 @@ class Milter:
         wait_accepting(self.port, self.process, self.log, self.name)
         self.started_in = time.monotonic() - began
 
+    def terminate(self) -> None:
+        """Ask the milter to stop (SIGTERM) without waiting: :meth:`stop` reaps it.
+
+        libmilter notices the signal at its listener's next poll, up to
+        about five seconds later; several milters stopped one by one would
+        wait for each in turn.
+        """
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+
     def stop(self) -> None:
         if self.process is not None:
             stop_process(self.process)
@@ -348,9 +358,9 @@ class OpenDMARC(Milter):
         config = self.directory / "opendmarc.conf"
         # unshare execs (no fork) and the shell execs opendmarc: one process.
         script = f'{mount} --bind "$1" /etc/resolv.conf && exec {program} -f -c "$2"'
-        return [unshare, "--mount", "--propagation", "private", "sh", "-c", script, "sh"] + [
-            str(resolv),
-            str(config),
+        return [
+            *(unshare, "--mount", "--propagation", "private"),
+            *("sh", "-c", script, "sh", str(resolv), str(config)),
         ]
 
     def configure(self) -> None:

@@ -111,6 +111,7 @@ def txt_rdata(text: str) -> str:
 
 
 M = TypeVar("M", bound=Milter)
+_ENDING: list[Milter] = []
 
 
 def _run(milter: M) -> Iterator[M]:
@@ -121,7 +122,15 @@ def _run(milter: M) -> Iterator[M]:
     try:
         yield milter
     finally:
-        milter.stop()
+        # Told now, reaped together at the session's end (pytest_sessionfinish):
+        # each takes up to libmilter's poll interval to go.
+        milter.terminate()
+        _ENDING.append(milter)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    while _ENDING:
+        _ENDING.pop().stop()
 
 
 @pytest.fixture(scope="session")
@@ -131,7 +140,9 @@ def milter_dns() -> Iterator[LoopbackDns]:
         yield LoopbackDns(zone, address)
 
 
-def _signer(directory: Path, dns: LoopbackDns, make_key: Callable[[], DkimKey]) -> Iterator[OpenDKIM]:
+def _signer(
+    directory: Path, dns: LoopbackDns, make_key: Callable[[], DkimKey]
+) -> Iterator[OpenDKIM]:
     try:
         key = make_key()
     except MilterUnavailable as exc:

@@ -14,6 +14,7 @@ import base64
 import email
 import email.policy
 import queue
+import re
 import shutil
 import smtplib
 import tempfile
@@ -26,6 +27,8 @@ import dkim
 import nacl.signing
 import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
+from milter_servers import Milter, OpenDKIM, Rspamd
+from servers import Postfix
 
 from milters import (
     AUTHSERV_ID,
@@ -35,9 +38,7 @@ from milters import (
     make_rsa_key,
     txt_rdata,
 )
-from milter_servers import Milter, OpenDKIM, Rspamd
 from peer import Handler, peer
-from servers import Postfix
 
 pytestmark = pytest.mark.skipif(
     shutil.which("postfix") is None, reason="Debian's postfix is installed by .ci/run"
@@ -67,13 +68,9 @@ class Mta:
     postfix: Postfix
     sink: _Collect
 
-    def send(
-        self, message: bytes, sender: str, recipient: str = "bob@elsewhere.test", source: str = ""
-    ) -> None:
+    def send(self, message: bytes, sender: str, recipient: str = "bob@elsewhere.test") -> None:
         """Hand ``message`` to Postfix's smtpd; SMTPDataError etc. as smtplib raises them."""
-        with smtplib.SMTP(
-            "127.0.0.1", self.postfix.port, timeout=DELIVERY_TIMEOUT, source_address=(source, 0)
-        ) as client:
+        with smtplib.SMTP("127.0.0.1", self.postfix.port, timeout=DELIVERY_TIMEOUT) as client:
             client.sendmail(sender, [recipient], message)
 
     def delivered(self) -> bytes:
@@ -87,7 +84,9 @@ def postfix_with(*milters: Milter) -> Iterator[Mta]:
     directory = Path(tempfile.mkdtemp(prefix="mmdf-milter-postfix-"))
     directory.chmod(0o755)
     with peer(_Collect()) as (collect, port):
-        postfix = Postfix(directory, maxproc=10, milters=[m.socket for m in milters], relay_port=port)
+        postfix = Postfix(
+            directory, maxproc=10, milters=[m.socket for m in milters], relay_port=port
+        )
         try:
             postfix.start()
             assert isinstance(collect, _Collect)
@@ -100,7 +99,8 @@ def postfix_with(*milters: Milter) -> Iterator[Mta]:
 def message(sender: str, subject: str, body: bytes = b"Hello.\r\n") -> bytes:
     return (
         f"From: {sender}\r\nTo: bob@elsewhere.test\r\nSubject: {subject}\r\n"
-        f"Message-ID: <{subject.replace(' ', '.')}@test>\r\nDate: Sat, 05 Dec 2026 10:00:00 +0000\r\n\r\n"
+        f"Message-ID: <{subject.replace(' ', '.')}@test>\r\n"
+        "Date: Sat, 05 Dec 2026 10:00:00 +0000\r\n\r\n"
     ).encode() + body
 
 
@@ -115,6 +115,9 @@ def test_opendkim_signers_sign_what_postfix_queues(
     with postfix_with(opendkim_signer, opendkim_ed25519_signer) as mta:
         mta.send(message(f"alice@{SIGNER_DOMAIN}", "signed"), f"alice@{SIGNER_DOMAIN}")
         queued = mta.delivered()
+        # Only the signing domain's mail is signed.
+        mta.send(message("carol@other.test", "unsigned"), "carol@other.test")
+        assert headers(mta.delivered(), "DKIM-Signature") == []
     signatures = headers(queued, "DKIM-Signature")
     algorithms = sorted(
         tag.strip().split("=", 1)[1]
@@ -130,12 +133,6 @@ def test_opendkim_signers_sign_what_postfix_queues(
     tampered = queued.replace(b"Hello.", b"Hullo.")
     with pytest.raises(dkim.ValidationError, match="body hash mismatch"):
         dkim.DKIM(tampered).verify(idx=0, dnsfunc=milter_dns.txt)
-
-
-def test_opendkim_signer_leaves_other_domains_unsigned(opendkim_signer: OpenDKIM) -> None:
-    with postfix_with(opendkim_signer) as mta:
-        mta.send(message("carol@other.test", "unsigned"), "carol@other.test")
-        assert headers(mta.delivered(), "DKIM-Signature") == []
 
 
 def test_opendkim_verifier_adds_authentication_results(
@@ -167,9 +164,21 @@ def test_opendkim_verifier_adds_authentication_results(
         mta.send(tampered, f"dave@{domain}")
         [failed] = headers(mta.delivered(), "Authentication-Results")
     assert passed.startswith(f"{AUTHSERV_ID};"), passed
-    assert f"dkim=pass (2048-bit key; unprotected) header.d={domain} header.i=@{domain} header.a=rsa-sha256 header.s=v-rsa" in passed, passed
-    assert "header.a=ed25519-sha256 header.s=v-ed" in passed, passed
-    assert "dkim=fail" in failed and "dkim=pass" not in failed, failed
+    assert dkim_results(passed) == {"v-rsa": "pass", "v-ed": "pass"}, passed
+    assert f"header.d={domain} header.i=@{domain} header.a=rsa-sha256 header.s=v-rsa" in passed
+    assert dkim_results(failed) == {"v-rsa": "fail", "v-ed": "fail"}, failed
+
+
+def dkim_results(field: str) -> dict[str, str]:
+    """Selector to result, from the dkim= entries of an Authentication-Results field."""
+    found = {}
+    # Comments, such as "(2048-bit key; unprotected)", may hold semicolons.
+    for entry in re.sub(r"\([^)]*\)", "", field).split(";")[1:]:
+        words = entry.split()
+        if words and words[0].startswith("dkim="):
+            selector = next(w for w in words if w.startswith("header.s="))
+            found[selector.removeprefix("header.s=")] = words[0].removeprefix("dkim=")
+    return found
 
 
 def test_opendmarc_refuses_a_p_reject_failure_and_passes_an_aligned_sender(
@@ -187,9 +196,9 @@ def test_opendmarc_refuses_a_p_reject_failure_and_passes_an_aligned_sender(
     opendmarc.zone.add(f"_dmarc.{strict}", "TXT", txt_rdata("v=DMARC1; p=reject"))
     opendmarc.zone.add(f"_dmarc.{relaxed}", "TXT", txt_rdata("v=DMARC1; p=none"))
     for domain in (strict, relaxed, "bounces.test"):
-        opendmarc.zone.add(domain, "TXT", txt_rdata("v=spf1 ip4:127.0.0.2 -all"))
+        opendmarc.zone.add(domain, "TXT", txt_rdata("v=spf1 ip4:127.0.0.0/8 -all"))
     with postfix_with(opendmarc) as mta:
-        mta.send(message(f"erin@{strict}", "aligned"), f"erin@{strict}", source="127.0.0.2")
+        mta.send(message(f"erin@{strict}", "aligned"), f"erin@{strict}")
         aligned = headers(mta.delivered(), "Authentication-Results")
         with pytest.raises(smtplib.SMTPDataError) as refused:
             mta.send(message(f"erin@{strict}", "unaligned"), "list@bounces.test")
