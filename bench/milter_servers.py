@@ -27,15 +27,24 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from servers import free_port
+from servers import free_port, process_tree
 
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 20.0
+START_ATTEMPTS = 3
 LOOPBACK = "127.0.0.1"
 
 
 class MilterUnavailable(RuntimeError):
     """The milter's program is not installed (Debian's package is named)."""
+
+
+class MilterDidNotStart(RuntimeError):
+    """The milter exited, or did not accept connections in time; its log is in the message."""
+
+    def __init__(self, message: str, *, exited: bool) -> None:
+        super().__init__(message)
+        self.exited = exited
 
 
 def require(program: str, package: str) -> str:
@@ -107,14 +116,50 @@ def make_ed25519_key(directory: Path, domain: str, selector: str) -> DkimKey:
     return DkimKey(domain, selector, "ed25519", private, f"v=DKIM1; k=ed25519; p={public}")
 
 
-def _connect(address: int | Path) -> None:
+def _listening_inodes(port: int) -> set[str]:
+    """The socket inodes listening on 127.0.0.1:``port`` (or on any address), from /proc."""
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        address, hex_port = fields[1].split(":")
+        if int(hex_port, 16) == port and fields[3] == "0A" and address in ("0100007F", "00000000"):
+            found.add(fields[9])
+    return found
+
+
+def _socket_inodes(pids: list[int]) -> set[str]:
+    found = set()
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                found.add(target[len("socket:[") : -1])
+    return found
+
+
+def _accepting(address: int | Path, process: subprocess.Popen[bytes]) -> bool:
+    """Whether ``process`` (or a child) listens on ``address`` and a connection is accepted.
+
+    A port is checked to be the milter's own: a port taken by someone else
+    between free_port and the milter's bind would accept connections too,
+    while the milter, failing to bind, exits.
+    """
     if isinstance(address, Path):
         with socket.socket(socket.AF_UNIX) as sock:
             sock.settimeout(1)
             sock.connect(str(address))
-    else:
-        with socket.create_connection((LOOPBACK, address), timeout=1):
-            pass
+        return True
+    if not _listening_inodes(address) & _socket_inodes(process_tree(process.pid)):
+        return False
+    with socket.create_connection((LOOPBACK, address), timeout=1):
+        return True
 
 
 def wait_accepting(
@@ -122,25 +167,27 @@ def wait_accepting(
 ) -> None:
     """Return once ``address`` (a loopback port or a Unix socket) accepts a connection.
 
-    Raises if ``process`` ends first.
-    Bounded by START_TIMEOUT; the log is in the error so that a milter that
-    refused its configuration says why.
+    Raises MilterDidNotStart if ``process`` ends first or START_TIMEOUT
+    passes; the log is in the error so that a milter that refused its
+    configuration says why.
     """
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         if process.poll() is not None:
             break
         try:
-            _connect(address)
+            if _accepting(address, process):
+                return
         except OSError:
-            time.sleep(0.02)
-        else:
-            return
+            pass
+        time.sleep(0.02)
     status = process.poll()
     if status is None:
         stop_process(process)
     text = log.read_text(errors="replace")[-4000:] if log.exists() else ""
-    raise RuntimeError(f"{what} did not start (exit status {status}):\n{text}")
+    raise MilterDidNotStart(
+        f"{what} did not start (exit status {status}):\n{text}", exited=status is not None
+    )
 
 
 def stop_process(process: subprocess.Popen[bytes]) -> None:
@@ -204,22 +251,33 @@ class Milter:
     def start(self) -> None:
         command = self.command()  # first: a missing program is MilterUnavailable
         self.directory.mkdir(parents=True, exist_ok=True)
-        if not self.unix:
-            self.port = free_port()
-        self.configure()
-        began = time.monotonic()
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.directory,
-                start_new_session=True,
-            )
-        address = self.unix_path if self.unix else self.port
-        wait_accepting(address, self.process, self.log, self.name)
-        self.started_in = time.monotonic() - began
+        # The free port is the milter's to bind: another process may take it
+        # first, and the milter exits.  A few fresh ports, then the error.
+        attempts = 1 if self.unix else START_ATTEMPTS
+        for attempt in range(1, attempts + 1):
+            if not self.unix:
+                self.port = free_port()
+            self.configure()
+            began = time.monotonic()
+            with self.log.open("ab") as log:
+                self.process = subprocess.Popen(
+                    command,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    cwd=self.directory,
+                    start_new_session=True,
+                )
+            address = self.unix_path if self.unix else self.port
+            try:
+                wait_accepting(address, self.process, self.log, self.name)
+            except MilterDidNotStart as exc:
+                self.process = None
+                if not exc.exited or attempt == attempts:
+                    raise
+            else:
+                self.started_in = time.monotonic() - began
+                return
 
     def terminate(self) -> None:
         """Ask the milter to stop (SIGTERM) without waiting: :meth:`stop` reaps it.
@@ -518,7 +576,9 @@ options {{
     pidfile = "$RUNDIR/rspamd.pid";
     filters = "chartable,dkim,regexp";
     url_tld = "{top / "tld.dat"}";
-    hs_cache_dir = "$DBDIR/";
+    # Regular expressions through PCRE: no hyperscan database to compile
+    # in the background of every start.
+    disable_hyperscan = true;
     dns {{
         nameserver = ["{self.resolver}"];
         timeout = 1s;

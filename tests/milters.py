@@ -32,6 +32,7 @@ A missing program fails the test when CI=true (CI installs every one,
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -198,11 +199,17 @@ def opendmarc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DmarcMilter]
     directory = tmp_path_factory.mktemp("opendmarc")
     zone = Zone()
     with ExitStack() as stack:
-        # libresolv asks port 53 only: an address of our own on it (the pid
-        # keeps concurrent runs apart), bound before OpenDMARC starts.
-        address = stack.enter_context(dns_server(zone, loopback_address(os.getpid()), 53))
-        resolver_ip = address.rsplit(":", 1)[0]
-        yield from _run(DmarcMilter(directory, zone, resolver_ip))
+        # libresolv asks port 53 only: an address of our own on it (from the
+        # pid, so that concurrent runs differ), bound before OpenDMARC starts.
+        for attempt in range(5):
+            try:
+                address = loopback_address(os.getpid() + 7919 * attempt)
+                stack.enter_context(dns_server(zone, address, 53))
+                break
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE or attempt == 4:
+                    raise
+        yield from _run(DmarcMilter(directory, zone, address))
 
 
 @pytest.fixture(scope="session")
