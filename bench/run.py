@@ -1,12 +1,15 @@
 """Benchmark mmdf-smtp against Postfix and aiosmtpd, in one run on one machine.
 
-    python bench/run.py [--smoke] [--rounds N] [--json FILE]
+    python bench/run.py [--smoke] [--rounds N] [--json FILE] [--milter opendkim]
 
 Starts the three servers on free loopback ports, each with the same
 durability (250 only once the message is on stable storage), drives them
 case by case in interleaved rounds (every case runs on every server before
 the next case; the servers' order rotates from round to round), and prints
 one table of medians over the rounds with mmdf-smtp's ratios to the others.
+``--milter opendkim`` adds Postfix with OpenDKIM signing every message as
+its smtpd milter ("postfix+opendkim"), compared with mmdf-smtp through the
+same milter once mmdf-smtp has a milter client ("mmdf-smtp+opendkim").
 Every server it starts, it stops.  See README.md, "Performance".
 """
 
@@ -29,8 +32,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from load import IdleConnections, LoadError, Run, pipelining_client, smtp_source
+from load import SENDER, IdleConnections, LoadError, Run, pipelining_client, smtp_source
 from memory import Footprint, PeakSampler, footprint
+from milter_servers import Milter, MilterUnavailable, OpenDKIM, make_rsa_key, require
 from servers import Aiosmtpd, Mmdf, Postfix, Server, spread_subdirectories, unique_name
 
 KIB = 1024
@@ -173,6 +177,16 @@ def measure_idle(server: Server, count: int) -> Measurement:
 
 
 @contextlib.contextmanager
+def signing_milter(directory: Path, *, unix: bool) -> Iterator[Milter]:
+    """OpenDKIM signing, with a 2048-bit RSA key, all mail From: the load's sender domain."""
+    domain = SENDER.decode().rsplit("@", 1)[1]
+    key = make_rsa_key(directory / "keys", domain, "bench")
+    milter = OpenDKIM(directory, mode="s", keys=[key], unix=unix)
+    with milter:
+        yield milter
+
+
+@contextlib.contextmanager
 def started(server: Server) -> Iterator[Server]:
     try:
         server.start()
@@ -181,8 +195,14 @@ def started(server: Server) -> Iterator[Server]:
         server.stop()
 
 
-def prerequisites() -> list[str]:
+def prerequisites(milter: str | None) -> list[str]:
     missing = []
+    if milter == "opendkim":
+        for program, package in (("opendkim", "opendkim"), ("opendkim-genkey", "opendkim-tools")):
+            try:
+                require(program, package)
+            except MilterUnavailable:
+                missing.append(f"{program} (Debian's {package} package)")
     if shutil.which("smtp-source") is None and not Path("/usr/sbin/smtp-source").exists():
         missing.append("smtp-source (Debian's postfix package)")
     if shutil.which("postfix") is None:
@@ -217,14 +237,33 @@ def _ok(measurements: list[Measurement]) -> list[Measurement]:
     return [m for m in measurements if m.error is None]
 
 
+def reference(servers: list[str], other: str) -> str | None:
+    """The mmdf-smtp variant compared with ``other``: the same milter, or none.
+
+    "postfix+opendkim" is compared with "mmdf-smtp+opendkim" (when it runs),
+    never with mmdf-smtp filtering nothing.
+    """
+    _, plus, milter = other.partition("+")
+    ours = servers[0] + plus + milter
+    return ours if ours in servers and ours != other else None
+
+
+def _ratio(values: dict[str, float], servers: list[str], other: str) -> str:
+    ours = reference(servers, other)
+    if ours is None or not values[other]:
+        return "-"
+    return f"{values[ours] / values[other]:.2f}"
+
+
 def table(results: Results, servers: list[str]) -> str:
     """One Markdown table: medians over rounds, mmdf-smtp's ratios to the others."""
     order = " / ".join(servers)
+    others = [name for name in servers if not name.startswith(servers[0])]
     header = (
         f"| case | msg/s ({order}) | MB/s | p50 ms | p99 ms | peak PSS MiB | "
-        f"x {servers[1]} | x {servers[2]} |"
-    )
-    lines = [header, "|" + "---|" * 8]
+        + "".join(f"x {other} | " for other in others)
+    ).rstrip()
+    lines = [header, "|" + "---|" * (6 + len(others))]
 
     def fmt(values: list[float], pattern: str) -> str:
         return pattern.format(_median(values)) if values else "-"
@@ -234,10 +273,7 @@ def table(results: Results, servers: list[str]) -> str:
             continue
         ok = {name: _ok(runs.get(name, [])) for name in servers}
         rates = {name: _median([m.rate for m in ok[name]]) for name in servers}
-        ratios = [
-            f"{rates[servers[0]] / rates[other]:.2f}" if rates[other] else "-"
-            for other in servers[1:]
-        ]
+        ratios = [_ratio(rates, servers, other) for other in others]
         lines.append(
             "| "
             + " | ".join(
@@ -268,13 +304,10 @@ def table(results: Results, servers: list[str]) -> str:
         growth = {
             name: _median([(m.peak.pss - m.before.pss) / MIB for m in ok[name]]) for name in servers
         }
-        ratios = [
-            f"{growth[servers[0]] / growth[other]:.2f}" if growth[other] else "-"
-            for other in servers[1:]
-        ]
+        ratios = [_ratio(growth, servers, other) for other in others]
         cell = " / ".join(f"+{growth[name]:.1f}" if ok[name] else "-" for name in servers)
         lines.append(
-            f"| {case} (PSS growth, MiB) | - | - | - | - | {cell} | {ratios[0]} | {ratios[1]} |"
+            f"| {case} (PSS growth, MiB) | - | - | - | - | {cell} | " + " | ".join(ratios) + " |"
         )
     return "\n".join(lines)
 
@@ -316,13 +349,24 @@ def main(argv: list[str] | None = None) -> int:
         help="run only the cases whose name matches, e.g. '1 KiB x10' (no idle case unless named)",
     )
     parser.add_argument(
+        "--milter",
+        choices=["opendkim"],
+        help="also run Postfix with this milter (OpenDKIM signing every message) as a server",
+    )
+    parser.add_argument(
+        "--milter-socket",
+        choices=["unix", "inet"],
+        default="unix",
+        help="the milter's socket: unix (Debian's default for OpenDKIM) or inet on loopback",
+    )
+    parser.add_argument(
         "--workdir",
         type=Path,
         default=Path("/var/tmp"),
         help="where the run's directory is made: on disk, reachable by the postfix user",
     )
     args = parser.parse_args(argv)
-    missing = prerequisites()
+    missing = prerequisites(args.milter)
     if missing:
         print("bench: missing " + ", ".join(missing), file=sys.stderr)
         return EX_UNAVAILABLE
@@ -346,10 +390,25 @@ def main(argv: list[str] | None = None) -> int:
         Postfix(top / unique_name("postfix"), maxproc=IDLE_SLOTS),
         Aiosmtpd(top / unique_name("aiosmtpd")),
     ]
-    names = [server.name for server in servers]
+    # The idle case holds a thousand sessions: the milter variants would
+    # hold a thousand milter connections too, a measure of the milter.
+    idle_servers = list(servers)
     started_at = time.monotonic()
     try:
         with contextlib.ExitStack() as stack:
+            if args.milter == "opendkim":
+                milter = stack.enter_context(
+                    signing_milter(top / unique_name("opendkim"), unix=args.milter_socket == "unix")
+                )
+                servers.append(
+                    Postfix(
+                        top / unique_name("postfix-opendkim"),
+                        maxproc=IDLE_SLOTS,
+                        milters=[milter.socket],
+                        name=f"postfix+{milter.name}",
+                    )
+                )
+            names = [server.name for server in servers]
             for server in servers:
                 stack.enter_context(started(server))
             chosen = [c for c in cases(args.smoke) if not args.only or re.search(args.only, c.name)]
@@ -365,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
             # The idle case last: Postfix's session processes outlive it for
             # max_idle, and would weigh on every later measurement.
             idle_name = f"idle x{idle}"
-            for server in servers if not args.only or re.search(args.only, idle_name) else []:
+            for server in idle_servers if not args.only or re.search(args.only, idle_name) else []:
                 target = server
                 if isinstance(server, Mmdf):
                     # maxconnects 100 above, as Postfix's default process limit;

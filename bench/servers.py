@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
@@ -297,6 +298,8 @@ proxymap  unix  -       -       n       -       -       proxymap
 error     unix  -       -       n       -       -       error
 retry     unix  -       -       n       -       -       error
 discard   unix  -       -       n       -       -       discard
+smtp      unix  -       -       n       -       -       smtp
+relay     unix  -       -       n       -       -       smtp
 anvil     unix  -       -       n       -       1       anvil
 scache    unix  -       -       n       -       1       scache
 postlog   unix-dgram n  -       n       -       1       postlogd
@@ -310,13 +313,30 @@ class Postfix(Server):
     chroot off, loopback only, no DNS, every recipient accepted from
     127.0.0.0/8 and delivered to the discard transport.  The system's
     /etc/postfix is never read or written.
+
+    ``milters`` (Postfix's socket syntax, ``inet:127.0.0.1:PORT``) become
+    smtpd_milters, with milter_default_action = tempfail: a milter that is
+    down or breaks the protocol costs a 4xx, never an unfiltered 250.
+    ``relay_port`` sends every message on to 127.0.0.1:PORT over SMTP
+    instead of discarding it, so that a test can see what Postfix queued.
     """
 
     name = "postfix"
 
-    def __init__(self, directory: Path, maxproc: int) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        maxproc: int,
+        *,
+        milters: Sequence[str] = (),
+        relay_port: int | None = None,
+        name: str = "postfix",
+    ) -> None:
         super().__init__(directory)
         self.maxproc = maxproc
+        self.milters = list(milters)
+        self.relay_port = relay_port
+        self.name = name
         self.started = False
 
     def _postfix(self, *args: str) -> subprocess.CompletedProcess[bytes]:
@@ -340,6 +360,7 @@ class Postfix(Server):
         (self.directory / "data").mkdir(exist_ok=True)
         shutil.chown(self.directory / "data", "postfix")
         self.port = free_port()
+        transport = "discard" if self.relay_port is None else "smtp"
         main_cf = f"""\
 compatibility_level = 3.6
 queue_directory = {self.directory}/queue
@@ -354,10 +375,10 @@ inet_protocols = ipv4
 mynetworks = 127.0.0.0/8
 smtpd_relay_restrictions = permit_mynetworks, reject
 smtpd_recipient_restrictions = permit_mynetworks, reject
-default_transport = discard
-relay_transport = discard
-local_transport = discard
-virtual_transport = discard
+default_transport = {transport}
+relay_transport = {transport}
+local_transport = {transport}
+virtual_transport = {transport}
 local_recipient_maps =
 alias_maps =
 alias_database =
@@ -370,6 +391,18 @@ smtpd_client_connection_rate_limit = 0
 default_process_limit = {self.maxproc}
 message_size_limit = 52428800
 maillog_file = {self.directory}/maillog
+maillog_file_prefixes = {self.directory}
+"""
+        if self.milters:
+            main_cf += f"""\
+smtpd_milters = {" ".join(self.milters)}
+milter_default_action = tempfail
+milter_protocol = 6
+"""
+        if self.relay_port is not None:
+            main_cf += f"""\
+relayhost = [127.0.0.1]:{self.relay_port}
+smtp_tls_security_level = none
 """
         (self.directory / "main.cf").write_text(main_cf)
         (self.directory / "master.cf").write_text(

@@ -19,6 +19,9 @@ from hypothesis import HealthCheck, settings
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+# The real-milter fixtures (opendkim_signer, opendmarc, ...) for every test module.
+pytest_plugins = ["milters"]
+
 settings.register_profile("ci", deadline=None)
 settings.register_profile(
     "soak", deadline=None, max_examples=20_000, suppress_health_check=[HealthCheck.too_slow]

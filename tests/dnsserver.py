@@ -60,10 +60,14 @@ def _norm(name: str) -> str:
 
 
 @contextmanager
-def dns_server(zone: Zone) -> Iterator[str]:
-    """Serve ``zone`` over UDP on 127.0.0.1; yields "127.0.0.1:port"."""
+def dns_server(zone: Zone, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Serve ``zone`` over UDP on ``host`` (loopback); yields "host:port".
+
+    A fixed ``port`` (53) is for programs that ask only /etc/resolv.conf's
+    nameservers, which libresolv asks on port 53 alone.
+    """
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
+    sock.bind((host, port))
     sock.settimeout(0.1)
     stop = threading.Event()
 
@@ -80,7 +84,7 @@ def dns_server(zone: Zone) -> Iterator[str]:
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     try:
-        yield f"127.0.0.1:{sock.getsockname()[1]}"
+        yield f"{host}:{sock.getsockname()[1]}"
     finally:
         stop.set()
         thread.join()

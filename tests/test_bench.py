@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from milters import unavailable
+
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "run.py"
 SERVERS = ["mmdf-smtp", "postfix", "aiosmtpd"]
 
@@ -95,5 +97,33 @@ def test_smoke_run_completes_and_every_server_answers(tmp_path: Path, workdir: P
     table = result.stdout.decode()
     assert "| case | msg/s (mmdf-smtp / postfix / aiosmtpd) |" in table
     assert "| idle x20 (PSS growth, MiB) |" in table
+    assert _leftovers(workdir) == []
+    assert list(workdir.iterdir()) == [], "the run's directory was not removed"
+
+
+def test_smoke_run_with_postfix_and_opendkim(tmp_path: Path, workdir: Path) -> None:
+    """--milter opendkim adds Postfix signing through OpenDKIM, compared with nothing yet."""
+    for program, package in (("opendkim", "opendkim"), ("opendkim-genkey", "opendkim-tools")):
+        if shutil.which(program, path="/usr/sbin:/usr/bin:/sbin:/bin") is None:
+            unavailable(f"{program} is missing (Debian's package {package})")
+    figures = tmp_path / "figures.json"
+    command = [sys.executable, str(BENCH), "--smoke", "--milter", "opendkim"]
+    command += ["--only", "1 KiB x2 (connect|pipeline)", "--json", str(figures)]
+    command += ["--workdir", str(workdir)]
+    result = subprocess.run(command, capture_output=True, timeout=100, check=False)
+    assert result.returncode == 0, result.stderr.decode()
+    raw = json.loads(figures.read_text())
+    assert list(raw) == ["1 KiB x2 connect", "1 KiB x2 pipeline"]
+    for case, runs in raw.items():
+        assert sorted(runs) == sorted([*SERVERS, "postfix+opendkim"]), case
+        for server, [measurement] in runs.items():
+            assert measurement["error"] is None, (case, server, measurement["error"])
+            assert measurement["messages"] == 10, (case, server)
+    table = result.stdout.decode()
+    header = "| case | msg/s (mmdf-smtp / postfix / aiosmtpd / postfix+opendkim) |"
+    assert header in table
+    # No mmdf-smtp+opendkim yet: no ratio to postfix+opendkim.
+    [row] = [line for line in table.splitlines() if line.startswith("| 1 KiB x2 connect |")]
+    assert row.endswith(" | - |"), row
     assert _leftovers(workdir) == []
     assert list(workdir.iterdir()) == [], "the run's directory was not removed"
