@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
-from driver import EHLO, ENVELOPE, session, transcript
+from driver import EHLO, ENVELOPE, SCRIPTED, session, transcript
 from mmdf_smtp.protocol import (
     NEED_DATA,
     PAUSED,
@@ -256,7 +258,7 @@ def test_bad_line_ends_and_nul_in_commands(data: bytes, reply: str) -> None:
 
 
 def test_error_limit_closes_with_421() -> None:
-    run = transcript(b"BAD\r\n" * 3, limits=Limits(errors=3))
+    run = transcript(b"BAD\r\n" * 3, limits=replace(SCRIPTED, errors=3))
     assert run.replies[-4:] == [
         "500 5.5.1 Command unrecognized",
         "500 5.5.1 Command unrecognized",
@@ -269,7 +271,7 @@ def test_error_limit_closes_with_421() -> None:
 
 
 def test_errors_past_the_soft_limit_are_held_back() -> None:
-    limits = Limits(errors=10, errors_before_delay=2, error_delay=1.5)
+    limits = replace(SCRIPTED, errors=10, errors_before_delay=2, error_delay=1.5)
     run = session(limits=limits).feed(EHLO)
     delays = []
     for command in [b"BAD\r\n", b"BAD\r\n", b"NOOP\r\n", b"BAD\r\n" * 3, b"NOOP\r\n"]:
@@ -286,7 +288,7 @@ def test_errors_past_the_soft_limit_are_held_back() -> None:
 
 
 def test_no_delay_on_the_closing_421() -> None:
-    run = session(limits=Limits(errors=2, errors_before_delay=0, error_delay=1.0))
+    run = session(limits=replace(SCRIPTED, errors=2, errors_before_delay=0, error_delay=1.0))
     run.conn.receive_data(b"BAD\r\nBAD\r\n")
     while not isinstance(run.conn.next_event(), ConnectionClosed):
         pass
@@ -338,18 +340,49 @@ SMUGGLING = [
 def test_smuggling_never_ends_data(smuggled: bytes, step: int | None) -> None:
     run = data_run(smuggled + b"RCPT TO:<c@x>\r\n.\r\n", step=step)
     assert len(run.of(MailFrom)) == 1
-    assert run.of(MessageComplete) == [] or b"\x00" in smuggled
-    if b"\x00" not in smuggled:
-        assert run.replies[-2:] == [
-            "550 5.6.0 Message refused: bare CR or LF; lines must end with <CRLF>",
-            "250 2.0.0 OK",
-        ]
-        assert len(run.of(MessageAborted)) == 1
+    assert run.of(MessageComplete) == []
+    refusal = (
+        "550 5.6.0 Message refused: NUL octets are not allowed"
+        if b"\x00" in smuggled
+        else "550 5.6.0 Message refused: bare CR or LF; lines must end with <CRLF>"
+    )
+    assert run.replies[-2:] == [refusal, "250 2.0.0 OK"]
+    assert len(run.of(MessageAborted)) == 1
 
 
-def test_nul_in_data_is_content() -> None:
-    run = data_run(b"a\x00b\r\n.\r\n")
-    assert run.content == b"a\x00b\r\n"
+NUL_IN_DATA = "550 5.6.0 Message refused: NUL octets are not allowed"
+
+
+@pytest.mark.parametrize("step", STEPS)
+@pytest.mark.parametrize(
+    "wire", [b"a\x00b\r\n.\r\n", b"\x00\r\n.\r\n", b"ok\r\n" * 3000 + b"\x00.\r\n.\r\n"]
+)
+def test_nul_in_data_is_refused_at_the_end_and_the_session_goes_on(
+    wire: bytes, step: int | None
+) -> None:
+    run = data_run(wire, step=step)
+    assert run.replies[-2:] == [NUL_IN_DATA, "250 2.0.0 OK"]
+    assert run.of(MessageComplete) == []
+    assert run.of(MessageAborted) == [MessageAborted(reply=replies.NUL_IN_DATA, reason="nul")]
+    assert b"\x00" not in run.content  # nothing past the NUL reaches the application
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_nul_in_data_is_content_when_allowed(step: int | None) -> None:
+    run = data_run(b"a\x00b\r\n\x00.\r\n.\r\n", step=step, limits=replace(SCRIPTED, allow_nul=True))
+    assert run.content == b"a\x00b\r\n\x00.\r\n"
+    assert run.replies[-2:] == ["250 2.0.0 Submitted & queued", "250 2.0.0 OK"]
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_nul_in_a_bdat_chunk_is_refused_at_the_last_chunk(step: int | None) -> None:
+    data = ENVELOPE + b"BDAT 4\r\na\x00\r\nBDAT 3 LAST\r\nb\r\nNOOP\r\n"
+    run = transcript(data, step=step)
+    assert run.replies[-3:] == ["250 2.0.0 4 octets received", NUL_IN_DATA, "250 2.0.0 OK"]
+    assert run.of(MessageComplete) == []
+    allowed = transcript(data, step=step, limits=replace(SCRIPTED, allow_nul=True))
+    assert allowed.content == b"a\x00\r\nb\r\n"
+    assert allowed.replies[-2:] == ["250 2.0.0 Submitted & queued", "250 2.0.0 OK"]
 
 
 @pytest.mark.parametrize("step", [None, 1])
@@ -378,7 +411,7 @@ def test_endless_data_line_keeps_memory_bounded() -> None:
 
 
 def test_message_size_limit_after_data() -> None:
-    limits = Limits(message_size=100)
+    limits = replace(SCRIPTED, message_size=100)
     run = data_run(b"z" * 60 + b"\r\n" + b"z" * 60 + b"\r\n.\r\n", limits=limits)
     assert run.replies[-2:] == [
         "552 5.3.4 Message size exceeds fixed maximum message size",
@@ -390,7 +423,7 @@ def test_message_size_limit_after_data() -> None:
 
 
 def test_size_exactly_at_the_limit_is_accepted() -> None:
-    run = data_run(b"z" * 98 + b"\r\n.\r\n", limits=Limits(message_size=100))
+    run = data_run(b"z" * 98 + b"\r\n.\r\n", limits=replace(SCRIPTED, message_size=100))
     assert run.of(MessageComplete) == [MessageComplete(size=100)]
 
 
@@ -406,7 +439,7 @@ def test_too_many_received_headers_is_a_loop() -> None:
 
 def test_recipient_limit_gives_452_and_keeps_the_transaction() -> None:
     rcpts = b"".join(b"RCPT TO:<r%d@example.net>\r\n" % i for i in range(5))
-    run = transcript(EHLO + b"MAIL FROM:<>\r\n" + rcpts + b"DATA\r\n", limits=Limits(recipients=3))
+    run = transcript(EHLO + b"MAIL FROM:<>\r\n" + rcpts + b"DATA\r\n", limits=replace(SCRIPTED, recipients=3))
     assert run.codes[-6:] == [250, 250, 250, 452, 452, 354]
     assert run.replies[-2] == "452 4.5.3 Too many recipients"
     assert run.conn.errors == 0
@@ -497,7 +530,7 @@ def test_bdat_syntax_error_closes() -> None:
 def test_bdat_over_the_size_limit() -> None:
     run = transcript(
         ENVELOPE + b"BDAT 80\r\n" + b"q" * 80 + b"BDAT 80 LAST\r\n" + b"q" * 80,
-        limits=Limits(message_size=100),
+        limits=replace(SCRIPTED, message_size=100),
     )
     assert run.replies[-2:] == [
         "250 2.0.0 80 octets received",
@@ -579,7 +612,7 @@ def test_quit_ignores_what_follows() -> None:
 
 
 def test_timers() -> None:
-    limits = Limits(command_timeout=30, data_timeout=90)
+    limits = replace(SCRIPTED, command_timeout=30, data_timeout=90)
     run = transcript(EHLO, limits=limits)
     first = run.conn.timer
     assert first is not None and first.seconds == 30
@@ -615,6 +648,7 @@ def test_send_without_a_pending_decision_is_an_error() -> None:
 def test_event_order_for_a_decision() -> None:
     conn = ServerConnection(hostname="mx.test")
     conn.send(replies.GREETING)
+    conn.data_to_send()
     conn.receive_data(b"EHLO a\r\n")
     assert conn.next_event() == Hello(kind="EHLO", name="a")
     assert conn.next_event() is PAUSED
@@ -624,8 +658,9 @@ def test_event_order_for_a_decision() -> None:
 
 
 def test_shut_down_waits_for_a_decision_under_way() -> None:
-    conn = ServerConnection(hostname="mx.test")
+    conn = ServerConnection(hostname="mx.test", limits=SCRIPTED)
     conn.send(replies.GREETING)
+    conn.data_to_send()
     conn.receive_data(ENVELOPE + b"DATA\r\nx\r\n.\r\n")
     answers = {
         Hello: replies.HELLO,

@@ -31,6 +31,7 @@ from .protocol import (
     MessageAborted,
     MessageComplete,
     MessageData,
+    OutOfTurn,
     Path,
     RcptTo,
     Reply,
@@ -58,6 +59,12 @@ def _date_text(now: datetime, offset: timedelta | None) -> str:
     # The offset is part of the key: equal instants compare equal across
     # zones, and each is written in its own.
     return format_datetime(now)
+
+
+def _quoted(data: bytes, limit: int = 64) -> str:
+    """``data`` for a log line: in double quotes, escaped, at most ``limit`` octets."""
+    text = data[:limit].decode("latin-1").encode("unicode_escape").decode("ascii")
+    return '"' + text.replace('"', '\\"') + ('..."' if len(data) > limit else '"')
 
 
 def address_literal(address: str) -> str:
@@ -142,7 +149,14 @@ class Session:
                     except QueueError as exc:
                         error = exc
                 self.answer_commit(event, writer, error)
-            case MessageAborted() | Reset() | StartTLS():
+            case MessageAborted():
+                self._log_refusal(event.reply, event.reason)
+                self._drop_message()
+            case OutOfTurn():
+                self._log_refusal(
+                    event.reply, event.reason, f"after={event.command} input={_quoted(event.received)}"
+                )
+            case Reset() | StartTLS():
                 self._drop_message()
             case ConnectionClosed():
                 self._drop_message()
@@ -228,6 +242,19 @@ class Session:
             self._queued,
             "quit" if event.clean else "lost",
             time.monotonic() - self._started,
+        )
+
+    def _log_refusal(self, reply: Reply, reason: str, details: str = "") -> None:
+        """One line a refusal, in a form fail2ban and the like can match."""
+        log.info(
+            "%s refused client=%s[%s] helo=%s reply=%s reason=%s%s",
+            self.id,
+            self._log_host(),
+            self.client.address,
+            self.connection.helo or "",
+            _quoted(reply.lines()[0].encode()),
+            reason,
+            f" {details}" if details else "",
         )
 
     def _log_host(self) -> str:

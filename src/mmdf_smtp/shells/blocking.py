@@ -112,12 +112,11 @@ class BlockingShell:
     # -- output ----------------------------------------------------------
 
     def _flush(self) -> None:
-        delay = self._conn.delay
+        if self._conn.delay:
+            self._hold(self._conn.delay)
         data = self._conn.data_to_send()
         if not data:
             return
-        if delay:
-            self._sleep(delay)
         if self._session.tracing:
             trace_output(self._session, data)
         if self._tls is not None:
@@ -128,6 +127,32 @@ class BlockingShell:
         except _Gone:
             # Nobody to answer: end the session as if the client had left.
             self._conn.receive_data(b"")
+
+    def _hold(self, seconds: float) -> None:
+        """The tarpit or the greeting's pause: the replies wait ``seconds``.
+
+        What the client sends meanwhile goes to the core, which judges a
+        client that did not wait; one read's worth at most, and none under
+        TLS (where a record may need more reads than the pause allows).
+        """
+        deadline = self._clock() + seconds
+        while (remaining := deadline - self._clock()) > 0:
+            conn = self._conn
+            if self._tls is not None or conn.closed or conn.pending_input >= READ_SIZE:
+                self._sleep(remaining)
+                return
+            try:
+                readable, _, _ = select.select([self._rfd], [], [], remaining)
+                data = os.read(self._rfd, READ_SIZE) if readable else None
+            except OSError:
+                data = b""
+            if data is None:
+                return
+            if self._session.tracing and data:
+                trace_input(self._session, data)
+            conn.receive_data(data)
+            if not data:
+                return  # nobody is waiting for the replies any more
 
     def _write_all(self, data: bytes) -> None:
         view = memoryview(data)
