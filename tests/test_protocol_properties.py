@@ -13,9 +13,23 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from driver import EHLO, ENVELOPE, SCRIPTED, session
-from mmdf_smtp.protocol import ConnectionClosed, Limits, MessageComplete, Path, replies
+from mmdf_smtp.protocol import (
+    ConnectionClosed,
+    Limits,
+    MessageComplete,
+    OutOfTurn,
+    Path,
+    State,
+    replies,
+)
 from mmdf_smtp.protocol.content import ContentChecker, DotReader
-from mmdf_smtp.protocol.grammar import GrammarError, parse_mail, parse_path, parse_rcpt
+from mmdf_smtp.protocol.grammar import (
+    GrammarError,
+    parse_mail,
+    parse_path,
+    parse_rcpt,
+    split_command,
+)
 
 ATEXT = "abcxyzABCXYZ0189!#$%&'*+/=?^_`{|}~-"
 label = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?", fullmatch=True)
@@ -192,3 +206,67 @@ def test_whole_envelope_fed_octet_by_octet_matches_whole() -> None:
     bytewise = session().feed(data, step=1)
     assert whole.output == bytewise.output
     assert whole.content == bytewise.content
+
+
+lockstep_commands = st.sampled_from(
+    [
+        b"HELO y\r\n",
+        b"MAIL FROM:<a@b.c>\r\n",
+        b"RCPT TO:<d@e.f>\r\n",
+        b"DATA\r\n",
+        b"RSET\r\n",
+        b"NOOP\r\n",
+        b"VRFY x\r\n",
+        b"HELP\r\n",
+        b"BAD\r\n",
+        b"\r\n",
+    ]
+)
+
+
+@settings(max_examples=300)
+@given(st.lists(lockstep_commands, min_size=1, max_size=12), st.lists(st.integers(0), max_size=6))
+def test_a_client_that_waits_for_each_reply_is_never_out_of_turn(
+    script: list[bytes], cuts: list[int]
+) -> None:
+    run = session(limits=Limits(errors=1000))
+    for command in [b"HELO x\r\n", *script]:
+        for piece in _split(command, cuts):
+            run.feed(piece)
+        if run.conn.state is State.DATA:
+            run.feed(b"content\r\n.\r\n")
+    assert run.of(OutOfTurn) == []
+    assert not run.conn.closed
+
+
+@settings(max_examples=300)
+@given(
+    st.sampled_from([b"EHLO x\r\n", b"HELO x\r\n"]),
+    st.lists(lockstep_commands, min_size=1, max_size=12),
+    st.binary(min_size=1, max_size=20),
+    st.lists(st.integers(0), max_size=6),
+)
+def test_without_pipelining_offered_a_second_command_in_a_piece_is_refused(
+    hello: bytes, script: list[bytes], trailing: bytes, cuts: list[int]
+) -> None:
+    run = session(limits=Limits(errors=1000))
+    if hello.startswith(b"HELO"):
+        run.feed(hello)  # a HELO session: PIPELINING is never offered
+        commands = script
+    else:
+        commands = [hello, *script]  # before EHLO's reply it is not offered yet
+    first, rest = commands[0], b"".join(commands[1:]) + trailing
+    *pieces, last = _split(first, cuts)
+    for piece in pieces:
+        run.feed(piece)
+    run.feed(last + rest)  # the command's end and what follows, together
+    assert run.of(OutOfTurn) == [
+        OutOfTurn(
+            reason="pipelining",
+            command=split_command(first[:-2].decode()).verb,
+            received=rest[:64],
+            reply=replies.OUT_OF_TURN,
+        )
+    ]
+    assert run.replies[-1] == "554 5.5.0 SMTP protocol synchronization error"
+    assert run.conn.closed

@@ -154,7 +154,9 @@ class Session:
                 self._drop_message()
             case OutOfTurn():
                 self._log_refusal(
-                    event.reply, event.reason, f"after={event.command} input={_quoted(event.received)}"
+                    event.reply,
+                    event.reason,
+                    f"after={event.command} input={_quoted(event.received)}",
                 )
             case Reset() | StartTLS():
                 self._drop_message()

@@ -426,21 +426,19 @@ class ServerConnection:
         return not self.esmtp or verb in _LAST_IN_GROUP
 
     def _refuse_out_of_turn(self, command: str, received: bytes) -> None:
+        kept = received[:_OUT_OF_TURN_KEPT]
         if command == "greeting":
             # The greeting has not gone out: the refusal takes its place.
             self._out.clear()
-            reply, reason = replies.PREGREET, "pregreet"
-        else:
-            reply, reason = replies.OUT_OF_TURN, "pipelining"
-        self._write(reply)
-        self._events.append(
-            OutOfTurn(
-                reason=reason,
-                command=command,
-                received=received[:_OUT_OF_TURN_KEPT],
-                reply=reply,
+            event = OutOfTurn(
+                reason="pregreet", command=command, received=kept, reply=replies.PREGREET
             )
-        )
+        else:
+            event = OutOfTurn(
+                reason="pipelining", command=command, received=kept, reply=replies.OUT_OF_TURN
+            )
+        self._write(event.reply)
+        self._events.append(event)
         self._close()
 
     def _dispatch(self, command: grammar.Command) -> None:
