@@ -63,7 +63,9 @@ def _date_text(now: datetime, offset: timedelta | None) -> str:
 
 def _quoted(data: bytes, limit: int = 64) -> str:
     """``data`` for a log line: in double quotes, escaped, at most ``limit`` octets."""
-    text = data[:limit].decode("latin-1").encode("unicode_escape").decode("ascii")
+    # bytes' repr escapes CR, LF, NUL and 8-bit octets, and needs no codec
+    # (the workers cannot load one after they dropped privileges).
+    text = repr(data[:limit])[2:-1]
     return '"' + text.replace('"', '\\"') + ('..."' if len(data) > limit else '"')
 
 
