@@ -90,3 +90,40 @@ def test_split_listen(text: str, expected: tuple[str, int]) -> None:
 def test_split_listen_refuses(text: str) -> None:
     with pytest.raises(ValueError):
         split_listen(text)
+
+
+def test_the_door_defaults_and_keys(tmp_path: Path) -> None:
+    default = parse("", "t.toml", base=tmp_path).limits
+    assert (default.greet_pause, default.forbid_unauth_pipelining, default.allow_nul) == (
+        0.0,
+        True,
+        False,
+    )
+    text = (
+        "[smtpd]\ngreet_pause = 2.5\nforbid_unauth_pipelining = false\n"
+        "[limits]\nallow_nul = true\nerrors = 7\n"
+    )
+    limits = parse(text, "t.toml", base=tmp_path).limits
+    assert (limits.greet_pause, limits.forbid_unauth_pipelining, limits.allow_nul) == (
+        2.5,
+        False,
+        True,
+    )
+    assert limits.errors == 7
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[smtpd]\ngreet_pause = -1\n", "t.toml:2: smtpd.greet_pause: must be a number of seconds"),
+        (
+            '[smtpd]\nforbid_unauth_pipelining = "yes"\n',
+            "t.toml:2: smtpd.forbid_unauth_pipelining: must be true or false",
+        ),
+        ("[limits]\nallow_nul = 1\n", "t.toml:2: limits.allow_nul: must be true or false"),
+    ],
+)
+def test_the_door_keys_are_checked(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        parse(text, "t.toml", base=tmp_path)
+    assert str(error.value) == message

@@ -188,7 +188,7 @@ def test_ten_thousand_idle_connections(tmp_path: Path, capsys: pytest.CaptureFix
     # Raised here, so the daemon started below inherits it too.
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, wanted), hard))
     try:
-        config = write_config(tmp_path)
+        config = write_config(tmp_path, scripted=True)
         config.write_text(config.read_text().replace("maxconnects = 8", f"maxconnects = {wanted}"))
         with daemon(config) as d:
             before = memory_of_tree(d.process.pid, "VmRSS")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
-from driver import EHLO, ENVELOPE, session, transcript
+from driver import EHLO, ENVELOPE, SCRIPTED, Run, session, transcript
 from mmdf_smtp.protocol import (
     NEED_DATA,
     PAUSED,
@@ -14,6 +16,7 @@ from mmdf_smtp.protocol import (
     MailFrom,
     MessageAborted,
     MessageComplete,
+    OutOfTurn,
     Path,
     RcptTo,
     Reset,
@@ -256,7 +259,7 @@ def test_bad_line_ends_and_nul_in_commands(data: bytes, reply: str) -> None:
 
 
 def test_error_limit_closes_with_421() -> None:
-    run = transcript(b"BAD\r\n" * 3, limits=Limits(errors=3))
+    run = transcript(b"BAD\r\n" * 3, limits=replace(SCRIPTED, errors=3))
     assert run.replies[-4:] == [
         "500 5.5.1 Command unrecognized",
         "500 5.5.1 Command unrecognized",
@@ -269,7 +272,7 @@ def test_error_limit_closes_with_421() -> None:
 
 
 def test_errors_past_the_soft_limit_are_held_back() -> None:
-    limits = Limits(errors=10, errors_before_delay=2, error_delay=1.5)
+    limits = replace(SCRIPTED, errors=10, errors_before_delay=2, error_delay=1.5)
     run = session(limits=limits).feed(EHLO)
     delays = []
     for command in [b"BAD\r\n", b"BAD\r\n", b"NOOP\r\n", b"BAD\r\n" * 3, b"NOOP\r\n"]:
@@ -286,7 +289,7 @@ def test_errors_past_the_soft_limit_are_held_back() -> None:
 
 
 def test_no_delay_on_the_closing_421() -> None:
-    run = session(limits=Limits(errors=2, errors_before_delay=0, error_delay=1.0))
+    run = session(limits=replace(SCRIPTED, errors=2, errors_before_delay=0, error_delay=1.0))
     run.conn.receive_data(b"BAD\r\nBAD\r\n")
     while not isinstance(run.conn.next_event(), ConnectionClosed):
         pass
@@ -338,18 +341,49 @@ SMUGGLING = [
 def test_smuggling_never_ends_data(smuggled: bytes, step: int | None) -> None:
     run = data_run(smuggled + b"RCPT TO:<c@x>\r\n.\r\n", step=step)
     assert len(run.of(MailFrom)) == 1
-    assert run.of(MessageComplete) == [] or b"\x00" in smuggled
-    if b"\x00" not in smuggled:
-        assert run.replies[-2:] == [
-            "550 5.6.0 Message refused: bare CR or LF; lines must end with <CRLF>",
-            "250 2.0.0 OK",
-        ]
-        assert len(run.of(MessageAborted)) == 1
+    assert run.of(MessageComplete) == []
+    refusal = (
+        "550 5.6.0 Message refused: NUL octets are not allowed"
+        if b"\x00" in smuggled
+        else "550 5.6.0 Message refused: bare CR or LF; lines must end with <CRLF>"
+    )
+    assert run.replies[-2:] == [refusal, "250 2.0.0 OK"]
+    assert len(run.of(MessageAborted)) == 1
 
 
-def test_nul_in_data_is_content() -> None:
-    run = data_run(b"a\x00b\r\n.\r\n")
-    assert run.content == b"a\x00b\r\n"
+NUL_IN_DATA = "550 5.6.0 Message refused: NUL octets are not allowed"
+
+
+@pytest.mark.parametrize("step", STEPS)
+@pytest.mark.parametrize(
+    "wire", [b"a\x00b\r\n.\r\n", b"\x00\r\n.\r\n", b"ok\r\n" * 3000 + b"\x00.\r\n.\r\n"]
+)
+def test_nul_in_data_is_refused_at_the_end_and_the_session_goes_on(
+    wire: bytes, step: int | None
+) -> None:
+    run = data_run(wire, step=step)
+    assert run.replies[-2:] == [NUL_IN_DATA, "250 2.0.0 OK"]
+    assert run.of(MessageComplete) == []
+    assert run.of(MessageAborted) == [MessageAborted(reply=replies.NUL_IN_DATA, reason="nul")]
+    assert b"\x00" not in run.content  # nothing past the NUL reaches the application
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_nul_in_data_is_content_when_allowed(step: int | None) -> None:
+    run = data_run(b"a\x00b\r\n\x00.\r\n.\r\n", step=step, limits=replace(SCRIPTED, allow_nul=True))
+    assert run.content == b"a\x00b\r\n\x00.\r\n"
+    assert run.replies[-2:] == ["250 2.0.0 Submitted & queued", "250 2.0.0 OK"]
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_nul_in_a_bdat_chunk_is_refused_at_the_last_chunk(step: int | None) -> None:
+    data = ENVELOPE + b"BDAT 4\r\na\x00\r\nBDAT 3 LAST\r\nb\r\nNOOP\r\n"
+    run = transcript(data, step=step)
+    assert run.replies[-3:] == ["250 2.0.0 4 octets received", NUL_IN_DATA, "250 2.0.0 OK"]
+    assert run.of(MessageComplete) == []
+    allowed = transcript(data, step=step, limits=replace(SCRIPTED, allow_nul=True))
+    assert allowed.content == b"a\x00\r\nb\r\n"
+    assert allowed.replies[-2:] == ["250 2.0.0 Submitted & queued", "250 2.0.0 OK"]
 
 
 @pytest.mark.parametrize("step", [None, 1])
@@ -378,7 +412,7 @@ def test_endless_data_line_keeps_memory_bounded() -> None:
 
 
 def test_message_size_limit_after_data() -> None:
-    limits = Limits(message_size=100)
+    limits = replace(SCRIPTED, message_size=100)
     run = data_run(b"z" * 60 + b"\r\n" + b"z" * 60 + b"\r\n.\r\n", limits=limits)
     assert run.replies[-2:] == [
         "552 5.3.4 Message size exceeds fixed maximum message size",
@@ -390,7 +424,7 @@ def test_message_size_limit_after_data() -> None:
 
 
 def test_size_exactly_at_the_limit_is_accepted() -> None:
-    run = data_run(b"z" * 98 + b"\r\n.\r\n", limits=Limits(message_size=100))
+    run = data_run(b"z" * 98 + b"\r\n.\r\n", limits=replace(SCRIPTED, message_size=100))
     assert run.of(MessageComplete) == [MessageComplete(size=100)]
 
 
@@ -406,7 +440,9 @@ def test_too_many_received_headers_is_a_loop() -> None:
 
 def test_recipient_limit_gives_452_and_keeps_the_transaction() -> None:
     rcpts = b"".join(b"RCPT TO:<r%d@example.net>\r\n" % i for i in range(5))
-    run = transcript(EHLO + b"MAIL FROM:<>\r\n" + rcpts + b"DATA\r\n", limits=Limits(recipients=3))
+    run = transcript(
+        EHLO + b"MAIL FROM:<>\r\n" + rcpts + b"DATA\r\n", limits=replace(SCRIPTED, recipients=3)
+    )
     assert run.codes[-6:] == [250, 250, 250, 452, 452, 354]
     assert run.replies[-2] == "452 4.5.3 Too many recipients"
     assert run.conn.errors == 0
@@ -497,7 +533,7 @@ def test_bdat_syntax_error_closes() -> None:
 def test_bdat_over_the_size_limit() -> None:
     run = transcript(
         ENVELOPE + b"BDAT 80\r\n" + b"q" * 80 + b"BDAT 80 LAST\r\n" + b"q" * 80,
-        limits=Limits(message_size=100),
+        limits=replace(SCRIPTED, message_size=100),
     )
     assert run.replies[-2:] == [
         "250 2.0.0 80 octets received",
@@ -579,7 +615,7 @@ def test_quit_ignores_what_follows() -> None:
 
 
 def test_timers() -> None:
-    limits = Limits(command_timeout=30, data_timeout=90)
+    limits = replace(SCRIPTED, command_timeout=30, data_timeout=90)
     run = transcript(EHLO, limits=limits)
     first = run.conn.timer
     assert first is not None and first.seconds == 30
@@ -615,6 +651,7 @@ def test_send_without_a_pending_decision_is_an_error() -> None:
 def test_event_order_for_a_decision() -> None:
     conn = ServerConnection(hostname="mx.test")
     conn.send(replies.GREETING)
+    conn.data_to_send()
     conn.receive_data(b"EHLO a\r\n")
     assert conn.next_event() == Hello(kind="EHLO", name="a")
     assert conn.next_event() is PAUSED
@@ -624,8 +661,9 @@ def test_event_order_for_a_decision() -> None:
 
 
 def test_shut_down_waits_for_a_decision_under_way() -> None:
-    conn = ServerConnection(hostname="mx.test")
+    conn = ServerConnection(hostname="mx.test", limits=SCRIPTED)
     conn.send(replies.GREETING)
+    conn.data_to_send()
     conn.receive_data(ENVELOPE + b"DATA\r\nx\r\n.\r\n")
     answers = {
         Hello: replies.HELLO,
@@ -649,3 +687,194 @@ def test_shut_down_waits_for_a_decision_under_way() -> None:
         )
     )
     assert isinstance(conn.next_event(), ConnectionClosed)
+
+
+# -- The door: talking out of turn (RFC 5321 3.1, RFC 2920 3.1) ---------------
+
+PREGREET = "521 5.5.1 Protocol error: talked before the greeting"
+OUT_OF_TURN = "554 5.5.0 SMTP protocol synchronization error"
+
+
+def unwritten(limits: Limits | None = None) -> Run:
+    """A session whose greeting is made but not yet written (the greeting's pause)."""
+    conn = ServerConnection(hostname="mx.test", limits=limits or Limits())
+    conn.send(replies.GREETING.with_text("mx.test ready"))
+    return Run(conn)
+
+
+@pytest.mark.parametrize("step", STEPS)
+@pytest.mark.parametrize("data", [b"EHLO c\r\n", b"\r\n", b"x", b"QUIT\r\n", b"EHLO c\r\nQUIT\r\n"])
+def test_pregreet_is_refused_instead_of_the_greeting(data: bytes, step: int | None) -> None:
+    run = unwritten().feed(data, step=step)
+    assert run.output.decode() == PREGREET + "\r\n"  # no 220 ever went out
+    assert run.of(OutOfTurn) == [
+        OutOfTurn(
+            reason="pregreet",
+            command="greeting",
+            received=data[: step or None],
+            reply=replies.PREGREET,
+        )
+    ]
+    # Nothing but the refusal and the end, however often the driver asks.
+    assert {type(e) for e in run.events[1:]} == {ConnectionClosed}
+    assert run.events[1] == ConnectionClosed(clean=False)
+
+
+def test_pregreet_is_refused_even_without_the_pipelining_rule() -> None:
+    run = unwritten(SCRIPTED).feed(b"EHLO c\r\n")
+    assert run.replies == [PREGREET]
+
+
+def test_greet_pause_holds_the_greeting_and_what_comes_after_it_is_served() -> None:
+    run = unwritten(Limits(greet_pause=6.0))
+    assert run.conn.delay == 6.0
+    assert run.conn.data_to_send() == b"220 mx.test ready\r\n"
+    assert run.conn.delay == 0.0
+    run.feed(b"EHLO c\r\n")
+    assert run.replies[-1] == "250 CHUNKING"
+    assert run.of(OutOfTurn) == []
+
+
+def test_a_refusing_greeting_is_not_paused() -> None:
+    run = session(limits=Limits(greet_pause=6.0), greeting=replies.NO_SERVICE)
+    assert run.conn.delay == 0.0
+    assert run.replies == ["554 5.7.1 No SMTP service here"]
+
+
+LOCKSTEP_EHLO = [b"EHLO c\r\n"]
+LOCKSTEP_HELO = [b"HELO c\r\n"]
+LOCKSTEP_ENVELOPE = [
+    b"EHLO c\r\n",
+    b"MAIL FROM:<a@example.org>\r\n",
+    b"RCPT TO:<b@example.net>\r\n",
+]
+
+
+@pytest.mark.parametrize("step", STEPS)
+@pytest.mark.parametrize(
+    ("before", "command", "after", "verb"),
+    [
+        # No PIPELINING offered: not yet (before EHLO's reply), or not at all (HELO).
+        ([], b"EHLO c\r\n", b"MAIL FROM:<a@example.org>\r\n", "EHLO"),
+        ([], b"NOOP\r\n", b"NOOP\r\n", "NOOP"),
+        (LOCKSTEP_HELO, b"MAIL FROM:<a@example.org>\r\n", b"RCPT TO:<b@example.net>\r\n", "MAIL"),
+        (LOCKSTEP_HELO, b"RSET\r\n", b"N", "RSET"),
+        (LOCKSTEP_HELO, b"BAD\r\n", b"NOOP\r\n", "BAD"),
+        # Offered: EHLO, HELO and DATA still end a group (RFC 2920 3.1).
+        (LOCKSTEP_EHLO, b"EHLO again\r\n", b"NOOP\r\n", "EHLO"),
+        (LOCKSTEP_EHLO, b"HELO again\r\n", b"MAIL FROM:<>\r\n", "HELO"),
+        (LOCKSTEP_ENVELOPE, b"DATA\r\n", b"Subject: x\r\n\r\nbody\r\n.\r\n", "DATA"),
+        (LOCKSTEP_ENVELOPE, b"DATA\r\n", b"\r\n", "DATA"),
+        # A DATA that would be refused anyway is no exception.
+        (LOCKSTEP_EHLO, b"DATA\r\n", b"x\r\n.\r\n", "DATA"),
+    ],
+)
+def test_input_past_a_reply_the_client_must_wait_for_is_refused(
+    before: list[bytes], command: bytes, after: bytes, verb: str, step: int | None
+) -> None:
+    run = session(limits=Limits())
+    for line in before:
+        run.feed(line, step=step)  # each after the last reply went out
+    decisions = len(run.events)
+    # The command may come in pieces; its end comes with what follows it.
+    run.feed(command[:-1], step=step)
+    run.feed(command[-1:] + after)
+    assert run.replies[-1] == OUT_OF_TURN
+    assert run.of(OutOfTurn) == [
+        OutOfTurn(reason="pipelining", command=verb, received=after, reply=replies.OUT_OF_TURN)
+    ]
+    assert run.of(ConnectionClosed) == [ConnectionClosed(clean=False)]
+    # The command itself was not carried out.
+    assert [type(e) for e in run.events[decisions:]] == [OutOfTurn, ConnectionClosed]
+
+
+@pytest.mark.parametrize("step", STEPS)
+@pytest.mark.parametrize(
+    ("before", "group", "codes"),
+    [
+        # RFC 2920: after EHLO offered PIPELINING, a group ends with DATA...
+        (
+            LOCKSTEP_EHLO,
+            b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nRCPT TO:<c@example.net>\r\n"
+            b"DATA\r\n",
+            [250, 250, 250, 354],
+        ),
+        (LOCKSTEP_EHLO, b"RSET\r\nNOOP\r\nVRFY x\r\nBAD\r\nNOOP\r\n", [250, 250, 252, 500, 250]),
+        # ...and BDAT may be followed by its chunk and more (RFC 3030 4.2).
+        (
+            LOCKSTEP_ENVELOPE,
+            b"BDAT 3\r\nabcBDAT 2 LAST\r\ndeMAIL FROM:<>\r\nRCPT TO:<x@example.net>\r\nQUIT\r\n",
+            [250, 250, 250, 250, 221],
+        ),
+        # Content may be followed by the next group at once.
+        (
+            [*LOCKSTEP_ENVELOPE, b"DATA\r\n"],
+            b"x\r\n.\r\nMAIL FROM:<>\r\nRCPT TO:<x@example.net>\r\nQUIT\r\n",
+            [250, 250, 250, 221],
+        ),
+        # QUIT is answered whatever follows it.
+        (LOCKSTEP_HELO, b"QUIT\r\nNOOP\r\n", [221]),
+    ],
+)
+def test_pipelining_that_pipelining_allows_is_served(
+    before: list[bytes], group: bytes, codes: list[int], step: int | None
+) -> None:
+    run = session(limits=Limits())
+    for line in before:
+        run.feed(line, step=step)
+    seen = len(run.codes)
+    run.feed(group)
+    assert run.codes[seen:] == codes
+    assert run.of(OutOfTurn) == []
+
+
+def test_lockstep_client_fed_octet_by_octet_is_served() -> None:
+    run = session(limits=Limits())
+    for line in [b"HELO c\r\n", b"MAIL FROM:<>\r\n", b"RCPT TO:<b@example.net>\r\n", b"DATA\r\n"]:
+        run.feed(line, step=1)
+    run.feed(b"x\r\n.\r\n")
+    run.feed(b"QUIT\r\n", step=1)
+    assert run.codes == [220, 250, 250, 250, 354, 250, 221]
+
+
+def test_input_while_a_reply_is_held_back_is_out_of_turn() -> None:
+    # The reply is made but not yet written (the tarpit holds it): a client
+    # that sends meanwhile has not read it.
+    run = session(limits=Limits())
+    run.feed(b"HELO c\r\n")
+    conn = run.conn
+    conn.receive_data(b"NOOP\r\n")
+    assert conn.next_event() is NEED_DATA
+    conn.receive_data(b"NOOP\r\n")
+    assert conn.data_to_send() == ("250 2.0.0 OK\r\n" + OUT_OF_TURN + "\r\n").encode()
+    assert conn.next_event() == OutOfTurn(
+        reason="pipelining", command="NOOP", received=b"NOOP\r\n", reply=replies.OUT_OF_TURN
+    )
+    assert conn.next_event() == ConnectionClosed(clean=False)
+
+
+def test_content_before_the_354_is_written_is_out_of_turn() -> None:
+    run = session(limits=Limits())
+    for line in LOCKSTEP_ENVELOPE:
+        run.feed(line)
+    conn = run.conn
+    conn.receive_data(b"DATA\r\n")
+    assert isinstance(conn.next_event(), StartData)
+    conn.send(replies.START_DATA)
+    assert conn.next_event() is NEED_DATA
+    conn.receive_data(b"x\r\n.\r\n")
+    assert conn.data_to_send().decode() == (
+        "354 Start mail input; end with <CRLF>.<CRLF>\r\n" + OUT_OF_TURN + "\r\n"
+    )
+    assert [conn.next_event(), conn.next_event()] == [
+        OutOfTurn(
+            reason="pipelining", command="DATA", received=b"x\r\n.\r\n", reply=replies.OUT_OF_TURN
+        ),
+        ConnectionClosed(clean=False),
+    ]
+
+
+def test_pipelining_rule_off_serves_a_whole_script() -> None:
+    run = session(limits=Limits(forbid_unauth_pipelining=False))
+    run.feed(b"HELO c\r\nMAIL FROM:<>\r\nRCPT TO:<b@example.net>\r\nDATA\r\nx\r\n.\r\nQUIT\r\n")
+    assert run.codes == [220, 250, 250, 250, 354, 250, 221]

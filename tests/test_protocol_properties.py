@@ -7,14 +7,29 @@ counts for a long run by hand.
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from driver import EHLO, ENVELOPE, session
-from mmdf_smtp.protocol import ConnectionClosed, Limits, MessageComplete, Path, replies
+from driver import EHLO, ENVELOPE, SCRIPTED, session
+from mmdf_smtp.protocol import (
+    ConnectionClosed,
+    Limits,
+    MessageComplete,
+    OutOfTurn,
+    Path,
+    State,
+    replies,
+)
 from mmdf_smtp.protocol.content import ContentChecker, DotReader
-from mmdf_smtp.protocol.grammar import GrammarError, parse_mail, parse_path, parse_rcpt
+from mmdf_smtp.protocol.grammar import (
+    GrammarError,
+    parse_mail,
+    parse_path,
+    parse_rcpt,
+    split_command,
+)
 
 ATEXT = "abcxyzABCXYZ0189!#$%&'*+/=?^_`{|}~-"
 label = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?", fullmatch=True)
@@ -92,8 +107,15 @@ def test_dot_reader_undoes_any_stuffing_at_any_split(body: list[bytes], cuts: li
     assert bytes(buffer) == b"NEXT"[: len(buffer)]
 
 
-def _problems_of_whole(content: bytes, limit: int) -> set[bytes]:
+def _problems_of_whole(content: bytes, limit: int, *, allow_nul: bool = True) -> set[bytes]:
     """The problems the content has, worked out from all of it at once, line by line."""
+    if not allow_nul and b"\0" in content:
+        # A NUL is found in the block that holds it, but a line end or a
+        # line's length (a NUL counts as any octet) may be found wrong first.
+        return {
+            replies.NUL_IN_DATA.to_bytes(),
+            *_problems_of_whole(content.replace(b"\0", b"a"), limit),
+        }
     unpaired = content.replace(b"\r\n", b"")
     if b"\r" in unpaired or b"\n" in unpaired:
         # Which lines are too long then depends on where a line is taken to
@@ -107,19 +129,20 @@ def _problems_of_whole(content: bytes, limit: int) -> set[bytes]:
 
 @settings(max_examples=500)
 @given(
-    st.lists(st.sampled_from([b"a", b"a" * 5, b"\r\n", b"\r", b"\n"]), max_size=40),
+    st.lists(st.sampled_from([b"a", b"a" * 5, b"\r\n", b"\r", b"\n", b"\0"]), max_size=40),
     st.integers(min_value=2, max_value=12),
     st.lists(st.integers(min_value=0), max_size=8),
+    st.booleans(),
 )
 def test_content_checker_finds_at_any_split_what_the_whole_shows(
-    parts: list[bytes], limit: int, cuts: list[int]
+    parts: list[bytes], limit: int, cuts: list[int], allow_nul: bool
 ) -> None:
     content = b"".join(parts)
-    checker = ContentChecker(Limits(text_line=limit))
+    checker = ContentChecker(Limits(text_line=limit, allow_nul=allow_nul))
     for piece in _split(content, cuts):
         checker.feed(piece)
     checker.finish()
-    problems = _problems_of_whole(content, limit)
+    problems = _problems_of_whole(content, limit, allow_nul=allow_nul)
     if checker.problem is None:
         assert not problems
     else:
@@ -131,7 +154,7 @@ def test_content_checker_finds_at_any_split_what_the_whole_shows(
 def test_any_input_gives_well_formed_replies_and_bounded_buffers(
     data: bytes, cuts: list[int]
 ) -> None:
-    run = session(limits=Limits(errors=1000))
+    run = session(limits=replace(SCRIPTED, errors=1000))
     for piece in _split(EHLO + data, cuts):
         run.feed(piece)
         assert run.conn.pending_input <= 70_000
@@ -167,7 +190,7 @@ commands = st.sampled_from(
 @settings(max_examples=300)
 @given(st.lists(commands, max_size=30))
 def test_command_sequences_keep_the_state_consistent(script: list[bytes]) -> None:
-    run = session(limits=Limits(errors=1000))
+    run = session(limits=replace(SCRIPTED, errors=1000))
     run.feed(b"".join(script))
     conn = run.conn
     if conn.mail is None:
@@ -183,3 +206,67 @@ def test_whole_envelope_fed_octet_by_octet_matches_whole() -> None:
     bytewise = session().feed(data, step=1)
     assert whole.output == bytewise.output
     assert whole.content == bytewise.content
+
+
+lockstep_commands = st.sampled_from(
+    [
+        b"HELO y\r\n",
+        b"MAIL FROM:<a@b.c>\r\n",
+        b"RCPT TO:<d@e.f>\r\n",
+        b"DATA\r\n",
+        b"RSET\r\n",
+        b"NOOP\r\n",
+        b"VRFY x\r\n",
+        b"HELP\r\n",
+        b"BAD\r\n",
+        b"\r\n",
+    ]
+)
+
+
+@settings(max_examples=300)
+@given(st.lists(lockstep_commands, min_size=1, max_size=12), st.lists(st.integers(0), max_size=6))
+def test_a_client_that_waits_for_each_reply_is_never_out_of_turn(
+    script: list[bytes], cuts: list[int]
+) -> None:
+    run = session(limits=Limits(errors=1000))
+    for command in [b"HELO x\r\n", *script]:
+        for piece in _split(command, cuts):
+            run.feed(piece)
+        if run.conn.state is State.DATA:
+            run.feed(b"content\r\n.\r\n")
+    assert run.of(OutOfTurn) == []
+    assert not run.conn.closed
+
+
+@settings(max_examples=300)
+@given(
+    st.sampled_from([b"EHLO x\r\n", b"HELO x\r\n"]),
+    st.lists(lockstep_commands, min_size=1, max_size=12),
+    st.binary(min_size=1, max_size=20),
+    st.lists(st.integers(0), max_size=6),
+)
+def test_without_pipelining_offered_a_second_command_in_a_piece_is_refused(
+    hello: bytes, script: list[bytes], trailing: bytes, cuts: list[int]
+) -> None:
+    run = session(limits=Limits(errors=1000))
+    if hello.startswith(b"HELO"):
+        run.feed(hello)  # a HELO session: PIPELINING is never offered
+        commands = script
+    else:
+        commands = [hello, *script]  # before EHLO's reply it is not offered yet
+    first, rest = commands[0], b"".join(commands[1:]) + trailing
+    *pieces, last = _split(first, cuts)
+    for piece in pieces:
+        run.feed(piece)
+    run.feed(last + rest)  # the command's end and what follows, together
+    assert run.of(OutOfTurn) == [
+        OutOfTurn(
+            reason="pipelining",
+            command=split_command(first[:-2].decode()).verb,
+            received=rest[:64],
+            reply=replies.OUT_OF_TURN,
+        )
+    ]
+    assert run.replies[-1] == "554 5.5.0 SMTP protocol synchronization error"
+    assert run.conn.closed

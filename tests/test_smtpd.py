@@ -37,7 +37,7 @@ def serve_on_socketpair(args: list[str], client_bytes: bytes) -> tuple[bytes, in
 
 
 def test_inetd_flavour_serves_the_connection_on_stdin(tmp_path: Path) -> None:
-    config = write_config(tmp_path)
+    config = write_config(tmp_path, scripted=True)
     out, status = serve_on_socketpair(
         ["-c", str(config), "smtpsrvr", "local"],
         b"EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\ninetd\r\n.\r\nQUIT\r\n",
@@ -50,7 +50,7 @@ def test_inetd_flavour_serves_the_connection_on_stdin(tmp_path: Path) -> None:
 
 
 def test_sun_flavour_takes_the_peer_from_its_argument(tmp_path: Path) -> None:
-    config = write_config(tmp_path)
+    config = write_config(tmp_path, scripted=True)
     out, status = serve_on_socketpair(
         ["-c", str(config), "7f000002.1234"],
         b"HELO c\r\nMAIL FROM:<>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\nsun\r\n.\r\nQUIT\r\n",
@@ -110,7 +110,9 @@ def test_an_external_smtpsrvr_gets_the_connection_and_the_seed_argv(
     zone.add("1.0.0.127.in-addr.arpa", "PTR", "loopback.test.")
     zone.add("loopback.test", "A", "127.0.0.1")
     with dns_server(zone) as nameserver:
-        config = write_config(tmp_path, f'\n[dns]\nnameservers = ["{nameserver}"]\ntimeout = 2\n')
+        config = write_config(
+            tmp_path, f'\n[dns]\nnameservers = ["{nameserver}"]\ntimeout = 2\n', scripted=True
+        )
         flags = ["-f"] if finicky else []
         started = daemon(config, *flags, program=str(program), channels="local,smtp")
         with started as d, d.connect() as sock:
@@ -128,7 +130,7 @@ def test_an_external_smtpsrvr_gets_the_connection_and_the_seed_argv(
 
 
 def test_finicky_daemon_refuses_a_client_on_127_0_0_2(tmp_path: Path) -> None:
-    config = write_config(tmp_path)
+    config = write_config(tmp_path, scripted=True)
     with daemon(config, "-f", channels="local") as d:
         with d.connect("127.0.0.2") as sock:
             assert recv_reply(sock) == (
@@ -150,7 +152,7 @@ def with_smtpd_settings(config: Path, **settings: int) -> Path:
 
 
 def test_max_per_client(tmp_path: Path) -> None:
-    config = with_smtpd_settings(write_config(tmp_path), max_per_client=1)
+    config = with_smtpd_settings(write_config(tmp_path, scripted=True), max_per_client=1)
     with daemon(config) as d:
         first = d.connect()
         try:
@@ -166,7 +168,7 @@ def test_max_per_client(tmp_path: Path) -> None:
 
 
 def test_max_per_network_counts_a_slash_24(tmp_path: Path) -> None:
-    config = with_smtpd_settings(write_config(tmp_path), max_per_network=2)
+    config = with_smtpd_settings(write_config(tmp_path, scripted=True), max_per_network=2)
     with daemon(config) as d:
         held = [d.connect("127.0.0.1"), d.connect("127.0.0.2")]
         try:
@@ -192,7 +194,9 @@ def test_max_per_network_counts_a_slash_24(tmp_path: Path) -> None:
 
 
 def test_connection_rates_per_client_and_per_network(tmp_path: Path) -> None:
-    config = with_smtpd_settings(write_config(tmp_path), rate_per_client=2, rate_per_network=3)
+    config = with_smtpd_settings(
+        write_config(tmp_path, scripted=True), rate_per_client=2, rate_per_network=3
+    )
     with daemon(config) as d:
 
         def greeting(source: str) -> bytes:
@@ -213,7 +217,9 @@ def test_connection_rates_per_client_and_per_network(tmp_path: Path) -> None:
 
 
 def test_errors_are_tarpitted_without_holding_up_other_clients(tmp_path: Path) -> None:
-    config = write_config(tmp_path, "\n[limits]\nerrors_before_delay = 1\nerror_delay = 1.5\n")
+    config = write_config(
+        tmp_path, "\n[limits]\nerrors_before_delay = 1\nerror_delay = 1.5\n", scripted=True
+    )
     with daemon(config) as d, d.connect() as slow:
         assert recv_reply(slow).startswith(b"220 ")
         started = time.monotonic()
@@ -231,7 +237,7 @@ def test_errors_are_tarpitted_without_holding_up_other_clients(tmp_path: Path) -
 
 
 def test_command_timeout_through_the_daemon(tmp_path: Path) -> None:
-    config = write_config(tmp_path, "\n[limits]\ncommand_timeout = 1\n")
+    config = write_config(tmp_path, "\n[limits]\ncommand_timeout = 1\n", scripted=True)
     with daemon(config) as d, d.connect() as sock:
         assert recv_reply(sock).startswith(b"220 ")
         sock.sendall(b"EHLO c\r\n")
@@ -246,7 +252,7 @@ def test_command_timeout_through_the_daemon(tmp_path: Path) -> None:
 def test_sighup_reloads_and_keeps_the_old_configuration_when_the_new_is_bad(
     tmp_path: Path,
 ) -> None:
-    config = write_config(tmp_path)
+    config = write_config(tmp_path, scripted=True)
     with daemon(config) as d:
         config.write_text(
             config.read_text().replace('hostname = "mx.test"', 'hostname = "mx2.test"')
@@ -266,7 +272,7 @@ def test_sighup_reloads_and_keeps_the_old_configuration_when_the_new_is_bad(
 
 
 def test_after_sighup_messages_go_to_the_new_spool(tmp_path: Path) -> None:
-    config = write_config(tmp_path)
+    config = write_config(tmp_path, scripted=True)
     with daemon(config, "-n", "1") as d:
         wait_for(lambda: len(children_of(d.process.pid)) == 1)
         [before] = children_of(d.process.pid)
@@ -289,7 +295,7 @@ def test_after_sighup_messages_go_to_the_new_spool(tmp_path: Path) -> None:
 
 
 def test_sigterm_lets_a_session_finish_then_exits_0(tmp_path: Path) -> None:
-    config = write_config(tmp_path)
+    config = write_config(tmp_path, scripted=True)
     with daemon(config) as d:
         with d.connect() as sock:
             assert recv_reply(sock).startswith(b"220 ")
@@ -314,7 +320,7 @@ def test_sigterm_lets_a_session_finish_then_exits_0(tmp_path: Path) -> None:
     ],
 )
 def test_usage_errors(tmp_path: Path, args: list[str], status: int, message: bytes) -> None:
-    config = write_config(tmp_path)
+    config = write_config(tmp_path, scripted=True)
     result = subprocess.run(
         [*SMTPD, "-c", str(config), *args],
         capture_output=True,
@@ -343,7 +349,7 @@ def test_bad_configuration_exits_78(tmp_path: Path) -> None:
 
 
 def test_systemd_socket_activation(tmp_path: Path) -> None:
-    config = write_config(tmp_path)
+    config = write_config(tmp_path, scripted=True)
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
     # sd_listen_fds(3): the socket is fd 3 and LISTEN_PID names the server
@@ -378,7 +384,7 @@ def test_systemd_socket_activation(tmp_path: Path) -> None:
 
 
 def test_a_worker_that_dies_is_replaced(tmp_path: Path) -> None:
-    config = write_config(tmp_path)
+    config = write_config(tmp_path, scripted=True)
     with daemon(config, "-n", "4") as d:
         workers = [int(line.rsplit(" ", 1)[1]) for line in d.log_lines(" started, pid ", 2)]
         os.kill(workers[0], signal.SIGKILL)
@@ -394,7 +400,7 @@ def test_a_worker_that_dies_is_replaced(tmp_path: Path) -> None:
 def test_a_worker_that_replaces_another_after_sighup_has_the_reloaded_configuration(
     tmp_path: Path,
 ) -> None:
-    config = write_config(tmp_path)
+    config = write_config(tmp_path, scripted=True)
     with daemon(config, "-n", "2") as d:  # two workers, one session each
         workers = [int(line.rsplit(" ", 1)[1]) for line in d.log_lines(" started, pid ", 2)]
         config.write_text(
@@ -459,7 +465,7 @@ def uid_of(pid: int) -> int:
 def test_root_without_an_unprivileged_user_is_refused(
     tmp_path: Path, setting: str, message: bytes
 ) -> None:
-    config = write_config(tmp_path)
+    config = write_config(tmp_path, scripted=True)
     text = config.read_text().replace('user = "nobody"', setting)
     config.write_text(text)
     for command in (
@@ -482,7 +488,7 @@ def test_root_without_an_unprivileged_user_is_refused(
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root is asked to drop privileges")
 def test_started_as_root_sessions_run_as_user(tmp_path: Path) -> None:
-    config = write_config(tmp_path)
+    config = write_config(tmp_path, scripted=True)
     with daemon(config, "-n", "2") as d:
         workers = [int(line.rsplit(" ", 1)[1]) for line in d.log_lines(" started, pid ", 2)]
         wait_for(lambda: all(children_of(worker) for worker in workers))
@@ -524,7 +530,7 @@ def test_started_as_an_ordinary_user_it_serves_above_port_1023(tmp_path: Path) -
     if runner is None:
         pytest.skip("no interpreter with this checkout's packages that nobody can run")
     command, environment = runner
-    config = write_config(tmp_path)
+    config = write_config(tmp_path, scripted=True)
     config.write_text(config.read_text().replace('user = "nobody"\n', ""))
     (tmp_path / "spool").mkdir()
     os.chown(tmp_path / "spool", 65534, 65534)
@@ -568,7 +574,7 @@ def wait_for(condition: Callable[[], bool]) -> None:
 def test_a_commit_process_that_dies_is_replaced_and_keeps_no_connection_open(
     tmp_path: Path,
 ) -> None:
-    config = write_config(tmp_path)
+    config = write_config(tmp_path, scripted=True)
     with daemon(config, "-n", "1") as d:  # one worker: smtpd itself, with its commit process
         assert d.workers == 1
         wait_for(lambda: len(children_of(d.process.pid)) == 1)  # forked as the loop starts

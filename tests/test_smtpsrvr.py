@@ -41,7 +41,7 @@ TRANSACTION = (
 
 @pytest.fixture
 def config(tmp_path: Path) -> Path:
-    return write_config(tmp_path)
+    return write_config(tmp_path, scripted=True)
 
 
 def test_a_message_over_pipes_is_queued_byte_exact(config: Path) -> None:
@@ -156,7 +156,7 @@ def test_client_vanishing_mid_data_queues_nothing(config: Path) -> None:
 
 
 def test_command_timeout_says_421(tmp_path: Path) -> None:
-    config = write_config(tmp_path, "\n[limits]\ncommand_timeout = 1\n")
+    config = write_config(tmp_path, "\n[limits]\ncommand_timeout = 1\n", scripted=True)
     process = spawn_smtpsrvr(config)
     assert process.stdin is not None and process.stdout is not None
     process.stdin.write(b"EHLO x\r\nNOOP")  # never finished, stdin kept open
@@ -244,7 +244,7 @@ class PipeTLSClient:
 
 def test_starttls_over_pipes_and_injection_is_dropped(tmp_path: Path) -> None:
     ca = trustme.CA()
-    config = write_config(tmp_path, tls=certificate(ca, tmp_path))
+    config = write_config(tmp_path, tls=certificate(ca, tmp_path), scripted=True)
     process = spawn_smtpsrvr(config)
     assert process.stdin is not None and process.stdout is not None
     timer = threading.Timer(60, process.kill)
@@ -354,7 +354,7 @@ data_timeout = 1
     ],
 )
 def test_limits_over_pipes(tmp_path: Path, client: bytes, expected: list[str]) -> None:
-    config = write_config(tmp_path, LIMITS)
+    config = write_config(tmp_path, LIMITS, scripted=True)
     process = spawn_smtpsrvr(config)
     assert process.stdin is not None and process.stdout is not None
     process.stdin.write(client)
@@ -454,7 +454,7 @@ def test_logging_to_syslog(tmp_path: Path) -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as syslog:
         syslog.bind(str(address))
         syslog.settimeout(30)
-        config = write_config(tmp_path)
+        config = write_config(tmp_path, scripted=True)
         config.write_text(f'log = "syslog:{address}"\n' + config.read_text())
         result = smtpsrvr(config, TRANSACTION)
         assert result.stderr == b""
@@ -472,7 +472,7 @@ def test_logging_to_syslog(tmp_path: Path) -> None:
 
 
 def test_bad_log_target_is_a_config_error(tmp_path: Path) -> None:
-    config = write_config(tmp_path)
+    config = write_config(tmp_path, scripted=True)
     config.write_text('log = "file"\n' + config.read_text())
     result = smtpsrvr(config, b"")
     assert result.returncode == 78

@@ -204,10 +204,10 @@ def test_swaks(server: Daemon, extra: list[str], ca: trustme.CA, tmp_path: Path)
 def test_raw_smuggling_attempt_is_refused(server: Daemon) -> None:
     with server.connect() as sock:
         recv_reply(sock)
-        sock.sendall(
-            b"EHLO c\r\nMAIL FROM:<a@example.net>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n"
-        )
-        assert recv_reply(sock).endswith(b"354 Start mail input; end with <CRLF>.<CRLF>\r\n")
+        sock.sendall(b"EHLO c\r\n")
+        assert read_replies(sock, 1) == [b"250 STARTTLS"]
+        sock.sendall(b"MAIL FROM:<a@example.net>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n")
+        assert read_replies(sock, 3)[-1] == b"354 Start mail input; end with <CRLF>.<CRLF>"
         sock.sendall(
             b"Subject: smuggle\r\n\r\nfirst\n.\r\n"
             b"MAIL FROM:<evil@example.net>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n"
@@ -225,23 +225,20 @@ def test_raw_smuggling_attempt_is_refused(server: Daemon) -> None:
 def test_a_client_that_half_closes_after_its_commands_gets_every_reply(
     server: Daemon,
 ) -> None:
-    """The whole session in one write, then shutdown(SHUT_WR): the 250 comes after the EOF."""
+    """The message and QUIT in one write, then shutdown(SHUT_WR): the 250 comes after the EOF."""
     with server.connect() as sock:
         recv_reply(sock)
-        sock.sendall(
-            b"EHLO c\r\nMAIL FROM:<a@example.net>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n"
-            b"Subject: half-closed\r\n\r\nsent before the EOF\r\n.\r\nQUIT\r\n"
-        )
+        sock.sendall(b"EHLO c\r\n")
+        read_replies(sock, 1)
+        sock.sendall(b"MAIL FROM:<a@example.net>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n")
+        assert len(read_replies(sock, 3)) == 3
+        sock.sendall(b"Subject: half-closed\r\n\r\nsent before the EOF\r\n.\r\nQUIT\r\n")
         sock.shutdown(socket.SHUT_WR)
         data = b""
         while chunk := sock.recv(65536):
             data += chunk
         finals = [line for line in data.split(b"\r\n") if len(line) > 3 and line[3:4] == b" "]
-    assert finals[-5:-2] == [
-        b"250 2.1.0 Sender OK",
-        b"250 2.1.5 Recipient OK",
-        b"354 Start mail input; end with <CRLF>.<CRLF>",
-    ]
+    assert len(finals) == 2
     assert finals[-2].startswith(b"250 2.0.0 Submitted & queued")
     assert finals[-1].startswith(b"221 2.0.0 ")
     message = find(server, b"sent before the EOF")
@@ -254,9 +251,10 @@ def test_bdat_on_a_socket(server: Daemon) -> None:
     body = b"Subject: bdat\r\n\r\nchunked body\r\n"
     with server.connect() as sock:
         recv_reply(sock)
-        sock.sendall(b"EHLO c\r\nMAIL FROM:<a@example.net>\r\nRCPT TO:<alice@example.org>\r\n")
-        assert read_replies(sock, 3) == [
-            b"250 STARTTLS",
+        sock.sendall(b"EHLO c\r\n")
+        assert read_replies(sock, 1) == [b"250 STARTTLS"]
+        sock.sendall(b"MAIL FROM:<a@example.net>\r\nRCPT TO:<alice@example.org>\r\n")
+        assert read_replies(sock, 2) == [
             b"250 2.1.0 Sender OK",
             b"250 2.1.5 Recipient OK",
         ]

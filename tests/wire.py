@@ -68,8 +68,20 @@ def reachable_by_anyone(directory: Path) -> None:
             path.chmod(mode | 0o011)
 
 
-def write_config(directory: Path, extra: str = "", *, tls: tuple[Path, Path] | None = None) -> Path:
-    """A configuration whose spool lies in ``directory``."""
+def write_config(
+    directory: Path,
+    extra: str = "",
+    *,
+    tls: tuple[Path, Path] | None = None,
+    scripted: bool = False,
+) -> Path:
+    """A configuration whose spool lies in ``directory``.
+
+    ``scripted``: for tests that send a session as a script, commands and
+    all in one write, as no client may wait for replies that way; the
+    pipelining rule is switched off for them (its own tests keep it on, and
+    so do the tests of real clients).
+    """
     reachable_by_anyone(directory)
     text = f"""
 hostname = "mx.test"
@@ -80,6 +92,7 @@ user = "{SESSION_USER}"
 [smtpd]
 listen = ["127.0.0.1:0"]
 maxconnects = 8
+{"forbid_unauth_pipelining = false" if scripted else ""}
 
 [channels.local]
 hosts = ["127.0.0.1/32", "::1"]

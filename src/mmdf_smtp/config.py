@@ -11,7 +11,7 @@ import re
 import socket
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -106,6 +106,9 @@ class Config:
     def filters(self) -> bool:
         """Whether any filter is configured (a channel may still skip them)."""
         return bool(self.auth or self.milters or (self.dnsbl and self.dnsbl.sites))
+
+
+_DOOR_KEYS = {"greet_pause", "forbid_unauth_pipelining"}
 
 
 def find_config_path(explicit: str | None) -> Path | None:
@@ -260,7 +263,7 @@ class _Reader:
             user=user,
             log=log,
             smtpd=self._smtpd(data),
-            limits=self._limits(data),
+            limits=self._door(data, self._limits(data)),
             tls=self._tls(data),
             dns=self._dns(data),
             channels=self._channels(data),
@@ -314,7 +317,7 @@ class _Reader:
 
     def _smtpd(self, data: Mapping[str, Any]) -> SmtpdConfig:
         counts = {"max_per_client", "max_per_network", "rate_per_client", "rate_per_network"}
-        t = self._table(data, "smtpd", {"listen", "maxconnects", *counts})
+        t = self._table(data, "smtpd", {"listen", "maxconnects", *counts, *_DOOR_KEYS})
         listen = self._strings(t, "smtpd.listen") if "listen" in t else SmtpdConfig().listen
         for address in listen:
             try:
@@ -325,6 +328,17 @@ class _Reader:
             listen=listen,
             maxconnects=self._int(t, "smtpd.maxconnects", 4, 1),
             **{key: self._int(t, f"smtpd.{key}", 0, 0) for key in sorted(counts)},
+        )
+
+    def _door(self, data: Mapping[str, Any], limits: Limits) -> Limits:
+        """[smtpd]'s rules for clients at the door: the core enforces them, with the limits."""
+        t = data.get("smtpd", {})
+        return replace(
+            limits,
+            greet_pause=self._seconds(t, "smtpd.greet_pause", limits.greet_pause, zero=True),
+            forbid_unauth_pipelining=self._bool(
+                t, "smtpd.forbid_unauth_pipelining", limits.forbid_unauth_pipelining
+            ),
         )
 
     def _limits(self, data: Mapping[str, Any]) -> Limits:
@@ -339,6 +353,7 @@ class _Reader:
                 "errors",
                 "errors_before_delay",
                 "error_delay",
+                "allow_nul",
             },
         )
         d = Limits()
@@ -352,6 +367,7 @@ class _Reader:
                 t, "limits.errors_before_delay", d.errors_before_delay, 0
             ),
             error_delay=self._seconds(t, "limits.error_delay", d.error_delay, zero=True),
+            allow_nul=self._bool(t, "limits.allow_nul", d.allow_nul),
         )
 
     def _tls(self, data: Mapping[str, Any]) -> TlsConfig | None:

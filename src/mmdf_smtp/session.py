@@ -42,6 +42,7 @@ from .protocol import (
     MessageAborted,
     MessageComplete,
     MessageData,
+    OutOfTurn,
     Path,
     RcptTo,
     Reply,
@@ -72,6 +73,14 @@ def _date_text(now: datetime, offset: timedelta | None) -> str:
     # The offset is part of the key: equal instants compare equal across
     # zones, and each is written in its own.
     return format_datetime(now)
+
+
+def _quoted(data: bytes, limit: int = 64) -> str:
+    """``data`` for a log line: in double quotes, escaped, at most ``limit`` octets."""
+    # bytes' repr escapes CR, LF, NUL and 8-bit octets, and needs no codec
+    # (the workers cannot load one after they dropped privileges).
+    text = repr(data[:limit])[2:-1]
+    return '"' + text.replace('"', '\\"') + ('..."' if len(data) > limit else '"')
 
 
 def address_literal(address: str) -> str:
@@ -178,7 +187,12 @@ class Session:
                 self._write(event.data)
             case MessageComplete():
                 self._commit_in_place(event)
-            case MessageAborted() | Reset() | StartTLS():
+            case MessageAborted():
+                self._log_refusal(event.reply, event.reason)
+                self._drop_message()
+            case OutOfTurn():
+                self._log_out_of_turn(event)
+            case Reset() | StartTLS():
                 self._drop_message()
             case ConnectionClosed():
                 self._drop_message()
@@ -211,10 +225,14 @@ class Session:
             case MessageComplete():
                 return self._filtered_commit(filters, event)
             case MessageAborted() | Reset() | StartTLS():
+                if isinstance(event, MessageAborted):
+                    self._log_refusal(event.reply, event.reason)
                 had_transaction = self._queue_id is not None
                 self._drop_message()
                 if had_transaction:
                     return filters.reset()
+            case OutOfTurn():
+                self._log_out_of_turn(event)
             case ConnectionClosed():
                 self._drop_message()
                 self._log_session(event)
@@ -373,21 +391,12 @@ class Session:
         reply = verdict.reply
         if reply is None or reply.is_positive:
             return None
-        details = []
+        details = [f"stage={stage.replace(' ', '-')}"]
         if sender is not None or stage not in ("connect", "helo"):
             details.append(f"from=<{sender if sender is not None else self._sender()}>")
         if recipient is not None:
             details.append(f"to=<{recipient}>")
-        log.info(
-            '%s refused client=%s[%s] helo=%s %s stage=%s reply="%s"',
-            self.id,
-            self._log_host(),
-            self.client.address,
-            self.connection.helo or "",
-            " ".join(details),
-            stage.replace(" ", "-"),
-            reply.to_bytes().decode(errors="replace").rstrip().replace("\r\n", " / "),
-        )
+        self._log_refusal(reply, verdict.reason or "filter", " ".join(details))
         return reply
 
     def _rcpt(self, event: RcptTo) -> Reply:
@@ -470,6 +479,23 @@ class Session:
             self._queued,
             "quit" if event.clean else "lost",
             time.monotonic() - self._started,
+        )
+
+    def _log_out_of_turn(self, event: OutOfTurn) -> None:
+        details = f"after={event.command} input={_quoted(event.received)}"
+        self._log_refusal(event.reply, event.reason, details)
+
+    def _log_refusal(self, reply: Reply, reason: str, details: str = "") -> None:
+        """One line a refusal, in a form fail2ban and the like can match."""
+        log.info(
+            "%s refused client=%s[%s] helo=%s reply=%s reason=%s%s",
+            self.id,
+            self._log_host(),
+            self.client.address,
+            self.connection.helo or "",
+            _quoted(reply.lines()[0].encode()),
+            reason,
+            f" {details}" if details else "",
         )
 
     def _log_host(self) -> str:

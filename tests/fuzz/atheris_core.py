@@ -43,7 +43,12 @@ with atheris.instrument_imports():
         replies,
     )
 
-LIMITS = Limits(message_size=3000, recipients=3, errors=25)
+# The model knows nothing of the door's rules (tests/test_protocol.py and
+# tests/test_door.py test them): its batches pipeline anything, and its
+# content may hold NULs.
+LIMITS = Limits(
+    message_size=3000, recipients=3, errors=25, forbid_unauth_pipelining=False, allow_nul=True
+)
 CATALOGUE = {value.code for value in vars(replies).values() if isinstance(value, Reply)}
 REPLY = re.compile(rb"(?:[2-5][0-9]{2}-[^\r\n]*\r\n)*[2-5][0-9]{2} [^\r\n]*\r\n")
 REFUSAL = Reply(code=550, enhanced="5.7.1", text="Refused")

@@ -36,6 +36,7 @@ class Verdict:
 
     reply: Reply | None = None
     discard: bool = False
+    reason: str = ""  # what refused: "dnsbl", "spf", "dmarc", "milter" (for the log)
 
 
 CONTINUE = Verdict()

@@ -62,7 +62,7 @@ class SessionFilters:
         if self._checks is not None and client.client_address:
             listed = await self._checks.at_connect(client.client_address)
             if listed.refusal is not None:
-                return Verdict(reply=listed.refusal.reply())
+                return Verdict(reply=listed.refusal.reply(), reason="dnsbl")
         if self._chain is None:
             return CONTINUE
         verdict = await self._chain.connect(
@@ -78,7 +78,9 @@ class SessionFilters:
         # temporary refusal closes (RFC 5321 3.1, 4.3.2).
         reply = mapped.reply
         code = 421 if reply.code < 500 else 554
-        return Verdict(reply=Reply(code=code, enhanced=reply.enhanced, text=reply.text))
+        return Verdict(
+            reply=Reply(code=code, enhanced=reply.enhanced, text=reply.text), reason="milter"
+        )
 
     async def helo(self, name: str, tls: str | None) -> Verdict:
         self._helo, self._tls = name, tls
@@ -94,7 +96,7 @@ class SessionFilters:
                 self._connection.client_address, self._helo, sender.address
             )
             if self._spf.refusal is not None:
-                return Verdict(reply=self._spf.refusal.reply())
+                return Verdict(reply=self._spf.refusal.reply(), reason="spf")
         if self._chain is None:
             return CONTINUE
         macros = {
@@ -135,7 +137,7 @@ class SessionFilters:
         limit = checks.auth.dkim_max_size + 1  # one more: the checks see it is too big
         end = await checks.at_end_of_message(message.original(limit), self._spf)
         if end.refusal is not None:
-            return Verdict(reply=end.refusal.reply())
+            return Verdict(reply=end.refusal.reply(), reason="dmarc")
         ours = checks.auth.authserv_id
         kept = [
             (name, value)
@@ -224,10 +226,10 @@ class SessionFilters:
 def _mapped(verdict: milter.Verdict) -> Verdict:
     action = verdict.action
     if action is milter.Action.DISCARD:
-        return Verdict(discard=True)
+        return Verdict(discard=True, reason="milter")
     if action in (milter.Action.CONTINUE, milter.Action.ACCEPT) or verdict.reply is None:
         return CONTINUE
-    return Verdict(reply=verdict.reply)
+    return Verdict(reply=verdict.reply, reason="milter")
 
 
 def _mail_arguments(mail: MailFrom) -> tuple[str, ...]:

@@ -17,6 +17,12 @@ answer's code (positive or not) moves the state on.
 
 The core reads no clock.  :attr:`timer` tells the shell how long it may
 wait for input; the shell calls :meth:`time_out` when that runs out.
+:attr:`delay` tells it how long to hold the replies back (the tarpit, the
+greeting's pause); it takes them with :meth:`data_to_send` only when it
+writes them, and goes on passing input in meanwhile.  So the core knows
+what the client sent before it could have read a reply, and judges it:
+talking before the greeting, or past a command that ends a pipelined group
+(RFC 2920 3.1), ends the session (:class:`~.events.OutOfTurn`).
 
 States::
 
@@ -37,7 +43,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from . import grammar, replies
-from .content import ContentChecker, DotReader
+from .content import REASONS, ContentChecker, DotReader
 from .events import (
     ConnectionClosed,
     Event,
@@ -46,6 +52,7 @@ from .events import (
     MessageAborted,
     MessageComplete,
     MessageData,
+    OutOfTurn,
     RcptTo,
     Reset,
     StartData,
@@ -93,6 +100,14 @@ class Timer:
 
 _EHLO_KEYWORDS_BEFORE_TLS = ("STARTTLS",)
 
+# RFC 2920 3.1: "EHLO, DATA, VRFY, EXPN, TURN, QUIT, and NOOP" can only be
+# the last command in a group.  Those whose answer changes what the client
+# may send next are enforced: EHLO (and HELO) say whether it may pipeline at
+# all, DATA whether what follows is a message.  QUIT ends the session anyway.
+_LAST_IN_GROUP = frozenset({"EHLO", "HELO", "DATA"})
+# Octets of what a client sent out of turn that the event keeps, for the log.
+_OUT_OF_TURN_KEPT = 64
+
 
 @functools.lru_cache(maxsize=1024)  # a client says the same EHLO each time it comes
 def _ehlo_reply(text: str, keywords: tuple[str, ...]) -> Reply:
@@ -136,6 +151,9 @@ class ServerConnection:
         self._bdat_last = False
         self._bdat_refusal: Reply | None = None  # reply owed after a discarded chunk
         self._timer_generation = 0
+        # "greeting", or the command whose reply is made but not yet handed
+        # to the shell, and which the client must read before it sends more.
+        self._turn: str | None = None
 
     # ------------------------------------------------------------------
     # The shell's side
@@ -147,6 +165,8 @@ class ServerConnection:
         elif not self._eof and self.state not in (State.CLOSED, State.TLS):
             # In TLS state any plaintext is an injection attempt: dropped.
             self._buffer += data
+            if self._turn is not None and self.state in (State.COMMAND, State.DATA):
+                self._refuse_out_of_turn(self._turn, data)
 
     def next_event(self) -> Event | Signal:
         """The next event, or :data:`NEED_DATA` / :data:`PAUSED`."""
@@ -172,11 +192,16 @@ class ServerConnection:
         out = b"".join(self._out)
         self._out.clear()
         self._delay = 0.0
+        self._turn = None
         return out
 
     @property
     def delay(self) -> float:
-        """Seconds the shell waits before writing :meth:`data_to_send` (the tarpit)."""
+        """Seconds the shell waits before it takes :meth:`data_to_send` and writes it.
+
+        The tarpit, or the greeting's pause.  Input that arrives meanwhile
+        goes to :meth:`receive_data` as always: it came before the replies.
+        """
         return self._delay
 
     @property
@@ -286,6 +311,8 @@ class ServerConnection:
     def _greet(self, reply: Reply) -> None:
         self._write(reply)
         if reply.code == 220:
+            self._turn = "greeting"
+            self._delay = self.limits.greet_pause
             self._enter(State.COMMAND)
         elif reply.code == 554:
             # RFC 5321 3.1: after a 554 greeting the server waits for QUIT
@@ -381,11 +408,41 @@ class ServerConnection:
             else:
                 self._reply(replies.REFUSED_SEND_QUIT)
             return True
+        if self._ends_group(command.verb):
+            if self._buffer:
+                self._refuse_out_of_turn(command.verb, bytes(self._buffer))
+                return True
+            self._turn = command.verb
         try:
             self._dispatch(command)
         except GrammarError as exc:
             self._reply(exc.reply)
         return True
+
+    def _ends_group(self, verb: str) -> bool:
+        """Whether the client must wait for the reply to ``verb`` before it sends more."""
+        if not self.limits.forbid_unauth_pipelining or verb in ("QUIT", "BDAT"):
+            # BDAT's chunk follows it, and more may follow the chunk (RFC 3030 4.2).
+            return False
+        # RFC 2920 3.2: a client pipelines only once the server has offered
+        # PIPELINING, in its reply to EHLO.
+        return not self.esmtp or verb in _LAST_IN_GROUP
+
+    def _refuse_out_of_turn(self, command: str, received: bytes) -> None:
+        kept = received[:_OUT_OF_TURN_KEPT]
+        if command == "greeting":
+            # The greeting has not gone out: the refusal takes its place.
+            self._out.clear()
+            event = OutOfTurn(
+                reason="pregreet", command=command, received=kept, reply=replies.PREGREET
+            )
+        else:
+            event = OutOfTurn(
+                reason="pipelining", command=command, received=kept, reply=replies.OUT_OF_TURN
+            )
+        self._write(event.reply)
+        self._events.append(event)
+        self._close()
 
     def _dispatch(self, command: grammar.Command) -> None:
         verb, argument = command.verb, command.argument
@@ -575,7 +632,7 @@ class ServerConnection:
             self._decide(MessageComplete(size=self._checker.size))
             return
         self._enter(State.COMMAND)
-        self._events.append(MessageAborted(reply=problem))
+        self._events.append(MessageAborted(reply=problem, reason=REASONS[problem]))
         self._reset_transaction()
         self._reply(problem)
 

@@ -31,7 +31,11 @@ class ContentChecker:
     * a line over ``limits.text_line`` octets with its CRLF (RFC 5321
       4.5.3.1.6); refused rather than folded, so the stored octets are
       always the octets received;
-    * more than ``limits.received_headers`` Received headers (RFC 5321 6.3).
+    * more than ``limits.received_headers`` Received headers (RFC 5321 6.3);
+    * a NUL octet, unless ``limits.allow_nul``.  RFC 5321 4.5.2 lets any
+      octet but CR and LF through, but many programs stop at or strip a NUL
+      (C strings): relayed on, it lets a next hop read a different message
+      than the one checked here, as bare line ends do.
     """
 
     def __init__(self, limits: Limits) -> None:
@@ -53,6 +57,8 @@ class ContentChecker:
             self.problem = replies.MESSAGE_TOO_BIG
             return
         self._check_line_ends(block)
+        if self.problem is None and not self._limits.allow_nul and b"\0" in block:
+            self.problem = replies.NUL_IN_DATA
         self._check_line_lengths(block)
         if self._in_headers:
             self._count_received(block)
@@ -118,6 +124,16 @@ class ContentChecker:
         """
         if self.problem is None and self._cr_pending:
             self.problem = replies.BARE_LINE_END_IN_DATA
+
+
+REASONS = {
+    replies.MESSAGE_TOO_BIG: "too-big",
+    replies.BARE_LINE_END_IN_DATA: "bare-line-end",
+    replies.NUL_IN_DATA: "nul",
+    replies.DATA_LINE_TOO_LONG: "line-too-long",
+    replies.TOO_MANY_HOPS: "loop",
+}
+"""A word for each of the checker's problems, for the log."""
 
 
 class DotReader:

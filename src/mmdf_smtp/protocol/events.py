@@ -99,10 +99,11 @@ class MessageAborted:
 
     The application drops what it stored of the message.  An open message
     is dropped likewise on :class:`Reset`, :class:`StartTLS` and
-    :class:`ConnectionClosed`.
+    :class:`ConnectionClosed`.  ``reason`` is a word for the log.
     """
 
     reply: Reply
+    reason: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -117,6 +118,22 @@ class StartTLS:
     The shell performs the handshake, then calls
     :meth:`ServerConnection.tls_established` (or ``tls_failed``).
     """
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OutOfTurn:
+    """The client sent before a reply it had to wait for; the session ends.
+
+    ``reason`` is ``"pregreet"`` (before the greeting) or ``"pipelining"``
+    (after ``command``, whose reply must come first: RFC 2920 3.1).  The
+    core has already queued ``reply``; ``received`` is the start of what the
+    client sent out of turn.
+    """
+
+    reason: Literal["pregreet", "pipelining"]
+    command: str
+    received: bytes
+    reply: Reply
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -139,5 +156,6 @@ Event = (
     | MessageAborted
     | Reset
     | StartTLS
+    | OutOfTurn
     | ConnectionClosed
 )

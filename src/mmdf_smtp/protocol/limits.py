@@ -33,3 +33,17 @@ class Limits:
     error_delay: float = 1.0
     # RFC 5321 6.3: a loop is suspected past this many Received headers.
     received_headers: int = 100
+    # The greeting is held back this long (Postfix postscreen's greet wait,
+    # sendmail's greet_pause): a client that talks before it is a bot that
+    # does not wait for replies, and is refused (RFC 5321 3.1: the client
+    # waits for the greeting).  0: the greeting goes out at once.
+    greet_pause: float = 0.0
+    # Postfix 3.9's smtpd_forbid_unauth_pipelining: a client that sends more
+    # before a reply it must wait for (any reply before PIPELINING was
+    # offered; EHLO, HELO and DATA's even after, RFC 2920 3.1) is refused
+    # and the session ends.
+    forbid_unauth_pipelining: bool = True
+    # NUL octets in message content are refused unless allowed: a next hop
+    # that strips them would read a different message than the one checked
+    # here, the same gap SMTP smuggling uses.
+    allow_nul: bool = False

@@ -84,6 +84,10 @@ NETWORK_CONNECTION_RATE = _r(
 )
 TOO_MANY_ERRORS = _r(421, "4.7.0", "Too many errors, closing transmission channel")
 NO_SERVICE = _r(554, "5.7.1", "No SMTP service here")
+# RFC 7504 3: 521 at connection opening says "no mail here" and closes; a
+# 554 would oblige the server to wait for QUIT (RFC 5321 3.1).
+PREGREET = _r(521, "5.5.1", "Protocol error: talked before the greeting")
+OUT_OF_TURN = _r(554, "5.5.0", "SMTP protocol synchronization error")
 LOCAL_ERROR = _r(421, "4.3.0", "Local error in processing, closing transmission channel")
 
 # Greetings and simple commands.
@@ -139,6 +143,7 @@ TOO_MANY_HOPS = _r(554, "5.4.6", "Too many Received headers: mail loop suspected
 BARE_LINE_END_IN_DATA = _r(
     550, "5.6.0", "Message refused: bare CR or LF; lines must end with <CRLF>"
 )
+NUL_IN_DATA = _r(550, "5.6.0", "Message refused: NUL octets are not allowed")
 DATA_LINE_TOO_LONG = _r(
     550, "5.6.0", "Message refused: a line is longer than 1000 octets with its <CRLF>"
 )

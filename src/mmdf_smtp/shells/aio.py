@@ -333,21 +333,20 @@ class SessionProtocol(asyncio.Protocol):
     def _flush(self, session: Session) -> bool:
         """Write the replies due; False when the session is held meanwhile."""
         conn = session.connection
-        delay = conn.delay
-        data = conn.data_to_send()
-        if not data:
-            return True
-        if delay:
-            # The tarpit: the replies go out later, and nothing is read meanwhile.
+        if conn.delay:
+            # The tarpit or the greeting's pause: the replies are taken and
+            # written later; what arrives meanwhile goes to the core, which
+            # judges a client that did not wait for them.
             self._held = True
-            self._delay = self._loop.call_later(delay, self._write_held, session, data)
+            self._delay = self._loop.call_later(conn.delay, self._write_held, session)
             return False
-        return self._write(session, data)
+        data = conn.data_to_send()
+        return not data or self._write(session, data)
 
-    def _write_held(self, session: Session, data: bytes) -> None:
+    def _write_held(self, session: Session) -> None:
         self._delay = None
         self._held = False
-        if self._write(session, data):
+        if self._write(session, session.connection.data_to_send()):
             self._pump()
 
     def _write(self, session: Session, data: bytes) -> bool:

@@ -106,7 +106,8 @@ class BlockingShell:
             if isinstance(event, Signal):
                 if event is PAUSED:
                     raise RuntimeError("the session left a decision unanswered")
-                self._flush()
+                if self._flush():
+                    continue  # input came while the replies were held: the core's first
                 data = self._read(conn.timer)
                 if data is None:
                     conn.time_out()
@@ -126,13 +127,12 @@ class BlockingShell:
 
     # -- output ----------------------------------------------------------
 
-    def _flush(self) -> None:
-        delay = self._conn.delay
+    def _flush(self) -> bool:
+        """Write the replies due; True when input was taken while they were held."""
+        took_input = self._hold(self._conn.delay) if self._conn.delay else False
         data = self._conn.data_to_send()
         if not data:
-            return
-        if delay:
-            self._sleep(delay)
+            return took_input
         if self._session.tracing:
             trace_output(self._session, data)
         if self._tls is not None:
@@ -143,6 +143,37 @@ class BlockingShell:
         except _Gone:
             # Nobody to answer: end the session as if the client had left.
             self._conn.receive_data(b"")
+        return took_input
+
+    def _hold(self, seconds: float) -> bool:
+        """The tarpit or the greeting's pause: the replies wait ``seconds``.
+
+        What the client sends meanwhile goes to the core, which judges a
+        client that did not wait; one read's worth at most, and none under
+        TLS (where a record may need more reads than the pause allows).
+        True when input was taken.
+        """
+        took_input = False
+        deadline = self._clock() + seconds
+        while (remaining := deadline - self._clock()) > 0:
+            conn = self._conn
+            if self._tls is not None or conn.closed or conn.pending_input >= READ_SIZE:
+                self._sleep(remaining)
+                break
+            try:
+                readable, _, _ = select.select([self._rfd], [], [], remaining)
+                data = os.read(self._rfd, READ_SIZE) if readable else None
+            except OSError:
+                data = b""
+            if data is None:
+                break
+            if self._session.tracing and data:
+                trace_input(self._session, data)
+            conn.receive_data(data)
+            took_input = True
+            if not data:
+                break  # nobody is waiting for the replies any more
+        return took_input
 
     def _write_all(self, data: bytes) -> None:
         view = memoryview(data)
