@@ -20,18 +20,25 @@ is queued.
 
 from __future__ import annotations
 
+import asyncio
 import pwd
 import re
+import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from email.utils import format_datetime, formataddr
 from itertools import chain
-from typing import Protocol
+from typing import Literal, Protocol
 
 from .config import ChannelConfig, Config, ConfigError
+from .filters import Connection, Verdict
+from .filters.combined import SessionFilters
+from .filters.staged import Envelope as StagedEnvelope
+from .filters.staged import StagedMessage
+from .milter import MilterConfig
 from .policy import Policy
-from .protocol import Path, Reply, replies
+from .protocol import MailFrom, Path, Reply, replies
 from .protocol.grammar import GrammarError, parse_path
 from .queue import Envelope, MessageWriter
 
@@ -488,10 +495,11 @@ def mailbox(name: str, address: str) -> str:
 # Writing it to the queue.
 
 
-def envelope(plan: Plan, now: datetime) -> Envelope:
+def envelope(plan: Plan, now: datetime, staged: StagedMessage | None = None) -> Envelope:
+    """The envelope to queue; as the milters left it, for a ``staged`` message."""
     return Envelope(
-        sender=plan.sender,
-        recipients=plan.recipients,
+        sender=staged.envelope.sender if staged else plan.sender,
+        recipients=tuple(staged.envelope.recipients) if staged else plan.recipients,
         channel=plan.channel,
         remote_host="localhost",
         remote_addr="",
@@ -501,6 +509,7 @@ def envelope(plan: Plan, now: datetime) -> Envelope:
         body=plan.body,
         submitter=plan.submitter.login,
         submitter_uid=plan.submitter.uid,
+        quarantine=staged.quarantine if staged else None,
     )
 
 
@@ -535,25 +544,144 @@ def queue_message(
     plan: Plan,
     message: Message,
     now: datetime,
+    *,
+    queue_id: str,
+    milters: Sequence[MilterConfig] = (),
+    staging_directory: str | None = None,
 ) -> str:
     """Write the message through ``open_message`` and commit it; its queue id.
+
+    ``queue_id`` is the id ``open_message`` gives its writer (it is in the
+    trace header, written first).  With ``milters`` (those configured with
+    ``submit = true``) the message is staged first and queued as they
+    leave it, as smtpd does; a refusal raises :class:`FilterRefused`.
 
     Any error (a :class:`QueueError`, :class:`MessageTooBig` while the body
     is read, an interrupt) aborts the message, so nothing of it stays.
     """
+    if milters:
+        staged = asyncio.run(
+            _filtered(
+                plan,
+                message,
+                now=now,
+                queue_id=queue_id,
+                milters=milters,
+                staging_directory=staging_directory,
+            )
+        )
+        if staged is None:
+            return queue_id  # discarded: taken, and dropped, as the milter asked
+        try:
+            writer = open_message(envelope(plan, now, staged))
+            try:
+                staged.write_to(writer)
+                writer.commit()
+            except BaseException:
+                writer.abort()
+                raise
+        finally:
+            staged.close()
+        return writer.id
     writer = open_message(envelope(plan, now))
     try:
-        writer.write(head(plan, message, writer.id, now))
-        body = iter(message.body)
-        first = next(body, None)
-        if message.separated or first is not None:
-            writer.write(CRLF)
-        if first is not None:
-            writer.write(first)
-            for piece in body:
-                writer.write(piece)
+        for piece in _octets(plan, message, queue_id, now):
+            writer.write(piece)
         writer.commit()
     except BaseException:
         writer.abort()
         raise
     return writer.id
+
+
+def _octets(plan: Plan, message: Message, queue_id: str, now: datetime) -> Iterator[bytes]:
+    """The message as queued: trace and header, then the body as read."""
+    yield head(plan, message, queue_id, now)
+    body = iter(message.body)
+    first = next(body, None)
+    if message.separated or first is not None:
+        yield CRLF
+    if first is not None:
+        yield first
+        yield from body
+
+
+class FilterRefused(SubmissionError):
+    """A milter refused the message: its reply, and whether to try again later."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(" ".join(reply.lines()))
+        self.reply = reply
+        self.temporary = reply.code < 500
+
+
+async def _filtered(
+    plan: Plan,
+    message: Message,
+    *,
+    now: datetime,
+    queue_id: str,
+    milters: Sequence[MilterConfig],
+    staging_directory: str | None,
+) -> StagedMessage | None:
+    """The message staged and through the milters, as a local client's would be;
+    None when a milter discards it.
+
+    Postfix hands locally submitted mail to its non_smtpd_milters as from
+    ``localhost [127.0.0.1]``, so do we.  Raises :class:`FilterRefused`.
+    """
+    filters = SessionFilters(
+        Connection(
+            client_name="localhost",
+            client_address="127.0.0.1",
+            client_port=0,
+            local_address="127.0.0.1",
+            local_port=0,
+            hostname=plan.hostname,
+        ),
+        checks=None,
+        milters=milters,
+    )
+    staged = StagedMessage(
+        queue_id=queue_id,
+        envelope=StagedEnvelope(sender=plan.sender, recipients=list(plan.recipients)),
+        trace=b"",
+        directory=staging_directory or tempfile.gettempdir(),
+    )
+    try:
+        for piece in _octets(plan, message, queue_id, now):
+            staged.write(piece)
+        sender = _path(plan.sender)
+        body: Literal["7BIT", "8BITMIME"] | None = None
+        if plan.body in ("7BIT", "8BITMIME"):
+            body = "8BITMIME" if plan.body == "8BITMIME" else "7BIT"
+        mail = MailFrom(sender=sender, body=body, smtputf8=plan.smtputf8)
+        stages = [filters.connect(), filters.helo("localhost", None), filters.mail(mail, queue_id)]
+        stages += [filters.rcpt(_path(recipient)) for recipient in plan.recipients]
+        stages.append(filters.data())
+        discard = False
+        for stage in stages:
+            discard = _refuse(await stage) or discard
+        staged.finish()
+        discard = _refuse(await filters.message(staged)) or discard
+    except BaseException:
+        staged.close()
+        raise
+    finally:
+        await filters.close()
+    if discard or not staged.envelope.recipients:
+        staged.close()
+        return None
+    return staged
+
+
+def _refuse(verdict: Verdict) -> bool:
+    """Raise a refusal; else whether the message is to be discarded."""
+    if verdict.reply is not None and not verdict.reply.is_positive:
+        raise FilterRefused(verdict.reply)
+    return verdict.discard
+
+
+def _path(address: str) -> Path:
+    local, _, domain = address.rpartition("@")
+    return Path(local=local, domain=domain) if local else Path(local=address, domain="")

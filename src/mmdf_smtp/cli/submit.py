@@ -40,6 +40,7 @@ from ..queue.maildrop import MaildropError, drop, prepare
 from ..queue.spool import Spool
 from ..submission import (
     AddressError,
+    FilterRefused,
     MailLoop,
     MessageTooBig,
     NoRecipients,
@@ -178,6 +179,8 @@ def status_of(error: SubmissionError) -> int:
             return EX_NOUSER
         case NotPermitted():
             return EX_NOPERM
+        case FilterRefused():
+            return EX_TEMPFAIL if error.temporary else EX_DATAERR
     return EX_SOFTWARE
 
 
@@ -245,7 +248,16 @@ def main(argv: list[str] | None = None) -> int:
         message = read_headers(pieces)
         plan = planner.plan(request, submitter, message)
         if submitter.trusted:
-            queue_id = queue_message(spool.open, plan, message, datetime.now(UTC))
+            queue_id = spool.new_id()
+            queue_id = queue_message(
+                lambda envelope: spool.open(envelope, queue_id=queue_id),
+                plan,
+                message,
+                datetime.now(UTC),
+                queue_id=queue_id,
+                milters=[m for m in config.milters if m.submit],
+                staging_directory=str(spool.tmp),
+            )
             done = f"queued as {queue_id}"
         else:
             name = drop(spool, request, message.octets())

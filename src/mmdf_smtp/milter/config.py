@@ -87,6 +87,13 @@ def _seconds(table: Mapping[str, Any], key: str, default: float) -> float:
     return float(value)
 
 
+def _flag(table: Mapping[str, Any], key: str) -> bool:
+    value = table.get(key, False)
+    if not isinstance(value, bool):
+        raise ValueError(f"milter {key} = {value!r}: must be true or false")
+    return value
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MilterConfig:
     """A milter the SMTP server talks to, and its failure policy and timeouts."""
@@ -96,6 +103,8 @@ class MilterConfig:
     connect_timeout: float = 30.0
     command_timeout: float = 30.0
     content_timeout: float = 300.0
+    # Also filter mail from submit and the maildrop (Postfix's non_smtpd_milters).
+    submit: bool = False
 
     @property
     def address(self) -> SocketAddress:
@@ -110,6 +119,7 @@ class MilterConfig:
             "connect_timeout",
             "command_timeout",
             "content_timeout",
+            "submit",
         }
         unknown = sorted(set(table) - known)
         if unknown:
@@ -130,4 +140,5 @@ class MilterConfig:
             connect_timeout=_seconds(table, "connect_timeout", 30.0),
             command_timeout=_seconds(table, "command_timeout", 30.0),
             content_timeout=_seconds(table, "content_timeout", 300.0),
+            submit=_flag(table, "submit"),
         )

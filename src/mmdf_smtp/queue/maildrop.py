@@ -53,6 +53,7 @@ from typing import Any, BinaryIO
 from ..config import Config, ConfigError
 from ..policy import Policy
 from ..submission import (
+    FilterRefused,
     Message,
     Planner,
     Request,
@@ -402,7 +403,16 @@ class _Pickup:
                 plan,
                 message,
                 now,
+                queue_id=claim.name,
+                milters=[m for m in self.config.milters if m.submit],
+                staging_directory=str(self.spool.tmp),
             )
+        except FilterRefused as exc:
+            if exc.temporary:
+                # Left claimed: the next pass tries it again.
+                raise QueueError(f"{claim.name}: a milter said: {exc}") from exc
+            self.set_aside(claim, f"uid {uid}: refused by a milter: {exc}")
+            return
         except SubmissionError as exc:
             self.set_aside(claim, f"uid {uid}: {exc}")
             return
