@@ -4,7 +4,9 @@ Records come from :class:`AuthZone`: ``zone.add(name, type, value, ttl=)``
 for TXT (long values split into 255-octet strings, as DKIM keys are
 published), A, AAAA, MX ("10 mx.example.com"), PTR and CNAME.  A name in
 ``silent`` never gets an answer (the client times out); a name in
-``servfail`` gets SERVFAIL.  Names not in the zone get NXDOMAIN; a name
+``servfail`` gets SERVFAIL; a name in ``held`` is answered only once
+``release`` is set, and each such query is put in ``arrivals`` when it
+comes (a test proves by order what goes on meanwhile).  Names not in the zone get NXDOMAIN; a name
 with records of other types only, NODATA.  Answers larger than the
 client's UDP size are truncated, so that the client retries over TCP,
 which is served too.  ``queries`` counts what was asked.
@@ -12,6 +14,7 @@ which is served too.  ``queries`` counts what was asked.
 
 from __future__ import annotations
 
+import queue
 import socket
 import socketserver
 import threading
@@ -48,6 +51,9 @@ class AuthZone:
     servfail: set[str] = field(default_factory=set)
     silent: set[str] = field(default_factory=set)
     queries: list[tuple[str, str]] = field(default_factory=list)
+    held: set[str] = field(default_factory=set)
+    release: threading.Event = field(default_factory=threading.Event)
+    arrivals: queue.Queue[str] = field(default_factory=queue.Queue)
 
     def add(self, name: str, rdtype: str, *values: str, ttl: int = 300) -> None:
         kind = rdtype.upper()
@@ -62,6 +68,9 @@ class AuthZone:
         self.queries.append((name, kind))
         if name in self.silent:
             return None
+        if name in self.held:
+            self.arrivals.put(name)
+            self.release.wait(timeout=120)
         response = dns.message.make_response(query)
         response.flags |= dns.flags.AA
         if name in self.servfail:

@@ -327,7 +327,17 @@ certificate = "cert.pem"
 key = "key.pem"
 
 [channels.name]
+
+[auth]
+
+[dnsbl]
+
+[[milters]]
+socket = "inet:127.0.0.1:8891"
 """
+# Tables that their own classes read (AuthConfig.from_table, ...): the
+# keys they ask for are noted as they are asked.
+CHECKED_TABLES = ("auth", "dnsbl", "milters")
 
 
 def code_keys(monkeypatch: pytest.MonkeyPatch, base: Path) -> tuple[set[str], set[str]]:
@@ -351,7 +361,39 @@ def code_keys(monkeypatch: pytest.MonkeyPatch, base: Path) -> tuple[set[str], se
             keys.update(f"{key}.{name}" for name in allowed)
         return allow(self, data, key, allowed)
 
+    class Recording(dict[str, Any]):
+        """A table that notes each key its reader asks for."""
+
+        def __init__(self, name: str, data: dict[str, Any]) -> None:
+            super().__init__(data)
+            self.name = name
+
+        def get(self, key: str, default: Any = None) -> Any:
+            keys.add(f"{self.name}.{key}")
+            return super().get(key, default)
+
+        def __contains__(self, key: object) -> bool:
+            keys.add(f"{self.name}.{key}")
+            return super().__contains__(key)
+
+        def __getitem__(self, key: str) -> Any:
+            keys.add(f"{self.name}.{key}")
+            return super().__getitem__(key)
+
+    def recorded(method: Callable[..., Any], name: str) -> Callable[..., Any]:
+        def read(self: Any, data: dict[str, Any], *args: Any) -> Any:
+            value = data.get(name)
+            if isinstance(value, dict):
+                data = {**data, name: Recording(name, value)}
+            elif isinstance(value, list):
+                data = {**data, name: [Recording(name, each) for each in value]}
+            return method(self, data, *args)
+
+        return read
+
     with monkeypatch.context() as patch:
+        for name in CHECKED_TABLES:
+            patch.setattr(reader, f"_{name}", recorded(getattr(reader, f"_{name}"), name))
         for name, method in list(vars(reader).items()):
             if callable(method) and {"data", "dotted"} <= set(inspect.signature(method).parameters):
                 patch.setattr(reader, name, recording(method))

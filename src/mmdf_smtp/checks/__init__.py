@@ -38,23 +38,41 @@ Every look-up goes through the one :class:`~.dns.Resolver`, on the loop.
 pyspf resolves synchronously, so it runs in this object's own worker
 threads (``workers`` of them) with a look-up function that submits each
 query to the loop's resolver (:mod:`.spf`).  DKIM and ARC keys are fetched
-on the loop first, then dkimpy verifies in a pool of ``verifications``
-worker processes (a "forkserver" pool made at the first message; its
+on the loop first, then dkimpy verifies in worker processes (its
 CPU-bound calls hold the GIL, :mod:`.dkim`): the event loop never blocks.
 A verification holds at most ``dkim_max_size`` octets of a message, so
 the memory of all of them is bounded whatever the message sizes.
+
+The verification processes are the process's, shared by every Checks
+(a reload makes a new one; the processes stay).  Who starts them:
+
+- a daemon, with :func:`start_verifiers` before its loop starts: forked
+  there, from a process that has one thread and has dropped privileges,
+  so they run as the unprivileged user with everything imported (a fork
+  server would have to exec the interpreter as that user, who may not be
+  allowed to); :func:`stop_verifiers` when it ends, else they would outlive
+  it (a process of the pool waits on a queue whose both ends it holds);
+- a program serving one session (smtpsrvr), with
+  :func:`verify_in_threads`: nothing else is on its loop to be stalled;
+- else, at the first message, a pool of ``verifications`` processes from
+  a "forkserver" (a loop with threads must not fork).
+
+A pool that cannot start or breaks gives ``temperror``, never a lost session.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import ipaddress
 import logging
 import multiprocessing
 import os
 import random
+import signal
 from collections.abc import Mapping
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
 from functools import partial
@@ -109,6 +127,9 @@ __all__ = [
     "SpfVerdicts",
     "claims_authserv_id",
     "remove_claiming_fields",
+    "start_verifiers",
+    "stop_verifiers",
+    "verify_in_threads",
 ]
 
 log = logging.getLogger(__name__)
@@ -129,6 +150,58 @@ def _start_pool(workers: int) -> ProcessPoolExecutor:
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=_worker_context())
     pool.submit(int).result()  # the fork server and one worker are up
     return pool
+
+
+class _Verifiers:
+    """The process's verification processes; ``threads``: verify in threads instead."""
+
+    pool: ProcessPoolExecutor | None = None
+    threads = False
+
+
+def _die_with(parent: int) -> None:
+    """A verifier ends with the process that forked it, even one killed (Linux)."""
+    # Forked from a daemon worker that holds its signals back until its
+    # loop has handlers: a verifier takes SIGTERM as it comes, and leaves
+    # a Ctrl-C to the daemon, which ends it in order.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it died before prctl took effect
+        os._exit(0)
+
+
+def start_verifiers(count: int = DEFAULT_VERIFICATIONS) -> None:
+    """Fork ``count`` verification processes now, for every Checks of this process.
+
+    Call it while the process has one thread (before the event loop and
+    before any Checks has run), after dropping privileges.
+    """
+    if _Verifiers.pool is not None:
+        return
+    pool = ProcessPoolExecutor(
+        max_workers=count,
+        mp_context=multiprocessing.get_context("fork"),
+        initializer=_die_with,
+        initargs=(os.getpid(),),
+    )
+    pool.submit(int).result()  # with "fork", all of them are started at the first call
+    _Verifiers.pool = pool
+    log.info("%d DKIM verification processes started", count)
+
+
+def stop_verifiers() -> None:
+    """End this process's verification processes, waiting for them."""
+    pool, _Verifiers.pool = _Verifiers.pool, None
+    if pool is not None:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def verify_in_threads() -> None:
+    """Verify in this process's threads: for a process that serves one session."""
+    _Verifiers.threads = True
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -307,6 +380,32 @@ class Checks:
         if isinstance(message, bytes) and len(message) > auth.dkim_max_size:
             return too_large_report(headers, auth.dkim_max_size)
         keys = await fetch_keys(self.resolver, key_names(headers))
+        source = message if isinstance(message, bytes) else os.fspath(message)
+        verify = partial(_verify_message, keys, source, max_size=auth.dkim_max_size)
+        pool: Executor | None = None
+        try:
+            pool = await self._pool(loop)
+            return await loop.run_in_executor(pool, verify)
+        except Exception as exc:  # dkimpy's defect, a killed worker: not the session's end
+            log.exception("DKIM verification failed")
+            if isinstance(exc, BrokenProcessPool):
+                if pool is _Verifiers.pool:
+                    _Verifiers.pool = None  # the next message gets a pool of its own
+                if pool is self._processes:
+                    self._processes = None
+            signatures = tuple(
+                DkimVerdict(result="temperror", reason="verification failed")
+                for name, _ in headers
+                if name.lower() == b"dkim-signature"
+            )
+            return DkimReport(signatures=signatures, headers=headers)
+
+    async def _pool(self, loop: asyncio.AbstractEventLoop) -> Executor:
+        """Where to verify: the process's verifiers, our threads, or our own pool."""
+        if _Verifiers.pool is not None:
+            return _Verifiers.pool
+        if _Verifiers.threads:
+            return self._executor
         if self._processes is None:
             if self._starting is None:
                 # Starting the fork server and a worker takes a good part of
@@ -318,19 +417,4 @@ class Checks:
                 self._processes = await asyncio.shield(self._starting)
             finally:
                 self._starting = None
-        source = message if isinstance(message, bytes) else os.fspath(message)
-        try:
-            return await loop.run_in_executor(
-                self._processes,
-                partial(_verify_message, keys, source, max_size=auth.dkim_max_size),
-            )
-        except Exception as exc:  # dkimpy's defect, a killed worker: not the session's end
-            log.exception("DKIM verification failed")
-            if isinstance(exc, BrokenProcessPool):
-                self._processes = None
-            signatures = tuple(
-                DkimVerdict(result="temperror", reason="verification failed")
-                for name, _ in headers
-                if name.lower() == b"dkim-signature"
-            )
-            return DkimReport(signatures=signatures, headers=headers)
+        return self._processes

@@ -34,6 +34,7 @@ import sys
 from typing import Any
 
 from ..admission import Admission
+from ..checks import start_verifiers, stop_verifiers
 from ..config import ConfigError
 from ..daemon import (
     SIGNALS,
@@ -310,6 +311,11 @@ def main_41(program: str, channel_list: str, port: str, maxconnects: str, networ
     return EX_OK
 
 
+def verifies_dkim(service: Service) -> bool:
+    auth = service.checks.auth if service.checks is not None else None
+    return auth is not None and auth.dkim
+
+
 def serve(
     service: Service,
     listeners: list[socket.socket],
@@ -351,17 +357,23 @@ def serve(
 
     def work(index: int) -> None:
         slots = share(maxconnects, workers, index)
-        run(
-            lambda: Daemon(
-                current,
-                listeners,
-                config_path=config_path,
-                external=external,
-                slots=slots,
-                admission=admission,
-                hostname=hostname,
+        if verifies_dkim(current):
+            # Here the worker has one thread and no privileges: see checks.
+            start_verifiers()
+        try:
+            run(
+                lambda: Daemon(
+                    current,
+                    listeners,
+                    config_path=config_path,
+                    external=external,
+                    slots=slots,
+                    admission=admission,
+                    hostname=hostname,
+                )
             )
-        )
+        finally:
+            stop_verifiers()
 
     if workers == 1:
         work(0)

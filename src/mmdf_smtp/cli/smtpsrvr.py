@@ -18,6 +18,7 @@ import os
 import socket
 import sys
 
+from ..checks import verify_in_threads
 from ..service import Peer, parse_address
 from ..shells.blocking import BlockingShell
 from .common import EX_OK, EX_SOFTWARE, ArgumentParser, become_user, load_service, setup_logging
@@ -83,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(program, debug=args.debug, target=service.config.log)
     peer = find_peer(args.remotehost)
     become_user(program, service)
+    # One session a process: a DKIM verification stalls no other.
+    verify_in_threads()
     session = service.session(peer)
     served = BlockingShell(session, tls_context=service.tls_context).run()
     return EX_OK if served else EX_SOFTWARE
