@@ -559,7 +559,7 @@ def test_a_message_taken_back_is_queued_only_if_its_commit_was_done(tmp_path: Pa
         writers.append((writer, spool.hand_over(writer)))
     _, (in_tmp, _), (renamed, renamed_token), (committed, committed_token) = writers
     assert os.listdir(spool.tmp) == [in_tmp.id]  # 5000 octets: in its file already
-    # Cut short after the rename into queue/, before the syncs were all done.
+    # Cut short after the rename into queue/, before the sync of queue/.
     cut = taker.take_over(renamed_token)
     assert isinstance(cut, spool_module.SpoolWriter)
     cut._write_out(start_writeback=False)
