@@ -216,7 +216,7 @@ class Traffic:
 
     def wait_for(self, count: int) -> None:
         with self._changed:
-            assert self._changed.wait_for(lambda: len(self.acknowledged) >= count, timeout=60), (
+            assert self._changed.wait_for(lambda: len(self.acknowledged) >= count, timeout=300), (
                 f"only {len(self.acknowledged)} messages acknowledged"
             )
 
