@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import multiprocessing
 import os
 import random
@@ -16,6 +17,8 @@ from pathlib import Path
 import pytest
 
 from mmdf_smtp.cli import checkque
+from mmdf_smtp.config import load
+from mmdf_smtp.delivery.runner import Runner
 from mmdf_smtp.queue import Envelope, QueueError
 from mmdf_smtp.queue import spool as spool_module
 from mmdf_smtp.queue.spool import IN_MEMORY, Spool
@@ -276,6 +279,7 @@ def test_checkque_json(filled: tuple[Path, list[str]], capsys: pytest.CaptureFix
             }
             for r in ("b@example.org", "c@example.org")
         ],
+        "state": "queued",
     }
 
 
@@ -458,12 +462,13 @@ def test_commit_all_isolates_a_failing_message_and_syncs_queue_once(
     assert results[0] is None and results[2] is None
     assert isinstance(results[1], QueueError) and results[1].full is True
     ids = [writer.id for writer in writers]
-    # Every file on its way to the disk, and renamed, before the first fsync
-    # (one journal commit for all); one directory sync.
+    # Every file on its way to the disk before the first fsync (one journal
+    # commit for all); each fsynced before any is renamed into queue/, so a
+    # name there never stands for unsynced octets; one directory sync.
     assert events == [
         *(f"write-out {i}" for i in ids),
-        *(f"rename {i}" for i in ids),
         *(f"fsync {i}" for i in ids),
+        *(f"rename {i}" for i in (ids[0], ids[2])),
         "sync queue",
     ]
     assert spool.ids() == sorted([ids[0], ids[2]]) and os.listdir(spool.tmp) == []
@@ -554,14 +559,12 @@ def test_a_message_taken_back_is_queued_only_if_its_commit_was_done(tmp_path: Pa
         writers.append((writer, spool.hand_over(writer)))
     _, (in_tmp, _), (renamed, renamed_token), (committed, committed_token) = writers
     assert os.listdir(spool.tmp) == [in_tmp.id]  # 5000 octets: in its file already
-    # Cut short after the rename into queue/, before the syncs were all done.
+    # Cut short after the rename into queue/, before the sync of queue/.
     cut = taker.take_over(renamed_token)
     assert isinstance(cut, spool_module.SpoolWriter)
     cut._write_out(start_writeback=False)
-    cut._settle()
+    cut._sync()
     cut._move_to_queue()
-    assert cut._fd is not None
-    os.close(cut._fd)  # as the taker's death would
     assert taker.commit_all([taker.take_over(committed_token)]) == [None]
     assert sorted(os.listdir(spool.queue)) == sorted([renamed.id, committed.id])
     assert spool.ids() == [committed.id]
@@ -588,3 +591,115 @@ def test_a_message_whose_file_is_gone_cannot_be_taken_over(tmp_path: Path) -> No
     with pytest.raises(QueueError, match="cannot open a queue file handed over"):
         spool.take_over(token)
     assert spool.ids() == []
+
+
+# -- what proves a queue file whole ------------------------------------------------
+
+
+def declared_size(path: Path) -> int:
+    first = path.read_bytes().split(b"\n", 1)[0]
+    assert first.startswith(b'{"file_size":')
+    return int(json.loads(first)["file_size"])
+
+
+@pytest.mark.parametrize("size", [10, 5000, 300 * 1024])
+def test_each_queue_file_declares_its_own_size(tmp_path: Path, size: int) -> None:
+    """Held in memory, written as it came, or handed over to another process: sealed alike."""
+    spool = Spool(tmp_path, in_memory=4096)
+    content = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    direct = spool.open(ENVELOPE)
+    direct.write(content)
+    direct.commit()
+    handed = spool.open(ENVELOPE)
+    handed.write(content)
+    taker = Spool(tmp_path, in_memory=4096)
+    assert taker.commit_all([taker.take_over(spool.hand_over(handed))]) == [None]
+    for queue_id in (direct.id, handed.id):
+        path = spool.queue / queue_id
+        assert declared_size(path) == path.stat().st_size
+        with spool.open_message(queue_id) as stored:
+            assert stored.read() == content  # the size changes nothing a reader sees
+    assert [m.size for m in spool.messages()] == [size, size]
+
+
+def _cut_short(spool: Spool, data: bytes) -> str:
+    """A file a writer of a dead process left in queue/ in its committing mode."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    queue_id = spool.new_id()
+    queue_id = queue_id[:14] + f"{dead.pid & 0xFFFFFFF:07x}" + queue_id[21:]
+    (spool.queue / queue_id).write_bytes(data)
+    os.chmod(spool.queue / queue_id, spool_module.COMMITTING)
+    return queue_id
+
+
+def test_recovery_sets_aside_what_it_cannot_read_whole(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path)
+    spool = Spool(tmp_path / "spool")
+    writer = spool.open(ENVELOPE)
+    writer.write(b"Subject: whole\r\n\r\nbody\r\n")
+    writer.commit()
+    whole = (spool.queue / writer.id).read_bytes()
+    os.unlink(spool.queue / writer.id)
+    kept = _cut_short(spool, whole)
+    empty = _cut_short(spool, b"")  # what a power cut did to the old commit order
+    truncated = _cut_short(spool, whole[:-3])
+    unsealed = _cut_short(spool, whole[:13] + b" " * 20 + whole[33:])
+    caplog.set_level(logging.WARNING, logger="mmdf_smtp.queue")
+    assert spool.recover() == []
+    assert spool.ids() == [kept]
+    assert sorted(os.listdir(spool.corrupt)) == sorted([empty, truncated, unsealed])
+    warnings = {r.getMessage().split(":")[0]: r.getMessage() for r in caplog.records}
+    assert "not an envelope: the file is empty" in warnings[f"id={empty}"]
+    size = len(whole)
+    assert (
+        f"incomplete: {size - 3} octets where its envelope says {size}"
+        in (warnings[f"id={truncated}"])
+    )
+    assert "not an envelope" in warnings[f"id={unsealed}"]
+    assert all(r.levelno == logging.WARNING for r in caplog.records)
+
+    assert checkque.main(["-c", str(config), "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(line["id"], line["state"]) for line in lines] == [
+        (kept, "queued"),
+        *sorted((i, "corrupt") for i in (empty, truncated, unsealed)),
+    ]
+    by_id = {line["id"]: line for line in lines}
+    assert by_id[truncated] == {
+        "id": truncated,
+        "state": "corrupt",
+        "size": size - 3,
+        "reason": f"incomplete: {size - 3} octets where its envelope says {size}",
+        "path": str(spool.corrupt / truncated),
+    }
+    assert checkque.main(["-c", str(config)]) == 0
+    table = capsys.readouterr().out
+    assert f"set aside in {spool.corrupt}" in table
+    assert f"{empty}          0  not an envelope: the file is empty" in table
+    # --cat gives a file set aside as it is, envelope line and all.
+    assert checkque.main(["-c", str(config), "--cat", truncated]) == 0
+    assert capsys.readouterr().out.encode() == whole[:-3]
+
+
+def test_deliver_sets_aside_a_queued_file_that_is_not_whole(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Storage that lied about a flush: deliver never hands on what is left."""
+    config = write_config(tmp_path)
+    spool = Spool(tmp_path / "spool")
+    ids = []
+    for _ in range(2):
+        writer = spool.open(ENVELOPE)
+        writer.write(b"Subject: x\r\n\r\nbody\r\n")
+        writer.commit()
+        ids.append(writer.id)
+    torn = spool.queue / ids[0]
+    torn.write_bytes(torn.read_bytes()[:-5])
+    caplog.set_level(logging.WARNING)
+    runner = Runner(load(str(config)), spool, send=lambda *a, **k: [])
+    assert runner.deliver(ids[0]) is None
+    assert os.listdir(spool.corrupt) == [ids[0]] and spool.ids() == [ids[1]]
+    assert f"id={ids[0]}: incomplete:" in caplog.text

@@ -33,7 +33,7 @@ from mmdf_smtp.queue import maildrop
 from mmdf_smtp.queue.maildrop import MAGIC, drop, pickup, prepare
 from mmdf_smtp.queue.spool import Spool
 from mmdf_smtp.submission import PIECE, Request, read_headers, read_lines, split_addresses
-from wire import PYTHON, SRC, env, queued, stored, write_config
+from wire import PYTHON, SRC, checkque, env, queued, stored, write_config
 
 TRACE = re.compile(
     rb"Received: \(from (?P<login>[^@]+)@localhost\)\r\n"
@@ -489,6 +489,14 @@ def test_pickup_sets_aside_what_it_cannot_queue(
     assert spool_listing(config) == {"maildrop": [], "pickup": [], "tmp": []}
     assert len(os.listdir(root / "corrupt")) == 7
     assert target.read_bytes() == b"secret\n"
+    # checkque lists each, follows no link and waits on no socket: the secret stays unread.
+    aside = queued(config, "corrupt")
+    assert sorted(line["id"] for line in aside) == sorted(os.listdir(root / "corrupt"))
+    reasons_shown = sorted(line["reason"] for line in aside)
+    assert reasons_shown.count("a submission refused by pickup (see the log)") == 4
+    assert "cannot be read: No such device or address" in reasons_shown  # the socket
+    assert "cannot be read: Too many levels of symbolic links" in reasons_shown
+    assert all(b"secret" not in checkque(config, "--cat", line["id"]).stdout for line in aside)
     reasons = "\n".join(r.getMessage() for r in caplog.records)
     assert "not a maildrop file" in reasons
     assert "owned by uid 0, who does not use the maildrop" in reasons

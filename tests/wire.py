@@ -124,10 +124,12 @@ def checkque(config: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
     )
 
 
-def queued(config: Path) -> list[dict[str, Any]]:
+def queued(config: Path, state: str = "queued") -> list[dict[str, Any]]:
+    """checkque --json's lines in ``state``: the queued messages, or those set aside ("corrupt")."""
     result = checkque(config, "--json")
     assert result.returncode == 0, result.stderr
-    return [json.loads(line) for line in result.stdout.decode().splitlines() if line]
+    lines = [json.loads(line) for line in result.stdout.decode().splitlines() if line]
+    return [line for line in lines if line["state"] == state]
 
 
 def stored(config: Path, queue_id: str) -> bytes:

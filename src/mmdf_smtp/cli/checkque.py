@@ -4,9 +4,14 @@
 
 Without options, a table with a line per message and one under it per
 recipient with its delivery state (pending, deferred, delivered, bounced);
-``--json`` one object a line per message, ``states`` holding the same;
-``--cat ID`` the stored message on stdout (exit 69, EX_UNAVAILABLE, when
-no such message is queued).
+``--json`` one object a line per message, ``states`` holding the same and
+``state`` saying ``queued``.  Files set aside in ``corrupt/`` (a queue file
+that cannot be read whole, a submission pickup refused) follow, in a table
+of their own, or in ``--json`` as objects whose ``state`` is ``corrupt``,
+with ``id``, ``size``, ``reason`` and ``path``.  ``--cat ID`` writes the
+stored message to stdout (exit 69, EX_UNAVAILABLE, when no such message is
+queued); for a file set aside, its octets as they are, envelope line and
+all, since it may not have one.
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ def as_json(message: QueuedMessage, state: DeliveryState) -> str:
             "submitter": envelope.submitter,
             "submitter_uid": envelope.submitter_uid,
             "states": [state_as_json(entry) for entry in state.recipients],
+            "state": "queued",
         },
         ensure_ascii=False,
     )
@@ -84,6 +90,19 @@ def as_row(message: QueuedMessage) -> str:
     )
 
 
+def corrupt_as_json(spool: Spool, name: str, size: int, reason: str) -> str:
+    return json.dumps(
+        {
+            "id": name,
+            "state": "corrupt",
+            "size": size,
+            "reason": reason,
+            "path": str(spool.corrupt / name),
+        },
+        ensure_ascii=False,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="checkque", description="Show the queue.")
     parser.add_argument("-c", "--config", help="configuration file (TOML)")
@@ -97,8 +116,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             stored = spool.open_message(args.cat)
         except KeyError:
-            print(f"checkque: {args.cat}: no such message in the queue", file=sys.stderr)
-            return EX_UNAVAILABLE
+            try:
+                stored = spool.open_set_aside(args.cat)
+            except KeyError:
+                print(f"checkque: {args.cat}: no such message in the queue", file=sys.stderr)
+                return EX_UNAVAILABLE
         with stored:
             shutil.copyfileobj(stored, sys.stdout.buffer)
         sys.stdout.buffer.flush()
@@ -122,6 +144,14 @@ def main(argv: list[str] | None = None) -> int:
         total += message.size
     if not args.json:
         print(f"{count} messages, {total} bytes" if count else "queue is empty")
+    set_aside = spool.set_aside_files()
+    for name, size, reason in set_aside:
+        if args.json:
+            print(corrupt_as_json(spool, name, size, reason))
+    if set_aside and not args.json:
+        print(f"\nset aside in {spool.corrupt} (never delivered; see checkque --cat ID):")
+        for name, size, reason in set_aside:
+            print(f"{name:<26}  {size:>9}  {reason}")
     return EX_OK
 
 

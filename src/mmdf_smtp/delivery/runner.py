@@ -153,6 +153,12 @@ class Runner:
             envelope = self.spool.envelope(queue_id)
         except KeyError:
             return None  # delivered and removed meanwhile
+        except ValueError as exc:
+            # Not whole (storage that lied about a flush): delivering it
+            # would hand on a torn message, and retrying it blocks nothing
+            # but fills the log.  The administrator decides (README, Queue).
+            self.spool.set_aside(queue_id, str(exc))
+            return None
         state = self.spool.read_state(queue_id)
         # Only a run that found a state on disk can follow one that crashed
         # after a Maildir delivery: a first run need not look for its files.

@@ -64,7 +64,7 @@ from ..submission import (
     read_lines,
 )
 from . import Envelope, QueueError
-from .spool import Spool, _fsync_directory, envelope_from_json, envelope_to_json
+from .spool import Spool, _fsync_directory, envelope_to_json, read_envelope, seal
 
 log = logging.getLogger("mmdf_smtp.maildrop")
 
@@ -251,6 +251,7 @@ class _PickupWriter:
         try:
             with file:
                 file.flush()
+                seal(file.fileno(), file.tell())
                 os.fsync(file.fileno())
             os.rename(self._path, self._claim)
         except OSError as exc:
@@ -378,8 +379,8 @@ class _Pickup:
         """A queued message a crash left in ``pickup/``: on into the queue."""
         try:
             with open(claim, "rb") as file:
-                envelope_from_json(file.readline(_MAX_REQUEST))
-        except (ValueError, TypeError, KeyError) as exc:
+                read_envelope(file)
+        except ValueError as exc:
             self.set_aside(claim, f"owned by the mail system but not a queued message ({exc})")
             return
         _move_to_queue(self.spool, claim)

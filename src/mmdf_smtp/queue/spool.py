@@ -5,27 +5,37 @@ Layout::
     <spool>/tmp/<id>       a message being received
     <spool>/queue/<id>     a queued message (never changed once there)
     <spool>/state/<id>     its recipients' delivery state, once deliver has seen it
+    <spool>/corrupt/<id>   a file that cannot be read whole, set aside for the administrator
     <spool>/deliver.sock   where ``deliver`` listens for "a message was queued"
 
 Each file is the envelope as one line of JSON, then the message octets as
 received (dot-unstuffed, CRLF line ends, our Received header first).  The
 envelope is whole before the content starts, so one file holds both and
-one rename commits them together.
+one rename commits them together.  The envelope's first field,
+``file_size``, is the size of the whole file, envelope line included; it
+is filled in at the commit, in a slot of fixed width kept blank until
+then (:func:`seal`), so a file that lost any of its end, or was never
+finished, proves itself incomplete (as the END record ends a Postfix
+queue file).  Readers see the same octets as without it: the message
+starts after the envelope line.
 
 Commit: the file, created unreadable (mode :data:`COMMITTING`), is
-written out to the disk, renamed from ``tmp/`` into ``queue/``, fsynced,
-and ``queue/`` is fsynced; then it gets its readable mode
-(:data:`QUEUED`), and only then is it answered 250 and seen by deliver.
-A crash before the rename leaves only a file in ``tmp/``, which
-:meth:`Spool.recover` removes; a name in ``queue/`` always has the whole
-file behind it (the rename comes after the write-out), and recovery makes
-one left unreadable deliverable.  A message is never partial and never
-twice (a rename moves it).
+sealed, fsynced, renamed from ``tmp/`` into ``queue/``, and ``queue/`` is
+fsynced; then it gets its readable mode (:data:`QUEUED`), and only then
+is it answered 250 and seen by deliver.  A crash before the rename leaves
+only a file in ``tmp/``, which :meth:`Spool.recover` removes; a name in
+``queue/`` has the whole file on stable storage behind it (fsync comes
+before the rename: fsync(2) is the one call whose promise holds across a
+power loss), and recovery makes one left unreadable deliverable once its
+``file_size`` says it is whole.  One that is not (storage that lied about
+a flush) is moved to ``corrupt/`` and logged, never delivered
+(:meth:`Spool.set_aside`).  A message is never partial and never twice
+(a rename moves it).
 smtpd's sessions hold a message of up to :data:`IN_MEMORY` octets in
 memory and create its file only at the commit.  Group commit: messages
-committed together (:meth:`Spool.commit_all`) share one journal commit
-and one fsync of ``queue/``; threads committing at once share the
-latter too (:meth:`Spool.sync_queue`).
+committed together (:meth:`Spool.commit_all`) share the journal commit
+of their fsyncs and one fsync of ``queue/``; threads committing at once
+share the latter too (:meth:`Spool.sync_queue`).
 
 The delivery state is JSON, replaced whole (temporary file, fsync, rename,
 fsync of ``state/``).  A finished message is removed file first, state
@@ -77,6 +87,8 @@ _FULL = (errno.ENOSPC, errno.EDQUOT)
 COMMITTING = 0o200
 QUEUED = 0o600
 _FIELDS = fields(Envelope)
+# How a maildrop file starts (queue/maildrop.py), to tell one in corrupt/.
+_MAILDROP_MAGIC = b"MMDF-MAILDROP "
 TRIGGER = "deliver.sock"
 POKE = b"."  # a message was queued
 FLUSH = b"F"  # try deferred recipients now
@@ -88,12 +100,38 @@ BOUNCED = "bounced"
 FINAL = frozenset({DELIVERED, BOUNCED})
 
 
+# The envelope line starts with the file's size, right-aligned in a slot
+# of fixed width (JSON allows the blanks before a number): the slot's place
+# never moves, so the size is written in at the commit, when it is known,
+# even into a file whose envelope went to the disk first.  A blank slot is
+# not JSON: a file never sealed cannot pass for a whole one.
+_SIZE_KEY = b'{"file_size":'
+SIZE_SLOT = len(_SIZE_KEY)  # the slot's offset in the file
+_SIZE_WIDTH = 20
+
+
 def envelope_to_json(envelope: Envelope) -> bytes:
+    """The envelope line, its size slot still blank (see :func:`seal`)."""
     # Field by field, not dataclasses.asdict: that deep-copies, once a message.
     data: dict[str, Any] = {field.name: getattr(envelope, field.name) for field in _FIELDS}
     data["recipients"] = list(envelope.recipients)
     data["received"] = envelope.received.isoformat()
-    return _ENVELOPE_ENCODER.encode(data).encode() + b"\n"
+    fields_json = _ENVELOPE_ENCODER.encode(data).encode()
+    return _SIZE_KEY + b" " * _SIZE_WIDTH + b"," + fields_json[1:] + b"\n"
+
+
+def size_field(size: int) -> bytes:
+    """What goes into the size slot of a file of ``size`` octets."""
+    return b"%*d" % (_SIZE_WIDTH, size)
+
+
+def seal(fd: int, size: int) -> None:
+    """Write the size of a queue file of ``size`` octets into its slot.  Raises OSError.
+
+    ``fd`` must not be in append mode: pwrite(2) on Linux appends there.
+    """
+    if os.pwrite(fd, size_field(size), SIZE_SLOT) != _SIZE_WIDTH:
+        raise OSError(errno.EIO, "short write of a queue file's size")
 
 
 # One encoder for all: json.dumps with options makes a new one each call.
@@ -102,12 +140,37 @@ _ENVELOPE_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 def envelope_from_json(line: bytes) -> Envelope:
     """The envelope line of a queue file; ValueError when it is not one."""
+    return _parse_envelope(line)[0]
+
+
+def read_envelope(file: BinaryIO) -> Envelope:
+    """The envelope of a queue file open at its start, once the file has
+    proved itself whole; ValueError, saying why, when it cannot.
+
+    A file whose envelope has no ``file_size`` was written before queue
+    files carried one, and is taken as whole.
+    """
+    line = file.readline()
+    envelope, declared = _parse_envelope(line)
+    if declared is not None:
+        size = os.fstat(file.fileno()).st_size
+        if size != declared:
+            raise ValueError(f"incomplete: {size} octets where its envelope says {declared}")
+    return envelope
+
+
+def _parse_envelope(line: bytes) -> tuple[Envelope, int | None]:
     try:
         data = json.loads(line)
+        declared = data.pop("file_size", None)
+        if declared is not None and not isinstance(declared, int):
+            raise TypeError(f"file_size is {declared!r}")
         data["recipients"] = tuple(data["recipients"])
         data["received"] = datetime.fromisoformat(data["received"])
-        return Envelope(**data)
-    except (ValueError, TypeError, KeyError) as exc:
+        return Envelope(**data), declared
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        if not line:
+            raise ValueError("not an envelope: the file is empty") from exc
         raise ValueError(f"not an envelope: {exc!r}") from exc
 
 
@@ -213,7 +276,6 @@ def _sync_file_range() -> Callable[[int, int], int] | None:
 
 _SYNC_FILE_RANGE = _sync_file_range()
 _WRITE = 2  # SYNC_FILE_RANGE_WRITE
-_WRITE_AND_WAIT = 7  # SYNC_FILE_RANGE_WAIT_BEFORE | _WRITE | _WAIT_AFTER
 
 
 def _start_writeback(fd: int) -> None:
@@ -221,25 +283,12 @@ def _start_writeback(fd: int) -> None:
 
     Done for every file of a group commit first, so that the disk takes
     them together and the block allocations (ext4 allocates at write-out)
-    all fall in one journal commit.  Only a hint: errors come back later.
+    all fall in the journal commit of the first fsync.  Only a hint, never
+    a promise: sync_file_range(2) "does not flush disk write caches" and
+    its writes may be lost in a power failure; the fsync makes the promise.
     """
     if _SYNC_FILE_RANGE is not None:
         _SYNC_FILE_RANGE(fd, _WRITE)
-
-
-def _wait_for_writeback(fd: int) -> None:
-    """Return once a file's octets have reached the disk (maybe its cache).  Raises OSError.
-
-    Before the rename into queue/: a journal commit that carries the
-    rename then also carries the file's size and blocks, and flushes the
-    disk's cache before it, so a crash never shows the name with less than
-    the whole file.  Without sync_file_range, fsync does it (and more).
-    """
-    if _SYNC_FILE_RANGE is None:
-        os.fsync(fd)
-    elif _SYNC_FILE_RANGE(fd, _WRITE_AND_WAIT) < 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
 
 
 def _fsync_directory(path: Path) -> None:
@@ -277,6 +326,10 @@ class SpoolWriter:
         self._held = held
         self._hold = in_memory if fd is None else _BUFFER  # octets held before they go to the file
         self._fd = fd
+        # Octets in the file so far: what the taker of a file handed over
+        # finds there, the envelope line included (its size slot is sealed
+        # at the commit, by offset).
+        self._written = 0 if fd is None else os.lseek(fd, 0, os.SEEK_END)
         self._open = True
         self._created = fd is not None
         if len(self._held) > self._hold:
@@ -316,6 +369,7 @@ class SpoolWriter:
                 done = 0
                 while done < len(whole):
                     done += os.write(self._fd, whole[done:])
+            self._written += done
         except OSError as exc:
             self.abort()
             raise _error("cannot write a queue file", exc) from exc
@@ -350,8 +404,8 @@ class SpoolWriter:
             raise error
 
     def _write_out(self, *, start_writeback: bool) -> None:
-        """Write the whole message to its file; with ``start_writeback``, start
-        it on its way to the disk.  Raises QueueError.
+        """Write the whole message to its file, sealed with its size; with
+        ``start_writeback``, start it on its way to the disk.  Raises QueueError.
 
         The writing-out of several messages committed together thus
         overlaps, and their fsyncs (:meth:`_sync`) share one journal commit
@@ -359,19 +413,22 @@ class SpoolWriter:
         """
         if not self._open:
             raise QueueError("message already closed")
-        self._write_held()
+        size = self._written + len(self._held)
+        if self._written == 0:
+            # The envelope line is still in memory: sealed there, for free.
+            self._held[SIZE_SLOT : SIZE_SLOT + _SIZE_WIDTH] = size_field(size)
+            self._write_held()
+        else:
+            self._write_held()
+            assert self._fd is not None
+            try:
+                seal(self._fd, size)
+            except OSError as exc:
+                self.abort()
+                raise _error("cannot write a queue file", exc) from exc
         if start_writeback:
             assert self._fd is not None
             _start_writeback(self._fd)
-
-    def _settle(self) -> None:
-        """Wait until the file's octets are on the disk.  Raises QueueError."""
-        assert self._fd is not None
-        try:
-            _wait_for_writeback(self._fd)
-        except OSError as exc:
-            self.abort()
-            raise _error("cannot commit a queue file", exc) from exc
 
     def _publish(self) -> None:
         """Durable in queue/: let deliver see it.  Raises QueueError."""
@@ -383,7 +440,12 @@ class SpoolWriter:
         self._created = False  # queued for good: abort() must not touch it
 
     def _sync(self) -> None:
-        """Wait until the file is on stable storage, and close it.  Raises QueueError."""
+        """Wait until the file is on stable storage, and close it.  Raises QueueError.
+
+        Before the rename into queue/: only fsync(2) promises anything
+        across a power loss, so a name in queue/ never stands for octets
+        that were still in a cache.
+        """
         fd, self._fd = self._fd, None
         self._open = False
         assert fd is not None
@@ -435,6 +497,7 @@ class Spool:
         self._in_tmp = os.path.join(self.tmp, "")
         self._in_queue = os.path.join(self.queue, "")
         self.state = directory / "state"
+        self.corrupt = directory / "corrupt"
         self.trigger = directory / TRIGGER
         self._counter = itertools.count()
         self._ready = False
@@ -480,23 +543,22 @@ class Spool:
     def commit_all(self, writers: Sequence[MessageWriter]) -> list[QueueError | None]:
         """Commit several messages together; for each, None or why it failed.
 
-        The order costs the disk one journal commit for the lot, where
-        fsync-then-rename cost two (the data's, then the rename's):
-
-        1. every file is written out, and the write-out of all started;
-        2. once each file's octets are on the disk, it is renamed into
-           queue/, still in the mode that keeps deliver off it;
-        3. each file is fsynced (the first fsync's journal commit carries
-           the others and the renames) and queue/ is fsynced once;
+        1. every file is written out and sealed with its size, and the
+           write-out of all started (so that they go to the disk together);
+        2. each file is fsynced: the first fsync's journal commit carries
+           the others' allocations, so the rest cost little;
+        3. each file is renamed into queue/, still in the mode that keeps
+           deliver off it, and queue/ is fsynced once for all;
         4. each file gets its queued mode, and deliver one poke.
 
-        A crash leaves a name in queue/ only with the whole file behind it
-        (step 2); one still in its committing mode is finished by
+        A name appears in queue/ only once its file is on stable storage
+        (step 2 before step 3), so a power loss never leaves a torn file
+        there; one still in its committing mode is finished by
         :meth:`recover`.  A message that fails is taken back out, and the
         others are not held up by it.
         """
         results: list[QueueError | None] = []
-        # One file alone has no write-out to overlap: the wait starts it.
+        # One file alone has no write-out to overlap: its fsync starts it.
         several = len(writers) > 1
         for writer in writers:
             assert isinstance(writer, SpoolWriter)
@@ -506,24 +568,27 @@ class Spool:
                 results.append(exc)
                 continue
             results.append(None)
-        moved: dict[int, SpoolWriter] = {}
+        synced: list[int] = []
         for i, writer in enumerate(writers):
             if results[i] is not None:
                 continue
             assert isinstance(writer, SpoolWriter)
             try:
-                writer._settle()
+                writer._sync()
+            except QueueError as exc:
+                results[i] = exc
+                continue
+            synced.append(i)
+        moved: dict[int, SpoolWriter] = {}
+        for i in synced:
+            writer = writers[i]
+            assert isinstance(writer, SpoolWriter)
+            try:
                 writer._move_to_queue()
             except QueueError as exc:
                 results[i] = exc
                 continue
             moved[i] = writer
-        for i, writer in list(moved.items()):
-            try:
-                writer._sync()
-            except QueueError as exc:
-                results[i] = exc
-                del moved[i]
         if not moved:
             return results
         try:
@@ -596,7 +661,8 @@ class Spool:
             held = bytearray(memoryview(token)[1 + _ID_LENGTH :])
             return SpoolWriter(self, queue_id, held, in_memory=self.in_memory)
         try:
-            fd = os.open(self._in_tmp + queue_id, os.O_WRONLY | os.O_APPEND)
+            # Not O_APPEND: the commit writes the size slot by offset.
+            fd = os.open(self._in_tmp + queue_id, os.O_WRONLY)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.unlink(self._in_tmp + queue_id)
@@ -633,8 +699,10 @@ class Spool:
         process lives the file may still be written.  Files of this process
         are stale too, as recovery runs before any message is received.
         What crashed writers left in tmp/ is removed.  A message in queue/
-        still in its committing mode is whole (it was renamed only once
-        written) and may have had its 250: it is made deliverable.
+        still in its committing mode was renamed only once on stable
+        storage, and may have had its 250: it is made deliverable once it
+        proves itself whole (:func:`read_envelope`); one that cannot is
+        set aside (:meth:`set_aside`), never delivered.
         """
         removed: list[str] = []
         try:
@@ -651,13 +719,85 @@ class Spool:
             removed.append(name)
         finished = 0
         for name in self._names(committing=True):
-            if not _alive(int(name[14:21], 16)):
-                with contextlib.suppress(FileNotFoundError):
-                    os.chmod(self.queue / name, QUEUED)
-                    finished += 1
+            if _alive(int(name[14:21], 16)):
+                continue
+            problem = self._problem(name)
+            if problem is not None:
+                self.set_aside(name, problem)
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(self.queue / name, QUEUED)
+                finished += 1
         if finished:
             log.info("made %d messages whose commit a crash cut short deliverable", finished)
         return removed
+
+    def _problem(self, queue_id: str) -> str | None:
+        """Why a file in queue/ cannot be read whole; None when it can (or is gone)."""
+        path = self.queue / queue_id
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            return f"cannot be opened: {exc.strerror}"
+        with open(fd, "rb") as file:
+            try:
+                read_envelope(file)
+            except ValueError as exc:
+                return str(exc)
+        return None
+
+    def set_aside(self, queue_id: str, reason: str) -> None:
+        """Move a queue file that cannot be read whole to ``corrupt/``, with a warning.
+
+        Never delivered from there, never in the way of the others; the
+        administrator looks at it (``checkque`` lists it) and resubmits or
+        removes it.  Its delivery state, if any, goes with the next start
+        of deliver (:meth:`forget_orphans`).  Raises OSError.
+        """
+        self.corrupt.mkdir(mode=0o700, exist_ok=True)
+        try:
+            os.rename(self.queue / queue_id, self.corrupt / queue_id)
+        except FileNotFoundError:
+            return
+        _fsync_directory(self.corrupt)
+        _fsync_directory(self.queue)
+        log.warning(
+            "id=%s: %s; moved to %s, not delivered", queue_id, reason, self.corrupt / queue_id
+        )
+
+    def set_aside_files(self) -> list[tuple[str, int, str]]:
+        """What ``corrupt/`` holds, by name: (name, size, what is wrong with it).
+
+        Beside the queue files :meth:`set_aside` moved there, it holds what
+        pickup refused from the maildrop (see :mod:`.maildrop`).
+        """
+        found: list[tuple[str, int, str]] = []
+        try:
+            names = sorted(os.listdir(self.corrupt))
+        except FileNotFoundError:
+            return found
+        for name in names:
+            try:
+                with _open_regular(self.corrupt / name) as file:
+                    size = os.fstat(file.fileno()).st_size
+                    start = file.read(len(_MAILDROP_MAGIC))
+                    file.seek(0)
+                    if start == _MAILDROP_MAGIC:
+                        reason = "a submission refused by pickup (see the log)"
+                    else:
+                        try:
+                            read_envelope(file)
+                            reason = "a whole queue file"
+                        except ValueError as exc:
+                            reason = str(exc)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                size, reason = 0, f"cannot be read: {exc.strerror}"
+            found.append((name, size, reason))
+        return found
 
     def ids(self) -> list[str]:
         """The queued messages' ids, in arrival order; not those being committed."""
@@ -689,9 +829,8 @@ class Spool:
         for queue_id in self.ids():
             try:
                 with open(self.queue / queue_id, "rb") as file:
-                    header = file.readline()
-                    size = os.fstat(file.fileno()).st_size - len(header)
-                envelope = envelope_from_json(header)
+                    envelope = read_envelope(file)
+                    size = os.fstat(file.fileno()).st_size - file.tell()
             except FileNotFoundError:
                 continue
             except ValueError as exc:
@@ -700,10 +839,13 @@ class Spool:
             yield QueuedMessage(queue_id, envelope, size)
 
     def envelope(self, queue_id: str) -> Envelope:
-        """The envelope of a queued message; KeyError when it is not queued."""
+        """The envelope of a queued message; KeyError when it is not queued.
+
+        Raises ValueError, saying why, for a file that cannot be read whole.
+        """
         try:
             with open(self.queue / queue_id, "rb") as file:
-                return envelope_from_json(file.readline())
+                return read_envelope(file)
         except (FileNotFoundError, PermissionError):  # gone, or still being committed
             raise KeyError(queue_id) from None
 
@@ -815,6 +957,31 @@ class Spool:
             raise KeyError(queue_id)
         file.readline()
         return file
+
+    def open_set_aside(self, name: str) -> BinaryIO:
+        """A file of ``corrupt/``, whole, envelope line and all, for reading.
+
+        Raises KeyError for a name not there or not an id.
+        """
+        if not _ID.fullmatch(name):
+            raise KeyError(name)
+        try:
+            return _open_regular(self.corrupt / name)
+        except OSError:
+            raise KeyError(name) from None
+
+
+def _open_regular(path: Path) -> BinaryIO:
+    """A regular file, for reading; OSError for anything else.
+
+    ``corrupt/`` also holds what users put in the maildrop (symbolic links,
+    sockets, FIFOs among them): none of it is followed or waited on.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file")
+    return open(fd, "rb")
 
 
 def _alive(pid: int) -> bool:
