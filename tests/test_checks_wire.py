@@ -121,6 +121,7 @@ def checks_config(
         "filtered.example=127.0.0.[2..11]",
         "slow.example",
     ),
+    scripted: bool = False,
 ) -> Path:
     listed = ", ".join(f'"{z}"' for z in zones)
     return write_config(
@@ -143,6 +144,7 @@ timeout = {DNSBL_TIMEOUT}
 hosts = ["127.0.0.5"]
 checks = false
 """,
+        scripted=scripted,
     )
 
 
@@ -271,9 +273,13 @@ def queue_id(reply: str) -> str:
     return match.group(1)
 
 
-def queued_copy(d: Daemon, reply: str) -> bytes:
-    """The stored message, read in-process (checkque --cat shows the same, as one test proves)."""
-    with Spool(d.config.parent / "spool").open_message(queue_id(reply)) as data:
+def queued_copy(d: Daemon | Path, reply: str) -> bytes:
+    """The stored message, read in-process (checkque --cat shows the same, as one test proves).
+
+    ``d``: the daemon, or the configuration, that queued it.
+    """
+    config = d if isinstance(d, Path) else d.config
+    with Spool(config.parent / "spool").open_message(queue_id(reply)) as data:
         return data.read()
 
 
@@ -385,19 +391,21 @@ def test_spf_fail_refused_at_mail_when_configured(strict: Daemon) -> None:
     assert nothing_queued_from(strict, "bob@fail.example")
 
 
-def test_smtpsrvr_over_pipes_checks_spf_and_ed25519(mx: Daemon) -> None:
+def test_smtpsrvr_over_pipes_checks_spf_and_ed25519(tmp_path: Path, dns: str) -> None:
+    # The session goes as one script: the pipelining rule is off for it.
+    config = checks_config(tmp_path, dns, scripted=True)
     msg = signed(message(from_="Alice <alice@dk.example>", subject="pipes"), "ed", "dk.example")
     client = (
         b"EHLO pass.example\r\nMAIL FROM:<alice@pass.example>\r\nRCPT TO:<bob@example.org>\r\n"
         b"DATA\r\n" + data_of(msg) + b"QUIT\r\n"
     )
-    result = smtpsrvr(mx.config, client, remote="[127.0.0.1]", channels=CHANNELS)
+    result = smtpsrvr(config, client, remote="[127.0.0.1]", channels=CHANNELS)
     assert result.returncode == 0, result.stderr
     finals = [
         line for line in result.stdout.decode().split("\r\n") if len(line) > 3 and line[3] == " "
     ]
     assert finals[-1].startswith("221 ")
-    copy = queued_copy(mx, finals[-2])
+    copy = queued_copy(config, finals[-2])
     parts = resinfos(copy)
     assert parts[:2] == [
         "spf=pass smtp.mailfrom=alice@pass.example",
