@@ -327,6 +327,8 @@ certificate = "cert.pem"
 key = "key.pem"
 
 [channels.name]
+
+[metrics]
 """
 
 
