@@ -164,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     config = load_config("deliver", args.config)
     setup_logging("deliver", debug=args.debug, target=config.log, log_format=config.log_format)
+    if config.metrics.enabled:
+        metrics.load_exposition()
     try:
         if os.geteuid() == 0 and config.user:
             give_maildir_base(config.local.maildir, config.user)

@@ -324,6 +324,8 @@ def serve(
     hostname: str | None = None,
 ) -> None:
     """Serve on ``listeners`` until SIGTERM: one worker per core, within maxconnects."""
+    if service.config.metrics.listen is not None:
+        metrics.load_exposition()
     become_user("smtpd", service)
     removed = service.queue.recover()
     if removed:
