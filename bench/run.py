@@ -360,6 +360,11 @@ def main(argv: list[str] | None = None) -> int:
         help="the milter's socket: unix (Debian's default for OpenDKIM) or inet on loopback",
     )
     parser.add_argument(
+        "--metrics",
+        action="store_true",
+        help="also run mmdf-smtp with [metrics] listen set (mmdf-smtp+metrics), to see its cost",
+    )
+    parser.add_argument(
         "--workdir",
         type=Path,
         default=Path("/var/tmp"),
@@ -408,6 +413,8 @@ def main(argv: list[str] | None = None) -> int:
                         name=f"postfix+{milter.name}",
                     )
                 )
+            if args.metrics:
+                servers.insert(1, Mmdf(top / unique_name("mmdf-metrics"), 100, metrics=True))
             names = [server.name for server in servers]
             for server in servers:
                 stack.enter_context(started(server))

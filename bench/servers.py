@@ -212,10 +212,15 @@ class Mmdf(_OneProcess):
 
     name = "mmdf-smtp"
 
-    def __init__(self, directory: Path, maxconnects: int, *, src: Path = SRC) -> None:
+    def __init__(
+        self, directory: Path, maxconnects: int, *, src: Path = SRC, metrics: bool = False
+    ) -> None:
         super().__init__(directory)
         self.maxconnects = maxconnects
         self.src = src
+        self.metrics = metrics  # [metrics] listen: counting on, to see what it costs
+        if metrics:
+            self.name = "mmdf-smtp+metrics"
 
     def start(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -243,6 +248,7 @@ relay = true
 [local]
 users = ["a"]
 """
+            + ('\n[metrics]\nlisten = "127.0.0.1:0"\n' if self.metrics else "")
         )
         env = dict(os.environ)
         env["PYTHONPATH"] = str(self.src) + os.pathsep + env.get("PYTHONPATH", "")

@@ -334,6 +334,8 @@ key = "key.pem"
 
 [[milters]]
 socket = "inet:127.0.0.1:8891"
+
+[metrics]
 """
 # Tables that their own classes read (AuthConfig.from_table, ...): the
 # keys they ask for are noted as they are asked.

@@ -84,6 +84,18 @@ class DeliverConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class MetricsConfig:
+    """Where Prometheus scrapes ``/metrics``; None: not served (nothing is counted)."""
+
+    listen: str | None = None  # smtpd's supervisor: every worker's counts, and deliver's
+    deliver_listen: str | None = None  # deliver's own, for a deliver without smtpd
+
+    @property
+    def enabled(self) -> bool:
+        return self.listen is not None or self.deliver_listen is not None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     source: str  # the file it came from, or EMBEDDED
     hostname: str
@@ -91,6 +103,7 @@ class Config:
     local_domains: tuple[str, ...] = ()
     user: str | None = None
     log: str = "stderr"  # "stderr", "syslog", or "syslog:/path/of/the/socket"
+    log_format: str = "text"  # or "json": one object a line
     smtpd: SmtpdConfig = field(default_factory=SmtpdConfig)
     limits: Limits = field(default_factory=Limits)
     tls: TlsConfig | None = None
@@ -101,6 +114,7 @@ class Config:
     auth: AuthConfig | None = None  # the built-in checks at SMTP time; None: none
     milters: tuple[MilterConfig, ...] = ()  # in the order they are asked
     dnsbl: DnsblConfig | None = None  # the blocklists asked at connect; None: none
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     @property
     def filters(self) -> bool:
@@ -243,9 +257,9 @@ class _Reader:
         return path if path.is_absolute() else self._base / path
 
     def config(self, data: dict[str, Any]) -> Config:
-        top = {"hostname", "spool", "local_domains", "user", "log"}
+        top = {"hostname", "spool", "local_domains", "user", "log", "log_format"}
         tables = {"smtpd", "limits", "tls", "dns", "channels", "local", "deliver"}
-        tables |= {"auth", "milters", "dnsbl"}
+        tables |= {"auth", "milters", "dnsbl", "metrics"}
         for unknown in sorted(set(data) - top - tables):
             raise self.error(unknown, "unknown key")
         hostname = self._str(data, "hostname", None) or socket.getfqdn()
@@ -254,6 +268,9 @@ class _Reader:
         log = self._str(data, "log", "stderr") or "stderr"
         if log not in ("stderr", "syslog") and not log.startswith("syslog:/"):
             raise self.error("log", 'must be "stderr", "syslog" or "syslog:/path/to/socket"')
+        log_format = self._str(data, "log_format", "text")
+        if log_format not in ("text", "json"):
+            raise self.error("log_format", 'must be "text" or "json"')
         domains = tuple(d.lower().rstrip(".") for d in self._strings(data, "local_domains"))
         return Config(
             source=self._source,
@@ -262,6 +279,7 @@ class _Reader:
             local_domains=domains,
             user=user,
             log=log,
+            log_format=log_format or "text",
             smtpd=self._smtpd(data),
             limits=self._door(data, self._limits(data)),
             tls=self._tls(data),
@@ -272,7 +290,21 @@ class _Reader:
             auth=self._auth(data, hostname),
             milters=self._milters(data),
             dnsbl=self._dnsbl(data),
+            metrics=self._metrics(data),
         )
+
+    def _metrics(self, data: Mapping[str, Any]) -> MetricsConfig:
+        t = self._table(data, "metrics", {"listen", "deliver_listen"})
+        addresses = {}
+        for key in ("listen", "deliver_listen"):
+            address = self._str(t, f"metrics.{key}", None)
+            if address is not None:
+                try:
+                    split_listen(address)
+                except ValueError as exc:
+                    raise self.error(f"metrics.{key}", str(exc)) from exc
+            addresses[key] = address
+        return MetricsConfig(**addresses)
 
     def _auth(self, data: Mapping[str, Any], hostname: str) -> AuthConfig | None:
         if "auth" not in data:

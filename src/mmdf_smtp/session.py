@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
+from . import metrics
 from .config import ChannelConfig
 from .filters import Filters, StagedMessage, Verdict
 from .filters import staged as staging
@@ -189,6 +190,7 @@ class Session:
                 self._commit_in_place(event)
             case MessageAborted():
                 self._log_refusal(event.reply, event.reason)
+                metrics.message_refused(event.reason or "protocol", 0)
                 self._drop_message()
             case OutOfTurn():
                 self._log_out_of_turn(event)
@@ -227,6 +229,7 @@ class Session:
             case MessageAborted() | Reset() | StartTLS():
                 if isinstance(event, MessageAborted):
                     self._log_refusal(event.reply, event.reason)
+                    metrics.message_refused(event.reason or "protocol", 0)
                 had_transaction = self._queue_id is not None
                 self._drop_message()
                 if had_transaction:
@@ -333,6 +336,8 @@ class Session:
             staged.finish()
             verdict = await filters.message(staged)
             refusal = self._refused("end of data", verdict)
+            if refusal is not None:
+                metrics.message_refused(verdict.reason or "filter", event.size)
             # A message whose recipients the milters all took away goes nowhere.
             nobody = not staged.envelope.recipients
             if refusal is not None or verdict.discard or self._discard or nobody:
@@ -446,13 +451,16 @@ class Session:
     def _commit_reply(
         self, event: MessageComplete, writer: MessageWriter | None, error: QueueError | None
     ) -> Reply:
+        if writer is None or error is not None:
+            metrics.message_refused("queue", event.size)
         if writer is None:
             return replies.QUEUE_FAILED
         if error is not None:
             writer.abort()
-            log.error("queue: message not queued: %s", error)
+            log.error("queue: message not queued: id=%s %s", writer.id, error)
             return replies.QUEUE_FULL if error.full else replies.QUEUE_FAILED
         self._queued += 1
+        metrics.message_accepted(self.channel.name if self.channel else "", event.size)
         log.info(
             "%s queued id=%s client=%s[%s] helo=%s from=<%s> to=%s size=%d channel=%s",
             self.id,
@@ -468,16 +476,19 @@ class Session:
         return replies.QUEUED.with_text(f"Submitted & queued (msg.{writer.id})")
 
     def _log_session(self, event: ConnectionClosed) -> None:
+        end = "quit" if event.clean else "lost"
+        channel = self.channel.name if self.channel else "-"
+        metrics.session_ended(channel, end, self.tls is not None, self.connection.replies_sent)
         log.info(
             "session %s client=%s[%s] helo=%s channel=%s tls=%s messages=%d end=%s duration=%.3fs",
             self.id,
             self._log_host(),
             self.client.address,
             self.connection.helo or "",
-            self.channel.name if self.channel else "-",
+            channel,
             "yes" if self.tls else "no",
             self._queued,
-            "quit" if event.clean else "lost",
+            end,
             time.monotonic() - self._started,
         )
 
@@ -487,6 +498,10 @@ class Session:
 
     def _log_refusal(self, reply: Reply, reason: str, details: str = "") -> None:
         """One line a refusal, in a form fail2ban and the like can match."""
+        metrics.count("mmdf_refusals", (reason,))
+        queue_id = self._queue_id or (self._writer.id if self._writer is not None else None)
+        if queue_id:  # the message's id, on every line about it
+            details = f"id={queue_id} {details}".rstrip()
         log.info(
             "%s refused client=%s[%s] helo=%s reply=%s reason=%s%s",
             self.id,

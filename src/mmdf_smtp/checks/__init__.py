@@ -71,6 +71,7 @@ import multiprocessing
 import os
 import random
 import signal
+import time
 from collections.abc import Mapping
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -78,6 +79,7 @@ from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
+from .. import metrics
 from .dkim import (
     DEFAULT_MAX_SIZE,
     DkimReport,
@@ -294,7 +296,10 @@ class Checks:
         """The DNS blocklists' verdict on the client (an empty one without ``[dnsbl]``)."""
         if self.dnsbl is None:
             return DnsblVerdict()
-        return await self.dnsbl.check(address)
+        started = time.monotonic()
+        verdict = await self.dnsbl.check(address)
+        metrics.since("mmdf_check_seconds", ("dnsbl",), started)
+        return verdict
 
     async def at_mail(self, ip: str, helo: str, sender: str) -> SpfVerdicts:
         """SPF of MAIL FROM (``sender``, "" for <>) and of the HELO name."""
@@ -303,6 +308,7 @@ class Checks:
             return SpfVerdicts()
         ip_text = str(ipaddress.ip_address(ip.strip("[]").removeprefix("IPv6:")))
         loop = asyncio.get_running_loop()
+        started = time.monotonic()
         run = partial(
             check_spf,
             self.resolver.blocking(loop),
@@ -329,6 +335,7 @@ class Checks:
                 refusal = Refusal(
                     451, "4.4.3", f"Temporary DNS error checking SPF for {mailfrom.domain}"
                 )
+        metrics.since("mmdf_check_seconds", ("spf",), started)
         return SpfVerdicts(mailfrom=mailfrom, helo=helo_verdict, refusal=refusal)
 
     async def at_end_of_message(self, message: MessageSource, spf: SpfVerdicts) -> EndOfMessage:
@@ -337,12 +344,14 @@ class Checks:
         if auth is None:
             return EndOfMessage(field=b"")
         loop = asyncio.get_running_loop()
+        started = time.monotonic()
         report = await self._verify(loop, message, auth)
         dmarc = None
         if auth.dmarc:
             dmarc = await evaluate_dmarc(
                 self.resolver, report.headers, spf.mailfrom, report.signatures, self._rng
             )
+        metrics.since("mmdf_check_seconds", ("dkim_dmarc",), started)
         field = authentication_results(
             auth.authserv_id,
             spf=spf if auth.spf else None,

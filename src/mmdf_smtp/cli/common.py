@@ -11,6 +11,7 @@ from logging.handlers import SysLogHandler
 from typing import NoReturn
 
 from ..config import Config, ConfigError, load
+from ..logjson import JsonFormatter
 from ..policy import UnknownChannel
 from ..privileges import drop_privileges
 from ..service import Service
@@ -86,11 +87,15 @@ def stderr_is_the_client() -> bool:
     return stat.S_ISSOCK(err.st_mode) and (err.st_dev, err.st_ino) == (conn.st_dev, conn.st_ino)
 
 
-def setup_logging(program: str, *, debug: bool, target: str = "stderr") -> None:
+def setup_logging(
+    program: str, *, debug: bool, target: str = "stderr", log_format: str = "text"
+) -> None:
     """Log as the configuration says; ``-d`` (debug) always traces to stderr.
 
     On stderr lines read ``program(pid): text``, as the seed's debug output
     did; to syslog they go as ``program[pid]: text`` with facility mail.
+    With ``log_format`` "json" each line is a JSON object instead (to
+    syslog after the ``program[pid]: `` tag), see :mod:`mmdf_smtp.logjson`.
     """
     # The formats use no caller, thread or process name; finding the caller
     # walks the stack once a line (the logging HOWTO, "Optimization").
@@ -110,9 +115,20 @@ def setup_logging(program: str, *, debug: bool, target: str = "stderr") -> None:
             raise SystemExit(EX_CONFIG) from None
         # %(process)d, not getpid() now: worker processes log under their own pid.
         handler.setFormatter(logging.Formatter(f"{program}[%(process)d]: %(message)s"))
+        if log_format == "json":
+            handler.setFormatter(_SyslogJson(program))
     elif stderr_is_the_client():
         handler = logging.NullHandler()
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(f"{program}(%(process)d): %(message)s"))
+        if log_format == "json":
+            handler.setFormatter(JsonFormatter(program))
     root.addHandler(handler)
+
+
+class _SyslogJson(JsonFormatter):
+    """syslog's tag first (``program[pid]: ``), then the object."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{self._program}[{record.process}]: {super().format(record)}"

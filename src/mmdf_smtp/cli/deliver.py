@@ -26,6 +26,7 @@ import sys
 from datetime import UTC, datetime
 from typing import IO
 
+from .. import metrics
 from ..config import Config, ConfigError, load
 from ..delivery import maildir
 from ..delivery.runner import Runner
@@ -162,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flush", action="store_true", help="try deferred recipients now")
     args = parser.parse_args(argv)
     config = load_config("deliver", args.config)
-    setup_logging("deliver", debug=args.debug, target=config.log)
+    setup_logging("deliver", debug=args.debug, target=config.log, log_format=config.log_format)
+    if config.metrics.enabled:
+        metrics.load_exposition()
     try:
         if os.geteuid() == 0 and config.user:
             give_maildir_base(config.local.maildir, config.user)
@@ -188,7 +191,14 @@ def main(argv: list[str] | None = None) -> int:
             return EX_TEMPFAIL
         print("deliver: asked the running deliver for a pass", file=sys.stderr)
         return EX_OK
+    server = None
     try:
+        if config.metrics.enabled:
+            # The lock is held: this is the one deliver counting in the spool's file.
+            segment = metrics.deliver_segment(config.spool)
+            metrics.record_in(segment)
+            if config.metrics.deliver_listen is not None:
+                server = metrics.serve_deliver(config.metrics.deliver_listen, segment, config.spool)
         # A crashed smtpd's messages whose commit was cut short: deliverable now.
         spool.recover()
         removed = spool.forget_orphans()
@@ -205,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"deliver: {exc}", file=sys.stderr)
         return EX_OSERR
     finally:
+        if server is not None:
+            server.close()
         held.close()
     return EX_OK
 

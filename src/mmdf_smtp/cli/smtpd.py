@@ -33,6 +33,7 @@ import socket
 import sys
 from typing import Any
 
+from .. import metrics
 from ..admission import Admission
 from ..checks import start_verifiers, stop_verifiers
 from ..config import ConfigError
@@ -232,7 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         parser.error(str(exc))
     service = load_service("smtpd", args.config, channels, finicky=args.finicky)
-    setup_logging("smtpd", debug=args.debug, target=service.config.log)
+    setup_logging(
+        "smtpd", debug=args.debug, target=service.config.log, log_format=service.config.log_format
+    )
     if args.maxconnects is not None:
         service = with_maxconnects(service, args.maxconnects)
 
@@ -300,7 +303,9 @@ def main_41(program: str, channel_list: str, port: str, maxconnects: str, networ
     # The original exec'd the program by the path it was given, as argv[0] too.
     external = external_server(program, finicky=False, argv0=program)
     service = load_service("smtpd", None, channels, finicky=False, hostname=network)
-    setup_logging("smtpd", debug=False, target=service.config.log)
+    setup_logging(
+        "smtpd", debug=False, target=service.config.log, log_format=service.config.log_format
+    )
     service = with_maxconnects(service, sessions)
     try:
         listeners = listen_on_network(network, addresses)
@@ -325,6 +330,8 @@ def serve(
     hostname: str | None = None,
 ) -> None:
     """Serve on ``listeners`` until SIGTERM: one worker per core, within maxconnects."""
+    if service.config.metrics.listen is not None:
+        metrics.load_exposition()
     become_user("smtpd", service)
     removed = service.queue.recover()
     if removed:
@@ -355,7 +362,14 @@ def serve(
         except Exception:
             log.exception("reload failed, keeping the running configuration")
 
+    # [metrics] listen: each worker counts in its segment of shared memory,
+    # and the supervisor (never a worker) serves their sums.
+    listen = service.config.metrics.listen
+    shared = metrics.SharedSegments(workers) if listen is not None else None
+
     def work(index: int) -> None:
+        if shared is not None:
+            metrics.record_in(shared.segment(index))
         slots = share(maxconnects, workers, index)
         if verifies_dkim(current):
             # Here the worker has one thread and no privileges: see checks.
@@ -375,10 +389,22 @@ def serve(
         finally:
             stop_verifiers()
 
-    if workers == 1:
-        work(0)
-    else:
+    if shared is None:
+        if workers == 1:
+            work(0)
+        else:
+            Supervisor(workers, work, reload).run()
+        return
+    assert listen is not None
+    try:
+        server = metrics.serve_smtpd(listen, shared, service.config.spool)
+    except OSError as exc:
+        print(f"smtpd: cannot serve metrics on {listen}: {exc.strerror}", file=sys.stderr)
+        raise SystemExit(EX_OSERR) from None
+    try:
         Supervisor(workers, work, reload).run()
+    finally:
+        server.close()
 
 
 if __name__ == "__main__":

@@ -81,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         finicky=program.startswith("r"),
         hostname=None if args.localhost in ("", "-") else args.localhost,
     )
-    setup_logging(program, debug=args.debug, target=service.config.log)
+    setup_logging(
+        program, debug=args.debug, target=service.config.log, log_format=service.config.log_format
+    )
     peer = find_peer(args.remotehost)
     become_user(program, service)
     # One session a process: a DKIM verification stalls no other.

@@ -27,6 +27,7 @@ from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 
+from .. import metrics
 from ..config import Config
 from ..policy import Policy
 from ..policy.aliases import Aliases, Destination, read_aliases
@@ -304,6 +305,12 @@ class Runner:
                 longest=self.config.deliver.retry_max,
             )
             entry.next_try = min(now + wait, expires)
+        kind = _kind(envelope, tried.relay)
+        metrics.count("mmdf_deliveries", (entry.status, kind))
+        if entry.status == DELIVERED:
+            metrics.observe(
+                "mmdf_delivery_seconds", (kind,), (now - envelope.received).total_seconds()
+            )
         log.info(
             "id=%s to=<%s>%s relay=%s attempts=%d status=%s (%s)%s",
             queue_id,
@@ -354,7 +361,15 @@ class Runner:
             writer.abort()
             raise
         self._notices.append(writer.id)
+        metrics.count("mmdf_notices")
         log.info("id=%s: notice of %d failures queued as %s", queue_id, len(failures), writer.id)
+
+
+def _kind(envelope: Envelope, relay: str) -> str:
+    """For the metrics: a notification of ours, a local delivery, or one to the next hop."""
+    if envelope.channel == DSN_CHANNEL and envelope.sender == NULL_SENDER:
+        return "bounce"
+    return "local" if relay in ("maildir", "local") else "nexthop"
 
 
 def _is_local(state: DeliveryState, i: int) -> bool:

@@ -43,8 +43,10 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import time
 from collections.abc import Mapping
 
+from .. import metrics
 from . import codec
 from .config import DefaultAction, MilterConfig
 from .protocol import (
@@ -268,6 +270,7 @@ class Milter:
         self, command: codec.Command, macros: Mapping[str, str], timeout: float
     ) -> Verdict:
         what = type(command).__name__
+        started = time.monotonic()
         try:
             step: Step = self._protocol.begin(command, macros)
             if step.data:
@@ -282,6 +285,7 @@ class Milter:
             return self._fail(f"{what}: {error}")
         if not self._protocol.usable:
             self._close()
+        metrics.since("mmdf_milter_seconds", (self.name, what), started)
         return verdict
 
     async def _write(self, data: bytes, timeout: float) -> None:

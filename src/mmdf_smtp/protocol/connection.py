@@ -135,6 +135,7 @@ class ServerConnection:
         self.mail: MailFrom | None = None
         self.recipients = 0
         self.errors = 0
+        self.replies_sent = [0] * 6  # by class: [2] for 2xx, ... (metrics, at the session's end)
         self._delay = 0.0  # seconds owed before data_to_send() goes out
         self._buffer = bytearray()
         self._eof = False
@@ -328,6 +329,7 @@ class ServerConnection:
 
     def _write(self, reply: Reply) -> None:
         self._out.append(reply.to_bytes())
+        self.replies_sent[reply.code // 100] += 1
 
     def _reply(self, reply: Reply) -> None:
         """A reply to a command; hard errors count toward ``limits.errors``."""

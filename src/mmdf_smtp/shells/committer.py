@@ -43,9 +43,11 @@ import socket
 import struct
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable, Iterator
 
+from .. import metrics
 from ..queue import MessageWriter, Queue, QueueError
 
 log = logging.getLogger("mmdf_smtp.smtpd")
@@ -467,8 +469,10 @@ class Committer:
     def submit(self, queue: Queue, writer: MessageWriter, size: int, done: CommitDone) -> None:
         """Commit ``writer``'s message of ``size`` octets; ``done`` gets its outcome."""
         process = self._process_for(queue)
+        started = time.monotonic()
 
         def finished(result: Exception | None) -> None:
+            metrics.since("mmdf_commit_seconds", (), started)
             if process.idle and process.queue is not self._current:
                 self._retire(process)
             done(result)
