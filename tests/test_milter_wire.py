@@ -1,0 +1,768 @@
+"""Milters through the real servers: smtpd (the asyncio shell) and smtpsrvr on pipes.
+
+A scripted milter (milterpeer.py) runs on its own event loop in a thread;
+the servers run as the subprocesses they are in production, with
+``[[milters]]`` pointing at it.  What each test checks: what the SMTP client
+is answered, what the milter was sent (commands and macros, in order), and
+what the queue holds afterwards, octet for octet.
+
+Most servers are started once for the module (one per configuration) and
+serve many sessions; each test sets the milter's script before its session.
+The queue is shared by the tests of one server, so what a session queued is
+told by the ids in its 250 replies and by the spool's contents before and
+after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import select
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+import pytest
+import trustme
+
+from milterpeer import CLOSE, HANG, Item, MilterPeer, Replies
+from mmdf_smtp.milter import codec
+from mmdf_smtp.milter.codec import ProtocolFlag
+from mmdf_smtp.queue.spool import Spool
+from wire import (
+    PYTHON,
+    Daemon,
+    certificate,
+    checkque,
+    daemon,
+    env,
+    process_tree,
+    write_config,
+)
+
+T = TypeVar("T")
+
+HEADER = (
+    b"From: Sender <s@example.net>\r\n"
+    b"To: alice@example.org\r\n"
+    b"Subject: hi\r\n"
+    b"X-Twice: one\r\n"
+    b"X-Twice: two\r\n"
+    b"\tfolded\r\n"
+)
+BODY = b"body line 1\r\nbody line 2\r\n"
+MESSAGE = HEADER + b"\r\n" + BODY
+# Several body chunks' worth: a milter hears it in more than one piece.
+LONG_BODY = b"".join(b"%06d " % n + b"x" * 70 + b"\r\n" for n in range(3000))
+LONG_MESSAGE = HEADER + b"\r\n" + LONG_BODY
+
+TIMEOUT = 0.5  # the failure tests' milter timeouts, in seconds
+BOUND = TIMEOUT * 4 + 5  # what a session with a failing milter may take at most
+
+RECEIVED = re.compile(rb"Received: from [^\r]*\r\n(?:\t[^\r]*\r\n)*")
+QUEUED = re.compile(r"Submitted & queued \(msg\.(\S+)\)")
+
+
+# -- the milter, on a loop of its own ---------------------------------------------
+
+
+class LoopThread:
+    """An asyncio loop in a thread, for the milters the servers talk to."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def run(self, coroutine: Coroutine[Any, Any, T], timeout: float = 30) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=30)
+        self.loop.close()
+
+
+class Peer(MilterPeer):
+    """The scripted milter, and what the test thread needs of it: to wait
+    until its conversations are over, and to cut one."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._loop = loop
+        self._changed = threading.Condition()
+        self._writers: list[asyncio.StreamWriter] = []
+        self.finished = 0
+
+    def reset(
+        self, replies: dict[bytes, Replies] | None = None, protocol: ProtocolFlag = ProtocolFlag(0)
+    ) -> None:
+        """A new script, for the next test; earlier conversations are forgotten."""
+        self.replies = replies or {}
+        self.negotiation = codec.Negotiate(
+            version=6, actions=self.negotiation.actions, protocol=protocol
+        )
+        with self._changed:
+            self.sessions.clear()
+            self._writers.clear()
+            self.finished = 0
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.append(writer)
+        try:
+            await super()._serve(reader, writer)
+        finally:
+            with self._changed:
+                self.finished += 1
+                self._changed.notify_all()
+
+    def wait_finished(self, count: int = 1, timeout: float = 20) -> None:
+        """Until ``count`` conversations have ended (the MTA's QUIT, or a close)."""
+        with self._changed:
+            assert self._changed.wait_for(lambda: self.finished >= count, timeout), (
+                f"{self.finished} of {count} milter conversations ended"
+            )
+
+    def cut(self, conversation: int) -> None:
+        """Close a conversation from the milter's side: it died."""
+        self._loop.call_soon_threadsafe(self._writers[conversation].close)
+
+    def commands(self) -> list[codec.Command]:
+        return [c for c in super().commands() if not isinstance(c, codec.Negotiate)]
+
+    def kinds(self) -> list[str]:
+        return [type(c).__name__ for c in self.commands()]
+
+
+@pytest.fixture(scope="module")
+def loop_thread() -> Iterator[LoopThread]:
+    thread = LoopThread()
+    yield thread
+    thread.stop()
+
+
+class Peers:
+    """Scripted milters on the module's loop, closed at its end."""
+
+    def __init__(self, thread: LoopThread) -> None:
+        self.thread = thread
+        self.started: list[Peer] = []
+
+    def start(self, **kwargs: Any) -> Peer:
+        async def started() -> Peer:
+            peer = Peer(asyncio.get_running_loop(), **kwargs)
+            await peer.__aenter__()
+            return peer
+
+        peer = self.thread.run(started())
+        self.started.append(peer)
+        return peer
+
+    def close(self) -> None:
+        for peer in self.started:
+            self.thread.run(peer.__aexit__(None, None, None))
+
+
+@pytest.fixture(scope="module")
+def peers(loop_thread: LoopThread) -> Iterator[Peers]:
+    started = Peers(loop_thread)
+    yield started
+    started.close()
+
+
+@pytest.fixture(scope="module")
+def shared_peer(peers: Peers) -> Peer:
+    """The milter of the module's usual configuration."""
+    return peers.start()
+
+
+@pytest.fixture
+def peer(shared_peer: Peer) -> Peer:
+    shared_peer.reset()
+    return shared_peer
+
+
+# -- the SMTP side ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reply:
+    lines: tuple[str, ...]
+
+    @property
+    def code(self) -> int:
+        return int(self.lines[-1][:3])
+
+    @property
+    def text(self) -> str:
+        return self.lines[-1][4:]
+
+    def queue_id(self) -> str:
+        match = QUEUED.search(self.text)
+        assert self.code == 250 and match, self.lines
+        return match.group(1)
+
+
+class Client:
+    """One SMTP client session, turn by turn, over a socket or smtpsrvr's pipes."""
+
+    def __init__(
+        self,
+        incoming: IO[bytes],
+        send: Callable[[bytes], None],
+        finish: Callable[[], str],
+        port: int,
+    ) -> None:
+        self._incoming = incoming
+        self._send = send
+        self._finish = finish
+        self.port = port  # the client's port as the server sees it; 0 on pipes
+        self.started = time.monotonic()
+
+    def reply(self) -> Reply:
+        lines = []
+        while True:
+            line = self._incoming.readline()
+            assert line.endswith(b"\r\n"), f"connection ended after {lines}: {line!r}"
+            lines.append(line[:-2].decode())
+            if line[3:4] != b"-":
+                return Reply(tuple(lines))
+
+    def send(self, line: str) -> None:
+        self._send(line.encode() + b"\r\n")
+
+    def command(self, line: str) -> Reply:
+        self.send(line)
+        return self.reply()
+
+    def message(self, data: bytes) -> Reply:
+        """After DATA's 354: the message, dot-stuffed, and its end."""
+        stuffed = re.sub(rb"(^|\r\n)\.", rb"\1..", data)
+        self._send(stuffed + b".\r\n")
+        return self.reply()
+
+    def transaction(
+        self, recipients: Sequence[str] = ("alice@example.org",), data: bytes = MESSAGE
+    ) -> list[Reply]:
+        """MAIL, RCPT each, DATA and the message: every reply, as long as they go on."""
+        answers = [self.command("MAIL FROM:<s@example.net>")]
+        if answers[-1].code != 250:
+            return answers
+        answers += [self.command(f"RCPT TO:<{r}>") for r in recipients]
+        answers.append(self.command("DATA"))
+        if answers[-1].code == 354:
+            answers.append(self.message(data))
+        return answers
+
+    def readable(self) -> bool:
+        """Whether a reply has come, without waiting."""
+        # Replies are read whole: nothing waits in the buffer, only on the socket.
+        return bool(select.select([self._incoming.fileno()], [], [], 0)[0])
+
+    def quit(self) -> str:
+        """QUIT (221), the end of the session; its log when the server is smtpsrvr."""
+        assert self.command("QUIT").code == 221
+        return self.close()
+
+    def close(self) -> str:
+        self.elapsed = time.monotonic() - self.started
+        return self._finish()
+
+
+class Server:
+    """smtpd (started once, on first use) or smtpsrvr (started per session) on a configuration."""
+
+    def __init__(self, kind: str, config: Path, channels: str) -> None:
+        self.kind = kind
+        self.config = config
+        self.channels = channels
+        self.spool = Spool(config.parent / "spool")
+        self._daemon: Daemon | None = None
+        self._stop: Callable[[], None] | None = None
+        self._processes: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def daemon(self) -> Daemon:
+        if self._daemon is None:
+            context = daemon(self.config, channels=self.channels)
+            self._daemon = context.__enter__()
+            self._stop = lambda: context.__exit__(None, None, None)
+        return self._daemon
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self._stop()
+
+    def open(self, source: str = "127.0.0.1") -> Client:
+        if self.kind == "smtpd":
+            return self._connect(source)
+        return self._spawn(source)
+
+    def _connect(self, source: str) -> Client:
+        sock = self.daemon.connect(source)
+        incoming = sock.makefile("rb")
+
+        def finish() -> str:
+            incoming.close()
+            sock.close()
+            return ""
+
+        return Client(incoming, sock.sendall, finish, sock.getsockname()[1])
+
+    def _spawn(self, source: str) -> Client:
+        log = self.config.parent / f"smtpsrvr.{len(self._processes)}.log"
+        with log.open("wb") as stderr:
+            process = subprocess.Popen(
+                [
+                    PYTHON,
+                    "-m",
+                    "mmdf_smtp.cli.smtpsrvr",
+                    "-c",
+                    str(self.config),
+                    f"[{source}]",
+                    "mx.test",
+                    self.channels,
+                ],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                env=env(),
+            )
+        self._processes.append(process)
+        assert process.stdin is not None and process.stdout is not None
+        stdin = process.stdin
+
+        def send(data: bytes) -> None:
+            stdin.write(data)
+            stdin.flush()
+
+        def finish() -> str:
+            stdin.close()
+            assert process.wait(timeout=60) == 0
+            assert process.stdout is not None
+            process.stdout.close()
+            return log.read_text()
+
+        return Client(process.stdout, send, finish, 0)
+
+    def pids(self) -> list[int]:
+        """The processes that may serve a session now."""
+        if self.kind == "smtpd":
+            return process_tree(self.daemon.process.pid)
+        return [p.pid for p in self._processes if p.poll() is None]
+
+    def logged(self, text: str, log: str) -> str:
+        """The log line holding ``text``: smtpd's, or the session's ``log`` (smtpsrvr)."""
+        if self.kind == "smtpd":
+            return self.daemon.log_lines(text)[0]
+        found = [line for line in log.splitlines() if text in line]
+        assert found, log
+        return found[0]
+
+    # -- the queue
+
+    def ids(self) -> set[str]:
+        return set(self.spool.ids())
+
+    def stored(self, queue_id: str) -> bytes:
+        with self.spool.open_message(queue_id) as message:
+            return message.read()
+
+    def in_tmp(self) -> list[str]:
+        return os.listdir(self.spool.tmp) if self.spool.tmp.exists() else []
+
+
+class Servers:
+    """The module's servers, one per configuration and kind, made on first use."""
+
+    def __init__(self, factory: pytest.TempPathFactory) -> None:
+        self._factory = factory
+        self._made: dict[tuple[str, str, str, bool], Server] = {}
+        self.ca = trustme.CA()
+
+    def get(
+        self,
+        kind: str,
+        extra: str,
+        *,
+        channels: str = "local,smtp",
+        tls: bool = False,
+        edit: Callable[[str], str] = lambda text: text,
+    ) -> Server:
+        key = (kind, extra, channels, tls)
+        if key not in self._made:
+            directory = self._factory.mktemp("milterwire")
+            config = write_config(
+                directory, extra, tls=certificate(self.ca, directory) if tls else None
+            )
+            config.write_text(edit(config.read_text()))
+            self._made[key] = Server(kind, config, channels)
+        return self._made[key]
+
+    def stop(self) -> None:
+        for server in self._made.values():
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
+    made = Servers(tmp_path_factory)
+    yield made
+    made.stop()
+
+
+def milters(*sockets: str, **settings: object) -> str:
+    tables = []
+    for socket_name in sockets:
+        lines = [f'socket = "{socket_name}"']
+        lines += [f"{key} = {json.dumps(value)}" for key, value in settings.items()]
+        tables.append("[[milters]]\n" + "\n".join(lines) + "\n")
+    return "\n".join(tables)
+
+
+def failing(socket_name: str, action: str) -> str:
+    return milters(
+        socket_name,
+        default_action=action,
+        connect_timeout=TIMEOUT,
+        command_timeout=TIMEOUT,
+        content_timeout=TIMEOUT,
+    )
+
+
+SHELLS = ["smtpd", "smtpsrvr"]
+
+
+@pytest.fixture(params=SHELLS)
+def server(request: pytest.FixtureRequest, servers: Servers, shared_peer: Peer) -> Server:
+    """The module's usual configuration (one milter, default settings), each shell."""
+    return servers.get(request.param, milters(shared_peer.socket))
+
+
+@pytest.fixture
+def smtpd(servers: Servers, shared_peer: Peer) -> Server:
+    return servers.get("smtpd", milters(shared_peer.socket))
+
+
+def received_field(stored: bytes) -> bytes:
+    match = RECEIVED.search(stored)
+    assert match, stored[:200]
+    return match.group(0)
+
+
+def fields(header: bytes) -> list[tuple[str, str]]:
+    """A header's fields as a milter is sent them: value without the space, folds as LF."""
+    result = []
+    for text in re.findall(rb"[^\r\n]+:[^\r]*\r\n(?:[ \t][^\r]*\r\n)*", header):
+        name, _, value = text.decode().removesuffix("\r\n").partition(":")
+        result.append((name, value.removeprefix(" ").replace("\r\n", "\n")))
+    return result
+
+
+def session(server: Server, *, recipients: Sequence[str] = ("alice@example.org",),
+            data: bytes = MESSAGE) -> tuple[list[Reply], str]:
+    """A whole session with one transaction: its replies (greeting first) and log."""
+    client = server.open()
+    answers = [client.reply()]
+    if answers[0].code != 220:
+        return answers, client.close()
+    answers.append(client.command("EHLO client.example"))
+    answers += client.transaction(recipients, data)
+    return answers, client.quit()
+
+
+# -- a milter that lets everything through ---------------------------------------------
+
+
+def test_a_milter_that_continues_sees_the_whole_session_in_order(
+    server: Server, peer: Peer
+) -> None:
+    before = server.ids()
+    client = server.open()
+    assert client.reply().code == 220
+    assert client.command("EHLO client.example").code == 250
+    assert client.command("MAIL FROM:<s@example.net> SIZE=200 BODY=8BITMIME").code == 250
+    assert client.command("RCPT TO:<alice@example.org>").code == 250
+    assert client.command("RCPT TO:<nobody@example.org>").code == 550  # no such user
+    assert client.command("RCPT TO:<bob@example.org>").code == 250
+    assert client.command("DATA").code == 354
+    queue_id = client.message(MESSAGE).queue_id()
+    client.quit()
+    peer.wait_finished()
+
+    assert server.ids() - before == {queue_id}
+    stored = server.stored(queue_id)
+    received = received_field(stored)
+    assert stored == received + MESSAGE  # as without milters: our trace field, then the message
+    assert received.startswith(b"Received: from client.example ([127.0.0.1])\r\n")
+    assert f"\twith ESMTP id {queue_id};".encode() in received
+
+    assert peer.commands() == [
+        codec.Connect(
+            hostname="[127.0.0.1]",
+            family=codec.Family.INET,
+            port=client.port,
+            address="127.0.0.1",
+        ),
+        codec.Helo(name="client.example"),
+        codec.MailFrom(sender="<s@example.net>", arguments=("SIZE=200", "BODY=8BITMIME")),
+        codec.RcptTo(recipient="<alice@example.org>"),
+        codec.RcptTo(recipient="<bob@example.org>"),
+        codec.Data(),
+        *[codec.Header(name=n, value=v) for n, v in fields(received + HEADER)],
+        codec.EndOfHeaders(),
+        codec.BodyChunk(data=BODY),
+        codec.EndOfMessage(),
+        codec.Quit(),
+    ]
+    assert peer.commands()[6] == codec.Header(
+        name="Received", value=received[len(b"Received: ") : -2].decode().replace("\r\n", "\n")
+    )
+    assert peer.sessions[0].closed_by_mta
+
+    connect = peer.macros(b"C")[0]
+    assert connect["j"] == "mx.test"
+    assert connect["{daemon_name}"] == "mmdf-smtp"
+    assert connect["{client_addr}"] == "127.0.0.1"
+    assert connect.get("{client_port}", "") == (str(client.port) if client.port else "")
+    (mail,) = peer.macros(b"M")
+    assert mail["i"] == queue_id
+    assert mail["{mail_addr}"] == "s@example.net"
+    assert [m["{rcpt_addr}"] for m in peer.macros(b"R")] == [
+        "alice@example.org",
+        "bob@example.org",
+    ]
+    assert peer.macros(b"T") == [{"i": queue_id}]
+    assert all(m["i"] == queue_id for m in peer.macros(b"E"))
+
+
+def test_tls_macros_after_starttls(servers: Servers, shared_peer: Peer) -> None:
+    import smtplib
+    import ssl
+
+    peer = shared_peer
+    peer.reset()
+    server = servers.get("smtpd", milters(peer.socket), tls=True)
+    context = ssl.create_default_context()
+    servers.ca.configure_trust(context)
+    with smtplib.SMTP(server.daemon.host, server.daemon.port, timeout=30) as client:
+        client.ehlo("client.example")
+        client.starttls(context=context)
+        client.ehlo("client.example")
+        assert isinstance(client.sock, ssl.SSLSocket)
+        version, cipher = client.sock.version(), client.sock.cipher()
+        client.sendmail("s@example.net", ["alice@example.org"], MESSAGE)
+    peer.wait_finished()
+    assert [c for c in peer.commands() if isinstance(c, codec.Helo)] == [
+        codec.Helo(name="client.example")
+    ] * 2
+    # Before STARTTLS there is nothing to say; after it, the protocol and cipher.
+    assert peer.macros(b"H") == [{"{tls_version}": version, "{cipher}": cipher[0]}]
+
+
+# -- each reply, at each stage ------------------------------------------------------------
+
+REJECTED = ("550 5.7.1 Command rejected",)
+TEMPFAILED = ("451 4.7.1 Service unavailable - try again later",)
+# smtpsrvr costs a process start a session: it gets the first case of each stage.
+REFUSALS = [
+    ("smtpd", codec.Reject(), REJECTED),
+    ("smtpd", codec.TempFail(), TEMPFAILED),
+    ("smtpsrvr", codec.Reject(), REJECTED),
+]
+
+
+def test_reject_at_connect_leaves_the_client_only_quit(server: Server, peer: Peer) -> None:
+    peer.reset({b"C": [codec.Reject()]})
+    before = server.ids()
+    client = server.open()
+    assert client.reply().lines == ("554 5.7.1 Command rejected",)
+    assert client.command("EHLO client.example").code == 503
+    assert client.command("MAIL FROM:<s@example.net>").code == 503
+    assert client.command("RCPT TO:<alice@example.org>").code == 503
+    assert client.command("DATA").code == 503
+    client.quit()
+    peer.wait_finished()
+    assert peer.kinds() == ["Connect"]  # and no more: the session had nothing to filter
+    assert server.ids() == before
+
+
+def test_tempfail_at_connect_closes_with_421(server: Server, peer: Peer) -> None:
+    peer.reset({b"C": [codec.TempFail()]})
+    client = server.open()
+    assert client.reply().lines == ("421 4.7.1 Service unavailable - try again later",)
+    assert client._incoming.readline() == b""  # closed
+    client.close()
+    peer.wait_finished()
+    assert peer.kinds() == ["Connect"]
+
+
+@pytest.mark.parametrize(("server", "item", "lines"), REFUSALS, indirect=["server"])
+def test_refusal_at_helo(server: Server, peer: Peer, item: Item, lines: tuple[str]) -> None:
+    peer.reset({b"H": [item]})
+    before = server.ids()
+    client = server.open()
+    assert client.reply().code == 220
+    assert client.command("EHLO client.example").lines == lines
+    # Refused at HELO, refused for the rest of the session (as in Postfix).
+    assert client.command("HELO client.example").lines == lines
+    client.quit()
+    peer.wait_finished()
+    assert server.ids() == before
+
+
+@pytest.mark.parametrize(("server", "item", "lines"), REFUSALS, indirect=["server"])
+def test_refusal_at_mail_refuses_that_transaction(
+    server: Server, peer: Peer, item: Item, lines: tuple[str]
+) -> None:
+    peer.reset({b"M": lambda c: [item] if "bad" in c.sender else [codec.Continue()]})
+    before = server.ids()
+    client = server.open()
+    client.reply()
+    client.command("EHLO client.example")
+    assert client.command("MAIL FROM:<bad@example.net>").lines == lines
+    assert client.command("RCPT TO:<alice@example.org>").code == 503  # no transaction
+    # The next transaction is asked anew, and goes through.
+    queue_id = client.transaction()[-1].queue_id()
+    client.quit()
+    peer.wait_finished()
+    assert server.ids() - before == {queue_id}
+    assert peer.kinds()[:5] == ["Connect", "Helo", "MailFrom", "Abort", "MailFrom"]
+
+
+@pytest.mark.parametrize(("server", "item", "lines"), REFUSALS, indirect=["server"])
+def test_refusal_at_rcpt_refuses_only_that_recipient(
+    server: Server, peer: Peer, item: Item, lines: tuple[str]
+) -> None:
+    peer.reset({b"R": lambda c: [item] if "bob" in c.recipient else [codec.Continue()]})
+    client = server.open()
+    client.reply()
+    client.command("EHLO client.example")
+    answers = client.transaction(["alice@example.org", "bob@example.org"])
+    assert [a.code for a in answers[:4]] == [250, 250, lines[0][:3] and int(lines[0][:3]), 354]
+    assert answers[2].lines == lines
+    queue_id = answers[-1].queue_id()
+    client.quit()
+    peer.wait_finished()
+    assert server.spool.envelope(queue_id).recipients == ("alice@example.org",)
+    assert server.stored(queue_id).endswith(MESSAGE)
+
+
+@pytest.mark.parametrize(("server", "item", "lines"), REFUSALS, indirect=["server"])
+def test_refusal_at_data(server: Server, peer: Peer, item: Item, lines: tuple[str]) -> None:
+    peer.reset({b"T": [item]})
+    before = server.ids()
+    client = server.open()
+    client.reply()
+    client.command("EHLO client.example")
+    assert client.transaction()[-1].lines == lines
+    assert client.command("RSET").code == 250
+    client.quit()
+    peer.wait_finished()
+    assert server.ids() == before
+    assert "Header" not in peer.kinds()
+
+
+@pytest.mark.parametrize(
+    ("server", "item", "lines"),
+    [
+        *REFUSALS[:2],
+        ("smtpd", codec.ReplyCode(text="554 5.7.0 Spam, thanks"), ("554 5.7.0 Spam, thanks",)),
+        *[
+            (
+                kind,
+                codec.ReplyCode(text="550-5.7.1 first line\r\n550 5.7.1 second line"),
+                ("550-5.7.1 first line", "550 5.7.1 second line"),
+            )
+            for kind in SHELLS
+        ],
+    ],
+    indirect=["server"],
+)
+def test_refusal_at_end_of_message_queues_nothing(
+    server: Server, peer: Peer, item: Item, lines: tuple[str]
+) -> None:
+    peer.reset({b"E": [item]})
+    before = server.ids()
+    answers, _ = session(server)
+    assert answers[-1].lines == lines
+    peer.wait_finished()
+    assert server.ids() == before
+    assert server.in_tmp() == []
+
+
+def test_replycode_at_rcpt_and_mail_passed_on_exactly(smtpd: Server, peer: Peer) -> None:
+    server = smtpd
+    peer.reset(
+        {
+            b"M": lambda c: (
+                [codec.ReplyCode(text="451-4.3.0 not now\r\n451 4.3.0 try later")]
+                if "later" in c.sender
+                else [codec.Continue()]
+            ),
+            b"R": [codec.ReplyCode(text="550 5.1.1 <alice@example.org>: no thanks")],
+        }
+    )
+    client = server.open()
+    client.reply()
+    client.command("EHLO client.example")
+    assert client.command("MAIL FROM:<later@example.net>").lines == (
+        "451-4.3.0 not now",
+        "451 4.3.0 try later",
+    )
+    assert client.command("MAIL FROM:<s@example.net>").code == 250
+    assert client.command("RCPT TO:<alice@example.org>").lines == (
+        "550 5.1.1 <alice@example.org>: no thanks",
+    )
+    assert client.command("DATA").code == 554  # no valid recipients
+    client.quit()
+    peer.wait_finished()
+
+
+@pytest.mark.parametrize(
+    ("server", "stage"), [("smtpd", b"R"), ("smtpd", b"E"), ("smtpsrvr", b"E")], indirect=["server"]
+)
+def test_discard_answers_250_and_queues_nothing(server: Server, peer: Peer, stage: bytes) -> None:
+    peer.reset({stage: [codec.Discard()]})
+    before = server.ids()
+    answers, log = session(server)
+    assert [a.code for a in answers] == [220, 250, 250, 250, 354, 250]
+    queue_id = answers[-1].queue_id()
+    peer.wait_finished()
+    assert server.ids() == before
+    assert server.in_tmp() == []
+    assert f"discarded id={queue_id} " in server.logged(f"discarded id={queue_id}", log)
+    if stage == b"R":  # the milter hears no more of the message
+        assert not {"Data", "Header", "BodyChunk", "EndOfMessage"} & set(peer.kinds())
+
+
+def test_accept_the_milter_hears_no_more_of_the_message(server: Server, peer: Peer) -> None:
+    peer.reset({b"R": [codec.Accept()]})
+    answers, _ = session(server)
+    queue_id = answers[-1].queue_id()
+    peer.wait_finished()
+    assert server.stored(queue_id).endswith(b"\r\n" + MESSAGE)
+    kinds = peer.kinds()
+    assert kinds[: kinds.index("RcptTo") + 1] == ["Connect", "Helo", "MailFrom", "RcptTo"]
+    assert not {"Data", "Header", "EndOfHeaders", "BodyChunk", "EndOfMessage"} & set(kinds)
+    assert kinds[-1] == "Quit"
+
+
+def test_skip_during_the_body_sends_no_more_of_it(server: Server, peer: Peer) -> None:
+    peer.reset({b"B": [codec.Skip()]}, protocol=ProtocolFlag.SKIP)
+    answers, _ = session(server, data=LONG_MESSAGE)
+    queue_id = answers[-1].queue_id()
+    peer.wait_finished()
+    stored = server.stored(queue_id)
+    assert stored == received_field(stored) + LONG_MESSAGE
+    chunks = [c for c in peer.commands() if isinstance(c, codec.BodyChunk)]
+    assert len(chunks) == 1 and LONG_BODY.startswith(chunks[0].data)
+    assert len(LONG_BODY) > 2 * len(chunks[0].data)  # there was more to send
+    assert peer.kinds()[-2:] == ["EndOfMessage", "Quit"]
