@@ -766,3 +766,172 @@ def test_skip_during_the_body_sends_no_more_of_it(server: Server, peer: Peer) ->
     assert len(chunks) == 1 and LONG_BODY.startswith(chunks[0].data)
     assert len(LONG_BODY) > 2 * len(chunks[0].data)  # there was more to send
     assert peer.kinds()[-2:] == ["EndOfMessage", "Quit"]
+
+
+# -- modifications at end of message ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Change:
+    """Modifications a milter sends at end of message, and what the queue should hold."""
+
+    modifications: tuple[codec.Response, ...]
+    stored: Callable[[bytes], bytes]  # from our Received field, the queued copy
+    recipients: tuple[str, ...] = ("alice@example.org",)
+    queued_for: tuple[str, ...] = ("alice@example.org",)
+
+
+CHANGES = {
+    "add header": Change(
+        (codec.AddHeader(name="X-Added", value="yes"),),
+        lambda received: received + HEADER + b"X-Added: yes\r\n\r\n" + BODY,
+    ),
+    # Our Received field is field 0, as Sendmail and Postfix count.
+    "insert header at 0": Change(
+        (codec.InsertHeader(index=0, name="X-Top", value="first"),),
+        lambda received: b"X-Top: first\r\n" + received + MESSAGE,
+    ),
+    "insert header at 1": Change(
+        (codec.InsertHeader(index=1, name="X-Second", value="below Received"),),
+        lambda received: received + b"X-Second: below Received\r\n" + MESSAGE,
+    ),
+    "change the second of two": Change(
+        (codec.ChangeHeader(index=2, name="X-Twice", value="changed\n\tand folded"),),
+        lambda received: received
+        + MESSAGE.replace(b"X-Twice: two\r\n\tfolded\r\n", b"X-Twice: changed\r\n\tand folded\r\n"),
+    ),
+    "delete header": Change(
+        (codec.ChangeHeader(index=1, name="Subject", value=""),),
+        lambda received: received + MESSAGE.replace(b"Subject: hi\r\n", b""),
+    ),
+    "add recipient": Change(
+        (codec.AddRecipient(recipient="<bob@example.org>"),),
+        lambda received: received + MESSAGE,
+        queued_for=("alice@example.org", "bob@example.org"),
+    ),
+    "add recipient with arguments": Change(
+        (codec.AddRecipientWithArguments(recipient="<bob@example.org>", arguments="NOTIFY=NEVER"),),
+        lambda received: received + MESSAGE,
+        queued_for=("alice@example.org", "bob@example.org"),
+    ),
+    "delete recipient": Change(
+        (codec.DeleteRecipient(recipient="<bob@example.org>"),),
+        lambda received: received + MESSAGE,
+        recipients=("alice@example.org", "bob@example.org"),
+    ),
+    # The milter's LF line ends become CRLF; its pieces are one body.
+    "replace body": Change(
+        (codec.ReplaceBody(data=b"new\nbo"), codec.ReplaceBody(data=b"dy\r\nend\n")),
+        lambda received: received + HEADER + b"\r\nnew\r\nbody\r\nend\r\n",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", CHANGES)
+def test_each_modification_in_the_queued_copy(smtpd: Server, peer: Peer, name: str) -> None:
+    change = CHANGES[name]
+    peer.reset({b"E": [*change.modifications, codec.Continue()]})
+    answers, _ = session(smtpd, recipients=change.recipients)
+    queue_id = answers[-1].queue_id()
+    peer.wait_finished()
+    stored = smtpd.stored(queue_id)
+    assert stored == change.stored(received_field(stored))
+    envelope = smtpd.spool.envelope(queue_id)
+    assert envelope.recipients == change.queued_for
+    assert envelope.sender == "s@example.net"
+
+
+def test_several_modifications_over_pipes(servers: Servers, shared_peer: Peer) -> None:
+    server = servers.get("smtpsrvr", milters(shared_peer.socket))
+    peer = shared_peer
+    peer.reset(
+        {
+            b"E": [
+                codec.InsertHeader(index=1, name="X-Second", value="below Received"),
+                codec.ChangeHeader(index=2, name="X-Twice", value="changed"),
+                codec.ChangeHeader(index=1, name="Subject", value=""),
+                codec.AddHeader(name="X-Added", value="yes"),
+                codec.AddRecipient(recipient="<bob@example.org>"),
+                codec.ReplaceBody(data=b"new body\n"),
+                codec.Continue(),
+            ]
+        }
+    )
+    answers, _ = session(server)
+    queue_id = answers[-1].queue_id()
+    peer.wait_finished()
+    stored = server.stored(queue_id)
+    header = HEADER.replace(b"Subject: hi\r\n", b"").replace(
+        b"X-Twice: two\r\n\tfolded\r\n", b"X-Twice: changed\r\n"
+    )
+    assert stored == (
+        received_field(stored)
+        + b"X-Second: below Received\r\n"
+        + header
+        + b"X-Added: yes\r\n\r\nnew body\r\n"
+    )
+    assert server.spool.envelope(queue_id).recipients == ("alice@example.org", "bob@example.org")
+
+
+def queued_json(server: Server, queue_id: str) -> dict[str, Any]:
+    result = checkque(server.config, "--json")
+    assert result.returncode == 0, result.stderr
+    (found,) = [m for line in result.stdout.splitlines() if (m := json.loads(line))["id"] == queue_id]
+    return found
+
+
+def test_change_sender(smtpd: Server, peer: Peer) -> None:
+    peer.reset({b"E": [codec.ChangeSender(sender="<new@example.net>"), codec.Continue()]})
+    answers, _ = session(smtpd)
+    queue_id = answers[-1].queue_id()
+    peer.wait_finished()
+    assert queued_json(smtpd, queue_id)["sender"] == "new@example.net"
+    stored = smtpd.stored(queue_id)
+    assert stored == received_field(stored) + MESSAGE
+
+
+def test_quarantine_queues_the_message_on_hold(smtpd: Server, peer: Peer) -> None:
+    peer.reset({b"E": [codec.Quarantine(reason="looks like phish"), codec.Continue()]})
+    answers, _ = session(smtpd)
+    queue_id = answers[-1].queue_id()
+    peer.wait_finished()
+    assert smtpd.spool.envelope(queue_id).quarantine == "looks like phish"
+    assert queued_json(smtpd, queue_id)["quarantine"] == "looks like phish"
+    stored = smtpd.stored(queue_id)
+    assert stored == received_field(stored) + MESSAGE
+
+
+def test_deleting_every_recipient_queues_nothing(smtpd: Server, peer: Peer) -> None:
+    peer.reset(
+        {
+            b"E": [
+                codec.DeleteRecipient(recipient="<alice@example.org>"),
+                codec.DeleteRecipient(recipient="bob@example.org"),  # brackets or not
+                codec.Continue(),
+            ]
+        }
+    )
+    before = smtpd.ids()
+    answers, _ = session(smtpd, recipients=("alice@example.org", "bob@example.org"))
+    assert answers[-1].code == 250
+    answers[-1].queue_id()
+    peer.wait_finished()
+    assert smtpd.ids() == before
+    assert smtpd.in_tmp() == []
+
+
+def test_a_chain_of_milters_each_adding_a_field(
+    servers: Servers, peers: Peers, shared_peer: Peer
+) -> None:
+    chain = [shared_peer, *(peers.start() for _ in range(2))]
+    for n, peer in enumerate(chain, 1):
+        peer.reset({b"E": [codec.AddHeader(name="X-Milter", value=f"{n}"), codec.Continue()]})
+    server = servers.get("smtpd", milters(*(p.socket for p in chain)))
+    answers, _ = session(server)
+    queue_id = answers[-1].queue_id()
+    for peer in chain:
+        peer.wait_finished()
+        assert peer.kinds()[-2:] == ["EndOfMessage", "Quit"]
+    stored = server.stored(queue_id)
+    added = b"X-Milter: 1\r\nX-Milter: 2\r\nX-Milter: 3\r\n"
+    assert stored == received_field(stored) + HEADER + added + b"\r\n" + BODY
