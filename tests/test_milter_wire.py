@@ -935,3 +935,93 @@ def test_a_chain_of_milters_each_adding_a_field(
     stored = server.stored(queue_id)
     added = b"X-Milter: 1\r\nX-Milter: 2\r\nX-Milter: 3\r\n"
     assert stored == received_field(stored) + HEADER + added + b"\r\n" + BODY
+
+
+# -- a milter that fails --------------------------------------------------------------
+
+DEFAULTS = {
+    "tempfail": ("451 4.7.1 Service unavailable - try again later",),
+    "reject": ("550 5.7.1 Service unavailable",),
+    "accept": None,  # as if there were no milter
+}
+
+# How the milter breaks, and the stage whose reply tells.
+BREAKS: dict[str, tuple[dict[bytes, Replies], str]] = {
+    "hangs at a command": ({b"M": [HANG]}, "MAIL"),
+    "hangs in the body": ({b"B": [HANG]}, "end of data"),
+    "dies mid-body": ({b"B": [codec.Continue(), CLOSE]}, "end of data"),
+    "sends garbage": ({b"R": [b"\x00\x00\x00\x03zzz"]}, "RCPT"),
+    "sends an absurd length": ({b"T": [b"\x7f\xff\xff\xf0c"]}, "DATA"),
+}
+STAGES = ["greeting", "EHLO", "MAIL", "RCPT", "DATA", "end of data"]
+
+
+def check_failure(server: Server, action: str, stage: str, before: set[str]) -> None:
+    """One session with a failing milter: the default action at ``stage``, in bounded time."""
+    client = server.open()
+    answers = [client.reply()]
+    if answers[0].code == 220:
+        answers.append(client.command("EHLO client.example"))
+        answers += client.transaction(data=LONG_MESSAGE)
+    if answers[0].code != 421:
+        assert client.command("RSET").code == (503 if answers[0].code == 554 else 250)
+        client.quit()
+    else:
+        client.close()
+    assert client.elapsed < BOUND
+
+    refusal = DEFAULTS[action]
+    if refusal is None:
+        assert [a.code for a in answers] == [220, 250, 250, 250, 354, 250]
+        queue_id = answers[-1].queue_id()
+        assert server.ids() - before == {queue_id}
+        stored = server.stored(queue_id)
+        assert stored == received_field(stored) + LONG_MESSAGE
+    else:
+        refused = answers[STAGES.index(stage)]
+        if stage == "greeting":  # before the greeting: the session ends or only QUIT is left
+            code = 421 if refusal[0].startswith("4") else 554
+            assert refused.lines == (f"{code}{refusal[0][3:]}",)
+        else:
+            assert refused.lines == refusal
+            assert all(a.code < 400 for a in answers[: STAGES.index(stage)])
+        assert server.ids() == before  # nothing queued
+    assert server.in_tmp() == []  # nothing half-queued
+
+
+@pytest.mark.parametrize("action", DEFAULTS)
+@pytest.mark.parametrize("how", BREAKS)
+def test_a_failing_milter_costs_bounded_time_and_gets_the_default_action(
+    servers: Servers, peer: Peer, how: str, action: str
+) -> None:
+    replies, stage = BREAKS[how]
+    peer.reset(replies)
+    server = servers.get("smtpd", failing(peer.socket, action))
+    check_failure(server, action, stage, server.ids())
+    peer.wait_finished()
+
+
+@pytest.fixture(scope="module")
+def nobody_listening() -> str:
+    """A milter socket where nothing listens: connections are refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"inet:127.0.0.1:{sock.getsockname()[1]}"
+
+
+@pytest.mark.parametrize(
+    ("kind", "action"),
+    [*(("smtpd", action) for action in DEFAULTS), ("smtpsrvr", "tempfail"), ("smtpsrvr", "accept")],
+)
+def test_a_milter_not_listening(
+    servers: Servers, nobody_listening: str, kind: str, action: str
+) -> None:
+    server = servers.get(kind, failing(nobody_listening, action))
+    check_failure(server, action, "greeting", server.ids())
+
+
+def test_a_milter_that_hangs_in_the_body_over_pipes(servers: Servers, peer: Peer) -> None:
+    peer.reset({b"B": [HANG]})
+    server = servers.get("smtpsrvr", failing(peer.socket, "tempfail"))
+    check_failure(server, "tempfail", "end of data", server.ids())
+    peer.wait_finished()
