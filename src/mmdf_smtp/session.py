@@ -318,8 +318,10 @@ class Session:
             # A message whose recipients the milters all took away goes nowhere.
             nobody = not staged.envelope.recipients
             if refusal is not None or verdict.discard or self._discard or nobody:
+                # The discard's 250 names the queue id the message would have had.
+                reply = refusal or self._discarded()
                 self._queue_id = None
-                self.connection.send(refusal or self._discarded())
+                self.connection.send(reply)
                 return False
             self._writer, self._write_error = await self._write_staged(staged)
             return True
