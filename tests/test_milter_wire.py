@@ -16,6 +16,7 @@ after it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -25,14 +26,14 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
 import pytest
 import trustme
 
-from milterpeer import CLOSE, HANG, Item, MilterPeer, Replies
+from milterpeer import CLOSE, HANG, NO_FLAGS, Item, MilterPeer, Replies
 from mmdf_smtp.milter import codec
 from mmdf_smtp.milter.codec import ProtocolFlag
 from mmdf_smtp.queue.spool import Spool
@@ -57,7 +58,7 @@ HEADER = (
     b"X-Twice: two\r\n"
     b"\tfolded\r\n"
 )
-BODY = b"body line 1\r\nbody line 2\r\n"
+BODY = b"body line 1\r\n.a line the client dot-stuffs\r\nbody line 2\r\n"
 MESSAGE = HEADER + b"\r\n" + BODY
 # Several body chunks' worth: a milter hears it in more than one piece.
 LONG_BODY = b"".join(b"%06d " % n + b"x" * 70 + b"\r\n" for n in range(3000))
@@ -102,7 +103,7 @@ class Peer(MilterPeer):
         self.finished = 0
 
     def reset(
-        self, replies: dict[bytes, Replies] | None = None, protocol: ProtocolFlag = ProtocolFlag(0)
+        self, replies: dict[bytes, Replies] | None = None, protocol: ProtocolFlag = NO_FLAGS
     ) -> None:
         """A new script, for the next test; earlier conversations are forgotten."""
         self.replies = replies or {}
@@ -227,7 +228,7 @@ class Client:
         self.started = time.monotonic()
 
     def reply(self) -> Reply:
-        lines = []
+        lines: list[str] = []
         while True:
             line = self._incoming.readline()
             assert line.endswith(b"\r\n"), f"connection ended after {lines}: {line!r}"
@@ -237,6 +238,13 @@ class Client:
 
     def send(self, line: str) -> None:
         self._send(line.encode() + b"\r\n")
+
+    def send_raw(self, data: bytes) -> None:
+        self._send(data)
+
+    def at_end(self) -> bool:
+        """Whether the server closed the session (waits for what comes)."""
+        return self._incoming.readline() == b""
 
     def command(self, line: str) -> Reply:
         self.send(line)
@@ -285,20 +293,17 @@ class Server:
         self.channels = channels
         self.spool = Spool(config.parent / "spool")
         self._daemon: Daemon | None = None
-        self._stop: Callable[[], None] | None = None
+        self._running = contextlib.ExitStack()
         self._processes: list[subprocess.Popen[bytes]] = []
 
     @property
     def daemon(self) -> Daemon:
         if self._daemon is None:
-            context = daemon(self.config, channels=self.channels)
-            self._daemon = context.__enter__()
-            self._stop = lambda: context.__exit__(None, None, None)
+            self._daemon = self._running.enter_context(daemon(self.config, channels=self.channels))
         return self._daemon
 
     def stop(self) -> None:
-        if self._stop is not None:
-            self._stop()
+        self._running.close()
 
     def open(self, source: str = "127.0.0.1") -> Client:
         if self.kind == "smtpd":
@@ -466,8 +471,9 @@ def fields(header: bytes) -> list[tuple[str, str]]:
     return result
 
 
-def session(server: Server, *, recipients: Sequence[str] = ("alice@example.org",),
-            data: bytes = MESSAGE) -> tuple[list[Reply], str]:
+def session(
+    server: Server, *, recipients: Sequence[str] = ("alice@example.org",), data: bytes = MESSAGE
+) -> tuple[list[Reply], str]:
     """A whole session with one transaction: its replies (greeting first) and log."""
     client = server.open()
     answers = [client.reply()]
@@ -558,6 +564,7 @@ def test_tls_macros_after_starttls(servers: Servers, shared_peer: Peer) -> None:
         client.ehlo("client.example")
         assert isinstance(client.sock, ssl.SSLSocket)
         version, cipher = client.sock.version(), client.sock.cipher()
+        assert cipher is not None
         client.sendmail("s@example.net", ["alice@example.org"], MESSAGE)
     peer.wait_finished()
     assert [c for c in peer.commands() if isinstance(c, codec.Helo)] == [
@@ -598,7 +605,7 @@ def test_tempfail_at_connect_closes_with_421(server: Server, peer: Peer) -> None
     peer.reset({b"C": [codec.TempFail()]})
     client = server.open()
     assert client.reply().lines == ("421 4.7.1 Service unavailable - try again later",)
-    assert client._incoming.readline() == b""  # closed
+    assert client.at_end()  # closed
     client.close()
     peer.wait_finished()
     assert peer.kinds() == ["Connect"]
@@ -622,7 +629,9 @@ def test_refusal_at_helo(server: Server, peer: Peer, item: Item, lines: tuple[st
 def test_refusal_at_mail_refuses_that_transaction(
     server: Server, peer: Peer, item: Item, lines: tuple[str]
 ) -> None:
-    peer.reset({b"M": lambda c: [item] if "bad" in c.sender else [codec.Continue()]})
+    peer.reset(
+        {b"M": lambda c: [item] if "bad" in getattr(c, "sender", "") else [codec.Continue()]}
+    )
     before = server.ids()
     client = server.open()
     client.reply()
@@ -641,12 +650,14 @@ def test_refusal_at_mail_refuses_that_transaction(
 def test_refusal_at_rcpt_refuses_only_that_recipient(
     server: Server, peer: Peer, item: Item, lines: tuple[str]
 ) -> None:
-    peer.reset({b"R": lambda c: [item] if "bob" in c.recipient else [codec.Continue()]})
+    peer.reset(
+        {b"R": lambda c: [item] if "bob" in getattr(c, "recipient", "") else [codec.Continue()]}
+    )
     client = server.open()
     client.reply()
     client.command("EHLO client.example")
     answers = client.transaction(["alice@example.org", "bob@example.org"])
-    assert [a.code for a in answers[:4]] == [250, 250, lines[0][:3] and int(lines[0][:3]), 354]
+    assert [a.code for a in answers[:4]] == [250, 250, int(lines[0][:3]), 354]
     assert answers[2].lines == lines
     queue_id = answers[-1].queue_id()
     client.quit()
@@ -704,7 +715,7 @@ def test_replycode_at_rcpt_and_mail_passed_on_exactly(smtpd: Server, peer: Peer)
         {
             b"M": lambda c: (
                 [codec.ReplyCode(text="451-4.3.0 not now\r\n451 4.3.0 try later")]
-                if "later" in c.sender
+                if "later" in getattr(c, "sender", "")
                 else [codec.Continue()]
             ),
             b"R": [codec.ReplyCode(text="550 5.1.1 <alice@example.org>: no thanks")],
@@ -736,6 +747,7 @@ def test_discard_answers_250_and_queues_nothing(server: Server, peer: Peer, stag
     assert [a.code for a in answers] == [220, 250, 250, 250, 354, 250]
     queue_id = answers[-1].queue_id()
     peer.wait_finished()
+    assert queue_id == peer.macros(b"M")[0]["i"]  # the id the message would have had
     assert server.ids() == before
     assert server.in_tmp() == []
     assert f"discarded id={queue_id} " in server.logged(f"discarded id={queue_id}", log)
@@ -797,8 +809,12 @@ CHANGES = {
     ),
     "change the second of two": Change(
         (codec.ChangeHeader(index=2, name="X-Twice", value="changed\n\tand folded"),),
-        lambda received: received
-        + MESSAGE.replace(b"X-Twice: two\r\n\tfolded\r\n", b"X-Twice: changed\r\n\tand folded\r\n"),
+        lambda received: (
+            received
+            + MESSAGE.replace(
+                b"X-Twice: two\r\n\tfolded\r\n", b"X-Twice: changed\r\n\tand folded\r\n"
+            )
+        ),
     ),
     "delete header": Change(
         (codec.ChangeHeader(index=1, name="Subject", value=""),),
@@ -876,7 +892,10 @@ def test_several_modifications_over_pipes(servers: Servers, shared_peer: Peer) -
 def queued_json(server: Server, queue_id: str) -> dict[str, Any]:
     result = checkque(server.config, "--json")
     assert result.returncode == 0, result.stderr
-    (found,) = [m for line in result.stdout.splitlines() if (m := json.loads(line))["id"] == queue_id]
+    found: dict[str, Any]
+    (found,) = [
+        m for line in result.stdout.splitlines() if (m := json.loads(line))["id"] == queue_id
+    ]
     return found
 
 
@@ -913,9 +932,8 @@ def test_deleting_every_recipient_queues_nothing(smtpd: Server, peer: Peer) -> N
     )
     before = smtpd.ids()
     answers, _ = session(smtpd, recipients=("alice@example.org", "bob@example.org"))
-    assert answers[-1].code == 250
-    answers[-1].queue_id()
     peer.wait_finished()
+    assert answers[-1].queue_id() == peer.macros(b"M")[0]["i"]
     assert smtpd.ids() == before
     assert smtpd.in_tmp() == []
 
@@ -1025,3 +1043,184 @@ def test_a_milter_that_hangs_in_the_body_over_pipes(servers: Servers, peer: Peer
     server = servers.get("smtpsrvr", failing(peer.socket, "tempfail"))
     check_failure(server, "tempfail", "end of data", server.ids())
     peer.wait_finished()
+
+
+# -- sessions do not wait on each other ---------------------------------------------------
+
+WORKER = re.compile(r"^smtpd\((\d+)\): ")
+
+
+def test_no_session_waits_on_another_sessions_milter(servers: Servers, peer: Peer) -> None:
+    """A milter that hangs for one session holds that session only, not its worker's loop."""
+    hung = threading.Event()
+
+    def at_mail(command: codec.Command) -> Sequence[Item]:
+        assert isinstance(command, codec.MailFrom)
+        if "mark" in command.sender:  # a refusal, logged with the worker's pid
+            return [codec.Reject()]
+        if "hang" in command.sender:
+            hung.set()
+            return [HANG]
+        return [codec.Continue()]
+
+    peer.reset({b"M": at_mail})
+    server = servers.get("smtpd", milters(peer.socket, command_timeout=30))
+    d = server.daemon
+
+    def worker_of(mark: str) -> int:
+        (line,) = d.log_lines(f"from=<{mark}@example.net>")
+        match = WORKER.match(line)
+        assert match, line
+        return int(match.group(1))
+
+    first = server.open()
+    first.reply()
+    first.command("EHLO first.example")
+    assert first.command("MAIL FROM:<mark-first@example.net>").code == 550
+    worker = worker_of("mark-first")
+    first.send("MAIL FROM:<hang@example.net>")
+    assert hung.wait(20)
+
+    # Other sessions until one is served by the same worker (smtpd has one a
+    # core): each completes a whole transaction while the first still waits.
+    others = 0
+    for n in range(40):
+        other = server.open()
+        assert other.reply().code == 220
+        other.command("EHLO other.example")
+        assert other.command(f"MAIL FROM:<mark-{n}@example.net>").code == 550
+        answers = other.transaction()
+        answers[-1].queue_id()
+        other.quit()
+        others += 1
+        assert not first.readable()  # still waiting for its milter
+        if worker_of(f"mark-{n}") == worker:
+            break
+    else:
+        pytest.fail(f"no session of {others} was served by worker {worker}")
+
+    peer.cut(0)  # the first session's milter dies: its default action, at once
+    assert first.reply().lines == TEMPFAILED
+    first.quit()
+    peer.wait_finished(others + 1)
+
+
+# -- trusted hosts ----------------------------------------------------------------------
+
+
+def test_a_channel_with_checks_off_never_asks_the_milter(servers: Servers, peer: Peer) -> None:
+    trusted = servers.get(
+        "smtpd",
+        milters(peer.socket),
+        channels="local,other,smtp",
+        edit=lambda text: text.replace("relay = true\n", "relay = true\nchecks = false\n", 1),
+    )
+    answers, _ = session(trusted)
+    queue_id = answers[-1].queue_id()
+    stored = trusted.stored(queue_id)
+    assert stored == received_field(stored) + MESSAGE
+    # A session of another channel after it is the milter's first.
+    other = trusted.open("127.0.0.2")
+    assert other.reply().code == 220
+    other.quit()
+    peer.wait_finished()
+    assert len(peer.sessions) == 1
+    assert peer.macros(b"C")[0]["{client_addr}"] == "127.0.0.2"
+
+
+# -- a big message ----------------------------------------------------------------------
+
+BIG_BODY = b"".join(b"%08d " % n + b"y" * 70 + b"\r\n" for n in range(5 * 1024 * 1024 // 80))
+
+
+@pytest.mark.parametrize("kind", SHELLS)
+def test_a_big_message_is_staged_on_disk_and_sent_in_chunks(
+    servers: Servers, peer: Peer, kind: str
+) -> None:
+    server = servers.get(kind, milters(peer.socket))
+    staged: list[str] = []
+
+    def at_end(_: codec.Command) -> Sequence[Item]:
+        # While the milter has the message, the server holds it in a file
+        # in the spool's tmp/, unlinked: not in its memory.
+        for pid in server.pids():
+            fds = Path(f"/proc/{pid}/fd")
+            for fd in fds.iterdir():
+                with contextlib.suppress(OSError):
+                    target = os.readlink(fd)
+                    if target.startswith(f"{server.spool.tmp}/"):
+                        staged.append(target)
+        return [codec.ChangeHeader(index=1, name="Subject", value="big"), codec.Continue()]
+
+    peer.reset({b"E": at_end})
+    answers, _ = session(server, data=HEADER + b"\r\n" + BIG_BODY)
+    queue_id = answers[-1].queue_id()
+    peer.wait_finished()
+    assert staged and all(t.endswith(" (deleted)") for t in staged), staged
+    chunks = [c.data for c in peer.commands() if isinstance(c, codec.BodyChunk)]
+    assert max(map(len, chunks)) <= 65535
+    assert b"".join(chunks) == BIG_BODY
+    stored = server.stored(queue_id)
+    big_header = HEADER.replace(b"Subject: hi\r\n", b"Subject: big\r\n")
+    assert stored == received_field(stored) + big_header + b"\r\n" + BIG_BODY
+
+
+# -- more than one transaction, and BDAT ----------------------------------------------
+
+
+def test_each_transaction_of_a_session_is_filtered_afresh(server: Server, peer: Peer) -> None:
+    peer.reset(
+        {
+            b"R": lambda c: (
+                [codec.Discard()] if "bob" in getattr(c, "recipient", "") else [codec.Continue()]
+            ),
+            b"E": [codec.AddHeader(name="X-Seen", value="yes"), codec.Continue()],
+        }
+    )
+    before = server.ids()
+    client = server.open()
+    client.reply()
+    client.command("EHLO client.example")
+    discarded = client.transaction(["bob@example.org"])[-1].queue_id()
+    assert client.command("MAIL FROM:<s@example.net>").code == 250
+    assert client.command("RSET").code == 250
+    first = client.transaction()[-1].queue_id()
+    second = client.transaction(data=MESSAGE.replace(b"hi", b"again"))[-1].queue_id()
+    client.quit()
+    peer.wait_finished()
+
+    assert server.ids() - before == {first, second}
+    for queue_id, data in ((first, MESSAGE), (second, MESSAGE.replace(b"hi", b"again"))):
+        stored = server.stored(queue_id)
+        header, _, body = data.partition(b"\r\n\r\n")
+        assert stored == received_field(stored) + header + b"\r\nX-Seen: yes\r\n\r\n" + body
+    # Each transaction has its own queue id, the reset one too.
+    ids = [m["i"] for m in peer.macros(b"M")]
+    assert len(set(ids)) == 4
+    assert (ids[0], ids[2], ids[3]) == (discarded, first, second)
+    kinds = peer.kinds()
+    assert kinds.count("MailFrom") == 4
+    assert kinds.count("EndOfMessage") == 2  # not for the discarded one
+    assert kinds.count("Abort") >= 2  # the discarded transaction, the reset one
+    assert [c.data for c in peer.commands() if isinstance(c, codec.BodyChunk)] == [BODY, BODY]
+
+
+def test_bdat_through_a_milter(server: Server, peer: Peer) -> None:
+    peer.reset({b"E": [codec.AddHeader(name="X-Added", value="yes"), codec.Continue()]})
+    client = server.open()
+    client.reply()
+    client.command("EHLO client.example")
+    assert client.command("MAIL FROM:<s@example.net>").code == 250
+    assert client.command("RCPT TO:<alice@example.org>").code == 250
+    half = len(MESSAGE) // 2
+    client.send(f"BDAT {half}")
+    client.send_raw(MESSAGE[:half])
+    assert client.reply().code == 250
+    client.send(f"BDAT {len(MESSAGE) - half} LAST")
+    client.send_raw(MESSAGE[half:])
+    queue_id = client.reply().queue_id()
+    client.quit()
+    peer.wait_finished()
+    stored = server.stored(queue_id)
+    assert stored == received_field(stored) + HEADER + b"X-Added: yes\r\n\r\n" + BODY
+    assert [c.data for c in peer.commands() if isinstance(c, codec.BodyChunk)] == [BODY]
