@@ -33,7 +33,7 @@ from typing import IO, Any, TypeVar
 import pytest
 import trustme
 
-from milterpeer import CLOSE, HANG, NO_FLAGS, Item, MilterPeer, Replies
+from milterpeer import CLOSE, HANG, NO_FLAGS, Delay, Item, MilterPeer, Replies
 from mmdf_smtp.milter import codec
 from mmdf_smtp.milter.codec import ProtocolFlag
 from mmdf_smtp.queue.spool import Spool
@@ -1224,3 +1224,96 @@ def test_bdat_through_a_milter(server: Server, peer: Peer) -> None:
     stored = server.stored(queue_id)
     assert stored == received_field(stored) + HEADER + b"X-Added: yes\r\n\r\n" + BODY
     assert [c.data for c in peer.commands() if isinstance(c, codec.BodyChunk)] == [BODY]
+
+
+def test_pipelined_commands_wait_their_turn_behind_the_milter(smtpd: Server, peer: Peer) -> None:
+    """RFC 2920: replies in the order of the commands, each after its milter answer."""
+    peer.reset(
+        {
+            b"M": [Delay(0.05), codec.Continue()],  # slow, so that the rest arrives meanwhile
+            b"R": lambda c: (
+                [codec.Reject()] if "bob" in getattr(c, "recipient", "") else [codec.Continue()]
+            ),
+        }
+    )
+    client = smtpd.open()
+    client.reply()
+    assert "PIPELINING" in "\n".join(client.command("EHLO client.example").lines)
+    client.send_raw(
+        b"MAIL FROM:<s@example.net>\r\nRCPT TO:<bob@example.org>\r\n"
+        b"RCPT TO:<alice@example.org>\r\nDATA\r\n"
+    )
+    assert [client.reply().code for _ in range(4)] == [250, 550, 250, 354]
+    queue_id = client.message(MESSAGE).queue_id()
+    client.quit()
+    peer.wait_finished()
+    assert smtpd.spool.envelope(queue_id).recipients == ("alice@example.org",)
+
+
+@pytest.mark.parametrize("server", SHELLS, indirect=True)
+def test_a_client_gone_mid_message_leaves_nothing(server: Server, peer: Peer) -> None:
+    before = server.ids()
+    client = server.open()
+    client.reply()
+    client.command("EHLO client.example")
+    assert client.command("MAIL FROM:<s@example.net>").code == 250
+    assert client.command("RCPT TO:<alice@example.org>").code == 250
+    assert client.command("DATA").code == 354
+    client.send_raw(LONG_MESSAGE[: len(LONG_MESSAGE) // 2])
+    client.close()
+    peer.wait_finished()  # the milter's conversation is closed, too
+    assert peer.kinds()[-1] in ("Abort", "Quit")
+    assert server.ids() == before
+    assert server.in_tmp() == []
+
+
+def test_leading_space_negotiated(smtpd: Server, peer: Peer) -> None:
+    """SMFIP_HDR_LEADSPC: values as they follow the colon, both ways."""
+    peer.reset(
+        {b"E": [codec.AddHeader(name="X-Added", value="\tyes"), codec.Continue()]},
+        protocol=ProtocolFlag.HDR_LEADSPC,
+    )
+    answers, _ = session(smtpd)
+    queue_id = answers[-1].queue_id()
+    peer.wait_finished()
+    headers = [c for c in peer.commands() if isinstance(c, codec.Header)]
+    assert headers[1:4] == [
+        codec.Header(name="From", value=" Sender <s@example.net>"),
+        codec.Header(name="To", value=" alice@example.org"),
+        codec.Header(name="Subject", value=" hi"),
+    ]
+    stored = smtpd.stored(queue_id)
+    assert stored == received_field(stored) + HEADER + b"X-Added:\tyes\r\n\r\n" + BODY
+
+
+ODD_HEADERS = [
+    # No space after the colon, an empty value, 8-bit octets (UTF-8 and not), trailing blanks.
+    b"Subject:tight\r\nX-Empty:\r\nX-Utf8: caf\xc3\xa9\r\nX-Latin1: caf\xe9\r\nX-Trail: x  \r\n"
+    b"\r\nbody\r\n",
+    # A header and no body, no empty line.
+    b"Subject: only a header\r\n",
+    # No header at all: the first line is body.
+    b"just a body line\r\n",
+    b"",
+]
+
+
+@pytest.mark.parametrize("data", ODD_HEADERS)
+def test_unusual_messages_queued_exactly_through_a_milter(
+    smtpd: Server, peer: Peer, data: bytes
+) -> None:
+    peer.reset({b"E": [codec.AddHeader(name="X-Added", value="yes"), codec.Continue()]})
+    answers, _ = session(smtpd, data=data)
+    queue_id = answers[-1].queue_id()
+    peer.wait_finished()
+    stored = smtpd.stored(queue_id)
+    # The field goes at the end of the header section, whatever follows it
+    # (an empty line is added by no one: the message is as it came).
+    header, separator, body = data.partition(b"\r\n\r\n")
+    if separator:
+        expected = header + b"\r\nX-Added: yes\r\n\r\n" + body
+    elif data.startswith(b"Subject"):
+        expected = data + b"X-Added: yes\r\n"
+    else:
+        expected = b"X-Added: yes\r\n" + data
+    assert stored == received_field(stored) + expected
