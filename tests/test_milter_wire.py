@@ -1319,3 +1319,42 @@ def test_unusual_messages_queued_exactly_through_a_milter(
     else:
         expected = b"X-Added: yes\r\n" + data
     assert stored == received_field(stored) + expected
+
+
+def test_accept_at_connect_drops_the_milter_for_the_session(smtpd: Server, peer: Peer) -> None:
+    peer.reset({b"C": [codec.Accept()]})
+    answers, _ = session(smtpd)
+    queue_id = answers[-1].queue_id()
+    peer.wait_finished()
+    assert peer.kinds() in (["Connect"], ["Connect", "Quit"])
+    stored = smtpd.stored(queue_id)
+    assert stored == received_field(stored) + MESSAGE
+
+
+@pytest.mark.parametrize("server", SHELLS, indirect=True)
+def test_shutdown_from_the_milter_ends_the_session_with_421(server: Server, peer: Peer) -> None:
+    peer.reset({b"M": [codec.Shutdown()]})
+    client = server.open()
+    client.reply()
+    client.command("EHLO client.example")
+    # Pipelined behind it: never answered, the session is over.
+    client.send_raw(b"MAIL FROM:<s@example.net>\r\nRCPT TO:<alice@example.org>\r\n")
+    assert client.reply().lines == ("421 4.7.0 Server closing connection",)
+    assert client.at_end()
+    client.close()
+    peer.wait_finished()
+    assert peer.kinds()[-1] != "RcptTo"
+
+
+def test_a_421_at_end_of_data_closes_and_queues_nothing(smtpd: Server, peer: Peer) -> None:
+    peer.reset({b"E": [codec.ReplyCode(text="421 4.3.2 going down")]})
+    before = smtpd.ids()
+    client = smtpd.open()
+    client.reply()
+    client.command("EHLO client.example")
+    assert client.transaction()[-1].lines == ("421 4.3.2 going down",)
+    assert client.at_end()
+    client.close()
+    peer.wait_finished()
+    assert smtpd.ids() == before
+    assert smtpd.in_tmp() == []
