@@ -316,8 +316,9 @@ class Session:
         if staged is None:
             if not self._discard or self._writer is None:
                 return True  # nothing staged: the content went straight to its file
+            reply = self._discarded()  # before the drop forgets the queue id
             self._drop_message()
-            self.connection.send(self._discarded())
+            self.connection.send(reply)
             await filters.reset()
             return False
         try:
