@@ -3,7 +3,8 @@
     checkque [-c config] [--json] [--cat ID]
 
 Without options, a table with a line per message and one under it per
-recipient with its delivery state (pending, deferred, delivered, bounced);
+recipient with its delivery state (pending, deferred, delivered, bounced),
+and the reason a filter gave, for a message held in quarantine;
 ``--json`` one object a line per message, ``states`` holding the same and
 ``state`` saying ``queued``.  Files set aside in ``corrupt/`` (a queue file
 that cannot be read whole, a submission pickup refused) follow, in a table
@@ -70,6 +71,7 @@ def as_json(message: QueuedMessage, state: DeliveryState) -> str:
             "body": envelope.body,
             "submitter": envelope.submitter,
             "submitter_uid": envelope.submitter_uid,
+            "quarantine": envelope.quarantine,
             "states": [state_as_json(entry) for entry in state.recipients],
             "state": "queued",
         },
@@ -84,9 +86,10 @@ def as_row(message: QueuedMessage) -> str:
     if len(envelope.recipients) > 1:
         recipients += f" (+{len(envelope.recipients) - 1})"
     sender = f"<{envelope.sender}>"
+    held = "" if envelope.quarantine is None else f"\n    quarantined: {envelope.quarantine}"
     return (
         f"{message.id}  {message.size:>9}  {received}  {envelope.channel:<8}  "
-        f"{sender}  {recipients}"
+        f"{sender}  {recipients}{held}"
     )
 
 

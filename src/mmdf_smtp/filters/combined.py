@@ -219,7 +219,9 @@ class SessionFilters:
     def _tls_macros(self) -> dict[str, str]:
         if self._tls is None:
             return {}
-        version, _, cipher = self._tls.partition(" ")
+        # The session's description, "TLSv1.3 with cipher TLS_AES_256_GCM_SHA384"
+        # (shells.tls.describe): the macros are its two names, as OpenSSL gives them.
+        version, _, cipher = self._tls.partition(" with cipher ")
         return {"{tls_version}": version, "{cipher}": cipher}
 
 
