@@ -116,20 +116,27 @@ def connect(host: str, port: int) -> socket.socket:
     return socket.create_connection((host, port), timeout=30)
 
 
+# HELO offers no PIPELINING: each command waits for the reply before it.
 SESSION = (
-    b"HELO client.example\r\nMAIL FROM:<a@example.net>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n"
+    b"HELO client.example\r\n",
+    b"MAIL FROM:<a@example.net>\r\n",
+    b"RCPT TO:<bob@example.org>\r\n",
+    b"DATA\r\n",
 )
 
 
 def deliver_one(sock: socket.socket, network: str, body: bytes) -> str:
     """One message over ``sock``, every reply checked; its queue id."""
     assert recv_reply(sock) == f"220 {network} Server SMTP ready\r\n".encode()
-    sock.sendall(SESSION)
-    assert read_replies(sock, 4) == [
-        f"250 {network} Hello client.example".encode(),
-        b"250 2.1.0 Sender OK",
-        b"250 2.1.5 Recipient OK",
-        b"354 Start mail input; end with <CRLF>.<CRLF>",
+    replies = []
+    for command in SESSION:
+        sock.sendall(command)
+        replies.append(recv_reply(sock))
+    assert replies == [
+        f"250 {network} Hello client.example\r\n".encode(),
+        b"250 2.1.0 Sender OK\r\n",
+        b"250 2.1.5 Recipient OK\r\n",
+        b"354 Start mail input; end with <CRLF>.<CRLF>\r\n",
     ]
     sock.sendall(body + b".\r\nQUIT\r\n")
     submitted, goodbye = read_replies(sock, 2)
