@@ -208,6 +208,7 @@ class Checks:
         # privileges has done so before.
         self._processes: ProcessPoolExecutor | None = None
         self._starting: asyncio.Future[ProcessPoolExecutor] | None = None
+        self._threads_only = False  # no pool could be started
         self._spf_querytime = spf_querytime
 
     def close(self) -> None:
@@ -307,7 +308,7 @@ class Checks:
         if isinstance(message, bytes) and len(message) > auth.dkim_max_size:
             return too_large_report(headers, auth.dkim_max_size)
         keys = await fetch_keys(self.resolver, key_names(headers))
-        if self._processes is None:
+        if self._processes is None and not self._threads_only:
             if self._starting is None:
                 # Starting the fork server and a worker takes a good part of
                 # a second: in a thread, not on the loop.
@@ -316,12 +317,19 @@ class Checks:
                 )
             try:
                 self._processes = await asyncio.shield(self._starting)
+            except Exception:
+                # Workers are new interpreters, run as the daemon's user: one
+                # that may not execute it (a Python under /root, mode 0700)
+                # gets no pool.  Verifying in a thread is slower, not wrong.
+                if not self._threads_only:
+                    log.warning("DKIM verification in threads: no worker process", exc_info=True)
+                self._threads_only = True
             finally:
                 self._starting = None
         source = message if isinstance(message, bytes) else os.fspath(message)
         try:
             return await loop.run_in_executor(
-                self._processes,
+                self._processes or self._executor,
                 partial(_verify_message, keys, source, max_size=auth.dkim_max_size),
             )
         except Exception as exc:  # dkimpy's defect, a killed worker: not the session's end
