@@ -212,10 +212,20 @@ class Mmdf(_OneProcess):
 
     name = "mmdf-smtp"
 
-    def __init__(self, directory: Path, maxconnects: int, *, src: Path = SRC) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        maxconnects: int,
+        *,
+        src: Path = SRC,
+        extra: str = "",
+        name: str = "mmdf-smtp",
+    ) -> None:
         super().__init__(directory)
         self.maxconnects = maxconnects
         self.src = src
+        self.extra = extra  # configuration appended: [[milters]], [auth], ...
+        self.name = name
 
     def start(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -242,7 +252,7 @@ relay = true
 
 [local]
 users = ["a"]
-"""
+{self.extra}"""
         )
         env = dict(os.environ)
         env["PYTHONPATH"] = str(self.src) + os.pathsep + env.get("PYTHONPATH", "")
