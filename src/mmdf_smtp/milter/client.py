@@ -276,6 +276,10 @@ class Milter:
             step: Step = self._protocol.begin(command, macros)
             if step.verdict is not None:
                 self._unsent += step.data
+                if len(self._unsent) >= codec.CHUNK_SIZE:
+                    # Body chunks the milter does not answer (SMFIP_NR_BODY)
+                    # go as they come: the body is never held whole.
+                    await self._write(b"", timeout)
                 verdict = step.verdict
             else:
                 await self._write(step.data, timeout)
