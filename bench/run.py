@@ -1,6 +1,6 @@
 """Benchmark mmdf-smtp against Postfix and aiosmtpd, in one run on one machine.
 
-    python bench/run.py [--smoke] [--rounds N] [--json FILE] [--milter opendkim]
+    python bench/run.py [--smoke] [--rounds N] [--json FILE] [--milter opendkim] [--auth]
 
 Starts the three servers on free loopback ports, each with the same
 durability (250 only once the message is on stable storage), drives them
@@ -8,9 +8,12 @@ case by case in interleaved rounds (every case runs on every server before
 the next case; the servers' order rotates from round to round), and prints
 one table of medians over the rounds with mmdf-smtp's ratios to the others.
 ``--milter opendkim`` adds Postfix with OpenDKIM signing every message as
-its smtpd milter ("postfix+opendkim"), compared with mmdf-smtp through the
-same milter once mmdf-smtp has a milter client ("mmdf-smtp+opendkim").
-Every server it starts, it stops.  See README.md, "Performance".
+its smtpd milter ("postfix+opendkim") and mmdf-smtp through the same
+OpenDKIM instance ("mmdf-smtp+opendkim"), the two compared with each other.
+``--auth`` adds mmdf-smtp with its built-in checks on ("mmdf-smtp+auth":
+SPF, DKIM, DMARC against a DNS server on loopback that publishes the load's
+sender's records), compared with mmdf-smtp without them.  Every server it
+starts, it stops.  See README.md, "Performance".
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from load import SENDER, IdleConnections, LoadError, Run, pipelining_client, smtp_source
+from loopback_dns import loopback_dns, txt
 from memory import Footprint, PeakSampler, footprint
 from milter_servers import Milter, MilterUnavailable, OpenDKIM, make_rsa_key, require
 from servers import Aiosmtpd, Mmdf, Postfix, Server, spread_subdirectories, unique_name
@@ -186,6 +190,30 @@ def signing_milter(directory: Path, *, unix: bool) -> Iterator[Milter]:
         yield milter
 
 
+def milter_table(milter: Milter) -> str:
+    """mmdf-smtp's [[milters]] for ``milter``, failing as Postfix's does here (tempfail)."""
+    return f'\n[[milters]]\nsocket = "{milter.socket}"\ndefault_action = "tempfail"\n'
+
+
+def sender_records() -> dict[tuple[str, str], list[str]]:
+    """What the load's sender's domain publishes: SPF passing loopback, DMARC p=reject.
+
+    Every message then takes the whole of [auth]'s work but a signature's:
+    SPF of MAIL FROM and of the HELO name (client.bench), the DKIM and ARC
+    pass over the message (no signature found), DMARC's record and
+    alignment (SPF's, which passes).
+    """
+    domain = SENDER.decode().rsplit("@", 1)[1]
+    return {
+        (domain, "TXT"): [txt("v=spf1 ip4:127.0.0.0/8 -all")],
+        (f"_dmarc.{domain}", "TXT"): [txt("v=DMARC1; p=reject")],
+    }
+
+
+def auth_table(nameserver: str) -> str:
+    return f'\n[auth]\nauthserv_id = "mx.bench"\n\n[dns]\nnameservers = ["{nameserver}"]\n'
+
+
 @contextlib.contextmanager
 def started(server: Server) -> Iterator[Server]:
     try:
@@ -327,6 +355,25 @@ def growth_notes(results: Results, servers: list[str]) -> list[str]:
     return notes
 
 
+def variant_notes(results: Results, servers: list[str]) -> list[str]:
+    """Each variant of the first server (mmdf-smtp+auth, ...) against the first, case by case."""
+    notes = []
+    variants = [name for name in servers if name.startswith(servers[0] + "+")]
+    for case, runs in results.by_case.items():
+        if case.startswith("idle"):
+            continue
+        base = _median([m.rate for m in _ok(runs.get(servers[0], []))])
+        for name in variants:
+            ok = _ok(runs.get(name, []))
+            if ok and base:
+                rate = _median([m.rate for m in ok])
+                notes.append(
+                    f"{case}: {name} at {rate / base:.2f}x {servers[0]}"
+                    f" ({rate:.0f} vs {base:.0f} msg/s)"
+                )
+    return notes
+
+
 def errors(results: Results) -> list[str]:
     found: list[str] = []
     for case, runs in results.by_case.items():
@@ -352,6 +399,11 @@ def main(argv: list[str] | None = None) -> int:
         "--milter",
         choices=["opendkim"],
         help="also run Postfix with this milter (OpenDKIM signing every message) as a server",
+    )
+    parser.add_argument(
+        "--auth",
+        action="store_true",
+        help="also run mmdf-smtp with [auth] on (SPF, DKIM, DMARC) as a server",
     )
     parser.add_argument(
         "--milter-socket",
@@ -406,6 +458,14 @@ def main(argv: list[str] | None = None) -> int:
                     signing_milter(top / unique_name("opendkim"), unix=args.milter_socket == "unix")
                 )
                 servers.append(
+                    Mmdf(
+                        top / unique_name("mmdf-opendkim"),
+                        maxconnects=100,
+                        extra=milter_table(milter),
+                        name=f"mmdf-smtp+{milter.name}",
+                    )
+                )
+                servers.append(
                     Postfix(
                         top / unique_name("postfix-opendkim"),
                         maxproc=IDLE_SLOTS,
@@ -415,6 +475,16 @@ def main(argv: list[str] | None = None) -> int:
                 )
             if args.metrics:
                 servers.insert(1, Mmdf(top / unique_name("mmdf-metrics"), 100, metrics=True))
+            if args.auth:
+                nameserver = stack.enter_context(loopback_dns(sender_records()))
+                servers.append(
+                    Mmdf(
+                        top / unique_name("mmdf-auth"),
+                        maxconnects=100,
+                        extra=auth_table(nameserver),
+                        name="mmdf-smtp+auth",
+                    )
+                )
             names = [server.name for server in servers]
             for server in servers:
                 stack.enter_context(started(server))
@@ -450,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(table(results, names))
     print()
-    for note in growth_notes(results, names):
+    for note in growth_notes(results, names) + variant_notes(results, names):
         print(f"- {note}")
     if args.json:
         raw = {

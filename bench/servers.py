@@ -213,11 +213,20 @@ class Mmdf(_OneProcess):
     name = "mmdf-smtp"
 
     def __init__(
-        self, directory: Path, maxconnects: int, *, src: Path = SRC, metrics: bool = False
+        self,
+        directory: Path,
+        maxconnects: int,
+        *,
+        src: Path = SRC,
+        extra: str = "",
+        name: str = "mmdf-smtp",
+        metrics: bool = False,
     ) -> None:
         super().__init__(directory)
         self.maxconnects = maxconnects
         self.src = src
+        self.extra = extra  # configuration appended: [[milters]], [auth], ...
+        self.name = name
         self.metrics = metrics  # [metrics] listen: counting on, to see what it costs
         if metrics:
             self.name = "mmdf-smtp+metrics"
@@ -247,7 +256,7 @@ relay = true
 
 [local]
 users = ["a"]
-"""
+{self.extra}"""
             + ('\n[metrics]\nlisten = "127.0.0.1:0"\n' if self.metrics else "")
         )
         env = dict(os.environ)

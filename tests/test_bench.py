@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -101,29 +102,32 @@ def test_smoke_run_completes_and_every_server_answers(tmp_path: Path, workdir: P
     assert list(workdir.iterdir()) == [], "the run's directory was not removed"
 
 
-def test_smoke_run_with_postfix_and_opendkim(tmp_path: Path, workdir: Path) -> None:
-    """--milter opendkim adds Postfix signing through OpenDKIM, compared with nothing yet."""
+def test_smoke_run_with_opendkim_and_auth(tmp_path: Path, workdir: Path) -> None:
+    """--milter opendkim pairs both servers through OpenDKIM; --auth adds mmdf-smtp's checks."""
     for program, package in (("opendkim", "opendkim"), ("opendkim-genkey", "opendkim-tools")):
         if shutil.which(program, path="/usr/sbin:/usr/bin:/sbin:/bin") is None:
             unavailable(f"{program} is missing (Debian's package {package})")
     figures = tmp_path / "figures.json"
-    command = [sys.executable, str(BENCH), "--smoke", "--milter", "opendkim"]
+    command = [sys.executable, str(BENCH), "--smoke", "--milter", "opendkim", "--auth"]
     command += ["--only", "1 KiB x2 (connect|pipeline)", "--json", str(figures)]
     command += ["--workdir", str(workdir)]
-    result = subprocess.run(command, capture_output=True, timeout=100, check=False)
+    result = subprocess.run(command, capture_output=True, timeout=150, check=False)
     assert result.returncode == 0, result.stderr.decode()
     raw = json.loads(figures.read_text())
     assert list(raw) == ["1 KiB x2 connect", "1 KiB x2 pipeline"]
+    variants = ["mmdf-smtp+opendkim", "postfix+opendkim", "mmdf-smtp+auth"]
     for case, runs in raw.items():
-        assert sorted(runs) == sorted([*SERVERS, "postfix+opendkim"]), case
+        assert sorted(runs) == sorted([*SERVERS, *variants]), case
         for server, [measurement] in runs.items():
             assert measurement["error"] is None, (case, server, measurement["error"])
             assert measurement["messages"] == 10, (case, server)
     table = result.stdout.decode()
-    header = "| case | msg/s (mmdf-smtp / postfix / aiosmtpd / postfix+opendkim) |"
+    header = f"| case | msg/s ({' / '.join([*SERVERS, *variants])}) |"
     assert header in table
-    # No mmdf-smtp+opendkim yet: no ratio to postfix+opendkim.
+    # postfix+opendkim's ratio is mmdf-smtp+opendkim's, a figure.
     [row] = [line for line in table.splitlines() if line.startswith("| 1 KiB x2 connect |")]
-    assert row.endswith(" | - |"), row
+    assert re.search(r" \| \d+\.\d\d \|$", row), row
+    notes = [line for line in table.splitlines() if line.startswith("- 1 KiB x2 connect: ")]
+    assert [note.split()[5] for note in notes] == ["mmdf-smtp+opendkim", "mmdf-smtp+auth"], notes
     assert _leftovers(workdir) == []
     assert list(workdir.iterdir()) == [], "the run's directory was not removed"

@@ -283,6 +283,7 @@ class Checks:
         # privileges has done so before.
         self._processes: ProcessPoolExecutor | None = None
         self._starting: asyncio.Future[ProcessPoolExecutor] | None = None
+        self._threads_only = False  # no pool could be started
         self._spf_querytime = spf_querytime
 
     def close(self) -> None:
@@ -413,7 +414,7 @@ class Checks:
         """Where to verify: the process's verifiers, our threads, or our own pool."""
         if _Verifiers.pool is not None:
             return _Verifiers.pool
-        if _Verifiers.threads:
+        if _Verifiers.threads or self._threads_only:
             return self._executor
         if self._processes is None:
             if self._starting is None:
@@ -424,6 +425,13 @@ class Checks:
                 )
             try:
                 self._processes = await asyncio.shield(self._starting)
+            except Exception:
+                # Workers are new interpreters, run as the daemon's user: one
+                # that may not execute it (a Python under /root, mode 0700)
+                # gets no pool.  Verifying in a thread is slower, not wrong.
+                if not self._threads_only:
+                    log.warning("DKIM verification in threads: no worker process", exc_info=True)
+                self._threads_only = True
             finally:
                 self._starting = None
-        return self._processes
+        return self._processes or self._executor

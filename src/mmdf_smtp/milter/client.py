@@ -101,6 +101,10 @@ class Milter:
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._body = bytearray()
+        # Packets that get no answer (the macros of a stage the milter
+        # skips, a command it asked not to answer), sent with the next write:
+        # each write on its own would wake the milter for nothing.
+        self._unsent = bytearray()
 
     @property
     def negotiated(self) -> Negotiated | None:
@@ -234,7 +238,7 @@ class Milter:
         """End of the SMTP session: QUIT if the conversation is still on, then close."""
         data = self._protocol.quit()
         if data and self._writer is not None and not self._writer.is_closing():
-            self._writer.write(data)
+            self._writer.write(self._unsent + data)
         self._close()
 
     # -- connection
@@ -273,11 +277,15 @@ class Milter:
         started = time.monotonic()
         try:
             step: Step = self._protocol.begin(command, macros)
-            if step.data:
-                await self._write(step.data, timeout)
             if step.verdict is not None:
+                self._unsent += step.data
+                if len(self._unsent) >= codec.CHUNK_SIZE:
+                    # Body chunks the milter does not answer (SMFIP_NR_BODY)
+                    # go as they come: the body is never held whole.
+                    await self._write(b"", timeout)
                 verdict = step.verdict
             else:
+                await self._write(step.data, timeout)
                 result = await self._receive(timeout, what)
                 assert isinstance(result, Verdict)
                 verdict = result
@@ -292,10 +300,14 @@ class Milter:
         writer = self._writer
         if writer is None or writer.is_closing():
             raise _Broken("connection closed")
+        if self._unsent:
+            data = bytes(self._unsent + data)
+            self._unsent.clear()
         try:
             writer.write(data)
-            async with asyncio.timeout(timeout):
-                await writer.drain()
+            if writer.transport.get_write_buffer_size():
+                async with asyncio.timeout(timeout):
+                    await writer.drain()
         except TimeoutError:
             raise _Broken(f"no progress writing for {timeout:g} s") from None
         except OSError as error:
@@ -339,6 +351,7 @@ class Milter:
         return verdict
 
     def _close(self) -> None:
+        self._unsent.clear()
         writer, self._writer, self._reader = self._writer, None, None
         if writer is not None:
             writer.close()
