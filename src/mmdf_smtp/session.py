@@ -198,8 +198,7 @@ class Session:
             case MessageComplete():
                 self._commit_in_place(event)
             case MessageAborted():
-                self._log_refusal(event.reply, event.reason)
-                metrics.message_refused(event.reason or "protocol", 0)
+                self._message_refused(event)
                 self._drop_message()
             case OutOfTurn():
                 self._log_out_of_turn(event)
@@ -237,8 +236,7 @@ class Session:
                 return self._filtered_commit(filters, event)
             case MessageAborted() | Reset() | StartTLS():
                 if isinstance(event, MessageAborted):
-                    self._log_refusal(event.reply, event.reason)
-                    metrics.message_refused(event.reason or "protocol", 0)
+                    self._message_refused(event)
                 had_transaction = self._queue_id is not None
                 self._drop_message()
                 if had_transaction:
@@ -250,6 +248,11 @@ class Session:
                 self._log_session(event)
                 return filters.close()
         return None
+
+    def _message_refused(self, event: MessageAborted) -> None:
+        """The core refused the message at its end (NUL, a bare line end, too big...)."""
+        self._log_refusal(event.reply, event.reason)
+        metrics.message_refused(event.reason or "protocol", 0)
 
     def _commit_in_place(self, event: MessageComplete) -> None:
         writer, error = self.end_message()
