@@ -187,7 +187,14 @@ def test_recipient_paths() -> None:
         (b" SMTPUTF8=yes", "501 5.5.4 Invalid parameter value"),
         (b" AUTH=<>", "555 5.5.4 MAIL FROM/RCPT TO parameters not recognized"),
         (b" RET=FULL", "555 5.5.4 MAIL FROM/RCPT TO parameters not recognized"),
-        (b" SIZE=1 SIZE=2", "501 5.5.4 Duplicate SIZE"),
+        (b" SIZE=1 SIZE=2", "501 5.5.4 Duplicate SIZE with another value"),
+        (b" SIZE=1 SIZE=1", "250 2.1.0 Sender OK"),
+        # Python's smtplib send_message repeats what the caller also gave.
+        (b" SMTPUTF8 BODY=8BITMIME SMTPUTF8 BODY=8BITMIME", "250 2.1.0 Sender OK"),
+        (b" BODY=8bitmime BODY=8BITMIME", "250 2.1.0 Sender OK"),
+        (b" BODY=7BIT BODY=8BITMIME", "501 5.5.4 Duplicate BODY with another value"),
+        (b" SMTPUTF8 SMTPUTF8=x", "501 5.5.4 Duplicate SMTPUTF8 with another value"),
+        (b" SMTPUTF8=x SMTPUTF8", "501 5.5.4 Duplicate SMTPUTF8 with another value"),
         (b" SIZE=10  BODY=8BITMIME", "250 2.1.0 Sender OK"),
     ],
 )
@@ -200,6 +207,18 @@ def test_mail_parameters_reach_the_event() -> None:
     run = transcript(EHLO + b"MAIL FROM:<a@example.org> SIZE=99 BODY=8BITMIME\r\n")
     assert run.of(MailFrom) == [
         MailFrom(sender=Path(local="a", domain="example.org"), size=99, body="8BITMIME")
+    ]
+
+
+def test_a_repeated_parameter_counts_once() -> None:
+    run = transcript(
+        EHLO + b"MAIL FROM:<a@example.org> BODY=8BITMIME SIZE=9 size=9 SMTPUTF8"
+        b" body=8bitmime SMTPUTF8\r\n"
+    )
+    assert run.of(MailFrom) == [
+        MailFrom(
+            sender=Path(local="a", domain="example.org"), size=9, body="8BITMIME", smtputf8=True
+        )
     ]
 
 

@@ -104,6 +104,21 @@ def test_smtplib_sends_a_message(server: Daemon) -> None:
     assert body_of(data) == message.as_bytes(policy=message.policy.clone(linesep="\r\n"))
 
 
+def test_smtplib_send_message_with_its_own_smtputf8_and_body(server: Daemon) -> None:
+    # send_message adds SMTPUTF8 and BODY=8BITMIME to an international
+    # message's MAIL command, after those the caller gave.
+    message = EmailMessage()
+    message["From"] = "sénder@example.net"
+    message["To"] = "alice@example.org"
+    message["Subject"] = "smtputf8 twice"
+    message.set_content("given twice\n")
+    with smtplib.SMTP(server.host, server.port, timeout=30) as client:
+        client.ehlo("client.example")
+        refused = client.send_message(message, mail_options=["SMTPUTF8", "BODY=8BITMIME"])
+        assert refused == {}
+    assert find(server, b"given twice")["sender"] == "sénder@example.net"
+
+
 def test_smtplib_refusals_are_exact(server: Daemon) -> None:
     with smtplib.SMTP(server.host, server.port, timeout=30) as client:
         client.ehlo("client.example")

@@ -154,11 +154,25 @@ def parse_parameters(text: str | None) -> dict[str, str | None]:
         match = _ESMTP_PARAM.fullmatch(token)
         if match is None:
             raise GrammarError(replies.BAD_PARAMETER_VALUE)
-        keyword = match["keyword"].upper()
+        keyword, value = match["keyword"].upper(), match["value"]
         if keyword in params:
-            raise GrammarError(replies.BAD_PARAMETER_VALUE.with_text(f"Duplicate {keyword}"))
-        params[keyword] = match["value"]
+            # A parameter given twice alike says nothing new: Python's smtplib
+            # repeats SMTPUTF8 and BODY=8BITMIME when the caller gave them
+            # too, and Postfix takes that.  Two different values conflict.
+            if not _same_value(params[keyword], value):
+                raise GrammarError(
+                    replies.BAD_PARAMETER_VALUE.with_text(f"Duplicate {keyword} with another value")
+                )
+            continue
+        params[keyword] = value
     return params
+
+
+def _same_value(first: str | None, second: str | None) -> bool:
+    """Whether two values of one parameter mean the same (BODY's are case-blind)."""
+    if first is None or second is None:
+        return first is second
+    return first.upper() == second.upper()
 
 
 @dataclass(frozen=True, slots=True)
