@@ -52,6 +52,7 @@ from .protocol import (
     StartTLS,
     replies,
 )
+from .protocol.grammar import is_domain_or_literal
 from .queue import Envelope, MessageWriter, Queue, QueueError
 
 log = logging.getLogger("mmdf_smtp.session")
@@ -81,6 +82,21 @@ def _quoted(data: bytes, limit: int = 64) -> str:
     # (the workers cannot load one after they dropped privileges).
     text = repr(data[:limit])[2:-1]
     return '"' + text.replace('"', '\\"') + ('..."' if len(data) > limit else '"')
+
+
+def _comment_text(text: str, *, utf8: bool) -> str:
+    """``text`` as a comment's content (RFC 5322 3.2.2): parentheses and
+    backslashes as quoted-pairs, and "?" for what a header may not hold
+    (controls, and non-ASCII outside an SMTPUTF8 message)."""
+    out = []
+    for char in text:
+        if char in "()\\":
+            out.append("\\" + char)
+        elif char.isprintable() and (char.isascii() or utf8):
+            out.append(char)
+        else:
+            out.append("?")
+    return "".join(out)
 
 
 def address_literal(address: str) -> str:
@@ -550,7 +566,16 @@ class Session:
             literal = address_literal(self.client.address)
             if literal != tcp_info:
                 tcp_info = f"{tcp_info} {literal}"
-        lines = [f"Received: from {conn.helo} ({tcp_info})"]
+        helo = conn.helo or ""
+        if is_domain_or_literal(helo, utf8=smtputf8):
+            lines = [f"Received: from {helo} ({tcp_info})"]
+        else:
+            # RFC 5321 4.4: From-domain is a Domain or an address literal.
+            # A HELO that is neither (a ";" in it ends the fields early for
+            # a parser, 8-bit octets break a header) goes in a comment, as
+            # Postfix does, after the client's name or address.
+            shown = _comment_text(helo, utf8=smtputf8)
+            lines = [f"Received: from {self.client.host} ({tcp_info} HELO {shown})"]
         by = f"\tby {self.hostname} (mmdf-smtp)"
         if self.tls:
             by += f" (using {self.tls})"

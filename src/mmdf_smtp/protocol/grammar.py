@@ -101,6 +101,25 @@ def parse_helo(argument: str) -> str:
     return argument
 
 
+_ASCII_DOMAIN = re.compile(
+    r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
+)
+_UTF8_DOMAIN = re.compile(_DOMAIN)
+_LITERAL = re.compile(_ADDRESS_LITERAL)
+
+
+def is_domain_or_literal(text: str, *, utf8: bool = False) -> bool:
+    """Whether ``text`` is a Domain or an address-literal (RFC 5321 4.1.2).
+
+    U-labels count only with ``utf8`` (RFC 6531 3.3): elsewhere a header
+    must be ASCII.
+    """
+    if _LITERAL.fullmatch(text):
+        return _address_literal_ok(text)
+    domain = _UTF8_DOMAIN if utf8 else _ASCII_DOMAIN
+    return len(text.encode()) <= MAX_DOMAIN and domain.fullmatch(text) is not None
+
+
 def _address_literal_ok(literal: str) -> bool:
     body = literal[1:-1]
     if body[:5].lower() == "ipv6:":
