@@ -45,6 +45,7 @@ from .protocol import (
     OutOfTurn,
     Path,
     RcptTo,
+    Refused,
     Reply,
     Reset,
     ServerConnection,
@@ -82,6 +83,13 @@ def _quoted(data: bytes, limit: int = 64) -> str:
     # (the workers cannot load one after they dropped privileges).
     text = repr(data[:limit])[2:-1]
     return '"' + text.replace('"', '\\"') + ('..."' if len(data) > limit else '"')
+
+
+# A word for the log for each refusal of a recipient by policy.
+_RECIPIENT_REASONS = {
+    replies.UNKNOWN_USER.enhanced: "unknown-user",
+    replies.RELAY_DENIED.enhanced: "relay-denied",
+}
 
 
 def _comment_text(text: str, *, utf8: bool) -> str:
@@ -140,6 +148,9 @@ class Session:
         self._queue = queue
         self._clock = clock
         self._recipients: list[str] = []
+        # The sender of the transaction under way, for the log: the core
+        # forgets it as soon as it refuses the message.
+        self._transaction_sender: str | None = None
         self._writer: MessageWriter | None = None
         self._write_error: QueueError | None = None
         self._refusal = refusal
@@ -194,6 +205,7 @@ class Session:
                 conn.send(replies.HELLO.with_fixed_text(f"{self.hostname} Hello {event.name}"))
             case MailFrom():
                 self._recipients.clear()
+                self._transaction_sender = event.sender.address
                 conn.send(replies.SENDER_OK)
             case RcptTo():
                 conn.send(self._rcpt(event))
@@ -204,11 +216,14 @@ class Session:
             case MessageComplete():
                 self._commit_in_place(event)
             case MessageAborted():
-                self._log_refusal(event.reply, event.reason)
+                self._log_refusal(event.reply, event.reason, self._envelope_details())
                 self._drop_message()
             case OutOfTurn():
                 self._log_out_of_turn(event)
+            case Refused():
+                self._log_core_refusal(event)
             case Reset() | StartTLS():
+                self._transaction_sender = None
                 self._drop_message()
             case ConnectionClosed():
                 self._drop_message()
@@ -222,11 +237,11 @@ class Session:
                 return self._filtered_hello(filters, event)
             case MailFrom():
                 self._recipients.clear()
+                self._transaction_sender = event.sender.address
                 self._discard = False
                 return self._filtered_mail(filters, event)
             case RcptTo():
-                assert self.channel is not None
-                refusal = self._check_recipient(self.channel, event.recipient)
+                refusal = self._recipient_refusal(event)
                 if refusal is not None:
                     conn.send(refusal)
                     return None
@@ -242,13 +257,17 @@ class Session:
                 return self._filtered_commit(filters, event)
             case MessageAborted() | Reset() | StartTLS():
                 if isinstance(event, MessageAborted):
-                    self._log_refusal(event.reply, event.reason)
+                    self._log_refusal(event.reply, event.reason, self._envelope_details())
+                else:
+                    self._transaction_sender = None
                 had_transaction = self._queue_id is not None
                 self._drop_message()
                 if had_transaction:
                     return filters.reset()
             case OutOfTurn():
                 self._log_out_of_turn(event)
+            case Refused():
+                self._log_core_refusal(event)
             case ConnectionClosed():
                 self._drop_message()
                 self._log_session(event)
@@ -416,12 +435,21 @@ class Session:
         return reply
 
     def _rcpt(self, event: RcptTo) -> Reply:
-        assert self.channel is not None
-        refusal = self._check_recipient(self.channel, event.recipient)
+        refusal = self._recipient_refusal(event)
         if refusal is not None:
             return refusal
         self._recipients.append(event.recipient.address)
         return replies.RECIPIENT_OK
+
+    def _recipient_refusal(self, event: RcptTo) -> Reply | None:
+        """The policy's refusal of a recipient (unknown user, relaying), logged."""
+        assert self.channel is not None
+        refusal = self._check_recipient(self.channel, event.recipient)
+        if refusal is not None:
+            reason = _RECIPIENT_REASONS.get(refusal.enhanced, "recipient")
+            details = f"from=<{self._sender()}> to=<{event.recipient.address}>"
+            self._log_refusal(refusal, reason, details)
+        return refusal
 
     def _open_message(self, event: StartData) -> Reply:
         self._drop_message()
@@ -493,9 +521,32 @@ class Session:
             self.channel.name if self.channel else "-",
             "yes" if self.tls else "no",
             self._queued,
-            "quit" if event.clean else "lost",
+            event.reason,
             time.monotonic() - self._started,
         )
+
+    def _log_core_refusal(self, event: Refused) -> None:
+        details = f"command={event.command}"
+        sender = event.sender if event.sender is not None else self._transaction_sender
+        if sender is not None:
+            details += f" from=<{sender}>"
+        self._log_refusal(event.reply, event.reason, details)
+
+    def _envelope_details(self) -> str:
+        recipients = ",".join(f"<{r}>" for r in self._recipients)
+        return f"from=<{self._transaction_sender or ''}> to={recipients}"
+
+    def tls_failed(self, problem: str) -> None:
+        """The STARTTLS handshake failed (``problem`` says how): logged, and the end."""
+        log.info(
+            "%s TLS handshake failed client=%s[%s] helo=%s: %s",
+            self.id,
+            self._log_host(),
+            self.client.address,
+            self.connection.helo or "",
+            problem,
+        )
+        self.connection.tls_failed()
 
     def _log_out_of_turn(self, event: OutOfTurn) -> None:
         details = f"after={event.command} input={_quoted(event.received)}"
