@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from wire import Daemon, certificate, daemon, smtpsrvr, write_config
+from wire import Daemon, certificate, daemon, queued, smtpsrvr, stored, write_config
 
 FILTER = Path(__file__).resolve().parent.parent / "contrib" / "fail2ban" / "mmdf-smtp.conf"
 
@@ -189,3 +189,22 @@ def test_a_failed_handshake_over_pipes_names_the_session_and_client(
     assert failed is not None, log
     assert failed.group(2) == "localhost[127.0.0.1]" or failed.group(2) == "unknown[127.0.0.1]"
     assert f"session {failed.group(1)} " in log and "end=tls-failed" in log
+
+
+def test_the_reply_the_log_and_the_queue_name_a_message_alike(server: Daemon) -> None:
+    script = (
+        ENVELOPE
+        + b"RCPT TO:<alice@example.org>\r\nDATA\r\nSubject: id\r\n\r\none id\r\n.\r\nQUIT\r\n"
+    )
+    with server.connect() as sock:
+        sock.recv(1000)
+        sock.sendall(script)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    lines = lines_until_end(server)
+    reply_id = re.findall(rb"250 2\.0\.0 Submitted & queued \(([^)]+)\)\r\n", answer)[0].decode()
+    [queued_line] = [line for line in lines if " queued id=" in line]
+    assert re.findall(r" queued id=(\S+) ", queued_line) == [reply_id]
+    assert [m["id"] for m in queued(server.config) if m["id"] == reply_id] == [reply_id]
+    assert f"\twith ESMTP id {reply_id}\r\n".encode() in stored(server.config, reply_id)

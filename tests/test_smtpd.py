@@ -589,7 +589,7 @@ def test_a_commit_process_that_dies_is_replaced_and_keeps_no_connection_open(
             assert read_replies(sock, 4)[-1].startswith(b"354")
             sock.sendall(b"after the commit process died\r\n.\r\nQUIT\r\n")
             assert read_replies(sock, 2) == [
-                b"250 2.0.0 Submitted & queued (msg." + queued(config)[0]["id"].encode() + b")",
+                b"250 2.0.0 Submitted & queued (" + queued(config)[0]["id"].encode() + b")",
                 b"221 2.0.0 mx.test closing connection",
             ]
             # The new commit process was forked with this connection open: a

@@ -412,7 +412,7 @@ class Session:
             self.client.address,
             self._sender(),
         )
-        return replies.QUEUED.with_text(f"Submitted & queued (msg.{queue_id})")
+        return replies.QUEUED.with_text(f"Submitted & queued ({queue_id})")
 
     def _refused(
         self,
@@ -509,7 +509,7 @@ class Session:
             event.size,
             self.channel.name if self.channel else "",
         )
-        return replies.QUEUED.with_text(f"Submitted & queued (msg.{writer.id})")
+        return replies.QUEUED.with_text(f"Submitted & queued ({writer.id})")
 
     def _log_session(self, event: ConnectionClosed) -> None:
         log.info(
