@@ -41,6 +41,7 @@ from ..daemon import (
     ExternalServer,
     Supervisor,
     bind,
+    die_with,
     inherited,
     listening_socket,
     run,
@@ -49,6 +50,7 @@ from ..daemon import (
     workers_for,
 )
 from ..policy import UnknownChannel
+from ..privileges import acting_as, become, prepare_account
 from ..service import Service
 from ..session import address_literal
 from ..shells.blocking import BlockingShell
@@ -59,6 +61,7 @@ from .common import (
     ArgumentParser,
     become_user,
     load_service,
+    prepare_user,
     setup_logging,
 )
 from .smtpsrvr import find_peer
@@ -251,6 +254,10 @@ def main(argv: list[str] | None = None) -> int:
         served = BlockingShell(service.session(peer), tls_context=service.tls_context).run()
         return EX_OK if served else EX_SOFTWARE
 
+    # From the moment a socket listens, someone may signal us for it (a
+    # SIGHUP from a script that waits for the port): signals wait until a
+    # handler is in place (Supervisor.run, Daemon.run), rather than kill us.
+    signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
     try:
         listeners = inherited() if not args.listen else []
         listeners = listeners or bind(args.listen or service.config.smtpd.listen)
@@ -301,6 +308,7 @@ def main_41(program: str, channel_list: str, port: str, maxconnects: str, networ
     service = load_service("smtpd", None, channels, finicky=False, hostname=network)
     setup_logging("smtpd", debug=False, target=service.config.log)
     service = with_maxconnects(service, sessions)
+    signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)  # as in main: before listening
     try:
         listeners = listen_on_network(network, addresses)
     except OSError as exc:
@@ -318,38 +326,63 @@ def serve(
     external: ExternalServer | None,
     hostname: str | None = None,
 ) -> None:
-    """Serve on ``listeners`` until SIGTERM: one worker per core, within maxconnects."""
-    become_user("smtpd", service)
-    removed = service.queue.recover()
+    """Serve on ``listeners`` until SIGTERM: one worker per core, within maxconnects.
+
+    Started as root, the supervisor stays root (Postfix's master does too)
+    and forks the workers, which become ``user`` before they serve anyone:
+    on SIGHUP it reads configuration, tables and certificates again (a key
+    may be root's alone) and replaces the workers with new ones.  Started as
+    anyone else, one worker serves in-process and reloads for itself.
+    Signals are already blocked (see main): each waits for its handler.
+    """
+    account = prepare_user("smtpd", service)
+    with acting_as(account):  # what recovery touches stays the user's
+        removed = service.queue.recover()
     if removed:
         log.info("removed %d unfinished messages left by a crash", len(removed))
     maxconnects = service.config.smtpd.maxconnects
     workers = workers_for(maxconnects)
     admission = Admission(maxconnects)
-    # Signals wait until a handler is in place (Supervisor.run, Daemon.run):
-    # a SIGHUP or SIGTERM sent as soon as we say we listen must not kill us.
-    signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
     names = ", ".join(sockname(sock) for sock in listeners)
     log.info("listening on %s, maxconnects %d, %d workers", names, maxconnects, workers)
 
     current = service
+    supervised = workers > 1 or account is not None
+    supervisor_pid = os.getpid()
 
-    def reload() -> None:
-        # For the workers that will replace others; the running ones reload
-        # for themselves, and log what is wrong with a bad configuration.
-        # This runs in the supervisor's signal handler, where anything
-        # raised would end the supervisor, and every worker with it.
-        nonlocal current
+    def reload() -> bool:
+        # For the workers that replace the running ones; those finish their
+        # sessions with what they had.
+        nonlocal current, account
         try:
-            current = Service.load(
+            reloaded = Service.load(
                 config_path, service.channels, finicky=service.finicky, hostname=hostname
             )
-        except (ConfigError, UnknownChannel):
-            pass
+            if account is not None:
+                reloaded_account = prepare_account(reloaded.config.user, reloaded.config.spool)
+            else:
+                reloaded_account = None
+        except (ConfigError, UnknownChannel, OSError) as exc:
+            log.error("reload failed, keeping the running configuration: %s", exc)
+            return False
         except Exception:
             log.exception("reload failed, keeping the running configuration")
+            return False
+        current, account = reloaded, reloaded_account
+        log.info("configuration reloaded from %s", reloaded.config.source)
+        return True
 
     def work(index: int) -> None:
+        if account is not None:
+            become(account)  # in the worker, forked by the root supervisor
+            die_with(supervisor_pid)
+        retired = None
+        if supervisor is not None:
+            generation, born = supervisor.generation, supervisor.generation()
+
+            def retired() -> bool:
+                return generation() != born
+
         slots = share(maxconnects, workers, index)
         run(
             lambda: Daemon(
@@ -360,13 +393,15 @@ def serve(
                 slots=slots,
                 admission=admission,
                 hostname=hostname,
+                retired=retired,
             )
         )
 
-    if workers == 1:
-        work(0)
+    supervisor = Supervisor(workers, work, reload) if supervised else None
+    if supervisor is not None:
+        supervisor.run()
     else:
-        Supervisor(workers, work, reload).run()
+        work(0)
 
 
 if __name__ == "__main__":
