@@ -41,6 +41,10 @@ BACKLOG = 128
 GRACE_SECONDS = 30.0
 LOG_FLUSH_DELAY = 0.02  # seconds a log line may wait to share a write with others
 SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+# Blocked from before the first socket listens until a handler takes them:
+# SIGNALS, and SIGCHLD, which a supervisor waits for (a thread started
+# meanwhile, with SIGCHLD not blocked, would take it and drop it).
+STARTUP_BLOCKED = {*SIGNALS, signal.SIGCHLD}
 # A worker that dies sooner than QUICK_EXIT after its start is restarted only
 # after a pause: THROTTLE_FIRST, doubled for each quick death in a row.
 QUICK_EXIT = 5.0
@@ -159,7 +163,7 @@ class Daemon:
         loop.add_signal_handler(
             signal.SIGHUP, self.reload if self._retired is None else self._stopping.set
         )
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STARTUP_BLOCKED)
         self._start_accepting()
         try:
             await self._stopping.wait()
@@ -479,7 +483,7 @@ class Supervisor:
             self._due[index] = time.monotonic()  # what kept it from starting may be fixed
 
     def run(self) -> None:
-        waited = {*SIGNALS, signal.SIGCHLD}
+        waited = STARTUP_BLOCKED
         # Blocked signals stay pending until sigtimedwait takes them; a
         # blocked SIGCHLD is kept even while its action is to ignore it.
         signal.pthread_sigmask(signal.SIG_BLOCK, waited)

@@ -36,7 +36,7 @@ from typing import Any
 from ..admission import Admission
 from ..config import ConfigError
 from ..daemon import (
-    SIGNALS,
+    STARTUP_BLOCKED,
     Daemon,
     ExternalServer,
     Supervisor,
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     # From the moment a socket listens, someone may signal us for it (a
     # SIGHUP from a script that waits for the port): signals wait until a
     # handler is in place (Supervisor.run, Daemon.run), rather than kill us.
-    signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    signal.pthread_sigmask(signal.SIG_BLOCK, STARTUP_BLOCKED)
     try:
         listeners = inherited() if not args.listen else []
         listeners = listeners or bind(args.listen or service.config.smtpd.listen)
@@ -308,7 +308,7 @@ def main_41(program: str, channel_list: str, port: str, maxconnects: str, networ
     service = load_service("smtpd", None, channels, finicky=False, hostname=network)
     setup_logging("smtpd", debug=False, target=service.config.log)
     service = with_maxconnects(service, sessions)
-    signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)  # as in main: before listening
+    signal.pthread_sigmask(signal.SIG_BLOCK, STARTUP_BLOCKED)  # as in main: before listening
     try:
         listeners = listen_on_network(network, addresses)
     except OSError as exc:
