@@ -41,7 +41,7 @@ from test_wire import read_replies, recv_reply
 from wire import Daemon, body_of, certificate, daemon, queued, stored, write_config
 
 CLOSING = b"221 2.0.0 mx.test closing connection"
-QUEUED = b"250 2.0.0 Submitted & queued (msg."
+QUEUED = b"250 2.0.0 Submitted & queued ("
 BARE_LINE_END = b"550 5.6.0 Message refused: bare CR or LF; lines must end with <CRLF>"
 LINE_TOO_LONG = b"500 5.5.2 Line too long"
 ENVELOPE = b"EHLO c\r\nMAIL FROM:<a@example.net>\r\nRCPT TO:<alice@example.org>\r\n"

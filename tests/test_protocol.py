@@ -19,6 +19,7 @@ from mmdf_smtp.protocol import (
     OutOfTurn,
     Path,
     RcptTo,
+    Refused,
     Reset,
     ServerConnection,
     StartData,
@@ -51,7 +52,7 @@ def test_whole_transaction_pipelined(step: int | None) -> None:
     )
     assert run.content == b"Subject: hi\r\n\r\nbody\r\n"
     assert run.of(MessageComplete) == [MessageComplete(size=len(b"Subject: hi\r\n\r\nbody\r\n"))]
-    assert run.of(ConnectionClosed) == [ConnectionClosed(clean=True)]
+    assert run.of(ConnectionClosed) == [ConnectionClosed(clean=True, reason="quit")]
     assert run.conn.closed
 
 
@@ -187,7 +188,14 @@ def test_recipient_paths() -> None:
         (b" SMTPUTF8=yes", "501 5.5.4 Invalid parameter value"),
         (b" AUTH=<>", "555 5.5.4 MAIL FROM/RCPT TO parameters not recognized"),
         (b" RET=FULL", "555 5.5.4 MAIL FROM/RCPT TO parameters not recognized"),
-        (b" SIZE=1 SIZE=2", "501 5.5.4 Duplicate SIZE"),
+        (b" SIZE=1 SIZE=2", "501 5.5.4 Duplicate SIZE with another value"),
+        (b" SIZE=1 SIZE=1", "250 2.1.0 Sender OK"),
+        # Python's smtplib send_message repeats what the caller also gave.
+        (b" SMTPUTF8 BODY=8BITMIME SMTPUTF8 BODY=8BITMIME", "250 2.1.0 Sender OK"),
+        (b" BODY=8bitmime BODY=8BITMIME", "250 2.1.0 Sender OK"),
+        (b" BODY=7BIT BODY=8BITMIME", "501 5.5.4 Duplicate BODY with another value"),
+        (b" SMTPUTF8 SMTPUTF8=x", "501 5.5.4 Duplicate SMTPUTF8 with another value"),
+        (b" SMTPUTF8=x SMTPUTF8", "501 5.5.4 Duplicate SMTPUTF8 with another value"),
         (b" SIZE=10  BODY=8BITMIME", "250 2.1.0 Sender OK"),
     ],
 )
@@ -200,6 +208,18 @@ def test_mail_parameters_reach_the_event() -> None:
     run = transcript(EHLO + b"MAIL FROM:<a@example.org> SIZE=99 BODY=8BITMIME\r\n")
     assert run.of(MailFrom) == [
         MailFrom(sender=Path(local="a", domain="example.org"), size=99, body="8BITMIME")
+    ]
+
+
+def test_a_repeated_parameter_counts_once() -> None:
+    run = transcript(
+        EHLO + b"MAIL FROM:<a@example.org> BODY=8BITMIME SIZE=9 size=9 SMTPUTF8"
+        b" body=8bitmime SMTPUTF8\r\n"
+    )
+    assert run.of(MailFrom) == [
+        MailFrom(
+            sender=Path(local="a", domain="example.org"), size=9, body="8BITMIME", smtputf8=True
+        )
     ]
 
 
@@ -266,9 +286,27 @@ def test_error_limit_closes_with_421() -> None:
         "500 5.5.1 Command unrecognized",
         "421 4.7.0 Too many errors, closing transmission channel",
     ]
-    assert run.of(ConnectionClosed) == [ConnectionClosed(clean=False)]
+    assert run.of(ConnectionClosed) == [ConnectionClosed(clean=False, reason="errors")]
+    assert run.of(Refused) == [
+        Refused(command="BAD", reply=replies.TOO_MANY_ERRORS, reason="errors")
+    ]
     run.feed(b"NOOP\r\n")
     assert run.codes[-1] == 421  # nothing more is read
+
+
+def test_a_size_over_the_limit_at_mail_is_reported() -> None:
+    run = transcript(EHLO + b"MAIL FROM:<a@example.org> SIZE=36700161\r\nMAIL FROM:<>\r\n")
+    assert run.of(Refused) == [
+        Refused(
+            command="MAIL", reply=replies.MESSAGE_TOO_BIG, reason="too-big", sender="a@example.org"
+        )
+    ]
+    assert run.replies[-2:] == [
+        "552 5.3.4 Message size exceeds fixed maximum message size",
+        "250 2.1.0 Sender OK",
+    ]
+    # A syntax error is the client's business: no report.
+    assert transcript(EHLO + b"MAIL FROM:<a@example.org> SIZE=x\r\n").of(Refused) == []
 
 
 def test_errors_past_the_soft_limit_are_held_back() -> None:
@@ -463,7 +501,7 @@ def test_refused_recipient_does_not_count() -> None:
 def test_client_vanishing_mid_data_reports_close() -> None:
     run = transcript(ENVELOPE + b"DATA\r\npartial message\r\n").eof()
     assert run.content == b"partial message\r\n"
-    assert run.of(ConnectionClosed) == [ConnectionClosed(clean=False)]
+    assert run.of(ConnectionClosed) == [ConnectionClosed(clean=False, reason="lost")]
     assert run.of(MessageComplete) == []
 
 
@@ -528,6 +566,7 @@ def test_bdat_syntax_error_closes() -> None:
         "421 4.3.2 Service not available, closing transmission channel",
     ]
     assert len(run.of(MailFrom)) == 1
+    assert run.of(ConnectionClosed) == [ConnectionClosed(clean=False, reason="protocol")]
 
 
 def test_bdat_over_the_size_limit() -> None:
@@ -585,7 +624,7 @@ def test_starttls_needs_ehlo_and_no_argument() -> None:
 def test_failed_handshake_closes() -> None:
     run = transcript(EHLO + b"STARTTLS\r\n", tls=True)
     run.conn.tls_failed()
-    assert isinstance(run.conn.next_event(), ConnectionClosed)
+    assert run.conn.next_event() == ConnectionClosed(clean=False, reason="tls-failed")
 
 
 # -- greeting, QUIT, timers ---------------------------------------------------------
@@ -601,17 +640,26 @@ def test_refused_greeting_answers_503_until_quit() -> None:
         "221 2.0.0 mx.test closing connection",
     ]
     assert run.of(Hello) == []
+    # A QUIT ends it, but the log is to say the session was refused.
+    assert run.of(ConnectionClosed) == [ConnectionClosed(clean=True, reason="refused")]
+
+
+def test_a_refused_client_that_vanishes_was_refused() -> None:
+    run = session(greeting=replies.UNKNOWN_HOST.with_text("mx.test: unknown")).eof()
+    assert run.of(ConnectionClosed) == [ConnectionClosed(clean=False, reason="refused")]
 
 
 def test_421_greeting_closes() -> None:
     run = session(greeting=replies.CANNOT_RESOLVE)
     assert run.conn.closed
     assert run.replies == ["421 4.4.3 Cannot resolve your address, try again later"]
+    assert run.conn.next_event() == ConnectionClosed(clean=False, reason="refused")
 
 
 def test_quit_ignores_what_follows() -> None:
     run = transcript(b"QUIT\r\nNOOP\r\n")
     assert run.codes == [220, 221]
+    assert run.of(ConnectionClosed) == [ConnectionClosed(clean=True, reason="quit")]
 
 
 def test_timers() -> None:
@@ -632,7 +680,7 @@ def test_timers() -> None:
     run.conn.time_out()
     run.pump()
     assert run.replies[-1] == "421 4.4.2 Timeout waiting for input, closing transmission channel"
-    assert run.of(ConnectionClosed) == [ConnectionClosed(clean=False)]
+    assert run.of(ConnectionClosed) == [ConnectionClosed(clean=False, reason="timeout")]
 
 
 def test_shut_down_says_421() -> None:
@@ -640,6 +688,7 @@ def test_shut_down_says_421() -> None:
     run.conn.shut_down()
     run.pump()
     assert run.replies[-1] == "421 4.3.2 Server shutting down, closing transmission channel"
+    assert run.of(ConnectionClosed) == [ConnectionClosed(clean=False, reason="shutdown")]
 
 
 def test_send_without_a_pending_decision_is_an_error() -> None:
@@ -717,7 +766,7 @@ def test_pregreet_is_refused_instead_of_the_greeting(data: bytes, step: int | No
     ]
     # Nothing but the refusal and the end, however often the driver asks.
     assert {type(e) for e in run.events[1:]} == {ConnectionClosed}
-    assert run.events[1] == ConnectionClosed(clean=False)
+    assert run.events[1] == ConnectionClosed(clean=False, reason="refused")
 
 
 def test_pregreet_is_refused_even_without_the_pipelining_rule() -> None:
@@ -783,7 +832,7 @@ def test_input_past_a_reply_the_client_must_wait_for_is_refused(
     assert run.of(OutOfTurn) == [
         OutOfTurn(reason="pipelining", command=verb, received=after, reply=replies.OUT_OF_TURN)
     ]
-    assert run.of(ConnectionClosed) == [ConnectionClosed(clean=False)]
+    assert run.of(ConnectionClosed) == [ConnectionClosed(clean=False, reason="refused")]
     # The command itself was not carried out.
     assert [type(e) for e in run.events[decisions:]] == [OutOfTurn, ConnectionClosed]
 
@@ -850,7 +899,7 @@ def test_input_while_a_reply_is_held_back_is_out_of_turn() -> None:
     assert conn.next_event() == OutOfTurn(
         reason="pipelining", command="NOOP", received=b"NOOP\r\n", reply=replies.OUT_OF_TURN
     )
-    assert conn.next_event() == ConnectionClosed(clean=False)
+    assert conn.next_event() == ConnectionClosed(clean=False, reason="refused")
 
 
 def test_content_before_the_354_is_written_is_out_of_turn() -> None:
@@ -870,7 +919,7 @@ def test_content_before_the_354_is_written_is_out_of_turn() -> None:
         OutOfTurn(
             reason="pipelining", command="DATA", received=b"x\r\n.\r\n", reply=replies.OUT_OF_TURN
         ),
-        ConnectionClosed(clean=False),
+        ConnectionClosed(clean=False, reason="refused"),
     ]
 
 

@@ -26,6 +26,7 @@ from mmdf_smtp.protocol.content import ContentChecker, DotReader
 from mmdf_smtp.protocol.grammar import (
     GrammarError,
     parse_mail,
+    parse_parameters,
     parse_path,
     parse_rcpt,
     split_command,
@@ -58,6 +59,32 @@ def test_source_routes_are_ignored(route: list[str], local: str, dom: str) -> No
     adl = ",".join("@" + r for r in route)
     path = parse_path(f"<{adl}:{local}@{dom}>", bad=replies.BAD_SENDER_ADDRESS, allow_null=True)
     assert path == Path(local=local, domain=dom)
+
+
+parameter = st.tuples(
+    st.sampled_from(["SIZE", "size", "BODY", "Body", "SMTPUTF8", "X-A"]),
+    st.one_of(st.none(), st.sampled_from(["1", "12", "7BIT", "7bit", "8BITMIME", "v"])),
+)
+
+
+@given(st.lists(parameter, max_size=6))
+def test_repeated_parameters_pass_alike_and_fail_when_they_differ(
+    given_params: list[tuple[str, str | None]],
+) -> None:
+    text = " ".join(k if v is None else f"{k}={v}" for k, v in given_params)
+    values: dict[str, set[str | None]] = {}
+    for keyword, value in given_params:
+        values.setdefault(keyword.upper(), set()).add(None if value is None else value.upper())
+    try:
+        parsed = parse_parameters(text)
+    except GrammarError as exc:
+        assert exc.reply.code == 501
+        assert any(len(seen) > 1 for seen in values.values())
+    else:
+        assert all(len(seen) == 1 for seen in values.values())
+        assert {k: None if v is None else v.upper() for k, v in parsed.items()} == {
+            k: next(iter(seen)) for k, seen in values.items()
+        }
 
 
 @given(st.text(max_size=300))

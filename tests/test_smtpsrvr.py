@@ -51,10 +51,10 @@ def test_a_message_over_pipes_is_queued_byte_exact(config: Path) -> None:
     assert lines[0] == "220 mx.test Server SMTP ready"
     assert lines[1:4] == ["250 CHUNKING", "250 2.1.0 Sender OK", "250 2.1.5 Recipient OK"]
     assert lines[4] == "354 Start mail input; end with <CRLF>.<CRLF>"
-    assert lines[5].startswith("250 2.0.0 Submitted & queued (msg.")
+    assert lines[5].startswith("250 2.0.0 Submitted & queued (")
     assert lines[6] == "221 2.0.0 mx.test closing connection"
     [message] = queued(config)
-    assert lines[5] == f"250 2.0.0 Submitted & queued (msg.{message['id']})"
+    assert lines[5] == f"250 2.0.0 Submitted & queued ({message['id']})"
     assert message["sender"] == "sender@example.net"
     assert message["recipients"] == ["alice@example.org"]
     assert message["channel"] == "local"

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import ctypes
 import logging
+import multiprocessing
 import os
 import signal
 import socket
@@ -40,12 +41,15 @@ BACKLOG = 128
 GRACE_SECONDS = 30.0
 LOG_FLUSH_DELAY = 0.02  # seconds a log line may wait to share a write with others
 SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+# Blocked from before the first socket listens until a handler takes them:
+# SIGNALS, and SIGCHLD, which a supervisor waits for (a thread started
+# meanwhile, with SIGCHLD not blocked, would take it and drop it).
+STARTUP_BLOCKED = {*SIGNALS, signal.SIGCHLD}
 # A worker that dies sooner than QUICK_EXIT after its start is restarted only
 # after a pause: THROTTLE_FIRST, doubled for each quick death in a row.
 QUICK_EXIT = 5.0
 THROTTLE_FIRST = 1.0
 THROTTLE_MAX = 60.0
-WAIT_POLL = 0.1  # seconds between looks for an ended worker while a restart is due
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -127,8 +131,13 @@ class Daemon:
         slots: int | None = None,
         admission: Admission | None = None,
         hostname: str | None = None,
+        retired: Callable[[], bool] | None = None,
     ) -> None:
+        """``retired``: for a worker of a :class:`Supervisor`, which reloads
+        for it; true once a reload replaced this worker, which then accepts
+        no one more, and SIGHUP means "finish your sessions and exit"."""
         self.service = service
+        self._retired = retired
         self._listeners = listeners
         self._config_path = config_path
         self._hostname = hostname  # the command line's name for us, kept over reloads
@@ -143,15 +152,18 @@ class Daemon:
         self._idle = asyncio.Event()  # set while no session is served
         self._idle.set()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._stopping = asyncio.Event()
+        self._stopping = asyncio.Event()  # accept no more
+        self._terminating = asyncio.Event()  # SIGTERM: a grace period, then 421
         self._committer = Committer(asyncio.get_running_loop(), service.queue)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, self._stopping.set)
-        loop.add_signal_handler(signal.SIGINT, self._stopping.set)
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+        loop.add_signal_handler(signal.SIGTERM, self._terminate)
+        loop.add_signal_handler(signal.SIGINT, self._terminate)
+        loop.add_signal_handler(
+            signal.SIGHUP, self.reload if self._retired is None else self._stopping.set
+        )
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STARTUP_BLOCKED)
         self._start_accepting()
         try:
             await self._stopping.wait()
@@ -159,10 +171,25 @@ class Daemon:
             self._stop_accepting()
             for sock in self._listeners:
                 sock.close()
+        try:
+            if not self._terminating.is_set() and self._serving:
+                # Retired by a reload: sessions end in their own time (each has
+                # its timeouts), unless a SIGTERM comes meanwhile.
+                log.info("retiring: waiting for %d sessions", self._serving)
+                idle = loop.create_task(self._idle.wait())
+                terminating = loop.create_task(self._terminating.wait())
+                await asyncio.wait((idle, terminating), return_when=asyncio.FIRST_COMPLETED)
+                idle.cancel()
+                terminating.cancel()
+            await self._drain()
+        finally:
             for sig in SIGNALS:
                 loop.remove_signal_handler(sig)
-        await self._drain()
         self._committer.close()
+
+    def _terminate(self) -> None:
+        self._terminating.set()
+        self._stopping.set()
 
     def reload(self) -> None:
         """SIGHUP: new configuration and tables for new sessions."""
@@ -224,6 +251,12 @@ class Daemon:
         waiting callers at once served nine of ten clients arriving
         together, on one core, while the other worker had one.
         """
+        if self._retired is not None and self._retired():
+            # Replaced by a reload, and maybe not yet told (SIGHUP): the caller
+            # is left to the new workers, which have the new configuration.
+            self._stopping.set()
+            self._stop_accepting()
+            return
         try:
             sock, address = listener.accept()
         except (BlockingIOError, InterruptedError):
@@ -368,25 +401,39 @@ class Supervisor:
     after a pause that doubles each time (up to :data:`THROTTLE_MAX`), so
     that a worker that cannot start is not forked again and again, as fast
     as the machine can, with a traceback in the log each time (Postfix's
-    master throttles such a service the same way).  SIGTERM and SIGHUP are
-    passed on; ``reload``, called on SIGHUP first, lets the workers that
-    replace others start with the configuration that the running ones reload.
+    master throttles such a service the same way).
+
+    SIGTERM (and SIGINT) are passed on, and the supervisor ends with its
+    workers.  SIGHUP calls ``reload``, here, where root's rights may still
+    be (smtpd's supervisor stays root to read keys only root may): when it
+    returns True, every worker is retired (told to finish its sessions and
+    exit, by SIGHUP) and a new one forked in its place, with what was
+    reloaded.  Signals are taken with sigtimedwait(2), never by a handler:
+    one that comes while a worker is being forked waits its turn.
     """
 
     def __init__(
         self,
         workers: int,
         work: Callable[[int], None],
-        reload: Callable[[], None] | None = None,
+        reload: Callable[[], bool] | None = None,
     ) -> None:
         self._count = workers
         self._work = work
         self._reload = reload
         self._pids: dict[int, int] = {}  # pid -> worker index
+        self._retiring: set[int] = set()  # pids of workers finishing after a reload
         self._started: dict[int, float] = {}  # worker index -> when its process was forked
         self._pauses: dict[int, float] = {}  # worker index -> its last pause before a restart
         self._due: dict[int, float] = {}  # worker index -> when it is to be started again
         self._stopping = False
+        # Counts the reloads, in memory the workers share: a worker started
+        # before the last one accepts no more callers (Daemon's ``retired``).
+        self._generation = multiprocessing.RawValue(ctypes.c_uint64, 0)
+
+    def generation(self) -> int:
+        """The number of reloads so far; a worker reads it as it starts, and while it runs."""
+        return int(self._generation.value)
 
     def _spawn(self, index: int) -> None:
         parent = os.getpid()
@@ -395,10 +442,10 @@ class Supervisor:
         if pid == 0:
             # Held back until the worker's loop has its handlers (Daemon.run):
             # a SIGHUP or SIGTERM passed on meanwhile is delivered, not lost.
-            signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+            signal.pthread_sigmask(signal.SIG_SETMASK, SIGNALS)
             for sig in SIGNALS:
                 signal.signal(sig, signal.SIG_DFL)
-            _die_with(parent)
+            die_with(parent)
             status = 0
             try:
                 self._work(index)
@@ -411,52 +458,73 @@ class Supervisor:
         self._pids[pid] = index
         log.info("worker %d started, pid %d", index, pid)
 
-    def _forward(self, signum: int, _frame: object) -> None:
-        if signum in (signal.SIGTERM, signal.SIGINT):
-            self._stopping = True
-        elif signum == signal.SIGHUP and self._reload is not None:
-            self._reload()
-        for pid in list(self._pids):
+    def _signalled(self, signum: int) -> None:
+        if signum == signal.SIGHUP:
+            if self._reload is not None and not self._reload():
+                return  # the running configuration stays, and so do the workers
+            self._replace_workers()
+            return
+        self._stopping = True
+        self._due.clear()
+        for pid in [*self._pids, *self._retiring]:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM if signum == signal.SIGINT else signum)
+                os.kill(pid, signal.SIGTERM)
+
+    def _replace_workers(self) -> None:
+        self._generation.value += 1
+        for pid, index in list(self._pids.items()):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGHUP)
+            del self._pids[pid]
+            self._retiring.add(pid)
+            self._pauses.pop(index, None)
+            self._spawn(index)
+        for index in self._due:
+            self._due[index] = time.monotonic()  # what kept it from starting may be fixed
 
     def run(self) -> None:
-        for sig in SIGNALS:
-            signal.signal(sig, self._forward)
+        waited = STARTUP_BLOCKED
+        # Blocked signals stay pending until sigtimedwait takes them; a
+        # blocked SIGCHLD is kept even while its action is to ignore it.
+        signal.pthread_sigmask(signal.SIG_BLOCK, waited)
         for index in range(self._count):
             self._spawn(index)
-        # Only now, with workers to pass them to, are signals let through.
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
-        while self._pids or (self._due and not self._stopping):
+        while True:
+            self._reap()
             if self._stopping:
                 self._due.clear()
+            now = time.monotonic()
             for index, due in list(self._due.items()):
-                if due <= time.monotonic():
+                if due <= now:
                     del self._due[index]
                     self._spawn(index)
-            try:
-                pid, status = self._wait()
-            except ChildProcessError:
-                if self._due:
-                    continue  # every worker is waiting for its restart
+            if not (self._pids or self._retiring or self._due):
                 break
-            if pid == 0 or pid not in self._pids:
-                continue
-            index = self._pids.pop(pid)
-            if not self._stopping:
-                self._restart(index, pid, os.waitstatus_to_exitcode(status))
+            pause = max(0.0, min(self._due.values()) - now) if self._due else None
+            info = (
+                signal.sigtimedwait(waited, pause)
+                if pause is not None
+                else signal.sigwaitinfo(waited)
+            )
+            if info is not None and info.si_signo != signal.SIGCHLD:
+                self._signalled(info.si_signo)
         log.info("stopped")
 
-    def _wait(self) -> tuple[int, int]:
-        """The next worker to end (pid 0 if none did by the next restart due)."""
-        if not self._due:
-            return os.wait()
-        pause = min(self._due.values()) - time.monotonic()
-        if pause > 0:
-            time.sleep(min(pause, WAIT_POLL))
-        if not self._pids:
-            return 0, 0
-        return os.waitpid(-1, os.WNOHANG)
+    def _reap(self) -> None:
+        """Collect every worker that ended; restart those that should not have."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid in self._retiring:
+                self._retiring.discard(pid)
+                continue
+            index = self._pids.pop(pid, None)
+            if index is not None and not self._stopping:
+                self._restart(index, pid, os.waitstatus_to_exitcode(status))
 
     def _restart(self, index: int, pid: int, status: int) -> None:
         lived = time.monotonic() - self._started[index]
@@ -480,8 +548,12 @@ class Supervisor:
         )
 
 
-def _die_with(parent: int) -> None:
-    """A worker must not outlive a supervisor killed with SIGKILL (Linux)."""
+def die_with(parent: int) -> None:
+    """A worker must not outlive a supervisor killed with SIGKILL (Linux).
+
+    Changing user clears this (prctl(2)): a worker that becomes the user
+    asks again.
+    """
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG

@@ -46,6 +46,7 @@ from .protocol import (
     OutOfTurn,
     Path,
     RcptTo,
+    Refused,
     Reply,
     Reset,
     ServerConnection,
@@ -53,6 +54,7 @@ from .protocol import (
     StartTLS,
     replies,
 )
+from .protocol.grammar import is_domain_or_literal
 from .queue import Envelope, MessageWriter, Queue, QueueError
 
 log = logging.getLogger("mmdf_smtp.session")
@@ -82,6 +84,28 @@ def _quoted(data: bytes, limit: int = 64) -> str:
     # (the workers cannot load one after they dropped privileges).
     text = repr(data[:limit])[2:-1]
     return '"' + text.replace('"', '\\"') + ('..."' if len(data) > limit else '"')
+
+
+# A word for the log for each refusal of a recipient by policy.
+_RECIPIENT_REASONS = {
+    replies.UNKNOWN_USER.enhanced: "unknown-user",
+    replies.RELAY_DENIED.enhanced: "relay-denied",
+}
+
+
+def _comment_text(text: str, *, utf8: bool) -> str:
+    """``text`` as a comment's content (RFC 5322 3.2.2): parentheses and
+    backslashes as quoted-pairs, and "?" for what a header may not hold
+    (controls, and non-ASCII outside an SMTPUTF8 message)."""
+    out = []
+    for char in text:
+        if char in "()\\":
+            out.append("\\" + char)
+        elif char.isprintable() and (char.isascii() or utf8):
+            out.append(char)
+        else:
+            out.append("?")
+    return "".join(out)
 
 
 def address_literal(address: str) -> str:
@@ -125,6 +149,9 @@ class Session:
         self._queue = queue
         self._clock = clock
         self._recipients: list[str] = []
+        # The sender of the transaction under way, for the log: the core
+        # forgets it as soon as it refuses the message.
+        self._transaction_sender: str | None = None
         self._writer: MessageWriter | None = None
         self._write_error: QueueError | None = None
         self._refusal = refusal
@@ -188,6 +215,7 @@ class Session:
                 conn.send(replies.HELLO.with_fixed_text(f"{self.hostname} Hello {event.name}"))
             case MailFrom():
                 self._recipients.clear()
+                self._transaction_sender = event.sender.address
                 conn.send(replies.SENDER_OK)
             case RcptTo():
                 conn.send(self._rcpt(event))
@@ -202,7 +230,10 @@ class Session:
                 self._drop_message()
             case OutOfTurn():
                 self._log_out_of_turn(event)
+            case Refused():
+                self._log_core_refusal(event)
             case Reset() | StartTLS():
+                self._transaction_sender = None
                 self._drop_message()
             case ConnectionClosed():
                 self._drop_message()
@@ -216,11 +247,11 @@ class Session:
                 return self._filtered_hello(filters, event)
             case MailFrom():
                 self._recipients.clear()
+                self._transaction_sender = event.sender.address
                 self._discard = False
                 return self._filtered_mail(filters, event)
             case RcptTo():
-                assert self.channel is not None
-                refusal = self._check_recipient(self.channel, event.recipient)
+                refusal = self._recipient_refusal(event)
                 if refusal is not None:
                     conn.send(refusal)
                     return None
@@ -237,12 +268,16 @@ class Session:
             case MessageAborted() | Reset() | StartTLS():
                 if isinstance(event, MessageAborted):
                     self._message_refused(event)
+                else:
+                    self._transaction_sender = None
                 had_transaction = self._queue_id is not None
                 self._drop_message()
                 if had_transaction:
                     return filters.reset()
             case OutOfTurn():
                 self._log_out_of_turn(event)
+            case Refused():
+                self._log_core_refusal(event)
             case ConnectionClosed():
                 self._drop_message()
                 self._log_session(event)
@@ -251,7 +286,7 @@ class Session:
 
     def _message_refused(self, event: MessageAborted) -> None:
         """The core refused the message at its end (NUL, a bare line end, too big...)."""
-        self._log_refusal(event.reply, event.reason)
+        self._log_refusal(event.reply, event.reason, self._envelope_details())
         metrics.message_refused(event.reason or "protocol", 0)
 
     def _commit_in_place(self, event: MessageComplete) -> None:
@@ -397,7 +432,7 @@ class Session:
             self.client.address,
             self._sender(),
         )
-        return replies.QUEUED.with_text(f"Submitted & queued (msg.{queue_id})")
+        return replies.QUEUED.with_text(f"Submitted & queued ({queue_id})")
 
     def _refused(
         self,
@@ -422,12 +457,21 @@ class Session:
         return reply
 
     def _rcpt(self, event: RcptTo) -> Reply:
-        assert self.channel is not None
-        refusal = self._check_recipient(self.channel, event.recipient)
+        refusal = self._recipient_refusal(event)
         if refusal is not None:
             return refusal
         self._recipients.append(event.recipient.address)
         return replies.RECIPIENT_OK
+
+    def _recipient_refusal(self, event: RcptTo) -> Reply | None:
+        """The policy's refusal of a recipient (unknown user, relaying), logged."""
+        assert self.channel is not None
+        refusal = self._check_recipient(self.channel, event.recipient)
+        if refusal is not None:
+            reason = _RECIPIENT_REASONS.get(refusal.enhanced, "recipient")
+            details = f"from=<{self._sender()}> to=<{event.recipient.address}>"
+            self._log_refusal(refusal, reason, details)
+        return refusal
 
     def _open_message(self, event: StartData) -> Reply:
         self._drop_message()
@@ -490,10 +534,10 @@ class Session:
             event.size,
             self.channel.name if self.channel else "",
         )
-        return replies.QUEUED.with_text(f"Submitted & queued (msg.{writer.id})")
+        return replies.QUEUED.with_text(f"Submitted & queued ({writer.id})")
 
     def _log_session(self, event: ConnectionClosed) -> None:
-        end = "quit" if event.clean else "lost"
+        end = event.reason
         channel = self.channel.name if self.channel else "-"
         metrics.session_ended(channel, end, self.tls is not None, self.connection.replies_sent)
         log.info(
@@ -508,6 +552,29 @@ class Session:
             end,
             time.monotonic() - self._started,
         )
+
+    def _log_core_refusal(self, event: Refused) -> None:
+        details = f"command={event.command}"
+        sender = event.sender if event.sender is not None else self._transaction_sender
+        if sender is not None:
+            details += f" from=<{sender}>"
+        self._log_refusal(event.reply, event.reason, details)
+
+    def _envelope_details(self) -> str:
+        recipients = ",".join(f"<{r}>" for r in self._recipients)
+        return f"from=<{self._transaction_sender or ''}> to={recipients}"
+
+    def tls_failed(self, problem: str) -> None:
+        """The STARTTLS handshake failed (``problem`` says how): logged, and the end."""
+        log.info(
+            "%s TLS handshake failed client=%s[%s] helo=%s: %s",
+            self.id,
+            self._log_host(),
+            self.client.address,
+            self.connection.helo or "",
+            problem,
+        )
+        self.connection.tls_failed()
 
     def _log_out_of_turn(self, event: OutOfTurn) -> None:
         details = f"after={event.command} input={_quoted(event.received)}"
@@ -582,7 +649,16 @@ class Session:
             literal = address_literal(self.client.address)
             if literal != tcp_info:
                 tcp_info = f"{tcp_info} {literal}"
-        lines = [f"Received: from {conn.helo} ({tcp_info})"]
+        helo = conn.helo or ""
+        if is_domain_or_literal(helo, utf8=smtputf8):
+            lines = [f"Received: from {helo} ({tcp_info})"]
+        else:
+            # RFC 5321 4.4: From-domain is a Domain or an address literal.
+            # A HELO that is neither (a ";" in it ends the fields early for
+            # a parser, 8-bit octets break a header) goes in a comment, as
+            # Postfix does, after the client's name or address.
+            shown = _comment_text(helo, utf8=smtputf8)
+            lines = [f"Received: from {self.client.host} ({tcp_info} HELO {shown})"]
         by = f"\tby {self.hostname} (mmdf-smtp)"
         if self.tls:
             by += f" (using {self.tls})"

@@ -13,7 +13,7 @@ from typing import NoReturn
 from ..config import Config, ConfigError, load
 from ..logjson import JsonFormatter
 from ..policy import UnknownChannel
-from ..privileges import drop_privileges
+from ..privileges import Account, drop_privileges, prepare_account
 from ..service import Service
 
 EX_OK = 0
@@ -75,6 +75,18 @@ def become_user(program: str, service: Service) -> None:
         raise SystemExit(EX_CONFIG) from None
     except OSError as exc:
         print(f"{program}: cannot become {service.config.user}: {exc}", file=sys.stderr)
+        raise SystemExit(EX_OSERR) from None
+
+
+def prepare_user(program: str, service: Service) -> Account | None:
+    """For a process that stays root: the user its children become, or exit 78."""
+    try:
+        return prepare_account(service.config.user, service.config.spool)
+    except ConfigError as exc:
+        print(f"{program}: {service.config.source}: {exc}", file=sys.stderr)
+        raise SystemExit(EX_CONFIG) from None
+    except OSError as exc:
+        print(f"{program}: cannot give the spool to {service.config.user}: {exc}", file=sys.stderr)
         raise SystemExit(EX_OSERR) from None
 
 

@@ -38,11 +38,12 @@ from ..admission import Admission
 from ..checks import start_verifiers, stop_verifiers
 from ..config import ConfigError
 from ..daemon import (
-    SIGNALS,
+    STARTUP_BLOCKED,
     Daemon,
     ExternalServer,
     Supervisor,
     bind,
+    die_with,
     inherited,
     listening_socket,
     run,
@@ -51,6 +52,7 @@ from ..daemon import (
     workers_for,
 )
 from ..policy import UnknownChannel
+from ..privileges import acting_as, become, prepare_account
 from ..service import Service
 from ..session import address_literal
 from ..shells.blocking import BlockingShell
@@ -61,6 +63,7 @@ from .common import (
     ArgumentParser,
     become_user,
     load_service,
+    prepare_user,
     setup_logging,
 )
 from .smtpsrvr import find_peer
@@ -255,6 +258,10 @@ def main(argv: list[str] | None = None) -> int:
         served = BlockingShell(service.session(peer), tls_context=service.tls_context).run()
         return EX_OK if served else EX_SOFTWARE
 
+    # From the moment a socket listens, someone may signal us for it (a
+    # SIGHUP from a script that waits for the port): signals wait until a
+    # handler is in place (Supervisor.run, Daemon.run), rather than kill us.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STARTUP_BLOCKED)
     try:
         listeners = inherited() if not args.listen else []
         listeners = listeners or bind(args.listen or service.config.smtpd.listen)
@@ -307,6 +314,7 @@ def main_41(program: str, channel_list: str, port: str, maxconnects: str, networ
         "smtpd", debug=False, target=service.config.log, log_format=service.config.log_format
     )
     service = with_maxconnects(service, sessions)
+    signal.pthread_sigmask(signal.SIG_BLOCK, STARTUP_BLOCKED)  # as in main: before listening
     try:
         listeners = listen_on_network(network, addresses)
     except OSError as exc:
@@ -329,38 +337,53 @@ def serve(
     external: ExternalServer | None,
     hostname: str | None = None,
 ) -> None:
-    """Serve on ``listeners`` until SIGTERM: one worker per core, within maxconnects."""
+    """Serve on ``listeners`` until SIGTERM: one worker per core, within maxconnects.
+
+    Started as root, the supervisor stays root (Postfix's master does too)
+    and forks the workers, which become ``user`` before they serve anyone:
+    on SIGHUP it reads configuration, tables and certificates again (a key
+    may be root's alone) and replaces the workers with new ones.  Started as
+    anyone else, one worker serves in-process and reloads for itself.
+    Signals are already blocked (see main): each waits for its handler.
+    """
     if service.config.metrics.listen is not None:
         metrics.load_exposition()
-    become_user("smtpd", service)
-    removed = service.queue.recover()
+    account = prepare_user("smtpd", service)
+    with acting_as(account):  # what recovery touches stays the user's
+        removed = service.queue.recover()
     if removed:
         log.info("removed %d unfinished messages left by a crash", len(removed))
     maxconnects = service.config.smtpd.maxconnects
     workers = workers_for(maxconnects)
     admission = Admission(maxconnects)
-    # Signals wait until a handler is in place (Supervisor.run, Daemon.run):
-    # a SIGHUP or SIGTERM sent as soon as we say we listen must not kill us.
-    signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
     names = ", ".join(sockname(sock) for sock in listeners)
     log.info("listening on %s, maxconnects %d, %d workers", names, maxconnects, workers)
 
     current = service
+    supervised = workers > 1 or account is not None
+    supervisor_pid = os.getpid()
 
-    def reload() -> None:
-        # For the workers that will replace others; the running ones reload
-        # for themselves, and log what is wrong with a bad configuration.
-        # This runs in the supervisor's signal handler, where anything
-        # raised would end the supervisor, and every worker with it.
-        nonlocal current
+    def reload() -> bool:
+        # For the workers that replace the running ones; those finish their
+        # sessions with what they had.
+        nonlocal current, account
         try:
-            current = Service.load(
+            reloaded = Service.load(
                 config_path, service.channels, finicky=service.finicky, hostname=hostname
             )
-        except (ConfigError, UnknownChannel):
-            pass
+            if account is not None:
+                reloaded_account = prepare_account(reloaded.config.user, reloaded.config.spool)
+            else:
+                reloaded_account = None
+        except (ConfigError, UnknownChannel, OSError) as exc:
+            log.error("reload failed, keeping the running configuration: %s", exc)
+            return False
         except Exception:
             log.exception("reload failed, keeping the running configuration")
+            return False
+        current, account = reloaded, reloaded_account
+        log.info("configuration reloaded from %s", reloaded.config.source)
+        return True
 
     # [metrics] listen: each worker counts in its segment of shared memory,
     # and the supervisor (never a worker) serves their sums.
@@ -368,6 +391,16 @@ def serve(
     shared = metrics.SharedSegments(workers) if listen is not None else None
 
     def work(index: int) -> None:
+        if account is not None:
+            become(account)  # in the worker, forked by the root supervisor
+            die_with(supervisor_pid)
+        retired = None
+        if supervisor is not None:
+            generation, born = supervisor.generation, supervisor.generation()
+
+            def retired() -> bool:
+                return generation() != born
+
         if shared is not None:
             metrics.record_in(shared.segment(index))
         slots = share(maxconnects, workers, index)
@@ -384,27 +417,28 @@ def serve(
                     slots=slots,
                     admission=admission,
                     hostname=hostname,
+                    retired=retired,
                 )
             )
         finally:
             stop_verifiers()
 
-    if shared is None:
-        if workers == 1:
-            work(0)
-        else:
-            Supervisor(workers, work, reload).run()
+    supervisor = Supervisor(workers, work, reload) if supervised or shared is not None else None
+    if supervisor is None:
+        work(0)
         return
-    assert listen is not None
+    server = None
+    if listen is not None and shared is not None:
+        try:
+            server = metrics.serve_smtpd(listen, shared, service.config.spool)
+        except OSError as exc:
+            print(f"smtpd: cannot serve metrics on {listen}: {exc.strerror}", file=sys.stderr)
+            raise SystemExit(EX_OSERR) from None
     try:
-        server = metrics.serve_smtpd(listen, shared, service.config.spool)
-    except OSError as exc:
-        print(f"smtpd: cannot serve metrics on {listen}: {exc.strerror}", file=sys.stderr)
-        raise SystemExit(EX_OSERR) from None
-    try:
-        Supervisor(workers, work, reload).run()
+        supervisor.run()
     finally:
-        server.close()
+        if server is not None:
+            server.close()
 
 
 if __name__ == "__main__":

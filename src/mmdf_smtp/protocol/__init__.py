@@ -7,6 +7,7 @@ drive it, and so do the tests.
 from . import replies
 from .connection import NEED_DATA, PAUSED, ServerConnection, Signal, State, Timer
 from .events import (
+    CloseReason,
     ConnectionClosed,
     Event,
     Hello,
@@ -17,6 +18,7 @@ from .events import (
     OutOfTurn,
     Path,
     RcptTo,
+    Refused,
     Reset,
     StartData,
     StartTLS,
@@ -27,6 +29,7 @@ from .replies import Reply
 __all__ = [
     "NEED_DATA",
     "PAUSED",
+    "CloseReason",
     "ConnectionClosed",
     "Event",
     "Hello",
@@ -38,6 +41,7 @@ __all__ = [
     "OutOfTurn",
     "Path",
     "RcptTo",
+    "Refused",
     "Reply",
     "Reset",
     "ServerConnection",

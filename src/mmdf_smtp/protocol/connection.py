@@ -45,6 +45,7 @@ from typing import Literal
 from . import grammar, replies
 from .content import REASONS, ContentChecker, DotReader
 from .events import (
+    CloseReason,
     ConnectionClosed,
     Event,
     Hello,
@@ -54,6 +55,7 @@ from .events import (
     MessageData,
     OutOfTurn,
     RcptTo,
+    Refused,
     Reset,
     StartData,
     StartTLS,
@@ -144,6 +146,8 @@ class ServerConnection:
         self._pending: Event | None = None  # the decision event awaiting send()
         self._discarding_line = False  # inside a command line over the limit
         self._clean_close = False
+        self._command = ""  # the verb of the command last read, for Refused
+        self._close_reason: CloseReason = "lost"
         self._shutting_down = False
         # Content of the open message (DATA or BDAT).
         self._checker: ContentChecker | None = None
@@ -175,13 +179,13 @@ class ServerConnection:
             if self._events:
                 return self._events.popleft()
             if self.state is State.CLOSED:
-                return ConnectionClosed(clean=self._clean_close)
+                return ConnectionClosed(clean=self._clean_close, reason=self._close_reason)
             if self.state in (State.GREETING, State.DECIDING, State.TLS):
                 return PAUSED
             progressed = self._step()
             if not progressed:
                 if self._eof:
-                    self._close()
+                    self._close("lost")
                     continue
                 return NEED_DATA
 
@@ -227,7 +231,7 @@ class ServerConnection:
         """The shell's wait ran out: 421 and close (RFC 5321 4.5.3.2)."""
         if self.state is not State.CLOSED:
             self._write(replies.TIMEOUT)
-            self._close()
+            self._close("timeout")
 
     def shut_down(self) -> None:
         """The server is stopping: 421 and close (RFC 5321 3.8).
@@ -240,7 +244,7 @@ class ServerConnection:
             self._shutting_down = True
         elif self.state is not State.CLOSED:
             self._write(replies.SHUTTING_DOWN)
-            self._close()
+            self._close("shutdown")
 
     def tls_established(self) -> None:
         """The STARTTLS handshake succeeded: back to the start, no greeting.
@@ -260,7 +264,7 @@ class ServerConnection:
     def tls_failed(self) -> None:
         """The handshake failed: nothing more can be said on this channel."""
         self._expect(State.TLS)
-        self._close()
+        self._close("tls-failed")
 
     # ------------------------------------------------------------------
     # The application's side
@@ -320,7 +324,7 @@ class ServerConnection:
             # and answers 503 to anything else.
             self._enter(State.REFUSED)
         else:
-            self._close()
+            self._close("refused")
 
     def _enter(self, state: State) -> None:
         if state in (State.COMMAND, State.DATA, State.BDAT, State.REFUSED):
@@ -337,8 +341,11 @@ class ServerConnection:
         if reply.code >= 500:
             self.errors += 1
             if self.errors >= self.limits.errors:
+                self._events.append(
+                    Refused(command=self._command, reply=replies.TOO_MANY_ERRORS, reason="errors")
+                )
                 self._write(replies.TOO_MANY_ERRORS)
-                self._close()
+                self._close("errors")
             elif self.errors > self.limits.errors_before_delay:
                 self._delay += self.limits.error_delay
 
@@ -347,8 +354,11 @@ class ServerConnection:
         self._events.append(event)
         self.state = State.DECIDING
 
-    def _close(self) -> None:
+    def _close(self, reason: CloseReason) -> None:
         """An open message is lost: ConnectionClosed tells the application."""
+        if self.state is State.REFUSED and reason in ("quit", "lost"):
+            reason = "refused"  # greeted with 554: however it ends, it was refused
+        self._close_reason = reason
         self._reset_transaction()
         self.state = State.CLOSED
         self._buffer.clear()
@@ -388,6 +398,7 @@ class ServerConnection:
         if line is None:
             return False
         self._timer_generation += 1  # a new command: a new wait starts after it
+        self._command = "?"  # until the line is read as a command
         if self._discarding_line or len(line) > self.limits.command_line:
             self._discarding_line = False
             self._reply(replies.LINE_TOO_LONG)
@@ -404,6 +415,7 @@ class ServerConnection:
             self._reply(replies.SYNTAX_ERROR.with_text("Command is not valid UTF-8"))
             return True
         command = grammar.split_command(text)
+        self._command = command.verb if command.verb.isascii() else "?"
         if self.state is State.REFUSED:
             if command.verb == "QUIT":
                 self._quit()
@@ -444,7 +456,7 @@ class ServerConnection:
             )
         self._write(event.reply)
         self._events.append(event)
-        self._close()
+        self._close("refused")
 
     def _dispatch(self, command: grammar.Command) -> None:
         verb, argument = command.verb, command.argument
@@ -490,7 +502,7 @@ class ServerConnection:
     def _quit(self) -> None:
         self._write(replies.CLOSING.with_fixed_text(f"{self.hostname} closing connection"))
         self._clean_close = True
-        self._close()
+        self._close("quit")
 
     def _answer_hello(self, hello: Hello, reply: Reply) -> None:
         if not reply.is_positive:
@@ -555,6 +567,12 @@ class ServerConnection:
             raise GrammarError(replies.UTF8_NEEDS_SMTPUTF8)
         limit = self.limits.message_size
         if size is not None and limit and size > limit:
+            address = parsed.sender.address
+            self._events.append(
+                Refused(
+                    command="MAIL", reply=replies.MESSAGE_TOO_BIG, reason="too-big", sender=address
+                )
+            )
             raise GrammarError(replies.MESSAGE_TOO_BIG)
         self._decide(MailFrom(sender=parsed.sender, size=size, body=body, smtputf8=smtputf8))
 
@@ -646,7 +664,7 @@ class ServerConnection:
             # would be read as commands: close rather than guess.
             self._write(replies.BDAT_SYNTAX)
             self._write(replies.SERVICE_UNAVAILABLE)
-            self._close()
+            self._close("protocol")
             return
         self._bdat_remaining = chunk.size
         self._bdat_last = chunk.last

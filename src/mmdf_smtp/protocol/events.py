@@ -107,6 +107,22 @@ class MessageAborted:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Refused:
+    """The core refused a command by itself, for a reason worth a log line.
+
+    A message too big already at MAIL (``SIZE=``), and the 421 for too many
+    errors; the core has already queued ``reply``.  ``sender`` is the MAIL
+    command's, when it was one.  Syntax errors are not reported: they are
+    the client's to fix, not the administrator's to watch.
+    """
+
+    command: str
+    reply: Reply
+    reason: str
+    sender: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Reset:
     """RSET, or a new EHLO/HELO: the transaction is gone."""
 
@@ -136,14 +152,29 @@ class OutOfTurn:
     reply: Reply
 
 
+CloseReason = Literal[
+    "quit",  # the client said QUIT
+    "lost",  # the client went away (end of file) without QUIT
+    "timeout",  # the client was silent too long: 421
+    "errors",  # too many errors: 421
+    "shutdown",  # the server is stopping: 421
+    "refused",  # refused at the greeting, or for talking out of turn
+    "tls-failed",  # the STARTTLS handshake failed
+    "protocol",  # input that cannot be followed (BDAT without a size)
+    "local-error",  # the server failed (the shell's 421)
+]
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ConnectionClosed:
     """The session is over: QUIT, a 421, or the client's end of file.
 
-    ``clean`` is true only after QUIT.  An open message is lost.
+    ``clean`` is true only after QUIT.  An open message is lost.  ``reason``
+    says who ended it and why, for the log.
     """
 
     clean: bool = field(default=False)
+    reason: CloseReason = "lost"
 
 
 Event = (
@@ -154,6 +185,7 @@ Event = (
     | MessageData
     | MessageComplete
     | MessageAborted
+    | Refused
     | Reset
     | StartTLS
     | OutOfTurn

@@ -101,6 +101,25 @@ def parse_helo(argument: str) -> str:
     return argument
 
 
+_ASCII_DOMAIN = re.compile(
+    r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
+)
+_UTF8_DOMAIN = re.compile(_DOMAIN)
+_LITERAL = re.compile(_ADDRESS_LITERAL)
+
+
+def is_domain_or_literal(text: str, *, utf8: bool = False) -> bool:
+    """Whether ``text`` is a Domain or an address-literal (RFC 5321 4.1.2).
+
+    U-labels count only with ``utf8`` (RFC 6531 3.3): elsewhere a header
+    must be ASCII.
+    """
+    if _LITERAL.fullmatch(text):
+        return _address_literal_ok(text)
+    domain = _UTF8_DOMAIN if utf8 else _ASCII_DOMAIN
+    return len(text.encode()) <= MAX_DOMAIN and domain.fullmatch(text) is not None
+
+
 def _address_literal_ok(literal: str) -> bool:
     body = literal[1:-1]
     if body[:5].lower() == "ipv6:":
@@ -154,11 +173,25 @@ def parse_parameters(text: str | None) -> dict[str, str | None]:
         match = _ESMTP_PARAM.fullmatch(token)
         if match is None:
             raise GrammarError(replies.BAD_PARAMETER_VALUE)
-        keyword = match["keyword"].upper()
+        keyword, value = match["keyword"].upper(), match["value"]
         if keyword in params:
-            raise GrammarError(replies.BAD_PARAMETER_VALUE.with_text(f"Duplicate {keyword}"))
-        params[keyword] = match["value"]
+            # A parameter given twice alike says nothing new: Python's smtplib
+            # repeats SMTPUTF8 and BODY=8BITMIME when the caller gave them
+            # too, and Postfix takes that.  Two different values conflict.
+            if not _same_value(params[keyword], value):
+                raise GrammarError(
+                    replies.BAD_PARAMETER_VALUE.with_text(f"Duplicate {keyword} with another value")
+                )
+            continue
+        params[keyword] = value
     return params
+
+
+def _same_value(first: str | None, second: str | None) -> bool:
+    """Whether two values of one parameter mean the same (BODY's are case-blind)."""
+    if first is None or second is None:
+        return first is second
+    return first.upper() == second.upper()
 
 
 @dataclass(frozen=True, slots=True)

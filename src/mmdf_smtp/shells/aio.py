@@ -457,7 +457,7 @@ class SessionProtocol(asyncio.Protocol):
             transport.write(pending + replies.LOCAL_ERROR.to_bytes())
         if session is not None:
             try:
-                _in_background(session.handle(ConnectionClosed(clean=False)))
+                _in_background(session.handle(ConnectionClosed(clean=False, reason="local-error")))
             except Exception:
                 log.exception("session clean-up failed")
 
@@ -472,11 +472,11 @@ class SessionProtocol(asyncio.Protocol):
                 ssl_handshake_timeout=session.connection.limits.command_timeout,
             )
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
-            log.info("TLS handshake failed: %s", exc)
+            problem = str(exc) or type(exc).__name__  # a TimeoutError says nothing
             transport = None
         self._held = False
         if transport is None:
-            session.connection.tls_failed()
+            session.tls_failed(problem)
         else:
             self._transport = transport
             ssl_object = transport.get_extra_info("ssl_object")

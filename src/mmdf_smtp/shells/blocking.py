@@ -94,7 +94,9 @@ class BlockingShell:
         except (_Gone, ssl.SSLError):
             pass
         try:
-            self._wait_for(self._session.handle(ConnectionClosed(clean=False)))
+            self._wait_for(
+                self._session.handle(ConnectionClosed(clean=False, reason="local-error"))
+            )
         except Exception:
             log.exception("session clean-up failed")
 
@@ -245,14 +247,16 @@ class BlockingShell:
                 except ssl.SSLWantReadError:
                     self._write_all(self._outgoing.read())
                     raw = self._raw_read(timer)
+                    if raw is None:
+                        raise _Gone("timed out") from None
                     if not raw:
-                        raise _Gone from None
+                        raise _Gone("the client closed the connection") from None
                     self._incoming.write(raw)
             self._write_all(self._outgoing.read())
-        except (ssl.SSLError, _Gone):
+        except (ssl.SSLError, _Gone) as exc:
             with contextlib.suppress(_Gone):
                 self._write_all(self._outgoing.read())  # the alert, if any
-            self._conn.tls_failed()
+            self._session.tls_failed(str(exc) or "the connection is gone")
             return
         self._tls = tls
         self._session.tls_established(describe(tls.version(), tls.cipher()))
