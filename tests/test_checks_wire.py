@@ -268,7 +268,7 @@ def send(
 
 
 def queue_id(reply: str) -> str:
-    match = re.fullmatch(r"250 2\.0\.0 Submitted & queued \(msg\.(\S+)\)", reply)
+    match = re.fullmatch(r"250 2\.0\.0 Submitted & queued \((\S+)\)", reply)
     assert match, reply
     return match.group(1)
 

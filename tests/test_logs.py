@@ -100,10 +100,11 @@ def test_refusals_are_logged_one_line_each(server: Daemon, tmp_path: Path) -> No
         r"from=<a@example\.net> to=<x@remote\.example>",
         r'reply="552 5\.3\.4 Message size exceeds fixed maximum message size" reason=too-big '
         r"command=MAIL from=<a@example\.net>",
+        # A refused message's line names its queue id, as every line about it.
         r'reply="552 5\.3\.4 Message size exceeds fixed maximum message size" reason=too-big '
-        r"from=<a@example\.net> to=<alice@example\.org>",
+        r"id=[0-9a-f]{26} from=<a@example\.net> to=<alice@example\.org>",
         r'reply="550 5\.6\.0 Message refused: bare CR or LF; lines must end with <C\.\.\." '
-        r"reason=bare-line-end from=<a@example\.net> to=<alice@example\.org>",
+        r"reason=bare-line-end id=[0-9a-f]{26} from=<a@example\.net> to=<alice@example\.org>",
         r'reply="421 4\.7\.0 Too many errors, closing transmission channel" reason=errors '
         r"command=BAZ",
     ]

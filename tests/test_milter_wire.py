@@ -68,7 +68,7 @@ TIMEOUT = 0.5  # the failure tests' milter timeouts, in seconds
 BOUND = TIMEOUT * 4 + 5  # what a session with a failing milter may take at most
 
 RECEIVED = re.compile(rb"Received: from [^\r]*\r\n(?:\t[^\r]*\r\n)*")
-QUEUED = re.compile(r"Submitted & queued \(msg\.(\S+)\)")
+QUEUED = re.compile(r"Submitted & queued \((\S+)\)")
 
 
 # -- the milter, on a loop of its own ---------------------------------------------

@@ -30,7 +30,7 @@ from wire import Daemon, daemon, queued, reachable_by_anyone, stored, write_conf
 
 RECIPIENT = "bob@elsewhere.test"
 REPLY_TIMEOUT = 30.0
-QUEUED = re.compile(rb"250 2\.0\.0 Submitted & queued \(msg\.(\w+)\)\r\n")
+QUEUED = re.compile(rb"250 2\.0\.0 Submitted & queued \((\w+)\)\r\n")
 
 
 def milters_table(*milters: Milter) -> str:
