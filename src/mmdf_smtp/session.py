@@ -462,7 +462,7 @@ class Session:
             self.connection.helo,
             self._sender(),
             ",".join(f"<{r}>" for r in self._recipients),
-            event.size,
+            writer.size,
             self.channel.name if self.channel else "",
         )
         return replies.QUEUED.with_text(f"Submitted & queued (msg.{writer.id})")
