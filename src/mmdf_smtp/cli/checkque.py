@@ -64,7 +64,8 @@ CORRUPT = "corrupt"
 STATES = (QUEUED, DEFERRED, HELD, CORRUPT)
 DEFAULT_WAIT = 10.0  # seconds a command waits for deliver to finish a message
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_DURATION = re.compile(r"(\d+)([smhdw]?)")
+LONGEST = 100 * 365 * 86400  # seconds: an age beyond any queue's
+_DURATION = re.compile(r"([0-9]+)([smhdw]?)")
 
 
 def duration(text: str) -> timedelta:
@@ -72,7 +73,10 @@ def duration(text: str) -> timedelta:
     match = _DURATION.fullmatch(text.strip())
     if match is None:
         raise ValueError(f"not a duration: {text!r} (seconds, or a number and s, m, h, d or w)")
-    return timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2) or "s"])
+    seconds = int(match.group(1)) * _UNITS[match.group(2) or "s"]
+    if seconds > LONGEST:
+        raise ValueError(f"{text!r} is longer than a century")
+    return timedelta(seconds=seconds)
 
 
 def _utc(moment: datetime | None, layout: str = "%Y-%m-%dT%H:%M:%SZ") -> str | None:
