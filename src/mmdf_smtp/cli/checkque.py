@@ -54,7 +54,7 @@ from ..queue.spool import (
     Spool,
     queue_id_of,
 )
-from .common import EX_OK, EX_UNAVAILABLE, ArgumentParser, load_config
+from .common import EX_OK, EX_UNAVAILABLE, ArgumentParser, load_config, setup_logging
 
 EX_NOT_ALL = 1  # some of the messages named were not acted on
 ALL = "ALL"
@@ -392,8 +392,9 @@ class _Administrator:
 
     def flush(self, name: str) -> None:
         queue_id = queue_id_of(name)
-        if queue_id not in self.spool.ids():
-            held = queue_id in self.spool.held_ids()
+        where = self.spool.where(queue_id)
+        if where != "queue":
+            held = where == "hold"
             self.fail(name, "held: release it first" if held else "no such message in the queue")
             return
         if not self.spool.flush(queue_id):
@@ -528,6 +529,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.cat:
         return cat(spool, args.cat)
     if command is not None:
+        if config.log.startswith("syslog"):
+            # What the administrator did goes to the mail log, as postsuper's does.
+            setup_logging("checkque", debug=False, target=config.log)
         return administer(spool, command, names, selection, args.wait)
     return show(spool, selection, as_lines=args.json)
 

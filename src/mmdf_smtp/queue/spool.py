@@ -1164,6 +1164,18 @@ class Spool:
             os.close(fd)
         return None
 
+    def where(self, queue_id: str) -> str | None:
+        """``"queue"`` or ``"hold"``: where a message lies, committed; None when nowhere."""
+        if not _ID.fullmatch(queue_id):
+            return None
+        for place, directory in (("queue", self._in_queue), ("hold", self._in_hold)):
+            try:
+                if os.stat(directory + queue_id).st_mode & stat.S_IRUSR:
+                    return place
+            except FileNotFoundError:
+                continue
+        return None
+
     def is_held(self, claim: MessageClaim) -> bool:
         return claim.path.startswith(self._in_hold)
 
