@@ -515,3 +515,39 @@ def test_the_log_and_checkque_give_one_size(tmp_path: Path) -> None:
     assert f" queued id={shown['id']} " in logged
     assert f" size={len(stored)} " in logged
     assert shown["size"] == len(stored)
+
+
+def test_a_lock_had_on_a_file_since_moved_or_removed_is_let_go(tmp_path: Path) -> None:
+    """The lock is on the file, not its name: who gets it after the file was
+    moved (held) or removed (delivered) under the name it opened finds out."""
+    spool = Spool(tmp_path / "spool")
+    queue_id = put(spool)
+    results: list[object] = []
+
+    def deliver_side() -> None:
+        results.append(spool.claim(queue_id))
+
+    with spool.claim_for_admin(queue_id, wait=0) as claim:
+        thread = threading.Thread(target=deliver_side)
+        thread.start()  # it waits for the lock, or comes after the move: either way...
+        assert spool.hold_message(queue_id, claim)
+    thread.join(30)
+    assert results == [None]  # ...it does not deliver a held message
+
+    with spool.claim_for_admin(queue_id, wait=0) as claim:
+        assert spool.release(queue_id, claim)
+    delivering = spool.claim(queue_id)
+    assert delivering is not None
+
+    def administrator_side() -> None:
+        try:
+            spool.claim_for_admin(queue_id, wait=30)
+        except KeyError:
+            results.append("gone")
+
+    thread = threading.Thread(target=administrator_side)
+    thread.start()
+    with delivering:
+        spool.remove(queue_id)  # delivered
+    thread.join(30)
+    assert results == [None, "gone"]

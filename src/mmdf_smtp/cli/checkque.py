@@ -111,10 +111,20 @@ class SetAside:
 
 
 def _address_matches(wanted: str, address: str) -> bool:
-    """An exact address (case aside), or with ``@domain`` every address of that domain."""
+    """An exact address (case aside), or with ``@domain`` every address of that domain.
+
+    Not a substring: ``--delete ALL --sender example.net`` must not remove
+    more than the administrator meant.
+    """
     if wanted.startswith("@") and len(wanted) > 1:
-        return address.lower().endswith(wanted.lower()) and "@" in address
+        return address.lower().endswith(wanted.lower())
     return address.lower() == wanted.lower()
+
+
+def _sender_matches(wanted: str, sender: str) -> bool:
+    if wanted in ("", "<>"):
+        return sender == ""  # the null reverse path: bounces
+    return _address_matches(wanted, sender)
 
 
 @dataclass(slots=True)
@@ -140,10 +150,8 @@ class Selection:
             )
             if not wanted:
                 return False
-        if self.sender is not None:
-            sender = "" if self.sender == "<>" else self.sender
-            if not _address_matches(sender, envelope.sender) if sender else envelope.sender:
-                return False
+        if self.sender is not None and not _sender_matches(self.sender, envelope.sender):
+            return False
         if self.recipient is not None and not any(
             _address_matches(self.recipient, r) for r in envelope.recipients
         ):
