@@ -267,6 +267,7 @@ def test_checkque_json(filled: tuple[Path, list[str]], capsys: pytest.CaptureFix
         "body": "8BITMIME",
         "submitter": None,
         "submitter_uid": None,
+        "quarantine": None,
         "states": [
             {
                 "recipient": r,
@@ -280,7 +281,6 @@ def test_checkque_json(filled: tuple[Path, list[str]], capsys: pytest.CaptureFix
             for r in ("b@example.org", "c@example.org")
         ],
         "state": "queued",
-        "quarantine": None,
     }
 
 
