@@ -442,6 +442,9 @@ def test_a_quarantined_message_is_committed_into_hold(tmp_path: Path, size: int)
     writer.commit()
     assert spool.ids() == [] and spool.held_ids() == [writer.id]
     assert writer.size == size
+    assert spool.envelope(writer.id).quarantine == "held by a filter"
+    with spool.open_message(writer.id) as stored:
+        assert stored.read() == b"x" * size
     [message] = spool.messages(held=True)
     assert (message.size, message.held, message.envelope.quarantine) == (
         size,

@@ -337,14 +337,10 @@ def show(spool: Spool, selection: Selection, *, as_lines: bool) -> int:
 
 def cat(spool: Spool, name: str) -> int:
     queue_id = queue_id_of(name)
-    opened: BinaryIO | None = None
-    for held in (False, True):
-        try:
-            opened = spool.open_message(queue_id, held=held)
-            break
-        except KeyError:
-            continue
-    if opened is None:
+    opened: BinaryIO
+    try:
+        opened = spool.open_message(queue_id)
+    except KeyError:
         try:
             opened = spool.open_set_aside(queue_id)
         except KeyError:

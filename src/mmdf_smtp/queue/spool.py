@@ -961,15 +961,18 @@ class Spool:
             yield QueuedMessage(queue_id, envelope, size, held=held)
 
     def envelope(self, queue_id: str) -> Envelope:
-        """The envelope of a queued message; KeyError when it is not queued.
+        """The envelope of a queued or held message; KeyError when there is none.
 
+        (Deliver reads it under the message's lock, so never of one held.)
         Raises ValueError, saying why, for a file that cannot be read whole.
         """
-        try:
-            with open(self.queue / queue_id, "rb") as file:
-                return read_envelope(file)
-        except (FileNotFoundError, PermissionError):  # gone, or still being committed
-            raise KeyError(queue_id) from None
+        for directory in (self.queue, self.hold):
+            try:
+                with open(directory / queue_id, "rb") as file:
+                    return read_envelope(file)
+            except (FileNotFoundError, PermissionError):  # gone, or still being committed
+                continue
+        raise KeyError(queue_id)
 
     def read_state(self, queue_id: str) -> DeliveryState | None:
         """The message's delivery state; None before deliver first saw it.
@@ -1064,24 +1067,25 @@ class Spool:
                 removed.append(name)
         return removed
 
-    def open_message(self, queue_id: str, *, held: bool = False) -> BinaryIO:
-        """The stored message (without its envelope line), for reading;
-        ``held``: one in hold/.
+    def open_message(self, queue_id: str) -> BinaryIO:
+        """The stored message (without its envelope line), queued or held, for reading.
 
-        Raises KeyError for an id that is not queued or not an id at all.
+        (Deliver opens it under the message's lock, so never one held.)
+        Raises KeyError for an id that is neither or not an id at all.
         """
         if not _ID.fullmatch(queue_id):
             raise KeyError(queue_id)
-        path = (self.hold if held else self.queue) / queue_id
-        try:
-            file = open(path, "rb")  # noqa: SIM115 - returned to the caller
-        except (FileNotFoundError, PermissionError):
-            raise KeyError(queue_id) from None
-        if not os.fstat(file.fileno()).st_mode & stat.S_IRUSR:  # still being committed
-            file.close()
-            raise KeyError(queue_id)
-        file.readline()
-        return file
+        for directory in (self._in_queue, self._in_hold):
+            try:
+                file = open(directory + queue_id, "rb")  # noqa: SIM115 - returned to the caller
+            except (FileNotFoundError, PermissionError):
+                continue
+            if not os.fstat(file.fileno()).st_mode & stat.S_IRUSR:  # still being committed
+                file.close()
+                continue
+            file.readline()
+            return file
+        raise KeyError(queue_id)
 
     def open_set_aside(self, name: str) -> BinaryIO:
         """A file of ``corrupt/``, whole, envelope line and all, for reading.
