@@ -521,7 +521,7 @@ class Session:
             log.error("queue: message not queued: id=%s %s", writer.id, error)
             return replies.QUEUE_FULL if error.full else replies.QUEUE_FAILED
         self._queued += 1
-        metrics.message_accepted(self.channel.name if self.channel else "", event.size)
+        metrics.message_accepted(self.channel.name if self.channel else "", writer.size)
         log.info(
             "%s queued id=%s client=%s[%s] helo=%s from=<%s> to=%s size=%d channel=%s",
             self.id,
@@ -531,7 +531,7 @@ class Session:
             self.connection.helo,
             self._sender(),
             ",".join(f"<{r}>" for r in self._recipients),
-            event.size,
+            writer.size,
             self.channel.name if self.channel else "",
         )
         return replies.QUEUED.with_text(f"Submitted & queued ({writer.id})")

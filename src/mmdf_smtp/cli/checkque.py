@@ -1,33 +1,174 @@
-"""checkque: what is in the queue.
+"""checkque: what is in the queue, and the administrator's commands on it.
 
-    checkque [-c config] [--json] [--cat ID]
+    checkque [-c config] [--json] [--cat ID] [filters]
+    checkque [-c config] [--wait SECONDS] --hold|--release|--delete|--flush ID...|ALL [filters]
 
-Without options, a table with a line per message and one under it per
-recipient with its delivery state (pending, deferred, delivered, bounced),
-and the reason a filter gave, for a message held in quarantine;
-``--json`` one object a line per message, ``states`` holding the same and
-``state`` saying ``queued``.  Files set aside in ``corrupt/`` (a queue file
-that cannot be read whole, a submission pickup refused) follow, in a table
-of their own, or in ``--json`` as objects whose ``state`` is ``corrupt``,
+Without options, a table with a line per message (queued in ``queue/`` or
+held in ``hold/``) and one under it per recipient with its delivery state
+(pending, deferred, delivered, bounced); a held message has its
+quarantine reason, if a filter gave one, on a line of its own.
+``--json`` writes one object a line per message, ``states`` holding the
+same and ``state`` saying ``queued`` or ``held`` (``quarantine``: the
+reason, or null).  Files set aside in ``corrupt/`` (a queue file that
+cannot be read whole, a submission pickup refused) follow, in a table of
+their own, or in ``--json`` as objects whose ``state`` is ``corrupt``,
 with ``id``, ``size``, ``reason`` and ``path``.  ``--cat ID`` writes the
-stored message to stdout (exit 69, EX_UNAVAILABLE, when no such message is
-queued); for a file set aside, its octets as they are, envelope line and
+stored message to stdout (exit 69, EX_UNAVAILABLE, when there is no such
+message); for a file set aside, its octets as they are, envelope line and
 all, since it may not have one.
+
+The commands, as Postfix's postsuper and postqueue: ``--hold`` moves
+messages into ``hold/``, where deliver never looks; ``--release`` moves
+them back; ``--delete`` removes them (a file set aside too); ``--flush``
+asks the running deliver to try their deferred recipients now.  ``ALL``
+stands for every message, or, with filters, for those the filters select.
+A message deliver is working is not touched: checkque waits for it up to
+``--wait`` seconds, then says it is busy.  Exit status: 0 when every
+message was acted on, 1 when some were not (no such message, busy, no
+deliver listening), 64 for bad arguments.
+
+Every id may be given as the 250 reply names it, ``msg.<id>``.  A size is
+the stored message's as queued, trace header included (the log's
+``size=`` is the same).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
 import shutil
 import sys
-from datetime import UTC, datetime
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import BinaryIO
 
-from ..queue.spool import DEFERRED, DeliveryState, QueuedMessage, RecipientState, Spool
-from .common import EX_OK, EX_UNAVAILABLE, ArgumentParser, load_config
+from ..queue.spool import (
+    DEFERRED,
+    DeliveryState,
+    MessageBusy,
+    MessageClaim,
+    QueuedMessage,
+    RecipientState,
+    Spool,
+    queue_id_of,
+)
+from .common import EX_OK, EX_UNAVAILABLE, ArgumentParser, load_config, setup_logging
+
+EX_NOT_ALL = 1  # some of the messages named were not acted on
+ALL = "ALL"
+QUEUED = "queued"
+HELD = "held"
+CORRUPT = "corrupt"
+STATES = (QUEUED, DEFERRED, HELD, CORRUPT)
+DEFAULT_WAIT = 10.0  # seconds a command waits for deliver to finish a message
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+LONGEST = 100 * 365 * 86400  # seconds: an age beyond any queue's
+_DURATION = re.compile(r"([0-9]+)([smhdw]?)")
+
+
+def duration(text: str) -> timedelta:
+    """``90``, ``90s``, ``15m``, ``2h``, ``3d`` or ``1w``; ValueError for anything else."""
+    match = _DURATION.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f"not a duration: {text!r} (seconds, or a number and s, m, h, d or w)")
+    seconds = int(match.group(1)) * _UNITS[match.group(2) or "s"]
+    if seconds > LONGEST:
+        raise ValueError(f"{text!r} is longer than a century")
+    return timedelta(seconds=seconds)
 
 
 def _utc(moment: datetime | None, layout: str = "%Y-%m-%dT%H:%M:%SZ") -> str | None:
     return moment.astimezone(UTC).strftime(layout) if moment is not None else None
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+@dataclass(slots=True)
+class Listed:
+    """A message as checkque shows it: where it lies and its delivery state."""
+
+    message: QueuedMessage
+    state: DeliveryState
+
+    @property
+    def where(self) -> str:
+        return HELD if self.message.held else QUEUED
+
+    @property
+    def deferred(self) -> bool:
+        return any(entry.status == DEFERRED for entry in self.state.recipients)
+
+
+@dataclass(frozen=True, slots=True)
+class SetAside:
+    id: str
+    size: int
+    reason: str
+
+
+def _address_matches(wanted: str, address: str) -> bool:
+    """An exact address (case aside), or with ``@domain`` every address of that domain.
+
+    Not a substring: ``--delete ALL --sender example.net`` must not remove
+    more than the administrator meant.
+    """
+    if wanted.startswith("@") and len(wanted) > 1:
+        return address.lower().endswith(wanted.lower())
+    return address.lower() == wanted.lower()
+
+
+def _sender_matches(wanted: str, sender: str) -> bool:
+    if wanted in ("", "<>"):
+        return sender == ""  # the null reverse path: bounces
+    return _address_matches(wanted, sender)
+
+
+@dataclass(slots=True)
+class Selection:
+    """The listing's filters; all given must hold.  No filter: everything."""
+
+    sender: str | None = None  # "" or "<>": the null sender
+    recipient: str | None = None
+    older_than: timedelta | None = None
+    states: set[str] = field(default_factory=set)
+
+    @property
+    def given(self) -> bool:
+        return bool(
+            self.sender is not None or self.recipient is not None or self.older_than or self.states
+        )
+
+    def takes(self, listed: Listed, now: datetime) -> bool:
+        envelope = listed.message.envelope
+        if self.states:
+            wanted = listed.where in self.states or (
+                DEFERRED in self.states and listed.where == QUEUED and listed.deferred
+            )
+            if not wanted:
+                return False
+        if self.sender is not None and not _sender_matches(self.sender, envelope.sender):
+            return False
+        if self.recipient is not None and not any(
+            _address_matches(self.recipient, r) for r in envelope.recipients
+        ):
+            return False
+        return self.older_than is None or envelope.received <= now - self.older_than
+
+    def takes_set_aside(self, file: SetAside, now: datetime) -> bool:
+        """A file set aside has no envelope to match: only state and age
+        (from its id, which starts with the time it was named) select it."""
+        if self.sender is not None or self.recipient is not None:
+            return False
+        if self.states and CORRUPT not in self.states:
+            return False
+        if self.older_than is None:
+            return True
+        named = datetime.fromtimestamp(int(file.id[:14], 16) / 1e6, UTC)
+        return named <= now - self.older_than
 
 
 def state_as_json(entry: RecipientState) -> dict[str, object]:
@@ -53,8 +194,8 @@ def state_as_row(entry: RecipientState) -> str:
     return row
 
 
-def as_json(message: QueuedMessage, state: DeliveryState) -> str:
-    envelope = message.envelope
+def as_json(listed: Listed) -> str:
+    message, envelope = listed.message, listed.message.envelope
     return json.dumps(
         {
             "id": message.id,
@@ -71,91 +212,332 @@ def as_json(message: QueuedMessage, state: DeliveryState) -> str:
             "body": envelope.body,
             "submitter": envelope.submitter,
             "submitter_uid": envelope.submitter_uid,
+            "states": [state_as_json(entry) for entry in listed.state.recipients],
+            "state": listed.where,
             "quarantine": envelope.quarantine,
-            "states": [state_as_json(entry) for entry in state.recipients],
-            "state": "queued",
         },
         ensure_ascii=False,
     )
 
 
-def as_row(message: QueuedMessage) -> str:
-    envelope = message.envelope
-    received = envelope.received.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
-    recipients = envelope.recipients[0] if envelope.recipients else ""
-    if len(envelope.recipients) > 1:
-        recipients += f" (+{len(envelope.recipients) - 1})"
-    sender = f"<{envelope.sender}>"
-    held = "" if envelope.quarantine is None else f"\n    quarantined: {envelope.quarantine}"
-    return (
-        f"{message.id}  {message.size:>9}  {received}  {envelope.channel:<8}  "
-        f"{sender}  {recipients}{held}"
-    )
+_HEADINGS = ("id", "size", "received (UTC)", "channel", "state", "from", "to")
 
 
-def corrupt_as_json(spool: Spool, name: str, size: int, reason: str) -> str:
+def table(listed: list[Listed]) -> list[str]:
+    """The messages as lines, their columns as wide as the widest entry in them."""
+    rows: list[tuple[str, ...]] = []
+    for entry in listed:
+        envelope = entry.message.envelope
+        recipients = envelope.recipients[0] if envelope.recipients else ""
+        if len(envelope.recipients) > 1:
+            recipients += f" (+{len(envelope.recipients) - 1})"
+        rows.append(
+            (
+                entry.message.id,
+                str(entry.message.size),
+                envelope.received.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S"),
+                envelope.channel,
+                entry.where,
+                f"<{envelope.sender}>",
+                recipients,
+            )
+        )
+    widths = [max(len(row[i]) for row in (_HEADINGS, *rows)) for i in range(len(_HEADINGS))]
+
+    def line(row: tuple[str, ...]) -> str:
+        cells = [
+            cell.rjust(width) if i == 1 else cell.ljust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ]
+        cells[-1] = row[-1]  # the last column needs no padding
+        return "  ".join(cells)
+
+    lines = [line(_HEADINGS)]
+    for entry, row in zip(listed, rows, strict=True):
+        lines.append(line(row))
+        if entry.message.envelope.quarantine is not None:
+            lines.append(f"    quarantined: {entry.message.envelope.quarantine}")
+        lines.extend(state_as_row(state) for state in entry.state.recipients)
+    return lines
+
+
+def summary(listed: list[Listed], spool: Spool, *, selected: bool) -> str:
+    if not listed:
+        if selected:
+            return f"no message in queue {spool.directory} matches"
+        return f"queue {spool.directory} is empty"
+    held = sum(1 for entry in listed if entry.message.held)
+    total = sum(entry.message.size for entry in listed)
+    count = _plural(len(listed), "message")
+    if held:
+        count += f" ({held} held)"
+    return f"{count}, {_plural(total, 'byte')}"
+
+
+def corrupt_as_json(spool: Spool, file: SetAside) -> str:
     return json.dumps(
         {
-            "id": name,
-            "state": "corrupt",
-            "size": size,
-            "reason": reason,
-            "path": str(spool.corrupt / name),
+            "id": file.id,
+            "state": CORRUPT,
+            "size": file.size,
+            "reason": file.reason,
+            "path": str(spool.corrupt / file.id),
         },
         ensure_ascii=False,
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(prog="checkque", description="Show the queue.")
+def corrupt_table(spool: Spool, files: list[SetAside]) -> list[str]:
+    return [
+        "",
+        f"set aside in {spool.corrupt} (never delivered; see checkque --cat ID):",
+        *(f"{file.id}  {file.size:>9}  {file.reason}" for file in files),
+    ]
+
+
+def listing(
+    spool: Spool, selection: Selection, now: datetime
+) -> tuple[list[Listed], list[SetAside]]:
+    """The messages and files set aside that ``selection`` takes, in arrival order."""
+    listed: list[Listed] = []
+    wanted = selection.states
+    if not wanted or wanted & {QUEUED, DEFERRED, HELD}:
+        for held in (False, True):
+            for message in spool.messages(held=held):
+                try:
+                    state = spool.read_state(message.id) or DeliveryState.untouched(
+                        message.envelope
+                    )
+                except ValueError as exc:
+                    print(f"checkque: {exc}", file=sys.stderr)
+                    state = DeliveryState()
+                entry = Listed(message, state)
+                if selection.takes(entry, now):
+                    listed.append(entry)
+    listed.sort(key=lambda entry: entry.message.id)
+    files = [SetAside(*found) for found in spool.set_aside_files()]
+    return listed, [file for file in files if selection.takes_set_aside(file, now)]
+
+
+def show(spool: Spool, selection: Selection, *, as_lines: bool) -> int:
+    listed, files = listing(spool, selection, datetime.now(UTC))
+    if as_lines:
+        for entry in listed:
+            print(as_json(entry))
+        for file in files:
+            print(corrupt_as_json(spool, file))
+        return EX_OK
+    lines = table(listed) if listed else []
+    lines.append(summary(listed, spool, selected=selection.given))
+    if files:
+        lines.extend(corrupt_table(spool, files))
+    print("\n".join(lines))
+    return EX_OK
+
+
+def cat(spool: Spool, name: str) -> int:
+    queue_id = queue_id_of(name)
+    opened: BinaryIO
+    try:
+        opened = spool.open_message(queue_id)
+    except KeyError:
+        try:
+            opened = spool.open_set_aside(queue_id)
+        except KeyError:
+            print(f"checkque: {name}: no such message in the queue", file=sys.stderr)
+            return EX_UNAVAILABLE
+    with opened:
+        shutil.copyfileobj(opened, sys.stdout.buffer)
+    sys.stdout.buffer.flush()
+    return EX_OK
+
+
+# -- the commands ----------------------------------------------------------------------
+
+
+class _Administrator:
+    """Acts on messages one at a time, each under its lock, and keeps count."""
+
+    def __init__(self, spool: Spool, wait: float) -> None:
+        self.spool = spool
+        self.wait = wait
+        self.failed = 0
+
+    def fail(self, name: str, why: str) -> None:
+        print(f"checkque: {name}: {why}", file=sys.stderr)
+        self.failed += 1
+
+    def hold(self, name: str) -> None:
+        def act(queue_id: str, claim: MessageClaim) -> str:
+            return "held" if self.spool.hold_message(queue_id, claim) else "already held"
+
+        self._under_lock(name, act)
+
+    def release(self, name: str) -> None:
+        def act(queue_id: str, claim: MessageClaim) -> str:
+            return "released" if self.spool.release(queue_id, claim) else "not held"
+
+        self._under_lock(name, act)
+
+    def delete(self, name: str) -> None:
+        try:
+            if self.spool.delete_set_aside(queue_id_of(name)):
+                print(f"{queue_id_of(name)}: deleted (set aside)")
+                return
+        except OSError as exc:
+            self.fail(name, f"cannot delete it: {exc.strerror or exc}")
+            return
+
+        def act(queue_id: str, claim: MessageClaim) -> str:
+            self.spool.delete(queue_id, claim)
+            return "deleted"
+
+        self._under_lock(name, act)
+
+    def flush(self, name: str) -> None:
+        queue_id = queue_id_of(name)
+        where = self.spool.where(queue_id)
+        if where != "queue":
+            held = where == "hold"
+            self.fail(name, "held: release it first" if held else "no such message in the queue")
+            return
+        if not self.spool.flush(queue_id):
+            self.fail(name, f"no deliver listens on {self.spool.trigger}")
+            return
+        print(f"{queue_id}: flush requested")
+
+    def _under_lock(self, name: str, act: Callable[[str, MessageClaim], str]) -> None:
+        queue_id = queue_id_of(name)
+        try:
+            claim = self.spool.claim_for_admin(queue_id, wait=self.wait)
+        except KeyError:
+            self.fail(name, "no such message in the queue")
+            return
+        except MessageBusy:
+            self.fail(name, f"busy: being delivered (waited {self.wait:g} s)")
+            return
+        with claim:
+            try:
+                done = act(queue_id, claim)
+            except OSError as exc:
+                self.fail(name, f"cannot: {exc.strerror or exc}")
+                return
+        print(f"{queue_id}: {done}")
+
+
+def _targets(spool: Spool, command: str, selection: Selection) -> list[str]:
+    """What ``ALL`` stands for: the messages the command can act on that the filters select."""
+    listed, files = listing(spool, selection, datetime.now(UTC))
+    if command == "hold":
+        return [entry.message.id for entry in listed if not entry.message.held]
+    if command == "release":
+        return [entry.message.id for entry in listed if entry.message.held]
+    if command == "flush":
+        return [entry.message.id for entry in listed if not entry.message.held]
+    return [entry.message.id for entry in listed] + [file.id for file in files]
+
+
+def administer(
+    spool: Spool, command: str, names: list[str], selection: Selection, wait: float
+) -> int:
+    if names == [ALL]:
+        if command == "flush" and not selection.given:
+            # Everything deferred, in one datagram: deliver's own --flush.
+            if not spool.poke(flush=True):
+                print(f"checkque: no deliver listens on {spool.trigger}", file=sys.stderr)
+                return EX_NOT_ALL
+            print("flush requested")
+            return EX_OK
+        names = _targets(spool, command, selection)
+    admin = _Administrator(spool, wait)
+    act: dict[str, Callable[[str], None]] = {
+        "hold": admin.hold,
+        "release": admin.release,
+        "delete": admin.delete,
+        "flush": admin.flush,
+    }
+    for name in names:
+        act[command](name)
+    return EX_NOT_ALL if admin.failed else EX_OK
+
+
+def _parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="checkque",
+        description="Show the queue, or hold, release, delete or flush messages in it.",
+        epilog="An ID may be given as the 250 reply names it (msg.ID); ALL: every message "
+        "the filters select.",
+    )
     parser.add_argument("-c", "--config", help="configuration file (TOML)")
     shown = parser.add_mutually_exclusive_group()
     shown.add_argument("--json", action="store_true", help="one JSON object a line")
     shown.add_argument("--cat", metavar="ID", help="write the stored message to stdout")
+    for command, text in (
+        ("hold", "hold messages: not delivered until released"),
+        ("release", "release held messages"),
+        ("delete", "remove messages from the queue"),
+        ("flush", "ask deliver to try the messages' deferred recipients now"),
+    ):
+        shown.add_argument(f"--{command}", nargs="+", metavar="ID", help=text)
+    chosen = parser.add_argument_group("filters (for the listing, and with ALL)")
+    chosen.add_argument("--sender", metavar="ADDR", help="from ADDR (@domain: any of it; <>: null)")
+    chosen.add_argument("--recipient", metavar="ADDR", help="to ADDR (@domain: any of it)")
+    chosen.add_argument(
+        "--older-than", metavar="AGE", help="received AGE ago or earlier (seconds, or 90m, 2h, 3d)"
+    )
+    chosen.add_argument(
+        "--state", action="append", choices=STATES, help="in this state (may be repeated)"
+    )
+    parser.add_argument(
+        "--wait",
+        type=float,
+        default=DEFAULT_WAIT,
+        metavar="SECONDS",
+        help=f"wait this long for deliver to finish a message (default {DEFAULT_WAIT:g})",
+    )
+    return parser
+
+
+def _selection(parser: ArgumentParser, args: argparse.Namespace) -> Selection:
+    older_than = None
+    if args.older_than is not None:
+        try:
+            older_than = duration(args.older_than)
+        except ValueError as exc:
+            parser.error(f"--older-than: {exc}")
+    return Selection(
+        sender=args.sender,
+        recipient=args.recipient,
+        older_than=older_than,
+        states=set(args.state or ()),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
+    selection = _selection(parser, args)
+    command = next((c for c in ("hold", "release", "delete", "flush") if getattr(args, c)), None)
+    if args.cat and selection.given:
+        parser.error("--cat takes no filters")
+    if command is not None:
+        names: list[str] = getattr(args, command)
+        if ALL in names and len(names) > 1:
+            parser.error(f"--{command}: ALL stands alone")
+        if selection.given and names != [ALL]:
+            parser.error("filters select messages only with ALL")
+    if args.wait < 0:
+        parser.error("--wait: must not be negative")
     config = load_config("checkque", args.config)
     spool = Spool(config.spool)
     if args.cat:
-        try:
-            stored = spool.open_message(args.cat)
-        except KeyError:
-            try:
-                stored = spool.open_set_aside(args.cat)
-            except KeyError:
-                print(f"checkque: {args.cat}: no such message in the queue", file=sys.stderr)
-                return EX_UNAVAILABLE
-        with stored:
-            shutil.copyfileobj(stored, sys.stdout.buffer)
-        sys.stdout.buffer.flush()
-        return EX_OK
-    count = total = 0
-    for message in spool.messages():
-        try:
-            state = spool.read_state(message.id) or DeliveryState.untouched(message.envelope)
-        except ValueError as exc:
-            print(f"checkque: {exc}", file=sys.stderr)
-            state = DeliveryState()
-        if args.json:
-            print(as_json(message, state))
-        else:
-            if count == 0:
-                print(f"{'id':<26}  {'size':>9}  {'received (UTC)':<19}  {'channel':<8}  from  to")
-            print(as_row(message))
-            for entry in state.recipients:
-                print(state_as_row(entry))
-        count += 1
-        total += message.size
-    if not args.json:
-        print(f"{count} messages, {total} bytes" if count else "queue is empty")
-    set_aside = spool.set_aside_files()
-    for name, size, reason in set_aside:
-        if args.json:
-            print(corrupt_as_json(spool, name, size, reason))
-    if set_aside and not args.json:
-        print(f"\nset aside in {spool.corrupt} (never delivered; see checkque --cat ID):")
-        for name, size, reason in set_aside:
-            print(f"{name:<26}  {size:>9}  {reason}")
-    return EX_OK
+        return cat(spool, args.cat)
+    if command is not None:
+        if config.log.startswith("syslog"):
+            # What the administrator did goes to the mail log, as postsuper's does.
+            setup_logging("checkque", debug=False, target=config.log, log_format=config.log_format)
+        return administer(spool, command, names, selection, args.wait)
+    return show(spool, selection, as_lines=args.json)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ message is queued (the spool pokes ``<spool>/deliver.sock``) and when a
 deferred recipient is next due; SIGTERM or SIGINT ends it after the
 message under way, SIGHUP reloads the configuration and aliases.
 ``--once`` makes one pass over what is due and exits; ``--flush`` tries
-deferred recipients now (as ``postqueue -f``).  One deliver runs per
+deferred recipients now (as ``postqueue -f``; ``checkque --flush ID``
+asks the same for one message, with a datagram naming it).  One deliver runs per
 spool: when a service holds it, ``--once`` and ``--flush`` ask that
 service for a pass instead.
 """
@@ -31,7 +32,7 @@ from ..config import Config, ConfigError, load
 from ..delivery import maildir
 from ..delivery.runner import Runner
 from ..privileges import drop_privileges
-from ..queue.spool import FLUSH, Spool
+from ..queue.spool import FLUSH, FLUSH_ONE, Spool
 from .common import (
     EX_CONFIG,
     EX_OK,
@@ -91,6 +92,7 @@ class Service:
         return Runner(config, self._spool, stopping=lambda: self._stop)
 
     def run(self, *, flush: bool) -> None:
+        flush_ids: set[str] = set()
         trigger = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._spool.trigger)  # a crashed deliver's; we hold the lock
@@ -112,14 +114,20 @@ class Service:
                 if self._reload:
                     self._reload = False
                     self.reload()
-                later = self.runner.run(flush=flush)
+                later = self.runner.run(flush=flush, flush_ids=flush_ids)
                 if self._stop:
                     break
                 timeout = None
                 if later is not None:
                     timeout = max(0.0, (later - datetime.now(UTC)).total_seconds())
                 selector.select(timeout)
-                flush = FLUSH in _drain(trigger)
+                asked = _drain(trigger)
+                flush = FLUSH in asked
+                flush_ids = {
+                    datagram[1:].decode(errors="replace")
+                    for datagram in asked
+                    if datagram.startswith(FLUSH_ONE)
+                }
                 _drain(wake_read)
         finally:
             signal.set_wakeup_fd(-1)
@@ -146,13 +154,14 @@ class Service:
         self._reload = True
 
 
-def _drain(sock: socket.socket) -> bytes:
-    data = b""
+def _drain(sock: socket.socket) -> list[bytes]:
+    """The datagrams waiting on ``sock``, each whole (they are short)."""
+    datagrams = []
     while True:
         try:
-            data += sock.recv(64)
+            datagrams.append(sock.recv(64))
         except BlockingIOError:
-            return data
+            return datagrams
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,11 @@ notification queued, then state written (a crash repeats the
 notification: at least once); Maildir file linked, then state written (a
 crash is noticed by the file name: exactly once); next hop answered, then
 state written (a crash sends again: at least once).
+
+The runner holds a message's lock (:meth:`Spool.claim`) from before it
+reads the state until the state is written or the message removed, so
+that ``checkque`` never holds or deletes a message under it; a message
+held or deleted before the lock is had is passed by.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from __future__ import annotations
 import errno
 import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -113,17 +118,21 @@ class Runner:
             default_domain=domains[0] if domains else config.hostname,
         )
 
-    def run(self, *, flush: bool = False) -> datetime | None:
-        """One pass over what is due (everything deferred too, with ``flush``).
+    def run(self, *, flush: bool = False, flush_ids: Collection[str] = ()) -> datetime | None:
+        """One pass over what is due (everything deferred too, with ``flush``;
+        the deferred recipients of the messages in ``flush_ids`` too).
 
         Returns when the earliest deferred recipient is next due, None when
         nothing waits.
         """
         if self._pickup is not None:
             self._pickup()
-        if flush:
+        if flush or flush_ids:
             self._hop_down = None  # the administrator asks for a try now
         due, self._waiting = self.spool.due(self._clock(), flush=flush, known=self._waiting)
+        waiting = [queue_id for queue_id in flush_ids if queue_id in self._waiting]
+        if waiting:
+            due = sorted({*due, *waiting})
         log.debug("pass: %d messages due, %d waiting", len(due), len(self._waiting))
         self._notices.clear()
         # Notices queued by this pass are delivered by it too: the sender
@@ -132,7 +141,7 @@ class Runner:
             if self._stopping():
                 break
             try:
-                next_try = self.deliver(queue_id, flush=flush)
+                next_try = self.deliver(queue_id, flush=flush or queue_id in flush_ids)
             except (OSError, QueueError) as exc:
                 # The spool itself failed (full, unreadable): the message
                 # stays as it was and is tried again after a while.
@@ -149,7 +158,18 @@ class Runner:
         return min(self._waiting.values(), default=None)
 
     def deliver(self, queue_id: str, *, flush: bool = False) -> datetime | None:
-        """Try the due recipients of one message; when its next try is due."""
+        """Try the due recipients of one message; when its next try is due.
+
+        Under the message's lock, from before its state is read until it is
+        written: checkque waits for it to hold or delete the message.
+        """
+        claim = self.spool.claim(queue_id)
+        if claim is None:
+            return None  # held, deleted or delivered meanwhile
+        with claim:
+            return self._deliver(queue_id, flush=flush)
+
+    def _deliver(self, queue_id: str, *, flush: bool) -> datetime | None:
         try:
             envelope = self.spool.envelope(queue_id)
         except KeyError:

@@ -49,6 +49,13 @@ class MessageWriter(Protocol):
         """The queue id, known from the start (it goes into Received)."""
         ...
 
+    @property
+    def size(self) -> int:
+        """The message octets written so far, trace header included: once
+        committed, the size of the stored message as queued (checkque's
+        size and the log's ``size=``)."""
+        ...
+
     def write(self, data: bytes) -> None:
         """Append message octets.  May raise :class:`QueueError`."""
         ...

@@ -112,7 +112,13 @@ def prepare(spool: Spool, owner: tuple[int, int] | None = None) -> None:
     stay 0700.  Raises OSError.
     """
     drop = maildrop_dir(spool)
-    private = [spool.tmp, spool.queue, spool.directory / "pickup", spool.directory / "corrupt"]
+    private = [
+        spool.tmp,
+        spool.queue,
+        spool.hold,
+        spool.directory / "pickup",
+        spool.directory / "corrupt",
+    ]
     spool.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     drop.mkdir(exist_ok=True)
     for path in private:
@@ -220,6 +226,8 @@ class _PickupWriter:
         self._claim = claim
         self._id = claim.name
         self._path = spool.tmp / self._id
+        self._into_hold = envelope.quarantine is not None
+        self._size = 0
         self._file: BinaryIO | None = None
         try:
             fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -235,9 +243,14 @@ class _PickupWriter:
     def id(self) -> str:
         return self._id
 
+    @property
+    def size(self) -> int:
+        return self._size
+
     def write(self, data: bytes) -> None:
         if self._file is None:
             raise QueueError("message already closed")
+        self._size += len(data)
         try:
             self._file.write(data)
         except OSError as exc:
@@ -260,7 +273,7 @@ class _PickupWriter:
         # Committed: from here a failure leaves the message to the next pass.
         try:
             _fsync_directory(self._claim.parent)
-            _move_to_queue(self._spool, self._claim)
+            _move_to_queue(self._spool, self._claim, into_hold=self._into_hold)
         except OSError as exc:
             raise QueueError(f"cannot move {self._id} into the queue: {exc.strerror}") from exc
 
@@ -273,9 +286,11 @@ class _PickupWriter:
             os.unlink(self._path)
 
 
-def _move_to_queue(spool: Spool, claim: Path) -> None:
-    os.rename(claim, spool.queue / claim.name)
-    _fsync_directory(spool.queue)
+def _move_to_queue(spool: Spool, claim: Path, *, into_hold: bool) -> None:
+    """On from ``pickup/``: into queue/, or into hold/ when a milter quarantined it."""
+    target = spool.hold if into_hold else spool.queue
+    os.rename(claim, target / claim.name)
+    _fsync_directory(target)
     _fsync_directory(claim.parent)
 
 
@@ -379,11 +394,11 @@ class _Pickup:
         """A queued message a crash left in ``pickup/``: on into the queue."""
         try:
             with open(claim, "rb") as file:
-                read_envelope(file)
+                envelope = read_envelope(file)
         except ValueError as exc:
             self.set_aside(claim, f"owned by the mail system but not a queued message ({exc})")
             return
-        _move_to_queue(self.spool, claim)
+        _move_to_queue(self.spool, claim, into_hold=envelope.quarantine is not None)
         self.queued.append(claim.name)
         log.info("pickup: queued id=%s (committed before a restart)", claim.name)
 

@@ -4,6 +4,8 @@ Layout::
 
     <spool>/tmp/<id>       a message being received
     <spool>/queue/<id>     a queued message (never changed once there)
+    <spool>/hold/<id>      a queued message held by the administrator or
+                           quarantined by a filter: never delivered from there
     <spool>/state/<id>     its recipients' delivery state, once deliver has seen it
     <spool>/corrupt/<id>   a file that cannot be read whole, set aside for the administrator
     <spool>/deliver.sock   where ``deliver`` listens for "a message was queued"
@@ -31,6 +33,19 @@ power loss), and recovery makes one left unreadable deliverable once its
 a flush) is moved to ``corrupt/`` and logged, never delivered
 (:meth:`Spool.set_aside`).  A message is never partial and never twice
 (a rename moves it).
+
+A message whose envelope has ``quarantine`` set (a milter's
+SMFIR_QUARANTINE) is committed the same way into ``hold/`` instead: the
+same fsyncs in the same order, ``hold/`` synced where ``queue/`` would be.
+``checkque --hold`` and ``--release`` move messages between the two by a
+rename (both directories synced); the delivery state stays.  While
+deliver works a message it holds an exclusive flock(2) on its file
+(:meth:`Spool.claim`); checkque acts on a message only under the same
+lock (:meth:`Spool.claim_for_admin`), so a message deliver has halfway is
+never moved or removed under it.  A lock follows the file across renames
+(it is on the open file), so either side checks, once it has the lock,
+that the name still leads to the file it locked.
+
 smtpd's sessions hold a message of up to :data:`IN_MEMORY` octets in
 memory and create its file only at the commit.  Group commit: messages
 committed together (:meth:`Spool.commit_all`) share the journal commit
@@ -53,6 +68,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import itertools
 import json
 import logging
@@ -74,9 +90,20 @@ log = logging.getLogger("mmdf_smtp.queue")
 
 _ID_LENGTH = 26  # hex digits: time in microseconds, pid, counter (Spool.new_id)
 _ID = re.compile(rf"[0-9a-f]{{{_ID_LENGTH}}}")
+# How the 250 reply names a message: "Submitted & queued (msg.<id>)".
+ID_PREFIX = "msg."
 # What a message handed over to another process starts with (Spool.hand_over).
 _IN_TOKEN = b"M"  # then its id and every octet of it
 _IN_FILE = b"F"  # then its id: the rest is in its file in tmp/
+# The same, for a quarantined message (committed into hold/).
+_HELD_IN_TOKEN = b"Q"
+_HELD_IN_FILE = b"H"
+_TOKEN_KINDS = {
+    _IN_TOKEN: (False, False),  # (in a file, into hold/)
+    _IN_FILE: (True, False),
+    _HELD_IN_TOKEN: (False, True),
+    _HELD_IN_FILE: (True, True),
+}
 _BUFFER = 256 * 1024
 # What smtpd's sessions hold in memory before a message gets its file
 # (envelope included): a smaller one is written whole at its commit.
@@ -92,6 +119,7 @@ _MAILDROP_MAGIC = b"MMDF-MAILDROP "
 TRIGGER = "deliver.sock"
 POKE = b"."  # a message was queued
 FLUSH = b"F"  # try deferred recipients now
+FLUSH_ONE = b"I"  # then a queue id: try its deferred recipients now
 
 PENDING = "pending"
 DEFERRED = "deferred"
@@ -108,6 +136,12 @@ FINAL = frozenset({DELIVERED, BOUNCED})
 _SIZE_KEY = b'{"file_size":'
 SIZE_SLOT = len(_SIZE_KEY)  # the slot's offset in the file
 _SIZE_WIDTH = 20
+
+
+def queue_id_of(text: str) -> str:
+    """A queue id as an administrator may give it: bare, or as the 250
+    reply names it (``msg.<id>``)."""
+    return text.removeprefix(ID_PREFIX)
 
 
 def envelope_to_json(envelope: Envelope) -> bytes:
@@ -178,7 +212,48 @@ def _parse_envelope(line: bytes) -> tuple[Envelope, int | None]:
 class QueuedMessage:
     id: str
     envelope: Envelope
-    size: int  # octets of the message, without the envelope line
+    # Octets of the stored message as queued: the trace header(s) we
+    # prepended included, the envelope line not (the log's size=, too).
+    size: int
+    held: bool = False  # in hold/: not delivered until released
+
+
+class MessageBusy(Exception):
+    """Deliver is working the message (it holds its lock): it cannot be acted on now."""
+
+
+class MessageClaim:
+    """An exclusive flock(2) on a queued message's file, held until :meth:`close`.
+
+    Whoever holds it may read the message's state, move or remove it; the
+    others wait (deliver) or give up after a while (checkque).
+    """
+
+    def __init__(self, fd: int, path: str) -> None:
+        self._fd = fd
+        self.path = path  # where the file was when the lock was taken
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)  # which releases the lock
+
+    def __enter__(self) -> MessageClaim:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+def _still_at(fd: int, path: str) -> bool:
+    """Whether ``path`` still names the file open at ``fd`` (a lock is on the
+    file, and it may have been moved or removed before the lock was had)."""
+    try:
+        there = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    here = os.fstat(fd)
+    return (there.st_dev, there.st_ino) == (here.st_dev, here.st_ino)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -316,12 +391,22 @@ class SpoolWriter:
     """
 
     def __init__(
-        self, spool: Spool, queue_id: str, held: bytearray, *, in_memory: int, fd: int | None = None
+        self,
+        spool: Spool,
+        queue_id: str,
+        held: bytearray,
+        *,
+        in_memory: int,
+        fd: int | None = None,
+        into_hold: bool = False,
     ) -> None:
         """``held``: the octets so far (the envelope line first) not yet in
-        the file; ``fd``: the file in tmp/, if it was created already."""
+        the file; ``fd``: the file in tmp/, if it was created already;
+        ``into_hold``: a quarantined message, committed into hold/."""
         self._spool = spool
         self._id = queue_id
+        self.into_hold = into_hold
+        self._size = 0  # octets of the message written (the envelope line not)
         self._path = spool._in_tmp + queue_id
         self._held = held
         self._hold = in_memory if fd is None else _BUFFER  # octets held before they go to the file
@@ -339,9 +424,16 @@ class SpoolWriter:
     def id(self) -> str:
         return self._id
 
+    @property
+    def size(self) -> int:
+        """The octets of the message written so far: once committed, its
+        size as queued (what checkque shows)."""
+        return self._size
+
     def write(self, data: bytes) -> None:
         if not self._open:
             raise QueueError("message already closed")
+        self._size += len(data)
         if not self._held and len(data) >= _BUFFER and self._fd is not None:
             self._write_file(data)  # a big piece goes as it is, not copied first
             return
@@ -383,7 +475,8 @@ class SpoolWriter:
         if not self._open:
             raise QueueError("message already closed")
         if self._fd is None:
-            token = _IN_TOKEN + self._id.encode() + self._held
+            kind = _HELD_IN_TOKEN if self.into_hold else _IN_TOKEN
+            token = kind + self._id.encode() + self._held
         else:
             self._write_held()
             fd, self._fd = self._fd, None
@@ -392,7 +485,7 @@ class SpoolWriter:
             except OSError as exc:
                 self.abort()
                 raise _error("cannot write a queue file", exc) from exc
-            token = _IN_FILE + self._id.encode()
+            token = (_HELD_IN_FILE if self.into_hold else _IN_FILE) + self._id.encode()
         self._open = False
         self._created = False  # the file is the taker's now
         self._held = bytearray()
@@ -459,13 +552,14 @@ class SpoolWriter:
             raise _error("cannot commit a queue file", exc) from exc
 
     def _move_to_queue(self) -> None:
-        """The commit point: tmp/ to queue/.  Raises QueueError."""
+        """The commit point: tmp/ to queue/ (hold/ when quarantined).  Raises QueueError."""
+        target = (self._spool._in_hold if self.into_hold else self._spool._in_queue) + self._id
         try:
-            os.rename(self._path, self._spool._in_queue + self._id)
+            os.rename(self._path, target)
         except OSError as exc:
             self.abort()
             raise _error("cannot commit a queue file", exc) from exc
-        self._path = self._spool._in_queue + self._id
+        self._path = target
 
     def abort(self) -> None:
         self._open = False
@@ -491,11 +585,13 @@ class Spool:
         self.in_memory = in_memory
         self.tmp = directory / "tmp"
         self.queue = directory / "queue"
+        self.hold = directory / "hold"
         # A message's paths are made as strings: a pathlib join, for every
         # message in the loop and in the commit process, cost more than the
         # system call it names.
         self._in_tmp = os.path.join(self.tmp, "")
         self._in_queue = os.path.join(self.queue, "")
+        self._in_hold = os.path.join(self.hold, "")
         self.state = directory / "state"
         self.corrupt = directory / "corrupt"
         self.trigger = directory / TRIGGER
@@ -515,6 +611,7 @@ class Spool:
             self.tmp.mkdir(mode=0o700, exist_ok=True)
             self.queue.mkdir(mode=0o700, exist_ok=True)
             self.state.mkdir(mode=0o700, exist_ok=True)
+            self.hold.mkdir(mode=0o700, exist_ok=True)
             self._ready = True
 
     def poke(self, *, flush: bool = False) -> bool:
@@ -525,6 +622,9 @@ class Spool:
         socket may be full of earlier pokes, and either way the message is
         safe in the queue and found by deliver's next pass.
         """
+        return self._send_trigger(FLUSH if flush else POKE)
+
+    def _send_trigger(self, datagram: bytes) -> bool:
         try:
             poker = self._poker
             if poker is None or self._poker_pid != os.getpid():
@@ -535,7 +635,7 @@ class Spool:
                 poker = self._poker = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
                 poker.setblocking(False)
                 self._poker_pid = os.getpid()
-            poker.sendto(FLUSH if flush else POKE, str(self.trigger))
+            poker.sendto(datagram, str(self.trigger))
         except OSError:
             return False
         return True
@@ -547,8 +647,9 @@ class Spool:
            write-out of all started (so that they go to the disk together);
         2. each file is fsynced: the first fsync's journal commit carries
            the others' allocations, so the rest cost little;
-        3. each file is renamed into queue/, still in the mode that keeps
-           deliver off it, and queue/ is fsynced once for all;
+        3. each file is renamed into queue/ (a quarantined one into hold/),
+           still in the mode that keeps deliver off it, and queue/ is
+           fsynced once for all (hold/ too, when one went there);
         4. each file gets its queued mode, and deliver one poke.
 
         A name appears in queue/ only once its file is on stable storage
@@ -592,7 +693,10 @@ class Spool:
         if not moved:
             return results
         try:
-            self.sync_queue()
+            if not all(writer.into_hold for writer in moved.values()):
+                self.sync_queue()
+            if any(writer.into_hold for writer in moved.values()):
+                _fsync_directory(self.hold)
         except OSError as exc:
             # Renamed but maybe not durable: saying 250 would be a lie, and
             # the client will send again, so take the messages back out.
@@ -647,7 +751,13 @@ class Spool:
         except OSError as exc:
             raise _error(f"cannot create the spool {self.directory}", exc) from exc
         held = bytearray(envelope_to_json(envelope))
-        return SpoolWriter(self, queue_id or self.new_id(), held, in_memory=self.in_memory)
+        return SpoolWriter(
+            self,
+            queue_id or self.new_id(),
+            held,
+            in_memory=self.in_memory,
+            into_hold=envelope.quarantine is not None,
+        )
 
     def hand_over(self, writer: MessageWriter) -> bytes:
         assert isinstance(writer, SpoolWriter)
@@ -655,11 +765,12 @@ class Spool:
 
     def take_over(self, token: bytes) -> SpoolWriter:
         kind, queue_id = token[:1], token[1 : 1 + _ID_LENGTH].decode(errors="replace")
-        if kind not in (_IN_TOKEN, _IN_FILE) or not _ID.fullmatch(queue_id):
+        if kind not in _TOKEN_KINDS or not _ID.fullmatch(queue_id):
             raise QueueError("not a message handed over")
-        if kind == _IN_TOKEN:
+        in_file, into_hold = _TOKEN_KINDS[kind]
+        if not in_file:
             held = bytearray(memoryview(token)[1 + _ID_LENGTH :])
-            return SpoolWriter(self, queue_id, held, in_memory=self.in_memory)
+            return SpoolWriter(self, queue_id, held, in_memory=self.in_memory, into_hold=into_hold)
         try:
             # Not O_APPEND: the commit writes the size slot by offset.
             fd = os.open(self._in_tmp + queue_id, os.O_WRONLY)
@@ -667,7 +778,9 @@ class Spool:
             with contextlib.suppress(OSError):
                 os.unlink(self._in_tmp + queue_id)
             raise _error("cannot open a queue file handed over", exc) from exc
-        return SpoolWriter(self, queue_id, bytearray(), in_memory=self.in_memory, fd=fd)
+        return SpoolWriter(
+            self, queue_id, bytearray(), in_memory=self.in_memory, fd=fd, into_hold=into_hold
+        )
 
     def take_back(self, writer: MessageWriter) -> bool:
         """Whether the message that ``writer`` handed over was committed, its
@@ -680,14 +793,15 @@ class Spool:
         Only once the taker has exited; a live one may still be at it.
         """
         queue_id = writer.id
-        try:
-            queued = bool(os.stat(self._in_queue + queue_id).st_mode & stat.S_IRUSR)
-        except OSError:
-            queued = False
-        if queued:
-            self.poke()
-            return True
-        for path in (self._in_queue + queue_id, self._in_tmp + queue_id):
+        committed = (self._in_queue + queue_id, self._in_hold + queue_id)
+        for path in committed:
+            try:
+                if os.stat(path).st_mode & stat.S_IRUSR:
+                    self.poke()
+                    return True
+            except OSError:
+                continue
+        for path in (*committed, self._in_tmp + queue_id):
             with contextlib.suppress(OSError):
                 os.unlink(path)
         return False
@@ -718,23 +832,24 @@ class Spool:
                 continue
             removed.append(name)
         finished = 0
-        for name in self._names(committing=True):
-            if _alive(int(name[14:21], 16)):
-                continue
-            problem = self._problem(name)
-            if problem is not None:
-                self.set_aside(name, problem)
-                continue
-            with contextlib.suppress(FileNotFoundError):
-                os.chmod(self.queue / name, QUEUED)
-                finished += 1
+        for directory in (self.queue, self.hold):
+            for name in self._names(committing=True, directory=directory):
+                if _alive(int(name[14:21], 16)):
+                    continue
+                problem = self._problem(name, directory)
+                if problem is not None:
+                    self.set_aside(name, problem, directory=directory)
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    os.chmod(directory / name, QUEUED)
+                    finished += 1
         if finished:
             log.info("made %d messages whose commit a crash cut short deliverable", finished)
         return removed
 
-    def _problem(self, queue_id: str) -> str | None:
-        """Why a file in queue/ cannot be read whole; None when it can (or is gone)."""
-        path = self.queue / queue_id
+    def _problem(self, queue_id: str, directory: Path) -> str | None:
+        """Why a file in queue/ (or hold/) cannot be read whole; None when it can (or is gone)."""
+        path = directory / queue_id
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
@@ -748,21 +863,23 @@ class Spool:
                 return str(exc)
         return None
 
-    def set_aside(self, queue_id: str, reason: str) -> None:
+    def set_aside(self, queue_id: str, reason: str, *, directory: Path | None = None) -> None:
         """Move a queue file that cannot be read whole to ``corrupt/``, with a warning.
 
         Never delivered from there, never in the way of the others; the
         administrator looks at it (``checkque`` lists it) and resubmits or
         removes it.  Its delivery state, if any, goes with the next start
-        of deliver (:meth:`forget_orphans`).  Raises OSError.
+        of deliver (:meth:`forget_orphans`).  ``directory``: where the file
+        is, by default queue/.  Raises OSError.
         """
+        directory = directory or self.queue
         self.corrupt.mkdir(mode=0o700, exist_ok=True)
         try:
-            os.rename(self.queue / queue_id, self.corrupt / queue_id)
+            os.rename(directory / queue_id, self.corrupt / queue_id)
         except FileNotFoundError:
             return
         _fsync_directory(self.corrupt)
-        _fsync_directory(self.queue)
+        _fsync_directory(directory)
         log.warning(
             "id=%s: %s; moved to %s, not delivered", queue_id, reason, self.corrupt / queue_id
         )
@@ -803,10 +920,14 @@ class Spool:
         """The queued messages' ids, in arrival order; not those being committed."""
         return sorted(self._names(committing=False))
 
-    def _names(self, *, committing: bool) -> list[str]:
+    def held_ids(self) -> list[str]:
+        """The held messages' ids, in arrival order; not those being committed."""
+        return sorted(self._names(committing=False, directory=self.hold))
+
+    def _names(self, *, committing: bool, directory: Path | None = None) -> list[str]:
         found = []
         try:
-            with os.scandir(self.queue) as entries:
+            with os.scandir(directory or self.queue) as entries:
                 for entry in entries:
                     if not _ID.fullmatch(entry.name):
                         continue
@@ -820,34 +941,38 @@ class Spool:
             pass
         return found
 
-    def messages(self) -> Iterator[QueuedMessage]:
-        """The queued messages in arrival order.
+    def messages(self, *, held: bool = False) -> Iterator[QueuedMessage]:
+        """The queued messages in arrival order (``held``: those in hold/).
 
         Ones gone meanwhile are skipped; so is one whose envelope cannot be
         read, with a warning: one damaged file must not hide the others.
         """
-        for queue_id in self.ids():
+        directory = self.hold if held else self.queue
+        for queue_id in self.held_ids() if held else self.ids():
             try:
-                with open(self.queue / queue_id, "rb") as file:
+                with open(directory / queue_id, "rb") as file:
                     envelope = read_envelope(file)
                     size = os.fstat(file.fileno()).st_size - file.tell()
             except FileNotFoundError:
                 continue
             except ValueError as exc:
-                log.warning("queue file %s: %s", self.queue / queue_id, exc)
+                log.warning("queue file %s: %s", directory / queue_id, exc)
                 continue
-            yield QueuedMessage(queue_id, envelope, size)
+            yield QueuedMessage(queue_id, envelope, size, held=held)
 
     def envelope(self, queue_id: str) -> Envelope:
-        """The envelope of a queued message; KeyError when it is not queued.
+        """The envelope of a queued or held message; KeyError when there is none.
 
+        (Deliver reads it under the message's lock, so never of one held.)
         Raises ValueError, saying why, for a file that cannot be read whole.
         """
-        try:
-            with open(self.queue / queue_id, "rb") as file:
-                return read_envelope(file)
-        except (FileNotFoundError, PermissionError):  # gone, or still being committed
-            raise KeyError(queue_id) from None
+        for directory in (self.queue, self.hold):
+            try:
+                with open(directory / queue_id, "rb") as file:
+                    return read_envelope(file)
+            except (FileNotFoundError, PermissionError):  # gone, or still being committed
+                continue
+        raise KeyError(queue_id)
 
     def read_state(self, queue_id: str) -> DeliveryState | None:
         """The message's delivery state; None before deliver first saw it.
@@ -932,7 +1057,8 @@ class Spool:
             names = os.listdir(self.state)
         except FileNotFoundError:
             return removed
-        queued = set(self.ids())
+        # A held message keeps its state for its release.
+        queued = set(self.ids()) | set(self.held_ids())
         for name in names:
             if name in queued:
                 continue
@@ -942,21 +1068,24 @@ class Spool:
         return removed
 
     def open_message(self, queue_id: str) -> BinaryIO:
-        """The stored message (without its envelope line), for reading.
+        """The stored message (without its envelope line), queued or held, for reading.
 
-        Raises KeyError for an id that is not queued or not an id at all.
+        (Deliver opens it under the message's lock, so never one held.)
+        Raises KeyError for an id that is neither or not an id at all.
         """
         if not _ID.fullmatch(queue_id):
             raise KeyError(queue_id)
-        try:
-            file = open(self.queue / queue_id, "rb")  # noqa: SIM115 - returned to the caller
-        except (FileNotFoundError, PermissionError):
-            raise KeyError(queue_id) from None
-        if not os.fstat(file.fileno()).st_mode & stat.S_IRUSR:  # still being committed
-            file.close()
-            raise KeyError(queue_id)
-        file.readline()
-        return file
+        for directory in (self._in_queue, self._in_hold):
+            try:
+                file = open(directory + queue_id, "rb")  # noqa: SIM115 - returned to the caller
+            except (FileNotFoundError, PermissionError):
+                continue
+            if not os.fstat(file.fileno()).st_mode & stat.S_IRUSR:  # still being committed
+                file.close()
+                continue
+            file.readline()
+            return file
+        raise KeyError(queue_id)
 
     def open_set_aside(self, name: str) -> BinaryIO:
         """A file of ``corrupt/``, whole, envelope line and all, for reading.
@@ -969,6 +1098,152 @@ class Spool:
             return _open_regular(self.corrupt / name)
         except OSError:
             raise KeyError(name) from None
+
+    # -- the message lock, and what the administrator does (checkque) --------
+
+    def claim(self, queue_id: str) -> MessageClaim | None:
+        """Deliver's lock on a queued message, to hold while it works it:
+        from before it reads the state until the state is written or the
+        message removed.  Waits while checkque holds it (a rename and an
+        fsync or two); None when the message is no longer in queue/ (held,
+        deleted or delivered meanwhile) or still being committed.
+        """
+        path = self._in_queue + queue_id
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except (FileNotFoundError, PermissionError):
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.fstat(fd).st_mode & stat.S_IRUSR and _still_at(fd, path):
+                return MessageClaim(fd, path)
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+        return None
+
+    def claim_for_admin(self, queue_id: str, *, wait: float) -> MessageClaim:
+        """The lock on a message in queue/ or hold/, for the administrator.
+
+        Never blocks for long: when deliver holds the lock for ``wait``
+        seconds, raises :class:`MessageBusy`.  Raises KeyError when there is
+        no such message (or it is still being committed).
+        """
+        if not _ID.fullmatch(queue_id):
+            raise KeyError(queue_id)
+        deadline = time.monotonic() + wait
+        while True:
+            found = self._open_stored(queue_id)
+            if found is None:
+                raise KeyError(queue_id)
+            fd, path = found
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                if time.monotonic() >= deadline:
+                    raise MessageBusy(queue_id) from None
+                # flock(2) has no timeout; deliver's hold lasts one delivery.
+                time.sleep(0.05)
+                continue
+            except BaseException:
+                os.close(fd)
+                raise
+            if _still_at(fd, path):
+                return MessageClaim(fd, path)
+            os.close(fd)  # moved or removed before the lock was had: look again
+
+    def _open_stored(self, queue_id: str) -> tuple[int, str] | None:
+        """The file of a message in queue/ or hold/, opened; None when there is none."""
+        for path in (self._in_queue + queue_id, self._in_hold + queue_id):
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            except FileNotFoundError:
+                continue
+            info = os.fstat(fd)
+            # Root opens a file still being committed (mode 0200): not yet queued.
+            if stat.S_ISREG(info.st_mode) and info.st_mode & stat.S_IRUSR:
+                return fd, path
+            os.close(fd)
+        return None
+
+    def where(self, queue_id: str) -> str | None:
+        """``"queue"`` or ``"hold"``: where a message lies, committed; None when nowhere."""
+        if not _ID.fullmatch(queue_id):
+            return None
+        for place, directory in (("queue", self._in_queue), ("hold", self._in_hold)):
+            try:
+                if os.stat(directory + queue_id).st_mode & stat.S_IRUSR:
+                    return place
+            except FileNotFoundError:
+                continue
+        return None
+
+    def is_held(self, claim: MessageClaim) -> bool:
+        return claim.path.startswith(self._in_hold)
+
+    def hold_message(self, queue_id: str, claim: MessageClaim) -> bool:
+        """Move a claimed message into hold/ (deliver never looks there);
+        False when it is there already.  Raises OSError."""
+        if self.is_held(claim):
+            return False
+        self._make_hold()
+        os.rename(claim.path, self._in_hold + queue_id)
+        _fsync_directory(self.hold)
+        _fsync_directory(self.queue)
+        claim.path = self._in_hold + queue_id
+        log.info("id=%s: held by the administrator", queue_id)
+        return True
+
+    def _make_hold(self) -> None:
+        """Create hold/ if missing (a spool older than it), as the owner of
+        queue/: smtpd, running as that user, commits quarantined mail there."""
+        try:
+            self.hold.mkdir(mode=0o700)
+        except FileExistsError:
+            return
+        owner = os.stat(self.queue)
+        if os.geteuid() == 0:
+            os.chown(self.hold, owner.st_uid, owner.st_gid)
+
+    def release(self, queue_id: str, claim: MessageClaim) -> bool:
+        """Move a claimed message from hold/ back into queue/, its delivery
+        state as it was; False when it was not held.  Raises OSError."""
+        if not self.is_held(claim):
+            return False
+        os.rename(claim.path, self._in_queue + queue_id)
+        _fsync_directory(self.queue)
+        _fsync_directory(self.hold)
+        claim.path = self._in_queue + queue_id
+        log.info("id=%s: released by the administrator", queue_id)
+        self.poke()
+        return True
+
+    def delete(self, queue_id: str, claim: MessageClaim) -> None:
+        """Remove a claimed message, held or not, and its state.  Raises OSError."""
+        os.unlink(claim.path)
+        _fsync_directory(Path(claim.path).parent)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.state / queue_id)
+        log.info("id=%s: deleted by the administrator", queue_id)
+
+    def delete_set_aside(self, name: str) -> bool:
+        """Remove a file of corrupt/; False when there is none of that name.  Raises OSError."""
+        if not _ID.fullmatch(name):
+            return False
+        try:
+            os.unlink(self.corrupt / name)  # a symbolic link there goes, not what it names
+        except FileNotFoundError:
+            return False
+        _fsync_directory(self.corrupt)
+        log.info("id=%s: set-aside file deleted by the administrator", name)
+        return True
+
+    def flush(self, queue_id: str) -> bool:
+        """Ask a running deliver to try the message's deferred recipients
+        now; False when none listens."""
+        return self._send_trigger(FLUSH_ONE + queue_id.encode())
 
 
 def _open_regular(path: Path) -> BinaryIO:
