@@ -10,7 +10,6 @@ DNS blocklists (listing, filters, allow lists, IPv6, timeouts, TTL cache).
 from __future__ import annotations
 
 import asyncio
-import base64
 import os
 import random
 import time
@@ -20,10 +19,9 @@ from typing import Any, TypeVar
 
 import dkim
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from authdns import AuthZone, auth_dns_server
+from dkimkeys import ED_PRIVATE, ED_PUBLIC, RSA_PRIVATE, RSA_PUBLIC
 from mmdf_smtp.checks import (
     AuthConfig,
     Checks,
@@ -51,27 +49,6 @@ def run(make: Callable[[], Awaitable[T]]) -> T:
 
 
 # --- keys and the zone --------------------------------------------------------
-
-RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-RSA_PRIVATE = RSA_KEY.private_bytes(
-    serialization.Encoding.PEM,
-    serialization.PrivateFormat.TraditionalOpenSSL,
-    serialization.NoEncryption(),
-)
-RSA_PUBLIC = base64.b64encode(
-    RSA_KEY.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-).decode()
-ED_KEY = ed25519.Ed25519PrivateKey.generate()
-ED_PRIVATE = base64.b64encode(
-    ED_KEY.private_bytes(
-        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
-    )
-)
-ED_PUBLIC = base64.b64encode(
-    ED_KEY.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-).decode()
 
 
 def make_zone() -> AuthZone:

@@ -11,7 +11,6 @@ sessions at once, a silent DNS server, SIGHUP, and no process left behind.
 
 from __future__ import annotations
 
-import base64
 import os
 import re
 import select
@@ -24,10 +23,9 @@ from pathlib import Path
 
 import dkim
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from authdns import AuthZone, auth_dns_server
+from dkimkeys import ED_PRIVATE, ED_PUBLIC, RSA_PRIVATE, RSA_PUBLIC
 from mmdf_smtp.queue.spool import Spool
 from wire import Daemon, daemon, queued, smtpsrvr, stored, write_config
 
@@ -39,26 +37,6 @@ SENT = 30.0  # the most any reply may take here (a bound, never a wait)
 
 # --- keys and the zone --------------------------------------------------------
 
-RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-RSA_PRIVATE = RSA_KEY.private_bytes(
-    serialization.Encoding.PEM,
-    serialization.PrivateFormat.TraditionalOpenSSL,
-    serialization.NoEncryption(),
-)
-RSA_PUBLIC = base64.b64encode(
-    RSA_KEY.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-).decode()
-ED_KEY = ed25519.Ed25519PrivateKey.generate()
-ED_PRIVATE = base64.b64encode(
-    ED_KEY.private_bytes(
-        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
-    )
-)
-ED_PUBLIC = base64.b64encode(
-    ED_KEY.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-).decode()
 V6_LOOPBACK = ".".join("1" + "0" * 31)  # ::1 reversed in nibbles (RFC 5782 2.4)
 
 
