@@ -764,7 +764,7 @@ def test_dkim_after_sighup_and_no_process_left_behind(tmp_path: Path, dns: str) 
         for _ in range(2 * d.workers):
             assert dkim_result(d, msg)[0].startswith("dkim=pass")
         d.process.send_signal(signal.SIGHUP)
-        d.log_lines("configuration reloaded", d.workers)
+        d.log_lines("configuration reloaded")  # the supervisor, which forks new workers
         for _ in range(2 * d.workers):
             assert dkim_result(d, msg)[0].startswith("dkim=pass")
         started = descendants(d.process.pid)
