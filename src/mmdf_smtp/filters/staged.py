@@ -73,18 +73,21 @@ class StagedMessage:
         self._directory = directory
         self._in_memory = in_memory
         self._trace_size = len(trace)
+        self._staged = len(trace)  # octets written so far
         self._file.write(trace)
         self._body_start = 0
         self._separator = b""  # the empty line between header and body, if any
         self._body: tempfile.SpooledTemporaryFile[bytes] | None = None  # a replaced body
 
     def write(self, data: bytes) -> None:
+        self._staged += len(data)
         self._file.write(data)
 
     @property
     def on_disk(self) -> bool:
         """Whether the message outgrew memory (writing it out then waits on a disk)."""
-        return bool(getattr(self._file, "_rolled", False))
+        # SpooledTemporaryFile moves to its file once past max_size.
+        return self._staged > self._in_memory
 
     def finish(self) -> None:
         """The data has ended: parse the header section into :attr:`headers`."""
