@@ -130,14 +130,13 @@ class StagedMessage:
     def replace_body(self, chunks: Iterator[bytes]) -> None:
         """A new body (a milter's REPLBODY), line ends as given made CRLF."""
         body = _spooled(self._in_memory, self._directory)
-        pending_cr = False
+        held = b""  # a CR that ended a piece: its LF may start the next
         for chunk in chunks:
+            data = held + chunk
+            data, held = (data[:-1], b"\r") if data.endswith(b"\r") else (data, b"")
             # Milters send LF or CRLF line ends; the queue holds CRLF only.
-            text = chunk.replace(b"\r\n", b"\n")
-            if pending_cr and text.startswith(b"\n"):
-                text = text[1:]
-            pending_cr = chunk.endswith(b"\r")
-            body.write(text.replace(b"\n", b"\r\n"))
+            body.write(data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"))
+        body.write(held)
         if self._separator == b"":
             self._separator = b"\r\n"
         if self._body is not None:
