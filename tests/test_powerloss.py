@@ -28,14 +28,13 @@ import smtplib
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from pathlib import Path
 
 import pytest
 
 from mmdf_smtp.queue.spool import Spool, read_envelope
-from wire import PYTHON, Daemon, body_of, env, write_config
+from wire import PYTHON, Daemon, body_of, daemon, env, write_config
 
 # The first test to run builds LazyFS (about a minute, more on a busy machine).
 pytestmark = pytest.mark.timeout(600)
@@ -238,27 +237,6 @@ def configure(tmp_path: Path, disk: Disk) -> Path:
     return config
 
 
-@contextmanager
-def smtpd(config: Path) -> Iterator[Daemon]:
-    """smtpd started on the spool; its start-up log must hold no error."""
-    process = subprocess.Popen(
-        [PYTHON, "-m", "mmdf_smtp.cli.smtpd", "-c", str(config), "smtpsrvr", "local,smtp"],
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        env=env(),
-    )
-    try:
-        started = Daemon(process, config)
-    except BaseException:
-        process.kill()
-        process.wait()
-        raise
-    try:
-        yield started
-    finally:
-        started.stop()
-
-
 def check_queue(spool: Spool, sent: dict[str, bytes], acknowledged: list[str]) -> dict[str, str]:
     """Every acknowledged message queued once, whole and byte-exact; nothing
     else but whole messages that were sent whole; nothing set aside, nothing
@@ -301,15 +279,15 @@ def test_power_cut_while_smtpd_commits(
         acknowledged: list[str] = []
         for seed in range(rounds(request, 4, 40)):
             rng = random.Random(seed)
-            with smtpd(config) as daemon:
-                traffic = Traffic(daemon.port, seed, sent)
+            with daemon(config) as server:
+                traffic = Traffic(server.port, seed, sent)
                 traffic.wait_for(rng.randint(3, 40))
                 time.sleep(rng.uniform(0, 0.2))  # the cut falls anywhere in a commit
-                disk.cut(daemon.process.pid)
+                disk.cut(server.process.pid)
                 traffic.join()
             acknowledged += traffic.acknowledged
             # The restarted daemon's recovery runs before it listens.
-            with smtpd(config):
+            with daemon(config):
                 check_queue(spool, sent, acknowledged)
         # deliver starts cleanly on what the cuts left, and delivers all of it.
         deliver = run_deliver(config, "--once")
@@ -374,8 +352,8 @@ def test_power_cut_while_deliver_writes_maildirs_and_states(
         config = configure(tmp_path, disk)
         spool = Spool(disk.root / "spool")
         sent: dict[str, bytes] = {}
-        with smtpd(config) as daemon:
-            traffic = Traffic(daemon.port, 1000, sent)
+        with daemon(config) as server:
+            traffic = Traffic(server.port, 1000, sent)
             traffic.wait_for(rounds(request, 60, 400))
             traffic.stop.set()
             traffic.join()
@@ -441,16 +419,16 @@ def test_strace_shows_queue_fsynced_before_the_250(tmp_path: Path) -> None:
         stdin=subprocess.DEVNULL,
         env=env(),
     )  # fmt: skip
-    daemon = Daemon(process, config)
+    server = Daemon(process, config)
     try:
         message = b"Subject: traced\r\n\r\n" + b"x" * 100 + b"\r\n"
-        with smtplib.SMTP(daemon.host, daemon.port, timeout=60) as smtp:
+        with smtplib.SMTP(server.host, server.port, timeout=60) as smtp:
             smtp.sendmail(SENDER, ["alice@example.org"], message)
     finally:
         # strace passes no signal on: smtpd itself is stopped, strace ends with it.
         for smtpd_pid in tree(process.pid)[1:2]:
             os.kill(smtpd_pid, signal.SIGTERM)
-        daemon.stop()
+        server.stop()
     [queue_id] = os.listdir(tmp_path / "spool" / "queue")
     lines = trace.read_text().splitlines()
     queue = re.escape(str(tmp_path / "spool" / "queue"))
