@@ -6,11 +6,12 @@ from dataclasses import replace
 
 import pytest
 
-from driver import EHLO, ENVELOPE, SCRIPTED, Run, session, transcript
+from driver import EHLO, ENVELOPE, SCRIPTED, Run, accept_all, session, transcript
 from mmdf_smtp.protocol import (
     NEED_DATA,
     PAUSED,
     ConnectionClosed,
+    Event,
     Hello,
     Limits,
     MailFrom,
@@ -20,6 +21,7 @@ from mmdf_smtp.protocol import (
     Path,
     RcptTo,
     Refused,
+    Reply,
     Reset,
     ServerConnection,
     StartData,
@@ -324,6 +326,21 @@ def test_errors_past_the_soft_limit_are_held_back() -> None:
     # pipelined batch of them costs the sum.
     assert delays == [0.0, 0.0, 0.0, 4.5, 0.0]
     assert run.codes[-5:] == [250, 500, 500, 500, 250]
+
+
+@pytest.mark.parametrize("decision", [MailFrom, RcptTo, StartData, MessageComplete])
+def test_a_decision_answered_421_closes_the_session(decision: type) -> None:
+    # A milter's SHUTDOWN, say: RFC 5321 4.2.2, 421 is "closing transmission channel".
+    shutdown = Reply(code=421, enhanced="4.7.0", text="mx.test closing")
+
+    def answer(event: Event) -> Reply | None:
+        return shutdown if isinstance(event, decision) else accept_all(event)
+
+    run = session().feed(ENVELOPE + b"DATA\r\nbody\r\n.\r\nNOOP\r\n", answer=answer)
+    assert run.replies[-1] == "421 4.7.0 mx.test closing"
+    [closed] = run.of(ConnectionClosed)
+    assert closed == ConnectionClosed(reason="refused")
+    assert run.conn.closed
 
 
 def test_no_delay_on_the_closing_421() -> None:

@@ -159,7 +159,6 @@ class Session:
         self._staging_directory = staging_directory
         self._queue_id: str | None = None  # with filters: named at MAIL
         self._discard = False  # a filter asked to drop the transaction's message
-        self._closing = False  # a filter's 421 was the last reply
         self._staged: StagedMessage | None = None
         self._staged_at: datetime | None = None  # when the staged message's data began
 
@@ -181,14 +180,6 @@ class Session:
         if self.channel is None:
             return replies.NO_SERVICE.with_fixed_text(f"{self.hostname} No SMTP service here")
         return replies.GREETING.with_fixed_text(f"{self.hostname} Server SMTP ready")
-
-    @property
-    def closing(self) -> bool:
-        """A filter answered 421 (a milter's SHUTDOWN): once it is written the
-        session is over, and the shell closes the connection (RFC 5321 3.8,
-        4.2.2: "421 ... closing transmission channel").  The greeting's 421
-        closes by itself."""
-        return self._closing
 
     @property
     def queue(self) -> Queue:
@@ -446,8 +437,6 @@ class Session:
         reply = verdict.reply
         if reply is None or reply.is_positive:
             return None
-        if reply.code == 421 and stage != "connect":
-            self._closing = True
         details = [f"stage={stage.replace(' ', '-')}"]
         if sender is not None or stage not in ("connect", "helo"):
             details.append(f"from=<{sender if sender is not None else self._sender()}>")

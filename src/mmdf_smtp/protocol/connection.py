@@ -298,7 +298,11 @@ class ServerConnection:
                 self._reply(reply)
             case _:  # pragma: no cover - only decision events are pending
                 raise AssertionError(pending)
-        if self._shutting_down:
+        if reply.code == 421 and not self.closed:
+            # RFC 5321 4.2.2: 421 is "closing transmission channel"; the
+            # application's (a milter's SHUTDOWN, say) ends it as ours do.
+            self._close("refused")
+        elif self._shutting_down:
             self.shut_down()
 
     # ------------------------------------------------------------------

@@ -247,9 +247,6 @@ class SessionProtocol(asyncio.Protocol):
         session = self._session
         if self._held or self._ended or session is None:
             return
-        if session.closing:
-            self._end_now(session)
-            return
         conn = session.connection
         try:
             while True:
@@ -291,12 +288,6 @@ class SessionProtocol(asyncio.Protocol):
         except Exception:
             log.exception("session failed")
             self._say_goodbye()
-            self._close()
-
-    def _end_now(self, session: Session) -> None:
-        """The session's last reply is due (a filter's 421): write it, then close."""
-        if self._flush(session):
-            _in_background(session.handle(ConnectionClosed(clean=False)))
             self._close()
 
     def _commit(self, session: Session, event: MessageComplete) -> bool:

@@ -123,10 +123,6 @@ class BlockingShell:
                 self._wait_for(self._session.handle(event))
                 return
             self._wait_for(self._session.handle(event))
-            if self._session.closing:  # a filter's 421: said, and the session is over
-                self._flush()
-                self._wait_for(self._session.handle(ConnectionClosed(clean=False)))
-                return
             if isinstance(event, StartTLS):
                 self._flush()
                 self._start_tls()
