@@ -689,6 +689,44 @@ def test_failed_negotiation(
     assert log in line
 
 
+def test_a_short_timeout_after_a_long_one_still_bounds_the_wait(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The end of message, answered after longer than the command timeout,
+    # was waited for with the content timeout; the next transaction's MAIL
+    # must get the command timeout again.
+    mails: list[codec.Command] = []
+    slow_end: list[Item] = [Delay(0.5), codec.Continue()]
+
+    def second_mail_hangs(command: codec.Command) -> Sequence[Item]:
+        mails.append(command)
+        return [codec.Continue()] if len(mails) == 1 else [HANG]
+
+    async def main() -> None:
+        async with MilterPeer(replies={b"M": second_mail_hangs, b"E": slow_end}) as peer:
+            milter = Milter(
+                MilterConfig(socket=peer.socket, command_timeout=0.3, content_timeout=60.0)
+            )
+            first = [
+                await milter.connect(hostname="c", address="127.0.0.1", port=1),
+                await milter.mail("<alice@example.net>"),
+                await milter.rcpt("<bob@example.org>"),
+                await milter.header("Subject", " hi"),
+                await milter.end_of_message(),
+            ]
+            assert all(v.is_continue for v in first)
+            started = time.monotonic()
+            verdict = await milter.mail("<alice@example.net>")
+            elapsed = time.monotonic() - started
+            await milter.quit()
+        assert verdict.action is Action.TEMPFAIL
+        assert 0.3 <= elapsed < 5.0
+
+    run(main)
+    [line] = warnings(caplog)
+    assert "MailFrom: no answer in 0.3 s" in line
+
+
 def test_cancellation_closes_the_connection() -> None:
     async def main() -> None:
         async with MilterPeer(replies={b"M": [HANG]}) as peer:

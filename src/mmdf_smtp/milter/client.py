@@ -91,6 +91,56 @@ def client_family(address: str) -> codec.Family:
     return codec.Family.INET if parsed.version == 4 else codec.Family.INET6
 
 
+class _Deadline:
+    """The wait for a milter's answer, bounded by one timer kept across round trips.
+
+    A stage only moves the deadline; the timer, when it fires early, sets
+    itself again for the deadline of the moment.  So a conversation of
+    eleven round trips a message sets a timer about once a message rather
+    than eleven times (``asyncio.timeout`` makes and cancels one for each).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._when = 0.0
+        self._handle: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[object] | None = None
+        self.expired = False
+
+    def arm(self, timeout: float) -> None:
+        """Bound the current task's wait: ``timeout`` seconds from now."""
+        self._when = self._loop.time() + timeout
+        self._task = asyncio.current_task()
+        self.expired = False
+        handle = self._handle
+        if handle is not None and handle.when() > self._when:
+            handle.cancel()
+            handle = None
+        if handle is None:
+            self._handle = self._loop.call_at(self._when, self._fire)
+
+    def disarm(self) -> None:
+        self._task = None
+
+    def close(self) -> None:
+        self._task = None
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _fire(self) -> None:
+        self._handle = None
+        task = self._task
+        if task is None:
+            return
+        if self._loop.time() < self._when:
+            self._handle = self._loop.call_at(self._when, self._fire)
+            return
+        self._task = None
+        self.expired = True
+        task.cancel()
+
+
 class Milter:
     """One milter conversation for one SMTP session."""
 
@@ -105,6 +155,7 @@ class Milter:
         # skips, a command it asked not to answer), sent with the next write:
         # each write on its own would wake the milter for nothing.
         self._unsent = bytearray()
+        self._deadline: _Deadline | None = None
 
     @property
     def negotiated(self) -> Negotiated | None:
@@ -319,27 +370,37 @@ class Milter:
     async def _receive(self, timeout: float, what: str) -> Verdict | Negotiated:
         reader = self._reader
         assert reader is not None
-        loop = asyncio.get_running_loop()
+        deadline = self._deadline
+        if deadline is None:
+            deadline = self._deadline = _Deadline(asyncio.get_running_loop())
+        protocol = self._protocol
+        task = asyncio.current_task()
+        assert task is not None
+        cancelling = task.cancelling()
+        deadline.arm(timeout)
         try:
-            async with asyncio.timeout(timeout) as deadline:
-                while True:
-                    event = self._protocol.next_event()
-                    if event is codec.NEED_DATA:
-                        self._protocol.receive_data(await reader.read(65536))
-                    elif event is PROGRESS:
-                        deadline.reschedule(loop.time() + timeout)
-                    else:
-                        assert isinstance(event, Verdict | Negotiated)
-                        return event
-        except TimeoutError:
-            raise _Broken(f"no answer in {timeout:g} s") from None
+            while True:
+                event = protocol.next_event()
+                if event is codec.NEED_DATA:
+                    protocol.receive_data(await reader.read(65536))
+                elif event is PROGRESS:
+                    deadline.arm(timeout)
+                else:
+                    assert isinstance(event, Verdict | Negotiated)
+                    return event
         except codec.MilterProtocolError as error:
             raise _Broken(f"protocol error: {error}") from None
         except OSError as error:
             raise _Broken(f"read error: {error.strerror or error}") from None
         except asyncio.CancelledError:
+            # As asyncio.timeout does: the deadline's own cancellation
+            # becomes the timeout, unless the session was cancelled as well.
+            if deadline.expired and task.uncancel() <= cancelling:
+                raise _Broken(f"no answer in {timeout:g} s") from None
             self._close()
             raise
+        finally:
+            deadline.disarm()
 
     def _fail(self, what: str) -> Verdict:
         verdict = default_verdict(self.config.default_action)
@@ -352,6 +413,8 @@ class Milter:
 
     def _close(self) -> None:
         self._unsent.clear()
+        if self._deadline is not None:
+            self._deadline.close()
         writer, self._writer, self._reader = self._writer, None, None
         if writer is not None:
             writer.close()

@@ -41,6 +41,7 @@ stops further events of the same stage until another stage begins.
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -178,6 +179,7 @@ _V2_STEPS = (
 )
 
 
+@functools.lru_cache(maxsize=512)
 def macro_name(name: str) -> str:
     """The wire form of a macro name: one character bare, longer ones in braces."""
     name = name.strip()
@@ -305,6 +307,16 @@ def milter_header_value(value: str, *, leading_space: bool) -> str:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class StagePlan:
+    """What the negotiated flags mean for one stage."""
+
+    code: bytes
+    sends: bool  # the command goes to the milter (its macros go even when it does not)
+    expects_reply: bool
+    macro_names: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Negotiated:
     """The outcome of OPTNEG: what to send this milter and what to wait for."""
 
@@ -314,6 +326,26 @@ class Negotiated:
     macro_lists: Mapping[MacroStage, tuple[str, ...]] = field(
         default_factory=lambda: dict(DEFAULT_MACROS)
     )
+    # Each stage's flag tests, worked out once here rather than with
+    # enum.Flag arithmetic on every packet of every message.
+    plan: Mapping[Stage, StagePlan] = field(init=False, repr=False, compare=False)
+    leading_space: bool = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        protocol = int(self.protocol)
+        plan = {}
+        for stage, rule in _RULES.items():
+            sends = not protocol & rule.skip_flag
+            macro_stage = rule.macro_stage
+            names = () if macro_stage is None else tuple(self.macro_lists.get(macro_stage, ()))
+            plan[stage] = StagePlan(
+                code=rule.code,
+                sends=sends,
+                expects_reply=sends and not protocol & rule.no_reply_flag,
+                macro_names=names,
+            )
+        object.__setattr__(self, "plan", plan)
+        object.__setattr__(self, "leading_space", bool(protocol & ProtocolFlag.HDR_LEADSPC))
 
     @classmethod
     def from_reply(
@@ -359,18 +391,13 @@ class Negotiated:
 
     def sends(self, stage: Stage) -> bool:
         """Whether the stage's command is sent (its macros are, even when it is not)."""
-        return not self.protocol & _RULES[stage].skip_flag
+        return self.plan[stage].sends
 
     def expects_reply(self, stage: Stage) -> bool:
-        return self.sends(stage) and not self.protocol & _RULES[stage].no_reply_flag
+        return self.plan[stage].expects_reply
 
     def macro_names(self, stage: Stage) -> tuple[str, ...]:
-        macro_stage = _RULES[stage].macro_stage
-        return () if macro_stage is None else tuple(self.macro_lists.get(macro_stage, ()))
-
-    @property
-    def leading_space(self) -> bool:
-        return bool(self.protocol & ProtocolFlag.HDR_LEADSPC)
+        return self.plan[stage].macro_names
 
     @property
     def wants_rejected_recipients(self) -> bool:
@@ -525,29 +552,30 @@ class MilterProtocol:
                 name=command.name,
                 value=milter_header_value(command.value, leading_space=negotiated.leading_space),
             )
-        if not negotiated.sends(stage) and stage in _CONTENT_STAGES:
+        plan = negotiated.plan[stage]
+        if not plan.sends and stage in _CONTENT_STAGES:
             # Postfix does not even look at the content a milter declined,
             # so sends no macros for it either.
             return Step(b"", CONTINUE)
-        data = self._macros(stage, negotiated, macros)
-        if not negotiated.sends(stage):
+        data = self._macros(plan, macros)
+        if not plan.sends:
             return Step(data, CONTINUE)
         data += codec.encode(command)
-        if not negotiated.expects_reply(stage):
+        if not plan.expects_reply:
             return Step(data, CONTINUE)
         self._stage = stage
         self.state = State.WAITING
         return Step(data, None)
 
-    def _macros(self, stage: Stage, negotiated: Negotiated, values: Mapping[str, str]) -> bytes:
-        names = negotiated.macro_names(stage)
+    def _macros(self, plan: StagePlan, values: Mapping[str, str]) -> bytes:
+        names = plan.macro_names
         if not names or not values:
             return b""
         by_wire_name = {macro_name(k): v for k, v in values.items()}
         pairs = tuple((n, by_wire_name[n]) for n in names if n in by_wire_name)
         if not pairs:
             return b""
-        return codec.encode(codec.DefineMacros(for_code=_RULES[stage].code, macros=pairs))
+        return codec.encode(codec.DefineMacros(for_code=plan.code, macros=pairs))
 
     def abort(self) -> bytes:
         """ABORT, when a transaction is open: RSET, a refused or failed transaction."""
@@ -584,7 +612,7 @@ class MilterProtocol:
         return (
             self.state is State.READY
             and self.negotiated is not None
-            and self.negotiated.sends(Stage.BODY)
+            and self.negotiated.plan[Stage.BODY].sends
             and not self._message_done
             and self._skipping is not Stage.BODY
         )
