@@ -24,8 +24,8 @@ from mmdf_smtp.delivery import maildir, nexthop
 from mmdf_smtp.delivery.nexthop import Outcome, dot_stuffed
 from mmdf_smtp.delivery.runner import Runner, backoff
 from mmdf_smtp.policy.aliases import Aliases, Destination
-from mmdf_smtp.queue import Envelope
-from mmdf_smtp.queue.spool import DeliveryState, Spool
+from mmdf_smtp.queue import DeliveryState, Envelope
+from mmdf_smtp.queue.spool import Spool
 from peer import Handler, peer, unix_lmtp_peer
 from wire import write_config
 

@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 from mmdf_smtp.cli import checkque as checkque_module
 from mmdf_smtp.cli.checkque import LONGEST, duration
 from mmdf_smtp.milter import codec
-from mmdf_smtp.queue import Envelope
-from mmdf_smtp.queue.spool import IN_MEMORY, MessageBusy, Spool
+from mmdf_smtp.queue import Envelope, MessageBusy
+from mmdf_smtp.queue.spool import IN_MEMORY, Spool
 from peer import Handler, peer
 from test_deliver_wire import BODY, configure, deliver_command, maildir_messages
 from test_submit_milters import milter

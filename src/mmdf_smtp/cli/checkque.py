@@ -44,16 +44,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import BinaryIO
 
-from ..queue.spool import (
-    DEFERRED,
-    DeliveryState,
-    MessageBusy,
-    MessageClaim,
-    QueuedMessage,
-    RecipientState,
-    Spool,
-    queue_id_of,
-)
+from ..queue import DEFERRED, DeliveryState, MessageBusy, QueuedMessage, RecipientState
+from ..queue.spool import MessageClaim, Spool, queue_id_of
 from .common import EX_OK, EX_UNAVAILABLE, ArgumentParser, load_config, setup_logging
 
 EX_NOT_ALL = 1  # some of the messages named were not acted on

@@ -36,16 +36,18 @@ from .. import metrics
 from ..config import Config
 from ..policy import Policy
 from ..policy.aliases import Aliases, Destination, read_aliases
-from ..queue import Envelope, QueueError, maildrop
-from ..queue.spool import (
+from ..queue import (
     BOUNCED,
     DEFERRED,
     DELIVERED,
     PENDING,
     DeliveryState,
+    Envelope,
+    QueueError,
     RecipientState,
-    Spool,
+    maildrop,
 )
+from ..queue.spool import Spool
 from . import dsn, maildir, nexthop
 from .nexthop import Outcome
 

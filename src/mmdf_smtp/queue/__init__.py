@@ -1,16 +1,48 @@
 """The queue: where a message lies once the channel has answered 250.
 
-The protocol core never imports this package.  The session layer talks to
-a :class:`Queue` only through the small interface below, so that other
-backends can follow the spool directory of :mod:`.spool`.
+The protocol core never imports this package.  Everything else talks to
+a queue through the interfaces below, whatever its backend (the spool
+directory of :mod:`.spool`; a database shared by several hosts):
+
+- :class:`Queue`, the way in: the session, submit and the notices deliver
+  writes put messages in through it, and a 250 comes after its commit;
+- :class:`DeliveryQueue`, the work: deliver claims due messages under a
+  :class:`Lease`, records its recipients' states through it, and completes
+  the message once every recipient is done;
+- :class:`QueueAdmin`, the administrator's view and commands (checkque).
+
+A backend is one object that is all three (:class:`QueueBackend`).  The
+rules every backend keeps are written here, in the methods' documents,
+and checked for each backend by the same tests (``tests/queue_contract.py``).
+
+Delivery, and what makes it exactly once where it can be:
+
+1. ``claim`` hands out due messages, each under a lease that no other
+   holder (thread, process or host) can have at the same time.  A lease
+   ends when its holder ends it, or when its holder dies (the spool: the
+   kernel drops a dead process's lock; a database: the lease's time runs
+   out and is not renewed).
+2. The first holder expands the recipients (aliases) and records that
+   list before delivering anything; from then on an entry's index never
+   changes, and a Maildir copy is named by it, so a later holder that
+   finds a recorded state looks for copies a dead holder left before it
+   delivers again (:attr:`Lease.resumed`).
+3. After each attempt the holder records the states it changed.  A step
+   taken but not recorded is taken again by the next holder: a Maildir
+   copy is found, a next hop is sent to again (at least once there).
+4. When every entry is done the holder completes the message: removed
+   from the queue once, whoever else tries.  A holder whose lease ended
+   under it is told so (:class:`LeaseLost`) at its next record or
+   completion, and stops working the message.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import json
+from collections.abc import Collection, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from typing import Protocol
+from typing import Any, BinaryIO, Protocol
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -33,12 +65,121 @@ class Envelope:
     quarantine: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class QueuedMessage:
+    id: str
+    envelope: Envelope
+    # Octets of the stored message as queued: the trace header(s) we
+    # prepended included, the envelope line not (the log's size=, too).
+    size: int
+    held: bool = False  # held by the administrator or quarantined: not delivered until released
+
+
+class MessageBusy(Exception):
+    """A deliverer holds the message's lease: it cannot be acted on now."""
+
+
+PENDING = "pending"  # not tried yet
+DEFERRED = "deferred"  # tried; tried again at next_try
+DELIVERED = "delivered"
+BOUNCED = "bounced"  # failed for good; the sender was told, unless the null sender
+FINAL = frozenset({DELIVERED, BOUNCED})
+
+
+@dataclass(slots=True, kw_only=True)
+class RecipientState:
+    """Where one destination of a message stands.
+
+    ``recipient`` is the envelope recipient, ``address`` what it became
+    after alias expansion; ``mailbox`` the local user whose Maildir takes
+    it (None: the next hop).  ``problem`` is a reason known before any
+    attempt (no such user, an alias loop).
+    """
+
+    recipient: str
+    address: str
+    mailbox: str | None = None
+    problem: str | None = None
+    status: str = PENDING  # pending | deferred | delivered | bounced
+    attempts: int = 0
+    last_reply: str = ""
+    last_try: datetime | None = None
+    next_try: datetime | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.status in FINAL
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        for key in ("last_try", "next_try"):
+            value = data[key]
+            data[key] = value.isoformat() if value is not None else None
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RecipientState:
+        data = dict(data)
+        for key in ("last_try", "next_try"):
+            if data.get(key) is not None:
+                data[key] = datetime.fromisoformat(data[key])
+        return cls(**data)
+
+
+@dataclass(slots=True)
+class DeliveryState:
+    """The delivery state of one message: a destination per entry, in order.
+
+    The order is fixed when the state is first written; an entry's index
+    names its Maildir file, so that a retry finds what a crash left.
+    """
+
+    recipients: list[RecipientState] = field(default_factory=list)
+
+    @classmethod
+    def untouched(cls, envelope: Envelope) -> DeliveryState:
+        """What a message deliver has not seen yet looks like: all pending."""
+        return cls([RecipientState(recipient=r, address=r) for r in envelope.recipients])
+
+    @property
+    def done(self) -> bool:
+        return all(r.done for r in self.recipients)
+
+    def due(self, now: datetime) -> bool:
+        return any(
+            r.status == PENDING or (r.status == DEFERRED and (r.next_try or now) <= now)
+            for r in self.recipients
+        )
+
+    def next_try(self) -> datetime | None:
+        tries = [r.next_try for r in self.recipients if r.status == DEFERRED and r.next_try]
+        return min(tries, default=None)
+
+    def to_bytes(self) -> bytes:
+        data = {"recipients": [r.to_json() for r in self.recipients]}
+        return json.dumps(data, ensure_ascii=False, indent=1).encode() + b"\n"
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> DeliveryState:
+        return cls([RecipientState.from_json(r) for r in json.loads(data)["recipients"]])
+
+
 class QueueError(Exception):
     """A message could not be queued.  ``full`` is set when storage ran out."""
 
     def __init__(self, message: str, *, full: bool = False) -> None:
         super().__init__(message)
         self.full = full
+
+
+class LeaseLost(QueueError):
+    """The lease ended before this step (it ran out, and another deliverer
+    may hold the message now): what was not recorded is done again by the
+    next holder.  The holder stops working the message."""
+
+
+class DelivererRunning(QueueError):
+    """The backend allows one deliverer at a time (the spool) and another runs."""
 
 
 class MessageWriter(Protocol):
@@ -117,3 +258,192 @@ class Queue(Protocol):
         can be shared (a directory sync); for each, None once it is on
         stable storage, or the error after which nothing of it remains."""
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class Wakeup:
+    """What woke a deliverer: new mail, or an administrator asking for a try now."""
+
+    new_mail: bool = False
+    flush_all: bool = False  # every deferred recipient is due now (postqueue -f)
+    flush_ids: frozenset[str] = frozenset()  # these messages' deferred recipients are due now
+
+
+class Wakeups(Protocol):
+    """A deliverer's doorbell: readable when :meth:`drain` has something to say.
+
+    A file descriptor, so that a selector or an event loop waits on it
+    beside signals and sockets.  It is a hint, never the only way work is
+    found: a deliverer also claims when the earliest deferred message is
+    due (:meth:`DeliveryQueue.next_due`) and at least every
+    :meth:`DeliveryQueue.rescan_interval` seconds, so that a wake-up lost
+    (a full socket, a dropped database connection) delays mail, never
+    strands it.
+    """
+
+    def fileno(self) -> int: ...
+
+    def drain(self) -> Wakeup:
+        """Everything that came since the last drain, merged; never blocks."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class Lease(Protocol):
+    """One message claimed by one deliverer, until :meth:`end`.
+
+    Methods are blocking and bounded in time (a database call has its
+    timeout); a deliverer on an event loop runs them in a thread.
+    """
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def envelope(self) -> Envelope: ...
+
+    @property
+    def state(self) -> DeliveryState | None:
+        """The recipients' states as last recorded; None before the first record."""
+        ...
+
+    @property
+    def resumed(self) -> bool:
+        """Whether a holder before this one may have delivered without
+        recording it (a state was recorded): Maildir copies are looked for
+        before they are written."""
+        ...
+
+    def open_message(self) -> BinaryIO:
+        """The stored message (trace header first, no envelope), from its
+        start, streamed: never whole in memory."""
+        ...
+
+    def renew(self) -> None:
+        """Keep the lease through a long step (a large message to a slow
+        hop).  A backend whose leases end only with their holder does
+        nothing.  Raises :class:`LeaseLost`."""
+        ...
+
+    def record(self, state: DeliveryState, changed: Collection[int] | None = None) -> None:
+        """Make ``state`` durable.  The first record fixes the list of
+        destinations (its order and length never change after); later
+        ones give the indexes of the entries ``changed`` (None: all), and a
+        backend may write only those.  Raises :class:`LeaseLost`, or
+        :class:`QueueError` when storage fails (nothing recorded)."""
+        ...
+
+    def complete(self) -> None:
+        """Every recipient is done: take the message out of the queue,
+        durably, once.  Ends the lease.  Raises :class:`LeaseLost` when
+        the lease ended first (the holder then does nothing more: the next
+        holder finds the states and completes it)."""
+        ...
+
+    def end(self, *, not_before: datetime | None = None) -> None:
+        """Give the message back, due again when its recorded state says
+        (its earliest deferred recipient), and not before ``not_before``
+        (after a failure that recorded nothing, so that it is not claimed
+        again at once).  Safe to call more than once, after
+        :meth:`complete`, and after :class:`LeaseLost`."""
+        ...
+
+
+class DeliveryQueue(Protocol):
+    """The queue as deliverers see it: due messages, claimed under leases."""
+
+    def start_delivering(self) -> Wakeups:
+        """Become a deliverer of this queue, for the life of the process.
+        Raises :class:`DelivererRunning` where one deliverer at a time is
+        the rule and another runs."""
+        ...
+
+    def claim(
+        self,
+        limit: int,
+        now: datetime,
+        *,
+        flush_all: bool = False,
+        flush_ids: Collection[str] = (),
+    ) -> list[Lease]:
+        """Up to ``limit`` messages due at ``now`` that nobody holds, each
+        under a new lease; the longest due first.  Due: deliver has not
+        seen it, or a recipient is pending, or deferred with its next try
+        at or before ``now`` (any deferred one with ``flush_all``, or for
+        the messages of ``flush_ids``).  Never a held (quarantined) one.
+        A message that cannot be read whole is set aside, logged, and not
+        handed out.  Costs in proportion to ``limit``, not to the queue's
+        length: a queue of a hundred thousand messages is claimed from as
+        cheaply as one of ten, and memory stays bounded whatever its length.
+        """
+        ...
+
+    def next_due(self) -> datetime | None:
+        """When the earliest message nobody holds is next due (None:
+        nothing waits), as far as this deliverer knows: for how long it
+        may sleep."""
+        ...
+
+    def rescan_interval(self) -> float:
+        """The longest a deliverer waits before it claims again without a
+        wake-up, in seconds."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class SetAside:
+    """A file that could not be read whole, kept for the administrator (the spool's corrupt/)."""
+
+    name: str
+    size: int
+    reason: str
+
+
+class QueueAdmin(Protocol):
+    """The queue as the administrator sees it (checkque)."""
+
+    def messages(self, *, held: bool = False) -> Iterator[QueuedMessage]:
+        """The queued messages (the held ones with ``held``), in arrival order, streamed."""
+        ...
+
+    def read_state(self, queue_id: str) -> DeliveryState | None:
+        """A message's recorded recipients' states (None: deliver has not
+        seen it).  Raises KeyError for a message not in the queue."""
+        ...
+
+    def open_message(self, queue_id: str) -> BinaryIO:
+        """A queued or held message, as :meth:`Lease.open_message` gives
+        it.  Raises KeyError."""
+        ...
+
+    def set_aside(self) -> list[SetAside]:
+        """What could not be read whole; a backend that never tears a
+        message has none."""
+        ...
+
+    def hold(self, queue_id: str, *, wait: float) -> bool:
+        """Keep a message from delivery until :meth:`release`; False when it
+        was held already.  Never under a deliverer's lease: waits up to
+        ``wait`` seconds for it to end, then raises :class:`MessageBusy`.
+        Raises KeyError for a message not in the queue."""
+        ...
+
+    def release(self, queue_id: str, *, wait: float) -> bool:
+        """Make a held message deliverable again (due at once); False when
+        it was not held.  Raises as :meth:`hold`."""
+        ...
+
+    def delete(self, queue_id: str, *, wait: float) -> None:
+        """Take a message out of the queue for good, held or not, without
+        a notice.  Raises as :meth:`hold`."""
+        ...
+
+    def flush(self, queue_id: str | None = None) -> bool:
+        """Ask the deliverers to try a message's deferred recipients now
+        (every message's with None); False when no deliverer listens."""
+        ...
+
+
+class QueueBackend(Queue, DeliveryQueue, QueueAdmin, Protocol):
+    """A queue backend: the way in, the work, and the administrator's view."""

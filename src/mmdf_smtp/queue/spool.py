@@ -79,12 +79,19 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import fields
 from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from . import Envelope, MessageWriter, QueueError
+from . import (
+    DeliveryState,
+    Envelope,
+    MessageBusy,
+    MessageWriter,
+    QueuedMessage,
+    QueueError,
+)
 
 log = logging.getLogger("mmdf_smtp.queue")
 
@@ -120,12 +127,6 @@ TRIGGER = "deliver.sock"
 POKE = b"."  # a message was queued
 FLUSH = b"F"  # try deferred recipients now
 FLUSH_ONE = b"I"  # then a queue id: try its deferred recipients now
-
-PENDING = "pending"
-DEFERRED = "deferred"
-DELIVERED = "delivered"
-BOUNCED = "bounced"
-FINAL = frozenset({DELIVERED, BOUNCED})
 
 
 # The envelope line starts with the file's size, right-aligned in a slot
@@ -208,20 +209,6 @@ def _parse_envelope(line: bytes) -> tuple[Envelope, int | None]:
         raise ValueError(f"not an envelope: {exc!r}") from exc
 
 
-@dataclass(frozen=True, slots=True)
-class QueuedMessage:
-    id: str
-    envelope: Envelope
-    # Octets of the stored message as queued: the trace header(s) we
-    # prepended included, the envelope line not (the log's size=, too).
-    size: int
-    held: bool = False  # in hold/: not delivered until released
-
-
-class MessageBusy(Exception):
-    """Deliver is working the message (it holds its lock): it cannot be acted on now."""
-
-
 class MessageClaim:
     """An exclusive flock(2) on a queued message's file, held until :meth:`close`.
 
@@ -254,84 +241,6 @@ def _still_at(fd: int, path: str) -> bool:
         return False
     here = os.fstat(fd)
     return (there.st_dev, there.st_ino) == (here.st_dev, here.st_ino)
-
-
-@dataclass(slots=True, kw_only=True)
-class RecipientState:
-    """Where one destination of a message stands.
-
-    ``recipient`` is the envelope recipient, ``address`` what it became
-    after alias expansion; ``mailbox`` the local user whose Maildir takes
-    it (None: the next hop).  ``problem`` is a reason known before any
-    attempt (no such user, an alias loop).
-    """
-
-    recipient: str
-    address: str
-    mailbox: str | None = None
-    problem: str | None = None
-    status: str = PENDING  # pending | deferred | delivered | bounced
-    attempts: int = 0
-    last_reply: str = ""
-    last_try: datetime | None = None
-    next_try: datetime | None = None
-
-    @property
-    def done(self) -> bool:
-        return self.status in FINAL
-
-    def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        for key in ("last_try", "next_try"):
-            value = data[key]
-            data[key] = value.isoformat() if value is not None else None
-        return data
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> RecipientState:
-        data = dict(data)
-        for key in ("last_try", "next_try"):
-            if data.get(key) is not None:
-                data[key] = datetime.fromisoformat(data[key])
-        return cls(**data)
-
-
-@dataclass(slots=True)
-class DeliveryState:
-    """The delivery state of one message: a destination per entry, in order.
-
-    The order is fixed when the state is first written; an entry's index
-    names its Maildir file, so that a retry finds what a crash left.
-    """
-
-    recipients: list[RecipientState] = field(default_factory=list)
-
-    @classmethod
-    def untouched(cls, envelope: Envelope) -> DeliveryState:
-        """What a message deliver has not seen yet looks like: all pending."""
-        return cls([RecipientState(recipient=r, address=r) for r in envelope.recipients])
-
-    @property
-    def done(self) -> bool:
-        return all(r.done for r in self.recipients)
-
-    def due(self, now: datetime) -> bool:
-        return any(
-            r.status == PENDING or (r.status == DEFERRED and (r.next_try or now) <= now)
-            for r in self.recipients
-        )
-
-    def next_try(self) -> datetime | None:
-        tries = [r.next_try for r in self.recipients if r.status == DEFERRED and r.next_try]
-        return min(tries, default=None)
-
-    def to_bytes(self) -> bytes:
-        data = {"recipients": [r.to_json() for r in self.recipients]}
-        return json.dumps(data, ensure_ascii=False, indent=1).encode() + b"\n"
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> DeliveryState:
-        return cls([RecipientState.from_json(r) for r in json.loads(data)["recipients"]])
 
 
 def _error(action: str, exc: OSError) -> QueueError:
