@@ -25,7 +25,7 @@ import pytest
 
 from mmdf_smtp.proxy import Command, Endpoint, Family, ProxyHeader, encode_v1, encode_v2
 from test_wire import read_replies, recv_reply
-from wire import Daemon, daemon, queued, stored, write_config
+from wire import PYTHON, Daemon, daemon, env, queued, stored, write_config
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 
@@ -323,3 +323,37 @@ def test_a_client_that_talks_first_behind_the_header_is_a_pregreeter(fussy: Daem
         closed_without_a_word(sock)
     [line] = fussy.log_lines("reason=pregreet")
     assert " client=unknown[127.0.0.7] " in line
+
+
+def test_where_no_header_is_read_smtpd_will_not_start(tmp_path: Path) -> None:
+    """An external server, or a connection from inetd, would take the header for a command."""
+    config = proxied_config(tmp_path, PROXIED)
+    smtpd = [PYTHON, "-m", "mmdf_smtp.cli.smtpd", "-c", str(config)]
+    external = subprocess.run(
+        [*smtpd, "-l", "127.0.0.1:0", "/bin/cat", CHANNELS],
+        capture_output=True,
+        env=env(),
+        stdin=subprocess.DEVNULL,
+        timeout=30,
+        check=False,
+    )
+    assert (external.returncode, external.stderr.decode()) == (
+        78,
+        f"smtpd: {config}: smtpd.proxy_protocol: needs the in-process server "
+        "(smtpd ... smtpsrvr channels), not /bin/cat\n",
+    )
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        inetd = subprocess.run(
+            [*smtpd, "smtpsrvr", CHANNELS],
+            capture_output=True,
+            env=env(),
+            stdin=theirs,
+            timeout=30,
+            check=False,
+        )
+    assert (inetd.returncode, inetd.stderr.decode()) == (
+        78,
+        f"smtpd: {config}: smtpd.proxy_protocol: "
+        "read by the listening daemon only, not on a connection from inetd\n",
+    )
