@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import os
 import re
 import shutil
 import socket
@@ -29,8 +30,10 @@ from wire import PYTHON, Daemon, daemon, env, queued, stored, write_config
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 
+# Under CI (.ci/run installs it) a missing HAProxy fails the tests instead.
 pytestmark = pytest.mark.skipif(
-    not Path(HAPROXY).exists(), reason="haproxy is not installed (Debian: haproxy)"
+    not Path(HAPROXY).exists() and os.environ.get("CI") != "true",
+    reason="haproxy is not installed (Debian: haproxy)",
 )
 
 CHANNELS = "local,other,smtp"
