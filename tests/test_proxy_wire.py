@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from dnsserver import Zone, dns_server
 from mmdf_smtp.proxy import Command, Endpoint, Family, ProxyHeader, encode_v1, encode_v2
 from test_wire import read_replies, recv_reply
 from wire import PYTHON, Daemon, daemon, env, queued, stored, write_config
@@ -119,12 +120,14 @@ def proxied_config(directory: Path, smtpd_keys: str) -> Path:
     return config
 
 
-def send_message(sock: socket.socket, helo: bytes, recipient: bytes) -> list[bytes]:
+def send_message(
+    sock: socket.socket, helo: bytes, recipient: bytes, sender_domain: bytes = b"example.net"
+) -> list[bytes]:
     """One message, each command waiting for its reply; the replies after the greeting."""
     answers = []
     for command in (
         b"EHLO " + helo + b"\r\n",
-        b"MAIL FROM:<sender@example.net>\r\n",
+        b"MAIL FROM:<sender@" + sender_domain + b">\r\n",
         b"RCPT TO:<" + recipient + b">\r\n",
         b"DATA\r\n",
         BODY + b".\r\n",
@@ -360,3 +363,69 @@ def test_where_no_header_is_read_smtpd_will_not_start(tmp_path: Path) -> None:
         f"smtpd: {config}: smtpd.proxy_protocol: "
         "read by the listening daemon only, not on a connection from inetd\n",
     )
+
+
+CHECKED = """
+[dns]
+nameservers = ["{dns}"]
+timeout = 5
+
+[auth]
+spf = true
+dkim = false
+dmarc = false
+
+[dnsbl]
+zones = ["bl.example"]
+threshold = 1
+
+[channels.named]
+table = "nameserver"
+"""
+
+
+@pytest.fixture(scope="module")
+def checked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """smtpd behind a balancer, with blocklists, SPF and a channel of forward-confirmed names.
+
+    The clients the headers name are documentation addresses no socket
+    here could have: only the header can have brought them.
+    """
+    zone = Zone()
+    zone.add("7.2.0.192.in-addr.arpa", "PTR", "client.example.")
+    zone.add("client.example", "A", "192.0.2.7")
+    zone.add("spf.example", "TXT", '"v=spf1 ip4:192.0.2.7 -all"')
+    zone.add("66.2.0.192.bl.example", "A", "127.0.0.2")
+    directory = tmp_path_factory.mktemp("checked")
+    with dns_server(zone) as nameserver:
+        config = write_config(directory, CHECKED.format(dns=nameserver))
+        config.write_text(
+            config.read_text().replace("maxconnects = 8\n", "maxconnects = 8" + PROXIED, 1)
+        )
+        with daemon(config, channels="local,named,smtp") as d:
+            yield d
+
+
+def test_blocklists_ask_about_the_headers_client(checked: Daemon) -> None:
+    with checked.connect() as sock:
+        sock.sendall(header("192.0.2.66", 2))
+        assert recv_reply(sock) == (
+            b"554 5.7.1 Service unavailable; client [192.0.2.66] blocked using bl.example\r\n"
+        )
+
+
+def test_reverse_look_up_and_spf_are_of_the_headers_client(checked: Daemon) -> None:
+    with checked.connect() as sock:
+        sock.sendall(header("192.0.2.7", 1))
+        assert recv_reply(sock) == GREETING
+        answers = send_message(sock, b"client.example", b"alice@example.org", b"spf.example")
+    queue_id = answers[4].decode().rsplit("(", 1)[1].rstrip(")")
+    [entry] = [entry for entry in queued(checked.config) if entry["id"] == queue_id]
+    assert (entry["remote_addr"], entry["remote_host"], entry["channel"]) == (
+        "192.0.2.7",
+        "client.example",
+        "named",
+    )
+    message = stored(checked.config, queue_id)
+    assert message.startswith(b"Received: from client.example (client.example [192.0.2.7])\r\n")
+    assert b"\r\n\tspf=pass smtp.mailfrom=sender@spf.example;" in message
