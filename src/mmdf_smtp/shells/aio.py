@@ -285,7 +285,8 @@ class SessionProtocol(asyncio.Protocol):
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
-        metrics.count("mmdf_refusals", (end,))
+        if end != "shutdown":
+            metrics.count("mmdf_refusals", (end,))
         assert self._transport is not None
         peername = self._transport.get_extra_info("peername")
         where = f"[{peername[0]}]:{peername[1]}" if peername else "unknown"
