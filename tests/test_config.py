@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 
 import pytest
@@ -124,6 +125,54 @@ def test_the_door_defaults_and_keys(tmp_path: Path) -> None:
     ],
 )
 def test_the_door_keys_are_checked(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        parse(text, "t.toml", base=tmp_path)
+    assert str(error.value) == message
+
+
+def test_the_proxy_keys(tmp_path: Path) -> None:
+    default = parse("", "t.toml", base=tmp_path).smtpd
+    assert (default.proxy_protocol, default.proxy_from, default.proxy_timeout) == (
+        False,
+        (ipaddress.ip_network("127.0.0.1/32"),),
+        5.0,
+    )
+    text = (
+        '[smtpd]\nproxy_protocol = true\nproxy_from = ["10.0.0.0/8", "2001:db8::7"]\n'
+        "proxy_timeout = 2.5\n"
+    )
+    smtpd = parse(text, "t.toml", base=tmp_path).smtpd
+    assert (smtpd.proxy_protocol, smtpd.proxy_from, smtpd.proxy_timeout) == (
+        True,
+        (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("2001:db8::7/128")),
+        2.5,
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[smtpd]\nproxy_protocol = 1\n", "t.toml:2: smtpd.proxy_protocol: must be true or false"),
+        (
+            '[smtpd]\nproxy_from = "10.0.0.0/8"\n',
+            "t.toml:2: smtpd.proxy_from: must be a list of strings",
+        ),
+        (
+            '[smtpd]\nproxy_from = ["10.0.0.1/8"]\n',
+            "t.toml:2: smtpd.proxy_from: '10.0.0.1/8': not a network: 10.0.0.1/8 has host bits set",
+        ),
+        (
+            '[smtpd]\nproxy_from = ["balancer.example"]\n',
+            "t.toml:2: smtpd.proxy_from: 'balancer.example': not a network: "
+            "'balancer.example' does not appear to be an IPv4 or IPv6 network",
+        ),
+        (
+            "[smtpd]\nproxy_timeout = 0\n",
+            "t.toml:2: smtpd.proxy_timeout: must be a positive number of seconds",
+        ),
+    ],
+)
+def test_the_proxy_keys_are_checked(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError) as error:
         parse(text, "t.toml", base=tmp_path)
     assert str(error.value) == message

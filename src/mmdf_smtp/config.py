@@ -6,6 +6,7 @@ the key, and the commands exit with EX_CONFIG (78) on it.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import socket
@@ -21,6 +22,7 @@ from .milter.config import MilterConfig
 from .protocol.limits import Limits
 
 DEFAULT_PATH = Path("/etc/mmdf/mmdf.toml")
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 EMBEDDED = "<embedded default>"
 
 
@@ -36,6 +38,11 @@ class SmtpdConfig:
     max_per_network: int = 0  # from one /24 or /64
     rate_per_client: int = 0  # new connections a minute from one address
     rate_per_network: int = 0  # from one /24 or /64
+    # Each connection opens with a PROXY header (HAProxy's v1 or v2) naming
+    # the client, accepted only from proxy_from and within proxy_timeout.
+    proxy_protocol: bool = False
+    proxy_from: tuple[IPNetwork, ...] = (ipaddress.ip_network("127.0.0.1/32"),)
+    proxy_timeout: float = 5.0  # seconds; Postfix's smtpd_upstream_proxy_timeout
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -349,7 +356,8 @@ class _Reader:
 
     def _smtpd(self, data: Mapping[str, Any]) -> SmtpdConfig:
         counts = {"max_per_client", "max_per_network", "rate_per_client", "rate_per_network"}
-        t = self._table(data, "smtpd", {"listen", "maxconnects", *counts, *_DOOR_KEYS})
+        proxy = {"proxy_protocol", "proxy_from", "proxy_timeout"}
+        t = self._table(data, "smtpd", {"listen", "maxconnects", *counts, *_DOOR_KEYS, *proxy})
         listen = self._strings(t, "smtpd.listen") if "listen" in t else SmtpdConfig().listen
         for address in listen:
             try:
@@ -360,7 +368,26 @@ class _Reader:
             listen=listen,
             maxconnects=self._int(t, "smtpd.maxconnects", 4, 1),
             **{key: self._int(t, f"smtpd.{key}", 0, 0) for key in sorted(counts)},
+            proxy_protocol=self._bool(t, "smtpd.proxy_protocol", False),
+            proxy_from=self._networks(t, "smtpd.proxy_from", SmtpdConfig().proxy_from),
+            proxy_timeout=self._seconds(
+                t, "smtpd.proxy_timeout", SmtpdConfig().proxy_timeout, zero=False
+            ),
         )
+
+    def _networks(
+        self, data: Mapping[str, Any], dotted: str, default: tuple[IPNetwork, ...]
+    ) -> tuple[IPNetwork, ...]:
+        """Networks as ``192.0.2.0/24``, ``2001:db8::/32`` or a bare address."""
+        if dotted.rsplit(".", 1)[-1] not in data:
+            return default
+        networks = []
+        for text in self._strings(data, dotted):
+            try:
+                networks.append(ipaddress.ip_network(text))
+            except ValueError as exc:
+                raise self.error(dotted, f"{text!r}: not a network: {exc}") from exc
+        return tuple(networks)
 
     def _door(self, data: Mapping[str, Any], limits: Limits) -> Limits:
         """[smtpd]'s rules for clients at the door: the core enforces them, with the limits."""

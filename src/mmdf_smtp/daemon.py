@@ -24,13 +24,14 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+from . import metrics
 from .admission import Admission, Ticket
-from .config import ConfigError, split_listen
+from .config import ConfigError, SmtpdConfig, split_listen
 from .policy import UnknownChannel
 from .protocol import replies
-from .service import Service, parse_address
+from .service import IPAddress, Service, parse_address
 from .session import address_literal
-from .shells.aio import LOOKUPS, SessionProtocol
+from .shells.aio import LOOKUPS, ProxyDoor, SessionProtocol
 from .shells.committer import Committer
 
 log = logging.getLogger("mmdf_smtp.smtpd")
@@ -64,6 +65,20 @@ class ExternalServer:
     path: str
     finicky: bool
     argv0: str | None = None
+
+
+def check_proxy_support(service: Service, external: ExternalServer | None) -> None:
+    """ConfigError when ``[smtpd] proxy_protocol`` is on where no header is read.
+
+    The header is read by the in-process server only: a site's own
+    smtpsrvr would take it for the client's first command, and find the
+    balancer's address on its socket.
+    """
+    if service.config.smtpd.proxy_protocol and external is not None:
+        raise ConfigError(
+            f"{service.config.source}: smtpd.proxy_protocol: needs the in-process server "
+            f"(smtpd ... smtpsrvr channels), not {external.path}"
+        )
 
 
 def bind(addresses: Sequence[str]) -> list[socket.socket]:
@@ -195,15 +210,17 @@ class Daemon:
         """SIGHUP: new configuration and tables for new sessions."""
         current = self.service
         try:
-            self.service = Service.load(
+            reloaded = Service.load(
                 self._config_path,
                 current.channels,
                 finicky=current.finicky,
                 hostname=self._hostname,
             )
+            check_proxy_support(reloaded, self._external)
         except (ConfigError, UnknownChannel) as exc:
             log.error("reload failed, keeping the running configuration: %s", exc)
             return
+        self.service = reloaded
         self._committer.use(self.service.queue)
         log.info("configuration reloaded from %s", self.service.config.source)
 
@@ -270,7 +287,10 @@ class Daemon:
         self._free -= 1
         if not self._free:
             self._stop_accepting()
-        self._serve(sock, address[0])
+        if self.service.config.smtpd.proxy_protocol:
+            self._serve_proxied(sock, address)
+        else:
+            self._serve(sock, address[0])
 
     def _serve(self, sock: socket.socket, peer: str) -> None:
         ticket = self._admission.admit(peer, self.service.config.smtpd)
@@ -292,6 +312,39 @@ class Daemon:
             self._sessions.add(protocol)
             task = loop.create_task(loop.connect_accepted_socket(lambda: protocol, sock))
             task.add_done_callback(lambda done: self._connected(done, protocol, sock))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _serve_proxied(self, sock: socket.socket, address: tuple[Any, ...]) -> None:
+        """A connection from a load balancer: its header names the client.
+
+        Only the balancers of ``proxy_from`` may name clients; anyone else
+        is closed at once ("The receiver SHOULD ensure proper access
+        filtering so that only trusted proxies are allowed to use this
+        protocol", proxy-protocol.txt 2).  The per-client limits wait for
+        the header, and count the client it names.
+        """
+        smtpd = self.service.config.smtpd
+        proxy = parse_address(address[0])
+        if proxy is None or not any(proxy in network for network in smtpd.proxy_from):
+            metrics.count("mmdf_refusals", ("proxy-untrusted",))
+            log.info("connection from [%s]:%d closed end=proxy-untrusted", address[0], address[1])
+            sock.close()
+            self._slot_freed()
+            return
+        self._serving += 1
+        self._idle.clear()
+        admitted = _Admitted(self._admission, smtpd, proxy)
+        protocol = SessionProtocol(
+            self.service,
+            self._committer,
+            on_end=lambda: self._ended(admitted.ticket, protocol),
+            proxy=ProxyDoor(smtpd.proxy_timeout, admitted.admit),
+        )
+        self._sessions.add(protocol)
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(loop.connect_accepted_socket(lambda: protocol, sock))
+        task.add_done_callback(lambda done: self._connected(done, protocol, sock))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -350,6 +403,23 @@ class Daemon:
             await _exited(pid)
         finally:
             self._children.discard(pid)
+
+
+class _Admitted:
+    """The admission of a proxied client, made once its header is read."""
+
+    def __init__(self, admission: Admission, limits: SmtpdConfig, proxy: IPAddress) -> None:
+        self._admission = admission
+        self._limits = limits
+        self._proxy = proxy
+        self.ticket: Ticket | None = None
+
+    def admit(self, client: IPAddress | None) -> replies.Reply | None:
+        ticket = self._admission.admit(str(client or self._proxy), self._limits)
+        if isinstance(ticket, replies.Reply):
+            return ticket
+        self.ticket = ticket
+        return None
 
 
 def _refuse(sock: socket.socket, reply: replies.Reply) -> None:

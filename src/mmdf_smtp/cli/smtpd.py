@@ -43,6 +43,7 @@ from ..daemon import (
     ExternalServer,
     Supervisor,
     bind,
+    check_proxy_support,
     die_with,
     inherited,
     listening_socket,
@@ -57,6 +58,7 @@ from ..service import Service
 from ..session import address_literal
 from ..shells.blocking import BlockingShell
 from .common import (
+    EX_CONFIG,
     EX_OK,
     EX_OSERR,
     EX_SOFTWARE,
@@ -245,6 +247,13 @@ def main(argv: list[str] | None = None) -> int:
     if sun or (stdin_is_a_connection() and not args.listen):
         # Called by inetd with one connection on stdin: serve it, or run
         # the site's program on it, as the seed's 4.3 and sun flavours did.
+        if service.config.smtpd.proxy_protocol:
+            print(
+                f"smtpd: {service.config.source}: smtpd.proxy_protocol: "
+                "read by the listening daemon only, not on a connection from inetd",
+                file=sys.stderr,
+            )
+            return EX_CONFIG
         peer = find_peer(sun_peer(args.arguments[0]) if sun else "-")
         become_user("smtpd", service)
         if external is not None:
@@ -346,6 +355,11 @@ def serve(
     anyone else, one worker serves in-process and reloads for itself.
     Signals are already blocked (see main): each waits for its handler.
     """
+    try:
+        check_proxy_support(service, external)
+    except ConfigError as exc:
+        print(f"smtpd: {exc}", file=sys.stderr)
+        raise SystemExit(EX_CONFIG) from None
     if service.config.metrics.listen is not None:
         metrics.load_exposition()
     account = prepare_user("smtpd", service)
@@ -371,6 +385,7 @@ def serve(
             reloaded = Service.load(
                 config_path, service.channels, finicky=service.finicky, hostname=hostname
             )
+            check_proxy_support(reloaded, external)
             if account is not None:
                 reloaded_account = prepare_account(reloaded.config.user, reloaded.config.spool)
             else:

@@ -30,11 +30,22 @@ import logging
 import ssl
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
-from ..protocol import NEED_DATA, ConnectionClosed, MessageComplete, Signal, StartTLS, replies
+from .. import metrics
+from ..protocol import (
+    NEED_DATA,
+    ConnectionClosed,
+    MessageComplete,
+    Reply,
+    Signal,
+    StartTLS,
+    replies,
+)
+from ..proxy import NEED_MORE, ProxyError, ProxyHeader, ProxyReader
 from ..queue import MessageWriter, QueueError
-from ..service import Peer, Service, parse_address
+from ..service import IPAddress, Peer, Service, parse_address
 from ..session import Session
 from .committer import Committer
 from .tls import describe
@@ -66,18 +77,40 @@ def _in_background(pending: Coroutine[Any, Any, None] | None) -> None:
     task.add_done_callback(_BACKGROUND.discard)
 
 
+@dataclass(frozen=True, slots=True)
+class ProxyDoor:
+    """``[smtpd] proxy_protocol``: how long the header may take, and who is let in.
+
+    ``admit`` is given the client's address as the header names it (the
+    per-client limits are counted by it) and answers the reply that refuses
+    it, or None.
+    """
+
+    timeout: float
+    admit: Callable[[IPAddress | None], Reply | None]
+
+
 class SessionProtocol(asyncio.Protocol):
-    """One client connection.  ``on_end`` is called once, when the session is over."""
+    """One client connection.  ``on_end`` is called once, when the session is over.
+
+    With a ``proxy`` door the connection comes from a load balancer and
+    opens with a PROXY header: nothing is said and nobody identified until
+    it is read; the client it names is the session's client.
+    """
 
     def __init__(
         self,
         service: Service,
         committer: Committer,
         on_end: Callable[[], None] | None = None,
+        proxy: ProxyDoor | None = None,
     ) -> None:
         self._service = service  # as it was when the connection came: reloads are for later ones
         self._committer = committer
         self._on_end = on_end
+        self._proxy = proxy
+        self._header: ProxyReader | None = None  # reading the PROXY header
+        self._header_timer: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._session: Session | None = None
@@ -103,10 +136,20 @@ class SessionProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport, but are one.
         self._transport = cast(asyncio.Transport, transport)
+        if self._proxy is not None:
+            # "The receiver MUST NOT start processing the connection before
+            # it receives a complete and valid PROXY protocol header.  This
+            # is particularly important for protocols where the receiver is
+            # expected to speak first (eg: SMTP ...)" (proxy-protocol.txt 2).
+            self._header = ProxyReader()
+            self._header_timer = self._loop.call_later(self._proxy.timeout, self._header_late)
+            return
+        self._identify(self._peer())
+
+    def _identify(self, peer: Peer) -> None:
         service = self._service
         # Most clients are known by address: decided here, at once.  Those
         # that need DNS wait for it in a thread, not on the loop.
-        peer = self._peer()
         session = service.session_without_dns(peer)
         if session is not None:
             self._begin(session)
@@ -119,6 +162,9 @@ class SessionProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         session = self._session
         if session is None:
+            if self._header is not None:
+                self._read_header(data)
+                return
             self._early += data
             if len(self._early) > HIGH_WATER:
                 self._pause_reading()
@@ -157,7 +203,9 @@ class SessionProtocol(asyncio.Protocol):
     def shut_down(self) -> None:
         """The server is stopping: 421 now, whatever the session was doing."""
         self._stopping = True
-        if self._session is not None:
+        if self._header is not None:
+            self._closed_before_session("shutdown")
+        elif self._session is not None:
             self._session.connection.shut_down()
             self._pump()
 
@@ -167,7 +215,22 @@ class SessionProtocol(asyncio.Protocol):
 
     # -- the session --------------------------------------------------------
 
-    def _peer(self) -> Peer:
+    def _peer(self, header: ProxyHeader | None = None) -> Peer:
+        """The client, from the connection, or from the PROXY header that names it.
+
+        A header that names no one (v2 LOCAL, a health check; v1 UNKNOWN)
+        leaves the connection's own endpoints, as the spec asks and as
+        Postfix does.
+        """
+        if header is not None and header.source is not None and header.destination is not None:
+            source, destination = header.source, header.destination
+            return Peer(
+                parse_address(str(source.address)),  # an IPv4-mapped address becomes IPv4
+                parse_address(str(destination.address)),
+                None,
+                port=source.port,
+                local_port=destination.port,
+            )
         assert self._transport is not None
         peername = self._transport.get_extra_info("peername")
         sockname = self._transport.get_extra_info("sockname")
@@ -180,6 +243,60 @@ class SessionProtocol(asyncio.Protocol):
             port=peername[1] if peername else 0,
             local_port=sockname[1] if sockname else 0,
         )
+
+    # -- the PROXY header ----------------------------------------------------
+
+    def _read_header(self, data: bytes) -> None:
+        assert self._header is not None and self._proxy is not None
+        try:
+            header = self._header.receive_data(data)
+        except ProxyError as exc:
+            end = "proxy-eof" if not data else "proxy-invalid"
+            self._closed_before_session(end, exc.reason)
+            return
+        if header is NEED_MORE:
+            return
+        self._header = None
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+        peer = self._peer(header)
+        refusal = self._proxy.admit(peer.address)
+        if refusal is not None:
+            assert self._transport is not None
+            self._transport.write(refusal.to_bytes())
+            self._close()
+            return
+        # The octets after the header are the client's first: what the
+        # session would have had without a proxy (a pregreet among them).
+        self._early += header.rest
+        if len(self._early) > HIGH_WATER:
+            self._pause_reading()
+        self._identify(peer)
+
+    def _header_late(self) -> None:
+        self._header_timer = None
+        if self._header is not None:
+            self._closed_before_session("proxy-timeout")
+
+    def _closed_before_session(self, end: str, reason: str = "") -> None:
+        """No valid header: the connection is closed without a word, and logged."""
+        self._header = None
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+        if end != "shutdown":
+            metrics.count("mmdf_refusals", (end,))
+        assert self._transport is not None
+        peername = self._transport.get_extra_info("peername")
+        where = f"[{peername[0]}]:{peername[1]}" if peername else "unknown"
+        log.info(
+            "connection from %s closed end=%s%s",
+            where,
+            end,
+            f' reason="{reason}"' if reason else "",
+        )
+        self._close()
 
     def _identified(self, future: Future[Session]) -> None:
         self._held = False
@@ -238,7 +355,9 @@ class SessionProtocol(asyncio.Protocol):
 
     def _end_of_input(self) -> None:
         self._eof = True
-        if self._session is not None:
+        if self._header is not None:
+            self._read_header(b"")
+        elif self._session is not None:
             self._session.connection.receive_data(b"")
             self._pump()
 
@@ -428,9 +547,10 @@ class SessionProtocol(asyncio.Protocol):
         if self._ended:
             return
         self._ended = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        for timer in (self._timer, self._header_timer):
+            if timer is not None:
+                timer.cancel()
+        self._timer = self._header_timer = None
         if self._transport is not None:
             self._transport.close()
         if self._on_end is not None:
