@@ -31,6 +31,15 @@ class Envelope:
     # Why a filter (a milter's SMFIR_QUARANTINE) held the message for an
     # administrator: it is not delivered until released.  None: not held.
     quarantine: str | None = None
+    # DSN (RFC 3461), as MAIL and RCPT gave it; all absent in queue files
+    # written before.  ``ret``: "FULL" or "HDRS"; ``envid``: xtext decoded.
+    ret: str | None = None
+    envid: str | None = None
+    # Parallel to ``recipients`` (or empty: nothing asked): NOTIFY as
+    # "NEVER" or a list like "SUCCESS,DELAY", and ORCPT as
+    # "addr-type;address" (xtext decoded); None where the RCPT had none.
+    notify: tuple[str | None, ...] = ()
+    orcpt: tuple[str | None, ...] = ()
 
 
 class QueueError(Exception):
