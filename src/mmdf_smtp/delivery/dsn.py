@@ -277,7 +277,9 @@ def build(
     text = "\r\n".join(lines).encode() + b"\r\n" + header
     if not text.endswith(b"\r\n"):
         text += b"\r\n"
-    return text + f"--{boundary}--\r\n".encode()
+    # The CRLF before a boundary is the boundary's (RFC 2046 5.1.1): the
+    # part's own last line end stays the part's.
+    return text + f"\r\n--{boundary}--\r\n".encode()
 
 
 def _recipient_fields(report: Report, now: datetime) -> list[str]:
