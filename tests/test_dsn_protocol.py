@@ -1,12 +1,19 @@
-"""DSN (RFC 3461) in the sans-IO core: EHLO, MAIL's RET and ENVID, RCPT's NOTIFY and ORCPT."""
+"""DSN (RFC 3461) in pieces: the sans-IO core (EHLO, MAIL's RET and ENVID, RCPT's
+NOTIFY and ORCPT), the configuration, and deliver's choice of notices."""
 
 from __future__ import annotations
+
+import itertools
+from datetime import UTC, datetime, timedelta
+from pathlib import Path as PathLib
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from driver import EHLO, transcript
+from mmdf_smtp.config import ConfigError, parse
+from mmdf_smtp.delivery.dsn import Action, Asked, Report, action_for, delay_due, grouped
 from mmdf_smtp.protocol import MailFrom, Path, RcptTo
 from mmdf_smtp.protocol.dsnparams import (
     decode_xtext,
@@ -222,4 +229,105 @@ def test_rcpt_and_mail_lines_grow_by_what_dsn_adds() -> None:
     assert run.replies[-2:] == [
         "555 5.5.4 MAIL FROM/RCPT TO parameters not recognized",
         "500 5.5.2 Line too long",
+    ]
+
+
+# -- configuration ------------------------------------------------------------------
+
+
+def test_dsn_and_delimiter_keys() -> None:
+    default = parse("", "f.toml", base=PathLib("/")).deliver
+    assert (default.recipient_delimiter, default.delay_warning) == ("+", 0)
+    text = '[deliver]\nrecipient_delimiter = "-+"\ndelay_warning = 14400\n'
+    deliver = parse(text, "f.toml", base=PathLib("/")).deliver
+    assert (deliver.recipient_delimiter, deliver.delay_warning) == ("-+", 14400)
+    off = parse('[deliver]\nrecipient_delimiter = ""\n', "f.toml", base=PathLib("/"))
+    assert off.deliver.recipient_delimiter == ""
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            '[deliver]\nrecipient_delimiter = "@"\n',
+            "f.toml:2: deliver.recipient_delimiter: must be printable ASCII",
+        ),
+        (
+            '[deliver]\nrecipient_delimiter = "+ "\n',
+            "f.toml:2: deliver.recipient_delimiter: must be printable ASCII",
+        ),
+        ("[deliver]\nrecipient_delimiter = 1\n", "f.toml:2: deliver.recipient_delimiter: must be"),
+        ("[deliver]\ndelay_warning = -1\n", "f.toml:2: deliver.delay_warning: must be at least 0"),
+    ],
+)
+def test_dsn_and_delimiter_keys_are_checked(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse(text, "f.toml", base=PathLib("/"))
+    assert str(caught.value).startswith(message)
+
+
+# -- which notice (delivery/dsn.py) ---------------------------------------------------
+
+NOTIFY_VALUES = [None, ("NEVER",), ("SUCCESS",), ("FAILURE",), ("DELAY",), ("SUCCESS", "DELAY")]
+
+
+@pytest.mark.parametrize("notify", NOTIFY_VALUES)
+def test_which_notice_a_new_state_calls_for(notify: tuple[str, ...] | None) -> None:
+    asked = Asked(notify)
+    wants = set(notify or ())
+    failed = notify is None or "FAILURE" in wants
+    assert action_for(asked, "bounced", local=True) == ("failed" if failed else None)
+    assert action_for(asked, "deferred", local=True) is None
+    delayed = notify is None or "DELAY" in wants
+    assert action_for(asked, "deferred", local=False, delay_due=True) == (
+        "delayed" if delayed else None
+    )
+    success = "SUCCESS" in wants
+    assert action_for(asked, "delivered", local=True) == ("delivered" if success else None)
+    assert action_for(asked, "delivered", local=False) == ("relayed" if success else None)
+    assert action_for(asked, "delivered", local=False, hop_offers_dsn=True) is None
+
+
+ARRIVAL = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+@given(
+    st.lists(st.integers(min_value=1, max_value=5000), min_size=1, max_size=12),
+    st.integers(min_value=0, max_value=20000),
+)
+def test_a_delay_is_due_once_whatever_the_retries(gaps: list[int], warning: int) -> None:
+    tries = list(itertools.accumulate(gaps))
+    previous = [None, *tries[:-1]]
+    due = [
+        delay_due(
+            ARRIVAL,
+            ARRIVAL + timedelta(seconds=p) if p is not None else None,
+            ARRIVAL + timedelta(seconds=t),
+            warning,
+        )
+        for p, t in zip(previous, tries, strict=True)
+    ]
+    if warning == 0 or tries[-1] < warning:
+        assert not any(due)
+    else:
+        # The first try at or after the warning time, and no other.
+        assert due.index(True) == next(i for i, t in enumerate(tries) if t >= warning)
+        assert due.count(True) == 1
+
+
+def test_grouped_makes_one_notice_per_kind() -> None:
+    def report(action: Action, address: str) -> Report:
+        return Report(address, address, "250 2.0.0 OK", action=action)
+
+    reports = [
+        report("relayed", "a@x"),
+        report("failed", "b@x"),
+        report("delivered", "c@x"),
+        report("delayed", "d@x"),
+        report("failed", "e@x"),
+    ]
+    assert [[r.address for r in group] for group in grouped(reports)] == [
+        ["b@x", "e@x"],
+        ["d@x"],
+        ["a@x", "c@x"],
     ]
