@@ -74,8 +74,13 @@ class Asked:
         return self.notify is not None and condition in self.notify
 
 
+_NOTHING_ASKED = Asked()
+
+
 def asked_of(envelope: Envelope, recipient: str) -> Asked:
     """The NOTIFY and ORCPT that came with ``recipient`` (an envelope recipient)."""
+    if not envelope.notify and not envelope.orcpt:
+        return _NOTHING_ASKED  # most mail: no search through the recipients
     for i, r in enumerate(envelope.recipients):
         if r == recipient:
             notify = envelope.notify[i] if i < len(envelope.notify) else None
