@@ -16,6 +16,7 @@ import smtplib
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from email.utils import format_datetime
@@ -26,6 +27,7 @@ import pytest
 from mmdf_smtp.config import load
 from mmdf_smtp.delivery import dsn
 from mmdf_smtp.delivery.runner import Runner
+from mmdf_smtp.queue import Envelope
 from mmdf_smtp.queue.spool import Spool
 from peer import DsnHandler, Handler, peer
 from wire import Daemon, daemon, write_config
@@ -482,3 +484,57 @@ def test_swaks_asks_for_a_success_notice(tmp_path: Path) -> None:
     assert block["Action"] == "delivered"
     # RET=FULL is for failures (RFC 3461 4.3): a success returns the header.
     assert returned.get_content_type() == "text/rfc822-headers"
+
+
+# -- the envelope -------------------------------------------------------------------
+
+
+def test_the_envelope_keeps_what_dsn_asked(tmp_path: Path) -> None:
+    with mail_system(tmp_path) as mail:
+        queue_id = mail.send(
+            {
+                "alice@example.org": ["NOTIFY=DELAY,SUCCESS", "ORCPT=rfc822;a+2Bb@example.net"],
+                "bob@example.org": [],
+                "postmaster": ["NOTIFY=never"],
+            },
+            mail_options=("RET=full", "ENVID=id+3Done"),
+        )
+        envelope = mail.spool.envelope(queue_id)
+    assert (envelope.ret, envelope.envid) == ("FULL", "id=one")
+    assert envelope.recipients == ("alice@example.org", "bob@example.org", "postmaster")
+    assert envelope.notify == ("SUCCESS,DELAY", None, "NEVER")
+    assert envelope.orcpt == ("rfc822;a+b@example.net", None, None)
+    # Read back from its JSON it is the envelope written, tuples and all.
+    assert hash(envelope) == hash(replace(envelope))
+    assert dsn.asked_of(envelope, "alice@example.org") == dsn.Asked(
+        ("SUCCESS", "DELAY"), "rfc822;a+b@example.net"
+    )
+    assert dsn.asked_of(envelope, "bob@example.org") == dsn.Asked()
+
+
+def test_an_envelope_written_before_dsn_reads(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    spool.prepare()
+    writer = spool.open(
+        Envelope(
+            sender="a@example.org",
+            recipients=("b@example.org",),
+            channel="local",
+            remote_host="client.test",
+            remote_addr="127.0.0.1",
+            helo="client.test",
+            received=datetime(2026, 1, 1, tzinfo=UTC),
+        )
+    )
+    writer.write(MESSAGE)
+    writer.commit()
+    path = spool.queue / writer.id
+    line, rest = path.read_bytes().split(b"\n", 1)
+    for key in (b',"ret":null', b',"envid":null', b',"notify":[]', b',"orcpt":[]'):
+        assert key in line
+        line = line.replace(key, b"")
+    # The size slot counts the file: pad what was taken out, as blanks JSON allows.
+    taken = len(path.read_bytes()) - len(line) - 1 - len(rest)
+    path.write_bytes(line[:-1] + b" " * taken + b"}\n" + rest)
+    envelope = spool.envelope(writer.id)
+    assert (envelope.ret, envelope.envid, envelope.notify, envelope.orcpt) == (None, None, (), ())

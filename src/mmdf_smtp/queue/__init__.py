@@ -41,6 +41,13 @@ class Envelope:
     notify: tuple[str | None, ...] = ()
     orcpt: tuple[str | None, ...] = ()
 
+    def __post_init__(self) -> None:
+        # Read back from JSON they are lists: tuples, so that envelopes compare and hash.
+        for name in ("notify", "orcpt"):
+            value = getattr(self, name)
+            if not isinstance(value, tuple):
+                object.__setattr__(self, name, tuple(value))
+
 
 class QueueError(Exception):
     """A message could not be queued.  ``full`` is set when storage ran out."""

@@ -200,9 +200,6 @@ def _parse_envelope(line: bytes) -> tuple[Envelope, int | None]:
         if declared is not None and not isinstance(declared, int):
             raise TypeError(f"file_size is {declared!r}")
         data["recipients"] = tuple(data["recipients"])
-        for key in ("notify", "orcpt"):
-            if key in data:
-                data[key] = tuple(data[key])
         data["received"] = datetime.fromisoformat(data["received"])
         return Envelope(**data), declared
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
