@@ -29,7 +29,9 @@ from mmdf_smtp.delivery import dsn
 from mmdf_smtp.delivery.runner import Runner
 from mmdf_smtp.queue import Envelope
 from mmdf_smtp.queue.spool import Spool
+from mmdf_smtp.submission import Request
 from peer import DsnHandler, Handler, peer
+from test_submit import dropped, other_user, run_pickup, submit
 from wire import Daemon, daemon, write_config
 
 SENDER = "bob@example.org"
@@ -538,3 +540,35 @@ def test_an_envelope_written_before_dsn_reads(tmp_path: Path) -> None:
     path.write_bytes(line[:-1] + b" " * taken + b"}\n" + rest)
     envelope = spool.envelope(writer.id)
     assert (envelope.ret, envelope.envid, envelope.notify, envelope.orcpt) == (None, None, (), ())
+
+
+# -- submit: sendmail's -N, -R and -V ------------------------------------------------
+
+
+def test_submit_takes_sendmails_dsn_options(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    result = submit(config, "-N", "delay,success", "-R", "hdrs", "-V", "id=1 x", "alice", "bob")
+    assert result.returncode == 0, result.stderr
+    spool = Spool(load(str(config)).spool)
+    [message] = spool.messages()
+    envelope = message.envelope
+    assert (envelope.ret, envelope.envid) == ("HDRS", "id=1 x")
+    assert envelope.notify == ("SUCCESS,DELAY", "SUCCESS,DELAY")
+    for args, why in [
+        (["-N", "never,success"], "-N never,success: NOTIFY=NEVER must stand alone"),
+        (["-R", "all"], "-R all: RET takes FULL or HDRS"),
+        (["-V", "x" * 101], f"-V {'x' * 101}: ENVID longer than 100 characters"),
+    ]:
+        result = submit(config, *args, "alice")
+        assert result.returncode == 64, args
+        assert result.stderr.decode().splitlines()[-1] == f"submit: {why}"
+
+
+def test_a_maildrop_file_carries_the_dsn_options(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    user = other_user()
+    request = Request(recipients=("alice",), notify=("NEVER",), ret="FULL", envid="drop")
+    dropped(config, b"Subject: dropped\n\nbody\n", request, user.pw_uid, user.pw_gid)
+    [queue_id] = run_pickup(config)
+    envelope = Spool(load(str(config)).spool).envelope(queue_id)
+    assert (envelope.notify, envelope.ret, envelope.envid) == (("NEVER",), "FULL", "drop")
