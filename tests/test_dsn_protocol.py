@@ -331,3 +331,25 @@ def test_grouped_makes_one_notice_per_kind() -> None:
         ["d@x"],
         ["a@x", "c@x"],
     ]
+
+
+@given(
+    st.lists(
+        st.sampled_from([" RET=FULL", " RET=hdrs", " ENVID=a+2Bb", " RET=bogus", " SIZE=10"]),
+        max_size=3,
+    )
+)
+def test_mail_parameters_decide_as_each_would(params: list[str]) -> None:
+    run = transcript(EHLO + ("MAIL FROM:<a@example.org>" + "".join(params) + "\r\n").encode())
+    rets = {p.upper() for p in params if p.startswith(" RET")}
+    if len(rets) > 1:
+        assert run.replies[-1] == "501 5.5.4 Duplicate RET with another value"
+    elif rets == {" RET=BOGUS"}:
+        assert run.replies[-1] == BAD + "RET takes FULL or HDRS"
+    else:
+        assert run.replies[-1] == "250 2.1.0 Sender OK"
+        [event] = run.of(MailFrom)
+        assert isinstance(event, MailFrom)
+        assert event.ret == (rets.pop()[5:] if rets else None)
+        assert event.envid == ("a+b" if " ENVID=a+2Bb" in params else None)
+        assert event.size == (10 if " SIZE=10" in params else None)
