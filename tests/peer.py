@@ -25,6 +25,9 @@ class Received:
     content: bytes
     tls: bool
     mail_options: list[str]
+    # With ``Handler.dsn``: the DSN parameters as they came, MAIL's and each recipient's.
+    mail_dsn: list[str] = field(default_factory=list)
+    rcpt_dsn: dict[str, list[str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -36,6 +39,7 @@ class Handler:
     # Set when the end of data arrives; the reply waits for ``release``, if given.
     arrived: threading.Event = field(default_factory=threading.Event)
     release: threading.Event | None = None
+    dsn: bool = False  # offer DSN (RFC 3461) and keep its parameters as sent
 
     async def handle_RCPT(  # noqa: N802 - aiosmtpd's hook names
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
@@ -72,9 +76,69 @@ class Handler:
                     content=envelope.original_content,
                     tls=session.ssl is not None,
                     mail_options=list(envelope.mail_options),
+                    mail_dsn=list(getattr(envelope, "mail_dsn", [])),
+                    rcpt_dsn={r: getattr(envelope, "rcpt_dsn", {}).get(r, []) for r in accepted},
                 )
             )
         return "\r\n".join(replies)
+
+
+class DsnHandler(Handler):
+    """A :class:`Handler` whose server offers DSN."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(dsn=True, **kwargs)
+
+    async def handle_EHLO(  # noqa: N802
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname
+        return [*responses[:-1], "250-DSN", responses[-1]]
+
+
+_DSN_KEYWORDS = ("RET=", "ENVID=", "NOTIFY=", "ORCPT=")
+
+
+def _without_dsn(argument: str) -> tuple[str, list[str]]:
+    words = argument.split(" ")
+    dsn = [w for w in words if w.upper().startswith(_DSN_KEYWORDS)]
+    return " ".join(w for w in words if w not in dsn), dsn
+
+
+class _DsnMixin:
+    """aiosmtpd's server knows no DSN: its parameters are taken off MAIL and
+    RCPT, kept as sent, before aiosmtpd reads the rest."""
+
+    envelope: Envelope | None
+
+    async def smtp_MAIL(self, arg: str | None) -> None:  # noqa: N802 - aiosmtpd's names
+        rest, dsn = _without_dsn(arg or "")
+        await super().smtp_MAIL(rest)  # type: ignore[misc]
+        if self.envelope is not None and self.envelope.mail_from is not None:
+            self.envelope.mail_dsn = dsn  # type: ignore[attr-defined]
+
+    async def smtp_RCPT(self, arg: str | None) -> None:  # noqa: N802
+        rest, dsn = _without_dsn(arg or "")
+        assert self.envelope is not None
+        before = len(self.envelope.rcpt_tos)
+        await super().smtp_RCPT(rest)  # type: ignore[misc]
+        if len(self.envelope.rcpt_tos) > before:
+            if not hasattr(self.envelope, "rcpt_dsn"):
+                self.envelope.rcpt_dsn = {}  # type: ignore[attr-defined]
+            self.envelope.rcpt_dsn[self.envelope.rcpt_tos[-1]] = dsn  # type: ignore[attr-defined]
+
+
+class _DsnSMTP(_DsnMixin, SMTP):
+    pass
+
+
+class _DsnLMTP(_DsnMixin, LMTP):
+    pass
 
 
 class _Controller(Controller):
@@ -83,9 +147,13 @@ class _Controller(Controller):
     def __init__(self, handler: Handler, **kwargs: Any) -> None:
         super().__init__(handler, hostname="127.0.0.1", port=0, **kwargs)
         self._lmtp = handler.lmtp
+        self._dsn = handler.dsn
 
     def factory(self) -> SMTP:
-        cls = LMTP if self._lmtp else SMTP
+        if self._dsn:
+            cls: type[SMTP] = _DsnLMTP if self._lmtp else _DsnSMTP
+        else:
+            cls = LMTP if self._lmtp else SMTP
         return cls(self.handler, **self.SMTP_kwargs)
 
     def _trigger_server(self) -> None:

@@ -323,7 +323,7 @@ class SessionMachine(RuleBasedStateMachine):
         held = conn.pending_input
         match conn.state:
             case State.COMMAND | State.REFUSED:
-                assert held <= LIMITS.command_line
+                assert held <= LIMITS.command_line + 500  # RCPT's with DSN (RFC 3461 4)
             case State.DATA:
                 assert held <= LIMITS.text_line
             case _:

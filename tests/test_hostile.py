@@ -265,7 +265,7 @@ def test_overlong_line_before_the_greeting(server: Daemon) -> None:
         ),
         pytest.param(
             b"EHLO c\r\nMAIL FROM:<a@example.net>\r\n",
-            b"RCPT TO:<" + b"a" * 600 + b"@example.org>\r\n",
+            b"RCPT TO:<" + b"a" * 1100 + b"@example.org>\r\n",  # 512 + 500 (RFC 3461 4)
             b"RCPT TO:<bob@example.org>\r\n",
             [LINE_TOO_LONG, b"250 2.1.5 Recipient OK"],
             id="rcpt",

@@ -88,6 +88,10 @@ class DeliverConfig:
     queue_lifetime: int = 432_000  # seconds from arrival before a temporary failure bounces
     retry_min: int = 60  # seconds before the first retry; doubled at each one
     retry_max: int = 3600  # the longest wait between two tries
+    # Each character ends a local part's own name: "alice+tag" is alice's
+    # (Postfix's recipient_delimiter, several characters allowed); "": none.
+    recipient_delimiter: str = "+"
+    delay_warning: int = 0  # seconds from arrival before a delay notice; 0: none
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -484,7 +488,18 @@ class _Reader:
         )
 
     def _deliver(self, data: Mapping[str, Any]) -> DeliverConfig:
-        t = self._table(data, "deliver", {"next_hop", "queue_lifetime", "retry_min", "retry_max"})
+        t = self._table(
+            data,
+            "deliver",
+            {
+                "next_hop",
+                "queue_lifetime",
+                "retry_min",
+                "retry_max",
+                "recipient_delimiter",
+                "delay_warning",
+            },
+        )
         next_hop = self._str(t, "deliver.next_hop", None)
         retry_min = self._int(t, "deliver.retry_min", 60, 1)
         retry_max = self._int(t, "deliver.retry_max", 3600, 1)
@@ -499,7 +514,17 @@ class _Reader:
             queue_lifetime=self._int(t, "deliver.queue_lifetime", 432_000, 1),
             retry_min=retry_min,
             retry_max=retry_max,
+            recipient_delimiter=self._delimiter(t),
+            delay_warning=self._int(t, "deliver.delay_warning", 0, 0),
         )
+
+    def _delimiter(self, data: Mapping[str, Any]) -> str:
+        value = self._str(data, "deliver.recipient_delimiter", "+") or ""
+        if any(c in value for c in '@" \t\\') or not value.isascii() or not value.isprintable():
+            raise self.error(
+                "deliver.recipient_delimiter", "must be printable ASCII, without @, quote or space"
+            )
+        return value
 
 
 def parse_next_hop(text: str) -> NextHop:

@@ -149,6 +149,8 @@ class Session:
         self._queue = queue
         self._clock = clock
         self._recipients: list[str] = []
+        # DSN's NOTIFY and ORCPT of each recipient that had either (RFC 3461 4.1, 4.2).
+        self._recipient_dsn: dict[str, tuple[str | None, str | None]] = {}
         # The sender of the transaction under way, for the log: the core
         # forgets it as soon as it refuses the message.
         self._transaction_sender: str | None = None
@@ -206,6 +208,7 @@ class Session:
                 conn.send(replies.HELLO.with_fixed_text(f"{self.hostname} Hello {event.name}"))
             case MailFrom():
                 self._recipients.clear()
+                self._recipient_dsn.clear()
                 self._transaction_sender = event.sender.address
                 conn.send(replies.SENDER_OK)
             case RcptTo():
@@ -238,6 +241,7 @@ class Session:
                 return self._filtered_hello(filters, event)
             case MailFrom():
                 self._recipients.clear()
+                self._recipient_dsn.clear()
                 self._transaction_sender = event.sender.address
                 self._discard = False
                 return self._filtered_mail(filters, event)
@@ -316,7 +320,7 @@ class Session:
         self._discard = self._discard or verdict.discard
         refusal = self._refused("rcpt", verdict, recipient=event.recipient.address)
         if refusal is None:
-            self._recipients.append(event.recipient.address)
+            self._add_recipient(event)
         self.connection.send(refusal or replies.RECIPIENT_OK)
 
     async def _filtered_data(self, filters: Filters, event: StartData) -> None:
@@ -449,8 +453,17 @@ class Session:
         refusal = self._recipient_refusal(event)
         if refusal is not None:
             return refusal
-        self._recipients.append(event.recipient.address)
+        self._add_recipient(event)
         return replies.RECIPIENT_OK
+
+    def _add_recipient(self, event: RcptTo) -> None:
+        address = event.recipient.address
+        self._recipients.append(address)
+        if event.notify is not None or event.orcpt is not None:
+            notify = ",".join(event.notify) if event.notify is not None else None
+            self._recipient_dsn[address] = (notify, event.orcpt)
+        else:
+            self._recipient_dsn.pop(address, None)
 
     def _recipient_refusal(self, event: RcptTo) -> Reply | None:
         """The policy's refusal of a recipient (unknown user, relaying), logged."""
@@ -608,9 +621,12 @@ class Session:
     def _envelope(self, now: datetime, staged: StagedMessage | None = None) -> Envelope:
         mail = self.connection.mail
         assert mail is not None and self.channel is not None
+        recipients = tuple(staged.envelope.recipients if staged else self._recipients)
+        # A recipient a milter added had no RCPT of its own: nothing asked.
+        asked = [self._recipient_dsn.get(r, (None, None)) for r in recipients]
         return Envelope(
             sender=staged.envelope.sender if staged else mail.sender.address,
-            recipients=tuple(staged.envelope.recipients if staged else self._recipients),
+            recipients=recipients,
             channel=self.channel.name,
             remote_host=self.client.host,
             remote_addr=self.client.address,
@@ -620,6 +636,10 @@ class Session:
             smtputf8=mail.smtputf8,
             body=mail.body,
             quarantine=staged.quarantine if staged else None,
+            ret=mail.ret,
+            envid=mail.envid,
+            notify=tuple(n for n, _ in asked) if self._recipient_dsn else (),
+            orcpt=tuple(o for _, o in asked) if self._recipient_dsn else (),
         )
 
     def received_header(self, queue_id: str, now: datetime) -> bytes:

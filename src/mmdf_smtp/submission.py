@@ -115,6 +115,11 @@ class Request:
     extract: bool = False  # -t: recipients from To, Cc and Bcc too
     body: str | None = None  # -B: "7BIT" or "8BITMIME"
     channel: str | None = None  # the source channel; None for "local"
+    # DSN (RFC 3461) as sendmail's -N, -R and -V ask it: NOTIFY for every
+    # recipient (("NEVER",) or conditions), RET, and the envelope id.
+    notify: tuple[str, ...] | None = None
+    ret: str | None = None
+    envid: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -364,6 +369,9 @@ class Plan:
     warning: str | None  # the X-Authentication-Warning: text, if any
     body: str | None
     smtputf8: bool
+    notify: tuple[str, ...] | None = None
+    ret: str | None = None
+    envid: str | None = None
 
 
 class Planner:
@@ -479,6 +487,9 @@ class Planner:
             warning=warning,
             body=request.body,
             smtputf8=not all(a.isascii() for a in (sender, *recipients)),
+            notify=request.notify,
+            ret=request.ret,
+            envid=request.envid,
         )
 
 
@@ -497,9 +508,11 @@ def mailbox(name: str, address: str) -> str:
 
 def envelope(plan: Plan, now: datetime, staged: StagedMessage | None = None) -> Envelope:
     """The envelope to queue; as the milters left it, for a ``staged`` message."""
+    recipients = tuple(staged.envelope.recipients) if staged else plan.recipients
+    notify = ",".join(plan.notify) if plan.notify else None
     return Envelope(
         sender=staged.envelope.sender if staged else plan.sender,
-        recipients=tuple(staged.envelope.recipients) if staged else plan.recipients,
+        recipients=recipients,
         channel=plan.channel,
         remote_host="localhost",
         remote_addr="",
@@ -510,6 +523,9 @@ def envelope(plan: Plan, now: datetime, staged: StagedMessage | None = None) -> 
         submitter=plan.submitter.login,
         submitter_uid=plan.submitter.uid,
         quarantine=staged.quarantine if staged else None,
+        ret=plan.ret,
+        envid=plan.envid,
+        notify=(notify,) * len(recipients) if notify else (),
     )
 
 

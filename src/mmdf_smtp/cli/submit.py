@@ -27,14 +27,17 @@ import getopt
 import os
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
+from typing import TypeVar
 
 from ..config import ConfigError, load
 from ..policy import Policy, UnknownChannel
 from ..privileges import drop_privileges
+from ..protocol import dsnparams
 from ..queue import QueueError
 from ..queue.maildrop import MaildropError, drop, prepare
 from ..queue.spool import Spool
@@ -74,10 +77,13 @@ USAGE = (
     "usage: submit [-c config] [-f sender] [-F fullname] [-t] [-i] [--channel name] [recipient...]"
 )
 # sendmail's options, getopt style.  Those with a value but no meaning here
-# (-N dsn, -R ret, -V envid, -h hops, -L tag, -X log, -O option, -A, -p, -e)
+# (-h hops, -L tag, -X log, -O option, -A, -p, -e)
 # are taken and ignored, so that callers written for sendmail work.
 _SHORT = "c:f:r:F:tio:b:B:e:vN:R:V:h:L:X:O:A:p:nUGm"
 _LONG = ["channel="]
+
+
+_T = TypeVar("_T")
 
 
 class _Interrupted(Exception):
@@ -126,6 +132,9 @@ class Options:
     verbose: bool = False
     channel: str | None = None
     recipients: list[str] = field(default_factory=list)
+    notify: tuple[str, ...] | None = None  # -N: DSN's NOTIFY (RFC 3461), every recipient's
+    ret: str | None = None  # -R full|hdrs
+    envid: str | None = None  # -V: the envelope id
 
 
 def parse_arguments(argv: list[str]) -> Options:
@@ -162,7 +171,22 @@ def parse_arguments(argv: list[str]) -> Options:
                 options.verbose = True
             case "--channel":
                 options.channel = value
+            case "-N":
+                options.notify = _dsn_option("-N", dsnparams.parse_notify, value)
+            case "-R":
+                options.ret = _dsn_option("-R", dsnparams.parse_ret, value)
+            case "-V":
+                # sendmail takes the id as it is; the limits are xtext's.
+                encoded = dsnparams.encode_xtext(value)
+                options.envid = _dsn_option("-V", dsnparams.parse_envid, encoded)
     return options
+
+
+def _dsn_option(option: str, parse: Callable[[str | None], _T], value: str) -> _T:
+    try:
+        return parse(value)
+    except ValueError as exc:
+        raise ValueError(f"{option} {value}: {exc}") from None
 
 
 def status_of(error: SubmissionError) -> int:
@@ -206,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
         extract=options.extract,
         body=options.body,
         channel=options.channel,
+        notify=options.notify,
+        ret=options.ret,
+        envid=options.envid,
     )
     if not request.recipients and not request.extract:
         print(USAGE, file=sys.stderr)

@@ -7,7 +7,10 @@ recipient, SMTP one for all).  STARTTLS is used whenever the peer offers
 it, opportunistically: the certificate is not checked, as with Postfix's
 ``smtp_tls_security_level = may`` (a peer that offers no STARTTLS gets the
 message in plaintext).  The message is streamed from the spool,
-dot-stuffed on the way (RFC 5321 4.5.2).
+dot-stuffed on the way (RFC 5321 4.5.2).  To a next hop that offers DSN
+the sender's RET and ENVID go on MAIL, each recipient's NOTIFY and ORCPT
+on its RCPT (RFC 3461 6.1), and the outcomes say so: that hop reports
+successes itself, where one without DSN leaves a "relayed" to us.
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ import smtplib
 import socket
 import ssl
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import BinaryIO
 
 from ..config import NextHop
+from ..protocol.dsnparams import encode_xtext
 
 log = logging.getLogger("mmdf_smtp.deliver")
 
@@ -41,6 +45,7 @@ class Outcome:
     text: str  # with the enhanced status code first when there is one
     from_peer: bool = False  # the next hop said it; else we did
     unreachable: bool = False  # no session with the next hop: not connected, or not greeted
+    hop_dsn: bool = False  # the next hop offered DSN and was handed the recipient's NOTIFY
 
     @property
     def temporary(self) -> bool:
@@ -81,6 +86,10 @@ def send(
     body: str | None = None,
     timeout: float = TIMEOUT,
     connect_timeout: float = CONNECT_TIMEOUT,
+    ret: str | None = None,
+    envid: str | None = None,
+    notify: Sequence[str | None] = (),
+    orcpt: Sequence[str | None] = (),
 ) -> list[Outcome]:
     """Send ``message`` to ``recipients``; one outcome per recipient, in order.
 
@@ -91,6 +100,7 @@ def send(
     holding mail for.
     """
     start = message.tell()
+    dsn = _DsnParameters(ret, envid, notify, orcpt)
 
     def attempt(tls: bool) -> list[Outcome]:
         message.seek(start)
@@ -105,6 +115,7 @@ def send(
             timeout=timeout,
             connect_timeout=connect_timeout,
             tls=tls,
+            dsn=dsn,
         )
 
     try:
@@ -116,6 +127,30 @@ def send(
 
 class _HandshakeFailed(Exception):
     pass
+
+
+@dataclass(frozen=True, slots=True)
+class _DsnParameters:
+    """RET and ENVID (decoded) for MAIL; NOTIFY and ORCPT (as sent) per recipient."""
+
+    ret: str | None
+    envid: str | None
+    notify: Sequence[str | None]
+    orcpt: Sequence[str | None]
+
+    def mail(self) -> str:
+        options = f" RET={self.ret}" if self.ret else ""
+        if self.envid is not None:
+            options += f" ENVID={encode_xtext(self.envid)}"
+        return options
+
+    def rcpt(self, i: int) -> str:
+        options = ""
+        if i < len(self.notify) and self.notify[i]:
+            options += f" NOTIFY={self.notify[i]}"
+        if i < len(self.orcpt) and self.orcpt[i]:
+            options += f" ORCPT={self.orcpt[i]}"
+        return options
 
 
 class _SMTPClient(smtplib.SMTP):
@@ -152,6 +187,7 @@ def _attempt(
     timeout: float,
     connect_timeout: float,
     tls: bool,
+    dsn: _DsnParameters,
 ) -> list[Outcome]:
     outcomes: list[Outcome | None] = [None] * len(recipients)
     kind = _LMTPClient if hop.protocol == "lmtp" else _SMTPClient
@@ -178,6 +214,7 @@ def _attempt(
             smtputf8=smtputf8,
             body=body,
             tls=tls,
+            dsn=dsn,
             outcomes=outcomes,
         )
     except (OSError, smtplib.SMTPException) as exc:
@@ -201,6 +238,7 @@ def _transaction(
     smtputf8: bool,
     body: str | None,
     tls: bool,
+    dsn: _DsnParameters,
     outcomes: list[Outcome | None],
 ) -> None:
     def all_get(outcome: Outcome) -> None:
@@ -236,13 +274,17 @@ def _transaction(
         options += " SMTPUTF8"
     if body == "8BITMIME" and client.has_extn("8bitmime"):
         options += " BODY=8BITMIME"
+    offers_dsn = client.has_extn("dsn")
+    if offers_dsn:
+        options += dsn.mail()
     code, text = client.docmd("MAIL", f"FROM:<{sender}>{options}")
     if code != 250:
         all_get(_outcome(code, text, "MAIL"))
         return
     accepted: list[int] = []
     for i, recipient in enumerate(recipients):
-        code, text = client.docmd("RCPT", f"TO:<{recipient}>")
+        rcpt_options = dsn.rcpt(i) if offers_dsn else ""
+        code, text = client.docmd("RCPT", f"TO:<{recipient}>{rcpt_options}")
         if code in (250, 251):
             accepted.append(i)
         else:
@@ -265,6 +307,11 @@ def _transaction(
     else:
         code, text = client.getreply()
         all_get(_outcome(code, text, "end of data"))
+    if offers_dsn:
+        for i in accepted:
+            outcome = outcomes[i]
+            if outcome is not None:
+                outcomes[i] = replace(outcome, hop_dsn=True)
 
 
 def _outcome(code: int, text: bytes, after: str) -> Outcome:

@@ -118,6 +118,7 @@ class Runner:
             users=config.local.users,
             local_domains=domains,
             default_domain=domains[0] if domains else config.hostname,
+            delimiters=config.deliver.recipient_delimiter,
         )
 
     def run(self, *, flush: bool = False, flush_ids: Collection[str] = ()) -> datetime | None:
@@ -204,11 +205,11 @@ class Runner:
         remote = [i for i in due if not _is_local(state, i)]
         if remote:
             tried += self._remote(queue_id, envelope, state, remote)
-        failures = [
-            f for t in tried if (f := self._record(queue_id, envelope, state, t, now)) is not None
+        reports = [
+            r for t in tried if (r := self._record(queue_id, envelope, state, t, now)) is not None
         ]
-        if failures:
-            self._notify(queue_id, envelope, failures, now)
+        for notice in dsn.grouped(reports):
+            self._notify(queue_id, envelope, notice, now)
         if state.done:
             self.spool.remove(queue_id)
             log.info("id=%s removed: every recipient is done", queue_id)
@@ -287,6 +288,7 @@ class Runner:
                 message=message,
                 smtputf8=envelope.smtputf8,
                 body=envelope.body,
+                **dsn.hop_parameters(envelope, [state.recipients[i].recipient for i in due]),
             )
         if outcomes and all(outcome.unreachable for outcome in outcomes):
             pause = self.config.deliver.retry_min
@@ -298,27 +300,19 @@ class Runner:
 
     def _record(
         self, queue_id: str, envelope: Envelope, state: DeliveryState, tried: _Tried, now: datetime
-    ) -> dsn.Failure | None:
+    ) -> dsn.Report | None:
         entry = state.recipients[tried.index]
         outcome = tried.outcome
+        previous_try = entry.last_try
         entry.attempts += 1
         entry.last_reply = str(outcome)
         entry.last_try = now
         entry.next_try = None
-        failure = None
         expires = envelope.received + timedelta(seconds=self.config.deliver.queue_lifetime)
         if not outcome.temporary and not outcome.permanent:
             entry.status = DELIVERED
         elif outcome.permanent or now >= expires:
             entry.status = BOUNCED
-            failure = dsn.Failure(
-                entry.recipient,
-                entry.address,
-                entry.last_reply,
-                from_peer=outcome.from_peer,
-                remote_mta=tried.remote_mta if outcome.from_peer else None,
-                expired=not outcome.permanent,
-            )
         else:
             entry.status = DEFERRED
             wait = backoff(
@@ -327,6 +321,29 @@ class Runner:
                 longest=self.config.deliver.retry_max,
             )
             entry.next_try = min(now + wait, expires)
+        asked = dsn.asked_of(envelope, entry.recipient)
+        action = dsn.action_for(
+            asked,
+            entry.status,
+            local=tried.relay in ("maildir", "local"),
+            hop_offers_dsn=outcome.hop_dsn,
+            delay_due=dsn.delay_due(
+                envelope.received, previous_try, now, self.config.deliver.delay_warning
+            ),
+        )
+        report = None
+        if action is not None:
+            report = dsn.Report(
+                entry.recipient,
+                entry.address,
+                entry.last_reply,
+                from_peer=outcome.from_peer,
+                remote_mta=tried.remote_mta if outcome.from_peer else None,
+                expired=entry.status == BOUNCED and not outcome.permanent,
+                action=action,
+                orcpt=asked.orcpt,
+                retry_until=expires if action == "delayed" else None,
+            )
         kind = _kind(envelope, tried.relay)
         metrics.count("mmdf_deliveries", (entry.status, kind))
         if entry.status == DELIVERED:
@@ -344,24 +361,27 @@ class Runner:
             entry.last_reply,
             f" next_try={entry.next_try.isoformat()}" if entry.next_try else "",
         )
-        return failure
+        return report
 
     def _notify(
-        self, queue_id: str, envelope: Envelope, failures: list[dsn.Failure], now: datetime
+        self, queue_id: str, envelope: Envelope, reports: list[dsn.Report], now: datetime
     ) -> None:
+        kind = reports[0].kind
         if envelope.sender == NULL_SENDER:
-            log.info("id=%s: no notification: the sender is null", queue_id)
+            log.info("id=%s: no %s notification: the sender is null", queue_id, kind)
             return
         with self.spool.open_message(queue_id) as message:
-            header = dsn.original_header(message)
+            returned, whole = dsn.returned_content(message, ret=envelope.ret, kind=kind)
         report = dsn.build(
             hostname=self.config.hostname,
             queue_id=queue_id,
             sender=envelope.sender,
             arrival=envelope.received,
             now=now,
-            failures=failures,
-            header=header,
+            reports=reports,
+            header=returned,
+            whole=whole,
+            envid=envelope.envid,
         )
         writer = self.spool.open(
             Envelope(
@@ -384,7 +404,13 @@ class Runner:
             raise
         self._notices.append(writer.id)
         metrics.count("mmdf_notices")
-        log.info("id=%s: notice of %d failures queued as %s", queue_id, len(failures), writer.id)
+        log.info(
+            "id=%s: %s notice of %d recipients queued as %s",
+            queue_id,
+            kind,
+            len(reports),
+            writer.id,
+        )
 
 
 def _kind(envelope: Envelope, relay: str) -> str:

@@ -18,7 +18,7 @@ import dns.resolver
 
 from ..config import ChannelConfig, Config
 from ..protocol import Path, Reply, replies
-from .aliases import read_aliases, unquote
+from .aliases import base_name, read_aliases, unquote
 from .hosts import HostTable, IPAddress, build_table, normalize_name
 from .nameserver import DnsTemporaryError, NameServer, make_resolver
 
@@ -154,11 +154,19 @@ class Policy:
                 return None
             return replies.RELAY_DENIED.with_text(f"Relaying denied for {recipient.domain}")
         local = unquote(recipient.local).lower()
-        if local == "postmaster" or local in self._users or local in self._aliases:
+        if self._is_local_name(local):
             return None
+        # "alice+tag" is accepted wherever "alice" is (recipient_delimiter).
+        base = base_name(local, self.config.deliver.recipient_delimiter)
+        if base != local and self._is_local_name(base):
+            # Only postmaster may go without a domain, extension or none.
+            return None if recipient.domain or base == "postmaster" else replies.RELAY_DENIED
         if not recipient.domain and local != "postmaster":
             return replies.RELAY_DENIED  # only postmaster may go without a domain
         return replies.UNKNOWN_USER
+
+    def _is_local_name(self, name: str) -> bool:
+        return name == "postmaster" or name in self._users or name in self._aliases
 
 
 class _DnsNeeded(Exception):

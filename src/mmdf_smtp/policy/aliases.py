@@ -8,6 +8,10 @@
 Keys are compared in lower case.  At RCPT time only the names matter (a
 recipient exists when it is an alias); delivery expands the targets with
 :class:`Aliases`.
+
+Address extensions, as Postfix's ``recipient_delimiter``: ``alice+tag``
+is the name ``alice+tag`` when that is an alias, else ``alice`` (see
+:func:`base_name`).
 """
 
 from __future__ import annotations
@@ -98,8 +102,10 @@ class Aliases:
         users: Collection[str],
         local_domains: Collection[str],
         default_domain: str,
+        delimiters: str = "",
     ) -> None:
         self._table = table
+        self._delimiters = delimiters
         self._users = {u.lower() for u in users} | {POSTMASTER}
         self._domains = {d.lower().rstrip(".") for d in local_domains}
         self._default_domain = default_domain
@@ -125,6 +131,21 @@ class Aliases:
         name = unquote(local).lower()
         domain = domain.lower().rstrip(".") or self._default_domain
         qualified = f"{local}@{domain}"
+        if name not in self._table and name not in self._users:
+            # "alice+tag" that is no alias of its own is alice's (Postfix's
+            # order: the name as given first, then without its extension).
+            base = base_name(name, self._delimiters)
+            if base in self._table or base in self._users:
+                yield from self._walk_name(base, qualified, f"{name}@{domain}", chain)
+                return
+        yield from self._walk_name(name, qualified, f"{name}@{domain}", chain)
+
+    def _walk_name(
+        self, name: str, qualified: str, given: str, chain: tuple[str, ...]
+    ) -> Iterable[Destination]:
+        """The destinations of the local ``name``, found as ``qualified``;
+        ``given``, the address with its extension, is what a Maildir
+        delivery names in Delivered-To."""
         if name in self._table and name not in chain:
             if len(chain) >= MAX_DEPTH:
                 yield Destination(qualified, problem=f"5.4.6 Alias nesting too deep at {name}")
@@ -133,12 +154,20 @@ class Aliases:
                 yield from self._walk(target, (*chain, name))
             return
         if name in self._users:
-            yield Destination(f"{name}@{domain}", mailbox=name)
+            yield Destination(given, mailbox=name)
         elif name in chain:
             loop = " -> ".join((*chain, name))
             yield Destination(qualified, problem=f"5.4.6 Alias loop: {loop}")
         else:
             yield Destination(qualified, problem="5.1.1 No such user here")
+
+
+def base_name(name: str, delimiters: str) -> str:
+    """``name`` without its extension: up to the first of ``delimiters``
+    (Postfix splits there too); ``name`` itself when it has none, or when
+    nothing would be left of it."""
+    cut = min((i for i in (name.find(d) for d in delimiters) if i > 0), default=-1)
+    return name[:cut] if cut > 0 else name
 
 
 def _split(address: str) -> tuple[str, str]:

@@ -39,10 +39,11 @@ from __future__ import annotations
 import enum
 import functools
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
-from . import grammar, replies
+from . import dsnparams, grammar, replies
 from .content import REASONS, ContentChecker, DotReader
 from .events import (
     CloseReason,
@@ -109,6 +110,26 @@ _EHLO_KEYWORDS_BEFORE_TLS = ("STARTTLS",)
 _LAST_IN_GROUP = frozenset({"EHLO", "HELO", "DATA"})
 # Octets of what a client sent out of turn that the event keeps, for the log.
 _OUT_OF_TURN_KEPT = 64
+
+
+_T = TypeVar("_T")
+
+# RFC 3461 4: "The maximum length of a MAIL FROM command line is increased
+# by 110 characters by the possible addition of the RET and ENVID
+# keywords.  The maximum length of a RCPT TO command line is increased by
+# 500 characters by the possible addition of the NOTIFY and ORCPT keywords."
+DSN_LINE_EXTRA = {"MAIL": 110, "RCPT": 500}
+
+
+def _dsn_value(parse: Callable[[str | None], _T], value: str | None) -> _T:
+    """A DSN parameter's meaning; a malformed one is 501 5.5.4 (RFC 3461 4: a
+    value that is not as the grammar says is a syntax error in parameters)."""
+    try:
+        return parse(value)
+    except ValueError as exc:
+        raise GrammarError(
+            replies.BAD_PARAMETER_VALUE.with_text(f"Invalid parameter: {exc}")
+        ) from exc
 
 
 @functools.lru_cache(maxsize=1024)  # a client says the same EHLO each time it comes
@@ -387,7 +408,7 @@ class ServerConnection:
     def _read_line(self) -> bytes | None:
         newline = self._buffer.find(b"\n")
         if newline < 0:
-            if len(self._buffer) > self.limits.command_line:
+            if len(self._buffer) > self.limits.command_line + DSN_LINE_EXTRA["RCPT"]:
                 # Keep nothing of a line that is already too long; its end
                 # will be answered with 500 (RFC 5321 4.5.3.1.10).
                 self._discarding_line = True
@@ -397,13 +418,18 @@ class ServerConnection:
         del self._buffer[: newline + 1]
         return line
 
+    def _line_limit(self, line: bytes) -> int:
+        """The longest command line allowed for ``line``'s verb, CRLF included."""
+        verb = line[:4].upper().decode("ascii", "replace")
+        return self.limits.command_line + DSN_LINE_EXTRA.get(verb, 0)
+
     def _step_command(self) -> bool:
         line = self._read_line()
         if line is None:
             return False
         self._timer_generation += 1  # a new command: a new wait starts after it
         self._command = "?"  # until the line is read as a command
-        if self._discarding_line or len(line) > self.limits.command_line:
+        if self._discarding_line or len(line) > self._line_limit(line):
             self._discarding_line = False
             self._reply(replies.LINE_TOO_LONG)
             return True
@@ -531,6 +557,7 @@ class ServerConnection:
             "8BITMIME",
             "ENHANCEDSTATUSCODES",
             "SMTPUTF8",
+            "DSN",
             "CHUNKING",
         ]
         if self.tls_available and not self.tls_active:
@@ -546,6 +573,8 @@ class ServerConnection:
         size: int | None = None
         body: Literal["7BIT", "8BITMIME"] | None = None
         smtputf8 = False
+        ret: dsnparams.Ret | None = None
+        envid: str | None = None
         for keyword, value in parsed.params.items():
             match keyword:
                 case "SIZE":
@@ -565,6 +594,10 @@ class ServerConnection:
                     if value is not None:
                         raise GrammarError(replies.BAD_PARAMETER_VALUE)
                     smtputf8 = True
+                case "RET":
+                    ret = _dsn_value(dsnparams.parse_ret, value)
+                case "ENVID":
+                    envid = _dsn_value(dsnparams.parse_envid, value)
                 case _:
                     raise GrammarError(replies.UNKNOWN_PARAMETER)
         if not smtputf8 and not argument.isascii():
@@ -578,7 +611,16 @@ class ServerConnection:
                 )
             )
             raise GrammarError(replies.MESSAGE_TOO_BIG)
-        self._decide(MailFrom(sender=parsed.sender, size=size, body=body, smtputf8=smtputf8))
+        self._decide(
+            MailFrom(
+                sender=parsed.sender,
+                size=size,
+                body=body,
+                smtputf8=smtputf8,
+                ret=ret,
+                envid=envid,
+            )
+        )
 
     def _rcpt(self, argument: str) -> None:
         if self.mail is None:
@@ -588,15 +630,23 @@ class ServerConnection:
             # accepted now would be answered 250 and never delivered.
             raise GrammarError(replies.RCPT_AFTER_BDAT)
         parsed = grammar.parse_rcpt(argument)
-        if parsed.params:
-            raise GrammarError(replies.UNKNOWN_PARAMETER)
+        notify: tuple[str, ...] | None = None
+        orcpt: str | None = None
+        for keyword, value in parsed.params.items():
+            match keyword:
+                case "NOTIFY":
+                    notify = _dsn_value(dsnparams.parse_notify, value)
+                case "ORCPT":
+                    orcpt = _dsn_value(dsnparams.parse_orcpt, value)
+                case _:
+                    raise GrammarError(replies.UNKNOWN_PARAMETER)
         if not self.mail.smtputf8 and not argument.isascii():
             raise GrammarError(replies.UTF8_NEEDS_SMTPUTF8)
         if self.recipients >= self.limits.recipients:
             # RFC 5321 4.5.3.1.10: 452, and the client sends the rest later.
             self._write(replies.TOO_MANY_RECIPIENTS)
             return
-        self._decide(RcptTo(recipient=parsed.recipient))
+        self._decide(RcptTo(recipient=parsed.recipient, notify=notify, orcpt=orcpt))
 
     def _transaction_problem(self) -> Reply | None:
         if self.helo is None:

@@ -59,6 +59,10 @@ class MailFrom:
     size: int | None = None
     body: Literal["7BIT", "8BITMIME"] | None = None
     smtputf8: bool = False
+    # DSN (RFC 3461 4.3, 4.4): what a failure notice returns, and the
+    # sender's id for the transaction (xtext decoded).  None: not given.
+    ret: Literal["FULL", "HDRS"] | None = None
+    envid: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -66,6 +70,11 @@ class RcptTo:
     """Decision: a syntactically valid RCPT command."""
 
     recipient: Path
+    # DSN (RFC 3461 4.1, 4.2): ("NEVER",) or the conditions asked, in the
+    # order SUCCESS, FAILURE, DELAY; the original recipient as
+    # "addr-type;address" (xtext decoded).  None: not given.
+    notify: tuple[str, ...] | None = None
+    orcpt: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -178,7 +178,7 @@ def parse_parameters(text: str | None) -> dict[str, str | None]:
             # A parameter given twice alike says nothing new: Python's smtplib
             # repeats SMTPUTF8 and BODY=8BITMIME when the caller gave them
             # too, and Postfix takes that.  Two different values conflict.
-            if not _same_value(params[keyword], value):
+            if not _same_value(keyword, params[keyword], value):
                 raise GrammarError(
                     replies.BAD_PARAMETER_VALUE.with_text(f"Duplicate {keyword} with another value")
                 )
@@ -187,11 +187,18 @@ def parse_parameters(text: str | None) -> dict[str, str | None]:
     return params
 
 
-def _same_value(first: str | None, second: str | None) -> bool:
-    """Whether two values of one parameter mean the same (BODY's are case-blind)."""
+# Parameters whose values are keywords, and so case-blind; the others'
+# (SIZE, and xtext: ENVID, ORCPT) are compared as sent.
+_KEYWORD_VALUED = frozenset({"BODY", "RET", "NOTIFY"})
+
+
+def _same_value(keyword: str, first: str | None, second: str | None) -> bool:
+    """Whether two values of one parameter mean the same."""
     if first is None or second is None:
         return first is second
-    return first.upper() == second.upper()
+    if keyword in _KEYWORD_VALUED:
+        return first.upper() == second.upper()
+    return first == second
 
 
 @dataclass(frozen=True, slots=True)

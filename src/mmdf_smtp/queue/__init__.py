@@ -63,6 +63,22 @@ class Envelope:
     # Why a filter (a milter's SMFIR_QUARANTINE) held the message for an
     # administrator: it is not delivered until released.  None: not held.
     quarantine: str | None = None
+    # DSN (RFC 3461), as MAIL and RCPT gave it; all absent in queue files
+    # written before.  ``ret``: "FULL" or "HDRS"; ``envid``: xtext decoded.
+    ret: str | None = None
+    envid: str | None = None
+    # Parallel to ``recipients`` (or empty: nothing asked): NOTIFY as
+    # "NEVER" or a list like "SUCCESS,DELAY", and ORCPT as
+    # "addr-type;address" (xtext decoded); None where the RCPT had none.
+    notify: tuple[str | None, ...] = ()
+    orcpt: tuple[str | None, ...] = ()
+
+    def __post_init__(self) -> None:
+        # Read back from JSON they are lists: tuples, so that envelopes compare and hash.
+        for name in ("notify", "orcpt"):
+            value = getattr(self, name)
+            if not isinstance(value, tuple):
+                object.__setattr__(self, name, tuple(value))
 
 
 @dataclass(frozen=True, slots=True)

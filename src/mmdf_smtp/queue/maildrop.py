@@ -52,6 +52,7 @@ from typing import Any, BinaryIO
 
 from ..config import Config, ConfigError
 from ..policy import Policy
+from ..protocol import dsnparams
 from ..submission import (
     FilterRefused,
     Message,
@@ -142,6 +143,9 @@ def request_to_json(request: Request) -> bytes:
         "full_name": request.full_name,
         "extract": request.extract,
         "body": request.body,
+        "notify": list(request.notify) if request.notify is not None else None,
+        "ret": request.ret,
+        "envid": request.envid,
     }
     return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
 
@@ -162,12 +166,27 @@ def request_from_json(line: bytes) -> Request:
         raise ValueError("sender and full_name must be strings")
     if not isinstance(extract, bool) or body not in (None, "7BIT", "8BITMIME"):
         raise ValueError("bad extract or body")
+    # DSN's, absent from files dropped before; checked as the SMTP side checks them.
+    notify, ret, envid = data.get("notify"), data.get("ret"), data.get("envid")
+    if notify is not None:
+        if not isinstance(notify, list) or not all(isinstance(n, str) for n in notify):
+            raise ValueError("notify: not a list of strings")
+        notify = dsnparams.parse_notify(",".join(notify))
+    if ret is not None:
+        ret = dsnparams.parse_ret(ret if isinstance(ret, str) else None)
+    if envid is not None:
+        envid = dsnparams.parse_envid(
+            dsnparams.encode_xtext(envid) if isinstance(envid, str) else None
+        )
     return Request(
         recipients=tuple(recipients),
         sender=sender,
         full_name=full_name,
         extract=extract,
         body=body,
+        notify=notify,
+        ret=ret,
+        envid=envid,
     )
 
 
