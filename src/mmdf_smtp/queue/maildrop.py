@@ -115,7 +115,7 @@ def prepare(spool: Spool, owner: tuple[int, int] | None = None) -> None:
     private = [
         spool.tmp,
         spool.queue,
-        spool.hold,
+        spool.hold_dir,
         spool.directory / "pickup",
         spool.directory / "corrupt",
     ]
@@ -288,7 +288,7 @@ class _PickupWriter:
 
 def _move_to_queue(spool: Spool, claim: Path, *, into_hold: bool) -> None:
     """On from ``pickup/``: into queue/, or into hold/ when a milter quarantined it."""
-    target = spool.hold if into_hold else spool.queue
+    target = spool.hold_dir if into_hold else spool.queue
     os.rename(claim, target / claim.name)
     _fsync_directory(target)
     _fsync_directory(claim.parent)
