@@ -291,6 +291,10 @@ class SpoolWriter:
     The file is a bare descriptor, not a file object: a buffered file's
     opening alone made three more system calls, and a big message's commit
     runs in a thread, which hands the interpreter over at every call.
+
+    A message pickup queues from the maildrop (:meth:`Spool.open_claimed`)
+    is written the same way, sealed and fsynced alike; only its commit
+    point differs: the rename of its file over pickup's claim.
     """
 
     def __init__(
@@ -302,13 +306,19 @@ class SpoolWriter:
         in_memory: int,
         fd: int | None = None,
         into_hold: bool = False,
+        claim: str | None = None,
+        owner: tuple[int, int] | None = None,
     ) -> None:
         """``held``: the octets so far (the envelope line first) not yet in
         the file; ``fd``: the file in tmp/, if it was created already;
-        ``into_hold``: a quarantined message, committed into hold/."""
+        ``into_hold``: a quarantined message, committed into hold/;
+        ``claim``: the file in pickup/ that this one replaces at its commit;
+        ``owner``: (uid, gid) to give the file, when root writes it."""
         self._spool = spool
         self._id = queue_id
         self.into_hold = into_hold
+        self._claim = claim
+        self._owner = owner
         self._size = 0  # octets of the message written (the envelope line not)
         self._path = spool._in_tmp + queue_id
         self._held = held
@@ -348,9 +358,14 @@ class SpoolWriter:
         """Move what memory holds into the file, creating it first if need be."""
         try:
             if self._fd is None:
-                self._fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, COMMITTING)
+                # A claimed message reaches queue/ only whole and synced
+                # (see _commit_claimed): it is readable from the start.
+                mode = COMMITTING if self._claim is None else QUEUED
+                self._fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
                 self._created = True
                 self._hold = _BUFFER
+                if self._owner is not None:
+                    os.fchown(self._fd, *self._owner)
         except OSError as exc:
             self.abort()
             raise _error("cannot create a queue file", exc) from exc
@@ -395,9 +410,33 @@ class SpoolWriter:
         return token
 
     def commit(self) -> None:
+        if self._claim is not None:
+            self._commit_claimed(self._claim)
+            return
         error = self._spool.commit_all([self])[0]
         if error is not None:
             raise error
+
+    def _commit_claimed(self, claim: str) -> None:
+        """Pickup's commit: written out, sealed and fsynced as any message,
+        then renamed over its claim in pickup/, in one step from
+        "submission" to "queued message"; then on into queue/ (hold/ when
+        quarantined).  Raises QueueError: before the rename, nothing of the
+        message remains and the claim waits for the next pass; after it,
+        the message is queued, and the next pass moves it on."""
+        self._write_out(start_writeback=False)
+        self._sync()
+        try:
+            os.rename(self._path, claim)
+        except OSError as exc:
+            self.abort()
+            raise _error("cannot commit a queue file", exc) from exc
+        self._created = False  # committed: abort() must not touch it
+        try:
+            _fsync_directory(Path(claim).parent)
+            self._spool.enqueue_claimed(Path(claim), into_hold=self.into_hold)
+        except OSError as exc:
+            raise _error(f"cannot move {self._id} into the queue", exc) from exc
 
     def _write_out(self, *, start_writeback: bool) -> None:
         """Write the whole message to its file, sealed with its size; with
@@ -578,6 +617,9 @@ class Spool:
         several = len(writers) > 1
         for writer in writers:
             assert isinstance(writer, SpoolWriter)
+            if writer._claim is not None:
+                results.append(QueueError("a message pickup claimed commits alone"))
+                continue
             try:
                 writer._write_out(start_writeback=several)
             except QueueError as exc:
@@ -673,6 +715,32 @@ class Spool:
             in_memory=self.in_memory,
             into_hold=envelope.quarantine is not None,
         )
+
+    def open_claimed(
+        self, envelope: Envelope, claim: Path, *, owner: tuple[int, int] | None = None
+    ) -> SpoolWriter:
+        """A message pickup queues from the maildrop, its queue id the name
+        of its ``claim`` in pickup/: its commit renames it over the claim,
+        then moves it on into queue/ (see :mod:`.maildrop`).  Its file is
+        created at once, given to ``owner`` if that is set.  Raises
+        :class:`QueueError`."""
+        return SpoolWriter(
+            self,
+            claim.name,
+            bytearray(envelope_to_json(envelope)),
+            in_memory=0,
+            into_hold=envelope.quarantine is not None,
+            claim=str(claim),
+            owner=owner,
+        )
+
+    def enqueue_claimed(self, claim: Path, *, into_hold: bool) -> None:
+        """On from pickup/, committed: into queue/, or into hold/ when a
+        milter quarantined it; both directories synced.  Raises OSError."""
+        target = self.hold_dir if into_hold else self.queue
+        os.rename(claim, target / claim.name)
+        _fsync_directory(target)
+        _fsync_directory(claim.parent)
 
     def hand_over(self, writer: MessageWriter) -> bytes:
         assert isinstance(writer, SpoolWriter)
