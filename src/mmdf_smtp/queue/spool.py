@@ -986,7 +986,7 @@ class Spool:
         except FileNotFoundError:
             data = None
         # After the read: a message removed meanwhile has no state to show.
-        if self._where(queue_id) is None:
+        if not self._is_stored(queue_id):
             raise KeyError(queue_id)
         if data is None:
             return None
@@ -1176,17 +1176,17 @@ class Spool:
             os.close(fd)
         return None
 
-    def _where(self, queue_id: str) -> Path | None:
-        """queue/ or hold/: where a message lies, committed; None when nowhere."""
+    def _is_stored(self, queue_id: str) -> bool:
+        """Whether a message lies in queue/ or hold/, committed."""
         if not _ID.fullmatch(queue_id):
-            return None
-        for directory, prefix in ((self.queue, self._in_queue), (self.hold_dir, self._in_hold)):
+            return False
+        for directory in (self._in_queue, self._in_hold):
             try:
-                if os.stat(prefix + queue_id).st_mode & stat.S_IRUSR:
-                    return directory
+                if os.stat(directory + queue_id).st_mode & stat.S_IRUSR:
+                    return True
             except FileNotFoundError:
                 continue
-        return None
+        return False
 
     def hold(self, queue_id: str, *, wait: float) -> bool:
         """Move a message into hold/, where deliver never looks (both
