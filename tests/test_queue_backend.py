@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import subprocess
 import sys
 import types
+from collections.abc import Iterator
+from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 
 from mmdf_smtp.cli import checkque, smtpsrvr
 from mmdf_smtp.config import ConfigError, QueueConfig, parse
-from mmdf_smtp.queue import open_backend
+from mmdf_smtp.queue import (
+    DeliveryState,
+    Envelope,
+    MessageBusy,
+    QueuedMessage,
+    SetAside,
+    open_backend,
+)
 from mmdf_smtp.queue.spool import IN_MEMORY, Spool
 from wire import reachable_by_anyone
 
@@ -172,3 +185,125 @@ def test_submit_says_so_before_it_reads_the_message(tmp_path: Path) -> None:
         '"postgresql" cannot be used: it is not part of this installation\n'
     )
     assert not (tmp_path / "spool" / "queue").exists()
+
+
+class MemoryQueue:
+    """The administrator's face of a backend that is not the spool: what
+    checkque may use, and nothing of a spool's."""
+
+    def __init__(self, dsn: str, *, staging: Path) -> None:
+        self.name = "postgresql://mmdf@127.0.0.1:5432/mmdf"
+        self.set_aside_place = "the set_aside table"
+        self.doorbell = "channel mmdf_queue"
+        self.queued = {MESSAGE.id: MESSAGE}
+        self.states: dict[str, DeliveryState] = {}
+        self.flushed: list[str | None] = []
+
+    def messages(self, *, held: bool = False) -> Iterator[QueuedMessage]:
+        return iter([m for m in self.queued.values() if m.held == held])
+
+    def read_state(self, queue_id: str) -> DeliveryState | None:
+        if queue_id not in self.queued:
+            raise KeyError(queue_id)
+        return self.states.get(queue_id)
+
+    def open_message(self, queue_id: str) -> BinaryIO:
+        if queue_id not in self.queued:
+            raise KeyError(queue_id)
+        return io.BytesIO(b"Subject: hi\r\n\r\nbody\r\n")
+
+    def set_aside(self) -> list[SetAside]:
+        return [SetAside("0661f57b4f69aa000511300000", 7, "chunks missing")]
+
+    def open_set_aside(self, name: str) -> BinaryIO:
+        raise KeyError(name)
+
+    def delete_set_aside(self, name: str) -> bool:
+        return False
+
+    def hold(self, queue_id: str, *, wait: float) -> bool:
+        message = self.queued[queue_id]
+        self.queued[queue_id] = replace(message, held=True)
+        return not message.held
+
+    def release(self, queue_id: str, *, wait: float) -> bool:
+        raise MessageBusy(queue_id)
+
+    def delete(self, queue_id: str, *, wait: float) -> None:
+        del self.queued[queue_id]
+
+    def flush(self, queue_id: str | None = None) -> bool:
+        self.flushed.append(queue_id)
+        return True
+
+
+MESSAGE = QueuedMessage(
+    "0661f57b4f69aa000511300001",
+    Envelope(
+        sender="bob@example.net",
+        recipients=("alice@example.org",),
+        channel="smtp",
+        remote_host="client.example.net",
+        remote_addr="127.0.0.2",
+        helo="client.example.net",
+        received=datetime(2026, 12, 6, 12, 0, tzinfo=UTC),
+    ),
+    22,
+)
+
+
+def test_checkque_works_any_backend(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # One database, whichever checkque run opens it.
+    database = MemoryQueue(DSN, staging=tmp_path / "spool")
+
+    def made(dsn: str, *, staging: Path) -> MemoryQueue:
+        assert (dsn, staging) == (DSN, tmp_path / "spool")
+        return database
+
+    module = types.ModuleType(DATABASE_MODULE)
+    module.PostgresQueue = made  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, DATABASE_MODULE, module)
+    config = str(database_config(tmp_path))
+
+    def run(*arguments: str) -> tuple[int, str, str]:
+        status = checkque.main(["-c", config, *arguments])
+        out, err = capsys.readouterr()
+        return status, out, err
+
+    status, out, _ = run()
+    assert status == 0
+    assert out.splitlines()[1:] == [
+        "0661f57b4f69aa000511300001    22  2026-12-06 12:00:00  smtp     queued"
+        "  <bob@example.net>  alice@example.org",
+        "    pending    alice@example.org",
+        "1 message, 22 bytes",
+        "",
+        "set aside in the set_aside table (never delivered; see checkque --cat ID):",
+        "0661f57b4f69aa000511300000          7  chunks missing",
+    ]
+    assert run("--cat", f"msg.{MESSAGE.id}") == (0, "Subject: hi\r\n\r\nbody\r\n", "")
+    assert run("--flush", MESSAGE.id) == (0, f"{MESSAGE.id}: flush requested\n", "")
+    assert run("--hold", "ALL") == (0, f"{MESSAGE.id}: held\n", "")
+    assert run("--flush", MESSAGE.id) == (
+        1,
+        "",
+        f"checkque: {MESSAGE.id}: held: release it first\n",
+    )
+    assert run("--release", MESSAGE.id) == (
+        1,
+        "",
+        f"checkque: {MESSAGE.id}: busy: being delivered (waited 10 s)\n",
+    )
+    [line, _] = run("--json")[1].splitlines()
+    assert json.loads(line)["state"] == "held"
+    assert run("--delete", MESSAGE.id) == (0, f"{MESSAGE.id}: deleted\n", "")
+    assert run("--delete", MESSAGE.id) == (
+        1,
+        "",
+        f"checkque: {MESSAGE.id}: no such message in the queue\n",
+    )
+    status, out, _ = run()
+    assert out.startswith("queue postgresql://mmdf@127.0.0.1:5432/mmdf is empty\n")
+    assert database.flushed == [MESSAGE.id]
