@@ -242,7 +242,7 @@ def check_queue(spool: Spool, sent: dict[str, bytes], acknowledged: list[str]) -
     else but whole messages that were sent whole; nothing set aside, nothing
     left in tmp/ or half-committed.  Returns the queue ids by token."""
     assert not spool.corrupt.exists() or os.listdir(spool.corrupt) == [], (
-        "files set aside as not whole: " + repr(spool.set_aside_files())
+        "files set aside as not whole: " + repr(spool.set_aside())
     )
     assert os.listdir(spool.tmp) == []
     names = sorted(os.listdir(spool.queue))

@@ -25,7 +25,7 @@ from mmdf_smtp.cli import checkque as checkque_module
 from mmdf_smtp.cli.checkque import LONGEST, duration
 from mmdf_smtp.milter import codec
 from mmdf_smtp.queue import Envelope, MessageBusy
-from mmdf_smtp.queue.spool import IN_MEMORY, Spool
+from mmdf_smtp.queue.spool import IN_MEMORY, MessageClaim, Spool
 from peer import Handler, peer
 from test_deliver_wire import BODY, configure, deliver_command, maildir_messages
 from test_submit_milters import milter
@@ -164,7 +164,7 @@ def test_hold_delete_and_release_beside_a_delivery_under_way(tmp_path: Path) -> 
             # In arrival order, in the same pass: the held one was passed by.
             deliver.wait_for(f"id={last} removed")
             assert markers(handler) == ["0", "3"]
-            assert (spool.hold / held).exists() and not (spool.queue / held).exists()
+            assert (spool.hold_dir / held).exists() and not (spool.queue / held).exists()
             assert not (spool.queue / deleted).exists() and not (spool.state / deleted).exists()
             [shown] = queued(config, "held")
             assert (shown["id"], shown["quarantine"]) == (held, None)
@@ -451,7 +451,7 @@ def test_a_quarantined_message_is_committed_into_hold(tmp_path: Path, size: int)
         True,
         "held by a filter",
     )
-    assert oct((spool.hold / writer.id).stat().st_mode & 0o777) == oct(0o600)
+    assert oct((spool.hold_dir / writer.id).stat().st_mode & 0o777) == oct(0o600)
 
 
 @pytest.mark.parametrize("size", [10, IN_MEMORY * 3])
@@ -474,7 +474,7 @@ def test_recovery_finishes_a_commit_into_hold_and_keeps_held_states(tmp_path: Pa
     writer = spool.open(replace(ENVELOPE, quarantine="spam"))
     writer.write(b"body\r\n")
     writer.commit()
-    os.chmod(spool.hold / writer.id, 0o200)  # as a crash after the rename leaves it
+    os.chmod(spool.hold_dir / writer.id, 0o200)  # as a crash after the rename leaves it
     assert spool.held_ids() == []
     spool.recover()
     assert spool.held_ids() == [writer.id]
@@ -490,17 +490,17 @@ def test_deliver_holds_a_message_and_the_administrator_does_not_wait_for_ever(
     queue_id = put(spool)
     claim = spool.claim(queue_id)
     assert claim is not None
-    with claim, pytest.raises(MessageBusy):
-        spool.claim_for_admin(queue_id, wait=0)
-    with spool.claim_for_admin(queue_id, wait=0) as held:
-        assert spool.hold_message(queue_id, held)
+    with claim:
+        for act in (spool.hold, spool.release, spool.delete):
+            with pytest.raises(MessageBusy):
+                act(queue_id, wait=0)
+    assert spool.hold(queue_id, wait=0)
     assert spool.claim(queue_id) is None  # deliver passes a held message by
-    with spool.claim_for_admin(queue_id, wait=0) as released:
-        assert spool.release(queue_id, released)
-    with spool.claim_for_admin(queue_id, wait=0) as deleting:
-        spool.delete(queue_id, deleting)
-    with pytest.raises(KeyError):
-        spool.claim_for_admin(queue_id, wait=0)
+    assert spool.release(queue_id, wait=0)
+    spool.delete(queue_id, wait=0)
+    for act in (spool.hold, spool.release, spool.delete):
+        with pytest.raises(KeyError):
+            act(queue_id, wait=0)
     assert spool.claim(queue_id) is None
 
 
@@ -530,21 +530,34 @@ def test_a_lock_had_on_a_file_since_moved_or_removed_is_let_go(tmp_path: Path) -
     def deliver_side() -> None:
         results.append(spool.claim(queue_id))
 
-    with spool.claim_for_admin(queue_id, wait=0) as claim:
-        thread = threading.Thread(target=deliver_side)
+    # The administrator has the lock when deliver asks for it: deliver
+    # waits, and finds the name gone once it has the lock.
+    locked = threading.Event()
+    real_lock = spool._lock_for_admin
+
+    def lock_then_start_deliver(queue_id: str, *, wait: float) -> MessageClaim:
+        claim = real_lock(queue_id, wait=wait)
         thread.start()  # it waits for the lock, or comes after the move: either way...
-        assert spool.hold_message(queue_id, claim)
+        locked.set()
+        return claim
+
+    thread = threading.Thread(target=deliver_side)
+    spool._lock_for_admin = lock_then_start_deliver  # type: ignore[method-assign]
+    try:
+        assert spool.hold(queue_id, wait=0)
+    finally:
+        del spool._lock_for_admin
+    assert locked.is_set()
     thread.join(30)
     assert results == [None]  # ...it does not deliver a held message
 
-    with spool.claim_for_admin(queue_id, wait=0) as claim:
-        assert spool.release(queue_id, claim)
+    assert spool.release(queue_id, wait=0)
     delivering = spool.claim(queue_id)
     assert delivering is not None
 
     def administrator_side() -> None:
         try:
-            spool.claim_for_admin(queue_id, wait=30)
+            spool.delete(queue_id, wait=30)
         except KeyError:
             results.append("gone")
 

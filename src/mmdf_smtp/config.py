@@ -94,6 +94,18 @@ class DeliverConfig:
     delay_warning: int = 0  # seconds from arrival before a delay notice; 0: none
 
 
+QUEUE_BACKENDS = ("spool", "postgresql")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QueueConfig:
+    """Where messages lie once answered 250: the spool directory (``spool``,
+    the default), or a PostgreSQL database that several hosts share."""
+
+    backend: str = "spool"  # one of QUEUE_BACKENDS
+    dsn: str | None = None  # libpq's connection string; required by "postgresql"
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MetricsConfig:
     """Where Prometheus scrapes ``/metrics``; None: not served (nothing is counted)."""
@@ -122,6 +134,7 @@ class Config:
     channels: Mapping[str, ChannelConfig] = field(default_factory=dict)
     local: LocalConfig = field(default_factory=LocalConfig)
     deliver: DeliverConfig = field(default_factory=DeliverConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
     auth: AuthConfig | None = None  # the built-in checks at SMTP time; None: none
     milters: tuple[MilterConfig, ...] = ()  # in the order they are asked
     dnsbl: DnsblConfig | None = None  # the blocklists asked at connect; None: none
@@ -270,7 +283,7 @@ class _Reader:
     def config(self, data: dict[str, Any]) -> Config:
         top = {"hostname", "spool", "local_domains", "user", "log", "log_format"}
         tables = {"smtpd", "limits", "tls", "dns", "channels", "local", "deliver"}
-        tables |= {"auth", "milters", "dnsbl", "metrics"}
+        tables |= {"auth", "milters", "dnsbl", "metrics", "queue"}
         for unknown in sorted(set(data) - top - tables):
             raise self.error(unknown, "unknown key")
         hostname = self._str(data, "hostname", None) or socket.getfqdn()
@@ -298,11 +311,28 @@ class _Reader:
             channels=self._channels(data),
             local=self._local(data),
             deliver=self._deliver(data),
+            queue=self._queue(data),
             auth=self._auth(data, hostname),
             milters=self._milters(data),
             dnsbl=self._dnsbl(data),
             metrics=self._metrics(data),
         )
+
+    def _queue(self, data: Mapping[str, Any]) -> QueueConfig:
+        t = self._table(data, "queue", {"backend", "dsn"})
+        backend = self._str(t, "queue.backend", "spool")
+        if backend is None or backend not in QUEUE_BACKENDS:
+            raise self.error("queue.backend", 'must be "spool" or "postgresql"')
+        dsn = self._str(t, "queue.dsn", None)
+        if dsn is not None and not dsn.strip():
+            raise self.error("queue.dsn", "must not be empty")
+        if backend == "postgresql" and dsn is None:
+            raise self.error(
+                "queue.backend",
+                '"postgresql" needs queue.dsn, the database\'s connection string '
+                '(e.g. "postgresql://mmdf@127.0.0.1:5432/mmdf")',
+            )
+        return QueueConfig(backend=backend, dsn=dsn)
 
     def _metrics(self, data: Mapping[str, Any]) -> MetricsConfig:
         t = self._table(data, "metrics", {"listen", "deliver_listen"})

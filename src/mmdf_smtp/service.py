@@ -18,8 +18,8 @@ from .config import Config, load
 from .filters import Connection
 from .filters.combined import SessionFilters
 from .policy import Policy
-from .queue import Queue
-from .queue.spool import IN_MEMORY, Spool
+from .queue import Queue, open_backend
+from .queue.spool import IN_MEMORY
 from .session import Client, Session, address_literal
 from .shells.tls import server_context
 
@@ -94,7 +94,7 @@ class Service:
         return cls(
             config=config,
             policy=policy,
-            queue=Spool(config.spool, in_memory=IN_MEMORY),
+            queue=open_backend(config, in_memory=IN_MEMORY),
             tls_context=server_context(config.tls) if config.tls else None,
             channels=tuple(channels),
             finicky=finicky,

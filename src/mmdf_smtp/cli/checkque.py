@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import sys
@@ -44,9 +45,17 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import BinaryIO
 
-from ..queue import DEFERRED, DeliveryState, MessageBusy, QueuedMessage, RecipientState
-from ..queue.spool import MessageClaim, Spool, queue_id_of
-from .common import EX_OK, EX_UNAVAILABLE, ArgumentParser, load_config, setup_logging
+from ..queue import (
+    DEFERRED,
+    DeliveryState,
+    MessageBusy,
+    QueueAdmin,
+    QueuedMessage,
+    RecipientState,
+    SetAside,
+    queue_id_of,
+)
+from .common import EX_OK, EX_UNAVAILABLE, ArgumentParser, load_config, open_queue, setup_logging
 
 EX_NOT_ALL = 1  # some of the messages named were not acted on
 ALL = "ALL"
@@ -93,13 +102,6 @@ class Listed:
     @property
     def deferred(self) -> bool:
         return any(entry.status == DEFERRED for entry in self.state.recipients)
-
-
-@dataclass(frozen=True, slots=True)
-class SetAside:
-    id: str
-    size: int
-    reason: str
 
 
 def _address_matches(wanted: str, address: str) -> bool:
@@ -159,8 +161,17 @@ class Selection:
             return False
         if self.older_than is None:
             return True
-        named = datetime.fromtimestamp(int(file.id[:14], 16) / 1e6, UTC)
-        return named <= now - self.older_than
+        named = _named_at(file.name)
+        return named is not None and named <= now - self.older_than
+
+
+def _named_at(name: str) -> datetime | None:
+    """When a queue id was made: its first 14 hex digits are microseconds
+    since the epoch; None for a name that is not one."""
+    try:
+        return datetime.fromtimestamp(int(name[:14], 16) / 1e6, UTC)
+    except (ValueError, OverflowError, OSError):
+        return None
 
 
 def state_as_json(entry: RecipientState) -> dict[str, object]:
@@ -253,11 +264,11 @@ def table(listed: list[Listed]) -> list[str]:
     return lines
 
 
-def summary(listed: list[Listed], spool: Spool, *, selected: bool) -> str:
+def summary(listed: list[Listed], queue: QueueAdmin, *, selected: bool) -> str:
     if not listed:
         if selected:
-            return f"no message in queue {spool.directory} matches"
-        return f"queue {spool.directory} is empty"
+            return f"no message in queue {queue.name} matches"
+        return f"queue {queue.name} is empty"
     held = sum(1 for entry in listed if entry.message.held)
     total = sum(entry.message.size for entry in listed)
     count = _plural(len(listed), "message")
@@ -266,40 +277,42 @@ def summary(listed: list[Listed], spool: Spool, *, selected: bool) -> str:
     return f"{count}, {_plural(total, 'byte')}"
 
 
-def corrupt_as_json(spool: Spool, file: SetAside) -> str:
+def corrupt_as_json(queue: QueueAdmin, file: SetAside) -> str:
     return json.dumps(
         {
-            "id": file.id,
+            "id": file.name,
             "state": CORRUPT,
             "size": file.size,
             "reason": file.reason,
-            "path": str(spool.corrupt / file.id),
+            "path": os.path.join(queue.set_aside_place, file.name),
         },
         ensure_ascii=False,
     )
 
 
-def corrupt_table(spool: Spool, files: list[SetAside]) -> list[str]:
+def corrupt_table(queue: QueueAdmin, files: list[SetAside]) -> list[str]:
     return [
         "",
-        f"set aside in {spool.corrupt} (never delivered; see checkque --cat ID):",
-        *(f"{file.id}  {file.size:>9}  {file.reason}" for file in files),
+        f"set aside in {queue.set_aside_place} (never delivered; see checkque --cat ID):",
+        *(f"{file.name}  {file.size:>9}  {file.reason}" for file in files),
     ]
 
 
 def listing(
-    spool: Spool, selection: Selection, now: datetime
+    queue: QueueAdmin, selection: Selection, now: datetime
 ) -> tuple[list[Listed], list[SetAside]]:
     """The messages and files set aside that ``selection`` takes, in arrival order."""
     listed: list[Listed] = []
     wanted = selection.states
     if not wanted or wanted & {QUEUED, DEFERRED, HELD}:
         for held in (False, True):
-            for message in spool.messages(held=held):
+            for message in queue.messages(held=held):
                 try:
-                    state = spool.read_state(message.id) or DeliveryState.untouched(
+                    state = queue.read_state(message.id) or DeliveryState.untouched(
                         message.envelope
                     )
+                except KeyError:
+                    continue  # delivered or deleted since it was listed
                 except ValueError as exc:
                     print(f"checkque: {exc}", file=sys.stderr)
                     state = DeliveryState()
@@ -307,34 +320,34 @@ def listing(
                 if selection.takes(entry, now):
                     listed.append(entry)
     listed.sort(key=lambda entry: entry.message.id)
-    files = [SetAside(*found) for found in spool.set_aside_files()]
+    files = queue.set_aside()
     return listed, [file for file in files if selection.takes_set_aside(file, now)]
 
 
-def show(spool: Spool, selection: Selection, *, as_lines: bool) -> int:
-    listed, files = listing(spool, selection, datetime.now(UTC))
+def show(queue: QueueAdmin, selection: Selection, *, as_lines: bool) -> int:
+    listed, files = listing(queue, selection, datetime.now(UTC))
     if as_lines:
         for entry in listed:
             print(as_json(entry))
         for file in files:
-            print(corrupt_as_json(spool, file))
+            print(corrupt_as_json(queue, file))
         return EX_OK
     lines = table(listed) if listed else []
-    lines.append(summary(listed, spool, selected=selection.given))
+    lines.append(summary(listed, queue, selected=selection.given))
     if files:
-        lines.extend(corrupt_table(spool, files))
+        lines.extend(corrupt_table(queue, files))
     print("\n".join(lines))
     return EX_OK
 
 
-def cat(spool: Spool, name: str) -> int:
+def cat(queue: QueueAdmin, name: str) -> int:
     queue_id = queue_id_of(name)
     opened: BinaryIO
     try:
-        opened = spool.open_message(queue_id)
+        opened = queue.open_message(queue_id)
     except KeyError:
         try:
-            opened = spool.open_set_aside(queue_id)
+            opened = queue.open_set_aside(queue_id)
         except KeyError:
             print(f"checkque: {name}: no such message in the queue", file=sys.stderr)
             return EX_UNAVAILABLE
@@ -348,100 +361,110 @@ def cat(spool: Spool, name: str) -> int:
 
 
 class _Administrator:
-    """Acts on messages one at a time, each under its lock, and keeps count."""
+    """Acts on messages one at a time and keeps count.  The queue does each
+    under the message's lock: never while a deliverer holds it."""
 
-    def __init__(self, spool: Spool, wait: float) -> None:
-        self.spool = spool
+    def __init__(self, queue: QueueAdmin, wait: float) -> None:
+        self.queue = queue
         self.wait = wait
         self.failed = 0
+        self._held: set[str] | None = None
 
     def fail(self, name: str, why: str) -> None:
         print(f"checkque: {name}: {why}", file=sys.stderr)
         self.failed += 1
 
     def hold(self, name: str) -> None:
-        def act(queue_id: str, claim: MessageClaim) -> str:
-            return "held" if self.spool.hold_message(queue_id, claim) else "already held"
+        def act(queue_id: str) -> str:
+            return "held" if self.queue.hold(queue_id, wait=self.wait) else "already held"
 
-        self._under_lock(name, act)
+        self._acting(name, act)
 
     def release(self, name: str) -> None:
-        def act(queue_id: str, claim: MessageClaim) -> str:
-            return "released" if self.spool.release(queue_id, claim) else "not held"
+        def act(queue_id: str) -> str:
+            return "released" if self.queue.release(queue_id, wait=self.wait) else "not held"
 
-        self._under_lock(name, act)
+        self._acting(name, act)
 
     def delete(self, name: str) -> None:
         try:
-            if self.spool.delete_set_aside(queue_id_of(name)):
+            if self.queue.delete_set_aside(queue_id_of(name)):
                 print(f"{queue_id_of(name)}: deleted (set aside)")
                 return
         except OSError as exc:
             self.fail(name, f"cannot delete it: {exc.strerror or exc}")
             return
 
-        def act(queue_id: str, claim: MessageClaim) -> str:
-            self.spool.delete(queue_id, claim)
+        def act(queue_id: str) -> str:
+            self.queue.delete(queue_id, wait=self.wait)
             return "deleted"
 
-        self._under_lock(name, act)
+        self._acting(name, act)
 
     def flush(self, name: str) -> None:
         queue_id = queue_id_of(name)
-        where = self.spool.where(queue_id)
-        if where != "queue":
-            held = where == "hold"
-            self.fail(name, "held: release it first" if held else "no such message in the queue")
+        try:
+            self.queue.read_state(queue_id)
+        except KeyError:
+            self.fail(name, "no such message in the queue")
             return
-        if not self.spool.flush(queue_id):
-            self.fail(name, f"no deliver listens on {self.spool.trigger}")
+        except ValueError:
+            pass  # there, with a state deliver will report
+        if queue_id in self.held():
+            self.fail(name, "held: release it first")
+            return
+        if not self.queue.flush(queue_id):
+            self.fail(name, f"no deliver listens on {self.queue.doorbell}")
             return
         print(f"{queue_id}: flush requested")
 
-    def _under_lock(self, name: str, act: Callable[[str, MessageClaim], str]) -> None:
+    def held(self) -> set[str]:
+        """The held messages' ids, looked up once a command."""
+        if self._held is None:
+            self._held = {message.id for message in self.queue.messages(held=True)}
+        return self._held
+
+    def _acting(self, name: str, act: Callable[[str], str]) -> None:
         queue_id = queue_id_of(name)
         try:
-            claim = self.spool.claim_for_admin(queue_id, wait=self.wait)
+            done = act(queue_id)
         except KeyError:
             self.fail(name, "no such message in the queue")
             return
         except MessageBusy:
             self.fail(name, f"busy: being delivered (waited {self.wait:g} s)")
             return
-        with claim:
-            try:
-                done = act(queue_id, claim)
-            except OSError as exc:
-                self.fail(name, f"cannot: {exc.strerror or exc}")
-                return
+        except OSError as exc:
+            self.fail(name, f"cannot: {exc.strerror or exc}")
+            return
         print(f"{queue_id}: {done}")
 
 
-def _targets(spool: Spool, command: str, selection: Selection) -> list[str]:
+def _targets(queue: QueueAdmin, command: str, selection: Selection) -> list[str]:
     """What ``ALL`` stands for: the messages the command can act on that the filters select."""
-    listed, files = listing(spool, selection, datetime.now(UTC))
+    listed, files = listing(queue, selection, datetime.now(UTC))
     if command == "hold":
         return [entry.message.id for entry in listed if not entry.message.held]
     if command == "release":
         return [entry.message.id for entry in listed if entry.message.held]
     if command == "flush":
         return [entry.message.id for entry in listed if not entry.message.held]
-    return [entry.message.id for entry in listed] + [file.id for file in files]
+    return [entry.message.id for entry in listed] + [file.name for file in files]
 
 
 def administer(
-    spool: Spool, command: str, names: list[str], selection: Selection, wait: float
+    queue: QueueAdmin, command: str, names: list[str], selection: Selection, wait: float
 ) -> int:
     if names == [ALL]:
         if command == "flush" and not selection.given:
-            # Everything deferred, in one datagram: deliver's own --flush.
-            if not spool.poke(flush=True):
-                print(f"checkque: no deliver listens on {spool.trigger}", file=sys.stderr)
+            # Everything deferred, in one word to the deliverers: deliver's own --flush.
+            if not queue.flush():
+                print(f"checkque: no deliver listens on {queue.doorbell}", file=sys.stderr)
                 return EX_NOT_ALL
             print("flush requested")
             return EX_OK
-        names = _targets(spool, command, selection)
-    admin = _Administrator(spool, wait)
+        names = _targets(queue, command, selection)
+    admin = _Administrator(queue, wait)
     act: dict[str, Callable[[str], None]] = {
         "hold": admin.hold,
         "release": admin.release,
@@ -521,15 +544,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.wait < 0:
         parser.error("--wait: must not be negative")
     config = load_config("checkque", args.config)
-    spool = Spool(config.spool)
+    queue = open_queue("checkque", config)
     if args.cat:
-        return cat(spool, args.cat)
+        return cat(queue, args.cat)
     if command is not None:
         if config.log.startswith("syslog"):
             # What the administrator did goes to the mail log, as postsuper's does.
             setup_logging("checkque", debug=False, target=config.log, log_format=config.log_format)
-        return administer(spool, command, names, selection, args.wait)
-    return show(spool, selection, as_lines=args.json)
+        return administer(queue, command, names, selection, args.wait)
+    return show(queue, selection, as_lines=args.json)
 
 
 if __name__ == "__main__":

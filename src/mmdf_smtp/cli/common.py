@@ -14,6 +14,7 @@ from ..config import Config, ConfigError, load
 from ..logjson import JsonFormatter
 from ..policy import UnknownChannel
 from ..privileges import Account, drop_privileges, prepare_account
+from ..queue import QueueBackend, open_backend
 from ..service import Service
 
 EX_OK = 0
@@ -42,6 +43,15 @@ def load_config(program: str, config_path: str | None) -> Config:
     """The configuration, or exit 78 (EX_CONFIG) saying what is wrong."""
     try:
         return load(config_path)
+    except ConfigError as exc:
+        print(f"{program}: {exc}", file=sys.stderr)
+        raise SystemExit(EX_CONFIG) from None
+
+
+def open_queue(program: str, config: Config) -> QueueBackend:
+    """The queue ``[queue]`` names, or exit 78 (EX_CONFIG) saying why it cannot be had."""
+    try:
+        return open_backend(config)
     except ConfigError as exc:
         print(f"{program}: {exc}", file=sys.stderr)
         raise SystemExit(EX_CONFIG) from None

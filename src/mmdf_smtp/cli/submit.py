@@ -38,7 +38,7 @@ from ..config import ConfigError, load
 from ..policy import Policy, UnknownChannel
 from ..privileges import drop_privileges
 from ..protocol import dsnparams
-from ..queue import QueueError
+from ..queue import QueueError, open_backend
 from ..queue.maildrop import MaildropError, drop, prepare
 from ..queue.spool import Spool
 from ..submission import (
@@ -261,10 +261,12 @@ def main(argv: list[str] | None = None) -> int:
         return fail(EX_CONFIG, str(exc))
 
     stdin = _Input()
+    # The maildrop is in the local spool directory, whatever the queue's backend.
     spool = Spool(config.spool)
     try:
         if submitter.trusted:
             drop_privileges(config.user, config.spool)
+            queue = open_backend(config)  # before stdin: a bad [queue] is said at once
             with contextlib.suppress(OSError):
                 prepare(spool)  # users' maildrop, as soon as someone may create it
         pieces = read_lines(
@@ -275,9 +277,9 @@ def main(argv: list[str] | None = None) -> int:
         message = read_headers(pieces)
         plan = planner.plan(request, submitter, message)
         if submitter.trusted:
-            queue_id = spool.new_id()
+            queue_id = queue.new_id()
             queue_id = queue_message(
-                lambda envelope: spool.open(envelope, queue_id=queue_id),
+                lambda envelope: queue.open(envelope, queue_id=queue_id),
                 plan,
                 message,
                 datetime.now(UTC),

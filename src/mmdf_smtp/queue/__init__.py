@@ -38,11 +38,25 @@ Delivery, and what makes it exactly once where it can be:
 
 from __future__ import annotations
 
+import importlib
 import json
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from typing import Any, BinaryIO, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, cast
+
+if TYPE_CHECKING:
+    from ..config import Config
+
+
+# How the 250 reply names a message: "Submitted & queued (msg.<id>)".
+ID_PREFIX = "msg."
+
+
+def queue_id_of(text: str) -> str:
+    """A queue id as an administrator may give it: bare, or as the 250
+    reply names it (``msg.<id>``)."""
+    return text.removeprefix(ID_PREFIX)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -419,6 +433,23 @@ class SetAside:
 class QueueAdmin(Protocol):
     """The queue as the administrator sees it (checkque)."""
 
+    @property
+    def name(self) -> str:
+        """The queue in the administrator's words: the spool's directory; a
+        database's connection string, its password left out."""
+        ...
+
+    @property
+    def set_aside_place(self) -> str:
+        """Where what :meth:`set_aside` lists is kept (the spool's corrupt/)."""
+        ...
+
+    @property
+    def doorbell(self) -> str:
+        """Where deliverers hear :meth:`flush` (the spool's deliver.sock), to
+        name it when none listens."""
+        ...
+
     def messages(self, *, held: bool = False) -> Iterator[QueuedMessage]:
         """The queued messages (the held ones with ``held``), in arrival order, streamed."""
         ...
@@ -436,6 +467,16 @@ class QueueAdmin(Protocol):
     def set_aside(self) -> list[SetAside]:
         """What could not be read whole; a backend that never tears a
         message has none."""
+        ...
+
+    def open_set_aside(self, name: str) -> BinaryIO:
+        """One of :meth:`set_aside`'s, whole, as it was found (it may have
+        no envelope): for the administrator to look at.  Raises KeyError."""
+        ...
+
+    def delete_set_aside(self, name: str) -> bool:
+        """Remove one of :meth:`set_aside`'s for good; False when there is
+        none of that name."""
         ...
 
     def hold(self, queue_id: str, *, wait: float) -> bool:
@@ -463,3 +504,36 @@ class QueueAdmin(Protocol):
 
 class QueueBackend(Queue, DeliveryQueue, QueueAdmin, Protocol):
     """A queue backend: the way in, the work, and the administrator's view."""
+
+
+def open_backend(config: Config, *, in_memory: int = 0) -> QueueBackend:
+    """The queue the configuration names (``[queue] backend``).
+
+    ``in_memory``: the octets a message being received may reach before
+    it is written to storage (smtpd's sessions: the spool's ``IN_MEMORY``).
+    The database backend is imported only when asked for, so that a site
+    on the spool needs no database driver.  Raises ConfigError when the
+    backend cannot be had.
+    """
+    from ..config import ConfigError
+
+    if config.queue.backend == "postgresql":
+        assert config.queue.dsn is not None  # the configuration requires it
+        try:
+            module = importlib.import_module(".postgres", __name__)
+        except ImportError as exc:
+            missing = (
+                "it is not part of this installation"
+                if exc.name == f"{__name__}.postgres"
+                else f"it needs {exc.name or exc}"
+            )
+            raise ConfigError(
+                f'{config.source}: queue.backend: "postgresql" cannot be used: {missing}'
+            ) from None
+        backend: QueueBackend = module.PostgresQueue(config.queue.dsn, staging=config.spool)
+        return backend
+    from .spool import Spool
+
+    # Cast: deliver still works the spool through its own calls, so the
+    # spool's claim has its older shape, not DeliveryQueue's.
+    return cast(QueueBackend, Spool(config.spool, in_memory=in_memory))

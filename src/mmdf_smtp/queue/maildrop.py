@@ -25,9 +25,11 @@ uses, recipient checks included.
 
 Pickup is idempotent across a crash.  It claims a file by renaming it to
 ``pickup/<id>``, where users cannot reach it.  The queued form is written
-to ``tmp/<id>`` and renamed over the claim: that rename is the commit, one
-atomic step from "submission" to "queued message", and the file then
-moves on to ``queue/<id>``.  Whatever a crash leaves in ``pickup/`` is
+to ``tmp/<id>`` by the spool's own writer (:meth:`.Spool.open_claimed`:
+the same envelope line, seal and fsyncs as a message smtpd receives) and
+renamed over the claim: that rename is the commit, one atomic step from
+"submission" to "queued message", and the file then moves on to
+``queue/<id>``.  Whatever a crash leaves in ``pickup/`` is
 told apart by owner: a file of the spool's owner is a committed message
 (moved on to ``queue/``), anyone else's a claim to do again.  So a
 submission is never queued twice and never lost.
@@ -64,8 +66,8 @@ from ..submission import (
     read_headers,
     read_lines,
 )
-from . import Envelope, QueueError
-from .spool import Spool, _fsync_directory, envelope_to_json, read_envelope, seal
+from . import QueueError
+from .spool import Spool, _fsync_directory, read_envelope
 
 log = logging.getLogger("mmdf_smtp.maildrop")
 
@@ -116,7 +118,7 @@ def prepare(spool: Spool, owner: tuple[int, int] | None = None) -> None:
     private = [
         spool.tmp,
         spool.queue,
-        spool.hold,
+        spool.hold_dir,
         spool.directory / "pickup",
         spool.directory / "corrupt",
     ]
@@ -235,84 +237,6 @@ def drop(spool: Spool, request: Request, octets: Iterable[bytes]) -> str:
     return name
 
 
-class _PickupWriter:
-    """A message whose commit replaces its claim in ``pickup/`` (see the module)."""
-
-    def __init__(
-        self, spool: Spool, claim: Path, envelope: Envelope, owner: tuple[int, int] | None
-    ) -> None:
-        self._spool = spool
-        self._claim = claim
-        self._id = claim.name
-        self._path = spool.tmp / self._id
-        self._into_hold = envelope.quarantine is not None
-        self._size = 0
-        self._file: BinaryIO | None = None
-        try:
-            fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            self._file = os.fdopen(fd, "wb", buffering=256 * 1024)
-            if owner is not None:
-                os.fchown(fd, *owner)
-            self._file.write(envelope_to_json(envelope))
-        except OSError as exc:
-            self.abort()
-            raise QueueError(f"cannot create a queue file: {exc.strerror}") from exc
-
-    @property
-    def id(self) -> str:
-        return self._id
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-    def write(self, data: bytes) -> None:
-        if self._file is None:
-            raise QueueError("message already closed")
-        self._size += len(data)
-        try:
-            self._file.write(data)
-        except OSError as exc:
-            self.abort()
-            raise QueueError(f"cannot write a queue file: {exc.strerror}") from exc
-
-    def commit(self) -> None:
-        file, self._file = self._file, None
-        if file is None:
-            raise QueueError("message already closed")
-        try:
-            with file:
-                file.flush()
-                seal(file.fileno(), file.tell())
-                os.fsync(file.fileno())
-            os.rename(self._path, self._claim)
-        except OSError as exc:
-            self.abort()
-            raise QueueError(f"cannot commit a queue file: {exc.strerror}") from exc
-        # Committed: from here a failure leaves the message to the next pass.
-        try:
-            _fsync_directory(self._claim.parent)
-            _move_to_queue(self._spool, self._claim, into_hold=self._into_hold)
-        except OSError as exc:
-            raise QueueError(f"cannot move {self._id} into the queue: {exc.strerror}") from exc
-
-    def abort(self) -> None:
-        file, self._file = self._file, None
-        if file is not None:
-            with contextlib.suppress(OSError):
-                file.close()
-        with contextlib.suppress(OSError):
-            os.unlink(self._path)
-
-
-def _move_to_queue(spool: Spool, claim: Path, *, into_hold: bool) -> None:
-    """On from ``pickup/``: into queue/, or into hold/ when a milter quarantined it."""
-    target = spool.hold if into_hold else spool.queue
-    os.rename(claim, target / claim.name)
-    _fsync_directory(target)
-    _fsync_directory(claim.parent)
-
-
 def _trusted_uids(config: Config) -> set[int]:
     """Whose files in ``pickup/`` are queued messages: root, us, the spool's user."""
     uids = {0, os.geteuid()}
@@ -417,7 +341,7 @@ class _Pickup:
         except ValueError as exc:
             self.set_aside(claim, f"owned by the mail system but not a queued message ({exc})")
             return
-        _move_to_queue(self.spool, claim, into_hold=envelope.quarantine is not None)
+        self.spool.enqueue_claimed(claim, into_hold=envelope.quarantine is not None)
         self.queued.append(claim.name)
         log.info("pickup: queued id=%s (committed before a restart)", claim.name)
 
@@ -434,7 +358,7 @@ class _Pickup:
             plan = self.planner.plan(request, submitter, message)
             now = datetime.now(UTC)
             queue_id = queue_message(
-                lambda envelope: _PickupWriter(self.spool, claim, envelope, self.owner),
+                lambda envelope: self.spool.open_claimed(envelope, claim, owner=self.owner),
                 plan,
                 message,
                 now,

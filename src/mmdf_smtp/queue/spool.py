@@ -40,9 +40,10 @@ same fsyncs in the same order, ``hold/`` synced where ``queue/`` would be.
 ``checkque --hold`` and ``--release`` move messages between the two by a
 rename (both directories synced); the delivery state stays.  While
 deliver works a message it holds an exclusive flock(2) on its file
-(:meth:`Spool.claim`); checkque acts on a message only under the same
-lock (:meth:`Spool.claim_for_admin`), so a message deliver has halfway is
-never moved or removed under it.  A lock follows the file across renames
+(:meth:`Spool.claim`); the administrator's :meth:`Spool.hold`,
+:meth:`Spool.release` and :meth:`Spool.delete` act on a message only under
+the same lock, so a message deliver has halfway is never moved or removed
+under it.  A lock follows the file across renames
 (it is on the open file), so either side checks, once it has the lock,
 that the name still leads to the file it locked.
 
@@ -82,7 +83,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import fields
 from datetime import datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, overload
 
 from . import (
     DeliveryState,
@@ -91,14 +92,13 @@ from . import (
     MessageWriter,
     QueuedMessage,
     QueueError,
+    SetAside,
 )
 
 log = logging.getLogger("mmdf_smtp.queue")
 
 _ID_LENGTH = 26  # hex digits: time in microseconds, pid, counter (Spool.new_id)
 _ID = re.compile(rf"[0-9a-f]{{{_ID_LENGTH}}}")
-# How the 250 reply names a message: "Submitted & queued (msg.<id>)".
-ID_PREFIX = "msg."
 # What a message handed over to another process starts with (Spool.hand_over).
 _IN_TOKEN = b"M"  # then its id and every octet of it
 _IN_FILE = b"F"  # then its id: the rest is in its file in tmp/
@@ -137,12 +137,6 @@ FLUSH_ONE = b"I"  # then a queue id: try its deferred recipients now
 _SIZE_KEY = b'{"file_size":'
 SIZE_SLOT = len(_SIZE_KEY)  # the slot's offset in the file
 _SIZE_WIDTH = 20
-
-
-def queue_id_of(text: str) -> str:
-    """A queue id as an administrator may give it: bare, or as the 250
-    reply names it (``msg.<id>``)."""
-    return text.removeprefix(ID_PREFIX)
 
 
 def envelope_to_json(envelope: Envelope) -> bytes:
@@ -297,6 +291,10 @@ class SpoolWriter:
     The file is a bare descriptor, not a file object: a buffered file's
     opening alone made three more system calls, and a big message's commit
     runs in a thread, which hands the interpreter over at every call.
+
+    A message pickup queues from the maildrop (:meth:`Spool.open_claimed`)
+    is written the same way, sealed and fsynced alike; only its commit
+    point differs: the rename of its file over pickup's claim.
     """
 
     def __init__(
@@ -308,13 +306,19 @@ class SpoolWriter:
         in_memory: int,
         fd: int | None = None,
         into_hold: bool = False,
+        claim: str | None = None,
+        owner: tuple[int, int] | None = None,
     ) -> None:
         """``held``: the octets so far (the envelope line first) not yet in
         the file; ``fd``: the file in tmp/, if it was created already;
-        ``into_hold``: a quarantined message, committed into hold/."""
+        ``into_hold``: a quarantined message, committed into hold/;
+        ``claim``: the file in pickup/ that this one replaces at its commit;
+        ``owner``: (uid, gid) to give the file, when root writes it."""
         self._spool = spool
         self._id = queue_id
         self.into_hold = into_hold
+        self._claim = claim
+        self._owner = owner
         self._size = 0  # octets of the message written (the envelope line not)
         self._path = spool._in_tmp + queue_id
         self._held = held
@@ -354,9 +358,14 @@ class SpoolWriter:
         """Move what memory holds into the file, creating it first if need be."""
         try:
             if self._fd is None:
-                self._fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, COMMITTING)
+                # A claimed message reaches queue/ only whole and synced
+                # (see _commit_claimed): it is readable from the start.
+                mode = COMMITTING if self._claim is None else QUEUED
+                self._fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
                 self._created = True
                 self._hold = _BUFFER
+                if self._owner is not None:
+                    os.fchown(self._fd, *self._owner)
         except OSError as exc:
             self.abort()
             raise _error("cannot create a queue file", exc) from exc
@@ -401,9 +410,33 @@ class SpoolWriter:
         return token
 
     def commit(self) -> None:
+        if self._claim is not None:
+            self._commit_claimed(self._claim)
+            return
         error = self._spool.commit_all([self])[0]
         if error is not None:
             raise error
+
+    def _commit_claimed(self, claim: str) -> None:
+        """Pickup's commit: written out, sealed and fsynced as any message,
+        then renamed over its claim in pickup/, in one step from
+        "submission" to "queued message"; then on into queue/ (hold/ when
+        quarantined).  Raises QueueError: before the rename, nothing of the
+        message remains and the claim waits for the next pass; after it,
+        the message is queued, and the next pass moves it on."""
+        self._write_out(start_writeback=False)
+        self._sync()
+        try:
+            os.rename(self._path, claim)
+        except OSError as exc:
+            self.abort()
+            raise _error("cannot commit a queue file", exc) from exc
+        self._created = False  # committed: abort() must not touch it
+        try:
+            _fsync_directory(Path(claim).parent)
+            self._spool.enqueue_claimed(Path(claim), into_hold=self.into_hold)
+        except OSError as exc:
+            raise _error(f"cannot move {self._id} into the queue", exc) from exc
 
     def _write_out(self, *, start_writeback: bool) -> None:
         """Write the whole message to its file, sealed with its size; with
@@ -494,13 +527,13 @@ class Spool:
         self.in_memory = in_memory
         self.tmp = directory / "tmp"
         self.queue = directory / "queue"
-        self.hold = directory / "hold"
+        self.hold_dir = directory / "hold"
         # A message's paths are made as strings: a pathlib join, for every
         # message in the loop and in the commit process, cost more than the
         # system call it names.
         self._in_tmp = os.path.join(self.tmp, "")
         self._in_queue = os.path.join(self.queue, "")
-        self._in_hold = os.path.join(self.hold, "")
+        self._in_hold = os.path.join(self.hold_dir, "")
         self.state = directory / "state"
         self.corrupt = directory / "corrupt"
         self.trigger = directory / TRIGGER
@@ -520,8 +553,20 @@ class Spool:
             self.tmp.mkdir(mode=0o700, exist_ok=True)
             self.queue.mkdir(mode=0o700, exist_ok=True)
             self.state.mkdir(mode=0o700, exist_ok=True)
-            self.hold.mkdir(mode=0o700, exist_ok=True)
+            self.hold_dir.mkdir(mode=0o700, exist_ok=True)
             self._ready = True
+
+    @property
+    def name(self) -> str:
+        return str(self.directory)
+
+    @property
+    def set_aside_place(self) -> str:
+        return str(self.corrupt)
+
+    @property
+    def doorbell(self) -> str:
+        return str(self.trigger)
 
     def poke(self, *, flush: bool = False) -> bool:
         """Tell a running ``deliver`` that a message was queued (or, with
@@ -572,6 +617,9 @@ class Spool:
         several = len(writers) > 1
         for writer in writers:
             assert isinstance(writer, SpoolWriter)
+            if writer._claim is not None:
+                results.append(QueueError("a message pickup claimed commits alone"))
+                continue
             try:
                 writer._write_out(start_writeback=several)
             except QueueError as exc:
@@ -605,7 +653,7 @@ class Spool:
             if not all(writer.into_hold for writer in moved.values()):
                 self.sync_queue()
             if any(writer.into_hold for writer in moved.values()):
-                _fsync_directory(self.hold)
+                _fsync_directory(self.hold_dir)
         except OSError as exc:
             # Renamed but maybe not durable: saying 250 would be a lie, and
             # the client will send again, so take the messages back out.
@@ -667,6 +715,32 @@ class Spool:
             in_memory=self.in_memory,
             into_hold=envelope.quarantine is not None,
         )
+
+    def open_claimed(
+        self, envelope: Envelope, claim: Path, *, owner: tuple[int, int] | None = None
+    ) -> SpoolWriter:
+        """A message pickup queues from the maildrop, its queue id the name
+        of its ``claim`` in pickup/: its commit renames it over the claim,
+        then moves it on into queue/ (see :mod:`.maildrop`).  Its file is
+        created at once, given to ``owner`` if that is set.  Raises
+        :class:`QueueError`."""
+        return SpoolWriter(
+            self,
+            claim.name,
+            bytearray(envelope_to_json(envelope)),
+            in_memory=0,
+            into_hold=envelope.quarantine is not None,
+            claim=str(claim),
+            owner=owner,
+        )
+
+    def enqueue_claimed(self, claim: Path, *, into_hold: bool) -> None:
+        """On from pickup/, committed: into queue/, or into hold/ when a
+        milter quarantined it; both directories synced.  Raises OSError."""
+        target = self.hold_dir if into_hold else self.queue
+        os.rename(claim, target / claim.name)
+        _fsync_directory(target)
+        _fsync_directory(claim.parent)
 
     def hand_over(self, writer: MessageWriter) -> bytes:
         assert isinstance(writer, SpoolWriter)
@@ -741,13 +815,13 @@ class Spool:
                 continue
             removed.append(name)
         finished = 0
-        for directory in (self.queue, self.hold):
+        for directory in (self.queue, self.hold_dir):
             for name in self._names(committing=True, directory=directory):
                 if _alive(int(name[14:21], 16)):
                     continue
                 problem = self._problem(name, directory)
                 if problem is not None:
-                    self.set_aside(name, problem, directory=directory)
+                    self.move_aside(name, problem, directory=directory)
                     continue
                 with contextlib.suppress(FileNotFoundError):
                     os.chmod(directory / name, QUEUED)
@@ -772,7 +846,7 @@ class Spool:
                 return str(exc)
         return None
 
-    def set_aside(self, queue_id: str, reason: str, *, directory: Path | None = None) -> None:
+    def move_aside(self, queue_id: str, reason: str, *, directory: Path | None = None) -> None:
         """Move a queue file that cannot be read whole to ``corrupt/``, with a warning.
 
         Never delivered from there, never in the way of the others; the
@@ -793,13 +867,27 @@ class Spool:
             "id=%s: %s; moved to %s, not delivered", queue_id, reason, self.corrupt / queue_id
         )
 
-    def set_aside_files(self) -> list[tuple[str, int, str]]:
-        """What ``corrupt/`` holds, by name: (name, size, what is wrong with it).
+    @overload
+    def set_aside(self) -> list[SetAside]: ...
 
-        Beside the queue files :meth:`set_aside` moved there, it holds what
+    @overload
+    def set_aside(self, queue_id: str, reason: str) -> None: ...
+
+    def set_aside(
+        self, queue_id: str | None = None, reason: str | None = None
+    ) -> list[SetAside] | None:
+        """What ``corrupt/`` holds, by name, with what is wrong with each file.
+
+        Beside the queue files :meth:`move_aside` moved there, it holds what
         pickup refused from the maildrop (see :mod:`.maildrop`).
+
+        Called with a message's id and a reason, it is :meth:`move_aside`:
+        the name deliver's runner still calls that by.
         """
-        found: list[tuple[str, int, str]] = []
+        if queue_id is not None:
+            self.move_aside(queue_id, reason or "cannot be read whole")
+            return None
+        found: list[SetAside] = []
         try:
             names = sorted(os.listdir(self.corrupt))
         except FileNotFoundError:
@@ -811,18 +899,18 @@ class Spool:
                     start = file.read(len(_MAILDROP_MAGIC))
                     file.seek(0)
                     if start == _MAILDROP_MAGIC:
-                        reason = "a submission refused by pickup (see the log)"
+                        problem = "a submission refused by pickup (see the log)"
                     else:
                         try:
                             read_envelope(file)
-                            reason = "a whole queue file"
+                            problem = "a whole queue file"
                         except ValueError as exc:
-                            reason = str(exc)
+                            problem = str(exc)
             except FileNotFoundError:
                 continue
             except OSError as exc:
-                size, reason = 0, f"cannot be read: {exc.strerror}"
-            found.append((name, size, reason))
+                size, problem = 0, f"cannot be read: {exc.strerror}"
+            found.append(SetAside(name, size, problem))
         return found
 
     def ids(self) -> list[str]:
@@ -831,7 +919,7 @@ class Spool:
 
     def held_ids(self) -> list[str]:
         """The held messages' ids, in arrival order; not those being committed."""
-        return sorted(self._names(committing=False, directory=self.hold))
+        return sorted(self._names(committing=False, directory=self.hold_dir))
 
     def _names(self, *, committing: bool, directory: Path | None = None) -> list[str]:
         found = []
@@ -856,7 +944,7 @@ class Spool:
         Ones gone meanwhile are skipped; so is one whose envelope cannot be
         read, with a warning: one damaged file must not hide the others.
         """
-        directory = self.hold if held else self.queue
+        directory = self.hold_dir if held else self.queue
         for queue_id in self.held_ids() if held else self.ids():
             try:
                 with open(directory / queue_id, "rb") as file:
@@ -875,7 +963,7 @@ class Spool:
         (Deliver reads it under the message's lock, so never of one held.)
         Raises ValueError, saying why, for a file that cannot be read whole.
         """
-        for directory in (self.queue, self.hold):
+        for directory in (self.queue, self.hold_dir):
             try:
                 with open(directory / queue_id, "rb") as file:
                     return read_envelope(file)
@@ -884,14 +972,23 @@ class Spool:
         raise KeyError(queue_id)
 
     def read_state(self, queue_id: str) -> DeliveryState | None:
-        """The message's delivery state; None before deliver first saw it.
+        """A queued or held message's delivery state; None before deliver first saw it.
 
-        Raises ValueError, naming the file, for a state that cannot be read.
+        Raises KeyError for a message in neither queue/ nor hold/ (a state
+        a crash left behind its removed message included), and ValueError,
+        naming the file, for a state that cannot be read.
         """
+        if not _ID.fullmatch(queue_id):
+            raise KeyError(queue_id)
         path = self.state / queue_id
         try:
-            data = path.read_bytes()
+            data: bytes | None = path.read_bytes()
         except FileNotFoundError:
+            data = None
+        # After the read: a message removed meanwhile has no state to show.
+        if not self._is_stored(queue_id):
+            raise KeyError(queue_id)
+        if data is None:
             return None
         try:
             return DeliveryState.from_bytes(data)
@@ -936,6 +1033,8 @@ class Spool:
             if next_try is None or next_try <= now or flush:
                 try:
                     state = self.read_state(queue_id)
+                except KeyError:
+                    continue  # delivered, held or deleted meanwhile
                 except ValueError:
                     due.append(queue_id)  # for the delivery attempt to report it
                     continue
@@ -1032,7 +1131,7 @@ class Spool:
         os.close(fd)
         return None
 
-    def claim_for_admin(self, queue_id: str, *, wait: float) -> MessageClaim:
+    def _lock_for_admin(self, queue_id: str, *, wait: float) -> MessageClaim:
         """The lock on a message in queue/ or hold/, for the administrator.
 
         Never blocks for long: when deliver holds the lock for ``wait``
@@ -1077,31 +1176,30 @@ class Spool:
             os.close(fd)
         return None
 
-    def where(self, queue_id: str) -> str | None:
-        """``"queue"`` or ``"hold"``: where a message lies, committed; None when nowhere."""
+    def _is_stored(self, queue_id: str) -> bool:
+        """Whether a message lies in queue/ or hold/, committed."""
         if not _ID.fullmatch(queue_id):
-            return None
-        for place, directory in (("queue", self._in_queue), ("hold", self._in_hold)):
+            return False
+        for directory in (self._in_queue, self._in_hold):
             try:
                 if os.stat(directory + queue_id).st_mode & stat.S_IRUSR:
-                    return place
+                    return True
             except FileNotFoundError:
                 continue
-        return None
+        return False
 
-    def is_held(self, claim: MessageClaim) -> bool:
-        return claim.path.startswith(self._in_hold)
-
-    def hold_message(self, queue_id: str, claim: MessageClaim) -> bool:
-        """Move a claimed message into hold/ (deliver never looks there);
-        False when it is there already.  Raises OSError."""
-        if self.is_held(claim):
-            return False
-        self._make_hold()
-        os.rename(claim.path, self._in_hold + queue_id)
-        _fsync_directory(self.hold)
-        _fsync_directory(self.queue)
-        claim.path = self._in_hold + queue_id
+    def hold(self, queue_id: str, *, wait: float) -> bool:
+        """Move a message into hold/, where deliver never looks (both
+        directories synced); False when it is there already.  Under the
+        message's lock (:meth:`_lock_for_admin`): raises MessageBusy or
+        KeyError as it does, and OSError."""
+        with self._lock_for_admin(queue_id, wait=wait) as claim:
+            if claim.path.startswith(self._in_hold):
+                return False
+            self._make_hold()
+            os.rename(claim.path, self._in_hold + queue_id)
+            _fsync_directory(self.hold_dir)
+            _fsync_directory(self.queue)
         log.info("id=%s: held by the administrator", queue_id)
         return True
 
@@ -1109,32 +1207,34 @@ class Spool:
         """Create hold/ if missing (a spool older than it), as the owner of
         queue/: smtpd, running as that user, commits quarantined mail there."""
         try:
-            self.hold.mkdir(mode=0o700)
+            self.hold_dir.mkdir(mode=0o700)
         except FileExistsError:
             return
         owner = os.stat(self.queue)
         if os.geteuid() == 0:
-            os.chown(self.hold, owner.st_uid, owner.st_gid)
+            os.chown(self.hold_dir, owner.st_uid, owner.st_gid)
 
-    def release(self, queue_id: str, claim: MessageClaim) -> bool:
-        """Move a claimed message from hold/ back into queue/, its delivery
-        state as it was; False when it was not held.  Raises OSError."""
-        if not self.is_held(claim):
-            return False
-        os.rename(claim.path, self._in_queue + queue_id)
-        _fsync_directory(self.queue)
-        _fsync_directory(self.hold)
-        claim.path = self._in_queue + queue_id
+    def release(self, queue_id: str, *, wait: float) -> bool:
+        """Move a message from hold/ back into queue/, its delivery state as
+        it was, and poke deliver; False when it was not held.  Raises as
+        :meth:`hold`."""
+        with self._lock_for_admin(queue_id, wait=wait) as claim:
+            if not claim.path.startswith(self._in_hold):
+                return False
+            os.rename(claim.path, self._in_queue + queue_id)
+            _fsync_directory(self.queue)
+            _fsync_directory(self.hold_dir)
         log.info("id=%s: released by the administrator", queue_id)
         self.poke()
         return True
 
-    def delete(self, queue_id: str, claim: MessageClaim) -> None:
-        """Remove a claimed message, held or not, and its state.  Raises OSError."""
-        os.unlink(claim.path)
-        _fsync_directory(Path(claim.path).parent)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.state / queue_id)
+    def delete(self, queue_id: str, *, wait: float) -> None:
+        """Remove a message, held or not, and then its state.  Raises as :meth:`hold`."""
+        with self._lock_for_admin(queue_id, wait=wait) as claim:
+            os.unlink(claim.path)
+            _fsync_directory(Path(claim.path).parent)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.state / queue_id)
         log.info("id=%s: deleted by the administrator", queue_id)
 
     def delete_set_aside(self, name: str) -> bool:
@@ -1149,9 +1249,12 @@ class Spool:
         log.info("id=%s: set-aside file deleted by the administrator", name)
         return True
 
-    def flush(self, queue_id: str) -> bool:
-        """Ask a running deliver to try the message's deferred recipients
-        now; False when none listens."""
+    def flush(self, queue_id: str | None = None) -> bool:
+        """Ask a running deliver to try a message's deferred recipients now
+        (every message's with None): a datagram on deliver.sock; False when
+        none listens."""
+        if queue_id is None:
+            return self._send_trigger(FLUSH)
         return self._send_trigger(FLUSH_ONE + queue_id.encode())
 
 
