@@ -744,10 +744,17 @@ class PostgresQueue:
         """A new connection, autocommit (transactions are explicit), its
         statements bounded in time, timestamps in UTC.  Raises QueueError."""
         try:
-            conn = psycopg.connect(self.dsn, autocommit=True, **self._defaults)
+            options = dict(self._defaults)
+            if listen and "application_name" in options:
+                options["application_name"] = "mmdf-smtp-listen"
+            conn = psycopg.connect(self.dsn, autocommit=True, **options)
         except psycopg.Error as exc:
             self._pool.clear()
             raise _error("cannot connect to the queue's database", exc) from exc
+        # No server-side prepared statements: a pipeline that failed midway
+        # leaves psycopg's record of them wrong, and poolers (PgBouncer in
+        # transaction mode) do not keep them.
+        conn.prepare_threshold = None
         try:
             conn.execute(
                 f"SET statement_timeout = {self._statement_timeout_ms};"
