@@ -27,7 +27,9 @@ inserting a tombstone with the message's id (:meth:`PostgresQueue._settle`).
 The insert waits for a transaction still holding the id, conflicts with
 one that committed (committed: 250), and otherwise keeps a late insert of
 the dead transaction from ever committing (not committed: 451).  The same
-settles :meth:`PostgresQueue.take_back`.  Tombstones are hidden everywhere
+settles :meth:`PostgresQueue.take_back`.  So that it also finds a message
+delivered before it asked, a completed or deleted message leaves its row,
+emptied, marked ``gone``; such rows and tombstones are hidden everywhere
 and purged a day later by :meth:`PostgresQueue.recover`.
 
 The work: :meth:`PostgresQueue.claim` picks due messages nobody holds with
@@ -131,7 +133,7 @@ _SCHEMA = (
         size BIGINT NOT NULL,
         arrived TIMESTAMPTZ NOT NULL DEFAULT now(),
         held BOOLEAN NOT NULL DEFAULT false,
-        taken_back BOOLEAN NOT NULL DEFAULT false,
+        gone TEXT,
         due_at TIMESTAMPTZ,
         lease_holder TEXT,
         lease_renewed TIMESTAMPTZ
@@ -139,7 +141,7 @@ _SCHEMA = (
     # The claim's order; a scan in it meets the due messages first.
     """CREATE INDEX IF NOT EXISTS mmdf_message_due
         ON mmdf_message ((COALESCE(due_at, arrived)), id)
-        WHERE NOT held AND NOT taken_back""",
+        WHERE NOT held AND gone IS NULL""",
     """CREATE TABLE IF NOT EXISTS mmdf_recipient (
         message_id TEXT NOT NULL,
         idx INT NOT NULL,
@@ -160,13 +162,18 @@ _SCHEMA = (
 
 _INSERT_MESSAGE = "INSERT INTO mmdf_message (id, envelope, size, held) VALUES (%s, %s, %s, %s)"
 _INSERT_CHUNK = "INSERT INTO mmdf_chunk (message_id, seq, data) VALUES (%s, %s, %s)"
-_LIVE = "NOT taken_back"
+# A row whose message is gone stays a day (see the module's document).
+_LIVE = "gone IS NULL"
+_TAKEN_BACK = "taken back"  # a tombstone: the commit was not made
+_COMPLETED = "completed"
+_DELETED = "deleted"
+_GONE = "gone = %s, envelope = '', held = true, lease_holder = NULL, lease_renewed = NULL"
 _FREE = "(lease_holder IS NULL OR lease_renewed <= now() - %(lease)s)"
 _CLAIM = f"""
     UPDATE mmdf_message SET lease_holder = %(holder)s, lease_renewed = now()
     WHERE id IN (
         SELECT id FROM mmdf_message
-        WHERE NOT held AND NOT taken_back AND {_FREE}
+        WHERE NOT held AND gone IS NULL AND {_FREE}
           AND (due_at IS NULL OR due_at <= %(now)s
                OR %(flush_all)s OR id = ANY(%(flush_ids)s::text[]))
         ORDER BY COALESCE(due_at, arrived), id
@@ -176,7 +183,7 @@ _CLAIM = f"""
 """
 _NEXT_DUE = f"""
     SELECT min(COALESCE(due_at, arrived)) FROM mmdf_message
-    WHERE NOT held AND NOT taken_back AND {_FREE}
+    WHERE NOT held AND gone IS NULL AND {_FREE}
 """
 
 
@@ -448,7 +455,7 @@ class _Chunks(io.RawIOBase):
                     "SELECT data FROM mmdf_chunk WHERE message_id = %s AND seq = %s",
                     (self._id, self._seq),
                 ).fetchone()
-        except psycopg.Error as exc:
+        except (psycopg.Error, QueueError) as exc:
             raise OSError(errno.EIO, f"cannot read message {self._id}: {exc}") from exc
         if row is None or not row[0]:
             raise OSError(errno.EIO, f"message {self._id} is gone from the queue")
@@ -550,8 +557,8 @@ class PostgresLease:
         try:
             with self._queue._pool.connection() as conn, conn.transaction():
                 cursor = conn.execute(
-                    "DELETE FROM mmdf_message WHERE id = %s AND lease_holder = %s",
-                    (self._id, self._holder),
+                    f"UPDATE mmdf_message SET {_GONE} WHERE id = %s AND lease_holder = %s",
+                    (_COMPLETED, self._id, self._holder),
                 )
                 if cursor.rowcount == 0:
                     self._over = True
@@ -575,7 +582,7 @@ class PostgresLease:
                     " WHERE id = %s AND lease_holder = %s",
                     (due, self._id, self._holder),
                 )
-        except psycopg.Error as exc:
+        except (psycopg.Error, QueueError) as exc:
             # The lease runs out by itself; the recorded state says when it is due.
             log.warning("id=%s: cannot end the lease: %s", self._id, exc)
 
@@ -659,7 +666,7 @@ class PostgresWakeups:
                 if time.monotonic() >= last_seen + _HEARTBEAT:
                     self._queue._seen(conn, self._name)
                     last_seen = time.monotonic()
-            except (psycopg.Error, OSError) as exc:
+            except (psycopg.Error, QueueError, OSError) as exc:
                 log.warning("the queue's wake-ups: %s; connecting again", exc)
                 self._conn = None
                 if conn is not None:
@@ -855,7 +862,7 @@ class PostgresQueue:
         try:
             with self._pool.connection() as conn:
                 conn.execute(
-                    "DELETE FROM mmdf_message WHERE taken_back AND arrived < now() - %s",
+                    "DELETE FROM mmdf_message WHERE gone IS NOT NULL AND arrived < now() - %s",
                     (timedelta(days=_TOMBSTONE_DAYS),),
                 )
         except (psycopg.Error, QueueError) as exc:
@@ -1062,20 +1069,17 @@ class PostgresQueue:
     def _settle(self, queue_id: str) -> bool:
         """Whether a message is committed, made final: a tombstone with its
         id is inserted, which waits for a transaction holding the id, and
-        conflicts with a committed message (True).  If it goes in (False),
-        a late insert of the message fails on it."""
+        conflicts with a committed message (True), queued still or gone
+        since (its row stays a day).  If it goes in (False), a late insert
+        of the message fails on it."""
         with self._pool.connection() as conn:
             row = conn.execute(
-                "INSERT INTO mmdf_message (id, envelope, size, held, taken_back)"
-                " VALUES (%s, '', 0, true, true) ON CONFLICT (id) DO NOTHING RETURNING id",
-                (queue_id,),
+                "INSERT INTO mmdf_message (id, envelope, size, held, gone)"
+                " VALUES (%s, '', 0, true, %s)"
+                " ON CONFLICT (id) DO UPDATE SET gone = mmdf_message.gone RETURNING gone",
+                (queue_id, _TAKEN_BACK),
             ).fetchone()
-            if row is not None:
-                return False
-            found = conn.execute(
-                "SELECT taken_back FROM mmdf_message WHERE id = %s", (queue_id,)
-            ).fetchone()
-        return found is not None and not found[0]
+        return row is not None and row[0] != _TAKEN_BACK
 
     # -- the work ------------------------------------------------------------
 
@@ -1276,7 +1280,7 @@ class PostgresQueue:
 
     def delete(self, queue_id: str, *, wait: float) -> None:
         def act(conn: psycopg.Connection[Any], _: bool) -> None:
-            conn.execute("DELETE FROM mmdf_message WHERE id = %s", (queue_id,))
+            conn.execute(f"UPDATE mmdf_message SET {_GONE} WHERE id = %s", (_DELETED, queue_id))
             _delete_parts(conn, queue_id)
 
         self._unleased(queue_id, wait, act)
