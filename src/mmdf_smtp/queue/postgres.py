@@ -162,6 +162,14 @@ _SCHEMA = (
 
 _INSERT_MESSAGE = "INSERT INTO mmdf_message (id, envelope, size, held) VALUES (%s, %s, %s, %s)"
 _INSERT_CHUNK = "INSERT INTO mmdf_chunk (message_id, seq, data) VALUES (%s, %s, %s)"
+# A group of messages of a chunk or less: one statement, its own transaction.
+_INSERT_SMALL = """
+    WITH message AS (
+        INSERT INTO mmdf_message (id, envelope, size, held)
+        SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::boolean[]))
+    INSERT INTO mmdf_chunk (message_id, seq, data)
+    SELECT id, 0, data FROM unnest(%s::text[], %s::bytea[]) AS piece (id, data)
+"""
 # A row whose message is gone stays a day (see the module's document).
 _LIVE = "gone IS NULL"
 _TAKEN_BACK = "taken back"  # a tombstone: the commit was not made
@@ -246,8 +254,12 @@ class _Pool:
         with self._lock:
             if self._pid != os.getpid():
                 self._idle, self._pid = [], os.getpid()
-            if self._idle:
-                return self._idle.pop()
+            while self._idle:
+                conn = self._idle.pop()
+                if not _closed_by_server(conn):
+                    return conn
+                with contextlib.suppress(psycopg.Error):
+                    conn.close()
         return self._queue._connect()
 
     def give_back(self, conn: psycopg.Connection[Any]) -> None:
@@ -270,6 +282,15 @@ class _Pool:
         for conn in idle if ours else ():
             with contextlib.suppress(psycopg.Error):
                 conn.close()
+
+
+def _closed_by_server(conn: psycopg.Connection[Any]) -> bool:
+    """Whether an idle connection has something to read: the end of it, as
+    a server that died or was left (a failover) closes its sockets.  So
+    the commits after a failover do not find out on their own statements,
+    whose outcome a broken connection would leave unknown."""
+    readable, _, _ = select.select([conn.pgconn.socket], [], [], 0)
+    return bool(readable)
 
 
 class PostgresWriter:
@@ -744,6 +765,9 @@ class PostgresQueue:
         self._tag_pid = 0
         self._tag = 0
         self._staging_ready = False
+        self._notify_lock = threading.Lock()
+        self._notifying = False
+        self._notify_wanted = False
 
     # -- connections ---------------------------------------------------------
 
@@ -994,6 +1018,14 @@ class PostgresQueue:
                 time.sleep(0.5)
                 continue
             try:
+                if all(writer.size <= CHUNK for writer in writers):
+                    try:
+                        self._send_small(conn, writers)
+                    except psycopg.Error as exc:
+                        if conn.broken:
+                            raise _Unknown from exc
+                        raise _Refused(_error("cannot queue the message", exc)) from exc
+                    return
                 try:
                     self._send_group(conn, writers)
                 except psycopg.Error as exc:
@@ -1013,6 +1045,23 @@ class PostgresQueue:
                 return
             finally:
                 self._pool.give_back(conn)
+
+    @staticmethod
+    def _send_small(conn: psycopg.Connection[Any], writers: Sequence[PostgresWriter]) -> None:
+        """Messages of a chunk or less, in one statement: one round trip,
+        and no BEGIN or COMMIT (a statement is a transaction of its own)."""
+        with_octets = [writer for writer in writers if writer.size]
+        conn.execute(
+            _INSERT_SMALL,
+            (
+                [writer.id for writer in writers],
+                [writer._envelope_text for writer in writers],
+                [writer.size for writer in writers],
+                [writer.into_hold for writer in writers],
+                [writer.id for writer in with_octets],
+                [next(writer.pieces()) for writer in with_octets],
+            ),
+        )
 
     @staticmethod
     def _send_group(conn: psycopg.Connection[Any], writers: Sequence[PostgresWriter]) -> None:
@@ -1041,11 +1090,28 @@ class PostgresQueue:
             raise
 
     def _notify_new(self) -> None:
+        """Tell the deliverers of new mail, the commits of many threads with
+        one NOTIFY: a thread that finds one being sent leaves its own to the
+        sender, who sends once more when asked meanwhile."""
+        with self._notify_lock:
+            self._notify_wanted = True
+            if self._notifying:
+                return
+            self._notifying = True
         try:
-            with self._pool.connection() as conn:
-                self._notify(conn, _NEW)
-        except QueueError as exc:
-            log.debug("no NOTIFY: %s", exc)
+            while True:
+                with self._notify_lock:
+                    if not self._notify_wanted:
+                        return
+                    self._notify_wanted = False
+                try:
+                    with self._pool.connection() as conn:
+                        self._notify(conn, _NEW)
+                except QueueError as exc:
+                    log.debug("no NOTIFY: %s", exc)
+        finally:
+            with self._notify_lock:
+                self._notifying = False
 
     def _settle_or_assume_not(self, queue_id: str) -> bool:
         """Whether a message whose commit's outcome is unknown was committed;
