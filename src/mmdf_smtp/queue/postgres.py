@@ -48,16 +48,23 @@ the commit (a wake-up only: deliverers also claim every
 ``synchronous_commit`` off, because PostgreSQL serialises the commits of
 transactions that notify, which would undo group commit.
 
-What other engines run: the SQL is kept to what CockroachDB and
-YugabyteDB document as supported, checked against their documentation,
-not run here: plain tables with primary keys, ``bytea``, ``timestamptz``,
-``INSERT ... ON CONFLICT``, ``UPDATE ... RETURNING``, ``FOR UPDATE SKIP
-LOCKED``, ``= ANY(array)``, an expression index with a ``WHERE``
-(partial), no large objects, no advisory locks, no sequences, no
-triggers.  LISTEN/NOTIFY is the part they lack: there the NOTIFY fails
-and is ignored, and deliverers find work by polling.  Not checked: their
-behaviour under contention (CockroachDB's serializable retries would
-surface as QueueErrors), and ids ordered by time make a hot range there.
+What other engines run: the SQL is kept to plain tables with primary
+keys, ``text``, ``bytea``, ``timestamptz``, ``INSERT ... ON CONFLICT``,
+``UPDATE ... RETURNING``, ``FOR UPDATE SKIP LOCKED`` in a subquery,
+``= ANY(array)``, ``unnest`` of arrays, and one expression index with a
+``WHERE``; no large objects, advisory locks, sequences, triggers or
+server-side functions.  Checked against the engines' documentation, not
+run on them: YugabyteDB runs PostgreSQL's own query layer; CockroachDB
+documents SKIP LOCKED from its 23.1 release notes on (earlier versions
+say it is not supported).  LISTEN/NOTIFY is what they lack (CockroachDB
+has none; YugabyteDB has it in early access from 2025.2.3): there the
+NOTIFY fails, is ignored, and deliverers find work by polling
+(``rescan_interval``).  Not checked: the multi-array ``unnest`` and the
+partial expression index on CockroachDB, its serializable retries under
+contention (they would surface as QueueErrors), and the hot range that
+ids ordered by time make there.  On PostgreSQL itself, ``EXPLAIN`` of the
+claim on a queue of 100,000 messages shows an index scan of the due
+index stopping after ``limit`` rows (0.4 ms).
 """
 
 from __future__ import annotations
