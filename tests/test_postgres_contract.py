@@ -19,7 +19,7 @@ import pytest
 
 from mmdf_smtp.queue import Lease, QueueError
 from mmdf_smtp.queue.postgres import CHUNK, PostgresQueue, PostgresWriter
-from queue_contract import NOW, QueueContract, _readable, envelope, queue_one
+from queue_contract import BODY, NOW, QueueContract, _readable, envelope, queue_one
 
 pytest_plugins = ["pgcluster"]
 
@@ -270,6 +270,44 @@ class TestPostgresQueue(PostgresCase):
         assert backend.flush() is False
         backend.start_delivering().close()
         assert backend.flush() is False  # it said goodbye
+
+    # -- rows of messages gone, and what cannot be read ------------------------
+
+    def test_a_gone_messages_row_is_purged_after_an_hour(self) -> None:
+        backend = self.make_backend()
+        done, deleted, kept = queue_one(backend), queue_one(backend), queue_one(backend)
+        (lease, *others) = backend.claim(10, NOW)
+        assert lease.id == done
+        lease.complete()
+        for other in others:
+            other.end()
+        backend.delete(deleted, wait=1)
+        assert self.sql("SELECT id, gone FROM mmdf_message ORDER BY id") == [
+            (done, "completed"),
+            (deleted, "deleted"),
+            (kept, None),
+        ]
+        backend.recover()
+        assert len(self.sql("SELECT id FROM mmdf_message")) == 3  # not an hour yet
+        self.sql("UPDATE mmdf_message SET arrived = arrived - interval '61 minutes'")
+        backend.recover()
+        assert self.sql("SELECT id FROM mmdf_message") == [(kept,)]
+
+    def test_a_message_that_cannot_be_read_is_set_aside(self) -> None:
+        backend = self.make_backend()
+        broken, whole = queue_one(backend), queue_one(backend)
+        self.sql("UPDATE mmdf_message SET envelope = '{\"sender\": 1' WHERE id = %s", broken)
+        assert [m.id for m in backend.messages()] == [whole]
+        (lease,) = backend.claim(10, NOW)
+        assert lease.id == whole
+        lease.end()
+        (aside,) = backend.set_aside()
+        assert (aside.name, aside.size) == (broken, len(BODY))
+        assert aside.reason.startswith("cannot be read: JSONDecodeError")
+        assert backend.claim(10, NOW, flush_all=True)[0].id == whole
+        self.sql("UPDATE mmdf_message SET arrived = arrived - interval '1 day'")
+        backend.recover()
+        assert [a.name for a in backend.set_aside()] == [broken]  # kept for the administrator
 
     # -- the schema ----------------------------------------------------------
 

@@ -16,11 +16,9 @@ from pathlib import Path
 import pytest
 
 from mmdf_smtp.queue.postgres import PostgresQueue
-from pgcluster import PgServer, pg_bin, primary_and_standby
+from pgcluster import PgServer, primary_and_standby
 
 WORKER = Path(__file__).parent / "pgworker.py"
-
-pytestmark = pytest.mark.skipif(pg_bin() is None, reason="PostgreSQL comes from .ci/run")
 
 
 @pytest.fixture

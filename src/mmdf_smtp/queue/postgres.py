@@ -30,7 +30,7 @@ the dead transaction from ever committing (not committed: 451).  The same
 settles :meth:`PostgresQueue.take_back`.  So that it also finds a message
 delivered before it asked, a completed or deleted message leaves its row,
 emptied, marked ``gone``; such rows and tombstones are hidden everywhere
-and purged a day later by :meth:`PostgresQueue.recover`.
+and purged an hour later (by deliverers, now and then).
 
 The work: :meth:`PostgresQueue.claim` picks due messages nobody holds with
 ``FOR UPDATE SKIP LOCKED`` in a subquery and writes a lease on each, a
@@ -124,7 +124,9 @@ _PAGE = 200  # messages a page of the administrator's listing
 _SYNC_EVERY = 4 * CHUNK  # octets a commit sends before it waits for the server
 _HEARTBEAT = 10.0  # seconds between a deliverer's signs of life
 _DELIVERER_GONE = 3 * _HEARTBEAT  # a deliverer not seen for this long listens no more
-_TOMBSTONE_DAYS = 1
+# How long the row of a message gone stays: longer than any settle takes.
+_GONE_KEPT = timedelta(hours=1)
+_PURGE = 20_000  # rows a purge removes at most
 _FIELDS = fields(Envelope)
 # What a message handed over to another process starts with (hand_over).
 _IN_TOKEN = b"M"  # then its id, its envelope line and its octets
@@ -149,6 +151,9 @@ _SCHEMA = (
     """CREATE INDEX IF NOT EXISTS mmdf_message_due
         ON mmdf_message ((COALESCE(due_at, arrived)), id)
         WHERE NOT held AND gone IS NULL""",
+    # What the purge finds.
+    """CREATE INDEX IF NOT EXISTS mmdf_message_gone
+        ON mmdf_message (arrived) WHERE gone IS NOT NULL""",
     """CREATE TABLE IF NOT EXISTS mmdf_recipient (
         message_id TEXT NOT NULL,
         idx INT NOT NULL,
@@ -177,11 +182,12 @@ _INSERT_SMALL = """
     INSERT INTO mmdf_chunk (message_id, seq, data)
     SELECT id, 0, data FROM unnest(%s::text[], %s::bytea[]) AS piece (id, data)
 """
-# A row whose message is gone stays a day (see the module's document).
+# A row whose message is gone stays an hour (see the module's document).
 _LIVE = "gone IS NULL"
 _TAKEN_BACK = "taken back"  # a tombstone: the commit was not made
 _COMPLETED = "completed"
 _DELETED = "deleted"
+_SET_ASIDE = "set aside: "  # then why: kept for the administrator, never purged
 _GONE = "gone = %s, envelope = '', held = true, lease_holder = NULL, lease_renewed = NULL"
 _FREE = "(lease_holder IS NULL OR lease_renewed <= now() - %(lease)s)"
 _CLAIM = f"""
@@ -693,6 +699,7 @@ class PostgresWakeups:
                         self._ring(notice.payload)
                 if time.monotonic() >= last_seen + _HEARTBEAT:
                     self._queue._seen(conn, self._name)
+                    self._queue._purge(conn)
                     last_seen = time.monotonic()
             except (psycopg.Error, QueueError, OSError) as exc:
                 log.warning("the queue's wake-ups: %s; connecting again", exc)
@@ -892,13 +899,21 @@ class PostgresQueue:
                 removed.append(queue_id)
         try:
             with self._pool.connection() as conn:
-                conn.execute(
-                    "DELETE FROM mmdf_message WHERE gone IS NOT NULL AND arrived < now() - %s",
-                    (timedelta(days=_TOMBSTONE_DAYS),),
-                )
+                self._purge(conn)
         except (psycopg.Error, QueueError) as exc:
-            log.warning("cannot purge the queue's tombstones: %s", exc)
+            log.warning("cannot purge the queue's old rows: %s", exc)
         return removed
+
+    @staticmethod
+    def _purge(conn: psycopg.Connection[Any]) -> None:
+        """Remove the rows of messages gone over :data:`_GONE_KEPT` ago, and
+        deliverers not seen for a day.  Deliverers run it now and then."""
+        conn.execute(
+            "DELETE FROM mmdf_message WHERE id IN (SELECT id FROM mmdf_message"
+            " WHERE gone IS NOT NULL AND gone NOT LIKE %s AND arrived < now() - %s LIMIT %s)",
+            (_SET_ASIDE + "%", _GONE_KEPT, _PURGE),
+        )
+        conn.execute("DELETE FROM mmdf_deliverer WHERE seen < now() - %s", (timedelta(days=1),))
 
     def new_id(self) -> str:
         """Hex: microseconds since the epoch (14), a tag drawn at random by
@@ -1143,7 +1158,7 @@ class PostgresQueue:
         """Whether a message is committed, made final: a tombstone with its
         id is inserted, which waits for a transaction holding the id, and
         conflicts with a committed message (True), queued still or gone
-        since (its row stays a day).  If it goes in (False), a late insert
+        since (its row stays an hour).  If it goes in (False), a late insert
         of the message fails on it."""
         with self._pool.connection() as conn:
             row = conn.execute(
@@ -1196,7 +1211,7 @@ class PostgresQueue:
         try:
             with self._pool.connection() as conn, conn.transaction():
                 claimed = conn.execute(_CLAIM, params).fetchall()
-                states: dict[str, list[RecipientState]] = {}
+                states: dict[str, list[str]] = {}
                 if claimed:
                     rows = conn.execute(
                         "SELECT message_id, state FROM mmdf_recipient"
@@ -1204,24 +1219,25 @@ class PostgresQueue:
                         ([row[0] for row in claimed],),
                     ).fetchall()
                     for message_id, state in rows:
-                        states.setdefault(message_id, []).append(
-                            RecipientState.from_json(json.loads(state))
-                        )
+                        states.setdefault(message_id, []).append(state)
         except psycopg.Error as exc:
             raise _error("cannot claim messages", exc) from exc
         claimed.sort(key=lambda row: (row[3], row[0]))
         leases: list[Lease] = []
-        for queue_id, envelope, size, _ in claimed:
-            state = DeliveryState(states[queue_id]) if queue_id in states else None
-            leases.append(
-                PostgresLease(
-                    self,
-                    queue_id,
-                    envelope_from_text(envelope),
-                    size=size,
-                    holder=holder,
-                    state=state,
+        for queue_id, envelope_text, size, _ in claimed:
+            try:
+                envelope = envelope_from_text(envelope_text)
+                entries = states.get(queue_id)
+                state = (
+                    DeliveryState([RecipientState.from_json(json.loads(e)) for e in entries])
+                    if entries
+                    else None
                 )
+            except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                self._set_aside(queue_id, f"cannot be read: {exc!r}")
+                continue
+            leases.append(
+                PostgresLease(self, queue_id, envelope, size=size, holder=holder, state=state)
             )
         return leases
 
@@ -1256,7 +1272,13 @@ class PostgresQueue:
             except psycopg.Error as exc:
                 raise _error("cannot read the queue", exc) from exc
             for queue_id, envelope, size, is_held in rows:
-                yield QueuedMessage(queue_id, envelope_from_text(envelope), size, held=is_held)
+                try:
+                    parsed = envelope_from_text(envelope)
+                except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                    # One damaged row must not hide the others; claim sets it aside.
+                    log.warning("id=%s: unreadable envelope: %r", queue_id, exc)
+                    continue
+                yield QueuedMessage(queue_id, parsed, size, held=is_held)
             if len(rows) < _PAGE:
                 return
             after = rows[-1][0]
@@ -1296,8 +1318,30 @@ class PostgresQueue:
         return self._open_body(queue_id, row[0])
 
     def set_aside(self) -> list[SetAside]:
-        """None: a transaction never leaves a message torn."""
-        return []
+        """Messages whose envelope or state could not be read (a transaction
+        never leaves one torn: only a bug or a hand in the database does)."""
+        try:
+            with self._pool.connection() as conn:
+                rows = conn.execute(
+                    "SELECT id, size, gone FROM mmdf_message WHERE gone LIKE %s ORDER BY id",
+                    (_SET_ASIDE + "%",),
+                ).fetchall()
+        except psycopg.Error as exc:
+            raise _error("cannot read the queue", exc) from exc
+        return [SetAside(i, size, gone.removeprefix(_SET_ASIDE)) for i, size, gone in rows]
+
+    def _set_aside(self, queue_id: str, reason: str) -> None:
+        """Keep a message that cannot be read from delivery, for the administrator."""
+        log.warning("id=%s: %s; set aside, not delivered", queue_id, reason)
+        try:
+            with self._pool.connection() as conn:
+                conn.execute(
+                    "UPDATE mmdf_message SET gone = %s, lease_holder = NULL,"
+                    " lease_renewed = NULL WHERE id = %s",
+                    (_SET_ASIDE + reason, queue_id),
+                )
+        except (psycopg.Error, QueueError) as exc:
+            log.warning("id=%s: cannot set it aside: %s", queue_id, exc)
 
     def _unleased(
         self, queue_id: str, wait: float, act: Callable[[psycopg.Connection[Any], bool], T]
