@@ -47,11 +47,14 @@ def commit_rate(queue: Queue, *, threads: int, messages: int, group: int) -> flo
 
     def commit() -> None:
         start.wait()
-        for _ in range(messages // group):
-            writers = [queue.open(ENVELOPE) for _ in range(group)]
-            for writer in writers:
-                writer.write(BODY)
-            failures.extend(e for e in queue.commit_all(writers) if e is not None)
+        try:
+            for _ in range(messages // group):
+                writers = [queue.open(ENVELOPE) for _ in range(group)]
+                for writer in writers:
+                    writer.write(BODY)
+                failures.extend(e for e in queue.commit_all(writers) if e is not None)
+        except Exception as exc:  # a rate of commits not made is no rate: said below
+            failures.append(exc)
 
     workers = [threading.Thread(target=commit) for _ in range(threads)]
     for worker in workers:
