@@ -11,15 +11,25 @@ import threading
 import time
 import tracemalloc
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 
-from mmdf_smtp.queue import Lease, QueueError
+from mmdf_smtp.queue import Lease, LeaseLost, QueueError
 from mmdf_smtp.queue.postgres import CHUNK, PostgresQueue, PostgresWriter
-from queue_contract import BODY, NOW, QueueContract, _readable, envelope, queue_one
+from queue_contract import (
+    BODY,
+    NOW,
+    QueueContract,
+    _readable,
+    deferred,
+    envelope,
+    expanded,
+    queue_one,
+)
 
 pytest_plugins = ["pgcluster"]
 
@@ -270,6 +280,44 @@ class TestPostgresQueue(PostgresCase):
         assert backend.flush() is False
         backend.start_delivering().close()
         assert backend.flush() is False  # it said goodbye
+
+    # -- leases ----------------------------------------------------------------
+
+    def _age_leases(self) -> None:
+        """As if the lease's time had passed: its renewal put ten minutes back."""
+        self.sql("UPDATE mmdf_message SET lease_renewed = lease_renewed - interval '10 minutes'")
+
+    def test_a_renewed_lease_is_not_taken(self) -> None:
+        backend, other = self.make_backend(), self.make_backend()
+        queue_one(backend)
+        (lease,) = backend.claim(10, NOW)
+        self._age_leases()
+        lease.renew()
+        assert other.claim(10, NOW) == []
+        self._age_leases()
+        (taken,) = other.claim(10, NOW)
+        with pytest.raises(LeaseLost):
+            lease.renew()
+        lease.end()  # does not touch the new holder's lease
+        assert other.claim(10, NOW) == []
+        assert backend.next_due() is None  # nothing free waits
+        taken.end()
+        assert backend.next_due() is not None
+
+    def test_a_record_renews_the_lease_and_sets_when_due(self) -> None:
+        backend, other = self.make_backend(), self.make_backend()
+        queue_one(backend)
+        (lease,) = backend.claim(10, NOW)
+        self._age_leases()
+        later = NOW + timedelta(minutes=10)
+        lease.record(deferred(expanded(lease), 0, later))
+        assert other.claim(10, NOW, flush_all=True) == []
+        # Its holder dies without ending it: due when its state says, not at once.
+        self._age_leases()
+        assert other.claim(10, NOW) == []
+        (again,) = other.claim(10, later)
+        assert again.resumed
+        again.end()
 
     # -- rows of messages gone, and what cannot be read ------------------------
 

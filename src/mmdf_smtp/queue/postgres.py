@@ -95,6 +95,7 @@ from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict
 
 from . import (
+    PENDING,
     DeliveryState,
     Envelope,
     Lease,
@@ -227,7 +228,7 @@ def _due_of(state: DeliveryState | None) -> datetime | None:
     recorded, a pending entry, or every entry done: to be completed)."""
     if state is None or state.done:
         return None
-    if any(entry.status == "pending" for entry in state.recipients):
+    if any(entry.status == PENDING for entry in state.recipients):
         return None
     tries = [entry.next_try for entry in state.recipients if not entry.done]
     if any(when is None for when in tries):
