@@ -48,6 +48,16 @@ the commit (a wake-up only: deliverers also claim every
 ``synchronous_commit`` off, because PostgreSQL serialises the commits of
 transactions that notify, which would undo group commit.
 
+What a 250 promises depends on the server's settings, not on this module:
+``fsync = on`` and ``synchronous_commit = on`` (both the default) put the
+message on the primary's disk before COMMIT returns; with a standby named
+in ``synchronous_standby_names``, on the standby's too (``remote_apply``:
+also visible there); ``synchronous_commit = off`` or ``local`` with a
+standby would answer 250 for a message a crash or a failover can lose.
+A COMMIT waiting for a synchronous standby that is gone waits for ever
+(``statement_timeout`` does not cover it): run two standbys, or fall back
+by hand.
+
 What other engines run: the SQL is kept to plain tables with primary
 keys, ``text``, ``bytea``, ``timestamptz``, ``INSERT ... ON CONFLICT``,
 ``UPDATE ... RETURNING``, ``FOR UPDATE SKIP LOCKED`` in a subquery,
