@@ -153,6 +153,10 @@ class PgServer:
                 os.kill(pid, signal.SIGKILL)
         for pid in (postmaster, *children):
             _wait_gone(pid)
+        # The machine died: after its reboot no process has that pid.  Here
+        # a zombie nobody reaps might, and the next start would take it for
+        # a server still running.
+        (self.data / "postmaster.pid").unlink(missing_ok=True)
 
     def promote(self) -> None:
         self._run(str(self.bin / "pg_ctl"), "promote", "--wait", "--pgdata", str(self.data))

@@ -8,15 +8,18 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from mmdf_smtp.queue.postgres import PostgresQueue
 from pgcluster import PgServer, primary_and_standby
+from queue_contract import envelope
 
 WORKER = Path(__file__).parent / "pgworker.py"
 
@@ -124,3 +127,33 @@ def test_kill_writers_deliverers_and_the_primary(
     assert len(set(completions) - acknowledged) <= 1
     assert set(completions) - acknowledged <= set(tried) - acknowledged - refused
     assert len(acknowledged) >= 140
+
+
+def test_a_commit_returns_once_the_standby_has_it(
+    pair: tuple[PgServer, PgServer], tmp_path: Path
+) -> None:
+    """With its synchronous standby gone, a commit waits (no 250 for a
+    message on one machine), and returns once the standby is back."""
+    primary, standby = pair
+    queue = PostgresQueue(primary.dsn(), staging=tmp_path / "staging")
+    queue.prepare()
+    standby.kill()
+    writer = queue.open(envelope())
+    writer.write(b"on two machines\r\n")
+    done = threading.Event()
+    committer = threading.Thread(target=lambda: (writer.commit(), done.set()))
+    committer.start()
+    with psycopg.connect(primary.dsn(), autocommit=True) as conn:
+        _until(
+            lambda: conn.execute(
+                "SELECT 1 FROM pg_stat_activity WHERE wait_event = 'SyncRep'"
+            ).fetchone(),
+            "the commit did not wait for the standby",
+        )
+    assert not done.is_set()
+    standby.start()
+    committer.join(timeout=60)
+    assert done.is_set()
+    with psycopg.connect(standby.dsn(), autocommit=True) as conn:
+        assert conn.execute("SELECT id FROM mmdf_message").fetchall() == [(writer.id,)]
+    queue.close()

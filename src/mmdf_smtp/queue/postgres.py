@@ -54,9 +54,12 @@ message on the primary's disk before COMMIT returns; with a standby named
 in ``synchronous_standby_names``, on the standby's too (``remote_apply``:
 also visible there); ``synchronous_commit = off`` or ``local`` with a
 standby would answer 250 for a message a crash or a failover can lose.
-A COMMIT waiting for a synchronous standby that is gone waits for ever
-(``statement_timeout`` does not cover it): run two standbys, or fall back
-by hand.
+A COMMIT waits for its synchronous standby for as long as it takes
+(``statement_timeout`` ends before the commit begins), so smtpd answers
+nothing while the standby is gone: run two (``ANY 1 (a, b)``) so that one
+gone stops nothing.  An administrator who cancels such a wait gets the
+commit made on the primary only, and PostgreSQL says so in a WARNING,
+which is logged (:func:`_log_notice`).
 
 What other engines run: the SQL is kept to plain tables with primary
 keys, ``text``, ``bytea``, ``timestamptz``, ``INSERT ... ON CONFLICT``,
@@ -811,6 +814,7 @@ class PostgresQueue:
         # leaves psycopg's record of them wrong, and poolers (PgBouncer in
         # transaction mode) do not keep them.
         conn.prepare_threshold = None
+        conn.add_notice_handler(_log_notice)
         try:
             conn.execute(
                 f"SET statement_timeout = {self._statement_timeout_ms};"
@@ -1440,6 +1444,13 @@ class _Refused(Exception):
     def __init__(self, error: QueueError) -> None:
         super().__init__(str(error))
         self.error = error
+
+
+def _log_notice(notice: psycopg.errors.Diagnostic) -> None:
+    """The server's warnings, such as "canceling wait for synchronous
+    replication": a commit made on the primary only."""
+    if notice.severity_nonlocalized == "WARNING":
+        log.warning("the queue's database: %s %s", notice.message_primary, notice.message_detail)
 
 
 def _envelope_or_error(line: bytes) -> Envelope:
