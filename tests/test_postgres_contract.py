@@ -182,11 +182,14 @@ class TestPostgresQueue(PostgresCase):
 
     # -- handed over to another process --------------------------------------
 
-    def _hand_over(self, backend: PostgresQueue) -> tuple[PostgresWriter, bytes]:
+    def _hand_over(self, backend: PostgresQueue, pieces: int = 4) -> tuple[PostgresWriter, bytes]:
+        """A message of ``pieces`` of 64 KiB: beyond one, past in_memory, in a staging file."""
         writer = backend.open(envelope())
-        for number in range(4):  # beyond in_memory: a staging file
+        for number in range(pieces):
             writer.write(_piece(number))
-        return writer, backend.hand_over(writer)
+        token = backend.hand_over(writer)
+        assert len(os.listdir(self.staging)) == (pieces > 1)
+        return writer, token
 
     def _taker(self, token: bytes, *, commit: bool) -> None:
         """In a child: take the message over, commit it or not, and die by SIGKILL."""
@@ -203,7 +206,6 @@ class TestPostgresQueue(PostgresCase):
     def test_take_back_after_the_taker_died_before_its_commit(self) -> None:
         backend = self.make_backend()
         writer, token = self._hand_over(backend)
-        assert len(os.listdir(self.staging)) == 1
         self._taker(token, commit=False)
         assert backend.take_back(writer) is False
         assert list(backend.messages()) == []
@@ -215,15 +217,16 @@ class TestPostgresQueue(PostgresCase):
             again.commit()
         assert list(backend.messages()) == []
 
-    def test_take_back_after_the_taker_died_after_its_commit(self) -> None:
+    @pytest.mark.parametrize("pieces", [1, 4, 5])
+    def test_take_back_after_the_taker_died_after_its_commit(self, pieces: int) -> None:
         backend = self.make_backend()
-        writer, token = self._hand_over(backend)
+        writer, token = self._hand_over(backend, pieces)
         self._taker(token, commit=True)
         assert backend.take_back(writer) is True
         (queued,) = backend.messages()
-        assert queued.id == writer.id
+        assert (queued.id, queued.size) == (writer.id, pieces * 64 * 1024)
         with backend.open_message(writer.id) as message:
-            assert message.read() == b"".join(_piece(number) for number in range(4))
+            assert message.read() == b"".join(_piece(number) for number in range(pieces))
         assert os.listdir(self.staging) == []
 
     @pytest.mark.parametrize("outcome", ["COMMIT", "ROLLBACK"])
