@@ -359,6 +359,21 @@ class TestPostgresQueue(PostgresCase):
         self.sql("UPDATE mmdf_message SET arrived = arrived - interval '1 day'")
         backend.recover()
         assert [a.name for a in backend.set_aside()] == [broken]  # kept for the administrator
+        with backend.open_set_aside(broken) as whole_file:
+            assert whole_file.read() == b'{"sender": 1\n' + BODY
+        with pytest.raises(KeyError):
+            backend.open_set_aside(whole)
+        assert not backend.delete_set_aside(whole)
+        assert backend.delete_set_aside(broken)
+        assert backend.set_aside() == []
+        assert self.sql("SELECT message_id FROM mmdf_chunk WHERE message_id = %s", broken) == []
+        assert not backend.delete_set_aside(broken)
+
+    def test_the_administrator_sees_the_queue_named_without_its_password(self) -> None:
+        backend = PostgresQueue(self.dsn + " password=secret", staging=self.staging)
+        assert "secret" not in backend.name
+        assert "password" not in backend.name
+        assert backend.name in backend.doorbell
 
     # -- the schema ----------------------------------------------------------
 

@@ -105,7 +105,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 import psycopg
 from psycopg import errors as pg_errors
 from psycopg import pq
-from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from . import (
     PENDING,
@@ -1345,6 +1345,54 @@ class PostgresQueue:
             raise _error("cannot read the queue", exc) from exc
         return [SetAside(i, size, gone.removeprefix(_SET_ASIDE)) for i, size, gone in rows]
 
+    @property
+    def name(self) -> str:
+        """The connection string without its password, for the administrator."""
+        given = conninfo_to_dict(self.dsn)
+        given.pop("password", None)
+        return make_conninfo(**{k: str(v) for k, v in given.items() if v is not None})
+
+    @property
+    def set_aside_place(self) -> str:
+        return f"the rows of mmdf_message marked '{_SET_ASIDE.strip()}' in {self.name}"
+
+    @property
+    def doorbell(self) -> str:
+        return f"LISTEN {CHANNEL} in {self.name}"
+
+    def open_set_aside(self, name: str) -> BinaryIO:
+        """A message set aside, whole as stored: its envelope text, a line
+        end, then its body.  Raises KeyError."""
+        try:
+            with self._pool.connection() as conn:
+                row = conn.execute(
+                    "SELECT envelope, size FROM mmdf_message WHERE id = %s AND gone LIKE %s",
+                    (name, _SET_ASIDE + "%"),
+                ).fetchone()
+        except psycopg.Error as exc:
+            raise _error("cannot read the queue", exc) from exc
+        if row is None:
+            raise KeyError(name)
+        envelope, size = row
+        body = self._open_body(name, size)
+        return io.BufferedReader(_Prefixed(envelope.encode() + b"\n", body))
+
+    def delete_set_aside(self, name: str) -> bool:
+        try:
+            with self._pool.connection() as conn, conn.transaction():
+                deleted = conn.execute(
+                    "DELETE FROM mmdf_message WHERE id = %s AND gone LIKE %s",
+                    (name, _SET_ASIDE + "%"),
+                ).rowcount
+                if deleted:
+                    conn.execute("DELETE FROM mmdf_chunk WHERE message_id = %s", (name,))
+                    conn.execute("DELETE FROM mmdf_recipient WHERE message_id = %s", (name,))
+        except psycopg.Error as exc:
+            raise _error("cannot change the queue", exc) from exc
+        if deleted:
+            log.info("id=%s: set-aside message deleted by the administrator", name)
+        return bool(deleted)
+
     def _set_aside(self, queue_id: str, reason: str) -> None:
         """Keep a message that cannot be read from delivery, for the administrator."""
         log.warning("id=%s: %s; set aside, not delivered", queue_id, reason)
@@ -1481,3 +1529,29 @@ if TYPE_CHECKING:
 
     def _is_a_backend(queue: PostgresQueue) -> QueueBackend:
         return queue  # mypy checks that the class keeps the interface
+
+
+class _Prefixed(io.RawIOBase):
+    """A few octets, then a stream: a set-aside message as one file."""
+
+    def __init__(self, head: bytes, rest: BinaryIO) -> None:
+        self._head = head
+        self._rest = rest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        if self._head:
+            n = min(len(view), len(self._head))
+            view[:n] = self._head[:n]
+            self._head = self._head[n:]
+            return n
+        data = self._rest.read(len(view))
+        view[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self._rest.close()
+        super().close()
