@@ -1,6 +1,12 @@
 """Benchmark mmdf-smtp against Postfix and aiosmtpd, in one run on one machine.
 
     python bench/run.py [--smoke] [--rounds N] [--json FILE] [--milter opendkim] [--auth]
+    python bench/run.py --e2e [--smoke] [--rounds N] [--only REGEX]   # the whole mail system
+
+Every server's queue (and, end to end, its Maildirs) is on an ext4 with
+its journal that the run makes in ``--workdir``, loop-mounts, and unmounts
+at the end, as on a production host (bench/journaled.py says why);
+``--root-fs`` runs on ``--workdir``'s own file system instead.
 
 Starts the three servers on free loopback ports, each with the same
 durability (250 only once the message is on stable storage), drives them
@@ -12,8 +18,12 @@ its smtpd milter ("postfix+opendkim") and mmdf-smtp through the same
 OpenDKIM instance ("mmdf-smtp+opendkim"), the two compared with each other.
 ``--auth`` adds mmdf-smtp with its built-in checks on ("mmdf-smtp+auth":
 SPF, DKIM, DMARC against a DNS server on loopback that publishes the load's
-sender's records), compared with mmdf-smtp without them.  Every server it
-starts, it stops.  See README.md, "Performance".
+sender's records), compared with mmdf-smtp without them.  ``--e2e``
+measures the whole mail system instead, mmdf-smtp (smtpd and deliver)
+beside Postfix: received, queued and delivered to a Maildir or to an LMTP
+sink, and the sustained receiving case with and without uvloop (see
+bench/endtoend.py).  Every server it starts, it stops.  See README.md,
+"Performance", and docs/performance.md.
 """
 
 from __future__ import annotations
