@@ -271,11 +271,11 @@ def flows(smoke: bool) -> list[Flow]:
     """The end-to-end and sustained cases; in smoke mode a handful of tiny ones."""
     if smoke:
         return [
-            Flow("receive", KIB, 2, "connect", 20, 5, variant=True),
-            Flow("maildir", KIB, 2, "connect", 20, 5),
-            Flow("maildir", 100 * KIB, 2, "pipeline", 10, 2),
-            Flow("lmtp", KIB, 2, "pipeline", 20, 5),
-            Flow("lmtp", 100 * KIB, 2, "connect", 10, 2),
+            Flow("receive", KIB, 2, "connect", 10, 2, variant=True),
+            Flow("maildir", KIB, 2, "connect", 10, 2),
+            Flow("maildir", 100 * KIB, 2, "pipeline", 4, 1),
+            Flow("lmtp", KIB, 2, "pipeline", 10, 2),
+            Flow("lmtp", 100 * KIB, 2, "connect", 4, 1),
         ]
     found = [Flow("receive", KIB, 10, "connect", 3000, 500, variant=True)]
     for sink in ("maildir", "lmtp"):

@@ -86,6 +86,13 @@ def _run(argv: list[str]) -> None:
         raise MountUnavailable(f"{' '.join(argv)}: exit {result.returncode}: {detail}")
 
 
+def _short_parent() -> Path:
+    for candidate in (Path("/run"), Path("/tmp")):
+        if candidate.is_dir() and os.access(candidate, os.W_OK):
+            return candidate
+    return Path(tempfile.gettempdir())
+
+
 @contextlib.contextmanager
 def journaled(workdir: Path, size: int = IMAGE_SIZE) -> Iterator[FileSystem]:
     """An ext4 image with its journal in ``workdir``, loop-mounted; unmounted and removed after.
@@ -97,8 +104,10 @@ def journaled(workdir: Path, size: int = IMAGE_SIZE) -> Iterator[FileSystem]:
         raise MountUnavailable("mkfs.ext4 is missing (Debian's e2fsprogs package)")
     directory = Path(tempfile.mkdtemp(prefix="mmdf-bench-fs-", dir=workdir))
     image = directory / "fs.img"
-    point = directory / "mnt"
-    point.mkdir()
+    # Mounted on a short path, whatever --workdir is: Postfix binds Unix
+    # sockets under its queue directory by their whole name (postlog's),
+    # and a name is at most 107 octets (sun_path, unix(7)).
+    point = Path(tempfile.mkdtemp(prefix="mmdf-bench-", dir=_short_parent()))
     mounted = False
     try:
         with image.open("wb") as file:
@@ -108,7 +117,6 @@ def journaled(workdir: Path, size: int = IMAGE_SIZE) -> Iterator[FileSystem]:
         mounted = True
         # Postfix's daemons (user postfix) and deliver (nobody) walk through it.
         point.chmod(0o755)
-        directory.chmod(0o755)
         found = describe(point)
         if found.fstype != "ext4" or found.journal == "none":
             raise MountUnavailable(f"{found.describe()}: not the journaled ext4 asked for")
@@ -120,4 +128,6 @@ def journaled(workdir: Path, size: int = IMAGE_SIZE) -> Iterator[FileSystem]:
             if result.returncode != 0:
                 # Something still holds a file there: lazily, so the image can go.
                 subprocess.run(["umount", "-l", str(point)], capture_output=True, check=False)
+        with contextlib.suppress(OSError):
+            point.rmdir()
         shutil.rmtree(directory, ignore_errors=True)

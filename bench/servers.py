@@ -451,7 +451,12 @@ smtp_tls_security_level = none
         for step in ("check", "start"):
             result = self._postfix(step)
             if result.returncode != 0:
-                raise RuntimeError(f"postfix {step} failed:\n{result.stderr.decode()}")
+                log = self.directory / "maillog"
+                said = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+                raise RuntimeError(
+                    f"postfix {step} failed:\n{result.stderr.decode()}{result.stdout.decode()}"
+                    f"{said}"
+                )
         self.started = True
         self._wait_listening()
 
