@@ -1,6 +1,12 @@
 """Benchmark mmdf-smtp against Postfix and aiosmtpd, in one run on one machine.
 
     python bench/run.py [--smoke] [--rounds N] [--json FILE] [--milter opendkim] [--auth]
+    python bench/run.py --e2e [--smoke] [--rounds N] [--only REGEX]   # the whole mail system
+
+Every server's queue (and, end to end, its Maildirs) is on an ext4 with
+its journal that the run makes in ``--workdir``, loop-mounts, and unmounts
+at the end, as on a production host (bench/journaled.py says why);
+``--root-fs`` runs on ``--workdir``'s own file system instead.
 
 Starts the three servers on free loopback ports, each with the same
 durability (250 only once the message is on stable storage), drives them
@@ -12,8 +18,12 @@ its smtpd milter ("postfix+opendkim") and mmdf-smtp through the same
 OpenDKIM instance ("mmdf-smtp+opendkim"), the two compared with each other.
 ``--auth`` adds mmdf-smtp with its built-in checks on ("mmdf-smtp+auth":
 SPF, DKIM, DMARC against a DNS server on loopback that publishes the load's
-sender's records), compared with mmdf-smtp without them.  Every server it
-starts, it stops.  See README.md, "Performance".
+sender's records), compared with mmdf-smtp without them.  ``--e2e``
+measures the whole mail system instead, mmdf-smtp (smtpd and deliver)
+beside Postfix: received, queued and delivered to a Maildir or to an LMTP
+sink, and the sustained receiving case with and without uvloop (see
+bench/endtoend.py).  Every server it starts, it stops.  See README.md,
+"Performance", and docs/performance.md.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ import platform
 import re
 import resource
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -35,6 +46,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from endtoend import Delivered, LmtpSink, flows, mail_servers, measure_flow
+from journaled import MountUnavailable, describe, journaled
 from load import SENDER, IdleConnections, LoadError, Run, pipelining_client, smtp_source
 from loopback_dns import loopback_dns, txt
 from memory import Footprint, PeakSampler, footprint
@@ -422,25 +435,65 @@ def main(argv: list[str] | None = None) -> int:
         default=Path("/var/tmp"),
         help="where the run's directory is made: on disk, reachable by the postfix user",
     )
+    parser.add_argument(
+        "--e2e",
+        action="store_true",
+        help="the whole mail system instead: received, queued and delivered to a Maildir or"
+        " an LMTP sink, side by side with Postfix, and the sustained receiving case",
+    )
+    parser.add_argument(
+        "--root-fs",
+        action="store_true",
+        help="run on --workdir's own file system instead of a journaled ext4 made for the run",
+    )
     args = parser.parse_args(argv)
     missing = prerequisites(args.milter)
     if missing:
         print("bench: missing " + ", ".join(missing), file=sys.stderr)
         return EX_UNAVAILABLE
+    raise_file_limit()
+    # Killed (timeout(1), CI), the run still stops its servers and unmounts.
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(128 + signal.SIGTERM))
+    with contextlib.ExitStack() as stack:
+        if args.root_fs:
+            where = describe(args.workdir)
+            print(
+                f"bench: on the root file system as asked: {where.describe()};"
+                " without a journal, ext4 charges Postfix's queue churn (docs/performance.md)",
+                file=sys.stderr,
+            )
+        else:
+            try:
+                where = stack.enter_context(journaled(args.workdir))
+            except MountUnavailable as exc:
+                print(
+                    f"bench: no journaled file system for the queues: {exc}\n"
+                    "bench: --root-fs runs on --workdir's file system instead (figures not"
+                    " comparable with a production host's)",
+                    file=sys.stderr,
+                )
+                return EX_UNAVAILABLE
+        # On disk, not tmpfs: an fsync must reach stable storage.  Postfix's
+        # daemons (user postfix) must be able to reach their directories.
+        top = Path(tempfile.mkdtemp(prefix="mmdf-bench-", dir=where.path))
+        stack.callback(shutil.rmtree, top, ignore_errors=True)
+        top.chmod(0o755)
+        if not spread_subdirectories(top):
+            print(
+                "bench: the servers' directories share block groups (no chattr +T here):"
+                " one server's unlinks may slow another's creates",
+                file=sys.stderr,
+            )
+        print(f"queues and Maildirs: {where.describe()}", flush=True)
+        if args.e2e:
+            return end_to_end(args, top)
+        return receiving(args, top)
+
+
+def receiving(args: argparse.Namespace, top: Path) -> int:
+    """The receiving cases (and idle sessions): mmdf-smtp, Postfix and aiosmtpd."""
     rounds = args.rounds or (1 if args.smoke else 3)
     idle = args.idle if args.idle is not None else (20 if args.smoke else 1000)
-    raise_file_limit()
-
-    # On disk, not tmpfs: an fsync must reach stable storage.  Postfix's
-    # daemons (user postfix) must be able to reach their directories.
-    top = Path(tempfile.mkdtemp(prefix="mmdf-bench-", dir=args.workdir))
-    top.chmod(0o755)
-    if not spread_subdirectories(top):
-        print(
-            "bench: the servers' directories share block groups (no chattr +T here):"
-            " one server's unlinks may slow another's creates",
-            file=sys.stderr,
-        )
     results = Results()
     servers: list[Server] = [
         Mmdf(top / unique_name("mmdf"), maxconnects=100),
@@ -451,67 +504,64 @@ def main(argv: list[str] | None = None) -> int:
     # hold a thousand milter connections too, a measure of the milter.
     idle_servers = list(servers)
     started_at = time.monotonic()
-    try:
-        with contextlib.ExitStack() as stack:
-            if args.milter == "opendkim":
-                milter = stack.enter_context(
-                    signing_milter(top / unique_name("opendkim"), unix=args.milter_socket == "unix")
+    with contextlib.ExitStack() as stack:
+        if args.milter == "opendkim":
+            milter = stack.enter_context(
+                signing_milter(top / unique_name("opendkim"), unix=args.milter_socket == "unix")
+            )
+            servers.append(
+                Mmdf(
+                    top / unique_name("mmdf-opendkim"),
+                    maxconnects=100,
+                    extra=milter_table(milter),
+                    name=f"mmdf-smtp+{milter.name}",
                 )
-                servers.append(
-                    Mmdf(
-                        top / unique_name("mmdf-opendkim"),
-                        maxconnects=100,
-                        extra=milter_table(milter),
-                        name=f"mmdf-smtp+{milter.name}",
-                    )
+            )
+            servers.append(
+                Postfix(
+                    top / unique_name("postfix-opendkim"),
+                    maxproc=IDLE_SLOTS,
+                    milters=[milter.socket],
+                    name=f"postfix+{milter.name}",
                 )
-                servers.append(
-                    Postfix(
-                        top / unique_name("postfix-opendkim"),
-                        maxproc=IDLE_SLOTS,
-                        milters=[milter.socket],
-                        name=f"postfix+{milter.name}",
-                    )
+            )
+        if args.metrics:
+            servers.insert(1, Mmdf(top / unique_name("mmdf-metrics"), 100, metrics=True))
+        if args.auth:
+            nameserver = stack.enter_context(loopback_dns(sender_records()))
+            servers.append(
+                Mmdf(
+                    top / unique_name("mmdf-auth"),
+                    maxconnects=100,
+                    extra=auth_table(nameserver),
+                    name="mmdf-smtp+auth",
                 )
-            if args.metrics:
-                servers.insert(1, Mmdf(top / unique_name("mmdf-metrics"), 100, metrics=True))
-            if args.auth:
-                nameserver = stack.enter_context(loopback_dns(sender_records()))
-                servers.append(
-                    Mmdf(
-                        top / unique_name("mmdf-auth"),
-                        maxconnects=100,
-                        extra=auth_table(nameserver),
-                        name="mmdf-smtp+auth",
-                    )
+            )
+        names = [server.name for server in servers]
+        for server in servers:
+            stack.enter_context(started(server))
+        chosen = [c for c in cases(args.smoke) if not args.only or re.search(args.only, c.name)]
+        for round_ in range(rounds):
+            for case in chosen:
+                shift = round_ % len(servers)
+                for server in servers[shift:] + servers[:shift]:
+                    measurement = measure(server, case)
+                    results.add(case.name, server.name, measurement)
+                    if not server.alive():
+                        raise RuntimeError(f"{server.name} died during {case.name}")
+            print(f"round {round_ + 1}/{rounds} done", file=sys.stderr, flush=True)
+        # The idle case last: Postfix's session processes outlive it for
+        # max_idle, and would weigh on every later measurement.
+        idle_name = f"idle x{idle}"
+        for server in idle_servers if not args.only or re.search(args.only, idle_name) else []:
+            target = server
+            if isinstance(server, Mmdf):
+                # maxconnects 100 above, as Postfix's default process limit;
+                # holding the idle sessions needs a daemon with more slots.
+                target = stack.enter_context(
+                    started(Mmdf(top / unique_name("mmdf-idle"), IDLE_SLOTS))
                 )
-            names = [server.name for server in servers]
-            for server in servers:
-                stack.enter_context(started(server))
-            chosen = [c for c in cases(args.smoke) if not args.only or re.search(args.only, c.name)]
-            for round_ in range(rounds):
-                for case in chosen:
-                    shift = round_ % len(servers)
-                    for server in servers[shift:] + servers[:shift]:
-                        measurement = measure(server, case)
-                        results.add(case.name, server.name, measurement)
-                        if not server.alive():
-                            raise RuntimeError(f"{server.name} died during {case.name}")
-                print(f"round {round_ + 1}/{rounds} done", file=sys.stderr, flush=True)
-            # The idle case last: Postfix's session processes outlive it for
-            # max_idle, and would weigh on every later measurement.
-            idle_name = f"idle x{idle}"
-            for server in idle_servers if not args.only or re.search(args.only, idle_name) else []:
-                target = server
-                if isinstance(server, Mmdf):
-                    # maxconnects 100 above, as Postfix's default process limit;
-                    # holding the idle sessions needs a daemon with more slots.
-                    target = stack.enter_context(
-                        started(Mmdf(top / unique_name("mmdf-idle"), IDLE_SLOTS))
-                    )
-                results.add(idle_name, server.name, measure_idle(target, idle))
-    finally:
-        shutil.rmtree(top, ignore_errors=True)
+            results.add(idle_name, server.name, measure_idle(target, idle))
     elapsed = time.monotonic() - started_at
 
     print(
@@ -529,6 +579,111 @@ def main(argv: list[str] | None = None) -> int:
         }
         args.json.write_text(json.dumps(raw, indent=1))
     failures = errors(results)
+    for failure in failures:
+        print(f"bench: {failure}", file=sys.stderr)
+    return EX_SOFTWARE if failures else 0
+
+
+def end_to_end_table(results: dict[str, dict[str, list[Delivered]]], names: list[str]) -> str:
+    """Medians over rounds: delivered msg/s, the receiving half's, the queue's peak, the ratio."""
+    order = " / ".join(names)
+    lines = [
+        f"| case | delivered msg/s ({order}) | accepted msg/s | peak queue | x postfix |",
+        "|---|---|---|---|---|",
+    ]
+    for case, runs in results.items():
+        ok = {name: [m for m in runs.get(name, []) if m.error is None] for name in names}
+
+        def cell(
+            get: Callable[[Delivered], float | None],
+            pattern: str,
+            ok: dict[str, list[Delivered]] = ok,
+        ) -> str:
+            values = {name: [v for m in ok[name] if (v := get(m)) is not None] for name in names}
+            return " / ".join(
+                pattern.format(_median(values[name])) if values[name] else "-" for name in names
+            )
+
+        rates = {name: _median([m.rate for m in ok[name]]) for name in names}
+        ratio = f"{rates['mmdf-smtp'] / rates['postfix']:.2f}" if rates["postfix"] else "-"
+        lines.append(
+            f"| {case} | {cell(lambda m: m.rate, '{:.0f}')}"
+            f" | {cell(lambda m: m.accept_rate, '{:.0f}')}"
+            f" | {cell(lambda m: m.peak_queue, '{:.0f}')} | {ratio} |"
+        )
+    return "\n".join(lines)
+
+
+def end_to_end(args: argparse.Namespace, top: Path) -> int:
+    """The whole mail system, mmdf-smtp and Postfix side by side: see bench/endtoend.py."""
+    rounds = args.rounds or 1
+    results: dict[str, dict[str, list[Delivered]]] = {}
+    chosen = [f for f in flows(args.smoke) if not args.only or re.search(args.only, f.name)]
+    started_at = time.monotonic()
+    with contextlib.ExitStack() as stack:
+        sink = LmtpSink(top / unique_name("lmtp-sink"))
+        stack.callback(sink.stop)
+        sink.start()
+        by_sink = mail_servers(top, unique_name, sink)
+        for kind in dict.fromkeys(flow.sink for flow in chosen):
+            for server in by_sink[kind]:
+                stack.enter_context(started(server))
+        for round_ in range(rounds):
+            for flow in chosen:
+                servers = [
+                    server
+                    for server in by_sink[flow.sink]
+                    if flow.variant or server.name in ("mmdf-smtp", "postfix")
+                ]
+                shift = round_ % len(servers)
+                for server in servers[shift:] + servers[:shift]:
+                    measurement = measure_flow(server, flow, sink if flow.sink == "lmtp" else None)
+                    results.setdefault(flow.name, {}).setdefault(server.name, []).append(
+                        measurement
+                    )
+                    if not server.alive():
+                        raise RuntimeError(f"{server.name} died during {flow.name}")
+                    print(
+                        f"{flow.name} on {server.name}: {measurement.rate:.0f} msg/s"
+                        + (f" ({measurement.error})" if measurement.error else ""),
+                        file=sys.stderr,
+                        flush=True,
+                    )
+            print(f"round {round_ + 1}/{rounds} done", file=sys.stderr, flush=True)
+    elapsed = time.monotonic() - started_at
+    names = ["mmdf-smtp", "postfix"]
+    variants = sorted({name for runs in results.values() for name in runs} - set(names))
+    print(
+        f"{platform.node()}: {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"{rounds} round(s), {elapsed:.0f} s; medians over rounds; "
+        "msg/s from the first connection to the last message delivered"
+    )
+    print(end_to_end_table(results, [*names, *variants]))
+    print()
+    for case, runs in results.items():
+        rates = {
+            name: _median([m.rate for m in ms if m.error is None]) for name, ms in runs.items()
+        }
+        for variant in variants:
+            if rates.get(variant) and rates.get("mmdf-smtp") and rates.get("postfix"):
+                print(
+                    f"- {case}: {variant} at {rates[variant]:.0f} msg/s,"
+                    f" {rates[variant] / rates['mmdf-smtp']:.2f}x mmdf-smtp,"
+                    f" {rates[variant] / rates['postfix']:.2f}x postfix"
+                )
+    if args.json:
+        raw = {
+            case: {name: [asdict(m) for m in ms] for name, ms in runs.items()}
+            for case, runs in results.items()
+        }
+        args.json.write_text(json.dumps(raw, indent=1))
+    failures = [
+        f"{case} on {name}: {m.error}"
+        for case, runs in results.items()
+        for name, ms in runs.items()
+        for m in ms
+        if m.error
+    ]
     for failure in failures:
         print(f"bench: {failure}", file=sys.stderr)
     return EX_SOFTWARE if failures else 0

@@ -221,8 +221,11 @@ class Mmdf(_OneProcess):
         extra: str = "",
         name: str = "mmdf-smtp",
         metrics: bool = False,
+        uvloop: bool = True,
     ) -> None:
         super().__init__(directory)
+        self.config = directory / "mmdf.toml"
+        self.uvloop = uvloop  # False: asyncio's own loop, as `pip install .` without [fast]
         self.maxconnects = maxconnects
         self.src = src
         self.extra = extra  # configuration appended: [[milters]], [auth], ...
@@ -231,14 +234,11 @@ class Mmdf(_OneProcess):
         if metrics:
             self.name = "mmdf-smtp+metrics"
 
-    def start(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
+    def config_text(self) -> str:
+        """mmdf-smtp.toml(5) for this server: local mail for a@example.org, kept in the queue."""
         # Started as root, smtpd serves sessions as `user` (never as root).
-        user = 'user = "nobody"'
-        config = self.directory / "mmdf.toml"
-        config.write_text(
-            f"""\
-{user}
+        return f"""\
+user = "nobody"
 hostname = "mx.bench"
 spool = "{self.spool}"
 local_domains = ["example.org"]
@@ -256,18 +256,34 @@ relay = true
 
 [local]
 users = ["a"]
-{self.extra}"""
-            + ('\n[metrics]\nlisten = "127.0.0.1:0"\n' if self.metrics else "")
-        )
+{self.extra}""" + ('\n[metrics]\nlisten = "127.0.0.1:0"\n' if self.metrics else "")
+
+    def environment(self) -> dict[str, str]:
         env = dict(os.environ)
         env["PYTHONPATH"] = str(self.src) + os.pathsep + env.get("PYTHONPATH", "")
         env.pop("MMDF_CONFIG", None)
+        if not self.uvloop:
+            env["MMDF_NO_UVLOOP"] = "1"
+        return env
+
+    def start(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.config = self.directory / "mmdf.toml"
+        self.config.write_text(self.config_text())
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "mmdf_smtp.cli.smtpd", "-c", str(config), "smtpsrvr", "local"],
+            [
+                sys.executable,
+                "-m",
+                "mmdf_smtp.cli.smtpd",
+                "-c",
+                str(self.config),
+                "smtpsrvr",
+                "local",
+            ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
-            env=env,
+            env=self.environment(),
         )
         assert self.process.stderr is not None
         line = _wait_for_line(
@@ -315,6 +331,8 @@ retry     unix  -       -       n       -       -       error
 discard   unix  -       -       n       -       -       discard
 smtp      unix  -       -       n       -       -       smtp
 relay     unix  -       -       n       -       -       smtp
+virtual   unix  -       n       n       -       -       virtual
+lmtp      unix  -       -       n       -       -       lmtp
 anvil     unix  -       -       n       -       1       anvil
 scache    unix  -       -       n       -       1       scache
 postlog   unix-dgram n  -       n       -       1       postlogd
@@ -334,6 +352,8 @@ class Postfix(Server):
     down or breaks the protocol costs a 4xx, never an unfiltered 250.
     ``relay_port`` sends every message on to 127.0.0.1:PORT over SMTP
     instead of discarding it, so that a test can see what Postfix queued.
+    ``transport`` (Postfix's "transport:nexthop") takes every message
+    instead; ``extra`` is appended to main.cf (virtual(8)'s maps, say).
     """
 
     name = "postfix"
@@ -346,8 +366,12 @@ class Postfix(Server):
         milters: Sequence[str] = (),
         relay_port: int | None = None,
         name: str = "postfix",
+        transport: str | None = None,
+        extra: str = "",
     ) -> None:
         super().__init__(directory)
+        self.transport = transport
+        self.extra = extra
         self.maxproc = maxproc
         self.milters = list(milters)
         self.relay_port = relay_port
@@ -376,6 +400,7 @@ class Postfix(Server):
         shutil.chown(self.directory / "data", "postfix")
         self.port = free_port()
         transport = "discard" if self.relay_port is None else "smtp"
+        transport = self.transport or transport
         main_cf = f"""\
 compatibility_level = 3.6
 queue_directory = {self.directory}/queue
@@ -407,7 +432,7 @@ default_process_limit = {self.maxproc}
 message_size_limit = 52428800
 maillog_file = {self.directory}/maillog
 maillog_file_prefixes = {self.directory}
-"""
+{self.extra}"""
         if self.milters:
             main_cf += f"""\
 smtpd_milters = {" ".join(self.milters)}
@@ -426,7 +451,12 @@ smtp_tls_security_level = none
         for step in ("check", "start"):
             result = self._postfix(step)
             if result.returncode != 0:
-                raise RuntimeError(f"postfix {step} failed:\n{result.stderr.decode()}")
+                log = self.directory / "maillog"
+                said = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+                raise RuntimeError(
+                    f"postfix {step} failed:\n{result.stderr.decode()}{result.stdout.decode()}"
+                    f"{said}"
+                )
         self.started = True
         self._wait_listening()
 
