@@ -488,20 +488,20 @@ def test_deliver_holds_a_message_and_the_administrator_does_not_wait_for_ever(
 ) -> None:
     spool = Spool(tmp_path / "spool")
     queue_id = put(spool)
-    claim = spool.claim(queue_id)
+    claim = spool.claim_one(queue_id)
     assert claim is not None
     with claim, pytest.raises(MessageBusy):
         spool.claim_for_admin(queue_id, wait=0)
     with spool.claim_for_admin(queue_id, wait=0) as held:
         assert spool.hold_message(queue_id, held)
-    assert spool.claim(queue_id) is None  # deliver passes a held message by
+    assert spool.claim_one(queue_id) is None  # deliver passes a held message by
     with spool.claim_for_admin(queue_id, wait=0) as released:
         assert spool.release(queue_id, released)
     with spool.claim_for_admin(queue_id, wait=0) as deleting:
         spool.delete(queue_id, deleting)
     with pytest.raises(KeyError):
         spool.claim_for_admin(queue_id, wait=0)
-    assert spool.claim(queue_id) is None
+    assert spool.claim_one(queue_id) is None
 
 
 def test_the_log_and_checkque_give_one_size(tmp_path: Path) -> None:
@@ -528,7 +528,7 @@ def test_a_lock_had_on_a_file_since_moved_or_removed_is_let_go(tmp_path: Path) -
     results: list[object] = []
 
     def deliver_side() -> None:
-        results.append(spool.claim(queue_id))
+        results.append(spool.claim_one(queue_id))
 
     with spool.claim_for_admin(queue_id, wait=0) as claim:
         thread = threading.Thread(target=deliver_side)
@@ -539,7 +539,7 @@ def test_a_lock_had_on_a_file_since_moved_or_removed_is_let_go(tmp_path: Path) -
 
     with spool.claim_for_admin(queue_id, wait=0) as claim:
         assert spool.release(queue_id, claim)
-    delivering = spool.claim(queue_id)
+    delivering = spool.claim_one(queue_id)
     assert delivering is not None
 
     def administrator_side() -> None:
