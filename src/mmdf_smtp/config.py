@@ -81,6 +81,16 @@ class DeliverConfig:
     queue_lifetime: int = 432_000  # seconds from arrival before a temporary failure bounces
     retry_min: int = 60  # seconds before the first retry; doubled at each one
     retry_max: int = 3600  # the longest wait between two tries
+    concurrency: int = 20  # deliveries under way at once
+    # Of those, the most to the next hop at once (Postfix's
+    # default_destination_concurrency_limit): the rest stay free for local
+    # mail, so a slow or dead hop never holds it up.
+    destination_concurrency_limit: int = 10
+    # A connection to the next hop is kept for the next message this long
+    # when idle (Postfix's smtp_connection_cache_time_limit), and carries
+    # at most this many messages (smtp_connection_reuse_count_limit).
+    connection_cache_time: float = 2.0
+    connection_reuse_limit: int = 100
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -457,7 +467,20 @@ class _Reader:
         )
 
     def _deliver(self, data: Mapping[str, Any]) -> DeliverConfig:
-        t = self._table(data, "deliver", {"next_hop", "queue_lifetime", "retry_min", "retry_max"})
+        t = self._table(
+            data,
+            "deliver",
+            {
+                "next_hop",
+                "queue_lifetime",
+                "retry_min",
+                "retry_max",
+                "concurrency",
+                "destination_concurrency_limit",
+                "connection_cache_time",
+                "connection_reuse_limit",
+            },
+        )
         next_hop = self._str(t, "deliver.next_hop", None)
         retry_min = self._int(t, "deliver.retry_min", 60, 1)
         retry_max = self._int(t, "deliver.retry_max", 3600, 1)
@@ -472,6 +495,12 @@ class _Reader:
             queue_lifetime=self._int(t, "deliver.queue_lifetime", 432_000, 1),
             retry_min=retry_min,
             retry_max=retry_max,
+            concurrency=self._int(t, "deliver.concurrency", 20, 1),
+            destination_concurrency_limit=self._int(
+                t, "deliver.destination_concurrency_limit", 10, 1
+            ),
+            connection_cache_time=self._seconds(t, "deliver.connection_cache_time", 2.0, zero=True),
+            connection_reuse_limit=self._int(t, "deliver.connection_reuse_limit", 100, 1),
         )
 
 

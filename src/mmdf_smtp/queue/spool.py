@@ -87,15 +87,16 @@ from typing import Any, BinaryIO
 
 from . import (
     PENDING,
-    Wakeup,
     DelivererRunning,
     DeliveryState,
     Envelope,
+    Lease,
     LeaseLost,
     MessageBusy,
     MessageWriter,
     QueuedMessage,
     QueueError,
+    Wakeup,
 )
 
 log = logging.getLogger("mmdf_smtp.queue")
@@ -1005,7 +1006,7 @@ class Spool:
         *,
         flush_all: bool = False,
         flush_ids: Collection[str] = (),
-    ) -> list[SpoolLease]:
+    ) -> list[Lease]:
         """Up to ``limit`` due messages, each under an exclusive non-blocking
         flock on its file (one held by checkque is passed by).  See
         :class:`_WorkIndex` for how the due ones are found."""
@@ -1017,7 +1018,7 @@ class Spool:
                 if _ID.fullmatch(queue_id):
                     work.make_ready(queue_id, 0.0, flushed=True)
             work.retry_busy()
-            leases: list[SpoolLease] = []
+            leases: list[Lease] = []
             stamp = now.timestamp()
             scanned = False
             while len(leases) < limit:
@@ -1095,7 +1096,7 @@ class Spool:
                 os.close(fd)
             raise
         work.held.add(queue_id)
-        return SpoolLease(self, work, queue_id, fd, envelope, state)
+        return SpoolLease(self, work, queue_id, fd, envelope=envelope, state=state)
 
     def forget_orphans(self) -> list[str]:
         """Remove states whose message is gone and temporary states a crash left.
@@ -1421,7 +1422,8 @@ class _WorkIndex:
         return None
 
     def pop(self, now: float) -> tuple[str, bool] | None:
-        """The candidate due longest at ``now``, and whether it was flushed; None when none is known."""
+        """The candidate due longest at ``now``, and whether it was flushed;
+        None when none is known."""
         ready = self._top(self._ready, True)
         waiting = self._top(self._waiting, False)
         if waiting is not None and waiting[0] > now:
@@ -1456,7 +1458,8 @@ class _WorkIndex:
             self.make_ready(queue_id, _arrival(queue_id))
 
     def scan_more(self, now: float, count: int) -> bool:
-        """Look at up to ``count`` more entries of queue/; False when there is nothing to scan now."""
+        """Look at up to ``count`` more entries of queue/; False when there
+        is nothing to scan now."""
         if self._scan is None:
             if not self.rescan_wanted and time.monotonic() - self._scanned_at < RESCAN_INTERVAL:
                 return False
@@ -1494,19 +1497,26 @@ class _WorkIndex:
         self._scan_flush = False
 
     def next_due(self) -> datetime | None:
-        if self._scan is not None or self._top(self._ready, True) is not None:
-            return _EPOCH  # more to claim now
+        scanned = self._scanned_at > -RESCAN_INTERVAL
+        if (
+            self._scan is not None
+            or (self.rescan_wanted and scanned)
+            or self._top(self._ready, True) is not None
+        ):
+            return _EPOCH  # more to claim now: mail came since the last scan, or one is under way
         if self.busy:
             return datetime.now(UTC) + timedelta(seconds=1)
         waiting = self._top(self._waiting, False)
         return datetime.fromtimestamp(waiting[0], UTC) if waiting is not None else None
 
-    def given_back(self, queue_id: str, state: DeliveryState | None, not_before: datetime | None) -> None:
+    def given_back(
+        self, queue_id: str, state: DeliveryState | None, not_before: datetime | None
+    ) -> None:
         self.held.discard(queue_id)
         due: float | None = None
-        if state is not None and not state.done and not any(r.status == PENDING for r in state.recipients):
-            next_try = state.next_try()
-            due = next_try.timestamp() if next_try is not None else None
+        if state is not None:
+            stamp = _due_stamp(state)
+            due = stamp / 1e9 if stamp else None
         if not_before is not None:
             due = max(due or 0.0, not_before.timestamp())
         if due is None:
@@ -1532,6 +1542,7 @@ class SpoolLease:
         work: _WorkIndex,
         queue_id: str,
         fd: int,
+        *,
         envelope: Envelope,
         state: DeliveryState | None,
     ) -> None:
