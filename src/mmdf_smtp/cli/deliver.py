@@ -41,6 +41,7 @@ from .common import (
 
 log = logging.getLogger("mmdf_smtp.deliver")
 
+
 def give_maildir_base(template: str, user: str) -> None:
     """Create the folder the Maildirs go in, for ``user``, when it is missing.
 
@@ -83,7 +84,10 @@ class Service:
         signal.signal(signal.SIGTERM, self._stopping)
         signal.signal(signal.SIGINT, self._stopping)
         signal.signal(signal.SIGHUP, self._reloading)
-        log.info("delivering, %d at once", self.runner.concurrency)
+        where = self._spool.trigger if isinstance(self._spool, Spool) else "the queue"
+        log.info(
+            "waiting for messages on %s, %d deliveries at once", where, self.runner.concurrency
+        )
         try:
             while not self._stop:
                 if self._reload:

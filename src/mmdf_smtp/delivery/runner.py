@@ -255,6 +255,12 @@ class Runner:
                         at_hop -= 1
                     if work.finished:
                         held -= 1
+                    elif not work.remote or work.to_hop:
+                        # A step cut short by what it did not catch: the
+                        # message as last recorded, for a later claim.
+                        retry = timedelta(seconds=self.config.deliver.retry_min)
+                        self._give_back(work.lease, self._clock() + retry)
+                        held -= 1
                     elif len(to_hop) >= _BACKLOG_PER_SLOT * self.concurrency:
                         self._give_back(work.lease, self._clock() + HOP_BUSY_WAIT)
                         held -= 1

@@ -1610,9 +1610,9 @@ class SpoolLease:
         fd, self._fd = self._fd, -1
         if fd < 0:
             return
+        os.close(fd)  # before the index hands it out again: a claim would find it busy
         with self._work.lock:
             self._work.given_back(self._id, self._state, not_before)
-        os.close(fd)  # after the index knows: a claim meanwhile finds it held, not busy
 
 
 class SpoolWakeups:
