@@ -233,6 +233,7 @@ class Runner:
         held = running = at_hop = 0
         most_held = self.concurrency * (1 + _BACKLOG_PER_SLOT)
         flush_all, flush_these = flush, set(flush_ids)
+        hop_busy_until: datetime | None = None
 
         def submit(step: Callable[[_Work], None], work: _Work) -> None:
             def step_and_report() -> None:
@@ -262,7 +263,8 @@ class Runner:
                         self._give_back(work.lease, self._clock() + retry)
                         held -= 1
                     elif len(to_hop) >= _BACKLOG_PER_SLOT * self.concurrency:
-                        self._give_back(work.lease, self._clock() + HOP_BUSY_WAIT)
+                        hop_busy_until = self._clock() + HOP_BUSY_WAIT
+                        self._give_back(work.lease, hop_busy_until)
                         held -= 1
                     else:
                         to_hop.append(work)
@@ -302,7 +304,10 @@ class Runner:
                 elif wakeups is None:
                     if self._notices:
                         continue  # notices this run queued: delivered by it too
-                    break
+                    if hop_busy_until is None or hop_busy_until <= now:
+                        break
+                    # Given back while the hop was busy: theirs too before the end.
+                    timeout = (hop_busy_until - now).total_seconds()
                 else:
                     timeout = self.spool.rescan_interval()
                     if next_due is not None:
