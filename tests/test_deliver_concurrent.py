@@ -155,11 +155,11 @@ def test_kill_9_while_delivering_side_by_side_and_a_restart(tmp_path: Path) -> N
 
 def peak_memory_of_deliver(tmp_path: Path, count: int) -> int:
     """deliver --once over ``count`` queued messages to the next hop: its peak RSS, in KiB."""
-    handler = Handler(lmtp=True)
+    sink = Sink(lmtp=True)
     directory = tmp_path / str(count)
     directory.mkdir()
-    with peer(handler) as (_, port):
-        config = configure(directory, f'[deliver]\nnext_hop = "lmtp:127.0.0.1:{port}"\n')
+    try:
+        config = configure(directory, f'[deliver]\nnext_hop = "lmtp:127.0.0.1:{sink.port}"\n')
         spool = Spool(directory / "spool")
         writers = []
         for n in range(count):
@@ -192,7 +192,9 @@ def peak_memory_of_deliver(tmp_path: Path, count: int) -> int:
             timeout=300,
             check=True,
         )
-        assert handler.messages and len(handler.messages) == count
+    finally:
+        sink.close()
+    assert sum(said.count(b"<data>\r\n") for said in sink.sessions) == count
     assert spool.ids() == []
     return int(result.stdout)
 

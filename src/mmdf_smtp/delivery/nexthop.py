@@ -282,6 +282,10 @@ class _SMTPClient(smtplib.SMTP):
         bound = min(timeout, self._connect_timeout)
         sock: socket.socket = super()._get_socket(host, port, bound)  # type: ignore[misc]
         sock.settimeout(timeout)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            # Each command is one write and waits for its reply: Nagle's
+            # algorithm would only hold a write back for a delayed ACK.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
 
 
@@ -389,9 +393,13 @@ def _transaction(
         all_get(_outcome(code, text, "DATA"))
         return
     assert client.sock is not None
+    last = b""
     for chunk in dot_stuffed(message):
-        client.sock.sendall(chunk)
-    client.sock.sendall(b".\r\n")
+        if last:
+            client.sock.sendall(last)
+        last = chunk
+    # The end of data in the same write as the last octets: one packet, not two.
+    client.sock.sendall(last + b".\r\n")
     if hop.protocol == "lmtp":
         # RFC 2033 4.2: one reply per accepted recipient, in RCPT order.
         for i in accepted:

@@ -42,6 +42,7 @@ import queue
 import selectors
 import socket
 import threading
+import time
 from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -85,6 +86,8 @@ _BACKLOG_PER_SLOT = 4
 # How long a message whose turn for a full hop's backlog did not come
 # waits before it is claimed again (its local recipients are done).
 HOP_BUSY_WAIT = timedelta(seconds=5)
+# How long a hop may take no step at all before it counts as stalled.
+HOP_STALL = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,6 +237,7 @@ class Runner:
         most_held = self.concurrency * (1 + _BACKLOG_PER_SLOT)
         flush_all, flush_these = flush, set(flush_ids)
         hop_busy_until: datetime | None = None
+        hop_moved = time.monotonic()  # when a step at the hop last ended
 
         def submit(step: Callable[[_Work], None], work: _Work) -> None:
             def step_and_report() -> None:
@@ -254,6 +258,7 @@ class Runner:
                     running -= 1
                     if work.to_hop:
                         at_hop -= 1
+                        hop_moved = time.monotonic()
                     if work.finished:
                         held -= 1
                     elif not work.remote or work.to_hop:
@@ -264,6 +269,7 @@ class Runner:
                         held -= 1
                     elif len(to_hop) >= _BACKLOG_PER_SLOT * self.concurrency:
                         hop_busy_until = self._clock() + HOP_BUSY_WAIT
+                        log.debug("id=%s: the next hop's backlog is full", work.lease.id)
                         self._give_back(work.lease, hop_busy_until)
                         held -= 1
                     else:
@@ -281,6 +287,15 @@ class Runner:
                     submit(self._hop_step, work)
                 claimed = 0
                 room = min(self.concurrency - running, most_held - held)
+                # A full backlog for a hop that is moving: what is claimed now
+                # would mostly be given back; wait for the hop.  One that has
+                # not moved for HOP_STALL is slow or stuck: local mail goes on.
+                backlog = _BACKLOG_PER_SLOT * self.concurrency - len(to_hop)
+                backlog_full = backlog <= 0
+                stalled = time.monotonic() - hop_moved >= HOP_STALL
+                if not stalled:
+                    # No more than the backlog can take, were all for the hop.
+                    room = min(room, backlog - (running - at_hop))
                 if not stopping and room > 0:
                     self._notices.clear()
                     leases = self.spool.claim(
@@ -299,6 +314,8 @@ class Runner:
                 more_now = next_due is not None and next_due <= now
                 if (claimed == room and room > 0) or (more_now and room > claimed):
                     timeout: float | None = 0.0
+                elif backlog_full and not stalled:
+                    timeout = HOP_STALL  # a step's end, or the hop found stalled
                 elif held or stopping:
                     timeout = None  # a step's end is what comes next
                 elif wakeups is None:
