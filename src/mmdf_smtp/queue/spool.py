@@ -1106,17 +1106,22 @@ class Spool:
         """
         removed: list[str] = []
         try:
-            names = os.listdir(self.state)
+            entries = os.scandir(self.state)
         except FileNotFoundError:
             return removed
-        # A held message keeps its state for its release.
-        queued = set(self.ids()) | set(self.held_ids())
-        for name in names:
-            if name in queued:
-                continue
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.state / name)
-                removed.append(name)
+        # A stat a state, not the queue's ids in a set: memory stays bounded
+        # whatever the queue's length.  A held message keeps its state for
+        # its release.
+        with entries:
+            for entry in entries:
+                name = entry.name
+                if _ID.fullmatch(name) and (
+                    os.path.exists(self._in_queue + name) or os.path.exists(self._in_hold + name)
+                ):
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    removed.append(name)
         return removed
 
     def open_message(self, queue_id: str) -> BinaryIO:
