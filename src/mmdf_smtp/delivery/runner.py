@@ -329,6 +329,12 @@ class Runner:
                     timeout = self.spool.rescan_interval()
                     if next_due is not None:
                         timeout = min(timeout, max(0.0, (next_due - now).total_seconds()))
+                if self.connections is not None:
+                    # Idle connections to the next hop go when their time is up.
+                    self.connections.sweep()
+                    if self.connections.idle():
+                        cache_time = self.config.deliver.connection_cache_time
+                        timeout = cache_time if timeout is None else min(timeout, cache_time)
                 for key, _ in selector.select(timeout):
                     if key.data == "wakeups":
                         assert wakeups is not None
