@@ -989,10 +989,19 @@ class Spool:
             raise DelivererRunning(f"another deliver is running on {self.directory}") from None
         trigger = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
+            trigger.setblocking(False)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.trigger)  # a crashed deliver's; we hold the lock
             trigger.bind(str(self.trigger))
-            trigger.setblocking(False)
+        except OSError as exc:
+            # A file system without sockets (some FUSE ones): the doorbell
+            # is a hint, and the scan every RESCAN_INTERVAL finds the mail.
+            log.warning(
+                "cannot listen on %s (%s): new mail is found by a scan every %d s",
+                self.trigger,
+                exc.strerror or exc,
+                RESCAN_INTERVAL,
+            )
         except BaseException:
             trigger.close()
             os.close(lock)
@@ -1652,8 +1661,9 @@ class SpoolWakeups:
     def close(self) -> None:
         if self._lock < 0:
             return
-        with contextlib.suppress(OSError):
-            os.unlink(self._spool.trigger)
+        if self._trigger.getsockname():  # bound: the name is ours
+            with contextlib.suppress(OSError):
+                os.unlink(self._spool.trigger)
         self._trigger.close()
         os.close(self._lock)
         self._lock = -1
