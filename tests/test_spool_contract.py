@@ -17,9 +17,8 @@ class TestSpoolContract(QueueContract):
     leases_end_with_holder = True
 
     @pytest.fixture(autouse=True)
-    def _shared_spool(self, tmp_path: Path) -> None:
+    def _directory(self, tmp_path: Path) -> None:
         self.directory = tmp_path / "spool"
 
     def make_backend(self) -> QueueBackend:
-        # Each a view of its own on one directory, as another process has.
-        return Spool(self.directory)  # type: ignore[return-value]
+        return Spool(self.directory)

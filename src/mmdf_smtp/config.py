@@ -92,6 +92,16 @@ class DeliverConfig:
     # (Postfix's recipient_delimiter, several characters allowed); "": none.
     recipient_delimiter: str = "+"
     delay_warning: int = 0  # seconds from arrival before a delay notice; 0: none
+    concurrency: int = 20  # deliveries under way at once
+    # Of those, the most to the next hop at once (Postfix's
+    # default_destination_concurrency_limit): the rest stay free for local
+    # mail, so a slow or dead hop never holds it up.
+    destination_concurrency_limit: int = 10
+    # A connection to the next hop is kept for the next message this long
+    # when idle (Postfix's smtp_connection_cache_time_limit), and carries
+    # at most this many messages (smtp_connection_reuse_count_limit).
+    connection_cache_time: float = 2.0
+    connection_reuse_limit: int = 100
 
 
 QUEUE_BACKENDS = ("spool", "postgresql")
@@ -528,6 +538,10 @@ class _Reader:
                 "retry_max",
                 "recipient_delimiter",
                 "delay_warning",
+                "concurrency",
+                "destination_concurrency_limit",
+                "connection_cache_time",
+                "connection_reuse_limit",
             },
         )
         next_hop = self._str(t, "deliver.next_hop", None)
@@ -546,6 +560,12 @@ class _Reader:
             retry_max=retry_max,
             recipient_delimiter=self._delimiter(t),
             delay_warning=self._int(t, "deliver.delay_warning", 0, 0),
+            concurrency=self._int(t, "deliver.concurrency", 20, 1),
+            destination_concurrency_limit=self._int(
+                t, "deliver.destination_concurrency_limit", 10, 1
+            ),
+            connection_cache_time=self._seconds(t, "deliver.connection_cache_time", 2.0, zero=True),
+            connection_reuse_limit=self._int(t, "deliver.connection_reuse_limit", 100, 1),
         )
 
     def _delimiter(self, data: Mapping[str, Any]) -> str:

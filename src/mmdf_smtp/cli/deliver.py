@@ -15,24 +15,20 @@ service for a pass instead.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import logging
 import os
 import pwd
-import selectors
 import signal
 import socket
 import sys
-from datetime import UTC, datetime
-from typing import IO
 
 from .. import metrics
 from ..config import Config, ConfigError, load
 from ..delivery import maildir
-from ..delivery.runner import Runner
+from ..delivery.runner import DeliveryBackend, Runner, open_queue
 from ..privileges import drop_privileges
-from ..queue.spool import FLUSH, FLUSH_ONE, Spool
+from ..queue import DelivererRunning, Wakeups
+from ..queue.spool import Spool
 from .common import (
     EX_CONFIG,
     EX_OK,
@@ -44,20 +40,6 @@ from .common import (
 )
 
 log = logging.getLogger("mmdf_smtp.deliver")
-
-LOCK = "deliver.lock"
-
-
-def lock(spool: Spool) -> IO[bytes] | None:
-    """The spool's deliver lock, or None when another deliver holds it."""
-    spool.prepare()
-    file = open(spool.directory / LOCK, "ab")  # noqa: SIM115 - held for the process's life
-    try:
-        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        file.close()
-        return None
-    return file
 
 
 def give_maildir_base(template: str, user: str) -> None:
@@ -79,25 +61,22 @@ def give_maildir_base(template: str, user: str) -> None:
 
 
 class Service:
-    """The long-running deliver: passes on pokes, on retry times, and on SIGHUP."""
+    """The long-running deliver: claims on wake-ups, on retry times, and reloads on SIGHUP."""
 
-    def __init__(self, config_path: str | None, config: Config, spool: Spool) -> None:
+    def __init__(
+        self, config_path: str | None, config: Config, spool: DeliveryBackend, wakeups: Wakeups
+    ) -> None:
         self._config_path = config_path
         self._spool = spool
+        self._wakeups = wakeups
         self._stop = False
         self._reload = False
         self.runner = self._runner(config)
 
     def _runner(self, config: Config) -> Runner:
-        return Runner(config, self._spool, stopping=lambda: self._stop)
+        return Runner(config, self._spool, stopping=lambda: self._stop or self._reload)
 
     def run(self, *, flush: bool) -> None:
-        flush_ids: set[str] = set()
-        trigger = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._spool.trigger)  # a crashed deliver's; we hold the lock
-        trigger.bind(str(self._spool.trigger))
-        trigger.setblocking(False)
         wake_read, wake_write = socket.socketpair()
         wake_read.setblocking(False)
         wake_write.setblocking(False)
@@ -105,46 +84,32 @@ class Service:
         signal.signal(signal.SIGTERM, self._stopping)
         signal.signal(signal.SIGINT, self._stopping)
         signal.signal(signal.SIGHUP, self._reloading)
-        selector = selectors.DefaultSelector()
-        selector.register(trigger, selectors.EVENT_READ)
-        selector.register(wake_read, selectors.EVENT_READ)
-        log.info("waiting for messages on %s", self._spool.trigger)
+        where = self._spool.trigger if isinstance(self._spool, Spool) else "the queue"
+        log.info(
+            "waiting for messages on %s, %d deliveries at once", where, self.runner.concurrency
+        )
         try:
             while not self._stop:
                 if self._reload:
                     self._reload = False
                     self.reload()
-                later = self.runner.run(flush=flush, flush_ids=flush_ids)
-                if self._stop:
-                    break
-                timeout = None
-                if later is not None:
-                    timeout = max(0.0, (later - datetime.now(UTC)).total_seconds())
-                selector.select(timeout)
-                asked = _drain(trigger)
-                flush = FLUSH in asked
-                flush_ids = {
-                    datagram[1:].decode(errors="replace")
-                    for datagram in asked
-                    if datagram.startswith(FLUSH_ONE)
-                }
-                _drain(wake_read)
+                self.runner.run(flush=flush, wakeups=self._wakeups, interrupt=wake_read)
+                flush = False
         finally:
+            self.runner.close()
             signal.set_wakeup_fd(-1)
-            selector.close()
-            trigger.close()
             wake_read.close()
             wake_write.close()
-            with contextlib.suppress(OSError):
-                os.unlink(self._spool.trigger)
         log.info("stopped")
 
     def reload(self) -> None:
         try:
-            self.runner = self._runner(load(self._config_path))
+            runner = self._runner(load(self._config_path))
         except ConfigError as exc:
             log.error("reload failed, keeping the running configuration: %s", exc)
             return
+        self.runner.close()
+        self.runner = runner
         log.info("configuration reloaded from %s", self.runner.config.source)
 
     def _stopping(self, _signum: int, _frame: object) -> None:
@@ -152,16 +117,6 @@ class Service:
 
     def _reloading(self, _signum: int, _frame: object) -> None:
         self._reload = True
-
-
-def _drain(sock: socket.socket) -> list[bytes]:
-    """The datagrams waiting on ``sock``, each whole (they are short)."""
-    datagrams = []
-    while True:
-        try:
-            datagrams.append(sock.recv(64))
-        except BlockingIOError:
-            return datagrams
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,21 +140,28 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"deliver: cannot become {config.user}: {exc}", file=sys.stderr)
         return EX_OSERR
-    spool = Spool(config.spool)
     try:
-        held = lock(spool)
-    except OSError as exc:
-        print(f"deliver: cannot use the spool {config.spool}: {exc.strerror}", file=sys.stderr)
-        return EX_OSERR
-    if held is None:
+        spool = open_queue(config)
+    except ConfigError as exc:
+        print(f"deliver: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    try:
+        spool.prepare()
+        wakeups = spool.start_delivering()
+    except DelivererRunning:
         if not args.once and not args.flush:
             print(f"deliver: another deliver is running on {config.spool}", file=sys.stderr)
             return EX_TEMPFAIL
+        # Only the spool has one deliverer at a time, and its doorbell.
+        assert isinstance(spool, Spool)
         if not spool.poke(flush=args.flush):
             print("deliver: another deliver holds the spool and does not listen", file=sys.stderr)
             return EX_TEMPFAIL
         print("deliver: asked the running deliver for a pass", file=sys.stderr)
         return EX_OK
+    except OSError as exc:
+        print(f"deliver: cannot use the spool {config.spool}: {exc.strerror}", file=sys.stderr)
+        return EX_OSERR
     server = None
     try:
         if config.metrics.enabled:
@@ -210,13 +172,18 @@ def main(argv: list[str] | None = None) -> int:
                 server = metrics.serve_deliver(config.metrics.deliver_listen, segment, config.spool)
         # A crashed smtpd's messages whose commit was cut short: deliverable now.
         spool.recover()
-        removed = spool.forget_orphans()
-        if removed:
-            log.info("removed %d delivery states of messages no longer queued", len(removed))
+        if isinstance(spool, Spool):
+            removed = spool.forget_orphans()
+            if removed:
+                log.info("removed %d delivery states of messages no longer queued", len(removed))
         if args.once:
-            Runner(config, spool).run(flush=args.flush)
+            runner = Runner(config, spool)
+            try:
+                runner.run(flush=args.flush)
+            finally:
+                runner.close()
         else:
-            Service(args.config, config, spool).run(flush=args.flush)
+            Service(args.config, config, spool, wakeups).run(flush=args.flush)
     except ConfigError as exc:
         print(f"deliver: {exc}", file=sys.stderr)
         return EX_CONFIG
@@ -226,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if server is not None:
             server.close()
-        held.close()
+        wakeups.close()
     return EX_OK
 
 

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.utils import format_datetime
-from typing import BinaryIO, Literal
+from typing import BinaryIO, Literal, TypedDict
 
 from ..protocol.dsnparams import orcpt_parameter
 from ..queue import Envelope
@@ -89,7 +89,14 @@ def asked_of(envelope: Envelope, recipient: str) -> Asked:
     return Asked()
 
 
-def hop_parameters(envelope: Envelope, recipients: Sequence[str]) -> dict[str, object]:
+class HopParameters(TypedDict):
+    ret: str | None
+    envid: str | None
+    notify: list[str | None]
+    orcpt: list[str | None]
+
+
+def hop_parameters(envelope: Envelope, recipients: Sequence[str]) -> HopParameters:
     """What :func:`..nexthop.send` hands on for a next hop that offers DSN:
     RET and ENVID, and for each of ``recipients`` (envelope recipients) its
     NOTIFY and ORCPT as the sender gave them (RFC 3461 6.1)."""

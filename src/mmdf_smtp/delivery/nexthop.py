@@ -1,6 +1,9 @@
 """Handing a message to the next hop over SMTP (RFC 5321) or LMTP (RFC 2033).
 
-One transaction per message carries all its remote recipients; the
+One transaction per message carries all its remote recipients, over a
+connection kept for the next message when it is idle for at most
+``connection_cache_time`` and has carried fewer than
+``connection_reuse_limit`` (:class:`Connections`); the
 answer is one reply per recipient: the RCPT refusal for those refused,
 else the reply to the end of data (LMTP gives one per accepted
 recipient, SMTP one for all).  STARTTLS is used whenever the peer offers
@@ -19,8 +22,11 @@ import logging
 import smtplib
 import socket
 import ssl
-from collections.abc import Iterator, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import BinaryIO
 
 from ..config import NextHop
@@ -91,38 +97,180 @@ def send(
     notify: Sequence[str | None] = (),
     orcpt: Sequence[str | None] = (),
 ) -> list[Outcome]:
-    """Send ``message`` to ``recipients``; one outcome per recipient, in order.
+    """Send ``message`` to ``recipients`` over a connection of its own; one
+    outcome per recipient, in order.  See :meth:`Connections.send`."""
+    return Connections(idle=0, reuse=1).send(
+        hop,
+        hostname=hostname,
+        sender=sender,
+        recipients=recipients,
+        message=message,
+        smtputf8=smtputf8,
+        body=body,
+        timeout=timeout,
+        connect_timeout=connect_timeout,
+        ret=ret,
+        envid=envid,
+        notify=notify,
+        orcpt=orcpt,
+    )
 
-    Never raises for the peer's or the network's faults: they become
-    temporary outcomes for every recipient not yet answered.  A peer whose
-    TLS handshake fails gets the message again in plaintext, as with
-    Postfix's opportunistic TLS: encryption nobody checks is not worth
-    holding mail for.
+
+@dataclass(slots=True)
+class _Kept:
+    client: smtplib.SMTP
+    idle_since: float  # time.monotonic()
+    messages: int  # sent over it so far
+
+
+class Connections:
+    """Connections to next hops kept for the next message, as Postfix's
+    connection cache (scache(8)) keeps them: one idle for up to ``idle``
+    seconds is used again, after an RSET that proves it alive (RFC 5321
+    4.1.1.5: a new transaction on a clean slate); one that carried
+    ``reuse`` messages, or erred, or got a 421, is closed.  Safe to share
+    between threads: a connection is used by one at a time.
     """
-    start = message.tell()
-    dsn = _DsnParameters(ret, envid, notify, orcpt)
 
-    def attempt(tls: bool) -> list[Outcome]:
-        message.seek(start)
-        return _attempt(
-            hop,
-            hostname=hostname,
+    def __init__(self, *, idle: float = 2.0, reuse: int = 100) -> None:
+        self._idle = idle
+        self._reuse = reuse
+        self._lock = threading.Lock()
+        self._kept: dict[NextHop, list[_Kept]] = {}
+        self.opened = 0  # connections opened, for the curious (and the tests)
+
+    def send(
+        self,
+        hop: NextHop,
+        *,
+        hostname: str,
+        sender: str,
+        recipients: Sequence[str],
+        message: BinaryIO,
+        smtputf8: bool = False,
+        body: str | None = None,
+        timeout: float = TIMEOUT,
+        connect_timeout: float = CONNECT_TIMEOUT,
+        ret: str | None = None,
+        envid: str | None = None,
+        notify: Sequence[str | None] = (),
+        orcpt: Sequence[str | None] = (),
+    ) -> list[Outcome]:
+        """Send ``message`` to ``recipients``; one outcome per recipient, in order.
+
+        Never raises for the peer's or the network's faults: they become
+        temporary outcomes for every recipient not yet answered.  A peer whose
+        TLS handshake fails gets the message again in plaintext, as with
+        Postfix's opportunistic TLS: encryption nobody checks is not worth
+        holding mail for.
+        """
+        start = message.tell()
+        transaction = partial(
+            _transaction,
+            hop=hop,
             sender=sender,
             recipients=recipients,
             message=message,
             smtputf8=smtputf8,
             body=body,
-            timeout=timeout,
-            connect_timeout=connect_timeout,
-            tls=tls,
-            dsn=dsn,
+            dsn=_DsnParameters(ret, envid, notify, orcpt),
         )
+        kept = self._take(hop)
+        if kept is not None:
+            if _reset(kept.client):
+                return self._use(hop, kept, transaction, len(recipients))
+            _close(kept.client)
+        for tls in (True, False):
+            message.seek(start)
+            try:
+                client = _connect(
+                    hop,
+                    hostname=hostname,
+                    timeout=timeout,
+                    connect_timeout=connect_timeout,
+                    tls=tls,
+                )
+            except _HandshakeFailed as exc:
+                log.warning(
+                    "%s: TLS handshake failed (%s); sending in plaintext", describe(hop), exc
+                )
+                continue
+            except _Refused as exc:
+                return [exc.outcome] * len(recipients)
+            except (OSError, smtplib.SMTPException) as exc:
+                # No greeting, or not a 220: Postfix too defers rather than bounces.
+                failure = Outcome(451, f"4.4.1 {describe(hop)}: {_reason(exc)}", unreachable=True)
+                return [failure] * len(recipients)
+            with self._lock:
+                self.opened += 1
+            return self._use(hop, _Kept(client, 0.0, 0), transaction, len(recipients))
+        raise AssertionError("unreachable: plaintext raises no handshake failure")
 
-    try:
-        return attempt(tls=True)
-    except _HandshakeFailed as exc:
-        log.warning("%s: TLS handshake failed (%s); sending in plaintext", describe(hop), exc)
-        return attempt(tls=False)
+    def _use(
+        self,
+        hop: NextHop,
+        kept: _Kept,
+        transaction: Callable[..., None],
+        count: int,
+    ) -> list[Outcome]:
+        outcomes: list[Outcome | None] = [None] * count
+        healthy = True
+        try:
+            transaction(kept.client, outcomes=outcomes)
+        except (OSError, smtplib.SMTPException) as exc:
+            healthy = False
+            failure = Outcome(451, f"4.4.2 {describe(hop)}: {_reason(exc)}")
+            outcomes = [o if o is not None else failure for o in outcomes]
+        kept.messages += 1
+        # 421: the peer closes the session (RFC 5321 3.8).
+        healthy = healthy and not any(o is not None and o.code == 421 for o in outcomes)
+        if healthy and kept.messages < self._reuse and self._idle > 0:
+            kept.idle_since = time.monotonic()
+            with self._lock:
+                self._kept.setdefault(hop, []).append(kept)
+        else:
+            _close(kept.client)
+        return [o or Outcome(451, "4.4.2 No reply from the next hop") for o in outcomes]
+
+    def _take(self, hop: NextHop) -> _Kept | None:
+        """The connection to ``hop`` idle the shortest while, if one is still fresh."""
+        stale: list[_Kept] = []
+        found = None
+        now = time.monotonic()
+        with self._lock:
+            idle = self._kept.get(hop, [])
+            while idle:
+                kept = idle.pop()
+                if now - kept.idle_since <= self._idle:
+                    found = kept
+                    break
+                stale.append(kept)
+        for kept in stale:
+            _close(kept.client)
+        return found
+
+    def idle(self) -> int:
+        """How many connections are kept, idle."""
+        with self._lock:
+            return sum(len(idle) for idle in self._kept.values())
+
+    def sweep(self) -> None:
+        """Close the connections idle for longer than the limit."""
+        now = time.monotonic()
+        stale: list[_Kept] = []
+        with self._lock:
+            for idle in self._kept.values():
+                stale += [kept for kept in idle if now - kept.idle_since > self._idle]
+                idle[:] = [kept for kept in idle if now - kept.idle_since <= self._idle]
+        for kept in stale:
+            _close(kept.client)
+
+    def close(self) -> None:
+        with self._lock:
+            kept = [k for idle in self._kept.values() for k in idle]
+            self._kept.clear()
+        for k in kept:
+            _close(k.client)
 
 
 class _HandshakeFailed(Exception):
@@ -153,6 +301,14 @@ class _DsnParameters:
         return options
 
 
+class _Refused(Exception):
+    """The next hop would not talk (its greeting or EHLO refused)."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__(str(outcome))
+        self.outcome = outcome
+
+
 class _SMTPClient(smtplib.SMTP):
     """smtplib's client, whose connecting has a bound of its own, shorter
     than the one every command's reply gets (from the greeting on)."""
@@ -168,6 +324,10 @@ class _SMTPClient(smtplib.SMTP):
         bound = min(timeout, self._connect_timeout)
         sock: socket.socket = super()._get_socket(host, port, bound)  # type: ignore[misc]
         sock.settimeout(timeout)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            # Each command is one write and waits for its reply: Nagle's
+            # algorithm would only hold a write back for a delayed ACK.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
 
 
@@ -175,69 +335,71 @@ class _LMTPClient(_SMTPClient, smtplib.LMTP):
     pass
 
 
-def _attempt(
-    hop: NextHop,
-    *,
-    hostname: str,
-    sender: str,
-    recipients: Sequence[str],
-    message: BinaryIO,
-    smtputf8: bool,
-    body: str | None,
-    timeout: float,
-    connect_timeout: float,
-    tls: bool,
-    dsn: _DsnParameters,
-) -> list[Outcome]:
-    outcomes: list[Outcome | None] = [None] * len(recipients)
+def _close(client: smtplib.SMTP) -> None:
+    try:
+        client.quit()
+    except (OSError, smtplib.SMTPException):
+        client.close()
+
+
+def _reset(client: smtplib.SMTP) -> bool:
+    """RSET on a kept connection: whether it is alive and ready for a transaction."""
+    try:
+        code, _ = client.docmd("RSET")
+    except (OSError, smtplib.SMTPException):
+        return False
+    return code == 250
+
+
+def _connect(
+    hop: NextHop, *, hostname: str, timeout: float, connect_timeout: float, tls: bool
+) -> smtplib.SMTP:
+    """A session with the next hop, greeted, EHLO (LHLO) said, STARTTLS
+    done when offered.  Raises _Refused, _HandshakeFailed, OSError or
+    SMTPException."""
     kind = _LMTPClient if hop.protocol == "lmtp" else _SMTPClient
+    # Connecting in the constructor: STARTTLS names the host it was given.
+    client = kind(
+        hop.host,
+        hop.port,
+        local_hostname=hostname,
+        timeout=timeout,
+        connect_timeout=connect_timeout,
+    )
     try:
-        # Connecting in the constructor: STARTTLS names the host it was given.
-        client = kind(
-            hop.host,
-            hop.port,
-            local_hostname=hostname,
-            timeout=timeout,
-            connect_timeout=connect_timeout,
-        )
-    except (OSError, smtplib.SMTPException) as exc:
-        # No greeting, or not a 220: Postfix too defers rather than bounces.
-        failure = Outcome(451, f"4.4.1 {describe(hop)}: {_reason(exc)}", unreachable=True)
-        return [failure] * len(recipients)
-    try:
-        _transaction(
-            client,
-            hop,
-            sender=sender,
-            recipients=recipients,
-            message=message,
-            smtputf8=smtputf8,
-            body=body,
-            tls=tls,
-            dsn=dsn,
-            outcomes=outcomes,
-        )
-    except (OSError, smtplib.SMTPException) as exc:
-        failure = Outcome(451, f"4.4.2 {describe(hop)}: {_reason(exc)}")
-        outcomes = [o if o is not None else failure for o in outcomes]
-    finally:
-        try:
-            client.quit()
-        except (OSError, smtplib.SMTPException):
-            client.close()
-    return [o or Outcome(451, "4.4.2 No reply from the next hop") for o in outcomes]
+        code, text = client.ehlo()
+        if code != 250 and hop.protocol == "smtp":
+            code, text = client.helo()
+        if code != 250:
+            command = "LHLO" if hop.protocol == "lmtp" else "EHLO and HELO"
+            raise _Refused(_refused(hop, code, text, command))
+        if tls and client.has_extn("starttls") and hop.port != 0:
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            try:
+                code, text = client.starttls(context=context)
+            except ssl.SSLError as exc:
+                raise _HandshakeFailed(exc.reason or str(exc)) from exc
+            if code == 220:
+                code, text = client.ehlo()
+                if code != 250:
+                    raise _Refused(_refused(hop, code, text, "EHLO after STARTTLS"))
+    except BaseException:
+        _close(client)
+        raise
+    return client
 
 
 def _transaction(
     client: smtplib.SMTP,
-    hop: NextHop,
     *,
+    hop: NextHop,
     sender: str,
     recipients: Sequence[str],
     message: BinaryIO,
     smtputf8: bool,
     body: str | None,
-    tls: bool,
     dsn: _DsnParameters,
     outcomes: list[Outcome | None],
 ) -> None:
@@ -246,26 +408,8 @@ def _transaction(
             if current is None:
                 outcomes[i] = outcome
 
-    code, text = client.ehlo()
-    if code != 250 and hop.protocol == "smtp":
-        code, text = client.helo()
-    if code != 250:
-        all_get(_refused(hop, code, text, "LHLO" if hop.protocol == "lmtp" else "EHLO and HELO"))
-        return
-    if tls and client.has_extn("starttls") and hop.port != 0:
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        try:
-            code, text = client.starttls(context=context)
-        except ssl.SSLError as exc:
-            raise _HandshakeFailed(exc.reason or str(exc)) from exc
-        if code == 220:
-            code, text = client.ehlo()
-            if code != 250:
-                all_get(_refused(hop, code, text, "EHLO after STARTTLS"))
-                return
     options = ""
+    client.command_encoding = "ascii"
     if smtputf8:
         if not client.has_extn("smtputf8"):
             all_get(Outcome(550, "5.6.7 The next hop does not support SMTPUTF8"))
@@ -296,9 +440,13 @@ def _transaction(
         all_get(_outcome(code, text, "DATA"))
         return
     assert client.sock is not None
+    last = b""
     for chunk in dot_stuffed(message):
-        client.sock.sendall(chunk)
-    client.sock.sendall(b".\r\n")
+        if last:
+            client.sock.sendall(last)
+        last = chunk
+    # The end of data in the same write as the last octets: one packet, not two.
+    client.sock.sendall(last + b".\r\n")
     if hop.protocol == "lmtp":
         # RFC 2033 4.2: one reply per accepted recipient, in RCPT order.
         for i in accepted:

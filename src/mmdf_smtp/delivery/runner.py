@@ -1,36 +1,55 @@
-"""The queue runner: one pass over the messages that are due.
+"""The queue runner: deliveries under way at once, each message under a lease.
 
-For each message the first pass expands its recipients through the
-aliases and writes that list as the message's delivery state, before any
-delivery: an entry's place in it names the entry's Maildir file, so a
-retry after a crash finds what was already delivered.  Then every
-recipient due is tried (local ones into their Maildir, the others in one
-transaction with the next hop), the failures that are final are
-reported to the sender in one notification, and the state is replaced,
-or, when every recipient is done, the message leaves the queue.
+The runner claims due messages from the queue (:class:`DeliveryQueue`),
+each under a lease that no one else holds meanwhile, and works each in
+two steps on a pool of threads.  The first expands the recipients
+through the aliases and records that list as the message's delivery
+state, before any delivery (an entry's place in it names the entry's
+Maildir file, so a retry after a crash finds what was already
+delivered), then delivers the local recipients into their Maildirs and
+records that.  The second, for the recipients left for the next hop,
+waits for a free place among the hop's ``destination_concurrency_limit``
+(never more than ``concurrency`` less one), so that a slow or dead hop
+holds only those places: local mail and new mail go on beside it.  The
+failures that are final are reported to the sender, one notification a
+step; when every recipient is done, the message leaves the queue.
+
+Why threads: deliver's time goes to fsync (half of it on one message at a
+time, five a message) and to the next hop's replies, both spent outside
+the interpreter's lock; threads let the fsyncs of many messages share
+journal commits, and their Python work (about 2 ms a message) is shared
+out by the one lock.
 
 Order of the durable steps, and what a crash between them does:
-notification queued, then state written (a crash repeats the
-notification: at least once); Maildir file linked, then state written (a
-crash is noticed by the file name: exactly once); next hop answered, then
-state written (a crash sends again: at least once).
+notification queued, then state recorded (a crash repeats the
+notification: at least once); Maildir file linked, then state recorded
+(a crash is noticed by the file name, looked for first when the lease is
+``resumed``: exactly once); next hop answered, then state recorded (a
+crash sends again: at least once).
 
-The runner holds a message's lock (:meth:`Spool.claim`) from before it
-reads the state until the state is written or the message removed, so
-that ``checkque`` never holds or deletes a message under it; a message
-held or deleted before the lock is had is passed by.
+The lease (on the spool, a flock on the message's file) is held from
+before the state is read until it is recorded or the message removed,
+so that ``checkque`` never holds or deletes a message under a delivery.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import errno
-import itertools
 import logging
+import queue
+import selectors
+import socket
+import threading
+import time
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
+from typing import BinaryIO, Protocol
 
 from .. import metrics
 from ..config import Config
@@ -41,13 +60,18 @@ from ..queue import (
     DEFERRED,
     DELIVERED,
     PENDING,
+    DeliveryQueue,
     DeliveryState,
     Envelope,
+    Lease,
+    LeaseLost,
+    Queue,
     QueueError,
     RecipientState,
+    Wakeups,
     maildrop,
+    open_backend,
 )
-from ..queue.spool import Spool
 from . import dsn, maildir, nexthop
 from .nexthop import Outcome
 
@@ -57,6 +81,14 @@ Clock = Callable[[], datetime]
 Sender = Callable[..., list[Outcome]]
 NULL_SENDER = ""
 DSN_CHANNEL = "deliver"  # the source channel recorded for notifications
+# Leases held waiting for the next hop, per place of ``concurrency``: a
+# backlog for a slow hop, bounded, so that new claims always find room.
+_BACKLOG_PER_SLOT = 4
+# How long a message whose turn for a full hop's backlog did not come
+# waits before it is claimed again (its local recipients are done).
+HOP_BUSY_WAIT = timedelta(seconds=5)
+# How long a hop may take no step at all before it counts as stalled.
+HOP_STALL = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,50 +99,89 @@ class _Tried:
     remote_mta: str | None = None  # the next hop's host
 
 
+@dataclass(slots=True)
+class _Work:
+    """One claimed message between its steps."""
+
+    lease: Lease
+    remote: list[int] = field(default_factory=list)  # entries left for the next hop
+    finished: bool = False  # the lease is ended or the message completed
+    to_hop: bool = False  # the step that ran was the next hop's
+
+
 def backoff(attempts: int, *, first: int, longest: int) -> timedelta:
     """The wait after ``attempts`` tries: ``first`` seconds, doubled each try, up to ``longest``."""
     seconds = first * 2 ** min(max(attempts - 1, 0), 32)
     return timedelta(seconds=min(seconds, longest))
 
 
+class DeliveryBackend(Queue, DeliveryQueue, Protocol):
+    """What the runner needs of a queue: the work, the way in for its
+    notifications, and a message by its id (to quote in them)."""
+
+    def open_message(self, queue_id: str) -> BinaryIO: ...
+
+
+def open_queue(config: Config) -> DeliveryBackend:
+    """The queue deliver works, as the configuration names it (``[queue]``).
+    Raises ConfigError when that backend cannot be had."""
+    return open_backend(config)
+
+
 class Runner:
-    """Delivers what is due in one spool under one configuration."""
+    """Delivers what is due in one queue under one configuration."""
 
     def __init__(
         self,
         config: Config,
-        spool: Spool,
+        spool: DeliveryBackend,
         *,
         clock: Clock = lambda: datetime.now(UTC),
-        send: Sender = nexthop.send,
+        send: Sender | None = None,
         pickup: Callable[[], object] | None = None,
         stopping: Callable[[], bool] = lambda: False,
     ) -> None:
-        """``pickup`` runs first in every pass and moves locally submitted
-        mail into the queue; by default it is the maildrop's, whenever the
-        configuration has the ``local`` channel that submit queues under.
-        ``stopping`` is asked between messages, so that a stop finishes the
-        message under way.
+        """``pickup`` runs at the start of :meth:`run` and on new mail, and
+        moves locally submitted mail into the queue; by default it is the
+        maildrop's, whenever the configuration has the ``local`` channel
+        that submit queues under.  ``stopping`` is asked between steps: a
+        stop finishes the deliveries under way and claims no more.
+        ``send``: the next hop's client (by default one that keeps its
+        connections for the next message, :class:`nexthop.Connections`).
 
         Raises ConfigError when the aliases file cannot be read.
         """
         self.config = config
         self.spool = spool
         self._clock = clock
+        self.connections: nexthop.Connections | None = None
+        if send is None:
+            self.connections = nexthop.Connections(
+                idle=config.deliver.connection_cache_time,
+                reuse=config.deliver.connection_reuse_limit,
+            )
+            send = self.connections.send
         self._send = send
         if pickup is None and "local" in config.channels:
-            policy = Policy(config)  # tables read once per runner, not per pass
-            pickup = partial(maildrop.pickup, spool, config, policy=policy)
+            from ..queue.spool import Spool
+
+            if isinstance(spool, Spool):
+                policy = Policy(config)  # tables read once per runner, not per pass
+                pickup = partial(maildrop.pickup, spool, config, policy=policy)
         self._pickup = pickup
         self._stopping = stopping
+        self.concurrency = config.deliver.concurrency
+        # One place at least stays free of the next hop, for local mail.
+        self.hop_limit = max(
+            1, min(config.deliver.destination_concurrency_limit, self.concurrency - 1)
+        )
         self._notices: list[str] = []
-        # Next tries this runner wrote: their states need no reading until then.
-        self._waiting: dict[str, datetime] = {}
         # A next hop that could not be reached, until when it is left alone,
         # and what its recipients are told meanwhile: like a dead destination
         # in Postfix's queue manager, so that a hop that is down costs one
         # connection timeout, not one for each message.
         self._hop_down: tuple[datetime, Outcome] | None = None
+        self._hop_lock = threading.Lock()
         table = read_aliases(config.local.aliases) if config.local.aliases else {}
         domains = config.local_domains
         self.aliases = Aliases(
@@ -121,101 +192,259 @@ class Runner:
             delimiters=config.deliver.recipient_delimiter,
         )
 
-    def run(self, *, flush: bool = False, flush_ids: Collection[str] = ()) -> datetime | None:
-        """One pass over what is due (everything deferred too, with ``flush``;
-        the deferred recipients of the messages in ``flush_ids`` too).
+    def close(self) -> None:
+        """Close the connections kept to the next hop."""
+        if self.connections is not None:
+            self.connections.close()
 
-        Returns when the earliest deferred recipient is next due, None when
+    def run(
+        self,
+        *,
+        flush: bool = False,
+        flush_ids: Collection[str] = (),
+        wakeups: Wakeups | None = None,
+        interrupt: socket.socket | None = None,
+    ) -> datetime | None:
+        """Deliver what is due, up to ``concurrency`` messages at once.
+
+        Without ``wakeups``, returns once nothing due is left (``--once``);
+        with them, runs until ``stopping``, claiming again on new mail,
+        flushes, and when the earliest deferred message is due.
+        ``interrupt``: a socket that signals write to (set_wakeup_fd), so
+        that ``stopping`` is asked at once.  ``flush``: every deferred
+        recipient now; ``flush_ids``: these messages' deferred recipients.
+        Deliveries under way are finished before it returns.
+
+        Returns when the earliest deferred message is next due, None when
         nothing waits.
         """
         if self._pickup is not None:
             self._pickup()
         if flush or flush_ids:
             self._hop_down = None  # the administrator asks for a try now
-        due, self._waiting = self.spool.due(self._clock(), flush=flush, known=self._waiting)
-        waiting = [queue_id for queue_id in flush_ids if queue_id in self._waiting]
-        if waiting:
-            due = sorted({*due, *waiting})
-        log.debug("pass: %d messages due, %d waiting", len(due), len(self._waiting))
-        self._notices.clear()
-        # Notices queued by this pass are delivered by it too: the sender
-        # hears of a failure at once, also under --once.
-        for queue_id in itertools.chain(due, self._notices):
-            if self._stopping():
-                break
-            try:
-                next_try = self.deliver(queue_id, flush=flush or queue_id in flush_ids)
-            except (OSError, QueueError) as exc:
-                # The spool itself failed (full, unreadable): the message
-                # stays as it was and is tried again after a while.
-                log.error("id=%s: cannot deliver: %s", queue_id, exc)
-                next_try = self._clock() + timedelta(seconds=self.config.deliver.retry_min)
-            except Exception:
-                # A bug must not stop the other messages' delivery.
-                log.exception("id=%s: delivery failed", queue_id)
-                next_try = self._clock() + timedelta(seconds=self.config.deliver.retry_min)
-            if next_try is not None:
-                self._waiting[queue_id] = next_try
-            else:
-                self._waiting.pop(queue_id, None)
-        return min(self._waiting.values(), default=None)
+        results: queue.SimpleQueue[_Work] = queue.SimpleQueue()
+        done_read, done_write = socket.socketpair()
+        done_read.setblocking(False)
+        done_write.setblocking(False)
+        selector = selectors.DefaultSelector()
+        selector.register(done_read, selectors.EVENT_READ)
+        if wakeups is not None:
+            selector.register(wakeups.fileno(), selectors.EVENT_READ, "wakeups")
+        if interrupt is not None:
+            selector.register(interrupt, selectors.EVENT_READ, "interrupt")
+        pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="deliver")
+        to_hop: collections.deque[_Work] = collections.deque()
+        held = running = at_hop = 0
+        most_held = self.concurrency * (1 + _BACKLOG_PER_SLOT)
+        flush_all, flush_these = flush, set(flush_ids)
+        hop_busy_until: datetime | None = None
+        hop_moved = time.monotonic()  # when a step at the hop last ended
 
-    def deliver(self, queue_id: str, *, flush: bool = False) -> datetime | None:
-        """Try the due recipients of one message; when its next try is due.
+        def submit(step: Callable[[_Work], None], work: _Work) -> None:
+            def step_and_report() -> None:
+                try:
+                    step(work)
+                finally:
+                    results.put(work)
+                    # A full socket: the main loop has bytes to read already.
+                    with contextlib.suppress(BlockingIOError):
+                        done_write.send(b".")
 
-        Under the message's lock, from before its state is read until it is
-        written: checkque waits for it to hold or delete the message.
-        """
-        claim = self.spool.claim(queue_id)
-        if claim is None:
-            return None  # held, deleted or delivered meanwhile
-        with claim:
-            return self._deliver(queue_id, flush=flush)
+            pool.submit(step_and_report)
 
-    def _deliver(self, queue_id: str, *, flush: bool) -> datetime | None:
         try:
-            envelope = self.spool.envelope(queue_id)
-        except KeyError:
-            return None  # delivered and removed meanwhile
-        except ValueError as exc:
-            # Not whole (storage that lied about a flush): delivering it
-            # would hand on a torn message, and retrying it blocks nothing
-            # but fills the log.  The administrator decides (README, Queue).
-            self.spool.set_aside(queue_id, str(exc))
-            return None
-        state = self.spool.read_state(queue_id)
-        # Only a run that found a state on disk can follow one that crashed
-        # after a Maildir delivery: a first run need not look for its files.
-        retry = state is not None
+            while True:
+                while not results.empty():
+                    work = results.get()
+                    running -= 1
+                    if work.to_hop:
+                        at_hop -= 1
+                        hop_moved = time.monotonic()
+                    if work.finished:
+                        held -= 1
+                    elif not work.remote or work.to_hop:
+                        # A step cut short by what it did not catch: the
+                        # message as last recorded, for a later claim.
+                        retry = timedelta(seconds=self.config.deliver.retry_min)
+                        self._give_back(work.lease, self._clock() + retry)
+                        held -= 1
+                    elif len(to_hop) >= _BACKLOG_PER_SLOT * self.concurrency:
+                        hop_busy_until = self._clock() + HOP_BUSY_WAIT
+                        log.debug("id=%s: the next hop's backlog is full", work.lease.id)
+                        self._give_back(work.lease, hop_busy_until)
+                        held -= 1
+                    else:
+                        to_hop.append(work)
+                stopping = self._stopping()
+                if stopping:
+                    while to_hop:
+                        self._give_back(to_hop.popleft().lease, None)
+                        held -= 1
+                while to_hop and running < self.concurrency and at_hop < self.hop_limit:
+                    work = to_hop.popleft()
+                    work.to_hop = True
+                    running += 1
+                    at_hop += 1
+                    submit(self._hop_step, work)
+                claimed = 0
+                room = min(self.concurrency - running, most_held - held)
+                # A full backlog for a hop that is moving: what is claimed now
+                # would mostly be given back; wait for the hop.  One that has
+                # not moved for HOP_STALL is slow or stuck: local mail goes on.
+                backlog = _BACKLOG_PER_SLOT * self.concurrency - len(to_hop)
+                backlog_full = backlog <= 0
+                stalled = time.monotonic() - hop_moved >= HOP_STALL
+                if not stalled:
+                    # No more than the backlog can take, were all for the hop.
+                    room = min(room, backlog - (running - at_hop))
+                if not stopping and room > 0:
+                    self._notices.clear()
+                    leases = self.spool.claim(
+                        room, self._clock(), flush_all=flush_all, flush_ids=flush_these
+                    )
+                    flush_all, flush_these = False, set()
+                    for lease in leases:
+                        held += 1
+                        running += 1
+                        submit(self._local_step, _Work(lease))
+                    claimed = len(leases)
+                if stopping and running == 0:
+                    break
+                now = self._clock()
+                next_due = self.spool.next_due()
+                more_now = next_due is not None and next_due <= now
+                if (claimed == room and room > 0) or (more_now and room > claimed):
+                    timeout: float | None = 0.0
+                elif backlog_full and not stalled:
+                    timeout = HOP_STALL  # a step's end, or the hop found stalled
+                elif held or stopping:
+                    timeout = None  # a step's end is what comes next
+                elif wakeups is None:
+                    if self._notices:
+                        continue  # notices this run queued: delivered by it too
+                    if hop_busy_until is None or hop_busy_until <= now:
+                        break
+                    # Given back while the hop was busy: theirs too before the end.
+                    timeout = (hop_busy_until - now).total_seconds()
+                else:
+                    timeout = self.spool.rescan_interval()
+                    if next_due is not None:
+                        timeout = min(timeout, max(0.0, (next_due - now).total_seconds()))
+                if self.connections is not None:
+                    # Idle connections to the next hop go when their time is up.
+                    self.connections.sweep()
+                    if self.connections.idle():
+                        cache_time = self.config.deliver.connection_cache_time
+                        timeout = cache_time if timeout is None else min(timeout, cache_time)
+                for key, _ in selector.select(timeout):
+                    if key.data == "wakeups":
+                        assert wakeups is not None
+                        wakeup = wakeups.drain()
+                        if wakeup.new_mail and self._pickup is not None:
+                            self._pickup()
+                        if wakeup.flush_all or wakeup.flush_ids:
+                            self._hop_down = None
+                        flush_all = flush_all or wakeup.flush_all
+                        flush_these |= wakeup.flush_ids
+                    else:
+                        _drain(key.fileobj)  # type: ignore[arg-type]
+        finally:
+            pool.shutdown(wait=True)
+            while not results.empty():
+                work = results.get()
+                if not work.finished:
+                    self._give_back(work.lease, None)
+            while to_hop:
+                self._give_back(to_hop.popleft().lease, None)
+            selector.close()
+            done_read.close()
+            done_write.close()
+        return self.spool.next_due()
+
+    def _give_back(self, lease: Lease, not_before: datetime | None) -> None:
+        try:
+            lease.end(not_before=not_before)
+        except (OSError, QueueError) as exc:
+            log.error("id=%s: cannot give the message back: %s", lease.id, exc)
+
+    def _local_step(self, work: _Work) -> None:
+        self._step(work, self._deliver_local)
+
+    def _hop_step(self, work: _Work) -> None:
+        self._step(work, self._deliver_remote)
+
+    def _step(self, work: _Work, step: Callable[[_Work], None]) -> None:
+        """Run one step of a message's delivery; a failure leaves it for a later try."""
+        lease = work.lease
+        try:
+            step(work)
+            return
+        except LeaseLost as exc:
+            log.warning("id=%s: %s", lease.id, exc)
+        except (OSError, QueueError) as exc:
+            # The queue itself failed (full, unreadable): the message
+            # stays as it was and is tried again after a while.
+            log.error("id=%s: cannot deliver: %s", lease.id, exc)
+        except Exception:
+            # A bug must not stop the other messages' delivery.
+            log.exception("id=%s: delivery failed", lease.id)
+        work.finished = True
+        self._give_back(lease, self._clock() + timedelta(seconds=self.config.deliver.retry_min))
+
+    def _deliver_local(self, work: _Work) -> None:
+        """The first step: the list of destinations recorded, the local ones delivered."""
+        lease = work.lease
+        envelope = lease.envelope
+        state = lease.state
         if state is None:
             state = self.expand(envelope)
-            self.spool.write_state(queue_id, state)
+            lease.record(state)
         now = self._clock()
-        due = [
-            i
-            for i, r in enumerate(state.recipients)
-            if r.status == PENDING
-            or (r.status == DEFERRED and (flush or r.next_try is None or r.next_try <= now))
-        ]
-        tried = [
-            self._local(queue_id, envelope, state, i, retry=retry)
-            for i in due
-            if _is_local(state, i)
-        ]
-        remote = [i for i in due if not _is_local(state, i)]
-        if remote:
-            tried += self._remote(queue_id, envelope, state, remote)
+        due = _due(state, now)
+        local = [i for i in due if _is_local(state, i)]
+        work.remote = [i for i in due if not _is_local(state, i)]
+        if local:
+            tried = [self._local(lease, envelope, state, i) for i in local]
+            self._settle(lease, envelope, state, tried, now)
+        if not work.remote:
+            self._finish(work, state)
+
+    def _deliver_remote(self, work: _Work) -> None:
+        """The second step: the next hop's recipients, in one transaction."""
+        lease = work.lease
+        state = lease.state
+        assert state is not None
+        now = self._clock()
+        tried = self._remote(lease, lease.envelope, state, work.remote)
+        self._settle(lease, lease.envelope, state, tried, now)
+        self._finish(work, state)
+
+    def _settle(
+        self,
+        lease: Lease,
+        envelope: Envelope,
+        state: DeliveryState,
+        tried: list[_Tried],
+        now: datetime,
+    ) -> None:
+        """Outcomes into the state; the notices they call for queued (RFC 3461:
+        failure, delay, success, relayed), then the state recorded."""
         reports = [
-            r for t in tried if (r := self._record(queue_id, envelope, state, t, now)) is not None
+            r for t in tried if (r := self._record(lease.id, envelope, state, t, now)) is not None
         ]
         for notice in dsn.grouped(reports):
-            self._notify(queue_id, envelope, notice, now)
+            self._notify(lease.id, envelope, notice, now)
+        if not state.done:
+            lease.record(state, changed=[t.index for t in tried])
+
+    def _finish(self, work: _Work, state: DeliveryState) -> None:
+        lease = work.lease
         if state.done:
-            self.spool.remove(queue_id)
-            log.info("id=%s removed: every recipient is done", queue_id)
-            return None
-        self.spool.write_state(queue_id, state)
-        return state.next_try()
+            lease.complete()
+            log.info("id=%s removed: every recipient is done", lease.id)
+        else:
+            lease.end()
+        work.finished = True
 
     def expand(self, envelope: Envelope) -> DeliveryState:
         """The message's destinations, in envelope order, aliases expanded."""
@@ -244,21 +473,19 @@ class Runner:
     def maildir_of(self, mailbox: str) -> Path:
         return Path(self.config.local.maildir.replace("{user}", mailbox))
 
-    def _local(
-        self, queue_id: str, envelope: Envelope, state: DeliveryState, i: int, *, retry: bool
-    ) -> _Tried:
+    def _local(self, lease: Lease, envelope: Envelope, state: DeliveryState, i: int) -> _Tried:
         entry = state.recipients[i]
         if entry.problem is not None:
             return _Tried(i, Outcome(550, entry.problem), "local")
         assert entry.mailbox is not None
         folder = self.maildir_of(entry.mailbox)
         name = maildir.file_name(
-            int(envelope.received.timestamp()), queue_id, i, self.config.hostname
+            int(envelope.received.timestamp()), lease.id, i, self.config.hostname
         )
         header = f"Return-Path: <{envelope.sender}>\nDelivered-To: {entry.address}\n".encode()
         try:
-            with self.spool.open_message(queue_id) as message:
-                written = maildir.deliver(folder, name, header, message, look_first=retry)
+            with lease.open_message() as message:
+                written = maildir.deliver(folder, name, header, message, look_first=lease.resumed)
         except OSError as exc:
             return _Tried(i, _maildir_failure(folder, exc), "maildir")
         text = f"2.0.0 Delivered to maildir as {name}"
@@ -267,7 +494,7 @@ class Runner:
         return _Tried(i, Outcome(250, text), "maildir")
 
     def _remote(
-        self, queue_id: str, envelope: Envelope, state: DeliveryState, due: list[int]
+        self, lease: Lease, envelope: Envelope, state: DeliveryState, due: list[int]
     ) -> list[_Tried]:
         hop = self.config.deliver.next_hop
         if hop is None:
@@ -277,9 +504,10 @@ class Runner:
             return [_Tried(i, outcome, "none") for i in due]
         relay, host = nexthop.describe(hop), nexthop.host_of(hop)
         now = self._clock()
-        if self._hop_down is not None and now < self._hop_down[0]:
-            return [_Tried(i, self._hop_down[1], relay, host) for i in due]
-        with self.spool.open_message(queue_id) as message:
+        down = self._hop_down
+        if down is not None and now < down[0]:
+            return [_Tried(i, down[1], relay, host) for i in due]
+        with lease.open_message() as message:
             outcomes = self._send(
                 hop,
                 hostname=self.config.hostname,
@@ -294,8 +522,11 @@ class Runner:
             pause = self.config.deliver.retry_min
             # From the failure on: finding it out may have taken the connect bound.
             until = self._clock() + timedelta(seconds=pause)
-            self._hop_down = (until, nexthop.suspended(outcomes[0]))
-            log.warning("%s; delivery to it suspended for %d s", outcomes[0], pause)
+            with self._hop_lock:
+                first = self._hop_down is None or self._hop_down[0] <= now
+                self._hop_down = (until, nexthop.suspended(outcomes[0]))
+            if first:
+                log.warning("%s; delivery to it suspended for %d s", outcomes[0], pause)
         return [_Tried(i, o, relay, host) for i, o in zip(due, outcomes, strict=True)]
 
     def _record(
@@ -418,6 +649,28 @@ def _kind(envelope: Envelope, relay: str) -> str:
     if envelope.channel == DSN_CHANNEL and envelope.sender == NULL_SENDER:
         return "bounce"
     return "local" if relay in ("maildir", "local") else "nexthop"
+
+
+def _due(state: DeliveryState, now: datetime) -> list[int]:
+    """The entries to try now: pending, or deferred and due; every deferred
+    one when none is (a message claimed early: flushed by the administrator)."""
+    due = [
+        i
+        for i, r in enumerate(state.recipients)
+        if r.status == PENDING
+        or (r.status == DEFERRED and (r.next_try is None or r.next_try <= now))
+    ]
+    if due:
+        return due
+    return [i for i, r in enumerate(state.recipients) if r.status == DEFERRED]
+
+
+def _drain(sock: socket.socket) -> None:
+    try:
+        while sock.recv(4096):
+            pass
+    except BlockingIOError:
+        pass
 
 
 def _is_local(state: DeliveryState, i: int) -> bool:

@@ -43,7 +43,7 @@ import json
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -534,6 +534,4 @@ def open_backend(config: Config, *, in_memory: int = 0) -> QueueBackend:
         return backend
     from .spool import Spool
 
-    # Cast: deliver still works the spool through its own calls, so the
-    # spool's claim has its older shape, not DeliveryQueue's.
-    return cast(QueueBackend, Spool(config.spool, in_memory=in_memory))
+    return Spool(config.spool, in_memory=in_memory)

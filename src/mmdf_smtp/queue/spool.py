@@ -40,7 +40,7 @@ same fsyncs in the same order, ``hold/`` synced where ``queue/`` would be.
 ``checkque --hold`` and ``--release`` move messages between the two by a
 rename (both directories synced); the delivery state stays.  While
 deliver works a message it holds an exclusive flock(2) on its file
-(:meth:`Spool.claim`); the administrator's :meth:`Spool.hold`,
+(:meth:`Spool.claim`, non-blocking); the administrator's :meth:`Spool.hold`,
 :meth:`Spool.release` and :meth:`Spool.delete` act on a message only under
 the same lock, so a message deliver has halfway is never moved or removed
 under it.  A lock follows the file across renames
@@ -70,6 +70,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import heapq
 import itertools
 import json
 import logging
@@ -79,20 +80,25 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import fields
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, BinaryIO, overload
+from typing import Any, BinaryIO
 
 from . import (
+    PENDING,
+    DelivererRunning,
     DeliveryState,
     Envelope,
+    Lease,
+    LeaseLost,
     MessageBusy,
     MessageWriter,
     QueuedMessage,
     QueueError,
     SetAside,
+    Wakeup,
 )
 
 log = logging.getLogger("mmdf_smtp.queue")
@@ -545,6 +551,8 @@ class Spool:
         self._syncing = False
         self._syncs_started = 0
         self._syncs_done = 0
+        self._state_sync = _GroupSync(self.state)
+        self._work: _WorkIndex | None = None  # what this process's deliverer knows (claim)
 
     def prepare(self) -> None:
         """Create the spool's folders if missing.  Raises OSError."""
@@ -666,6 +674,8 @@ class Spool:
                 writer._publish()
             except QueueError as exc:
                 results[i] = exc
+        if self._work is not None:
+            self._work.rescan_wanted = True  # a notice deliver itself queued
         self.poke()
         return results
 
@@ -867,26 +877,12 @@ class Spool:
             "id=%s: %s; moved to %s, not delivered", queue_id, reason, self.corrupt / queue_id
         )
 
-    @overload
-    def set_aside(self) -> list[SetAside]: ...
-
-    @overload
-    def set_aside(self, queue_id: str, reason: str) -> None: ...
-
-    def set_aside(
-        self, queue_id: str | None = None, reason: str | None = None
-    ) -> list[SetAside] | None:
+    def set_aside(self) -> list[SetAside]:
         """What ``corrupt/`` holds, by name, with what is wrong with each file.
 
         Beside the queue files :meth:`move_aside` moved there, it holds what
         pickup refused from the maildrop (see :mod:`.maildrop`).
-
-        Called with a message's id and a reason, it is :meth:`move_aside`:
-        the name deliver's runner still calls that by.
         """
-        if queue_id is not None:
-            self.move_aside(queue_id, reason or "cannot be read whole")
-            return None
         found: list[SetAside] = []
         try:
             names = sorted(os.listdir(self.corrupt))
@@ -996,21 +992,30 @@ class Spool:
             raise ValueError(f"{path}: unreadable delivery state: {exc!r}") from exc
 
     def write_state(self, queue_id: str, state: DeliveryState) -> None:
-        """Replace the delivery state atomically and durably.  Raises OSError."""
+        """Replace the delivery state atomically and durably.  Raises OSError.
+
+        The file's modification time is when the message is next due
+        (:func:`_due_stamp`), as Postfix keeps a deferred message's next try
+        in its file's mtime: a deliverer's scan of the queue learns it from
+        a stat, without reading the state.  Threads writing states at once
+        share the sync of ``state/``.
+        """
         self.prepare()
-        temporary = self.state / f".{queue_id}.{os.getpid()}"
+        temporary = self.state / f".{queue_id}.{os.getpid()}.{threading.get_ident()}"
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             with os.fdopen(fd, "wb") as file:
                 file.write(state.to_bytes())
                 file.flush()
+                stamp = _due_stamp(state)
+                os.utime(file.fileno(), ns=(stamp, stamp))
                 os.fsync(file.fileno())
             os.rename(temporary, self.state / queue_id)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(temporary)
             raise
-        _fsync_directory(self.state)
+        self._state_sync.sync()
 
     def due(
         self,
@@ -1054,6 +1059,139 @@ class Spool:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.state / queue_id)
 
+    # -- the deliverer's side (DeliveryQueue) ----------------------------------
+
+    def start_delivering(self) -> SpoolWakeups:
+        """Become this spool's one deliverer: take ``deliver.lock`` and listen
+        on ``deliver.sock``.  Raises :class:`DelivererRunning` when another
+        holds the lock, OSError when the spool cannot be used."""
+        self.prepare()
+        lock = os.open(self.directory / DELIVER_LOCK, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock)
+            raise DelivererRunning(f"another deliver is running on {self.directory}") from None
+        trigger = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            trigger.setblocking(False)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.trigger)  # a crashed deliver's; we hold the lock
+            trigger.bind(str(self.trigger))
+        except OSError as exc:
+            # A file system without sockets (some FUSE ones): the doorbell
+            # is a hint, and the scan every RESCAN_INTERVAL finds the mail.
+            log.warning(
+                "cannot listen on %s (%s): new mail is found by a scan every %d s",
+                self.trigger,
+                exc.strerror or exc,
+                RESCAN_INTERVAL,
+            )
+        except BaseException:
+            trigger.close()
+            os.close(lock)
+            raise
+        return SpoolWakeups(self, lock, trigger)
+
+    def claim(
+        self,
+        limit: int,
+        now: datetime,
+        *,
+        flush_all: bool = False,
+        flush_ids: Collection[str] = (),
+    ) -> list[Lease]:
+        """Up to ``limit`` due messages, each under an exclusive non-blocking
+        flock on its file (one held by checkque is passed by).  See
+        :class:`_WorkIndex` for how the due ones are found."""
+        work = self._work_index()
+        with work.lock:
+            if flush_all:
+                work.flush_all()
+            for queue_id in flush_ids:
+                if _ID.fullmatch(queue_id):
+                    work.make_ready(queue_id, 0.0, flushed=True)
+            work.retry_busy()
+            leases: list[Lease] = []
+            stamp = now.timestamp()
+            scanned = False
+            while len(leases) < limit:
+                candidate = work.pop(stamp)
+                if candidate is None:
+                    # One chunk of the scan a claim: what it finds is handed
+                    # out longest due first, and the claim's cost has a bound.
+                    if scanned or not work.scan_more(stamp, _SCAN_PER_CLAIM * max(limit, 1)):
+                        break
+                    scanned = True
+                    continue
+                lease = self._lease(work, *candidate, now)
+                if lease is not None:
+                    leases.append(lease)
+            return leases
+
+    def next_due(self) -> datetime | None:
+        work = self._work_index()
+        with work.lock:
+            return work.next_due()
+
+    def rescan_interval(self) -> float:
+        return RESCAN_INTERVAL
+
+    def _work_index(self) -> _WorkIndex:
+        if self._work is None:
+            self._work = _WorkIndex(self._in_queue, os.path.join(self.state, ""))
+        return self._work
+
+    def _lease(
+        self, work: _WorkIndex, queue_id: str, flushed: bool, now: datetime
+    ) -> SpoolLease | None:
+        """The lease on one candidate, or None: gone, busy, not whole, or not due after all."""
+        path = self._in_queue + queue_id
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except (FileNotFoundError, PermissionError):
+            work.forget(queue_id)  # delivered, held or deleted meanwhile; or still being committed
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                work.busy.append(queue_id)  # checkque has it for a moment
+                os.close(fd)
+                return None
+            if not (os.fstat(fd).st_mode & stat.S_IRUSR and _still_at(fd, path)):
+                work.forget(queue_id)
+                os.close(fd)
+                return None
+            with open(fd, "rb", closefd=False) as file:
+                try:
+                    envelope = read_envelope(file)
+                except ValueError as exc:
+                    # Not whole (storage that lied about a flush): delivering it
+                    # would hand on a torn message.  The administrator decides.
+                    self.move_aside(queue_id, str(exc))
+                    work.forget(queue_id)
+                    os.close(fd)
+                    return None
+            try:
+                state = self.read_state(queue_id)
+            except ValueError as exc:
+                log.error("id=%s: cannot deliver: %s", queue_id, exc)
+                work.make_waiting(queue_id, (now + UNREADABLE_WAIT).timestamp())
+                os.close(fd)
+                return None
+            if state is not None and not flushed and not state.done and not state.due(now):
+                next_try = state.next_try()
+                work.make_waiting(queue_id, next_try.timestamp() if next_try else 0.0)
+                os.close(fd)
+                return None
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            raise
+        work.held.add(queue_id)
+        return SpoolLease(self, work, queue_id, fd, envelope=envelope, state=state)
+
     def forget_orphans(self) -> list[str]:
         """Remove states whose message is gone and temporary states a crash left.
 
@@ -1062,17 +1200,22 @@ class Spool:
         """
         removed: list[str] = []
         try:
-            names = os.listdir(self.state)
+            entries = os.scandir(self.state)
         except FileNotFoundError:
             return removed
-        # A held message keeps its state for its release.
-        queued = set(self.ids()) | set(self.held_ids())
-        for name in names:
-            if name in queued:
-                continue
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.state / name)
-                removed.append(name)
+        # A stat a state, not the queue's ids in a set: memory stays bounded
+        # whatever the queue's length.  A held message keeps its state for
+        # its release.
+        with entries:
+            for entry in entries:
+                name = entry.name
+                if _ID.fullmatch(name) and (
+                    os.path.exists(self._in_queue + name) or os.path.exists(self._in_hold + name)
+                ):
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    removed.append(name)
         return removed
 
     def open_message(self, queue_id: str) -> BinaryIO:
@@ -1109,8 +1252,8 @@ class Spool:
 
     # -- the message lock, and what the administrator does (checkque) --------
 
-    def claim(self, queue_id: str) -> MessageClaim | None:
-        """Deliver's lock on a queued message, to hold while it works it:
+    def claim_one(self, queue_id: str) -> MessageClaim | None:
+        """A deliverer's lock on one queued message, to hold while it works it:
         from before it reads the state until the state is written or the
         message removed.  Waits while checkque holds it (a rename and an
         fsync or two); None when the message is no longer in queue/ (held,
@@ -1281,3 +1424,368 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+# -- the deliverer's side ------------------------------------------------------
+
+DELIVER_LOCK = "deliver.lock"
+# The longest a deliverer goes without looking at the whole of queue/:
+# a wake-up lost delays mail by this much at most (Postfix's
+# queue_run_delay is 300 s; a scan of 100,000 messages costs a stat each).
+RESCAN_INTERVAL = 60.0
+# How long a message whose state cannot be read waits before it is tried again.
+UNREADABLE_WAIT = timedelta(seconds=60)
+# Queue entries a claim may examine per message it asks for: a claim's cost
+# is bounded by its limit, never by the queue's length.
+_SCAN_PER_CLAIM = 64
+# The most due times a deliverer keeps in memory; a message left out is
+# found again by the next scan, its next try read from its state's mtime.
+INDEX_LIMIT = 20_000
+
+
+def _due_stamp(state: DeliveryState) -> int:
+    """When a message with ``state`` is next due, in ns since the epoch, for
+    its state file's mtime: 0 (due now) unless every recipient not done is
+    deferred."""
+    if state.done or any(r.status == PENDING for r in state.recipients):
+        return 0
+    next_try = state.next_try()
+    return int(next_try.timestamp() * 1e9) if next_try is not None else 0
+
+
+def _arrival(queue_id: str) -> float:
+    """A queue id's arrival time, in seconds since the epoch (its first 14 hex digits)."""
+    return int(queue_id[:14], 16) / 1e6
+
+
+class _WorkIndex:
+    """What one deliverer knows of when its spool's messages are due.
+
+    Two heaps: ``ready``, messages due whatever the time (new ones, by
+    arrival; flushed ones; ones given back with nothing deferred), and
+    ``waiting``, deferred ones by next try.  It is filled by an incremental
+    scan of queue/ (a few entries at a time, as claims need them; a new
+    scan when mail came, or after :data:`RESCAN_INTERVAL`), where a
+    message without a state is new and one with a state is due at its
+    state file's mtime; and by the leases this deliverer ends, whose next
+    tries it wrote.  At most :data:`INDEX_LIMIT` messages are known at
+    once: the rest are found again by a later scan.  Entries are replaced
+    lazily: a heap entry counts only while ``known`` agrees with it.
+    """
+
+    def __init__(self, queue: str, state: str) -> None:
+        self.lock = threading.Lock()
+        self._queue = queue
+        self._state = state
+        self._ready: list[tuple[float, str]] = []
+        self._waiting: list[tuple[float, str]] = []
+        self._known: dict[str, tuple[bool, float]] = {}  # id: (ready, key)
+        self._flushed: set[str] = set()
+        self.held: set[str] = set()  # under this process's leases
+        self.busy: list[str] = []  # locked by someone else at the last try
+        self._scan: Iterator[os.DirEntry[str]] | None = None
+        self._scan_flush = False
+        self._scanned_at = -RESCAN_INTERVAL
+        self.rescan_wanted = True
+
+    def make_ready(self, queue_id: str, key: float, *, flushed: bool = False) -> None:
+        if flushed:
+            self._flushed.add(queue_id)
+        if self._known.get(queue_id) == (True, key):
+            return
+        self._known[queue_id] = (True, key)
+        heapq.heappush(self._ready, (key, queue_id))
+        self._compact()
+
+    def make_waiting(self, queue_id: str, due: float) -> None:
+        if queue_id not in self._known and len(self._known) >= INDEX_LIMIT:
+            return  # the next scan finds it again
+        self._known[queue_id] = (False, due)
+        heapq.heappush(self._waiting, (due, queue_id))
+        self._compact()
+
+    def forget(self, queue_id: str) -> None:
+        self._known.pop(queue_id, None)
+        self._flushed.discard(queue_id)
+
+    def _compact(self) -> None:
+        """Drop replaced heap entries once they outnumber the live ones."""
+        if len(self._ready) + len(self._waiting) > 2 * len(self._known) + 1024:
+            self._ready = [(k, i) for i, (r, k) in self._known.items() if r]
+            self._waiting = [(k, i) for i, (r, k) in self._known.items() if not r]
+            heapq.heapify(self._ready)
+            heapq.heapify(self._waiting)
+
+    def _top(self, heap: list[tuple[float, str]], ready: bool) -> tuple[float, str] | None:
+        while heap:
+            key, queue_id = heap[0]
+            if self._known.get(queue_id) == (ready, key):
+                return key, queue_id
+            heapq.heappop(heap)
+        return None
+
+    def pop(self, now: float) -> tuple[str, bool] | None:
+        """The candidate due longest at ``now``, and whether it was flushed;
+        None when none is known."""
+        ready = self._top(self._ready, True)
+        waiting = self._top(self._waiting, False)
+        if waiting is not None and waiting[0] > now:
+            waiting = None
+        if ready is None and waiting is None:
+            return None
+        if waiting is None or (ready is not None and min(ready[0], now) <= waiting[0]):
+            assert ready is not None
+            heapq.heappop(self._ready)
+            queue_id = ready[1]
+        else:
+            heapq.heappop(self._waiting)
+            queue_id = waiting[1]
+        del self._known[queue_id]
+        flushed = queue_id in self._flushed
+        self._flushed.discard(queue_id)
+        return queue_id, flushed
+
+    def flush_all(self) -> None:
+        """Every deferred message due now: those known, and those the scan
+        that starts now finds."""
+        for queue_id, (ready, _) in list(self._known.items()):
+            if not ready:
+                self.make_ready(queue_id, 0.0, flushed=True)
+        self._close_scan()
+        self.rescan_wanted = True
+        self._scan_flush = True
+
+    def retry_busy(self) -> None:
+        busy, self.busy = self.busy, []
+        for queue_id in busy:
+            self.make_ready(queue_id, _arrival(queue_id))
+
+    def scan_more(self, now: float, count: int) -> bool:
+        """Look at up to ``count`` more entries of queue/; False when there
+        is nothing to scan now."""
+        if self._scan is None:
+            if not self.rescan_wanted and time.monotonic() - self._scanned_at < RESCAN_INTERVAL:
+                return False
+            self.rescan_wanted = False
+            self._scanned_at = time.monotonic()
+            try:
+                self._scan = os.scandir(self._queue)
+            except FileNotFoundError:
+                return False
+        for _ in range(count):
+            entry = next(self._scan, None)
+            if entry is None:
+                self._close_scan()
+                break
+            self._learn(entry.name, now)
+        return True
+
+    def _learn(self, queue_id: str, now: float) -> None:
+        if not _ID.fullmatch(queue_id) or queue_id in self.held or queue_id in self._known:
+            return
+        try:
+            due = os.stat(self._state + queue_id).st_mtime
+        except FileNotFoundError:
+            self.make_ready(queue_id, _arrival(queue_id), flushed=self._scan_flush)
+            return
+        if due <= now or self._scan_flush:
+            self.make_ready(queue_id, due, flushed=self._scan_flush)
+        else:
+            self.make_waiting(queue_id, due)
+
+    def _close_scan(self) -> None:
+        scan, self._scan = self._scan, None
+        if scan is not None:
+            scan.close()  # type: ignore[attr-defined]
+        self._scan_flush = False
+
+    def next_due(self) -> datetime | None:
+        scanned = self._scanned_at > -RESCAN_INTERVAL
+        if (
+            self._scan is not None
+            or (self.rescan_wanted and scanned)
+            or self._top(self._ready, True) is not None
+        ):
+            return _EPOCH  # more to claim now: mail came since the last scan, or one is under way
+        if self.busy:
+            return datetime.now(UTC) + timedelta(seconds=1)
+        waiting = self._top(self._waiting, False)
+        return datetime.fromtimestamp(waiting[0], UTC) if waiting is not None else None
+
+    def given_back(
+        self, queue_id: str, state: DeliveryState | None, not_before: datetime | None
+    ) -> None:
+        self.held.discard(queue_id)
+        due: float | None = None
+        if state is not None:
+            stamp = _due_stamp(state)
+            due = stamp / 1e9 if stamp else None
+        if not_before is not None:
+            due = max(due or 0.0, not_before.timestamp())
+        if due is None:
+            self.make_ready(queue_id, _arrival(queue_id))
+        else:
+            self.make_waiting(queue_id, due)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+class SpoolLease:
+    """A message of the spool under this deliverer's exclusive flock, until :meth:`end`.
+
+    The lock is on the open file: it ends with its holder, never under it
+    (``renew`` has nothing to do, and ``LeaseLost`` comes only after
+    :meth:`end` or :meth:`complete`).
+    """
+
+    def __init__(
+        self,
+        spool: Spool,
+        work: _WorkIndex,
+        queue_id: str,
+        fd: int,
+        *,
+        envelope: Envelope,
+        state: DeliveryState | None,
+    ) -> None:
+        self._spool = spool
+        self._work = work
+        self._id = queue_id
+        self._fd = fd
+        self._envelope = envelope
+        self._state = state
+        self._resumed = state is not None
+
+    @property
+    def id(self) -> str:
+        return self._id
+
+    @property
+    def envelope(self) -> Envelope:
+        return self._envelope
+
+    @property
+    def state(self) -> DeliveryState | None:
+        return self._state
+
+    @property
+    def resumed(self) -> bool:
+        return self._resumed
+
+    def open_message(self) -> BinaryIO:
+        return self._spool.open_message(self._id)
+
+    def renew(self) -> None:
+        self._check()
+
+    def _check(self) -> None:
+        if self._fd < 0:
+            raise LeaseLost(f"id={self._id}: the lease has ended")
+
+    def record(self, state: DeliveryState, changed: Collection[int] | None = None) -> None:
+        self._check()
+        try:
+            self._spool.write_state(self._id, state)
+        except OSError as exc:
+            raise _error("cannot write a delivery state", exc) from exc
+        self._state = state
+
+    def complete(self) -> None:
+        """The file, then its state (see :meth:`Spool.forget_orphans`); ``queue/``
+        synced between, shared with the other threads completing at once."""
+        self._check()
+        spool = self._spool
+        try:
+            os.unlink(spool._in_queue + self._id)
+            spool.sync_queue()
+        except OSError as exc:
+            raise _error("cannot remove a delivered message", exc) from exc
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(spool.state / self._id)
+        fd, self._fd = self._fd, -1
+        os.close(fd)
+        with self._work.lock:
+            self._work.held.discard(self._id)
+            self._work.forget(self._id)
+
+    def end(self, *, not_before: datetime | None = None) -> None:
+        fd, self._fd = self._fd, -1
+        if fd < 0:
+            return
+        os.close(fd)  # before the index hands it out again: a claim would find it busy
+        with self._work.lock:
+            self._work.given_back(self._id, self._state, not_before)
+
+
+class SpoolWakeups:
+    """deliver.sock, read for :class:`Wakeup`; and deliver.lock, held until :meth:`close`."""
+
+    def __init__(self, spool: Spool, lock: int, trigger: socket.socket) -> None:
+        self._spool = spool
+        self._lock = lock
+        self._trigger = trigger
+
+    def fileno(self) -> int:
+        return self._trigger.fileno()
+
+    def drain(self) -> Wakeup:
+        new_mail = flush_all = False
+        ids: set[str] = set()
+        while True:
+            try:
+                datagram = self._trigger.recv(64)
+            except (BlockingIOError, InterruptedError):
+                break
+            if datagram.startswith(FLUSH_ONE):
+                ids.add(datagram[1:].decode(errors="replace"))
+            elif datagram == FLUSH:
+                flush_all = True
+            else:
+                new_mail = True
+        if new_mail:
+            self._spool._work_index().rescan_wanted = True
+        return Wakeup(new_mail=new_mail, flush_all=flush_all, flush_ids=frozenset(ids))
+
+    def close(self) -> None:
+        if self._lock < 0:
+            return
+        if self._trigger.getsockname():  # bound: the name is ours
+            with contextlib.suppress(OSError):
+                os.unlink(self._spool.trigger)
+        self._trigger.close()
+        os.close(self._lock)
+        self._lock = -1
+
+
+class _GroupSync:
+    """fsync of one directory, shared by the threads that ask at once: each
+    waits for a sync that started after it asked (see :meth:`Spool.sync_queue`)."""
+
+    def __init__(self, directory: Path) -> None:
+        self._directory = directory
+        self._condition = threading.Condition()
+        self._syncing = False
+        self._started = 0
+        self._done = 0
+
+    def sync(self) -> None:
+        """Raises OSError."""
+        condition = self._condition
+        with condition:
+            wanted = self._started + 1
+            while self._done < wanted:
+                if self._syncing:
+                    condition.wait()
+                    continue
+                self._syncing = True
+                self._started += 1
+                number = self._started
+                condition.release()
+                try:
+                    _fsync_directory(self._directory)
+                finally:
+                    condition.acquire()
+                    self._syncing = False
+                    condition.notify_all()
+                self._done = number
