@@ -1368,6 +1368,11 @@ class Spool:
             _fsync_directory(self.queue)
             _fsync_directory(self.hold_dir)
         log.info("id=%s: released by the administrator", queue_id)
+        # Due at once: a deliverer in this process hears it here, one in
+        # another from the poke (its next scan finds the file back).
+        work = self._work_index()
+        with work.lock:
+            work.make_ready(queue_id, _arrival(queue_id))
         self.poke()
         return True
 
