@@ -138,7 +138,9 @@ def main() -> int:
         shutil.rmtree(top, ignore_errors=True)
     medians = {}
     for name, results in figures.items():
-        rate, own, milter_cost = (statistics.median(column) for column in zip(*results))
+        rate, own, milter_cost = (
+            statistics.median(column) for column in zip(*results, strict=True)
+        )
         medians[name] = (rate, own, milter_cost)
         print(
             f"median {name}: {rate:.0f} msg/s, server {own:.2f} ms, opendkim {milter_cost:.2f} ms,"

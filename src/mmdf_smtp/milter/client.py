@@ -1,8 +1,13 @@
 """A milter, as the SMTP session sees it: one awaitable per SMTP stage.
 
-One :class:`Milter` per configured milter per SMTP session (milters close
-their end when the SMTP client goes, so connections are not shared, as in
-Postfix).  Every stage method returns a :class:`~.protocol.Verdict` and
+One :class:`Milter` per configured milter per SMTP session.  A connection
+serves one session at a time; when a session ends right after an end of
+message the milter answered CONTINUE, and the milter speaks protocol
+version 6, the session ends with SMFIC_QUIT_NC instead of QUIT and the
+connection waits in a small pool for the next session of the same worker
+(``reuse = false`` turns this off: one connection a session, as Postfix
+does).  A connection that broke, timed out or ended any other way is closed,
+never pooled.  Every stage method returns a :class:`~.protocol.Verdict` and
 never raises for the milter's sake: a milter that cannot be reached, is
 slow past its timeout, closes the connection or breaks the protocol costs
 at most that timeout, is logged once (WARNING, logger
@@ -41,10 +46,13 @@ SMFIR_PROGRESS restarts the wait.
 from __future__ import annotations
 
 import asyncio
+import collections
 import ipaddress
 import logging
 import time
+import weakref
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from .. import metrics
 from . import codec
@@ -69,6 +77,107 @@ _NO_MACROS: Mapping[str, str] = {}
 
 class _Broken(Exception):
     """A failure on the milter's connection, with what went wrong."""
+
+
+class _Stale(Exception):
+    """A pooled connection that the milter had closed meanwhile: open a new one."""
+
+
+#: Idle connections kept per milter per worker, and how long each may wait.
+POOL_SIZE = 32
+POOL_IDLE_SECONDS = 30.0
+
+
+@dataclass(slots=True)
+class _Idle:
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    negotiated: Negotiated
+    since: float
+
+
+class _Pool:
+    """A worker's idle connections to one milter, newest last.
+
+    Bounded in number (:data:`POOL_SIZE`) and in age
+    (:data:`POOL_IDLE_SECONDS`): each is a thread held in a libmilter
+    milter.  A timer closes the ones that waited too long, so a worker that
+    goes quiet does not hold them.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._idle: collections.deque[_Idle] = collections.deque()
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    def __len__(self) -> int:
+        return len(self._idle)
+
+    def take(self) -> _Idle | None:
+        self._expire()
+        while self._idle:
+            idle = self._idle.pop()
+            if idle.writer.is_closing() or idle.reader.at_eof() or idle.reader.exception():
+                idle.writer.close()
+                continue
+            return idle
+        return None
+
+    def give(self, idle: _Idle) -> bool:
+        """Keep ``idle``; False (the caller closes it) when the pool is full."""
+        self._expire()
+        if len(self._idle) >= POOL_SIZE:
+            return False
+        self._idle.append(idle)
+        if self._sweeper is None:
+            self._sweeper = self._loop.call_later(POOL_IDLE_SECONDS, self._sweep)
+        return True
+
+    def close(self) -> None:
+        while self._idle:
+            self._idle.pop().writer.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+
+    def _expire(self) -> None:
+        oldest = self._loop.time() - POOL_IDLE_SECONDS
+        while self._idle and self._idle[0].since <= oldest:
+            # Nothing to say first: libmilter ignores a QUIT after QUIT_NC.
+            self._idle.popleft().writer.close()
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        self._expire()
+        if self._idle:
+            self._sweeper = self._loop.call_later(POOL_IDLE_SECONDS, self._sweep)
+
+
+_POOLS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, _Pool]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _pool(socket: str) -> _Pool:
+    loop = asyncio.get_running_loop()
+    pools = _POOLS.setdefault(loop, {})
+    pool = pools.get(socket)
+    if pool is None:
+        pool = pools[socket] = _Pool(loop)
+    return pool
+
+
+def idle_connections(socket: str) -> int:
+    """How many connections to the milter at ``socket`` wait in this loop's pool."""
+    pools = _POOLS.get(asyncio.get_running_loop(), {})
+    pool = pools.get(socket)
+    return len(pool) if pool is not None else 0
+
+
+def close_idle_connections() -> None:
+    """Close every pooled milter connection of the running loop (at shutdown)."""
+    for pool in _POOLS.pop(asyncio.get_running_loop(), {}).values():
+        pool.close()
 
 
 def default_verdict(action: DefaultAction) -> Verdict:
@@ -156,6 +265,9 @@ class Milter:
         # each write on its own would wake the milter for nothing.
         self._unsent = bytearray()
         self._deadline: _Deadline | None = None
+        # A pooled connection that has not answered yet in this session: if
+        # it turns out closed, the session opens a new one (once).
+        self._untried = False
 
     @property
     def negotiated(self) -> Negotiated | None:
@@ -199,6 +311,12 @@ class Milter:
             command = codec.Connect(hostname=hostname, family=family, port=0, address=address)
         else:
             command = codec.Connect(hostname=hostname, family=family, port=port, address=address)
+        if self.config.reuse and self._protocol.state is State.NEW and self._take_pooled():
+            try:
+                return await self._stage(command, macros, self.config.command_timeout)
+            except _Stale:
+                self._close()
+                self._protocol = MilterProtocol()
         if not await self.open():
             return self._protocol.begin(command).verdict or CONTINUE
         return await self._stage(command, macros, self.config.command_timeout)
@@ -286,13 +404,47 @@ class Milter:
                 self._fail(f"abort: {error}")
 
     async def quit(self) -> None:
-        """End of the SMTP session: QUIT if the conversation is still on, then close."""
+        """End of the SMTP session: QUIT if the conversation is still on, then close.
+
+        Or QUIT_NC, and the connection goes to the pool, where the protocol
+        allows it (see :attr:`.MilterProtocol.reusable`).
+        """
+        if self.config.reuse and self._protocol.reusable and self._pool_connection():
+            return
         data = self._protocol.quit()
         if data and self._writer is not None and not self._writer.is_closing():
             self._writer.write(self._unsent + data)
         self._close()
 
     # -- connection
+
+    def _take_pooled(self) -> bool:
+        idle = _pool(self.config.socket).take()
+        if idle is None:
+            return False
+        self._reader, self._writer = idle.reader, idle.writer
+        self._protocol.resume(idle.negotiated)
+        self._untried = True
+        return True
+
+    def _pool_connection(self) -> bool:
+        writer, reader, negotiated = self._writer, self._reader, self._protocol.negotiated
+        if writer is None or reader is None or negotiated is None or writer.is_closing():
+            return False
+        pool = _pool(self.config.socket)
+        data = self._unsent + self._protocol.quit_new_connection()
+        self._unsent.clear()
+        writer.write(data)
+        if writer.transport.get_write_buffer_size():
+            # The milter is not reading: not a connection to keep.
+            self._close()
+            return True
+        self._writer = self._reader = None
+        if self._deadline is not None:
+            self._deadline.close()
+        if not pool.give(_Idle(reader, writer, negotiated, asyncio.get_running_loop().time())):
+            writer.close()
+        return True
 
     async def open(self) -> bool:
         """Connect and negotiate (done by :meth:`connect`); False if the milter failed."""
@@ -340,7 +492,11 @@ class Milter:
                 result = await self._receive(timeout, what)
                 assert isinstance(result, Verdict)
                 verdict = result
+                self._untried = False
         except _Broken as error:
+            if self._untried and isinstance(command, codec.Connect):
+                raise _Stale from None
+            self._untried = False
             return self._fail(f"{what}: {error}")
         if not self._protocol.usable:
             self._close()

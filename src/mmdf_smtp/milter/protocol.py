@@ -470,6 +470,11 @@ class MilterProtocol:
         self._quarantine: str | None = None
         self._body_replaced = False
         self._body_closed = False
+        # The last thing the milter was sent is an end of message it answered
+        # CONTINUE: the one point where libmilter takes QUIT_NC (its
+        # engine.c allows ST_Q_NC only after ST_ENDM; after a refusal or an
+        # ACCEPT it would ignore QUIT_NC and the CONNECT after it).
+        self._clean_end = False
 
     # -- negotiation
 
@@ -480,6 +485,36 @@ class MilterProtocol:
         return codec.encode(
             codec.Negotiate(version=codec.VERSION, actions=MTA_ACTIONS, protocol=MTA_PROTOCOL)
         )
+
+    def resume(self, negotiated: Negotiated) -> None:
+        """Go on over a connection kept with QUIT_NC: negotiated already, no OPTNEG."""
+        if self.state is not State.NEW:
+            raise RuntimeError(f"resume() in state {self.state}")
+        self.negotiated = negotiated
+        self.state = State.READY
+
+    @property
+    def reusable(self) -> bool:
+        """Whether QUIT_NC may end this conversation and keep its connection.
+
+        SMFIC_QUIT_NC came with protocol version 6; libmilter accepts it
+        only right after an end of message it answered CONTINUE (engine.c,
+        NX_ENDM), so that is the only point a connection is kept at.
+        """
+        negotiated = self.negotiated
+        return (
+            self.state is State.READY
+            and self._clean_end
+            and negotiated is not None
+            and negotiated.version >= 6
+        )
+
+    def quit_new_connection(self) -> bytes:
+        """QUIT_NC: this SMTP session is over, the milter's connection goes on."""
+        if not self.reusable:
+            raise RuntimeError("quit_new_connection() when the connection cannot be reused")
+        self.state = State.CLOSED
+        return codec.encode(codec.QuitNewConnection())
 
     # -- input
 
@@ -561,6 +596,7 @@ class MilterProtocol:
         if not plan.sends:
             return Step(data, CONTINUE)
         data += codec.encode(command)
+        self._clean_end = False
         if not plan.expects_reply:
             return Step(data, CONTINUE)
         self._stage = stage
@@ -583,6 +619,7 @@ class MilterProtocol:
             self._in_transaction = self._message_done = False
             return b""
         self._end_transaction()
+        self._clean_end = False
         return codec.encode(codec.Abort())
 
     def quit(self) -> bytes:
@@ -712,6 +749,7 @@ class MilterProtocol:
         self._stage = None
         if stage is Stage.END_OF_MESSAGE:
             self._end_transaction()
+            self._clean_end = state is State.READY and verdict.action is Action.CONTINUE
             verdict = Verdict(
                 action=verdict.action,
                 reply=verdict.reply,
