@@ -119,6 +119,7 @@ class Peer(MilterPeer):
             self.sessions.clear()
             self._writers.clear()
             self.finished = 0
+            self.connections = 0
 
     def session_started(self, session: Session, writer: asyncio.StreamWriter) -> None:
         self._writers.append(writer)
@@ -685,6 +686,52 @@ def test_refusal_at_data(server: Server, peer: Peer, item: Item, lines: tuple[st
     peer.wait_finished()
     assert server.ids() == before
     assert "Header" not in peer.kinds()
+
+
+@pytest.mark.parametrize(("server", "item", "lines"), DAEMON_REFUSALS, indirect=["server"])
+def test_refusal_at_a_header_then_a_new_connection_for_the_next_transaction(
+    server: Server, peer: Peer, item: Item, lines: tuple[str]
+) -> None:
+    """The content goes pipelined: after a refusal at a header, the fields
+    already sent after it leave the connection out of step, so the next
+    transaction gets a new one, told CONNECT and HELO again."""
+    refused = False
+
+    def at_header(command: codec.Command) -> Sequence[Item]:
+        nonlocal refused
+        if isinstance(command, codec.Header) and command.name == "Subject" and not refused:
+            refused = True
+            return [item]
+        return [codec.Continue()]
+
+    peer.reset({b"L": at_header})
+    before = server.ids()
+    client = server.open()
+    client.reply()
+    client.command("EHLO client.example")
+    assert client.transaction()[-1].lines == lines
+    queue_id = client.transaction()[-1].queue_id()
+    client.quit()
+    peer.wait_finished(2)
+    assert server.ids() - before == {queue_id}
+    assert peer.connections == 2
+    first, second = peer.sessions
+    kinds = [type(c).__name__ for c in second.received if not isinstance(c, codec.DefineMacros)]
+    assert kinds[:4] == ["Negotiate", "Connect", "Helo", "MailFrom"]
+    assert first.connection == 0 and second.connection == 1
+    assert [c for c in first.received if isinstance(c, codec.Connect)] == [
+        c for c in second.received if isinstance(c, codec.Connect)
+    ]
+
+
+def test_discard_at_a_header_answers_250_and_queues_nothing(server: Server, peer: Peer) -> None:
+    peer.reset({b"L": [codec.Discard()]})
+    before = server.ids()
+    answers, _ = session(server)
+    assert [a.code for a in answers] == [220, 250, 250, 250, 354, 250]
+    peer.wait_finished()
+    assert server.ids() == before
+    assert server.in_tmp() == []
 
 
 @pytest.mark.parametrize(

@@ -34,8 +34,19 @@ ones Postfix sends by default, or those the milter asked for)::
     await m.end_of_headers(macros)
     await m.body(chunk, macros)              # any sizes; sent in chunks of <= 65535
     verdict = await m.end_of_message(macros) # .modifications, .quarantine
+    # or, instead of header ... end_of_message, the content pipelined:
+    verdict = await m.message(fields, chunks, macros)
     await m.abort()                          # RSET, or a transaction that ends without EOM
     await m.quit()                           # end of the SMTP session
+
+:meth:`Milter.message` writes every header, the end of headers and, for a
+body of at most one chunk, the body and the end of message at once, and
+then reads the answers in order: one wait on the milter a message instead of
+one a header field.  The milter sees the same packets as in lock-step.  If
+it answers a stage before the last with anything but CONTINUE, the packets
+after it may or may not be answered (libmilter ignores them); that
+connection is closed, and the next transaction opens a new one and repeats
+CONNECT and HELO on it.
 
 Timeouts are Postfix's: ``connect_timeout`` for the connection,
 ``command_timeout`` for negotiation and each envelope stage,
@@ -48,10 +59,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import ipaddress
+import itertools
 import logging
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from .. import metrics
@@ -268,6 +280,9 @@ class Milter:
         # A pooled connection that has not answered yet in this session: if
         # it turns out closed, the session opens a new one (once).
         self._untried = False
+        # CONNECT and the last HELO, to say again on a new connection after
+        # pipelined content left the old one out of step.
+        self._introduction: list[tuple[codec.Command, Mapping[str, str]]] = []
 
     @property
     def negotiated(self) -> Negotiated | None:
@@ -311,6 +326,7 @@ class Milter:
             command = codec.Connect(hostname=hostname, family=family, port=0, address=address)
         else:
             command = codec.Connect(hostname=hostname, family=family, port=port, address=address)
+        self._introduction = [(command, dict(macros))]
         if self.config.reuse and self._protocol.state is State.NEW and self._take_pooled():
             try:
                 return await self._stage(command, macros, self.config.command_timeout)
@@ -322,7 +338,9 @@ class Milter:
         return await self._stage(command, macros, self.config.command_timeout)
 
     async def helo(self, name: str, macros: Mapping[str, str] = _NO_MACROS) -> Verdict:
-        return await self._stage(codec.Helo(name=name), macros, self.config.command_timeout)
+        command = codec.Helo(name=name)
+        self._introduction[1:] = [(command, dict(macros))]
+        return await self._stage(command, macros, self.config.command_timeout)
 
     async def mail(
         self, sender: str, arguments: tuple[str, ...] = (), macros: Mapping[str, str] = _NO_MACROS
@@ -384,6 +402,81 @@ class Milter:
             self._body.clear()
         return verdict
 
+    async def message(
+        self,
+        fields: Iterable[tuple[str, str]],
+        chunks: Iterable[bytes],
+        macros: Mapping[str, str] = _NO_MACROS,
+    ) -> Verdict:
+        """The content stages, pipelined: header fields, end of headers, body, end of message.
+
+        The same as :meth:`header` for each field, :meth:`end_of_headers`,
+        :meth:`body` for each chunk and :meth:`end_of_message`, stopping at
+        the first answer that is neither CONTINUE nor ACCEPT; but written
+        at once and answered in one wait.  A body longer than one chunk
+        follows the end of headers' answer, in lock-step as :meth:`body`.
+        """
+        commands: list[codec.Command] = [codec.Header(name=n, value=v) for n, v in fields]
+        commands.append(codec.EndOfHeaders())
+        pieces = iter(chunks)
+        self._body.clear()
+        for chunk in pieces:
+            self._body += chunk
+            if len(self._body) > codec.CHUNK_SIZE:
+                break
+        else:
+            if self._body:
+                commands.append(codec.BodyChunk(data=bytes(self._body)))
+                self._body.clear()
+            commands.append(codec.EndOfMessage())
+            return await self._pipeline(commands, macros)
+        held = bytes(self._body)
+        self._body.clear()
+        verdict = await self._pipeline(commands, macros)
+        if verdict.action is not Action.CONTINUE and verdict.action is not Action.ACCEPT:
+            return verdict
+        for chunk in itertools.chain((held,), pieces):
+            verdict = await self.body(chunk, macros)
+            if not verdict.is_continue:
+                return verdict
+        return await self.end_of_message(macros)
+
+    async def _pipeline(self, commands: list[codec.Command], macros: Mapping[str, str]) -> Verdict:
+        timeout = self.config.content_timeout
+        started = time.monotonic()
+        protocol = self._protocol
+        verdict = CONTINUE
+        try:
+            data = bytearray()
+            awaited = 0
+            for command in commands:
+                step = protocol.begin(command, macros, pipelined=True)
+                data += step.data
+                if step.verdict is None:
+                    awaited += 1
+                elif step.verdict.action is not Action.CONTINUE:
+                    verdict = step.verdict
+                    break
+            if awaited:
+                await self._write(bytes(data), timeout)
+            else:
+                self._unsent += data
+                if len(self._unsent) >= codec.CHUNK_SIZE:
+                    await self._write(b"", timeout)
+            while awaited:
+                result = await self._receive(timeout, "content")
+                assert isinstance(result, Verdict)
+                awaited -= 1
+                verdict = result
+                if verdict.action is not Action.CONTINUE:
+                    break
+        except _Broken as error:
+            return self._fail(f"content: {error}")
+        if not protocol.usable:
+            self._close()
+        metrics.since("mmdf_milter_seconds", (self.name, "Message"), started)
+        return verdict
+
     async def end_of_message(self, macros: Mapping[str, str] = _NO_MACROS) -> Verdict:
         """The last body octets, then end of message: the final verdict with modifications."""
         if self._body and self._protocol.wants_body:
@@ -417,6 +510,17 @@ class Milter:
         self._close()
 
     # -- connection
+
+    async def _reconnect(self) -> None:
+        """A new connection after pipelined content left the old one out of step."""
+        self._close()
+        self._protocol = MilterProtocol()
+        if not await self.open():
+            return
+        for command, macros in self._introduction:
+            await self._stage(command, macros, self.config.command_timeout)
+            if self._protocol.state is not State.READY:
+                return
 
     def _take_pooled(self) -> bool:
         idle = _pool(self.config.socket).take()
@@ -478,6 +582,8 @@ class Milter:
     ) -> Verdict:
         what = type(command).__name__
         started = time.monotonic()
+        if self._protocol.desynchronised:
+            await self._reconnect()
         try:
             step: Step = self._protocol.begin(command, macros)
             if step.verdict is not None:
