@@ -87,6 +87,11 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3, help="runs; medians reported (3)")
     parser.add_argument("--socket", choices=["unix", "inet"], default="unix")
     parser.add_argument("--src", type=Path, default=SRC, help="mmdf-smtp's source tree")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="another source tree, run as a third server in the same run (A/B)",
+    )
     args = parser.parse_args()
     top = Path(tempfile.mkdtemp(prefix="mmdf-milter-cpu-", dir="/var/tmp"))
     figures: dict[str, list[tuple[float, float, float]]] = {}
@@ -110,11 +115,22 @@ def main() -> int:
                     name="postfix+opendkim",
                 ),
             ]
+            if args.baseline is not None:
+                servers.append(
+                    Mmdf(
+                        top / unique_name("baseline"),
+                        maxconnects=100,
+                        src=args.baseline,
+                        extra=milter_table(milter),
+                        name="baseline+opendkim",
+                    )
+                )
             for server in servers:
                 server.start()
             try:
                 for repetition in range(args.repeat):
-                    order = servers if repetition % 2 == 0 else servers[::-1]
+                    shift = repetition % len(servers)
+                    order = servers[shift:] + servers[:shift]
                     for server in order:
                         result = measure(
                             server,
