@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -94,6 +95,7 @@ class MilterPeer:
         host: str = "127.0.0.1",
         unix_path: str | None = None,
         quit_nc: bool = True,
+        nagle: bool = False,
     ) -> None:
         self.host = host
         self.unix_path = unix_path
@@ -103,6 +105,9 @@ class MilterPeer:
         )
         self.negotiate_reply = negotiate_reply
         self.quit_nc = quit_nc
+        # Nagle's algorithm on, as libmilter leaves it: a write waits for
+        # the acknowledgement of the one before.
+        self.nagle = nagle
         self.sessions: list[Session] = []
         self.connections = 0
         self._parked: dict[asyncio.Task[None], asyncio.StreamWriter] = {}  # after a QUIT_NC
@@ -177,6 +182,8 @@ class MilterPeer:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
+        if self.nagle:
+            writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
         connection = self.connections
         self.connections += 1
         session = Session(connection=connection)

@@ -279,3 +279,30 @@ def test_pipelined_verdicts_are_the_lock_step_ones_up_to_the_first_refusal(
     refused_early = len(pipelined_verdicts) < len(CONTENT)
     assert piped.desynchronised is refused_early
     assert (piped.state is State.CLOSED) is refused_early
+
+
+def test_answers_in_several_writes_over_tcp_wait_for_no_delayed_ack() -> None:
+    """A milter with Nagle's algorithm on (libmilter's) answering in two writes.
+
+    Without an immediate acknowledgement, each message would wait out the
+    kernel's delayed ACK (40 ms on Linux) before the second write left.
+    """
+    messages = 10
+
+    async def main() -> float:
+        replies: dict[bytes, Sequence[Item]] = {
+            b"E": [codec.AddHeader(name="X-Signed", value="yes"), codec.Continue()]
+        }
+        async with MilterPeer(replies=replies, nagle=True) as peer:
+            milter = Milter(config(peer))
+            await milter.connect(**CONNECT, macros=MACROS)
+            started = time.monotonic()
+            for _ in range(messages):
+                await envelope(milter)
+                verdict = await milter.message(HEADERS, [BODY], MACROS)
+                assert verdict.modifications == (codec.AddHeader(name="X-Signed", value=" yes"),)
+            elapsed = time.monotonic() - started
+            await milter.quit()
+        return elapsed
+
+    assert asyncio.run(main()) < messages * 0.040 / 2

@@ -58,12 +58,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import ipaddress
 import itertools
 import logging
+import socket
 import time
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from .. import metrics
@@ -262,6 +264,30 @@ class _Deadline:
         task.cancel()
 
 
+def _quickack_for(writer: asyncio.StreamWriter) -> Callable[[], None] | None:
+    """What sends the ACK of the octets received so far at once, on a TCP connection.
+
+    A milter answers in several small writes (each header's answer when
+    they come pipelined; a modification, then the verdict, at end of
+    message), and libmilter sets no TCP_NODELAY: Nagle's algorithm holds
+    each write back until the one before is acknowledged, and the kernel
+    delays that acknowledgement (40 ms on Linux) in the hope of sending it
+    with data, which this side has none of while it waits.  TCP_QUICKACK
+    before each wait sends it now; it is not sticky (tcp(7)), hence each
+    time.
+    """
+    sock = writer.get_extra_info("socket")
+    quickack = getattr(socket, "TCP_QUICKACK", None)
+    if sock is None or quickack is None:
+        return None
+
+    def acknowledge() -> None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, quickack, 1)
+
+    return acknowledge
+
+
 class Milter:
     """One milter conversation for one SMTP session."""
 
@@ -280,6 +306,8 @@ class Milter:
         # A pooled connection that has not answered yet in this session: if
         # it turns out closed, the session opens a new one (once).
         self._untried = False
+        # Over TCP: acknowledge what came at once before each wait (see _quickack_for).
+        self._quickack: Callable[[], None] | None = None
         # CONNECT and the last HELO, to say again on a new connection after
         # pipelined content left the old one out of step.
         self._introduction: list[tuple[codec.Command, Mapping[str, str]]] = []
@@ -527,6 +555,8 @@ class Milter:
         if idle is None:
             return False
         self._reader, self._writer = idle.reader, idle.writer
+        if self.config.address.kind != "unix":
+            self._quickack = _quickack_for(idle.writer)
         self._protocol.resume(idle.negotiated)
         self._untried = True
         return True
@@ -563,6 +593,7 @@ class Milter:
                     self._reader, self._writer = await asyncio.open_connection(
                         address.host, address.port
                     )
+                    self._quickack = _quickack_for(self._writer)
         except TimeoutError:
             self._fail(f"connect: no connection in {self.config.connect_timeout:g} s")
             return False
@@ -644,6 +675,8 @@ class Milter:
             while True:
                 event = protocol.next_event()
                 if event is codec.NEED_DATA:
+                    if self._quickack is not None:
+                        self._quickack()
                     protocol.receive_data(await reader.read(65536))
                 elif event is PROGRESS:
                     deadline.arm(timeout)
