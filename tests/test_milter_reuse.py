@@ -10,7 +10,7 @@ import pytest
 
 from milterpeer import CLOSE, Item, MilterPeer
 from mmdf_smtp.milter import Action, DefaultAction, Milter, MilterConfig, codec
-from mmdf_smtp.milter.client import idle_connections
+from mmdf_smtp.milter.client import close_idle_connections, idle_connections
 from mmdf_smtp.milter.codec import ActionFlag
 from mmdf_smtp.milter.protocol import MilterProtocol, Negotiated
 from test_milter_client import config, session
@@ -50,6 +50,22 @@ def test_two_sessions_share_one_connection() -> None:
         assert kinds(peer.sessions[1].received) == [*WHOLE, "QuitNewConnection"]
         # Every session gets its own connect macros again.
         assert len(peer.macros(b"C")) == 2
+
+    asyncio.run(main())
+
+
+def test_kept_connections_are_closed_at_shutdown() -> None:
+    async def main() -> None:
+        async with MilterPeer() as peer:
+            await session(Milter(config(peer)))
+            assert idle_connections(peer.socket) == 1
+            conversations = list(peer._tasks)
+            close_idle_connections()
+            assert idle_connections(peer.socket) == 0
+            # The milter sees its connection end (it would wait for more otherwise).
+            _, pending = await asyncio.wait(conversations, timeout=10)
+            assert not pending
+        assert peer.sessions[0].closed_by_mta
 
     asyncio.run(main())
 
