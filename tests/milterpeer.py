@@ -14,8 +14,15 @@ one.  An item is a response, raw ``bytes`` (garbage), :data:`HANG` (answer
 nothing, keep the connection) or :data:`CLOSE` (close the connection).
 Unlisted stages are answered CONTINUE, or not at all when the negotiated
 flags say the MTA waits for no answer.  Everything received is kept in
-``received`` (per connection in ``sessions``), so a test can check the
+``received`` (per SMTP session in ``sessions``), so a test can check the
 macros and commands exactly.
+
+A QUIT_NC ends a session but not its connection: the next session the MTA
+starts on it is a new entry of ``sessions`` with the same ``connection``
+number, as libmilter keeps a connection's thread for it.  With
+``quit_nc=False`` the peer closes the connection at QUIT_NC instead, as a
+milter that does not support it would.  Connections waiting for their next
+session are closed when the peer stops.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -70,6 +78,8 @@ NO_FLAGS = ProtocolFlag(0)
 class Session:
     received: list[codec.Command] = field(default_factory=list)
     closed_by_mta: bool = False
+    connection: int = 0  # which connection it came on, counted from 0
+    over: bool = False  # ended: QUIT, QUIT_NC, or its connection closed
 
 
 class MilterPeer:
@@ -84,6 +94,8 @@ class MilterPeer:
         negotiate_reply: Sequence[Item] | None = None,
         host: str = "127.0.0.1",
         unix_path: str | None = None,
+        quit_nc: bool = True,
+        nagle: bool = False,
     ) -> None:
         self.host = host
         self.unix_path = unix_path
@@ -92,7 +104,14 @@ class MilterPeer:
             version=version, actions=actions, protocol=protocol, macro_lists=macro_lists
         )
         self.negotiate_reply = negotiate_reply
+        self.quit_nc = quit_nc
+        # Nagle's algorithm on, as libmilter leaves it: a write waits for
+        # the acknowledgement of the one before.
+        self.nagle = nagle
         self.sessions: list[Session] = []
+        self.connections = 0
+        self._parked: dict[asyncio.Task[None], asyncio.StreamWriter] = {}  # after a QUIT_NC
+        self._stopping = False
         self.ended = asyncio.Event()  # set when a session's connection is over
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -137,6 +156,9 @@ class MilterPeer:
     ) -> None:
         assert self._server is not None
         self._server.close()
+        self._stopping = True
+        for writer in list(self._parked.values()):
+            writer.close()  # the conversation reads end of file and ends
         # Each conversation ends when the MTA closes its end; give the
         # last packets time to be read, then stop what is left.
         if self._tasks:
@@ -148,39 +170,80 @@ class MilterPeer:
                 await task
         await self._server.wait_closed()
 
+    async def drop_kept_connections(self) -> None:
+        """Close the connections kept after QUIT_NC, and wait until they are over."""
+        parked = list(self._parked)
+        for writer in self._parked.values():
+            writer.close()
+        if parked:
+            await asyncio.wait(parked)
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
-        session = Session()
+        if self.nagle:
+            writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
+        connection = self.connections
+        self.connections += 1
+        session = Session(connection=connection)
         self.sessions.append(session)
+        self.session_started(session, writer)
         try:
             await self._converse(session, reader, writer)
         finally:
             self._tasks.discard(task)
+            self._parked.pop(task, None)
             writer.close()
+            for ending in self.sessions:
+                if ending.connection == connection and not ending.over:
+                    ending.over = True
+                    self.session_ended(ending)
             self.ended.set()
+
+    def session_started(self, session: Session, writer: asyncio.StreamWriter) -> None:
+        """A hook: an SMTP session's conversation begins on ``writer``'s connection."""
+
+    def session_ended(self, session: Session) -> None:
+        """A hook: an SMTP session's conversation is over (its connection may go on)."""
 
     async def _converse(
         self, session: Session, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         incoming = codec.command_reader()
         protocol = ProtocolFlag(0)
+        task = asyncio.current_task()
+        assert task is not None
         while True:
             command = incoming.next_event()
             if command is codec.NEED_DATA:
-                incoming.receive_data(await reader.read(65536))
+                if session.closed_by_mta:  # after QUIT_NC: parked until the next session
+                    if self._stopping:
+                        return
+                    self._parked[task] = writer
+                    self.ended.set()
+                data = await reader.read(65536)
+                self._parked.pop(task, None)
+                incoming.receive_data(data)
                 continue
             if command is codec.CLOSED:
                 session.closed_by_mta = True
                 return
             assert not isinstance(command, codec.Signal)
+            if session.closed_by_mta:
+                session = Session(connection=session.connection)
+                self.sessions.append(session)
+                self.session_started(session, writer)
             session.received.append(command)
             items: Sequence[Item]
             if isinstance(command, codec.Negotiate):
                 protocol = self.negotiation.protocol
                 items = self.negotiate_reply or [self.negotiation]
             elif isinstance(command, codec.DefineMacros | codec.Abort):
+                continue
+            elif isinstance(command, codec.QuitNewConnection) and self.quit_nc:
+                session.closed_by_mta = session.over = True
+                self.session_ended(session)
                 continue
             elif isinstance(command, codec.Quit | codec.QuitNewConnection):
                 session.closed_by_mta = True

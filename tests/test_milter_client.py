@@ -104,7 +104,9 @@ def test_a_whole_session_as_the_milter_sees_it() -> None:
             codec.EndOfHeaders(),
             codec.BodyChunk(data=BODY),
             codec.EndOfMessage(),
-            codec.Quit(),
+            # Right after an end of message answered CONTINUE, a version 6
+            # milter's connection is kept for the next session.
+            codec.QuitNewConnection(),
         ]
         # Postfix's default macros, in its order, those with a value only.
         assert peer.macros(b"C") == [

@@ -33,7 +33,7 @@ from typing import IO, Any, TypeVar
 import pytest
 import trustme
 
-from milterpeer import CLOSE, HANG, NO_FLAGS, Delay, Item, MilterPeer, Replies
+from milterpeer import CLOSE, HANG, NO_FLAGS, Delay, Item, MilterPeer, Replies, Session
 from mmdf_smtp.milter import codec
 from mmdf_smtp.milter.codec import ProtocolFlag
 from mmdf_smtp.queue.spool import Spool
@@ -105,7 +105,12 @@ class Peer(MilterPeer):
     def reset(
         self, replies: dict[bytes, Replies] | None = None, protocol: ProtocolFlag = NO_FLAGS
     ) -> None:
-        """A new script, for the next test; earlier conversations are forgotten."""
+        """A new script, for the next test; earlier conversations are forgotten.
+
+        Connections kept from earlier tests are closed: they were negotiated
+        under the old script.
+        """
+        asyncio.run_coroutine_threadsafe(self.drop_kept_connections(), self._loop).result(30)
         self.replies = replies or {}
         self.negotiation = codec.Negotiate(
             version=6, actions=self.negotiation.actions, protocol=protocol
@@ -114,18 +119,18 @@ class Peer(MilterPeer):
             self.sessions.clear()
             self._writers.clear()
             self.finished = 0
+            self.connections = 0
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def session_started(self, session: Session, writer: asyncio.StreamWriter) -> None:
         self._writers.append(writer)
-        try:
-            await super()._serve(reader, writer)
-        finally:
-            with self._changed:
-                self.finished += 1
-                self._changed.notify_all()
+
+    def session_ended(self, session: Session) -> None:
+        with self._changed:
+            self.finished += 1
+            self._changed.notify_all()
 
     def wait_finished(self, count: int = 1, timeout: float = 20) -> None:
-        """Until ``count`` conversations have ended (the MTA's QUIT, or a close)."""
+        """Until ``count`` conversations have ended (the MTA's QUIT or QUIT_NC, or a close)."""
         with self._changed:
             assert self._changed.wait_for(lambda: self.finished >= count, timeout), (
                 f"{self.finished} of {count} milter conversations ended"
@@ -526,7 +531,9 @@ def test_a_milter_that_continues_sees_the_whole_session_in_order(
         codec.EndOfHeaders(),
         codec.BodyChunk(data=BODY),
         codec.EndOfMessage(),
-        codec.Quit(),
+        # The session ended right after a message the milter let through:
+        # the connection is kept for the next one.
+        codec.QuitNewConnection(),
     ]
     assert peer.commands()[6] == codec.Header(
         name="Received", value=received[len(b"Received: ") : -2].decode().replace("\r\n", "\n")
@@ -681,6 +688,52 @@ def test_refusal_at_data(server: Server, peer: Peer, item: Item, lines: tuple[st
     assert "Header" not in peer.kinds()
 
 
+@pytest.mark.parametrize(("server", "item", "lines"), DAEMON_REFUSALS, indirect=["server"])
+def test_refusal_at_a_header_then_a_new_connection_for_the_next_transaction(
+    server: Server, peer: Peer, item: Item, lines: tuple[str]
+) -> None:
+    """The content goes pipelined: after a refusal at a header, the fields
+    already sent after it leave the connection out of step, so the next
+    transaction gets a new one, told CONNECT and HELO again."""
+    refused = False
+
+    def at_header(command: codec.Command) -> Sequence[Item]:
+        nonlocal refused
+        if isinstance(command, codec.Header) and command.name == "Subject" and not refused:
+            refused = True
+            return [item]
+        return [codec.Continue()]
+
+    peer.reset({b"L": at_header})
+    before = server.ids()
+    client = server.open()
+    client.reply()
+    client.command("EHLO client.example")
+    assert client.transaction()[-1].lines == lines
+    queue_id = client.transaction()[-1].queue_id()
+    client.quit()
+    peer.wait_finished(2)
+    assert server.ids() - before == {queue_id}
+    assert peer.connections == 2
+    first, second = peer.sessions
+    kinds = [type(c).__name__ for c in second.received if not isinstance(c, codec.DefineMacros)]
+    assert kinds[:4] == ["Negotiate", "Connect", "Helo", "MailFrom"]
+    assert first.connection == 0 and second.connection == 1
+    assert [c for c in first.received if isinstance(c, codec.Connect)] == [
+        c for c in second.received if isinstance(c, codec.Connect)
+    ]
+
+
+def test_discard_at_a_header_answers_250_and_queues_nothing(server: Server, peer: Peer) -> None:
+    peer.reset({b"L": [codec.Discard()]})
+    before = server.ids()
+    answers, _ = session(server)
+    assert [a.code for a in answers] == [220, 250, 250, 250, 354, 250]
+    peer.wait_finished()
+    assert server.ids() == before
+    assert server.in_tmp() == []
+
+
 @pytest.mark.parametrize(
     ("server", "item", "lines"),
     [
@@ -778,7 +831,7 @@ def test_skip_during_the_body_sends_no_more_of_it(server: Server, peer: Peer) ->
     chunks = [c for c in peer.commands() if isinstance(c, codec.BodyChunk)]
     assert len(chunks) == 1 and LONG_BODY.startswith(chunks[0].data)
     assert len(LONG_BODY) > 2 * len(chunks[0].data)  # there was more to send
-    assert peer.kinds()[-2:] == ["EndOfMessage", "Quit"]
+    assert peer.kinds()[-2:] == ["EndOfMessage", "QuitNewConnection"]
 
 
 # -- modifications at end of message ---------------------------------------------------
@@ -950,7 +1003,7 @@ def test_a_chain_of_milters_each_adding_a_field(
     queue_id = answers[-1].queue_id()
     for peer in chain:
         peer.wait_finished()
-        assert peer.kinds()[-2:] == ["EndOfMessage", "Quit"]
+        assert peer.kinds()[-2:] == ["EndOfMessage", "QuitNewConnection"]
     stored = server.stored(queue_id)
     added = b"X-Milter: 1\r\nX-Milter: 2\r\nX-Milter: 3\r\n"
     assert stored == received_field(stored) + HEADER + added + b"\r\n" + BODY

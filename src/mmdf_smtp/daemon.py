@@ -27,6 +27,7 @@ from typing import Any, TextIO
 from . import metrics
 from .admission import Admission, Ticket
 from .config import ConfigError, SmtpdConfig, split_listen
+from .milter.client import close_idle_connections
 from .policy import UnknownChannel
 from .protocol import replies
 from .service import IPAddress, Service, parse_address
@@ -201,6 +202,8 @@ class Daemon:
             for sig in SIGNALS:
                 loop.remove_signal_handler(sig)
         self._committer.close()
+        # Milter connections kept for sessions that will not come now.
+        close_idle_connections()
 
     def _terminate(self) -> None:
         self._terminating.set()

@@ -160,18 +160,8 @@ class SessionFilters:
 
     async def _filter_message(self, chain: milter.MilterChain, message: StagedMessage) -> Verdict:
         macros: Mapping[str, str] = {"i": self._queue_id}
-        for name, value in message.headers:
-            verdict = _mapped(await chain.header(name, value, macros))
-            if verdict != CONTINUE:
-                return await self._end_early(chain, verdict)
-        verdict = _mapped(await chain.end_of_headers(macros))
-        if verdict != CONTINUE:
-            return await self._end_early(chain, verdict)
-        for chunk in message.body_chunks():
-            verdict = _mapped(await chain.body(chunk, macros))
-            if verdict != CONTINUE:
-                return await self._end_early(chain, verdict)
-        end = await chain.end_of_message(macros)
+        # Pipelined to each milter: one wait a message rather than one a field.
+        end = await chain.message(message.headers, message.body_chunks, macros)
         verdict = _mapped(end)
         if verdict != CONTINUE:
             return verdict
@@ -179,16 +169,6 @@ class SessionFilters:
         if end.quarantine is not None:
             message.quarantine = end.quarantine
         return CONTINUE
-
-    @staticmethod
-    async def _end_early(chain: milter.MilterChain, verdict: Verdict) -> Verdict:
-        # A refusal or a discard before the end: the milters hear no more
-        # of this message, and the end of data gets the verdict.
-        if verdict.discard:
-            await chain.end_of_message()
-        else:
-            await chain.abort()
-        return verdict
 
     async def reset(self) -> None:
         self._spf = SpfVerdicts()

@@ -116,6 +116,37 @@ class MilterChain:
     async def body(self, data: bytes, macros: Mapping[str, str] = _NO_MACROS) -> Verdict:
         return await self._ask(lambda m: m.body(data, macros))
 
+    async def message(
+        self,
+        fields: Sequence[tuple[str, str]],
+        chunks: Callable[[], Iterable[bytes]],
+        macros: Mapping[str, str] = _NO_MACROS,
+    ) -> Verdict:
+        """The whole content to each milter in turn, pipelined (:meth:`.Milter.message`).
+
+        ``chunks`` gives the body afresh for each milter.  The verdict is
+        the first that is neither CONTINUE nor ACCEPT (every milter is then
+        told ABORT), or CONTINUE with every milter's modifications, as
+        :meth:`end_of_message` gives them.
+        """
+        if self._discarding is not None:
+            return await self.end_of_message(macros)
+        modifications: list[codec.Modification] = []
+        quarantine: str | None = None
+        for milter in self.milters:
+            verdict = await milter.message(fields, chunks(), macros)
+            if verdict.action not in _GOING_ON:
+                # Those that saw the end of the message have nothing to abort.
+                for every in self.milters:
+                    await every.abort()
+                return verdict
+            modifications.extend(verdict.modifications)
+            if quarantine is None:
+                quarantine = verdict.quarantine
+        return Verdict(
+            action=Action.CONTINUE, modifications=tuple(modifications), quarantine=quarantine
+        )
+
     async def end_of_message(self, macros: Mapping[str, str] = _NO_MACROS) -> Verdict:
         discarding, self._discarding = self._discarding, None
         if discarding is not None:

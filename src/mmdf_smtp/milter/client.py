@@ -1,8 +1,13 @@
 """A milter, as the SMTP session sees it: one awaitable per SMTP stage.
 
-One :class:`Milter` per configured milter per SMTP session (milters close
-their end when the SMTP client goes, so connections are not shared, as in
-Postfix).  Every stage method returns a :class:`~.protocol.Verdict` and
+One :class:`Milter` per configured milter per SMTP session.  A connection
+serves one session at a time; when a session ends right after an end of
+message the milter answered CONTINUE, and the milter speaks protocol
+version 6, the session ends with SMFIC_QUIT_NC instead of QUIT and the
+connection waits in a small pool for the next session of the same worker
+(``reuse = false`` turns this off: one connection a session, as Postfix
+does).  A connection that broke, timed out or ended any other way is closed,
+never pooled.  Every stage method returns a :class:`~.protocol.Verdict` and
 never raises for the milter's sake: a milter that cannot be reached, is
 slow past its timeout, closes the connection or breaks the protocol costs
 at most that timeout, is logged once (WARNING, logger
@@ -29,8 +34,19 @@ ones Postfix sends by default, or those the milter asked for)::
     await m.end_of_headers(macros)
     await m.body(chunk, macros)              # any sizes; sent in chunks of <= 65535
     verdict = await m.end_of_message(macros) # .modifications, .quarantine
+    # or, instead of header ... end_of_message, the content pipelined:
+    verdict = await m.message(fields, chunks, macros)
     await m.abort()                          # RSET, or a transaction that ends without EOM
     await m.quit()                           # end of the SMTP session
+
+:meth:`Milter.message` writes every header, the end of headers and, for a
+body of at most one chunk, the body and the end of message at once, and
+then reads the answers in order: one wait on the milter a message instead of
+one a header field.  The milter sees the same packets as in lock-step.  If
+it answers a stage before the last with anything but CONTINUE, the packets
+after it may or may not be answered (libmilter ignores them); that
+connection is closed, and the next transaction opens a new one and repeats
+CONNECT and HELO on it.
 
 Timeouts are Postfix's: ``connect_timeout`` for the connection,
 ``command_timeout`` for negotiation and each envelope stage,
@@ -41,10 +57,16 @@ SMFIR_PROGRESS restarts the wait.
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import ipaddress
+import itertools
 import logging
+import socket
 import time
-from collections.abc import Mapping
+import weakref
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 
 from .. import metrics
 from . import codec
@@ -69,6 +91,107 @@ _NO_MACROS: Mapping[str, str] = {}
 
 class _Broken(Exception):
     """A failure on the milter's connection, with what went wrong."""
+
+
+class _Stale(Exception):
+    """A pooled connection that the milter had closed meanwhile: open a new one."""
+
+
+#: Idle connections kept per milter per worker, and how long each may wait.
+POOL_SIZE = 32
+POOL_IDLE_SECONDS = 30.0
+
+
+@dataclass(slots=True)
+class _Idle:
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    negotiated: Negotiated
+    since: float
+
+
+class _Pool:
+    """A worker's idle connections to one milter, newest last.
+
+    Bounded in number (:data:`POOL_SIZE`) and in age
+    (:data:`POOL_IDLE_SECONDS`): each is a thread held in a libmilter
+    milter.  A timer closes the ones that waited too long, so a worker that
+    goes quiet does not hold them.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._idle: collections.deque[_Idle] = collections.deque()
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    def __len__(self) -> int:
+        return len(self._idle)
+
+    def take(self) -> _Idle | None:
+        self._expire()
+        while self._idle:
+            idle = self._idle.pop()
+            if idle.writer.is_closing() or idle.reader.at_eof() or idle.reader.exception():
+                idle.writer.close()
+                continue
+            return idle
+        return None
+
+    def give(self, idle: _Idle) -> bool:
+        """Keep ``idle``; False (the caller closes it) when the pool is full."""
+        self._expire()
+        if len(self._idle) >= POOL_SIZE:
+            return False
+        self._idle.append(idle)
+        if self._sweeper is None:
+            self._sweeper = self._loop.call_later(POOL_IDLE_SECONDS, self._sweep)
+        return True
+
+    def close(self) -> None:
+        while self._idle:
+            self._idle.pop().writer.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+
+    def _expire(self) -> None:
+        oldest = self._loop.time() - POOL_IDLE_SECONDS
+        while self._idle and self._idle[0].since <= oldest:
+            # Nothing to say first: libmilter ignores a QUIT after QUIT_NC.
+            self._idle.popleft().writer.close()
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        self._expire()
+        if self._idle:
+            self._sweeper = self._loop.call_later(POOL_IDLE_SECONDS, self._sweep)
+
+
+_POOLS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, _Pool]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _pool(socket: str) -> _Pool:
+    loop = asyncio.get_running_loop()
+    pools = _POOLS.setdefault(loop, {})
+    pool = pools.get(socket)
+    if pool is None:
+        pool = pools[socket] = _Pool(loop)
+    return pool
+
+
+def idle_connections(socket: str) -> int:
+    """How many connections to the milter at ``socket`` wait in this loop's pool."""
+    pools = _POOLS.get(asyncio.get_running_loop(), {})
+    pool = pools.get(socket)
+    return len(pool) if pool is not None else 0
+
+
+def close_idle_connections() -> None:
+    """Close every pooled milter connection of the running loop (at shutdown)."""
+    for pool in _POOLS.pop(asyncio.get_running_loop(), {}).values():
+        pool.close()
 
 
 def default_verdict(action: DefaultAction) -> Verdict:
@@ -141,6 +264,30 @@ class _Deadline:
         task.cancel()
 
 
+def _quickack_for(writer: asyncio.StreamWriter) -> Callable[[], None] | None:
+    """What sends the ACK of the octets received so far at once, on a TCP connection.
+
+    A milter answers in several small writes (each header's answer when
+    they come pipelined; a modification, then the verdict, at end of
+    message), and libmilter sets no TCP_NODELAY: Nagle's algorithm holds
+    each write back until the one before is acknowledged, and the kernel
+    delays that acknowledgement (40 ms on Linux) in the hope of sending it
+    with data, which this side has none of while it waits.  TCP_QUICKACK
+    before each wait sends it now; it is not sticky (tcp(7)), hence each
+    time.
+    """
+    sock = writer.get_extra_info("socket")
+    quickack = getattr(socket, "TCP_QUICKACK", None)
+    if sock is None or quickack is None:
+        return None
+
+    def acknowledge() -> None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, quickack, 1)
+
+    return acknowledge
+
+
 class Milter:
     """One milter conversation for one SMTP session."""
 
@@ -156,6 +303,14 @@ class Milter:
         # each write on its own would wake the milter for nothing.
         self._unsent = bytearray()
         self._deadline: _Deadline | None = None
+        # A pooled connection that has not answered yet in this session: if
+        # it turns out closed, the session opens a new one (once).
+        self._untried = False
+        # Over TCP: acknowledge what came at once before each wait (see _quickack_for).
+        self._quickack: Callable[[], None] | None = None
+        # CONNECT and the last HELO, to say again on a new connection after
+        # pipelined content left the old one out of step.
+        self._introduction: list[tuple[codec.Command, Mapping[str, str]]] = []
 
     @property
     def negotiated(self) -> Negotiated | None:
@@ -199,12 +354,21 @@ class Milter:
             command = codec.Connect(hostname=hostname, family=family, port=0, address=address)
         else:
             command = codec.Connect(hostname=hostname, family=family, port=port, address=address)
+        self._introduction = [(command, dict(macros))]
+        if self.config.reuse and self._protocol.state is State.NEW and self._take_pooled():
+            try:
+                return await self._stage(command, macros, self.config.command_timeout)
+            except _Stale:
+                self._close()
+                self._protocol = MilterProtocol()
         if not await self.open():
             return self._protocol.begin(command).verdict or CONTINUE
         return await self._stage(command, macros, self.config.command_timeout)
 
     async def helo(self, name: str, macros: Mapping[str, str] = _NO_MACROS) -> Verdict:
-        return await self._stage(codec.Helo(name=name), macros, self.config.command_timeout)
+        command = codec.Helo(name=name)
+        self._introduction[1:] = [(command, dict(macros))]
+        return await self._stage(command, macros, self.config.command_timeout)
 
     async def mail(
         self, sender: str, arguments: tuple[str, ...] = (), macros: Mapping[str, str] = _NO_MACROS
@@ -266,6 +430,81 @@ class Milter:
             self._body.clear()
         return verdict
 
+    async def message(
+        self,
+        fields: Iterable[tuple[str, str]],
+        chunks: Iterable[bytes],
+        macros: Mapping[str, str] = _NO_MACROS,
+    ) -> Verdict:
+        """The content stages, pipelined: header fields, end of headers, body, end of message.
+
+        The same as :meth:`header` for each field, :meth:`end_of_headers`,
+        :meth:`body` for each chunk and :meth:`end_of_message`, stopping at
+        the first answer that is neither CONTINUE nor ACCEPT; but written
+        at once and answered in one wait.  A body longer than one chunk
+        follows the end of headers' answer, in lock-step as :meth:`body`.
+        """
+        commands: list[codec.Command] = [codec.Header(name=n, value=v) for n, v in fields]
+        commands.append(codec.EndOfHeaders())
+        pieces = iter(chunks)
+        self._body.clear()
+        for chunk in pieces:
+            self._body += chunk
+            if len(self._body) > codec.CHUNK_SIZE:
+                break
+        else:
+            if self._body:
+                commands.append(codec.BodyChunk(data=bytes(self._body)))
+                self._body.clear()
+            commands.append(codec.EndOfMessage())
+            return await self._pipeline(commands, macros)
+        held = bytes(self._body)
+        self._body.clear()
+        verdict = await self._pipeline(commands, macros)
+        if verdict.action is not Action.CONTINUE and verdict.action is not Action.ACCEPT:
+            return verdict
+        for chunk in itertools.chain((held,), pieces):
+            verdict = await self.body(chunk, macros)
+            if not verdict.is_continue:
+                return verdict
+        return await self.end_of_message(macros)
+
+    async def _pipeline(self, commands: list[codec.Command], macros: Mapping[str, str]) -> Verdict:
+        timeout = self.config.content_timeout
+        started = time.monotonic()
+        protocol = self._protocol
+        verdict = CONTINUE
+        try:
+            data = bytearray()
+            awaited = 0
+            for command in commands:
+                step = protocol.begin(command, macros, pipelined=True)
+                data += step.data
+                if step.verdict is None:
+                    awaited += 1
+                elif step.verdict.action is not Action.CONTINUE:
+                    verdict = step.verdict
+                    break
+            if awaited:
+                await self._write(bytes(data), timeout)
+            else:
+                self._unsent += data
+                if len(self._unsent) >= codec.CHUNK_SIZE:
+                    await self._write(b"", timeout)
+            while awaited:
+                result = await self._receive(timeout, "content")
+                assert isinstance(result, Verdict)
+                awaited -= 1
+                verdict = result
+                if verdict.action is not Action.CONTINUE:
+                    break
+        except _Broken as error:
+            return self._fail(f"content: {error}")
+        if not protocol.usable:
+            self._close()
+        metrics.since("mmdf_milter_seconds", (self.name, "Message"), started)
+        return verdict
+
     async def end_of_message(self, macros: Mapping[str, str] = _NO_MACROS) -> Verdict:
         """The last body octets, then end of message: the final verdict with modifications."""
         if self._body and self._protocol.wants_body:
@@ -286,13 +525,60 @@ class Milter:
                 self._fail(f"abort: {error}")
 
     async def quit(self) -> None:
-        """End of the SMTP session: QUIT if the conversation is still on, then close."""
+        """End of the SMTP session: QUIT if the conversation is still on, then close.
+
+        Or QUIT_NC, and the connection goes to the pool, where the protocol
+        allows it (see :attr:`.MilterProtocol.reusable`).
+        """
+        if self.config.reuse and self._protocol.reusable and self._pool_connection():
+            return
         data = self._protocol.quit()
         if data and self._writer is not None and not self._writer.is_closing():
             self._writer.write(self._unsent + data)
         self._close()
 
     # -- connection
+
+    async def _reconnect(self) -> None:
+        """A new connection after pipelined content left the old one out of step."""
+        self._close()
+        self._protocol = MilterProtocol()
+        if not await self.open():
+            return
+        for command, macros in self._introduction:
+            await self._stage(command, macros, self.config.command_timeout)
+            if self._protocol.state is not State.READY:
+                return
+
+    def _take_pooled(self) -> bool:
+        idle = _pool(self.config.socket).take()
+        if idle is None:
+            return False
+        self._reader, self._writer = idle.reader, idle.writer
+        if self.config.address.kind != "unix":
+            self._quickack = _quickack_for(idle.writer)
+        self._protocol.resume(idle.negotiated)
+        self._untried = True
+        return True
+
+    def _pool_connection(self) -> bool:
+        writer, reader, negotiated = self._writer, self._reader, self._protocol.negotiated
+        if writer is None or reader is None or negotiated is None or writer.is_closing():
+            return False
+        pool = _pool(self.config.socket)
+        data = self._unsent + self._protocol.quit_new_connection()
+        self._unsent.clear()
+        writer.write(data)
+        if writer.transport.get_write_buffer_size():
+            # The milter is not reading: not a connection to keep.
+            self._close()
+            return True
+        self._writer = self._reader = None
+        if self._deadline is not None:
+            self._deadline.close()
+        if not pool.give(_Idle(reader, writer, negotiated, asyncio.get_running_loop().time())):
+            writer.close()
+        return True
 
     async def open(self) -> bool:
         """Connect and negotiate (done by :meth:`connect`); False if the milter failed."""
@@ -307,6 +593,7 @@ class Milter:
                     self._reader, self._writer = await asyncio.open_connection(
                         address.host, address.port
                     )
+                    self._quickack = _quickack_for(self._writer)
         except TimeoutError:
             self._fail(f"connect: no connection in {self.config.connect_timeout:g} s")
             return False
@@ -326,6 +613,8 @@ class Milter:
     ) -> Verdict:
         what = type(command).__name__
         started = time.monotonic()
+        if self._protocol.desynchronised:
+            await self._reconnect()
         try:
             step: Step = self._protocol.begin(command, macros)
             if step.verdict is not None:
@@ -340,7 +629,11 @@ class Milter:
                 result = await self._receive(timeout, what)
                 assert isinstance(result, Verdict)
                 verdict = result
+                self._untried = False
         except _Broken as error:
+            if self._untried and isinstance(command, codec.Connect):
+                raise _Stale from None
+            self._untried = False
             return self._fail(f"{what}: {error}")
         if not self._protocol.usable:
             self._close()
@@ -382,6 +675,8 @@ class Milter:
             while True:
                 event = protocol.next_event()
                 if event is codec.NEED_DATA:
+                    if self._quickack is not None:
+                        self._quickack()
                     protocol.receive_data(await reader.read(65536))
                 elif event is PROGRESS:
                     deadline.arm(timeout)

@@ -9,6 +9,7 @@
     connect_timeout = 30             # seconds; Postfix's milter_connect_timeout
     command_timeout = 30             # each SMTP-stage answer; milter_command_timeout
     content_timeout = 300            # headers, body, end of message; milter_content_timeout
+    reuse = true                     # keep the connection for the next SMTP session (QUIT_NC)
 """
 
 from __future__ import annotations
@@ -87,8 +88,8 @@ def _seconds(table: Mapping[str, Any], key: str, default: float) -> float:
     return float(value)
 
 
-def _flag(table: Mapping[str, Any], key: str) -> bool:
-    value = table.get(key, False)
+def _flag(table: Mapping[str, Any], key: str, *, default: bool = False) -> bool:
+    value = table.get(key, default)
     if not isinstance(value, bool):
         raise ValueError(f"milter {key} = {value!r}: must be true or false")
     return value
@@ -105,6 +106,11 @@ class MilterConfig:
     content_timeout: float = 300.0
     # Also filter mail from submit and the maildrop (Postfix's non_smtpd_milters).
     submit: bool = False
+    # End a session with SMFIC_QUIT_NC rather than QUIT where the protocol
+    # allows it (version 6, right after an end of message), and give the
+    # connection to the next session: no connect, no OPTNEG, and for
+    # libmilter's milters no thread started, a session.
+    reuse: bool = True
 
     @property
     def address(self) -> SocketAddress:
@@ -120,6 +126,7 @@ class MilterConfig:
             "command_timeout",
             "content_timeout",
             "submit",
+            "reuse",
         }
         unknown = sorted(set(table) - known)
         if unknown:
@@ -141,4 +148,5 @@ class MilterConfig:
             command_timeout=_seconds(table, "command_timeout", 30.0),
             content_timeout=_seconds(table, "content_timeout", 300.0),
             submit=_flag(table, "submit"),
+            reuse=_flag(table, "reuse", default=True),
         )

@@ -33,6 +33,15 @@ States::
     any --refusal at CONNECT/HELO--> REFUSED (the same refusal for the rest)
     any --fail()--> FAILED (the default action for the rest)
 
+Pipelined content: with ``begin(..., pipelined=True)`` the driver may begin
+the content stages of a message (each header, end of headers, body, end of
+message) while answers to earlier ones are still awaited, write them in one
+go and read the answers in order.  An answer other than CONTINUE (or SKIP)
+with stages still unanswered leaves the conversation out of step (how many
+of the packets after it a milter answers is its own affair: libmilter
+answers none): the conversation is then CLOSED with :attr:`desynchronised`
+set, and the driver opens a new connection for the next transaction.
+
 Within READY, an ACCEPT or DISCARD after MAIL excuses the milter until the
 transaction ends (end of message or :meth:`~MilterProtocol.abort`); a SKIP
 stops further events of the same stage until another stage begins.
@@ -40,6 +49,7 @@ stops further events of the same stage until another stage begins.
 
 from __future__ import annotations
 
+import collections
 import enum
 import functools
 from collections.abc import Mapping
@@ -452,6 +462,7 @@ _MODIFICATION_ACTION: dict[type[codec.Modification], ActionFlag] = {
 
 _CONNECTION_STAGES = (Stage.CONNECT, Stage.HELO)
 _CONTENT_STAGES = (Stage.HEADER, Stage.END_OF_HEADERS, Stage.BODY)
+_PIPELINED_STAGES = (*_CONTENT_STAGES, Stage.END_OF_MESSAGE)
 
 
 class MilterProtocol:
@@ -463,6 +474,9 @@ class MilterProtocol:
         self.negotiated: Negotiated | None = None
         self._sticky: Verdict = CONTINUE
         self._stage: Stage | None = None
+        # Stages begun pipelined behind _stage, awaiting their answers in order.
+        self._queued: collections.deque[Stage] = collections.deque()
+        self.desynchronised = False
         self._skipping: Stage | None = None
         self._in_transaction = False
         self._message_done = False  # ACCEPT or DISCARD for this transaction
@@ -470,6 +484,11 @@ class MilterProtocol:
         self._quarantine: str | None = None
         self._body_replaced = False
         self._body_closed = False
+        # The last thing the milter was sent is an end of message it answered
+        # CONTINUE: the one point where libmilter takes QUIT_NC (its
+        # engine.c allows ST_Q_NC only after ST_ENDM; after a refusal or an
+        # ACCEPT it would ignore QUIT_NC and the CONNECT after it).
+        self._clean_end = False
 
     # -- negotiation
 
@@ -480,6 +499,36 @@ class MilterProtocol:
         return codec.encode(
             codec.Negotiate(version=codec.VERSION, actions=MTA_ACTIONS, protocol=MTA_PROTOCOL)
         )
+
+    def resume(self, negotiated: Negotiated) -> None:
+        """Go on over a connection kept with QUIT_NC: negotiated already, no OPTNEG."""
+        if self.state is not State.NEW:
+            raise RuntimeError(f"resume() in state {self.state}")
+        self.negotiated = negotiated
+        self.state = State.READY
+
+    @property
+    def reusable(self) -> bool:
+        """Whether QUIT_NC may end this conversation and keep its connection.
+
+        SMFIC_QUIT_NC came with protocol version 6; libmilter accepts it
+        only right after an end of message it answered CONTINUE (engine.c,
+        NX_ENDM), so that is the only point a connection is kept at.
+        """
+        negotiated = self.negotiated
+        return (
+            self.state is State.READY
+            and self._clean_end
+            and negotiated is not None
+            and negotiated.version >= 6
+        )
+
+    def quit_new_connection(self) -> bytes:
+        """QUIT_NC: this SMTP session is over, the milter's connection goes on."""
+        if not self.reusable:
+            raise RuntimeError("quit_new_connection() when the connection cannot be reused")
+        self.state = State.CLOSED
+        return codec.encode(codec.QuitNewConnection())
 
     # -- input
 
@@ -519,10 +568,16 @@ class MilterProtocol:
 
     # -- stages
 
-    def begin(self, command: codec.Command, macros: Mapping[str, str] = {}) -> Step:
-        """Start a stage: the octets to write, and the verdict if none is to be awaited."""
+    def begin(
+        self, command: codec.Command, macros: Mapping[str, str] = {}, *, pipelined: bool = False
+    ) -> Step:
+        """Start a stage: the octets to write, and the verdict if none is to be awaited.
+
+        ``pipelined``: a content stage may begin while earlier ones await
+        their answers (see the module's theory of operation).
+        """
         stage = _COMMAND_STAGE[type(command)]
-        if self.state is State.WAITING:
+        if self.state is State.WAITING and not (pipelined and stage in _PIPELINED_STAGES):
             raise RuntimeError(f"begin({stage}) while an answer to {self._stage} is awaited")
         if self.state in (State.ACCEPTED, State.REFUSED, State.FAILED, State.CLOSED):
             return Step(b"", self._sticky)
@@ -561,10 +616,14 @@ class MilterProtocol:
         if not plan.sends:
             return Step(data, CONTINUE)
         data += codec.encode(command)
+        self._clean_end = False
         if not plan.expects_reply:
             return Step(data, CONTINUE)
-        self._stage = stage
-        self.state = State.WAITING
+        if self.state is State.WAITING:
+            self._queued.append(stage)
+        else:
+            self._stage = stage
+            self.state = State.WAITING
         return Step(data, None)
 
     def _macros(self, plan: StagePlan, values: Mapping[str, str]) -> bytes:
@@ -583,6 +642,7 @@ class MilterProtocol:
             self._in_transaction = self._message_done = False
             return b""
         self._end_transaction()
+        self._clean_end = False
         return codec.encode(codec.Abort())
 
     def quit(self) -> bytes:
@@ -596,6 +656,7 @@ class MilterProtocol:
         """The conversation is broken: ``verdict`` answers every later stage."""
         self.state = State.FAILED
         self._sticky = verdict
+        self._queued.clear()
 
     @property
     def usable(self) -> bool:
@@ -712,6 +773,7 @@ class MilterProtocol:
         self._stage = None
         if stage is Stage.END_OF_MESSAGE:
             self._end_transaction()
+            self._clean_end = state is State.READY and verdict.action is Action.CONTINUE
             verdict = Verdict(
                 action=verdict.action,
                 reply=verdict.reply,
@@ -719,4 +781,13 @@ class MilterProtocol:
                 quarantine=self._quarantine,
             )
             self._modifications = []
+        if self._queued:
+            if state is State.READY and verdict.action is Action.CONTINUE:
+                self._stage = self._queued.popleft()
+                self.state = State.WAITING
+            else:
+                self._queued.clear()
+                self._in_transaction = self._message_done = False
+                self.desynchronised = True
+                self.state = State.CLOSED
         return verdict
