@@ -106,7 +106,7 @@ def test_a_whole_session_as_the_milter_sees_it() -> None:
             codec.EndOfMessage(),
             # Right after an end of message answered CONTINUE, a version 6
             # milter's connection is kept for the next session.
-            codec.QuitNewConnection(),
+            codec.Quit(),
         ]
         # Postfix's default macros, in its order, those with a value only.
         assert peer.macros(b"C") == [

@@ -103,7 +103,7 @@ def test_a_body_of_several_chunks_follows_the_end_of_headers() -> None:
             "BodyChunk",
             "BodyChunk",
             "EndOfMessage",
-            "QuitNewConnection",
+            "Quit",
         ]
 
     asyncio.run(main())

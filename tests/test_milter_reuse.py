@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 
 import pytest
 
@@ -13,7 +14,13 @@ from mmdf_smtp.milter import Action, DefaultAction, Milter, MilterConfig, codec
 from mmdf_smtp.milter.client import close_idle_connections, idle_connections
 from mmdf_smtp.milter.codec import ActionFlag
 from mmdf_smtp.milter.protocol import MilterProtocol, Negotiated
-from test_milter_client import config, session
+from test_milter_client import config as unpooled_config
+from test_milter_client import session
+
+
+def config(peer: MilterPeer, action: str = "tempfail", timeout: float = 5.0) -> MilterConfig:
+    """A milter whose connections are kept for the next session (``reuse = true``)."""
+    return replace(unpooled_config(peer, action, timeout), reuse=True)
 
 
 def kinds(commands: Sequence[codec.Command]) -> list[str]:
@@ -272,8 +279,11 @@ def test_resume_skips_negotiation() -> None:
 
 
 def test_the_reuse_key() -> None:
-    assert MilterConfig.from_table({"socket": "inet:127.0.0.1:1"}).reuse is True
+    # Off unless asked: a milter that claims version 6 but ignores QUIT_NC
+    # would hold each following session for command_timeout.
+    assert MilterConfig.from_table({"socket": "inet:127.0.0.1:1"}).reuse is False
+    assert MilterConfig.from_table({"socket": "inet:127.0.0.1:1", "reuse": True}).reuse is True
     assert MilterConfig.from_table({"socket": "inet:127.0.0.1:1", "reuse": False}).reuse is False
     with pytest.raises(ValueError, match="reuse"):
         MilterConfig.from_table({"socket": "inet:127.0.0.1:1", "reuse": "yes"})
-    assert MilterConfig(socket="unix:/x", default_action=DefaultAction.ACCEPT).reuse is True
+    assert MilterConfig(socket="unix:/x", default_action=DefaultAction.ACCEPT).reuse is False

@@ -533,7 +533,7 @@ def test_a_milter_that_continues_sees_the_whole_session_in_order(
         codec.EndOfMessage(),
         # The session ended right after a message the milter let through:
         # the connection is kept for the next one.
-        codec.QuitNewConnection(),
+        codec.Quit(),
     ]
     assert peer.commands()[6] == codec.Header(
         name="Received", value=received[len(b"Received: ") : -2].decode().replace("\r\n", "\n")
@@ -831,7 +831,7 @@ def test_skip_during_the_body_sends_no_more_of_it(server: Server, peer: Peer) ->
     chunks = [c for c in peer.commands() if isinstance(c, codec.BodyChunk)]
     assert len(chunks) == 1 and LONG_BODY.startswith(chunks[0].data)
     assert len(LONG_BODY) > 2 * len(chunks[0].data)  # there was more to send
-    assert peer.kinds()[-2:] == ["EndOfMessage", "QuitNewConnection"]
+    assert peer.kinds()[-2:] == ["EndOfMessage", "Quit"]
 
 
 # -- modifications at end of message ---------------------------------------------------
@@ -1003,7 +1003,7 @@ def test_a_chain_of_milters_each_adding_a_field(
     queue_id = answers[-1].queue_id()
     for peer in chain:
         peer.wait_finished()
-        assert peer.kinds()[-2:] == ["EndOfMessage", "QuitNewConnection"]
+        assert peer.kinds()[-2:] == ["EndOfMessage", "Quit"]
     stored = server.stored(queue_id)
     added = b"X-Milter: 1\r\nX-Milter: 2\r\nX-Milter: 3\r\n"
     assert stored == received_field(stored) + HEADER + added + b"\r\n" + BODY

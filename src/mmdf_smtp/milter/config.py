@@ -9,7 +9,7 @@
     connect_timeout = 30             # seconds; Postfix's milter_connect_timeout
     command_timeout = 30             # each SMTP-stage answer; milter_command_timeout
     content_timeout = 300            # headers, body, end of message; milter_content_timeout
-    reuse = true                     # keep the connection for the next SMTP session (QUIT_NC)
+    reuse = false                    # true: keep the connection for the next SMTP session (QUIT_NC)
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ class MilterConfig:
     # allows it (version 6, right after an end of message), and give the
     # connection to the next session: no connect, no OPTNEG, and for
     # libmilter's milters no thread started, a session.
-    reuse: bool = True
+    reuse: bool = False
 
     @property
     def address(self) -> SocketAddress:
@@ -148,5 +148,5 @@ class MilterConfig:
             command_timeout=_seconds(table, "command_timeout", 30.0),
             content_timeout=_seconds(table, "content_timeout", 300.0),
             submit=_flag(table, "submit"),
-            reuse=_flag(table, "reuse", default=True),
+            reuse=_flag(table, "reuse", default=False),
         )
