@@ -265,6 +265,19 @@ class Queue(Protocol):
         :class:`QueueError`."""
         ...
 
+    def adopt(self, message: QueuedMessage, body: BinaryIO, state: DeliveryState | None) -> bool:
+        """Take in a message stored elsewhere (another queue; a submission
+        pickup has written out), as it stands there: its id, envelope,
+        held flag and recorded delivery ``state`` (None: deliver has not
+        seen it), its octets streamed from ``body``, all in one commit.
+        False, and nothing written, when this queue holds a message of
+        that id, or held one lately (a database keeps a delivered
+        message's id an hour): so that whoever adopts and then removes its
+        own copy, and crashes between the two, adopts again without a
+        duplicate.  May raise :class:`QueueError`, after which nothing of
+        the message remains."""
+        ...
+
     def hand_over(self, writer: MessageWriter) -> bytes:
         """A message not yet committed, as octets that :meth:`take_over`, in
         another process on this queue, makes a writer of again (the daemon

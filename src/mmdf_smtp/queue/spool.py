@@ -742,6 +742,39 @@ class Spool:
         _fsync_directory(target)
         _fsync_directory(claim.parent)
 
+    def adopt(self, message: QueuedMessage, body: BinaryIO, state: DeliveryState | None) -> bool:
+        """Take in a message stored elsewhere (see :meth:`.Queue.adopt`):
+        its state first, then the message committed as any other, into
+        hold/ when it is held.  A crash between the two leaves a state
+        without its message, which :meth:`forget_orphans` removes; the other
+        order could leave the message without its state, delivered again.
+        False when a message of that id is queued or held here."""
+        if not _ID.fullmatch(message.id):
+            raise QueueError(f"not a queue id: {message.id!r}")
+        if self._is_stored(message.id):
+            return False
+        try:
+            self.prepare()
+            if state is not None:
+                self.write_state(message.id, state)
+        except OSError as exc:
+            raise _error(f"cannot write the state of {message.id}", exc) from exc
+        writer = SpoolWriter(
+            self,
+            message.id,
+            bytearray(envelope_to_json(message.envelope)),
+            in_memory=self.in_memory,
+            into_hold=message.held,
+        )
+        try:
+            while piece := body.read(_BUFFER):
+                writer.write(piece)
+        except OSError as exc:
+            writer.abort()
+            raise QueueError(f"cannot read {message.id}: {exc.strerror or exc}") from exc
+        writer.commit()
+        return True
+
     def hand_over(self, writer: MessageWriter) -> bytes:
         assert isinstance(writer, SpoolWriter)
         return writer._hand_over()
