@@ -1,0 +1,202 @@
+"""Running on the PostgreSQL queue: a spool moved into it (checkque
+--move-from), local submission picked up into it, and its size in the
+metrics; on a real server the tests start (tests/pgcluster.py)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from mmdf_smtp.cli import checkque as checkque_module
+from mmdf_smtp.cli.deliver import lock as deliver_lock
+from mmdf_smtp.queue import DELIVERED, DeliveryState, Envelope, Lease, RecipientState
+from mmdf_smtp.queue.postgres import PostgresQueue
+from mmdf_smtp.queue.spool import Spool
+from queue_contract import BODY, NOW, deferred, envelope
+from wire import write_config
+
+pytest_plugins = ["pgcluster"]
+
+
+def checkque(capsys: pytest.CaptureFixture[str], config: Path, *args: str) -> tuple[int, str, str]:
+    """checkque in the test's process: status, stdout, stderr."""
+    try:
+        status = checkque_module.main(["-c", str(config), *args])
+    except SystemExit as exc:
+        assert isinstance(exc.code, int)
+        status = exc.code
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def queue_into(spool: Spool, env: Envelope, body: bytes = BODY) -> str:
+    writer = spool.open(env)
+    writer.write(body)
+    writer.commit()
+    return writer.id
+
+
+class Site:
+    """An old spool with one of each kind of message, and a configuration
+    naming the database."""
+
+    def __init__(self, tmp_path: Path, dsn: str) -> None:
+        for name in ("old", "new"):
+            (tmp_path / name).mkdir()
+        self.old_config = write_config(tmp_path / "old")
+        self.old = Spool(tmp_path / "old" / "spool")
+        self.config = write_config(
+            tmp_path / "new", f'\n[queue]\nbackend = "postgresql"\ndsn = "{dsn}"\n'
+        )
+        self.database = PostgresQueue(dsn, staging=tmp_path / "new" / "spool")
+        self.new = queue_into(self.old, envelope("new@example.net"))
+        self.deferred = queue_into(self.old, envelope("a@example.net", "b@example.net"), BODY * 3)
+        state = DeliveryState(
+            [RecipientState(recipient=r, address=r) for r in ("a@example.net", "b@example.net")]
+        )
+        state.recipients[0].status = DELIVERED
+        state.recipients[0].last_reply = "250 2.0.0 ok"
+        self.old.write_state(self.deferred, deferred(state, 1, NOW + timedelta(days=1)))
+        self.held = queue_into(self.old, envelope("held@example.net"))
+        assert self.old.hold(self.held, wait=0)
+        self.quarantined = queue_into(
+            self.old,
+            Envelope(**{**_fields(envelope("q@example.net")), "quarantine": "looks odd"}),
+        )
+        self.torn = queue_into(self.old, envelope("torn@example.net"))
+        self.old.move_aside(self.torn, "torn")
+        self.ids = [self.new, self.deferred, self.held, self.quarantined]
+
+
+def _fields(env: Envelope) -> dict[str, object]:
+    return {name: getattr(env, name) for name in env.__dataclass_fields__}
+
+
+@pytest.fixture
+def site(tmp_path: Path, pg_dsn: str) -> Iterator[Site]:
+    made = Site(tmp_path, pg_dsn)
+    yield made
+    made.database.close()
+
+
+def messages_as_json(capsys: pytest.CaptureFixture[str], config: Path) -> list[dict[str, object]]:
+    status, out, err = checkque(capsys, config, "--json")
+    assert (status, err) == (0, "")
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def test_a_spool_moves_whole_and_its_set_aside_files_stay(
+    site: Site, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = messages_as_json(capsys, site.old_config)
+    shown = [entry for entry in before if entry["state"] != "corrupt"]
+    assert [entry["id"] for entry in shown] == sorted(site.ids)
+    bodies = {i: checkque(capsys, site.old_config, "--cat", i)[1] for i in site.ids}
+    (torn,) = site.old.set_aside()
+    assert torn.name == site.torn
+
+    status, out, err = checkque(capsys, site.config, "--move-from", str(site.old.directory))
+    assert (status, err) == (0, "")
+    lines = out.splitlines()
+    assert sorted(lines[:4]) == sorted(f"{i}: moved" for i in site.ids)
+    assert lines[4].startswith("4 messages moved into ")
+    assert lines[4].endswith(f", 0 there already, 0 left in {site.old.directory}")
+    assert lines[5:] == [
+        f"left alone in {site.old.corrupt} (set aside, never moved):",
+        f"{torn.name}  {torn.size:>9}  {torn.reason}",
+    ]
+
+    # Every message as it was, state and held flag included; bodies octet for octet.
+    assert messages_as_json(capsys, site.config) == shown
+    assert {i: checkque(capsys, site.config, "--cat", i)[1] for i in site.ids} == bodies
+    # The old spool keeps only what was set aside.
+    assert [e["id"] for e in messages_as_json(capsys, site.old_config)] == [site.torn]
+    assert sorted(p.name for p in site.old.state.iterdir()) == []
+    # In the database, due when the recorded states say.
+    assert sorted(lease.id for lease in _claim_all(site.database, NOW)) == [site.new]
+    later = {
+        lease.id: lease.resumed for lease in _claim_all(site.database, NOW + timedelta(days=2))
+    }
+    assert later == {site.new: False, site.deferred: True}
+
+    # A second run finds nothing to move.
+    status, out, err = checkque(capsys, site.config, "--move-from", str(site.old.directory))
+    assert (status, err) == (0, "")
+    assert out.splitlines()[0].startswith("0 messages moved into ")
+
+
+def _claim_all(database: PostgresQueue, now: datetime) -> list[Lease]:
+    leases = database.claim(100, now)
+    for lease in leases:
+        lease.end()
+    return leases
+
+
+def test_a_move_cut_short_after_the_commit_copies_nothing_twice(
+    site: Site, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed between the database's commit and the spool's removal: the
+    next run finds the message in the database, even delivered meanwhile,
+    and only removes it from the spool."""
+    real_delete = Spool.delete
+
+    def crash(self: Spool, queue_id: str, *, wait: float) -> None:
+        raise KeyboardInterrupt  # as a kill: nothing after the commit runs
+
+    monkeypatch.setattr(Spool, "delete", crash)
+    with pytest.raises(KeyboardInterrupt):
+        checkque_module.main(["-c", str(site.config), "--move-from", str(site.old.directory)])
+    monkeypatch.setattr(Spool, "delete", real_delete)
+    capsys.readouterr()
+    first = site.new  # the first moved: in both places now
+    assert first in site.old.ids()
+    # A deliverer of the database delivers it meanwhile: it leaves the queue.
+    (lease,) = site.database.claim(1, NOW)
+    assert lease.id == first
+    lease.complete()
+
+    status, out, err = checkque(capsys, site.config, "--move-from", str(site.old.directory))
+    assert (status, err) == (0, "")
+    lines = out.splitlines()
+    assert f"{first}: already in the target: removed from the spool" in lines
+    assert lines[4].startswith("3 messages moved into ")
+    assert lines[4].endswith(f", 1 there already, 0 left in {site.old.directory}")
+    assert [e["id"] for e in messages_as_json(capsys, site.config)] == sorted(
+        set(site.ids) - {first}
+    )
+    assert site.old.ids() == site.old.held_ids() == []
+
+
+def test_a_move_waits_for_no_deliver(site: Site, capsys: pytest.CaptureFixture[str]) -> None:
+    held = deliver_lock(site.old)
+    assert held is not None
+    try:
+        status, out, err = checkque(capsys, site.config, "--move-from", str(site.old.directory))
+    finally:
+        held.close()
+    assert (status, out) == (75, "")
+    assert err == (
+        f"checkque: deliver is running on {site.old.directory} (it holds deliver.lock):"
+        " stop it first\n"
+    )
+    assert messages_as_json(capsys, site.config) == []
+    assert sorted(site.old.ids() + site.old.held_ids()) == sorted(site.ids)
+
+
+def test_a_move_from_what_is_not_a_spool_or_into_itself_is_refused(
+    site: Site, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert checkque(capsys, site.config, "--move-from", str(tmp_path / "none")) == (
+        64,
+        "",
+        f"checkque: {tmp_path / 'none'}: not a spool (it has no queue/)\n",
+    )
+    assert checkque(capsys, site.old_config, "--move-from", str(site.old.directory)) == (
+        64,
+        "",
+        f"checkque: {site.old.directory} is the configured queue itself\n",
+    )
