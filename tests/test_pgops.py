@@ -4,18 +4,34 @@ metrics; on a real server the tests start (tests/pgcluster.py)."""
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
+import os
+import pwd
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from mmdf_smtp.cli import checkque as checkque_module
 from mmdf_smtp.cli.deliver import lock as deliver_lock
-from mmdf_smtp.queue import DELIVERED, DeliveryState, Envelope, Lease, RecipientState
+from mmdf_smtp.config import Config, load
+from mmdf_smtp.queue import (
+    DELIVERED,
+    DeliveryState,
+    Envelope,
+    Lease,
+    QueueError,
+    RecipientState,
+    maildrop,
+    open_backend,
+)
 from mmdf_smtp.queue.postgres import PostgresQueue
 from mmdf_smtp.queue.spool import Spool
+from mmdf_smtp.submission import Request, read_headers, read_lines
 from queue_contract import BODY, NOW, deferred, envelope
 from wire import write_config
 
@@ -65,15 +81,11 @@ class Site:
         assert self.old.hold(self.held, wait=0)
         self.quarantined = queue_into(
             self.old,
-            Envelope(**{**_fields(envelope("q@example.net")), "quarantine": "looks odd"}),
+            dataclasses.replace(envelope("q@example.net"), quarantine="looks odd"),
         )
         self.torn = queue_into(self.old, envelope("torn@example.net"))
         self.old.move_aside(self.torn, "torn")
         self.ids = [self.new, self.deferred, self.held, self.quarantined]
-
-
-def _fields(env: Envelope) -> dict[str, object]:
-    return {name: getattr(env, name) for name in env.__dataclass_fields__}
 
 
 @pytest.fixture
@@ -200,3 +212,74 @@ def test_a_move_from_what_is_not_a_spool_or_into_itself_is_refused(
         "",
         f"checkque: {site.old.directory} is the configured queue itself\n",
     )
+
+
+# -- local submission into the database ---------------------------------------------
+
+
+def other_user() -> pwd.struct_passwd:
+    """A user who is neither root nor the configured ``user``: submit drops for them."""
+    try:
+        return pwd.getpwnam("daemon")
+    except KeyError:
+        pytest.skip("no 'daemon' user in the password file to submit as")
+
+
+def drop_as(config: Config, user: pwd.struct_passwd, text: bytes) -> None:
+    """A maildrop file as submit run by ``user`` leaves it (tests/test_submit.py's way)."""
+    spool = Spool(config.spool)
+    maildrop.prepare(spool)
+    pieces = read_lines(io.BytesIO(text), dot_ends=False, limit=0)
+    request = Request(recipients=("alice",))
+    name = maildrop.drop(spool, request, read_headers(pieces).octets())
+    os.chown(spool.directory / "maildrop" / name, user.pw_uid, user.pw_gid)
+
+
+def test_a_users_submission_is_picked_up_into_the_database(
+    site: Site, capsys: pytest.CaptureFixture[str]
+) -> None:
+    user = other_user()
+    config = load(str(site.config))
+    drop_as(config, user, b"Subject: dropped\n\nbody\n")
+    backend = open_backend(config)
+    [queue_id] = maildrop.pickup(Spool(config.spool), config, into=backend)
+    (message,) = messages_as_json(capsys, site.config)
+    assert (message["id"], message["state"], message["channel"]) == (queue_id, "queued", "local")
+    assert (message["submitter"], message["submitter_uid"]) == (user.pw_name, user.pw_uid)
+    assert message["sender"] == f"{user.pw_name}@example.org"
+    assert message["recipients"] == ["alice@example.org"]
+    _, data, _ = checkque(capsys, site.config, "--cat", queue_id)
+    assert "\r\nSubject: dropped\r\n" in data and data.endswith("\r\n\r\nbody\r\n")
+    assert message["size"] == len(data.encode())
+    # Nothing left behind in the node's folders: it is all in the database.
+    staging = Spool(config.spool)
+    assert [list((staging.directory / name).iterdir()) for name in ("maildrop", "pickup")] == [
+        [],
+        [],
+    ]
+    assert staging.ids() == []
+    assert maildrop.pickup(Spool(config.spool), config, into=backend) == []
+
+
+def test_a_pickup_cut_short_after_the_commit_queues_nothing_twice(
+    site: Site, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    user = other_user()
+    config = load(str(site.config))
+    drop_as(config, user, b"Subject: once\n\nbody\n")
+    backend = open_backend(config)
+    real_adopt = PostgresQueue.adopt
+
+    def adopt_then_lose_the_connection(self: PostgresQueue, *args: Any) -> bool:
+        real_adopt(self, *args)
+        raise QueueError("the connection was lost at the commit")
+
+    monkeypatch.setattr(PostgresQueue, "adopt", adopt_then_lose_the_connection)
+    assert maildrop.pickup(Spool(config.spool), config, into=backend) == []
+    monkeypatch.setattr(PostgresQueue, "adopt", real_adopt)
+    (left,) = (config.spool / "pickup").iterdir()  # the queued form, to hand on again
+    (message,) = messages_as_json(capsys, site.config)
+    assert message["id"] == left.name
+    assert maildrop.pickup(Spool(config.spool), config, into=backend) == [left.name]
+    assert [m["id"] for m in messages_as_json(capsys, site.config)] == [left.name]
+    assert list((config.spool / "pickup").iterdir()) == []

@@ -307,17 +307,20 @@ class SpoolWriter:
         fd: int | None = None,
         into_hold: bool = False,
         claim: str | None = None,
+        move_on: bool = True,
         owner: tuple[int, int] | None = None,
     ) -> None:
         """``held``: the octets so far (the envelope line first) not yet in
         the file; ``fd``: the file in tmp/, if it was created already;
         ``into_hold``: a quarantined message, committed into hold/;
         ``claim``: the file in pickup/ that this one replaces at its commit;
+        ``move_on``: whether the commit then moves it on into queue/;
         ``owner``: (uid, gid) to give the file, when root writes it."""
         self._spool = spool
         self._id = queue_id
         self.into_hold = into_hold
         self._claim = claim
+        self._move_on = move_on
         self._owner = owner
         self._size = 0  # octets of the message written (the envelope line not)
         self._path = spool._in_tmp + queue_id
@@ -434,7 +437,8 @@ class SpoolWriter:
         self._created = False  # committed: abort() must not touch it
         try:
             _fsync_directory(Path(claim).parent)
-            self._spool.enqueue_claimed(Path(claim), into_hold=self.into_hold)
+            if self._move_on:
+                self._spool.enqueue_claimed(Path(claim), into_hold=self.into_hold)
         except OSError as exc:
             raise _error(f"cannot move {self._id} into the queue", exc) from exc
 
@@ -717,11 +721,17 @@ class Spool:
         )
 
     def open_claimed(
-        self, envelope: Envelope, claim: Path, *, owner: tuple[int, int] | None = None
+        self,
+        envelope: Envelope,
+        claim: Path,
+        *,
+        owner: tuple[int, int] | None = None,
+        move_on: bool = True,
     ) -> SpoolWriter:
         """A message pickup queues from the maildrop, its queue id the name
         of its ``claim`` in pickup/: its commit renames it over the claim,
-        then moves it on into queue/ (see :mod:`.maildrop`).  Its file is
+        then moves it on into queue/ (see :mod:`.maildrop`), unless not
+        ``move_on`` (pickup hands it to another queue).  Its file is
         created at once, given to ``owner`` if that is set.  Raises
         :class:`QueueError`."""
         return SpoolWriter(
@@ -731,6 +741,7 @@ class Spool:
             in_memory=0,
             into_hold=envelope.quarantine is not None,
             claim=str(claim),
+            move_on=move_on,
             owner=owner,
         )
 
