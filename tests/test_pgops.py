@@ -9,6 +9,8 @@ import io
 import json
 import os
 import pwd
+import socket
+import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from mmdf_smtp import metrics
 from mmdf_smtp.cli import checkque as checkque_module
 from mmdf_smtp.cli.deliver import lock as deliver_lock
 from mmdf_smtp.config import Config, load
@@ -24,6 +27,7 @@ from mmdf_smtp.queue import (
     DeliveryState,
     Envelope,
     Lease,
+    Queue,
     QueueError,
     RecipientState,
     maildrop,
@@ -49,8 +53,8 @@ def checkque(capsys: pytest.CaptureFixture[str], config: Path, *args: str) -> tu
     return status, captured.out, captured.err
 
 
-def queue_into(spool: Spool, env: Envelope, body: bytes = BODY) -> str:
-    writer = spool.open(env)
+def queue_into(queue: Queue, env: Envelope, body: bytes = BODY) -> str:
+    writer = queue.open(env)
     writer.write(body)
     writer.commit()
     return writer.id
@@ -283,3 +287,55 @@ def test_a_pickup_cut_short_after_the_commit_queues_nothing_twice(
     assert maildrop.pickup(Spool(config.spool), config, into=backend) == [left.name]
     assert [m["id"] for m in messages_as_json(capsys, site.config)] == [left.name]
     assert list((config.spool / "pickup").iterdir()) == []
+
+
+# -- the queue's gauges ---------------------------------------------------------------
+
+
+def gauges(config: Path) -> dict[str, float]:
+    collector = metrics.Collector(lambda: [], (), metrics.gauges_of(load(str(config))))
+    return {
+        family.name: family.samples[0].value
+        for family in collector.collect()
+        if family.name.startswith("mmdf_queue")
+    }
+
+
+def test_the_gauges_count_the_databases_queue(
+    site: Site, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert gauges(site.config) == {"mmdf_queue_messages": 0, "mmdf_queue_oldest_seconds": 0}
+    assert checkque(capsys, site.config, "--move-from", str(site.old.directory))[0] == 0
+    counted = gauges(site.config)
+    # The held and the quarantined are not waiting, as the spool's hold/ is not counted.
+    assert counted["mmdf_queue_messages"] == 2
+    oldest = int(site.new[:14], 16) / 1e6
+    assert 0 < counted["mmdf_queue_oldest_seconds"] <= time.time() - oldest + 1
+
+    # Asked at a scrape, and not more often than DATABASE_EVERY however many scrape.
+    monkeypatch.setattr(metrics, "DATABASE_EVERY", 3600.0)
+    collector = metrics.Collector(lambda: [], (), metrics.gauges_of(load(str(site.config))))
+    first = {f.name: f.samples[0].value for f in collector.collect()}
+    queue_into(site.database, envelope())
+    again = {f.name: f.samples[0].value for f in collector.collect()}
+    assert first["mmdf_queue_messages"] == again["mmdf_queue_messages"] == 2
+    assert gauges(site.config)["mmdf_queue_messages"] == 3  # a collector of its own asks
+
+
+def test_a_database_that_does_not_answer_costs_a_scrape_its_gauges_only(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()  # accepted by the kernel, never answered
+    port = silent.getsockname()[1]
+    (tmp_path / "site").mkdir()
+    config = write_config(
+        tmp_path / "site",
+        f'\n[queue]\nbackend = "postgresql"\ndsn = "postgresql://mmdf@127.0.0.1:{port}/mmdf"\n',
+    )
+    started = time.monotonic()
+    with silent:
+        assert gauges(config) == {}
+    assert time.monotonic() - started < metrics.DATABASE_TIMEOUT + 3
+    assert "metrics: cannot count the queue: cannot connect" in caplog.text
