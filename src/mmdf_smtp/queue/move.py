@@ -56,6 +56,10 @@ def deliver_locked(spool: Spool) -> Iterator[None]:
     """The spool's deliver lock, held; DeliverRunning when deliver holds it."""
     fd = os.open(spool.directory / DELIVER_LOCK, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
+        if os.geteuid() == 0:
+            # Made by root here, it must stay the spool owner's, whose deliver opens it.
+            owner = os.stat(spool.directory)
+            os.fchown(fd, owner.st_uid, owner.st_gid)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
