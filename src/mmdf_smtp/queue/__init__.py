@@ -6,6 +6,8 @@ directory of :mod:`.spool`; a database shared by several hosts):
 
 - :class:`Queue`, the way in: the session, submit and the notices deliver
   writes put messages in through it, and a 250 comes after its commit;
+  a message stored elsewhere (a spool being moved in, a submission
+  picked up) comes in whole, id and state kept, by :meth:`Queue.adopt`;
 - :class:`DeliveryQueue`, the work: deliver claims due messages under a
   :class:`Lease`, records its recipients' states through it, and completes
   the message once every recipient is done;
