@@ -8,6 +8,7 @@ backends is said by class attributes, not by skipping tests.
 
 from __future__ import annotations
 
+import io
 import os
 import select
 import signal
@@ -25,6 +26,7 @@ from mmdf_smtp.queue import (
     LeaseLost,
     MessageBusy,
     QueueBackend,
+    QueuedMessage,
     RecipientState,
 )
 
@@ -307,6 +309,38 @@ class QueueContract:
         first.end()
         assert second.state is None
         second.end()
+
+    # -- adopting a message stored elsewhere ----------------------------------
+
+    def test_adopt_keeps_id_held_flag_and_state(self, backend: QueueBackend) -> None:
+        queue_id = backend.new_id()
+        env = envelope("a@example.net", "b@example.net")
+        state = DeliveryState([RecipientState(recipient=r, address=r) for r in env.recipients])
+        state.recipients[0].status = DELIVERED
+        deferred(state, 1, NOW + timedelta(hours=1))
+        held_id = backend.new_id()
+        for message, given in (
+            (QueuedMessage(queue_id, env, len(BODY)), state),
+            (QueuedMessage(held_id, envelope(), len(BODY), held=True), None),
+        ):
+            assert backend.adopt(message, io.BytesIO(BODY), given)
+        assert [(m.id, m.envelope, m.size) for m in backend.messages()] == [
+            (queue_id, env, len(BODY))
+        ]
+        assert [m.id for m in backend.messages(held=True)] == [held_id]
+        assert backend.read_state(queue_id) == state
+        assert backend.read_state(held_id) is None
+        with backend.open_message(queue_id) as stored:
+            assert stored.read() == BODY
+
+    def test_adopt_of_an_id_present_writes_nothing(self, backend: QueueBackend) -> None:
+        queue_id = queue_one(backend)
+        other = QueuedMessage(queue_id, envelope("z@example.net"), 3, held=True)
+        assert not backend.adopt(other, io.BytesIO(b"new"), None)
+        assert [(m.id, m.envelope, m.size) for m in backend.messages()] == [
+            (queue_id, envelope(), len(BODY))
+        ]
+        assert list(backend.messages(held=True)) == []
 
     # The spool's lock is the holder's open file: it ends with the holder only.
     leases_end_with_holder: bool = False

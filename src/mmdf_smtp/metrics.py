@@ -37,14 +37,19 @@ import os
 import re
 import signal
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .queue import QueueError
+
 if TYPE_CHECKING:
     from prometheus_client.core import Metric
+
+    from .config import Config
 
 log = logging.getLogger("mmdf_smtp.metrics")
 
@@ -353,6 +358,19 @@ def read_deliver_segment(spool: Path) -> bytes | None:
 _QUEUE_ID = re.compile(r"[0-9a-f]{26}")
 
 
+# What the queue's gauges are read from at a scrape: messages waiting and
+# the oldest one's age in seconds at ``now`` (a Unix time); None when the
+# queue cannot be asked (the gauges are left out of that scrape).
+QueueGauges = Callable[[float], "tuple[int, float] | None"]
+# A database is asked at most this often, however many scrapers there are.
+DATABASE_EVERY = 5.0  # seconds
+DATABASE_TIMEOUT = 2.0  # seconds a count may take before the scrape goes on without it
+
+
+def _age_of(oldest: str | None, now: float) -> float:
+    return max(0.0, now - int(oldest[:14], 16) / 1e6) if oldest else 0.0
+
+
 def queue_gauges(queue: Path, now: float) -> tuple[int, float]:
     """Messages in ``queue`` and the oldest one's age in seconds, from the names alone."""
     messages = 0
@@ -364,8 +382,43 @@ def queue_gauges(queue: Path, now: float) -> tuple[int, float]:
                 messages += 1
                 if oldest is None or name < oldest:
                     oldest = name
-    age = max(0.0, now - int(oldest[:14], 16) / 1e6) if oldest else 0.0
-    return messages, age
+    return messages, _age_of(oldest, now)
+
+
+def gauges_of(config: Config) -> QueueGauges:
+    """How the configured queue is counted: the spool's ``queue/`` by its
+    names; a database by a count query (:meth:`.PostgresQueue.count_waiting`)
+    bounded by :data:`DATABASE_TIMEOUT`, run at a scrape and not more often
+    than every :data:`DATABASE_EVERY` seconds, on a connection of its own."""
+    if config.queue.backend != "postgresql":
+        queue = config.spool / "queue"
+        return lambda now: queue_gauges(queue, now)
+    from .queue.postgres import PostgresQueue
+
+    assert config.queue.dsn is not None
+    database = PostgresQueue(
+        config.queue.dsn,
+        staging=config.spool,
+        connect_timeout=DATABASE_TIMEOUT,
+        statement_timeout=DATABASE_TIMEOUT,
+        connections=1,
+    )
+    lock = threading.Lock()
+    last: list[tuple[float, int, str | None]] = []  # (monotonic time, messages, oldest id)
+
+    def gauges(now: float) -> tuple[int, float] | None:
+        with lock:  # two scrapes at once: one query
+            if not last or time.monotonic() - last[0][0] >= DATABASE_EVERY:
+                try:
+                    messages, oldest = database.count_waiting()
+                except QueueError as exc:
+                    log.warning("metrics: cannot count the queue: %s", exc)
+                    return None
+                last[:] = [(time.monotonic(), messages, oldest)]
+            _, messages, oldest = last[0]
+        return messages, _age_of(oldest, now)
+
+    return gauges
 
 
 # -- serving ----------------------------------------------------------------------
@@ -378,11 +431,15 @@ class Collector:
         self,
         segments: Callable[[], Iterable[memoryview | bytes]],
         families: Iterable[Family],
-        queue: Path | None,
+        queue: Path | QueueGauges | None,
     ) -> None:
         self._segments = segments
         self._families = tuple(families)
-        self._queue = queue
+        if isinstance(queue, Path):
+            in_folder = queue
+            self._queue: QueueGauges | None = lambda now: queue_gauges(in_folder, now)
+        else:
+            self._queue = queue
 
     def collect(self) -> Iterator[Metric]:
         from prometheus_client.core import GaugeMetricFamily
@@ -394,8 +451,9 @@ class Collector:
         for family in self._families:
             samples = sorted(by_family.get(family.name, []))
             yield _metric(family, samples)
-        if self._queue is not None:
-            messages, age = queue_gauges(self._queue, time.time())
+        counted = self._queue(time.time()) if self._queue is not None else None
+        if counted is not None:
+            messages, age = counted
             yield GaugeMetricFamily("mmdf_queue_messages", "Messages in the queue", messages)
             yield GaugeMetricFamily(
                 "mmdf_queue_oldest_seconds",
@@ -463,8 +521,12 @@ class Server:
         self._thread.join()
 
 
-def serve_smtpd(address: str, shared: SharedSegments, spool: Path) -> Server:
-    """The supervisor's ``/metrics``: every worker's counts, deliver's, and the queue."""
+def serve_smtpd(
+    address: str, shared: SharedSegments, spool: Path, *, queue: QueueGauges | None = None
+) -> Server:
+    """The supervisor's ``/metrics``: every worker's counts, deliver's, and
+    the queue (``queue``: how it is counted, by default the spool's queue/;
+    see :func:`gauges_of`)."""
 
     def segments() -> list[memoryview | bytes]:
         found: list[memoryview | bytes] = list(shared.segments())
@@ -473,12 +535,15 @@ def serve_smtpd(address: str, shared: SharedSegments, spool: Path) -> Server:
             found.append(delivered)
         return found
 
-    collector = Collector(segments, FAMILIES.values(), spool / "queue")
+    collector = Collector(segments, FAMILIES.values(), queue or spool / "queue")
     return _started(address, collector)
 
 
-def serve_deliver(address: str, segment: memoryview, spool: Path) -> Server:
-    return _started(address, Collector(lambda: [segment], DELIVER_FAMILIES, spool / "queue"))
+def serve_deliver(
+    address: str, segment: memoryview, spool: Path, *, queue: QueueGauges | None = None
+) -> Server:
+    counted = queue or spool / "queue"
+    return _started(address, Collector(lambda: [segment], DELIVER_FAMILIES, counted))
 
 
 def _started(address: str, collector: Collector) -> Server:

@@ -2,6 +2,7 @@
 
     checkque [-c config] [--json] [--cat ID] [filters]
     checkque [-c config] [--wait SECONDS] --hold|--release|--delete|--flush ID...|ALL [filters]
+    checkque [-c config] --move-from SPOOL
 
 Without options, a table with a line per message (queued in ``queue/`` or
 held in ``hold/``) and one under it per recipient with its delivery state
@@ -27,6 +28,14 @@ A message deliver is working is not touched: checkque waits for it up to
 message was acted on, 1 when some were not (no such message, busy, no
 deliver listening), 64 for bad arguments.
 
+``--move-from SPOOL`` moves every queued and held message of the spool
+directory SPOOL, with its id and recorded delivery state, into the
+configured queue (a database, when a site leaves its spool behind), and
+lists the files set aside there, which stay (see :mod:`..queue.move`).
+The spool's deliver must be stopped (exit 75 while it runs); a move cut
+short is finished by running it again, and copies nothing twice.  Exit
+1 when some message could not be moved.
+
 Every id may be given as the 250 reply names it, ``msg.<id>``.  A size is
 the stored message's as queued, trace header included (the log's
 ``size=`` is the same).
@@ -43,6 +52,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import BinaryIO
 
 from ..queue import (
@@ -50,12 +60,24 @@ from ..queue import (
     DeliveryState,
     MessageBusy,
     QueueAdmin,
+    QueueBackend,
     QueuedMessage,
     RecipientState,
     SetAside,
     queue_id_of,
 )
-from .common import EX_OK, EX_UNAVAILABLE, ArgumentParser, load_config, open_queue, setup_logging
+from ..queue.move import DeliverRunning, move
+from ..queue.spool import Spool
+from .common import (
+    EX_OK,
+    EX_TEMPFAIL,
+    EX_UNAVAILABLE,
+    EX_USAGE,
+    ArgumentParser,
+    load_config,
+    open_queue,
+    setup_logging,
+)
 
 EX_NOT_ALL = 1  # some of the messages named were not acted on
 ALL = "ALL"
@@ -476,6 +498,38 @@ def administer(
     return EX_NOT_ALL if admin.failed else EX_OK
 
 
+def move_from(queue: QueueBackend, directory: str) -> int:
+    """Move the spool at ``directory`` into ``queue``, saying what became of each message."""
+    source = Spool(Path(directory))
+    if not source.queue.is_dir():
+        print(f"checkque: {directory}: not a spool (it has no queue/)", file=sys.stderr)
+        return EX_USAGE
+    if isinstance(queue, Spool) and queue.directory.resolve() == source.directory.resolve():
+        print(f"checkque: {directory} is the configured queue itself", file=sys.stderr)
+        return EX_USAGE
+
+    def report(queue_id: str, outcome: str) -> None:
+        print(f"{queue_id}: {outcome}", flush=True)
+
+    try:
+        moved = move(source, queue, report=report)
+    except DeliverRunning as exc:
+        print(f"checkque: {exc}", file=sys.stderr)
+        return EX_TEMPFAIL
+    except OSError as exc:
+        print(f"checkque: {directory}: {exc.strerror or exc}", file=sys.stderr)
+        return EX_NOT_ALL
+    lines = [
+        f"{_plural(len(moved.copied), 'message')} moved into {queue.name},"
+        f" {len(moved.present)} there already, {len(moved.failed)} left in {directory}"
+    ]
+    if moved.set_aside:
+        lines.append(f"left alone in {source.set_aside_place} (set aside, never moved):")
+        lines.extend(f"{file.name}  {file.size:>9}  {file.reason}" for file in moved.set_aside)
+    print("\n".join(lines))
+    return EX_NOT_ALL if moved.failed else EX_OK
+
+
 def _parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="checkque",
@@ -494,6 +548,11 @@ def _parser() -> ArgumentParser:
         ("flush", "ask deliver to try the messages' deferred recipients now"),
     ):
         shown.add_argument(f"--{command}", nargs="+", metavar="ID", help=text)
+    shown.add_argument(
+        "--move-from",
+        metavar="SPOOL",
+        help="move the messages of the spool directory SPOOL into the configured queue",
+    )
     chosen = parser.add_argument_group("filters (for the listing, and with ALL)")
     chosen.add_argument("--sender", metavar="ADDR", help="from ADDR (@domain: any of it; <>: null)")
     chosen.add_argument("--recipient", metavar="ADDR", help="to ADDR (@domain: any of it)")
@@ -543,8 +602,14 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("filters select messages only with ALL")
     if args.wait < 0:
         parser.error("--wait: must not be negative")
+    if args.move_from is not None and selection.given:
+        parser.error("--move-from takes no filters")
     config = load_config("checkque", args.config)
     queue = open_queue("checkque", config)
+    if args.move_from is not None:
+        if config.log.startswith("syslog"):
+            setup_logging("checkque", debug=False, target=config.log, log_format=config.log_format)
+        return move_from(queue, args.move_from)
     if args.cat:
         return cat(queue, args.cat)
     if command is not None:

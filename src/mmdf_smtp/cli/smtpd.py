@@ -445,7 +445,9 @@ def serve(
     server = None
     if listen is not None and shared is not None:
         try:
-            server = metrics.serve_smtpd(listen, shared, service.config.spool)
+            server = metrics.serve_smtpd(
+                listen, shared, service.config.spool, queue=metrics.gauges_of(service.config)
+            )
         except OSError as exc:
             print(f"smtpd: cannot serve metrics on {listen}: {exc.strerror}", file=sys.stderr)
             raise SystemExit(EX_OSERR) from None

@@ -6,6 +6,8 @@ directory of :mod:`.spool`; a database shared by several hosts):
 
 - :class:`Queue`, the way in: the session, submit and the notices deliver
   writes put messages in through it, and a 250 comes after its commit;
+  a message stored elsewhere (a spool being moved in, a submission
+  picked up) comes in whole, id and state kept, by :meth:`Queue.adopt`;
 - :class:`DeliveryQueue`, the work: deliver claims due messages under a
   :class:`Lease`, records its recipients' states through it, and completes
   the message once every recipient is done;
@@ -263,6 +265,19 @@ class Queue(Protocol):
         message had to be named before its envelope was known (a milter's
         ``i`` macro at MAIL); by default a new one.  May raise
         :class:`QueueError`."""
+        ...
+
+    def adopt(self, message: QueuedMessage, body: BinaryIO, state: DeliveryState | None) -> bool:
+        """Take in a message stored elsewhere (another queue; a submission
+        pickup has written out), as it stands there: its id, envelope,
+        held flag and recorded delivery ``state`` (None: deliver has not
+        seen it), its octets streamed from ``body``, all in one commit.
+        False, and nothing written, when this queue holds a message of
+        that id, or held one lately (a database keeps a delivered
+        message's id an hour): so that whoever adopts and then removes its
+        own copy, and crashes between the two, adopts again without a
+        duplicate.  May raise :class:`QueueError`, after which nothing of
+        the message remains."""
         ...
 
     def hand_over(self, writer: MessageWriter) -> bytes:

@@ -33,6 +33,13 @@ renamed over the claim: that rename is the commit, one atomic step from
 told apart by owner: a file of the spool's owner is a committed message
 (moved on to ``queue/``), anyone else's a claim to do again.  So a
 submission is never queued twice and never lost.
+
+Into another queue (a database: :func:`pickup`'s ``into``), the same
+steps up to the queued form in ``pickup/<id>``, which is then handed over
+by :meth:`.Queue.adopt` under its id and removed after that commit.  A
+crash between the two leaves it in ``pickup/``, the spool owner's, and
+the next pickup adopts it again: the queue, which holds that id already
+(or held it within the hour), takes nothing twice.
 """
 
 from __future__ import annotations
@@ -66,7 +73,7 @@ from ..submission import (
     read_headers,
     read_lines,
 )
-from . import QueueError
+from . import Queue, QueuedMessage, QueueError
 from .spool import Spool, _fsync_directory, read_envelope
 
 log = logging.getLogger("mmdf_smtp.maildrop")
@@ -248,9 +255,15 @@ def _trusted_uids(config: Config) -> set[int]:
 
 class _Pickup:
     def __init__(
-        self, spool: Spool, config: Config, policy: Policy, owner: tuple[int, int] | None
+        self,
+        spool: Spool,
+        config: Config,
+        policy: Policy,
+        owner: tuple[int, int] | None,
+        into: Queue | None = None,
     ) -> None:
         self.spool = spool
+        self.into = into
         self.owner = owner
         self.config = config
         self.planner = Planner(config, policy)
@@ -341,9 +354,30 @@ class _Pickup:
         except ValueError as exc:
             self.set_aside(claim, f"owned by the mail system but not a queued message ({exc})")
             return
-        self.spool.enqueue_claimed(claim, into_hold=envelope.quarantine is not None)
+        if self.into is not None:
+            self.hand_on(claim)
+        else:
+            self.spool.enqueue_claimed(claim, into_hold=envelope.quarantine is not None)
         self.queued.append(claim.name)
         log.info("pickup: queued id=%s (committed before a restart)", claim.name)
+
+    def hand_on(self, claim: Path) -> bool:
+        """A queued form in ``pickup/`` into the other queue, then removed:
+        False when that queue had it already.  Raises QueueError."""
+        assert self.into is not None
+        try:
+            with open(claim, "rb") as file:
+                envelope = read_envelope(file)
+                size = os.fstat(file.fileno()).st_size - file.tell()
+                message = QueuedMessage(
+                    claim.name, envelope, size, held=envelope.quarantine is not None
+                )
+                adopted = self.into.adopt(message, file, None)
+            os.unlink(claim)
+            _fsync_directory(self.claims)
+        except (OSError, ValueError) as exc:
+            raise QueueError(f"cannot hand {claim.name} on: {exc}") from exc
+        return adopted
 
     def queue_submission(self, claim: Path, file: BinaryIO, uid: int) -> None:
         try:
@@ -358,7 +392,9 @@ class _Pickup:
             plan = self.planner.plan(request, submitter, message)
             now = datetime.now(UTC)
             queue_id = queue_message(
-                lambda envelope: self.spool.open_claimed(envelope, claim, owner=self.owner),
+                lambda envelope: self.spool.open_claimed(
+                    envelope, claim, owner=self.owner, move_on=self.into is None
+                ),
                 plan,
                 message,
                 now,
@@ -377,6 +413,8 @@ class _Pickup:
             return
         except OSError as exc:
             raise QueueError(f"cannot read {claim}: {exc.strerror}") from exc
+        if self.into is not None:
+            self.hand_on(claim)
         self.queued.append(queue_id)
         log.info(
             "pickup: queued id=%s uid=%d from=<%s> to=%s",
@@ -403,8 +441,14 @@ class _Pickup:
             log.warning("pickup: removed %s, abandoned by uid %d", path, info.st_uid)
 
 
-def pickup(spool: Spool, config: Config, *, policy: Policy | None = None) -> list[str]:
+def pickup(
+    spool: Spool, config: Config, *, policy: Policy | None = None, into: Queue | None = None
+) -> list[str]:
     """Queue what users left in the maildrop; return the new queue ids.
+
+    ``spool``: where the maildrop lies (its ``maildrop/``, ``pickup/`` and
+    ``corrupt/``); ``into``: the queue the messages go into, when not that
+    spool (the configured backend, :func:`.open_backend`).
 
     Run as the spool's owner, before each queue run.  One pickup runs at a
     time (a lock on ``pickup/``); a second returns at once with nothing.
@@ -418,7 +462,9 @@ def pickup(spool: Spool, config: Config, *, policy: Policy | None = None) -> lis
     """
     owner = spool_owner(config)
     prepare(spool, owner)
-    job = _Pickup(spool, config, policy or Policy(config), owner)
+    if into is spool:
+        into = None
+    job = _Pickup(spool, config, policy or Policy(config), owner, into)
     lock = os.open(job.claims, os.O_RDONLY | os.O_DIRECTORY)
     try:
         try:

@@ -313,17 +313,20 @@ class SpoolWriter:
         fd: int | None = None,
         into_hold: bool = False,
         claim: str | None = None,
+        move_on: bool = True,
         owner: tuple[int, int] | None = None,
     ) -> None:
         """``held``: the octets so far (the envelope line first) not yet in
         the file; ``fd``: the file in tmp/, if it was created already;
         ``into_hold``: a quarantined message, committed into hold/;
         ``claim``: the file in pickup/ that this one replaces at its commit;
+        ``move_on``: whether the commit then moves it on into queue/;
         ``owner``: (uid, gid) to give the file, when root writes it."""
         self._spool = spool
         self._id = queue_id
         self.into_hold = into_hold
         self._claim = claim
+        self._move_on = move_on
         self._owner = owner
         self._size = 0  # octets of the message written (the envelope line not)
         self._path = spool._in_tmp + queue_id
@@ -440,7 +443,8 @@ class SpoolWriter:
         self._created = False  # committed: abort() must not touch it
         try:
             _fsync_directory(Path(claim).parent)
-            self._spool.enqueue_claimed(Path(claim), into_hold=self.into_hold)
+            if self._move_on:
+                self._spool.enqueue_claimed(Path(claim), into_hold=self.into_hold)
         except OSError as exc:
             raise _error(f"cannot move {self._id} into the queue", exc) from exc
 
@@ -727,11 +731,17 @@ class Spool:
         )
 
     def open_claimed(
-        self, envelope: Envelope, claim: Path, *, owner: tuple[int, int] | None = None
+        self,
+        envelope: Envelope,
+        claim: Path,
+        *,
+        owner: tuple[int, int] | None = None,
+        move_on: bool = True,
     ) -> SpoolWriter:
         """A message pickup queues from the maildrop, its queue id the name
         of its ``claim`` in pickup/: its commit renames it over the claim,
-        then moves it on into queue/ (see :mod:`.maildrop`).  Its file is
+        then moves it on into queue/ (see :mod:`.maildrop`), unless not
+        ``move_on`` (pickup hands it to another queue).  Its file is
         created at once, given to ``owner`` if that is set.  Raises
         :class:`QueueError`."""
         return SpoolWriter(
@@ -741,6 +751,7 @@ class Spool:
             in_memory=0,
             into_hold=envelope.quarantine is not None,
             claim=str(claim),
+            move_on=move_on,
             owner=owner,
         )
 
@@ -751,6 +762,39 @@ class Spool:
         os.rename(claim, target / claim.name)
         _fsync_directory(target)
         _fsync_directory(claim.parent)
+
+    def adopt(self, message: QueuedMessage, body: BinaryIO, state: DeliveryState | None) -> bool:
+        """Take in a message stored elsewhere (see :meth:`.Queue.adopt`):
+        its state first, then the message committed as any other, into
+        hold/ when it is held.  A crash between the two leaves a state
+        without its message, which :meth:`forget_orphans` removes; the other
+        order could leave the message without its state, delivered again.
+        False when a message of that id is queued or held here."""
+        if not _ID.fullmatch(message.id):
+            raise QueueError(f"not a queue id: {message.id!r}")
+        if self._is_stored(message.id):
+            return False
+        try:
+            self.prepare()
+            if state is not None:
+                self.write_state(message.id, state)
+        except OSError as exc:
+            raise _error(f"cannot write the state of {message.id}", exc) from exc
+        writer = SpoolWriter(
+            self,
+            message.id,
+            bytearray(envelope_to_json(message.envelope)),
+            in_memory=self.in_memory,
+            into_hold=message.held,
+        )
+        try:
+            while piece := body.read(_BUFFER):
+                writer.write(piece)
+        except OSError as exc:
+            writer.abort()
+            raise QueueError(f"cannot read {message.id}: {exc.strerror or exc}") from exc
+        writer.commit()
+        return True
 
     def hand_over(self, writer: MessageWriter) -> bytes:
         assert isinstance(writer, SpoolWriter)
