@@ -20,7 +20,6 @@ import pytest
 
 from mmdf_smtp import metrics
 from mmdf_smtp.cli import checkque as checkque_module
-from mmdf_smtp.cli.deliver import lock as deliver_lock
 from mmdf_smtp.config import Config, load
 from mmdf_smtp.queue import (
     DELIVERED,
@@ -188,8 +187,7 @@ def test_a_move_cut_short_after_the_commit_copies_nothing_twice(
 
 
 def test_a_move_waits_for_no_deliver(site: Site, capsys: pytest.CaptureFixture[str]) -> None:
-    held = deliver_lock(site.old)
-    assert held is not None
+    held = site.old.start_delivering()  # deliver.lock, as a running deliver holds it
     try:
         status, out, err = checkque(capsys, site.config, "--move-from", str(site.old.directory))
     finally:

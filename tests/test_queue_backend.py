@@ -39,7 +39,22 @@ def test_the_spool_is_the_default(tmp_path: Path) -> None:
     backend = open_backend(config, in_memory=IN_MEMORY)
     assert isinstance(backend, Spool)
     assert (backend.directory, backend.in_memory) == (tmp_path / "q", IN_MEMORY)
-    assert DATABASE_MODULE not in sys.modules or sys.modules[DATABASE_MODULE] is None
+
+
+def test_a_site_on_the_spool_never_loads_the_database_driver(tmp_path: Path) -> None:
+    # In a process of its own: other tests of this run load the module.
+    program = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from mmdf_smtp.config import parse\n"
+        "from mmdf_smtp.queue import open_backend\n"
+        f"open_backend(parse('spool = \"q\"\\n', 'f.toml', base=Path({str(tmp_path)!r})))\n"
+        f"print({DATABASE_MODULE!r} in sys.modules, 'psycopg' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout == "False False\n"
 
 
 def test_a_dsn_beside_the_spool_is_kept_for_later(tmp_path: Path) -> None:

@@ -169,7 +169,12 @@ def main(argv: list[str] | None = None) -> int:
             segment = metrics.deliver_segment(config.spool)
             metrics.record_in(segment)
             if config.metrics.deliver_listen is not None:
-                server = metrics.serve_deliver(config.metrics.deliver_listen, segment, config.spool)
+                server = metrics.serve_deliver(
+                    config.metrics.deliver_listen,
+                    segment,
+                    config.spool,
+                    queue=metrics.gauges_of(config),
+                )
         # A crashed smtpd's messages whose commit was cut short: deliverable now.
         spool.recover()
         if isinstance(spool, Spool):

@@ -165,9 +165,14 @@ class Runner:
         if pickup is None and "local" in config.channels:
             from ..queue.spool import Spool
 
+            policy = Policy(config)  # tables read once per runner, not per pass
             if isinstance(spool, Spool):
-                policy = Policy(config)  # tables read once per runner, not per pass
                 pickup = partial(maildrop.pickup, spool, config, policy=policy)
+            else:
+                # The maildrop is a folder of this host's spool; what it
+                # holds goes into the shared queue.
+                drop = Spool(config.spool)
+                pickup = partial(maildrop.pickup, drop, config, policy=policy, into=spool)
         self._pickup = pickup
         self._stopping = stopping
         self.concurrency = config.deliver.concurrency

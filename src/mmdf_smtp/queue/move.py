@@ -26,12 +26,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from . import MessageBusy, Queue, QueuedMessage, QueueError, SetAside
-from .spool import Spool
+from .spool import DELIVER_LOCK, Spool
 
 log = logging.getLogger("mmdf_smtp.queue")
 
 # The file deliver holds locked for its life (cli/deliver.py's LOCK).
-DELIVER_LOCK = "deliver.lock"
 _WAIT = 10.0  # seconds to wait for a checkque at work on a message of the spool
 
 
