@@ -43,6 +43,7 @@ from wire import Daemon, checkque, daemon, env, process_tree, write_config
 
 LEASE_SECONDS = 3  # a killed deliver's messages wait this long for the other
 CLIENTS = 4
+BACKLOG = 40
 LOCAL = "alice@example.org"
 QUEUED = re.compile(r"Submitted & queued \(([0-9a-f]{26})\)")
 TOKEN = "X-Test-Token"
@@ -77,9 +78,13 @@ class Stream:
     """Clients sending message after message to whichever smtpd answers."""
 
     ports: list[int]
+    # Deliveries made so far (Maildir files and messages at the hop): the
+    # clients keep at most BACKLOG ahead of them, so that the end comes soon.
+    delivered: Callable[[], int]
     accepted: dict[int, str] = field(default_factory=dict)  # token -> queue id
     failed: dict[int, str] = field(default_factory=dict)  # token -> what happened
     stopping: threading.Event = field(default_factory=threading.Event)
+    expected: int = 0  # deliveries the accepted messages are owed
     _tokens: Iterator[int] = field(default_factory=itertools.count)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -87,6 +92,9 @@ class Stream:
         node = client
         connection: smtplib.SMTP | None = None
         while not self.stopping.is_set():
+            if self.expected - self.delivered() > BACKLOG:
+                time.sleep(0.02)  # flow control, not synchronisation
+                continue
             with self._lock:
                 token = next(self._tokens)
             try:
@@ -109,6 +117,7 @@ class Stream:
                     self.failed[token] = "refused"
                 else:
                     self.accepted[token] = queue_id
+                    self.expected += len(recipients_of(token))
         if connection is not None:
             try:
                 connection.quit()
@@ -144,7 +153,10 @@ class Deliverer:
         self.log = log
         with log.open("wb") as stderr:
             self.process = subprocess.Popen(
-                deliver_command(config), stderr=stderr, stdin=subprocess.DEVNULL, env=env()
+                deliver_command(config),
+                stderr=stderr,
+                stdin=subprocess.DEVNULL,
+                env={**env(), "PYTHONFAULTHANDLER": "1"},  # SIGABRT: where each thread is
             )
 
     def kill(self) -> None:
@@ -154,7 +166,14 @@ class Deliverer:
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()
-            self.process.wait(timeout=60)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.send_signal(signal.SIGABRT)
+                self.process.wait()
+                raise AssertionError(
+                    "deliver did not stop on SIGTERM:\n" + self.log.read_text()[-8000:]
+                ) from None
 
 
 def kill_node(node: Daemon) -> None:
@@ -171,6 +190,16 @@ def until(
     while not condition():
         assert time.monotonic() < deadline, what if isinstance(what, str) else what()
         time.sleep(0.05)
+
+
+def drain(node: Daemon) -> list[str]:
+    """The log lines a node has written so far and no one has read."""
+    lines = []
+    while not node.lines.empty():
+        line = node.lines.get_nowait()
+        if line is not None:
+            lines.append(line)
+    return lines
 
 
 def maildir_tokens(mail: Path) -> dict[str, int]:
@@ -214,7 +243,9 @@ def test_nodes_die_one_kind_after_the_other_and_every_250_is_delivered(
         clients: list[threading.Thread] = []
         try:
             with daemon(configs[0]) as node0, daemon(configs[1]) as node1:
-                stream = Stream([node0.port, node1.port])
+                stream = Stream(
+                    [node0.port, node1.port], lambda: maildir_count(mail) + len(handler.messages)
+                )
                 clients = [
                     threading.Thread(target=stream.run, args=(n,), daemon=True)
                     for n in range(CLIENTS)
@@ -226,8 +257,9 @@ def test_nodes_die_one_kind_after_the_other_and_every_250_is_delivered(
                     def told() -> str:
                         assert stream is not None
                         logs = "".join(
-                            f"--- {d.log}\n{d.log.read_text()[-3000:]}" for d in deliverers
+                            f"--- {d.log}\n{d.log.read_text()[-1500:]}" for d in deliverers
                         )
+                        logs += "--- smtpd\n" + "".join(drain(node1)[-15:])
                         return (
                             f"{what}: {stream.count()} accepted, {len(stream.failed)} failed"
                             f" ({list(stream.failed.values())[-3:]}), {maildir_count(mail)} in"
