@@ -61,6 +61,8 @@ def node_config(folder: Path, dsn: str, mail: Path, next_hop_port: int) -> Path:
         folder,
         f'maildir = "{mail}/{{user}}/Maildir"\n'
         f'[deliver]\nnext_hop = "lmtp:127.0.0.1:{next_hop_port}"\n'
+        # A delivery the failover cut short is tried again soon.
+        "retry_min = 1\nretry_max = 2\n"
         f'[queue]\nbackend = "postgresql"\ndsn = "{dsn}"\nlease_seconds = {LEASE_SECONDS}\n',
     )
 
@@ -301,7 +303,25 @@ def test_nodes_die_one_kind_after_the_other_and_every_250_is_delivered(
                     for token in accepted
                 )
 
-            until(all_delivered, "a message that got a 250 was not delivered", timeout=30)
+            def undelivered() -> str:
+                in_maildir = Counter(maildir_tokens(mail).values())
+                at_hop = lmtp_tokens(handler)
+                missing = {
+                    token: accepted[token]
+                    for token in accepted
+                    if (LOCAL in recipients_of(token) and not in_maildir[token])
+                    or (recipients_of(token) != [LOCAL] and not at_hop[token])
+                }
+                queue = checkque(configs[1], "--json").stdout.decode()
+                logs = "".join(
+                    line
+                    for d in deliverers
+                    for line in d.log.read_text().splitlines(keepends=True)
+                    if any(queue_id in line for queue_id in missing.values())
+                )
+                return f"not delivered: {missing}\nqueue: {queue}\n{logs}"
+
+            until(all_delivered, undelivered, timeout=30)
             # The promoted database holds no queue.
             until(
                 lambda: checkque(configs[1], "--json").stdout == b"",
@@ -337,6 +357,6 @@ def test_nodes_die_one_kind_after_the_other_and_every_250_is_delivered(
     assert set(maildir_counts) | set(hop_counts) <= set(accepted) | set(failed)
     # Each kill cost something: sessions at the dead node, commits at the dead primary.
     assert failed, "no client noticed anything"
-    assert len(accepted) >= 150
+    assert len(accepted) >= 130  # the phases above ask that many
     for deliverer in deliverers[1:]:
         assert deliverer.process.returncode == 0, deliverer.log.read_text()
