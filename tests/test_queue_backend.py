@@ -116,7 +116,9 @@ def test_the_lease_is_configured_for_every_node(
     module = types.ModuleType(DATABASE_MODULE)
     module.PostgresQueue = FakeDatabaseQueue  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, DATABASE_MODULE, module)
-    text = database_config(tmp_path).read_text().replace("[channels", "lease_seconds = 20\n[channels")
+    text = (
+        database_config(tmp_path).read_text().replace("[channels", "lease_seconds = 20\n[channels")
+    )
     config = parse(text, "f.toml", base=tmp_path)
     assert config.queue.lease_seconds == 20
     backend = open_backend(config)
