@@ -6,6 +6,7 @@ import logging
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -361,3 +362,41 @@ def test_a_connection_idle_too_long_or_that_erred_is_not_used_again(
         [hello, b"MAIL FROM:<sender@example.net>\r\n"],
         [hello, *transaction("r2@relay.test"), b"quit\r\n"],
     ]
+
+
+class BrokenOff(BytesIO):
+    """A message whose reading fails after its first line (a database gone mid-read)."""
+
+    def __iter__(self) -> BrokenOff:
+        return self
+
+    def __next__(self) -> bytes:
+        if self.tell() > 0:
+            raise OSError(5, "cannot read the message: the queue went away")
+        return self.readline()
+
+
+def test_a_transaction_cut_short_in_the_data_closes_without_quit() -> None:
+    """A QUIT in the middle of the data would be taken for a line of the
+    message, and its reply waited for until the timeout."""
+    sink = Sink(lmtp=True)
+    hop = NextHop(protocol="lmtp", host="127.0.0.1", port=sink.port)
+    connections = nexthop.Connections(idle=60, reuse=100)
+    started = time.monotonic()
+    try:
+        outcomes = connections.send(
+            hop,
+            hostname="mx.test",
+            sender="sender@example.net",
+            recipients=["r@relay.test"],
+            message=BrokenOff(b"Subject: x\r\n\r\nbody\r\n"),
+            timeout=30,
+        )
+    finally:
+        sink.close()
+    assert time.monotonic() - started < 15  # not the 30 s of the timeout
+    [outcome] = outcomes
+    assert outcome.code == 451
+    assert connections.idle() == 0
+    [session] = sink.sessions
+    assert session == [b"lhlo mx.test\r\n", *transaction("r@relay.test")]
