@@ -33,7 +33,10 @@ DSN = "postgresql://mmdf@127.0.0.1:5432/mmdf"
 DATABASE_MODULE = "mmdf_smtp.queue.postgres"
 
 
-def test_the_spool_is_the_default(tmp_path: Path) -> None:
+def test_the_spool_is_the_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Other test modules import the database backend when collected: forget
+    # it here, to see whether opening the spool imports it again.
+    monkeypatch.delitem(sys.modules, DATABASE_MODULE, raising=False)
     config = parse('spool = "q"\n', "f.toml", base=tmp_path)
     assert config.queue == QueueConfig(backend="spool", dsn=None)
     backend = open_backend(config, in_memory=IN_MEMORY)
