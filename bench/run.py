@@ -43,6 +43,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -52,7 +53,16 @@ from load import SENDER, IdleConnections, LoadError, Run, pipelining_client, smt
 from loopback_dns import loopback_dns, txt
 from memory import Footprint, PeakSampler, footprint
 from milter_servers import Milter, MilterUnavailable, OpenDKIM, make_rsa_key, require
-from servers import Aiosmtpd, Mmdf, Postfix, Server, spread_subdirectories, unique_name
+from servers import (
+    Aiosmtpd,
+    Mmdf,
+    MmdfPostgres,
+    Postfix,
+    Postgres,
+    Server,
+    spread_subdirectories,
+    unique_name,
+)
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -78,6 +88,25 @@ class Case:
     def name(self) -> str:
         size = f"{self.size // MIB} MiB" if self.size >= MIB else f"{self.size // KIB} KiB"
         return f"{size} x{self.clients} {self.load}"
+
+    def run_on(self, ports: list[int]) -> Run:
+        """The case over several nodes: the clients and messages shared out, run at once."""
+        if len(ports) == 1:
+            return self.run(ports[0])
+        shares = [
+            Case(self.size, max(1, self.clients // len(ports)), self.load, self.count // len(ports))
+            for _ in ports
+        ]
+        with ThreadPoolExecutor(len(ports)) as pool:
+            runs = list(
+                pool.map(lambda pair: pair[0].run(pair[1]), zip(shares, ports, strict=True))
+            )
+        return Run(
+            sum(r.messages for r in runs),
+            self.size,
+            max(r.seconds for r in runs),
+            [latency for r in runs for latency in r.latencies],
+        )
 
     def run(self, port: int) -> Run:
         if self.load == "pipeline":
@@ -152,7 +181,7 @@ def measure(server: Server, case: Case) -> Measurement:
     run = Run(0, case.size, 0.0)
     with PeakSampler(server.root_pid) as sampler:
         try:
-            run = case.run(server.port)
+            run = case.run_on(server.ports)
         except (LoadError, OSError, TimeoutError) as exc:
             error = f"{type(exc).__name__}: {exc}"
     server.settle()
@@ -398,6 +427,11 @@ def errors(results: Results) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="a few seconds of tiny cases")
+    parser.add_argument(
+        "--postgres",
+        action="store_true",
+        help="also run mmdf-smtp on the PostgreSQL queue: one smtpd node, and two on one database",
+    )
     parser.add_argument("--rounds", type=int, help="rounds per case (default 3; 1 with --smoke)")
     parser.add_argument("--json", type=Path, help="write every round's figures to this file")
     parser.add_argument(
@@ -525,6 +559,14 @@ def receiving(args: argparse.Namespace, top: Path) -> int:
                     name=f"postfix+{milter.name}",
                 )
             )
+        if args.postgres:
+            database = Postgres(top / unique_name("postgres"))
+            database.start()
+            stack.callback(database.stop)
+            for nodes in (1, 2):
+                servers.insert(
+                    nodes, MmdfPostgres(top / unique_name(f"mmdf-pg{nodes}"), 100, database, nodes)
+                )
         if args.metrics:
             servers.insert(1, Mmdf(top / unique_name("mmdf-metrics"), 100, metrics=True))
         if args.auth:

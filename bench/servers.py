@@ -166,6 +166,11 @@ class Server:
     def pids(self) -> list[int]:
         return process_tree(self.root_pid())
 
+    @property
+    def ports(self) -> list[int]:
+        """Where the clients connect: a server of several nodes has a port for each."""
+        return [self.port]
+
     def settle(self) -> None:
         """After a run: let queued work finish so that it does not slow the next run."""
 
@@ -521,3 +526,126 @@ def _exists(pid: int) -> bool:
             return file.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def _pg_bin() -> Path | None:
+    """The newest installed PostgreSQL's programs (Debian keeps them out of PATH)."""
+    found = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+        key=lambda path: int(path.parent.parent.name),
+    )
+    return found[-1].parent if found else None
+
+
+class Postgres:
+    """A PostgreSQL server for the queue, its data on the run's file system.
+
+    ``fsync`` and ``synchronous_commit`` on (PostgreSQL's defaults): a
+    COMMIT returns once its WAL is flushed, the promise a 250 gives.  No
+    standby: the bench measures one machine.  Run as the ``postgres`` user
+    when the bench runs as root (PostgreSQL refuses root).
+    """
+
+    USER = "postgres"
+
+    def __init__(self, directory: Path) -> None:
+        binaries = _pg_bin()
+        if binaries is None:
+            raise RuntimeError("PostgreSQL is not installed (Debian: postgresql)")
+        self.bin = binaries
+        self.directory = directory
+        self.data = directory / "data"
+        self.port = 0
+
+    def _as_user(self) -> list[str]:
+        return ["runuser", "-u", self.USER, "--"] if os.geteuid() == 0 else []
+
+    def _run(self, *command: str) -> None:
+        subprocess.run(
+            [*self._as_user(), *command],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=120,
+        )
+
+    @property
+    def dsn(self) -> str:
+        return f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres"
+
+    def start(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            shutil.chown(self.directory, self.USER, self.USER)
+        self._run(
+            str(self.bin / "initdb"),
+            *("--pgdata", str(self.data), "--username", "postgres"),
+            *("--auth", "trust", "--encoding", "UTF8", "--no-instructions"),
+        )
+        self.port = free_port()
+        settings = {
+            "listen_addresses": "127.0.0.1",
+            "unix_socket_directories": "",
+            "fsync": "on",
+            "synchronous_commit": "on",
+            "max_connections": "300",
+            "shared_buffers": "128MB",
+            "max_wal_size": "1GB",
+        }
+        options = " ".join(f"-c {key}={value}" for key, value in settings.items())
+        self._run(
+            str(self.bin / "pg_ctl"),
+            *("start", "--wait", "--timeout", "60", "--pgdata", str(self.data)),
+            *("--log", str(self.directory / "postgres.log"), "-o", f"-p {self.port} {options}"),
+        )
+
+    def empty(self) -> None:
+        """Forget the messages a case queued (the bench runs no deliverer)."""
+        import psycopg
+
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            exists = conn.execute("SELECT to_regclass('mmdf_message')").fetchone()
+            if exists and exists[0]:
+                conn.execute("TRUNCATE mmdf_message, mmdf_recipient, mmdf_chunk")
+                conn.execute("CHECKPOINT")
+
+    def stop(self) -> None:
+        with contextlib.suppress(subprocess.SubprocessError):
+            self._run(str(self.bin / "pg_ctl"), "stop", "--pgdata", str(self.data), "-m", "fast")
+
+
+class MmdfPostgres(Mmdf):
+    """mmdf-smtp's smtpd nodes (``nodes`` of them, each a daemon) on one PostgreSQL queue."""
+
+    def __init__(self, directory: Path, maxconnects: int, database: Postgres, nodes: int) -> None:
+        super().__init__(
+            directory, maxconnects, name="mmdf-smtp+pg" + (f"x{nodes}" if nodes > 1 else "")
+        )
+        self.database = database
+        self.nodes = [Mmdf(directory / f"node{number}", maxconnects) for number in range(1, nodes)]
+
+    def config_text(self) -> str:
+        return super().config_text() + (
+            f'\n[queue]\nbackend = "postgresql"\ndsn = "{self.database.dsn}"\n'
+        )
+
+    @property
+    def ports(self) -> list[int]:
+        return [self.port, *(node.port for node in self.nodes)]
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.extra = f'\n[queue]\nbackend = "postgresql"\ndsn = "{self.database.dsn}"\n'
+            node.start()
+        super().start()
+
+    def pids(self) -> list[int]:
+        return [pid for node in (self, *self.nodes) for pid in process_tree(node.root_pid())]
+
+    def settle(self) -> None:
+        self.database.empty()
+
+    def stop(self) -> None:
+        super().stop()
+        for node in self.nodes:
+            node.stop()

@@ -6,18 +6,20 @@ import logging
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from mmdf_smtp.config import NextHop, load
 from mmdf_smtp.delivery import nexthop
 from mmdf_smtp.delivery.runner import Runner
-from mmdf_smtp.queue import Envelope
+from mmdf_smtp.queue import Envelope, Lease, QueueError
 from mmdf_smtp.queue.spool import Spool
 from peer import Handler, peer
 from test_deliver_wire import (
@@ -361,3 +363,87 @@ def test_a_connection_idle_too_long_or_that_erred_is_not_used_again(
         [hello, b"MAIL FROM:<sender@example.net>\r\n"],
         [hello, *transaction("r2@relay.test"), b"quit\r\n"],
     ]
+
+
+class BrokenOff(BytesIO):
+    """A message whose reading fails after its first line (a database gone mid-read)."""
+
+    def __iter__(self) -> BrokenOff:
+        return self
+
+    def __next__(self) -> bytes:
+        if self.tell() > 0:
+            raise OSError(5, "cannot read the message: the queue went away")
+        return self.readline()
+
+
+def test_a_transaction_cut_short_in_the_data_closes_without_quit() -> None:
+    """A QUIT in the middle of the data would be taken for a line of the
+    message, and its reply waited for until the timeout."""
+    sink = Sink(lmtp=True)
+    hop = NextHop(protocol="lmtp", host="127.0.0.1", port=sink.port)
+    connections = nexthop.Connections(idle=60, reuse=100)
+    started = time.monotonic()
+    try:
+        outcomes = connections.send(
+            hop,
+            hostname="mx.test",
+            sender="sender@example.net",
+            recipients=["r@relay.test"],
+            message=BrokenOff(b"Subject: x\r\n\r\nbody\r\n"),
+            timeout=30,
+        )
+    finally:
+        sink.close()
+    assert time.monotonic() - started < 15  # not the 30 s of the timeout
+    [outcome] = outcomes
+    assert outcome.code == 451
+    assert connections.idle() == 0
+    [session] = sink.sessions
+    assert session == [b"lhlo mx.test\r\n", *transaction("r@relay.test")]
+
+
+class UnreachableAtFirst(Spool):
+    """A queue whose first ``failures`` claims and reads fail, as a database
+    does between its primary's death and its standby's promotion."""
+
+    def __init__(self, directory: Path, failures: int) -> None:
+        super().__init__(directory)
+        self.failures = failures
+
+    def _fail(self) -> None:
+        if self.failures > 0:
+            self.failures -= 1
+            raise QueueError("cannot reach the queue: the primary is gone")
+
+    def claim(self, *args: Any, **kwargs: Any) -> list[Lease]:
+        self._fail()
+        return super().claim(*args, **kwargs)
+
+    def next_due(self) -> datetime | None:
+        self._fail()
+        return super().next_due()
+
+
+def test_deliver_goes_on_after_the_queue_could_not_be_reached(tmp_path: Path) -> None:
+    with log_events() as events:
+        config = load(str(configure(tmp_path)))
+        spool = UnreachableAtFirst(config.spool, failures=3)
+        queue_id = queue_to(spool, "alice@example.org")
+        delivered = events.expect(f"id={queue_id} to=<alice@example.org> relay=maildir")
+        wakeups = spool.start_delivering()
+        stopping = threading.Event()
+        runner = Runner(config, spool, stopping=stopping.is_set)
+        running = threading.Thread(target=runner.run, kwargs={"wakeups": wakeups})
+        running.start()
+        try:
+            assert delivered.wait(30)
+        finally:
+            stopping.set()
+            spool.poke()  # the runner looks at ``stopping`` when it wakes
+            running.join(30)
+            runner.close()
+            wakeups.close()
+    assert not running.is_alive()
+    assert spool.failures == 0
+    assert any("trying again: cannot reach the queue" in line for line in events.lines)

@@ -121,6 +121,27 @@ class TestPostgresQueue(PostgresCase):
         assert os.listdir(self.staging) == []  # the staging file went with the commit
         lease.end()
 
+    def test_a_claimed_message_is_read_again_from_where_it_is_sought(self) -> None:
+        """The next hop's client goes back to the start to send again (plaintext
+        after a failed TLS handshake); a DSN to the body after the headers."""
+        backend = self.make_backend()
+        whole = b"".join(_piece(number) for number in range(9))  # over two chunks
+        writer = backend.open(envelope())
+        writer.write(whole)
+        writer.commit()
+        (lease,) = backend.claim(10, NOW)
+        with lease.open_message() as message:
+            assert message.seekable()
+            start = message.tell()
+            assert message.read() == whole[start:]
+            for position in (start, start + 7, CHUNK, 2 * CHUNK + 3, len(whole) - 1):
+                assert message.seek(position) == position
+                assert message.read(CHUNK + 11) == whole[position : position + CHUNK + 11]
+                assert message.tell() == min(len(whole), position + CHUNK + 11)
+            message.seek(-5, os.SEEK_END)
+            assert message.read() == whole[-5:]
+        lease.end()
+
     def test_a_group_commits_in_one_transaction(self) -> None:
         backend = self.make_backend()
         writers = []

@@ -33,7 +33,10 @@ DSN = "postgresql://mmdf@127.0.0.1:5432/mmdf"
 DATABASE_MODULE = "mmdf_smtp.queue.postgres"
 
 
-def test_the_spool_is_the_default(tmp_path: Path) -> None:
+def test_the_spool_is_the_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Other test modules import the database backend when collected: forget
+    # it here, to see whether opening the spool imports it again.
+    monkeypatch.delitem(sys.modules, DATABASE_MODULE, raising=False)
     config = parse('spool = "q"\n', "f.toml", base=tmp_path)
     assert config.queue == QueueConfig(backend="spool", dsn=None)
     backend = open_backend(config, in_memory=IN_MEMORY)
@@ -83,6 +86,7 @@ def test_a_dsn_beside_the_spool_is_kept_for_later(tmp_path: Path) -> None:
         ),
         ("[queue]\ndsn = 5432\n", "f.toml:2: queue.dsn: must be a string"),
         ("[queue]\nhost = 'db'\n", "f.toml:2: queue.host: unknown key"),
+        ("[queue]\nlease_seconds = 0\n", "f.toml:2: queue.lease_seconds: must be at least 1"),
         ('queue = "postgresql"\n', "f.toml:1: queue: must be a table"),
     ],
 )
@@ -104,9 +108,10 @@ def database_config(tmp_path: Path) -> Path:
 
 
 class FakeDatabaseQueue:
-    def __init__(self, dsn: str, *, staging: Path) -> None:
+    def __init__(self, dsn: str, *, staging: Path, lease_seconds: float) -> None:
         self.dsn = dsn
         self.staging = staging
+        self.lease_seconds = lease_seconds
 
 
 def test_the_database_backend_is_imported_when_asked_for(
@@ -120,6 +125,23 @@ def test_the_database_backend_is_imported_when_asked_for(
     assert isinstance(backend, FakeDatabaseQueue)
     # Messages being received are staged in the node's own spool folder.
     assert (backend.dsn, backend.staging) == (DSN, tmp_path / "spool")
+    assert backend.lease_seconds == 300
+
+
+def test_the_lease_is_configured_for_every_node(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module = types.ModuleType(DATABASE_MODULE)
+    module.PostgresQueue = FakeDatabaseQueue  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, DATABASE_MODULE, module)
+    text = (
+        database_config(tmp_path).read_text().replace("[channels", "lease_seconds = 20\n[channels")
+    )
+    config = parse(text, "f.toml", base=tmp_path)
+    assert config.queue.lease_seconds == 20
+    backend = open_backend(config)
+    assert isinstance(backend, FakeDatabaseQueue)
+    assert backend.lease_seconds == 20
 
 
 def test_a_database_backend_not_installed_is_a_configuration_error(
@@ -273,7 +295,7 @@ def test_checkque_works_any_backend(
     # One database, whichever checkque run opens it.
     database = MemoryQueue(DSN, staging=tmp_path / "spool")
 
-    def made(dsn: str, *, staging: Path) -> MemoryQueue:
+    def made(dsn: str, *, staging: Path, lease_seconds: float) -> MemoryQueue:
         assert (dsn, staging) == (DSN, tmp_path / "spool")
         return database
 

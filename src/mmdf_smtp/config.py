@@ -114,6 +114,9 @@ class QueueConfig:
 
     backend: str = "spool"  # one of QUEUE_BACKENDS
     dsn: str | None = None  # libpq's connection string; required by "postgresql"
+    # How long a deliverer's claim on a message lives unrenewed: a deliverer
+    # that died holds its messages this long.  The same on every node.
+    lease_seconds: int = 300
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -329,7 +332,7 @@ class _Reader:
         )
 
     def _queue(self, data: Mapping[str, Any]) -> QueueConfig:
-        t = self._table(data, "queue", {"backend", "dsn"})
+        t = self._table(data, "queue", {"backend", "dsn", "lease_seconds"})
         backend = self._str(t, "queue.backend", "spool")
         if backend is None or backend not in QUEUE_BACKENDS:
             raise self.error("queue.backend", 'must be "spool" or "postgresql"')
@@ -342,7 +345,8 @@ class _Reader:
                 '"postgresql" needs queue.dsn, the database\'s connection string '
                 '(e.g. "postgresql://mmdf@127.0.0.1:5432/mmdf")',
             )
-        return QueueConfig(backend=backend, dsn=dsn)
+        lease_seconds = self._int(t, "queue.lease_seconds", 300, 1)
+        return QueueConfig(backend=backend, dsn=dsn, lease_seconds=lease_seconds)
 
     def _metrics(self, data: Mapping[str, Any]) -> MetricsConfig:
         t = self._table(data, "metrics", {"listen", "deliver_listen"})

@@ -130,6 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging("deliver", debug=args.debug, target=config.log, log_format=config.log_format)
     if config.metrics.enabled:
         metrics.load_exposition()
+    # Before privileges are dropped: the backend's modules (a database
+    # driver and what it imports) may lie where only root may read.
+    try:
+        spool = open_queue(config)
+    except ConfigError as exc:
+        print(f"deliver: {exc}", file=sys.stderr)
+        return EX_CONFIG
     try:
         if os.geteuid() == 0 and config.user:
             give_maildir_base(config.local.maildir, config.user)
@@ -140,11 +147,6 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"deliver: cannot become {config.user}: {exc}", file=sys.stderr)
         return EX_OSERR
-    try:
-        spool = open_queue(config)
-    except ConfigError as exc:
-        print(f"deliver: {exc}", file=sys.stderr)
-        return EX_CONFIG
     try:
         spool.prepare()
         wakeups = spool.start_delivering()

@@ -228,8 +228,13 @@ class Connections:
             kept.idle_since = time.monotonic()
             with self._lock:
                 self._kept.setdefault(hop, []).append(kept)
-        else:
+        elif healthy:
             _close(kept.client)
+        else:
+            # Cut short, perhaps in the middle of the data (the message could
+            # not be read on): a QUIT there would be taken for a line of the
+            # message, and its reply waited for until the timeout.
+            kept.client.close()
         return [o or Outcome(451, "4.4.2 No reply from the next hop") for o in outcomes]
 
     def _take(self, hop: NextHop) -> _Kept | None:

@@ -89,6 +89,9 @@ _BACKLOG_PER_SLOT = 4
 HOP_BUSY_WAIT = timedelta(seconds=5)
 # How long a hop may take no step at all before it counts as stalled.
 HOP_STALL = 1.0
+# A queue that cannot be reached (a database primary gone, its standby not
+# yet promoted) is asked again after this long; the deliveries under way go on.
+QUEUE_RETRY = timedelta(seconds=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,6 +247,7 @@ class Runner:
         flush_all, flush_these = flush, set(flush_ids)
         hop_busy_until: datetime | None = None
         hop_moved = time.monotonic()  # when a step at the hop last ended
+        unreachable_until: datetime | None = None  # the queue failed to answer: not before
 
         def submit(step: Callable[[_Work], None], work: _Work) -> None:
             def step_and_report() -> None:
@@ -304,10 +308,15 @@ class Runner:
                     room = min(room, backlog - (running - at_hop))
                 if not stopping and room > 0:
                     self._notices.clear()
-                    leases = self.spool.claim(
-                        room, self._clock(), flush_all=flush_all, flush_ids=flush_these
-                    )
-                    flush_all, flush_these = False, set()
+                    try:
+                        leases = self.spool.claim(
+                            room, self._clock(), flush_all=flush_all, flush_ids=flush_these
+                        )
+                    except QueueError as exc:
+                        log.warning("cannot claim messages, trying again: %s", exc)
+                        leases, unreachable_until = [], self._clock() + QUEUE_RETRY
+                    else:
+                        flush_all, flush_these = False, set()
                     for lease in leases:
                         held += 1
                         running += 1
@@ -316,7 +325,15 @@ class Runner:
                 if stopping and running == 0:
                     break
                 now = self._clock()
-                next_due = self.spool.next_due()
+                if unreachable_until is not None and unreachable_until > now:
+                    next_due: datetime | None = unreachable_until
+                else:
+                    unreachable_until = None
+                    try:
+                        next_due = self.spool.next_due()
+                    except QueueError as exc:
+                        log.warning("cannot read the queue, trying again: %s", exc)
+                        next_due = unreachable_until = now + QUEUE_RETRY
                 more_now = next_due is not None and next_due <= now
                 if (claimed == room and room > 0) or (more_now and room > claimed):
                     timeout: float | None = 0.0

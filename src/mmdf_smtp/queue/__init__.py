@@ -545,7 +545,9 @@ def open_backend(config: Config, *, in_memory: int = 0) -> QueueBackend:
             raise ConfigError(
                 f'{config.source}: queue.backend: "postgresql" cannot be used: {missing}'
             ) from None
-        backend: QueueBackend = module.PostgresQueue(config.queue.dsn, staging=config.spool)
+        backend: QueueBackend = module.PostgresQueue(
+            config.queue.dsn, staging=config.spool, lease_seconds=config.queue.lease_seconds
+        )
         return backend
     from .spool import Spool
 

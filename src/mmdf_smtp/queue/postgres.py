@@ -480,15 +480,34 @@ class _Chunks(io.RawIOBase):
         self._seq = 0  # the next chunk to fetch
         self._piece = b""
         self._offset = 0
+        self._skip = 0  # octets of the next chunk fetched that a seek passed
 
     def readable(self) -> bool:
         return True
+
+    def seekable(self) -> bool:
+        # The next hop's client goes back to the start of the message to
+        # send it again (in plaintext after a failed TLS handshake), and a
+        # DSN to the start of the body after reading the headers.
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._read, io.SEEK_END: self._size}[whence]
+        position = max(0, base + offset)
+        if position != self._read:
+            # Every chunk but the last holds CHUNK octets (the writer's rule).
+            self._read = position
+            self._seq = position // CHUNK
+            self._piece, self._offset = b"", 0
+            self._skip = position % CHUNK
+        return self._read
 
     def readinto(self, buffer: Any) -> int:
         if self._offset >= len(self._piece):
             if self._read >= self._size:
                 return 0
-            self._piece, self._offset = self._fetch(), 0
+            self._piece, self._offset = self._fetch(), self._skip
+            self._skip = 0
         count = min(len(buffer), len(self._piece) - self._offset)
         buffer[:count] = self._piece[self._offset : self._offset + count]
         self._offset += count
