@@ -434,6 +434,10 @@ class Runner:
     def _deliver_remote(self, work: _Work) -> None:
         """The second step: the next hop's recipients, in one transaction."""
         lease = work.lease
+        # The message may have waited for the hop's place since its first
+        # step: a lease that runs out by time is renewed before the send
+        # (LeaseLost: another deliverer has it, and this one stops).
+        lease.renew()
         state = lease.state
         assert state is not None
         now = self._clock()
