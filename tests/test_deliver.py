@@ -215,14 +215,41 @@ def test_a_first_delivery_does_not_search_the_maildir(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     s = Setup(tmp_path)
-    s.queue("alice@example.org")
+    s.runner.run()  # the deliverer starts on an empty queue; then mail comes
+    queue_id = s.queue("alice@example.org")
 
     def never(_folder: Path, _name: str) -> bool:
         raise AssertionError("searched cur/ on a first delivery")
 
     monkeypatch.setattr(maildir, "already_delivered", never)
+    written: list[str] = []
+    write_state = s.spool.write_state
+    monkeypatch.setattr(
+        s.spool, "write_state", lambda i, state: (written.append(i), write_state(i, state))
+    )
     s.runner.run()
     assert s.messages("alice") == [as_delivered("alice@example.org")]
+    # Delivered whole in its first attempt: completed with no state written.
+    assert written == []
+    assert not (s.spool.state / queue_id).exists()
+
+
+def test_a_message_queued_before_the_deliverer_started_is_looked_for_first(
+    tmp_path: Path,
+) -> None:
+    # What a run killed after the Maildir link of a first attempt leaves:
+    # no state (it is recorded only after the attempt), and the copy, which
+    # a mail reader has since moved to cur/.
+    s = Setup(tmp_path)
+    queue_id = s.queue("alice@example.org")
+    name = maildir.file_name(int(NOW.timestamp()), queue_id, 0, "mx.test")
+    folder = tmp_path / "mail/alice/Maildir"
+    maildir.create(folder)
+    (folder / "cur" / f"{name}:2,S").write_bytes(b"read already")
+    s.runner.run()
+    assert [p.name for p in (folder / "cur").iterdir()] == [f"{name}:2,S"]
+    assert list((folder / "new").iterdir()) == []
+    assert list(s.spool.messages()) == []
 
 
 class Crash(BaseException):

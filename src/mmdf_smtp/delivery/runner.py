@@ -396,16 +396,21 @@ class Runner:
         lease = work.lease
         envelope = lease.envelope
         state = lease.state
+        unrecorded = state is None
         if state is None:
             state = self.expand(envelope)
-            lease.record(state)
+            if not _unattempted(lease):
+                lease.record(state)
+                unrecorded = False
         now = self._clock()
         due = _due(state, now)
         local = [i for i in due if _is_local(state, i)]
         work.remote = [i for i in due if not _is_local(state, i)]
         if local:
             tried = [self._local(lease, envelope, state, i) for i in local]
-            self._settle(lease, envelope, state, tried, now)
+            self._settle(lease, envelope, state, tried, now, first=unrecorded)
+        elif unrecorded and not state.done:
+            lease.record(state)  # the list of destinations, before the next hop's step
         if not work.remote:
             self._finish(work, state)
 
@@ -426,16 +431,20 @@ class Runner:
         state: DeliveryState,
         tried: list[_Tried],
         now: datetime,
+        *,
+        first: bool = False,
     ) -> None:
         """Outcomes into the state; the notices they call for queued (RFC 3461:
-        failure, delay, success, relayed), then the state recorded."""
+        failure, delay, success, relayed), then the state recorded: whole
+        when it is the ``first`` record, and not at all once every
+        recipient is done (the message is completed instead)."""
         reports = [
             r for t in tried if (r := self._record(lease.id, envelope, state, t, now)) is not None
         ]
         for notice in dsn.grouped(reports):
             self._notify(lease.id, envelope, notice, now)
         if not state.done:
-            lease.record(state, changed=[t.index for t in tried])
+            lease.record(state, changed=None if first else [t.index for t in tried])
 
     def _finish(self, work: _Work, state: DeliveryState) -> None:
         lease = work.lease
@@ -671,6 +680,19 @@ def _drain(sock: socket.socket) -> None:
             pass
     except BlockingIOError:
         pass
+
+
+def _unattempted(lease: Lease) -> bool:
+    """Whether no one can have tried ``lease``'s message before: then its
+    list of destinations need not be recorded before the local deliveries
+    (their Maildir names cannot be taken yet), and a message delivered
+    whole in its first attempt is completed with no state ever written
+    (two fsyncs and an unlink fewer a message).  Only the spool knows
+    this of its messages (SpoolLease.unattempted); elsewhere the list is
+    recorded first."""
+    from ..queue.spool import SpoolLease
+
+    return isinstance(lease, SpoolLease) and lease.unattempted
 
 
 def _is_local(state: DeliveryState, i: int) -> bool:
