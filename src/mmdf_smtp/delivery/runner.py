@@ -7,7 +7,15 @@ through the aliases and records that list as the message's delivery
 state, before any delivery (an entry's place in it names the entry's
 Maildir file, so a retry after a crash finds what was already
 delivered), then delivers the local recipients into their Maildirs and
-records that.  The second, for the recipients left for the next hop,
+records that.  A message that no deliverer can have tried before (on the
+spool: one that came after this deliverer started, and was not given
+back unrecorded) skips the first record: its Maildir names cannot be
+taken yet; its state is recorded once, after the attempt, and not at all
+when the attempt finishes it (the commonest case: two fsyncs and an
+unlink a message fewer).  A crash in that attempt leaves no state, and
+the next deliverer, which counts the message among those queued before
+it started, looks for each copy before it writes it.  The second, for
+the recipients left for the next hop,
 waits for a free place among the hop's ``destination_concurrency_limit``
 (never more than ``concurrency`` less one), so that a slow or dead hop
 holds only those places: local mail and new mail go on beside it.  The
@@ -15,7 +23,7 @@ failures that are final are reported to the sender, one notification a
 step; when every recipient is done, the message leaves the queue.
 
 Why threads: deliver's time goes to fsync (half of it on one message at a
-time, five a message) and to the next hop's replies, both spent outside
+time; three a local message now, five before) and to the next hop's replies, both spent outside
 the interpreter's lock; threads let the fsyncs of many messages share
 journal commits, and their Python work (about 2 ms a message) is shared
 out by the one lock.
