@@ -252,6 +252,34 @@ def test_a_message_queued_before_the_deliverer_started_is_looked_for_first(
     assert list(s.spool.messages()) == []
 
 
+def test_a_first_attempt_cut_short_unrecorded_is_looked_for_on_its_retry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A message that came after the deliverer started: its first attempt
+    # links the copy, then fails before any state is written (a bug); the
+    # copy is read meanwhile.  The retry in the same deliverer finds it.
+    s = Setup(tmp_path)
+    s.runner.run()
+    queue_id = s.queue("alice@example.org")
+    settle = Runner._settle
+
+    def fail_once(*args: object, **kwargs: object) -> None:
+        monkeypatch.setattr(Runner, "_settle", settle)
+        raise RuntimeError("cut short")
+
+    monkeypatch.setattr(Runner, "_settle", fail_once)
+    s.runner.run()
+    assert [m.id for m in s.spool.messages()] == [queue_id]
+    assert not (s.spool.state / queue_id).exists()
+    folder = tmp_path / "mail/alice/Maildir"
+    (name,) = [p.name for p in (folder / "new").iterdir()]
+    (folder / "new" / name).rename(folder / "cur" / f"{name}:2,S")
+    s.runner.run(flush=True)
+    assert [p.name for p in (folder / "cur").iterdir()] == [f"{name}:2,S"]
+    assert list((folder / "new").iterdir()) == []
+    assert list(s.spool.messages()) == []
+
+
 class Crash(BaseException):
     """What a kill between two steps looks like to the code after it."""
 

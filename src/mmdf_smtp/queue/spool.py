@@ -1534,7 +1534,6 @@ class _WorkIndex:
     def forget(self, queue_id: str) -> None:
         self._known.pop(queue_id, None)
         self._flushed.discard(queue_id)
-        self.tried_unrecorded.discard(queue_id)
 
     def _compact(self) -> None:
         """Drop replaced heap entries once they outnumber the live ones."""
@@ -1750,6 +1749,9 @@ class SpoolLease:
         with self._work.lock:
             self._work.held.discard(self._id)
             self._work.forget(self._id)
+            # Kept through a hold and a release, dropped only here: a step
+            # cut short by an error is rare, and its copies may be in cur/.
+            self._work.tried_unrecorded.discard(self._id)
 
     def end(self, *, not_before: datetime | None = None) -> None:
         fd, self._fd = self._fd, -1
