@@ -215,14 +215,69 @@ def test_a_first_delivery_does_not_search_the_maildir(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     s = Setup(tmp_path)
-    s.queue("alice@example.org")
+    s.runner.run()  # the deliverer starts on an empty queue; then mail comes
+    queue_id = s.queue("alice@example.org")
 
     def never(_folder: Path, _name: str) -> bool:
         raise AssertionError("searched cur/ on a first delivery")
 
     monkeypatch.setattr(maildir, "already_delivered", never)
+    written: list[str] = []
+    write_state = s.spool.write_state
+    monkeypatch.setattr(
+        s.spool, "write_state", lambda i, state: (written.append(i), write_state(i, state))
+    )
     s.runner.run()
     assert s.messages("alice") == [as_delivered("alice@example.org")]
+    # Delivered whole in its first attempt: completed with no state written.
+    assert written == []
+    assert not (s.spool.state / queue_id).exists()
+
+
+def test_a_message_queued_before_the_deliverer_started_is_looked_for_first(
+    tmp_path: Path,
+) -> None:
+    # What a run killed after the Maildir link of a first attempt leaves:
+    # no state (it is recorded only after the attempt), and the copy, which
+    # a mail reader has since moved to cur/.
+    s = Setup(tmp_path)
+    queue_id = s.queue("alice@example.org")
+    name = maildir.file_name(int(NOW.timestamp()), queue_id, 0, "mx.test")
+    folder = tmp_path / "mail/alice/Maildir"
+    maildir.create(folder)
+    (folder / "cur" / f"{name}:2,S").write_bytes(b"read already")
+    s.runner.run()
+    assert [p.name for p in (folder / "cur").iterdir()] == [f"{name}:2,S"]
+    assert list((folder / "new").iterdir()) == []
+    assert list(s.spool.messages()) == []
+
+
+def test_a_first_attempt_cut_short_unrecorded_is_looked_for_on_its_retry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A message that came after the deliverer started: its first attempt
+    # links the copy, then fails before any state is written (a bug); the
+    # copy is read meanwhile.  The retry in the same deliverer finds it.
+    s = Setup(tmp_path)
+    s.runner.run()
+    queue_id = s.queue("alice@example.org")
+    settle = Runner._settle
+
+    def fail_once(*args: object, **kwargs: object) -> None:
+        monkeypatch.setattr(Runner, "_settle", settle)
+        raise RuntimeError("cut short")
+
+    monkeypatch.setattr(Runner, "_settle", fail_once)
+    s.runner.run()
+    assert [m.id for m in s.spool.messages()] == [queue_id]
+    assert not (s.spool.state / queue_id).exists()
+    folder = tmp_path / "mail/alice/Maildir"
+    (name,) = [p.name for p in (folder / "new").iterdir()]
+    (folder / "new" / name).rename(folder / "cur" / f"{name}:2,S")
+    s.runner.run(flush=True)
+    assert [p.name for p in (folder / "cur").iterdir()] == [f"{name}:2,S"]
+    assert list((folder / "new").iterdir()) == []
+    assert list(s.spool.messages()) == []
 
 
 class Crash(BaseException):

@@ -5,16 +5,20 @@ recipient's index, so it is the same on every attempt: a retry after a
 crash first looks for it in ``new/`` and ``cur/`` (where a mail reader
 may have moved it, with ``:2,flags`` added) and writes nothing when it is
 there.  Otherwise the message is written in ``tmp/``, fsynced, linked
-into ``new/`` and ``new/`` fsynced (the Maildir protocol, maildir(5)).
+into ``new/`` and ``new/`` fsynced (the Maildir protocol, maildir(5)); the
+deliveries into one ``new/`` at once share that fsync.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
+
+from ..queue.spool import GroupSync
 
 _CHUNK = 256 * 1024
 
@@ -82,12 +86,26 @@ def deliver(
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
-    fd = os.open(maildir / "new", os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _sync_of(maildir / "new").sync()
     return True
+
+
+# One shared fsync per new/ for the deliveries linking into it at once:
+# each waits for a sync that began after its link (as the spool's queue/),
+# so that concurrent copies to one mailbox share the journal commits.
+_syncs: dict[Path, GroupSync] = {}
+_syncs_lock = threading.Lock()
+_MOST_SYNCS = 4096  # folders remembered; one dropped is only made again
+
+
+def _sync_of(folder: Path) -> GroupSync:
+    with _syncs_lock:
+        sync = _syncs.get(folder)
+        if sync is None:
+            if len(_syncs) >= _MOST_SYNCS:
+                _syncs.clear()  # a thread inside an old one still holds it
+            sync = _syncs[folder] = GroupSync(folder)
+        return sync
 
 
 def lf_line_ends(message: BinaryIO) -> Iterator[bytes]:

@@ -7,7 +7,15 @@ through the aliases and records that list as the message's delivery
 state, before any delivery (an entry's place in it names the entry's
 Maildir file, so a retry after a crash finds what was already
 delivered), then delivers the local recipients into their Maildirs and
-records that.  The second, for the recipients left for the next hop,
+records that.  A message that no deliverer can have tried before (on the
+spool: one that came after this deliverer started, and was not given
+back unrecorded) skips the first record: its Maildir names cannot be
+taken yet; its state is recorded once, after the attempt, and not at all
+when the attempt finishes it (the commonest case: two fsyncs and an
+unlink a message fewer).  A crash in that attempt leaves no state, and
+the next deliverer, which counts the message among those queued before
+it started, looks for each copy before it writes it.  The second, for
+the recipients left for the next hop,
 waits for a free place among the hop's ``destination_concurrency_limit``
 (never more than ``concurrency`` less one), so that a slow or dead hop
 holds only those places: local mail and new mail go on beside it.  The
@@ -15,7 +23,7 @@ failures that are final are reported to the sender, one notification a
 step; when every recipient is done, the message leaves the queue.
 
 Why threads: deliver's time goes to fsync (half of it on one message at a
-time, five a message) and to the next hop's replies, both spent outside
+time; three a local message now, five before) and to the next hop's replies, both spent outside
 the interpreter's lock; threads let the fsyncs of many messages share
 journal commits, and their Python work (about 2 ms a message) is shared
 out by the one lock.
@@ -418,16 +426,21 @@ class Runner:
         lease = work.lease
         envelope = lease.envelope
         state = lease.state
+        unrecorded = state is None
         if state is None:
             state = self.expand(envelope)
-            lease.record(state)
+            if not _unattempted(lease):
+                lease.record(state)
+                unrecorded = False
         now = self._clock()
         due = _due(state, now)
         local = [i for i in due if _is_local(state, i)]
         work.remote = [i for i in due if not _is_local(state, i)]
         if local:
             tried = [self._local(lease, envelope, state, i) for i in local]
-            self._settle(lease, envelope, state, tried, now)
+            self._settle(lease, envelope, state, tried, now, first=unrecorded)
+        elif unrecorded and not state.done:
+            lease.record(state)  # the list of destinations, before the next hop's step
         if not work.remote:
             self._finish(work, state)
 
@@ -452,16 +465,20 @@ class Runner:
         state: DeliveryState,
         tried: list[_Tried],
         now: datetime,
+        *,
+        first: bool = False,
     ) -> None:
         """Outcomes into the state; the notices they call for queued (RFC 3461:
-        failure, delay, success, relayed), then the state recorded."""
+        failure, delay, success, relayed), then the state recorded: whole
+        when it is the ``first`` record, and not at all once every
+        recipient is done (the message is completed instead)."""
         reports = [
             r for t in tried if (r := self._record(lease.id, envelope, state, t, now)) is not None
         ]
         for notice in dsn.grouped(reports):
             self._notify(lease.id, envelope, notice, now)
         if not state.done:
-            lease.record(state, changed=[t.index for t in tried])
+            lease.record(state, changed=None if first else [t.index for t in tried])
 
     def _finish(self, work: _Work, state: DeliveryState) -> None:
         lease = work.lease
@@ -697,6 +714,19 @@ def _drain(sock: socket.socket) -> None:
             pass
     except BlockingIOError:
         pass
+
+
+def _unattempted(lease: Lease) -> bool:
+    """Whether no one can have tried ``lease``'s message before: then its
+    list of destinations need not be recorded before the local deliveries
+    (their Maildir names cannot be taken yet), and a message delivered
+    whole in its first attempt is completed with no state ever written
+    (two fsyncs and an unlink fewer a message).  Only the spool knows
+    this of its messages (SpoolLease.unattempted); elsewhere the list is
+    recorded first."""
+    from ..queue.spool import SpoolLease
+
+    return isinstance(lease, SpoolLease) and lease.unattempted
 
 
 def _is_local(state: DeliveryState, i: int) -> bool:

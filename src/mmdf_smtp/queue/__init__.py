@@ -356,8 +356,9 @@ class Lease(Protocol):
     @property
     def resumed(self) -> bool:
         """Whether a holder before this one may have delivered without
-        recording it (a state was recorded): Maildir copies are looked for
-        before they are written."""
+        recording it (a state was recorded; on the spool also a message
+        queued before this deliverer started, or given back unrecorded):
+        Maildir copies are looked for before they are written."""
         ...
 
     def open_message(self) -> BinaryIO:

@@ -555,7 +555,7 @@ class Spool:
         self._syncing = False
         self._syncs_started = 0
         self._syncs_done = 0
-        self._state_sync = _GroupSync(self.state)
+        self._state_sync = GroupSync(self.state)
         self._work: _WorkIndex | None = None  # what this process's deliverer knows (claim)
 
     def prepare(self) -> None:
@@ -1183,7 +1183,7 @@ class Spool:
 
     def _work_index(self) -> _WorkIndex:
         if self._work is None:
-            self._work = _WorkIndex(self._in_queue, os.path.join(self.state, ""))
+            self._work = _WorkIndex(self._in_queue, os.path.join(self.state, ""), self._in_hold)
         return self._work
 
     def _lease(
@@ -1502,6 +1502,20 @@ def _due_stamp(state: DeliveryState) -> int:
     return int(next_try.timestamp() * 1e9) if next_try is not None else 0
 
 
+def _greatest_id(*directories: str) -> str:
+    """The greatest queue id in ``directories``; "" when there is none."""
+    greatest = ""
+    for directory in directories:
+        try:
+            with os.scandir(directory) as entries:
+                for entry in entries:
+                    if entry.name > greatest and _ID.fullmatch(entry.name):
+                        greatest = entry.name
+        except FileNotFoundError:
+            continue
+    return greatest
+
+
 def _arrival(queue_id: str) -> float:
     """A queue id's arrival time, in seconds since the epoch (its first 14 hex digits)."""
     return int(queue_id[:14], 16) / 1e6
@@ -1522,7 +1536,7 @@ class _WorkIndex:
     lazily: a heap entry counts only while ``known`` agrees with it.
     """
 
-    def __init__(self, queue: str, state: str) -> None:
+    def __init__(self, queue: str, state: str, hold: str) -> None:
         self.lock = threading.Lock()
         self._queue = queue
         self._state = state
@@ -1536,6 +1550,14 @@ class _WorkIndex:
         self._scan_flush = False
         self._scanned_at = -RESCAN_INTERVAL
         self.rescan_wanted = True
+        # Every message an earlier deliverer may have tried has an id no
+        # greater than this (ids begin with their arrival time; one that
+        # came later with a smaller id, from a clock set back, is only
+        # looked for first needlessly); and those this one gave back
+        # without a recorded state.  The others were never tried: their
+        # Maildir copies cannot exist yet (SpoolLease.unattempted).
+        self.last_before_start = _greatest_id(queue, hold)
+        self.tried_unrecorded: set[str] = set()
 
     def make_ready(self, queue_id: str, key: float, *, flushed: bool = False) -> None:
         if flushed:
@@ -1704,7 +1726,12 @@ class SpoolLease:
         self._fd = fd
         self._envelope = envelope
         self._state = state
-        self._resumed = state is not None
+        self._state_written = state is not None
+        self._resumed = (
+            state is not None
+            or queue_id <= work.last_before_start
+            or queue_id in work.tried_unrecorded
+        )
 
     @property
     def id(self) -> str:
@@ -1722,6 +1749,13 @@ class SpoolLease:
     def resumed(self) -> bool:
         return self._resumed
 
+    @property
+    def unattempted(self) -> bool:
+        """No deliverer has tried this message before: nothing of it can
+        have been delivered, so its first state may be recorded after the
+        first attempt, or never when that attempt finishes it."""
+        return not self._resumed
+
     def open_message(self) -> BinaryIO:
         return self._spool.open_message(self._id)
 
@@ -1735,6 +1769,7 @@ class SpoolLease:
     def record(self, state: DeliveryState, changed: Collection[int] | None = None) -> None:
         self._check()
         try:
+            self._state_written = True
             self._spool.write_state(self._id, state)
         except OSError as exc:
             raise _error("cannot write a delivery state", exc) from exc
@@ -1750,13 +1785,17 @@ class SpoolLease:
             spool.sync_queue()
         except OSError as exc:
             raise _error("cannot remove a delivered message", exc) from exc
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(spool.state / self._id)
+        if self._state_written:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(spool.state / self._id)
         fd, self._fd = self._fd, -1
         os.close(fd)
         with self._work.lock:
             self._work.held.discard(self._id)
             self._work.forget(self._id)
+            # Kept through a hold and a release, dropped only here: a step
+            # cut short by an error is rare, and its copies may be in cur/.
+            self._work.tried_unrecorded.discard(self._id)
 
     def end(self, *, not_before: datetime | None = None) -> None:
         fd, self._fd = self._fd, -1
@@ -1764,6 +1803,10 @@ class SpoolLease:
             return
         os.close(fd)  # before the index hands it out again: a claim would find it busy
         with self._work.lock:
+            if not self._state_written:
+                # Tried, perhaps in part, with nothing recorded: the next
+                # holder looks for its Maildir copies first.
+                self._work.tried_unrecorded.add(self._id)
             self._work.given_back(self._id, self._state, not_before)
 
 
@@ -1807,7 +1850,7 @@ class SpoolWakeups:
         self._lock = -1
 
 
-class _GroupSync:
+class GroupSync:
     """fsync of one directory, shared by the threads that ask at once: each
     waits for a sync that started after it asked (see :meth:`Spool.sync_queue`)."""
 
