@@ -1414,9 +1414,10 @@ class Spool:
         log.info("id=%s: released by the administrator", queue_id)
         # Due at once: a deliverer in this process hears it here, one in
         # another from the poke (its next scan finds the file back).
-        work = self._work_index()
-        with work.lock:
-            work.make_ready(queue_id, _arrival(queue_id))
+        work = self._work
+        if work is not None:
+            with work.lock:
+                work.make_ready(queue_id, _arrival(queue_id))
         self.poke()
         return True
 
