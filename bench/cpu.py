@@ -33,8 +33,10 @@ from servers import SRC, Mmdf, process_tree, spread_subdirectories, unique_name 
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def tree_cpu_seconds(root: int) -> float:
-    """User plus system time of ``root`` and its descendants (their threads included)."""
+def tree_cpu_seconds(root: int, *, reaped: bool = False) -> float:
+    """User plus system time of ``root`` and its descendants (their threads
+    included); with ``reaped``, of the children they reaped too (a
+    session's short-lived processes)."""
     ticks = 0
     for pid in process_tree(root):
         try:
@@ -43,6 +45,8 @@ def tree_cpu_seconds(root: int) -> float:
         except OSError:
             continue
         ticks += int(fields[11]) + int(fields[12])  # utime, stime
+        if reaped:
+            ticks += int(fields[13]) + int(fields[14])  # cutime, cstime
     return ticks / _TICKS
 
 

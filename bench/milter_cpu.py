@@ -19,7 +19,6 @@ from /proc/<pid>/stat before and after the run.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import sys
@@ -29,6 +28,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from cpu import tree_cpu_seconds  # noqa: E402
 from load import smtp_source  # noqa: E402
 from run import IDLE_SLOTS, milter_table, signing_milter  # noqa: E402
 from servers import (  # noqa: E402
@@ -36,26 +36,9 @@ from servers import (  # noqa: E402
     Mmdf,
     Postfix,
     Server,
-    process_tree,
     spread_subdirectories,
     unique_name,
 )
-
-_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(root: int) -> float:
-    """User and system time of ``root``, its descendants, and the children they reaped."""
-    ticks = 0
-    for pid in process_tree(root):
-        try:
-            with open(f"/proc/{pid}/stat") as file:
-                fields = file.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        # utime, stime, cutime, cstime
-        ticks += int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
-    return ticks / _TICKS
 
 
 def measure(
@@ -65,12 +48,12 @@ def measure(
     # A few messages first: workers started, first-use imports done.
     smtp_source(server.port, size=size, count=sessions * 2, sessions=sessions, reuse=reuse)
     server.settle()
-    server_before = cpu_seconds(server.root_pid())
-    milter_before = cpu_seconds(milter_pid)
+    server_before = tree_cpu_seconds(server.root_pid(), reaped=True)
+    milter_before = tree_cpu_seconds(milter_pid, reaped=True)
     run = smtp_source(server.port, size=size, count=count, sessions=sessions, reuse=reuse)
     server.settle()
-    server_after = cpu_seconds(server.root_pid())
-    milter_after = cpu_seconds(milter_pid)
+    server_after = tree_cpu_seconds(server.root_pid(), reaped=True)
+    milter_after = tree_cpu_seconds(milter_pid, reaped=True)
     return (
         count / run.seconds,
         (server_after - server_before) / count * 1000,
