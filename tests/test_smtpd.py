@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -434,17 +435,26 @@ def test_a_worker_that_cannot_start_is_restarted_after_a_growing_pause() -> None
         [PYTHON, "-c", FAILING_WORKERS], stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env()
     )
     assert process.stderr is not None
+    seen = b""
     try:
-        time.sleep(2.5)  # restarts due at about 1 s and 3 s: one within the window
+        # The second death's pause is the doubled one; the third start is
+        # due 2 s after it, so a prompt SIGTERM must come before it.
+        deadline = time.monotonic() + 30
+        while b"starting another in 2 s" not in seen:
+            ready, _, _ = select.select([process.stderr], [], [], deadline - time.monotonic())
+            assert ready, seen
+            chunk = os.read(process.stderr.fileno(), 65536)  # unbuffered: select sees it all
+            assert chunk, seen
+            seen += chunk
         process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=5) == 0  # at once, not when the next restart is due
+        assert process.wait(timeout=5) == 0
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
-    log = process.stderr.read().decode()
+    log = (seen + process.stderr.read()).decode()
     process.stderr.close()
-    assert log.count("worker 0 failed") == 2, log
+    assert log.count("worker 0 failed") == 2, log  # stopped before the third start was due
     pauses = re.findall(r"died with status 70 after [0-9.]+ s; starting another in (\S+) s", log)
     assert pauses == ["1", "2"], log
     assert log.rstrip().endswith("stopped")
