@@ -113,7 +113,7 @@ def prepare_account(user: str | None, spool: Path, *, check: bool = True) -> Acc
     adopting = spool.stat().st_uid != who.uid
     folders = [spool, *(path for path in spool.iterdir() if path.is_dir())]
     submitted = (spool / "maildrop", spool / "pickup")
-    for path in spool.rglob("*") if adopting else folders:
+    for path in _every_path_under(spool) if adopting else folders:
         # The owner of a submitted file is who submitted it (queue/maildrop.py).
         if path.parent not in submitted and path.stat().st_uid != who.uid:
             os.chown(path, who.uid, who.gid)
@@ -124,6 +124,22 @@ def prepare_account(user: str | None, spool: Path, *, check: bool = True) -> Acc
         if not reachable:
             raise _unreachable(spool, who)
     return who
+
+
+def _every_path_under(top: Path) -> Iterator[Path]:
+    """Each file and folder under ``top``, one at a time.
+
+    Not ``rglob`` or ``os.walk``: they list a folder whole before its first
+    entry, and a spool taken over with a long queue would cost memory in
+    proportion to it.
+    """
+    folders = [top]
+    while folders:
+        with os.scandir(folders.pop()) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    folders.append(Path(entry.path))
+                yield Path(entry.path)
 
 
 def become(who: Account) -> None:
