@@ -548,6 +548,36 @@ def test_lmtp_4xx_defers_and_a_later_success_delivers_once(tmp_path: Path) -> No
     assert list(s.spool.messages()) == []
 
 
+def test_a_new_message_for_the_next_hop_alone_is_sent_with_no_state_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    full = {"b@remote.test": "452 4.2.2 Mailbox full"}
+    handler = Handler(data=full.get, lmtp=True)
+    with peer(handler) as (_, port):
+        s = hop_setup(tmp_path, "lmtp", port)
+        s.runner.run()  # the deliverer starts on an empty queue; then mail comes
+        written: list[str] = []
+        write_state = s.spool.write_state
+        monkeypatch.setattr(
+            s.spool, "write_state", lambda i, state: (written.append(i), write_state(i, state))
+        )
+        whole = s.queue("a@remote.test")
+        s.runner.run()
+        assert written == []  # sent, then completed: nothing recorded on the way
+        assert not (s.spool.state / whole).exists()
+        partly = s.queue("a@remote.test", "b@remote.test")
+        s.runner.run()
+        # One recipient deferred: the first record is the whole list, with both outcomes.
+        assert written == [partly]
+        state = s.spool.read_state(partly)
+        assert state is not None
+        assert [(r.address, r.status) for r in state.recipients] == [
+            ("a@remote.test", "delivered"),
+            ("b@remote.test", "deferred"),
+        ]
+    assert [m.recipients for m in handler.messages] == [["a@remote.test"], ["a@remote.test"]]
+
+
 def test_smtputf8_and_8bitmime_are_passed_on(tmp_path: Path) -> None:
     with peer(Handler()) as (handler, port):
         s = hop_setup(tmp_path, "smtp", port)

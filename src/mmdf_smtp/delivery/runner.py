@@ -116,6 +116,8 @@ class _Work:
 
     lease: Lease
     remote: list[int] = field(default_factory=list)  # entries left for the next hop
+    state: DeliveryState | None = None  # as the first step left it
+    unrecorded: bool = False  # no state written yet: the next record is the whole list
     finished: bool = False  # the lease is ended or the message completed
     to_hop: bool = False  # the step that ran was the next hop's
 
@@ -439,8 +441,12 @@ class Runner:
         if local:
             tried = [self._local(lease, envelope, state, i) for i in local]
             self._settle(lease, envelope, state, tried, now, first=unrecorded)
-        elif unrecorded and not state.done:
-            lease.record(state)  # the list of destinations, before the next hop's step
+            unrecorded = unrecorded and state.done
+        # A message for the next hop alone that no one can have tried goes
+        # to it with nothing recorded: no Maildir name is at stake, and a
+        # crash before the record only sends it again (at least once).
+        work.state = state
+        work.unrecorded = unrecorded
         if not work.remote:
             self._finish(work, state)
 
@@ -451,11 +457,11 @@ class Runner:
         # step: a lease that runs out by time is renewed before the send
         # (LeaseLost: another deliverer has it, and this one stops).
         lease.renew()
-        state = lease.state
+        state = work.state
         assert state is not None
         now = self._clock()
         tried = self._remote(lease, lease.envelope, state, work.remote)
-        self._settle(lease, lease.envelope, state, tried, now)
+        self._settle(lease, lease.envelope, state, tried, now, first=work.unrecorded)
         self._finish(work, state)
 
     def _settle(
