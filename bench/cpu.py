@@ -8,10 +8,17 @@ what a change to the fast path is judged by::
     .venv/bin/python bench/cpu.py                  # connection per message, 10 clients
     .venv/bin/python bench/cpu.py --reuse          # reused connections (smtp-source -d)
     .venv/bin/python bench/cpu.py --src /elsewhere/src   # another checkout, for A/B runs
+    .venv/bin/python bench/cpu.py --postgres       # on the PostgreSQL queue, the database counted
+    .venv/bin/python bench/cpu.py --postgres --src A/src --src B/src   # A/B, alternating
 
 Each repetition starts a fresh smtpd (served as ``nobody``), sends
 ``--count`` messages, and prints msg/s and CPU milliseconds per message;
-the last line gives the medians.
+the last line gives the medians.  With ``--postgres`` smtpd is one node
+on a PostgreSQL the run starts (as ``bench/run.py --postgres`` does), and
+the CPU is smtpd's and the database's (the postmaster and every backend,
+those that exited too), each given, beside the transactions that wrote
+and the statements run (``pg_stat_statements``) per message.  Several
+``--src`` alternate, repetition by repetition, each with its medians.
 """
 
 from __future__ import annotations
@@ -22,13 +29,22 @@ import shutil
 import statistics
 import sys
 import tempfile
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from load import smtp_source  # noqa: E402
-from servers import SRC, Mmdf, process_tree, spread_subdirectories, unique_name  # noqa: E402
+from servers import (  # noqa: E402
+    SRC,
+    Mmdf,
+    MmdfPostgres,
+    Postgres,
+    process_tree,
+    spread_subdirectories,
+    unique_name,
+)
 
 _TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -50,19 +66,67 @@ def tree_cpu_seconds(root: int, *, reaped: bool = False) -> float:
     return ticks / _TICKS
 
 
+@dataclass
+class Cost:
+    rate: float  # msg/s
+    smtpd: float  # CPU milliseconds a message, smtpd's process tree
+    database: float = 0.0  # and the database's
+    transactions: float = 0.0  # that wrote, a message
+    statements: float = 0.0  # a message
+
+    @property
+    def cpu(self) -> float:
+        return self.smtpd + self.database
+
+
 def measure(
-    top: Path, src: Path, *, count: int, sessions: int, size: int, reuse: bool
-) -> tuple[float, float]:
-    """One run on a fresh server in ``top``: (msg/s, CPU milliseconds per message)."""
-    server = Mmdf(top / unique_name("mmdf"), maxconnects=100, src=src)
+    top: Path,
+    src: Path,
+    *,
+    count: int,
+    sessions: int,
+    size: int,
+    reuse: bool,
+    database: Postgres | None = None,
+) -> Cost:
+    """One run on a fresh server in ``top``."""
+    name = unique_name("mmdf")
+    server = (
+        Mmdf(top / name, maxconnects=100, src=src)
+        if database is None
+        else MmdfPostgres(top / name, 100, database, 1, src=src)
+    )
     server.start()
     try:
+        if database is not None:  # the commit processes' first connections
+            smtp_source(server.port, size=size, count=sessions * 4, sessions=sessions, reuse=reuse)
+            database_before = tree_cpu_seconds(database.root_pid(), reaped=True)
+            counted_before = database.counts()
         before = tree_cpu_seconds(server.root_pid())
         run = smtp_source(server.port, size=size, count=count, sessions=sessions, reuse=reuse)
         after = tree_cpu_seconds(server.root_pid())
+        cost = Cost(count / run.seconds, (after - before) / count * 1000)
+        if database is not None:
+            database_after = tree_cpu_seconds(database.root_pid(), reaped=True)
+            counted_after = database.counts()
+            cost.database = (database_after - database_before) / count * 1000
+            cost.transactions = (counted_after[0] - counted_before[0]) / count
+            cost.statements = (counted_after[1] - counted_before[1]) / count
     finally:
         server.stop()
-    return count / run.seconds, (after - before) / count * 1000
+        if database is not None:
+            database.empty()
+    return cost
+
+
+def _line(cost: Cost, postgres: bool) -> str:
+    line = f"{cost.rate:.0f} msg/s, {cost.cpu:.2f} ms CPU per message"
+    if postgres:
+        line += (
+            f" (smtpd {cost.smtpd:.2f}, database {cost.database:.2f});"
+            f" {cost.transactions:.2f} transactions, {cost.statements:.2f} statements a message"
+        )
+    return line
 
 
 def main() -> int:
@@ -72,34 +136,47 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=1024, help="message octets (1024)")
     parser.add_argument("--reuse", action="store_true", help="reuse connections (-d)")
     parser.add_argument("--repeat", type=int, default=3, help="runs; medians reported (3)")
-    parser.add_argument("--src", type=Path, default=SRC, help="the package's source tree")
+    parser.add_argument(
+        "--src", type=Path, action="append", help="the package's source tree (repeatable)"
+    )
+    parser.add_argument("--postgres", action="store_true", help="smtpd on a PostgreSQL queue")
     args = parser.parse_args()
-    rates, costs = [], []
+    sources: list[Path] = args.src or [SRC]
+    costs: dict[Path, list[Cost]] = {src: [] for src in sources}
     # The runs' files are removed only at the end: on ext4 without a journal
     # a run's creates would pay for the unlinks of the run before (see
     # servers.spread_subdirectories).
     top = Path(tempfile.mkdtemp(prefix="mmdf-cpu-", dir="/var/tmp"))
+    database = Postgres(top / "postgres", statements=True) if args.postgres else None
     try:
         top.chmod(0o755)  # the sessions run as nobody
         spread_subdirectories(top)
+        if database is not None:
+            database.start()
         for _ in range(args.repeat):
-            rate, cost = measure(
-                top,
-                args.src,
-                count=args.count,
-                sessions=args.sessions,
-                size=args.size,
-                reuse=args.reuse,
-            )
-            rates.append(rate)
-            costs.append(cost)
-            print(f"{rate:.0f} msg/s, {cost:.2f} ms CPU per message", flush=True)
+            for src in sources:
+                cost = measure(
+                    top,
+                    src,
+                    count=args.count,
+                    sessions=args.sessions,
+                    size=args.size,
+                    reuse=args.reuse,
+                    database=database,
+                )
+                costs[src].append(cost)
+                where = f"{src}: " if len(sources) > 1 else ""
+                print(where + _line(cost, args.postgres), flush=True)
     finally:
+        if database is not None:
+            database.stop()
         shutil.rmtree(top, ignore_errors=True)
-    print(
-        f"median: {statistics.median(rates):.0f} msg/s, "
-        f"{statistics.median(costs):.2f} ms CPU per message"
-    )
+    for src, runs in costs.items():
+        median = Cost(
+            *(statistics.median(getattr(run, f.name) for run in runs) for f in fields(Cost))
+        )
+        where = f" {src}" if len(sources) > 1 else ""
+        print(f"median{where}: " + _line(median, args.postgres))
     return 0
 
 

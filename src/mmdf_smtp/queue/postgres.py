@@ -142,7 +142,7 @@ _DELIVERER_GONE = 3 * _HEARTBEAT  # a deliverer not seen for this long listens n
 # How long the row of a message gone stays: longer than any settle takes.
 _GONE_KEPT = timedelta(hours=1)
 _PURGE = 20_000  # rows a purge removes at most
-_NOTIFY_GAP = 0.005  # seconds after a NOTIFY of new mail in which the next waits, to go as one
+_NOTIFY_GAP = 0.025  # seconds after a NOTIFY of new mail in which the next waits, to go as one
 _NOTIFY_LAST = 5.0  # seconds a process that ends waits for the NOTIFY it owes
 _FIELDS = fields(Envelope)
 # What a message handed over to another process starts with (hand_over).
