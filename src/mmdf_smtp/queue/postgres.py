@@ -46,7 +46,9 @@ is written.  New mail and flushes are a NOTIFY on :data:`CHANNEL` after
 the commit (a wake-up only: deliverers also claim every
 ``rescan_interval`` seconds); the NOTIFY is a transaction of its own with
 ``synchronous_commit`` off, because PostgreSQL serialises the commits of
-transactions that notify, which would undo group commit.
+transactions that notify, which would undo group commit.  New mail's
+comes from a thread of its own once the commit returned, not before the
+250, and one NOTIFY serves the commits of :data:`_NOTIFY_GAP` (:class:`_Doorbell`).
 
 What a 250 promises depends on the server's settings, not on this module:
 ``fsync = on`` and ``synchronous_commit = on`` (both the default) put the
