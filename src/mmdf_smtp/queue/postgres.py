@@ -773,13 +773,14 @@ class _Doorbell:
     other round trip before its outcome is told.  The wake-ups that come
     while one is being sent, and for :data:`_NOTIFY_GAP` after it, go out
     as one: at a connection per message the commits of a node come in
-    small groups, and a NOTIFY for each cost the database more than a
-    fifth of the group's own transaction.  The connection is the thread's,
-    with ``synchronous_commit`` off for good (a wake-up needs no flush, and
-    PostgreSQL serialises the commits of transactions that notify), so a
-    NOTIFY is one statement.  A wake-up is a hint: one lost (the database
-    gone, the process ended by ``os._exit``) delays mail until the
-    deliverers' next rescan, never strands it.  Where the engine has no
+    small groups, and a NOTIFY for each cost a seventh of the group's own
+    transaction in the database, a fifth in the committing process.  The
+    connection is the thread's, with ``synchronous_commit`` off for good
+    (a wake-up needs no flush, and PostgreSQL serialises the commits of
+    transactions that notify), so a NOTIFY is one statement.  A wake-up
+    is a hint: one lost (the database gone, the process ended by
+    ``os._exit``) delays mail until the deliverers' next rescan, never
+    strands it.  Where the engine has no
     NOTIFY, the statement fails and the connection is kept.
     """
 
