@@ -29,7 +29,7 @@ import shutil
 import statistics
 import sys
 import tempfile
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -66,6 +66,51 @@ def tree_cpu_seconds(root: int, *, reaped: bool = False) -> float:
     return ticks / _TICKS
 
 
+def _cpu_of(pid: int, *, reaped: bool = False) -> tuple[int, str]:
+    """(ticks, the command line) of one process, (0, "") once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            fields = file.read().rsplit(")", 1)[1].split()
+        with open(f"/proc/{pid}/cmdline", "rb") as file:
+            command = file.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return 0, ""
+    ticks = int(fields[11]) + int(fields[12])
+    if reaped:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks, command
+
+
+def smtpd_roles(root: int) -> dict[str, float]:
+    """CPU seconds of smtpd's supervisor, its workers and their commit processes."""
+    roles: dict[str, float] = {}
+    depth = {root: 0}
+    for pid in process_tree(root):
+        for child in process_tree(pid)[1:]:
+            depth.setdefault(child, depth[pid] + 1)
+        role = {0: "supervisor", 1: "workers", 2: "commit processes"}.get(depth[pid], "other")
+        roles[role] = roles.get(role, 0.0) + _cpu_of(pid)[0] / _TICKS
+    return roles
+
+
+def database_roles(root: int) -> dict[str, float]:
+    """CPU seconds of PostgreSQL's postmaster (with the children it reaped:
+    backends that exited), its client backends, its WAL writer, the rest."""
+    roles: dict[str, float] = {}
+    for pid in process_tree(root):
+        ticks, command = _cpu_of(pid, reaped=pid == root)
+        if pid == root:
+            role = "postmaster"
+        elif "walwriter" in command:
+            role = "walwriter"
+        elif "(" in command:  # "postgres: user database host(port) state"
+            role = "backends"
+        else:
+            role = "other"
+        roles[role] = roles.get(role, 0.0) + ticks / _TICKS
+    return roles
+
+
 @dataclass
 class Cost:
     rate: float  # msg/s
@@ -73,6 +118,7 @@ class Cost:
     database: float = 0.0  # and the database's
     transactions: float = 0.0  # that wrote, a message
     statements: float = 0.0  # a message
+    roles: dict[str, float] = field(default_factory=dict)  # CPU milliseconds a message
 
     @property
     def cpu(self) -> float:
@@ -102,6 +148,7 @@ def measure(
             smtp_source(server.port, size=size, count=sessions * 4, sessions=sessions, reuse=reuse)
             database_before = tree_cpu_seconds(database.root_pid(), reaped=True)
             counted_before = database.counts()
+            roles_before = smtpd_roles(server.root_pid()) | database_roles(database.root_pid())
         before = tree_cpu_seconds(server.root_pid())
         run = smtp_source(server.port, size=size, count=count, sessions=sessions, reuse=reuse)
         after = tree_cpu_seconds(server.root_pid())
@@ -112,6 +159,11 @@ def measure(
             cost.database = (database_after - database_before) / count * 1000
             cost.transactions = (counted_after[0] - counted_before[0]) / count
             cost.statements = (counted_after[1] - counted_before[1]) / count
+            roles_after = smtpd_roles(server.root_pid()) | database_roles(database.root_pid())
+            cost.roles = {
+                role: (seconds - roles_before.get(role, 0.0)) / count * 1000
+                for role, seconds in roles_after.items()
+            }
     finally:
         server.stop()
         if database is not None:
@@ -125,6 +177,9 @@ def _line(cost: Cost, postgres: bool) -> str:
         line += (
             f" (smtpd {cost.smtpd:.2f}, database {cost.database:.2f});"
             f" {cost.transactions:.2f} transactions, {cost.statements:.2f} statements a message"
+        )
+        line += "\n  ms a message: " + ", ".join(
+            f"{role} {ms:.3f}" for role, ms in cost.roles.items()
         )
     return line
 
@@ -172,9 +227,13 @@ def main() -> int:
             database.stop()
         shutil.rmtree(top, ignore_errors=True)
     for src, runs in costs.items():
-        median = Cost(
-            *(statistics.median(getattr(run, f.name) for run in runs) for f in fields(Cost))
-        )
+        median = Cost(0.0, 0.0)
+        for name in (f.name for f in fields(Cost) if f.name != "roles"):
+            setattr(median, name, statistics.median(getattr(run, name) for run in runs))
+        median.roles = {
+            role: statistics.median(run.roles.get(role, 0.0) for run in runs)
+            for role in runs[0].roles
+        }
         where = f" {src}" if len(sources) > 1 else ""
         print(f"median{where}: " + _line(median, args.postgres))
     return 0
