@@ -81,13 +81,28 @@ def _cpu_of(pid: int, *, reaped: bool = False) -> tuple[int, str]:
     return ticks, command
 
 
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as file:
+                found.extend(int(child) for child in file.read().split())
+        except OSError:
+            continue
+    return found
+
+
 def smtpd_roles(root: int) -> dict[str, float]:
     """CPU seconds of smtpd's supervisor, its workers and their commit processes."""
     roles: dict[str, float] = {}
     depth = {root: 0}
-    for pid in process_tree(root):
-        for child in process_tree(pid)[1:]:
-            depth.setdefault(child, depth[pid] + 1)
+    for pid in process_tree(root):  # parents before their children
+        for child in _children(pid):
+            depth[child] = depth[pid] + 1
         role = {0: "supervisor", 1: "workers", 2: "commit processes"}.get(depth[pid], "other")
         roles[role] = roles.get(role, 0.0) + _cpu_of(pid)[0] / _TICKS
     return roles
