@@ -780,8 +780,8 @@ class _Doorbell:
     transactions that notify), so a NOTIFY is one statement.  A wake-up
     is a hint: one lost (the database gone, the process ended by
     ``os._exit``) delays mail until the deliverers' next rescan, never
-    strands it.  Where the engine has no
-    NOTIFY, the statement fails and the connection is kept.
+    strands it.  Where the engine has no NOTIFY, the statement fails and
+    the connection is kept.
     """
 
     def __init__(self, queue: PostgresQueue) -> None:
@@ -829,6 +829,9 @@ class _Doorbell:
                 with self._ready:
                     self._ready.wait_for(lambda: self._stopping, timeout=_NOTIFY_GAP)
         finally:
+            with self._ready:
+                if self._thread is threading.current_thread():  # ended by an error
+                    self._thread = None
             if conn is not None:
                 with contextlib.suppress(psycopg.Error):
                     conn.close()
