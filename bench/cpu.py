@@ -8,10 +8,17 @@ what a change to the fast path is judged by::
     .venv/bin/python bench/cpu.py                  # connection per message, 10 clients
     .venv/bin/python bench/cpu.py --reuse          # reused connections (smtp-source -d)
     .venv/bin/python bench/cpu.py --src /elsewhere/src   # another checkout, for A/B runs
+    .venv/bin/python bench/cpu.py --postgres       # on the PostgreSQL queue, the database counted
+    .venv/bin/python bench/cpu.py --postgres --src A/src --src B/src   # A/B, alternating
 
 Each repetition starts a fresh smtpd (served as ``nobody``), sends
 ``--count`` messages, and prints msg/s and CPU milliseconds per message;
-the last line gives the medians.
+the last line gives the medians.  With ``--postgres`` smtpd is one node
+on a PostgreSQL the run starts (as ``bench/run.py --postgres`` does), and
+the CPU is smtpd's and the database's (the postmaster and every backend,
+those that exited too), each given, beside the transactions that wrote
+and the statements run (``pg_stat_statements``) per message.  Several
+``--src`` alternate, repetition by repetition, each with its medians.
 """
 
 from __future__ import annotations
@@ -22,13 +29,22 @@ import shutil
 import statistics
 import sys
 import tempfile
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from load import smtp_source  # noqa: E402
-from servers import SRC, Mmdf, process_tree, spread_subdirectories, unique_name  # noqa: E402
+from servers import (  # noqa: E402
+    SRC,
+    Mmdf,
+    MmdfPostgres,
+    Postgres,
+    process_tree,
+    spread_subdirectories,
+    unique_name,
+)
 
 _TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -50,19 +66,137 @@ def tree_cpu_seconds(root: int, *, reaped: bool = False) -> float:
     return ticks / _TICKS
 
 
+def _cpu_of(pid: int, *, reaped: bool = False) -> tuple[int, str]:
+    """(ticks, the command line) of one process, (0, "") once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            fields = file.read().rsplit(")", 1)[1].split()
+        with open(f"/proc/{pid}/cmdline", "rb") as file:
+            command = file.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return 0, ""
+    ticks = int(fields[11]) + int(fields[12])
+    if reaped:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks, command
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as file:
+                found.extend(int(child) for child in file.read().split())
+        except OSError:
+            continue
+    return found
+
+
+def smtpd_roles(root: int) -> dict[str, float]:
+    """CPU seconds of smtpd's supervisor, its workers and their commit processes."""
+    roles: dict[str, float] = {}
+    depth = {root: 0}
+    for pid in process_tree(root):  # parents before their children
+        for child in _children(pid):
+            depth[child] = depth[pid] + 1
+        role = {0: "supervisor", 1: "workers", 2: "commit processes"}.get(depth[pid], "other")
+        roles[role] = roles.get(role, 0.0) + _cpu_of(pid)[0] / _TICKS
+    return roles
+
+
+def database_roles(root: int) -> dict[str, float]:
+    """CPU seconds of PostgreSQL's postmaster (with the children it reaped:
+    backends that exited), its client backends, its WAL writer, the rest."""
+    roles: dict[str, float] = {}
+    for pid in process_tree(root):
+        ticks, command = _cpu_of(pid, reaped=pid == root)
+        if pid == root:
+            role = "postmaster"
+        elif "walwriter" in command:
+            role = "walwriter"
+        elif "(" in command:  # "postgres: user database host(port) state"
+            role = "backends"
+        else:
+            role = "other"
+        roles[role] = roles.get(role, 0.0) + ticks / _TICKS
+    return roles
+
+
+@dataclass
+class Cost:
+    rate: float  # msg/s
+    smtpd: float  # CPU milliseconds a message, smtpd's process tree
+    database: float = 0.0  # and the database's
+    transactions: float = 0.0  # that wrote, a message
+    statements: float = 0.0  # a message
+    roles: dict[str, float] = field(default_factory=dict)  # CPU milliseconds a message
+
+    @property
+    def cpu(self) -> float:
+        return self.smtpd + self.database
+
+
 def measure(
-    top: Path, src: Path, *, count: int, sessions: int, size: int, reuse: bool
-) -> tuple[float, float]:
-    """One run on a fresh server in ``top``: (msg/s, CPU milliseconds per message)."""
-    server = Mmdf(top / unique_name("mmdf"), maxconnects=100, src=src)
+    top: Path,
+    src: Path,
+    *,
+    count: int,
+    sessions: int,
+    size: int,
+    reuse: bool,
+    database: Postgres | None = None,
+) -> Cost:
+    """One run on a fresh server in ``top``."""
+    name = unique_name("mmdf")
+    server = (
+        Mmdf(top / name, maxconnects=100, src=src)
+        if database is None
+        else MmdfPostgres(top / name, 100, database, 1, src=src)
+    )
     server.start()
     try:
+        if database is not None:  # the commit processes' first connections
+            smtp_source(server.port, size=size, count=sessions * 4, sessions=sessions, reuse=reuse)
+            database_before = tree_cpu_seconds(database.root_pid(), reaped=True)
+            counted_before = database.counts()
+            roles_before = smtpd_roles(server.root_pid()) | database_roles(database.root_pid())
         before = tree_cpu_seconds(server.root_pid())
         run = smtp_source(server.port, size=size, count=count, sessions=sessions, reuse=reuse)
         after = tree_cpu_seconds(server.root_pid())
+        cost = Cost(count / run.seconds, (after - before) / count * 1000)
+        if database is not None:
+            database_after = tree_cpu_seconds(database.root_pid(), reaped=True)
+            counted_after = database.counts()
+            cost.database = (database_after - database_before) / count * 1000
+            cost.transactions = (counted_after[0] - counted_before[0]) / count
+            cost.statements = (counted_after[1] - counted_before[1]) / count
+            roles_after = smtpd_roles(server.root_pid()) | database_roles(database.root_pid())
+            cost.roles = {
+                role: (seconds - roles_before.get(role, 0.0)) / count * 1000
+                for role, seconds in roles_after.items()
+            }
     finally:
         server.stop()
-    return count / run.seconds, (after - before) / count * 1000
+        if database is not None:
+            database.empty()
+    return cost
+
+
+def _line(cost: Cost, postgres: bool) -> str:
+    line = f"{cost.rate:.0f} msg/s, {cost.cpu:.2f} ms CPU per message"
+    if postgres:
+        line += (
+            f" (smtpd {cost.smtpd:.2f}, database {cost.database:.2f});"
+            f" {cost.transactions:.2f} transactions, {cost.statements:.2f} statements a message"
+        )
+        line += "\n  ms a message: " + ", ".join(
+            f"{role} {ms:.3f}" for role, ms in cost.roles.items()
+        )
+    return line
 
 
 def main() -> int:
@@ -72,34 +206,51 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=1024, help="message octets (1024)")
     parser.add_argument("--reuse", action="store_true", help="reuse connections (-d)")
     parser.add_argument("--repeat", type=int, default=3, help="runs; medians reported (3)")
-    parser.add_argument("--src", type=Path, default=SRC, help="the package's source tree")
+    parser.add_argument(
+        "--src", type=Path, action="append", help="the package's source tree (repeatable)"
+    )
+    parser.add_argument("--postgres", action="store_true", help="smtpd on a PostgreSQL queue")
     args = parser.parse_args()
-    rates, costs = [], []
+    sources: list[Path] = args.src or [SRC]
+    costs: dict[Path, list[Cost]] = {src: [] for src in sources}
     # The runs' files are removed only at the end: on ext4 without a journal
     # a run's creates would pay for the unlinks of the run before (see
     # servers.spread_subdirectories).
     top = Path(tempfile.mkdtemp(prefix="mmdf-cpu-", dir="/var/tmp"))
+    database = Postgres(top / "postgres", statements=True) if args.postgres else None
     try:
         top.chmod(0o755)  # the sessions run as nobody
         spread_subdirectories(top)
+        if database is not None:
+            database.start()
         for _ in range(args.repeat):
-            rate, cost = measure(
-                top,
-                args.src,
-                count=args.count,
-                sessions=args.sessions,
-                size=args.size,
-                reuse=args.reuse,
-            )
-            rates.append(rate)
-            costs.append(cost)
-            print(f"{rate:.0f} msg/s, {cost:.2f} ms CPU per message", flush=True)
+            for src in sources:
+                cost = measure(
+                    top,
+                    src,
+                    count=args.count,
+                    sessions=args.sessions,
+                    size=args.size,
+                    reuse=args.reuse,
+                    database=database,
+                )
+                costs[src].append(cost)
+                where = f"{src}: " if len(sources) > 1 else ""
+                print(where + _line(cost, args.postgres), flush=True)
     finally:
+        if database is not None:
+            database.stop()
         shutil.rmtree(top, ignore_errors=True)
-    print(
-        f"median: {statistics.median(rates):.0f} msg/s, "
-        f"{statistics.median(costs):.2f} ms CPU per message"
-    )
+    for src, runs in costs.items():
+        median = Cost(0.0, 0.0)
+        for name in (f.name for f in fields(Cost) if f.name != "roles"):
+            setattr(median, name, statistics.median(getattr(run, name) for run in runs))
+        median.roles = {
+            role: statistics.median(run.roles.get(role, 0.0) for run in runs)
+            for role in runs[0].roles
+        }
+        where = f" {src}" if len(sources) > 1 else ""
+        print(f"median{where}: " + _line(median, args.postgres))
     return 0
 
 

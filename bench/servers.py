@@ -548,7 +548,7 @@ class Postgres:
 
     USER = "postgres"
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, statements: bool = False) -> None:
         binaries = _pg_bin()
         if binaries is None:
             raise RuntimeError("PostgreSQL is not installed (Debian: postgresql)")
@@ -556,6 +556,7 @@ class Postgres:
         self.directory = directory
         self.data = directory / "data"
         self.port = 0
+        self.statements = statements  # pg_stat_statements on: counts() counts them
 
     def _as_user(self) -> list[str]:
         return ["runuser", "-u", self.USER, "--"] if os.geteuid() == 0 else []
@@ -592,12 +593,39 @@ class Postgres:
             "shared_buffers": "128MB",
             "max_wal_size": "1GB",
         }
+        if self.statements:
+            settings["shared_preload_libraries"] = "pg_stat_statements"
         options = " ".join(f"-c {key}={value}" for key, value in settings.items())
         self._run(
             str(self.bin / "pg_ctl"),
             *("start", "--wait", "--timeout", "60", "--pgdata", str(self.data)),
             *("--log", str(self.directory / "postgres.log"), "-o", f"-p {self.port} {options}"),
         )
+        if self.statements:
+            import psycopg
+
+            with psycopg.connect(self.dsn, autocommit=True) as conn:
+                conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+
+    def root_pid(self) -> int:
+        """The postmaster's: its children are the backends and the WAL writer."""
+        return int((self.data / "postmaster.pid").read_text().split("\n", 1)[0])
+
+    def counts(self) -> tuple[int, int]:
+        """Transactions that wrote (transaction ids handed out) and
+        statements run so far (with ``statements``, else 0)."""
+        import psycopg
+
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            xids = conn.execute("SELECT pg_snapshot_xmax(pg_current_snapshot())").fetchone()
+            calls = (
+                conn.execute(
+                    "SELECT sum(calls) FROM pg_stat_statements WHERE query NOT LIKE '%pg_s%'"
+                ).fetchone()
+                if self.statements
+                else None
+            )
+        return int(str(xids[0])) if xids else 0, int(calls[0] or 0) if calls else 0
 
     def empty(self) -> None:
         """Forget the messages a case queued (the bench runs no deliverer)."""
@@ -617,12 +645,25 @@ class Postgres:
 class MmdfPostgres(Mmdf):
     """mmdf-smtp's smtpd nodes (``nodes`` of them, each a daemon) on one PostgreSQL queue."""
 
-    def __init__(self, directory: Path, maxconnects: int, database: Postgres, nodes: int) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        maxconnects: int,
+        database: Postgres,
+        nodes: int,
+        *,
+        src: Path = SRC,
+    ) -> None:
         super().__init__(
-            directory, maxconnects, name="mmdf-smtp+pg" + (f"x{nodes}" if nodes > 1 else "")
+            directory,
+            maxconnects,
+            src=src,
+            name="mmdf-smtp+pg" + (f"x{nodes}" if nodes > 1 else ""),
         )
         self.database = database
-        self.nodes = [Mmdf(directory / f"node{number}", maxconnects) for number in range(1, nodes)]
+        self.nodes = [
+            Mmdf(directory / f"node{number}", maxconnects, src=src) for number in range(1, nodes)
+        ]
 
     def config_text(self) -> str:
         return super().config_text() + (

@@ -19,7 +19,13 @@ import psycopg
 import pytest
 
 from mmdf_smtp.queue import Lease, LeaseLost, QueueError
-from mmdf_smtp.queue.postgres import CHUNK, PostgresQueue, PostgresWriter
+from mmdf_smtp.queue.postgres import (
+    _NOTIFY_GAP,
+    CHANNEL,
+    CHUNK,
+    PostgresQueue,
+    PostgresWriter,
+)
 from queue_contract import (
     BODY,
     NOW,
@@ -298,6 +304,30 @@ class TestPostgresQueue(PostgresCase):
             assert wakeups.fileno() == fd
         finally:
             wakeups.close()
+
+    def test_the_commits_of_a_moment_share_one_notify(self) -> None:
+        """New mail's NOTIFY comes after the commits, and those of the next
+        _NOTIFY_GAP share it: a hundred commits in a row, a few NOTIFYs,
+        and every commit's sent before close() returns."""
+        with psycopg.connect(self.dsn, autocommit=True) as listener:
+            listener.execute(f"LISTEN {CHANNEL}")
+            backend = self.make_backend()
+            writers = []
+            for _ in range(100):
+                writer = backend.open(envelope())
+                writer.write(BODY)
+                writers.append(writer)
+            started = time.monotonic()
+            for writer in writers:  # as the commit process does, group by group
+                assert backend.commit_all([writer]) == [None]
+            backend.close()
+            took = time.monotonic() - started
+            notices = [n.payload for n in listener.notifies(timeout=1.0)]
+        assert notices, "no wake-up for new mail"
+        assert set(notices) == {"new"}
+        # Without the sharing, a hundred; with it, one a gap at most.
+        assert len(notices) < 100
+        assert len(notices) <= took / _NOTIFY_GAP + 2
 
     def test_flush_without_deliverers_says_so(self) -> None:
         backend = self.make_backend()

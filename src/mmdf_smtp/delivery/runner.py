@@ -100,6 +100,9 @@ HOP_STALL = 1.0
 # A queue that cannot be reached (a database primary gone, its standby not
 # yet promoted) is asked again after this long; the deliveries under way go on.
 QUEUE_RETRY = timedelta(seconds=1)
+# Renewals a lease gets within its lifetime while a send runs: one that
+# fails (the database slow or failing over) leaves time for the next.
+_RENEWALS_A_LEASE = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +191,15 @@ class Runner:
                 pickup = partial(maildrop.pickup, drop, config, policy=policy, into=spool)
         self._pickup = pickup
         self._stopping = stopping
+        # A lease that runs out by time (the database's) is renewed a few
+        # times a lease while a send to the next hop runs: a large message
+        # to a slow hop must not be claimed and sent by another deliverer
+        # meanwhile.  The spool's leases end only with their holder.
+        self._renew_every = (
+            config.queue.lease_seconds / _RENEWALS_A_LEASE
+            if config.queue.backend == "postgresql"
+            else None
+        )
         self.concurrency = config.deliver.concurrency
         # One place at least stays free of the next hop, for local mail.
         self.hop_limit = max(
@@ -460,7 +472,8 @@ class Runner:
         state = work.state
         assert state is not None
         now = self._clock()
-        tried = self._remote(lease, lease.envelope, state, work.remote)
+        with _Renewing(lease, self._renew_every):
+            tried = self._remote(lease, lease.envelope, state, work.remote)
         self._settle(lease, lease.envelope, state, tried, now, first=work.unrecorded)
         self._finish(work, state)
 
@@ -691,6 +704,44 @@ class Runner:
             len(reports),
             writer.id,
         )
+
+
+class _Renewing:
+    """Renews a lease every ``every`` seconds from a thread of its own, for
+    as long as the ``with`` block runs (None: never).  A renewal that fails
+    is tried again at the next turn (the lease lives on for the rest of
+    its time); a lease lost stops the renewals, and the step finds it lost
+    when it records."""
+
+    def __init__(self, lease: Lease, every: float | None) -> None:
+        self._lease = lease
+        self._every = every
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> _Renewing:
+        if self._every is not None:
+            self._thread = threading.Thread(
+                target=self._run, name=f"renew-{self._lease.id}", daemon=True
+            )
+            self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._done.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        assert self._every is not None
+        while not self._done.wait(self._every):
+            try:
+                self._lease.renew()
+            except LeaseLost as exc:
+                log.warning("id=%s: %s", self._lease.id, exc)
+                return
+            except (OSError, QueueError) as exc:
+                log.warning("id=%s: cannot renew the lease: %s", self._lease.id, exc)
 
 
 def _kind(envelope: Envelope, relay: str) -> str:

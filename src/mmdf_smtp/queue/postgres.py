@@ -46,7 +46,9 @@ is written.  New mail and flushes are a NOTIFY on :data:`CHANNEL` after
 the commit (a wake-up only: deliverers also claim every
 ``rescan_interval`` seconds); the NOTIFY is a transaction of its own with
 ``synchronous_commit`` off, because PostgreSQL serialises the commits of
-transactions that notify, which would undo group commit.
+transactions that notify, which would undo group commit.  New mail's
+comes from a thread of its own once the commit returned, not before the
+250, and one NOTIFY serves the commits of :data:`_NOTIFY_GAP` (:class:`_Doorbell`).
 
 What a 250 promises depends on the server's settings, not on this module:
 ``fsync = on`` and ``synchronous_commit = on`` (both the default) put the
@@ -82,6 +84,7 @@ index stopping after ``limit`` rows (0.4 ms).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import copy
 import errno
@@ -141,6 +144,8 @@ _DELIVERER_GONE = 3 * _HEARTBEAT  # a deliverer not seen for this long listens n
 # How long the row of a message gone stays: longer than any settle takes.
 _GONE_KEPT = timedelta(hours=1)
 _PURGE = 20_000  # rows a purge removes at most
+_NOTIFY_GAP = 0.025  # seconds after a NOTIFY of new mail in which the next waits, to go as one
+_NOTIFY_LAST = 5.0  # seconds a process that ends waits for the NOTIFY it owes
 _FIELDS = fields(Envelope)
 # What a message handed over to another process starts with (hand_over).
 _IN_TOKEN = b"M"  # then its id, its envelope line and its octets
@@ -189,12 +194,14 @@ _SCHEMA = (
 _INSERT_MESSAGE = "INSERT INTO mmdf_message (id, envelope, size, held) VALUES (%s, %s, %s, %s)"
 _INSERT_CHUNK = "INSERT INTO mmdf_chunk (message_id, seq, data) VALUES (%s, %s, %s)"
 # A group of messages of a chunk or less: one statement, its own transaction.
+# The arrays go in binary (%b): as text, each octet of the messages would be
+# escaped by the client and parsed by the server.
 _INSERT_SMALL = """
     WITH message AS (
         INSERT INTO mmdf_message (id, envelope, size, held)
-        SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::boolean[]))
+        SELECT * FROM unnest(%b::text[], %b::text[], %b::bigint[], %b::boolean[]))
     INSERT INTO mmdf_chunk (message_id, seq, data)
-    SELECT id, 0, data FROM unnest(%s::text[], %s::bytea[]) AS piece (id, data)
+    SELECT id, 0, data FROM unnest(%b::text[], %b::bytea[]) AS piece (id, data)
 """
 # A row whose message is gone stays an hour (see the module's document).
 _LIVE = "gone IS NULL"
@@ -759,6 +766,100 @@ class PostgresWakeups:
             os.close(fd)
 
 
+class _Doorbell:
+    """The NOTIFY of new mail, sent by a thread of its own after the commits.
+
+    Not on the way to the 250: a commit's transaction is followed by no
+    other round trip before its outcome is told.  The wake-ups that come
+    while one is being sent, and for :data:`_NOTIFY_GAP` after it, go out
+    as one: at a connection per message the commits of a node come in
+    small groups, and a NOTIFY for each cost a seventh of the group's own
+    transaction in the database, a fifth in the committing process.  The
+    connection is the thread's, with ``synchronous_commit`` off for good
+    (a wake-up needs no flush, and PostgreSQL serialises the commits of
+    transactions that notify), so a NOTIFY is one statement.  A wake-up
+    is a hint: one lost (the database gone, the process ended by
+    ``os._exit``) delays mail until the deliverers' next rescan, never
+    strands it.  Where the engine has no NOTIFY, the statement fails and
+    the connection is kept.
+    """
+
+    def __init__(self, queue: PostgresQueue) -> None:
+        self._queue = queue
+        self._pid = 0
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Condition()
+        self._wanted = False
+        self._stopping = False
+
+    def ring(self) -> None:
+        if self._pid != os.getpid():  # new, or a fork's copy: the thread was the parent's
+            self._pid, self._thread, self._ready = os.getpid(), None, threading.Condition()
+        with self._ready:
+            self._wanted = True
+            if self._thread is None:
+                self._stopping = False
+                self._thread = threading.Thread(target=self._run, name="mmdf-notify", daemon=True)
+                self._thread.start()
+                atexit.register(self.close)
+            self._ready.notify()
+
+    def close(self) -> None:
+        """Send what is owed (within a few seconds), then stop the thread."""
+        with self._ready:
+            if self._pid != os.getpid() or self._thread is None:
+                return
+            self._stopping = True
+            self._ready.notify()
+            thread = self._thread
+        thread.join(timeout=_NOTIFY_LAST)
+        atexit.unregister(self.close)
+
+    def _run(self) -> None:
+        conn: psycopg.Connection[Any] | None = None
+        try:
+            while True:
+                with self._ready:
+                    self._ready.wait_for(lambda: self._wanted or self._stopping)
+                    if not self._wanted:
+                        self._thread = None  # the next ring starts another
+                        return
+                    self._wanted = False
+                conn = self._send(conn)
+                with self._ready:
+                    self._ready.wait_for(lambda: self._stopping, timeout=_NOTIFY_GAP)
+        finally:
+            with self._ready:
+                if self._thread is threading.current_thread():  # ended by an error
+                    self._thread = None
+            if conn is not None:
+                with contextlib.suppress(psycopg.Error):
+                    conn.close()
+
+    def _send(self, conn: psycopg.Connection[Any] | None) -> psycopg.Connection[Any] | None:
+        """One NOTIFY; on a connection lost, once more on a new one (the old
+        one may lead to a primary gone).  The connection to keep."""
+        for _ in range(2):
+            try:
+                if conn is None:
+                    conn = self._queue._connect()
+                    conn.execute("SET synchronous_commit TO OFF")
+                conn.execute(f"NOTIFY {CHANNEL}, '{_NEW}'")
+                return conn
+            except QueueError as exc:  # no connection
+                log.debug("no NOTIFY: %s", exc)
+                return None
+            except psycopg.Error as exc:
+                log.debug("no NOTIFY: %s", exc)
+                assert conn is not None
+                if not conn.broken:
+                    return conn  # the engine has no NOTIFY: the deliverers poll
+                with contextlib.suppress(psycopg.Error):
+                    conn.close()
+                conn = None
+        return None
+
+
 class PostgresQueue:
     """The queue in a PostgreSQL database (see the module's document).
 
@@ -812,9 +913,7 @@ class PostgresQueue:
         self._tag_pid = 0
         self._tag = 0
         self._staging_ready = False
-        self._notify_lock = threading.Lock()
-        self._notifying = False
-        self._notify_wanted = False
+        self._doorbell = _Doorbell(self)
 
     # -- connections ---------------------------------------------------------
 
@@ -884,7 +983,8 @@ class PostgresQueue:
         return None if row is None or row[0] is None else int(row[0])
 
     def close(self) -> None:
-        """Close the connections kept for reuse."""
+        """Send the wake-up still owed, and close the connections kept for reuse."""
+        self._doorbell.close()
         self._pool.clear()
 
     def _notify(self, conn: psycopg.Connection[Any], payload: str) -> None:
@@ -1202,28 +1302,8 @@ class PostgresQueue:
             raise
 
     def _notify_new(self) -> None:
-        """Tell the deliverers of new mail, the commits of many threads with
-        one NOTIFY: a thread that finds one being sent leaves its own to the
-        sender, who sends once more when asked meanwhile."""
-        with self._notify_lock:
-            self._notify_wanted = True
-            if self._notifying:
-                return
-            self._notifying = True
-        try:
-            while True:
-                with self._notify_lock:
-                    if not self._notify_wanted:
-                        return
-                    self._notify_wanted = False
-                try:
-                    with self._pool.connection() as conn:
-                        self._notify(conn, _NEW)
-                except QueueError as exc:
-                    log.debug("no NOTIFY: %s", exc)
-        finally:
-            with self._notify_lock:
-                self._notifying = False
+        """Tell the deliverers of new mail, soon after (:class:`_Doorbell`)."""
+        self._doorbell.ring()
 
     def _settle_or_assume_not(self, queue_id: str) -> bool:
         """Whether a message whose commit's outcome is unknown was committed;
