@@ -108,6 +108,7 @@ class _Idle:
     writer: asyncio.StreamWriter
     negotiated: Negotiated
     since: float
+    owed: int  # answers due to the UNKNOWN before QUIT_NC, not read yet
 
 
 class _Pool:
@@ -326,6 +327,15 @@ class Milter:
     @property
     def failed(self) -> bool:
         return self._protocol.failed
+
+    @property
+    def connection_name(self) -> object:
+        """This side's address of the connection to the milter (None when there is none).
+
+        Two sessions with the same one went over the same connection.
+        """
+        writer = self._writer
+        return None if writer is None else writer.get_extra_info("sockname")
 
     # -- the stages
 
@@ -557,7 +567,7 @@ class Milter:
         self._reader, self._writer = idle.reader, idle.writer
         if self.config.address.kind != "unix":
             self._quickack = _quickack_for(idle.writer)
-        self._protocol.resume(idle.negotiated)
+        self._protocol.resume(idle.negotiated, owed=idle.owed)
         self._untried = True
         return True
 
@@ -567,6 +577,7 @@ class Milter:
             return False
         pool = _pool(self.config.socket)
         data = self._unsent + self._protocol.quit_new_connection()
+        owed = self._protocol.owed
         self._unsent.clear()
         writer.write(data)
         if writer.transport.get_write_buffer_size():
@@ -576,7 +587,8 @@ class Milter:
         self._writer = self._reader = None
         if self._deadline is not None:
             self._deadline.close()
-        if not pool.give(_Idle(reader, writer, negotiated, asyncio.get_running_loop().time())):
+        idle = _Idle(reader, writer, negotiated, asyncio.get_running_loop().time(), owed)
+        if not pool.give(idle):
             writer.close()
         return True
 
