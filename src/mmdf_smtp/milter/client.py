@@ -109,6 +109,16 @@ class _Idle:
     negotiated: Negotiated
     since: float
     owed: int  # answers due to the UNKNOWN before QUIT_NC, not read yet
+    # What ends the last conversation (QUIT_NC, UNKNOWN before it), not
+    # written yet: it goes with the next session's first packet, or before
+    # the connection is closed.  One write and one wake-up of the milter's
+    # thread fewer a session.
+    farewell: bytes
+
+    def close(self) -> None:
+        if not self.writer.is_closing():
+            self.writer.write(self.farewell)
+        self.writer.close()
 
 
 class _Pool:
@@ -150,7 +160,7 @@ class _Pool:
 
     def close(self) -> None:
         while self._idle:
-            self._idle.pop().writer.close()
+            self._idle.pop().close()
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
@@ -158,8 +168,8 @@ class _Pool:
     def _expire(self) -> None:
         oldest = self._loop.time() - POOL_IDLE_SECONDS
         while self._idle and self._idle[0].since <= oldest:
-            # Nothing to say first: libmilter ignores a QUIT after QUIT_NC.
-            self._idle.popleft().writer.close()
+            # Nothing to say after the farewell: libmilter ignores a QUIT after QUIT_NC.
+            self._idle.popleft().close()
 
     def _sweep(self) -> None:
         self._sweeper = None
@@ -568,6 +578,7 @@ class Milter:
         if self.config.address.kind != "unix":
             self._quickack = _quickack_for(idle.writer)
         self._protocol.resume(idle.negotiated, owed=idle.owed)
+        self._unsent += idle.farewell
         self._untried = True
         return True
 
@@ -576,20 +587,20 @@ class Milter:
         if writer is None or reader is None or negotiated is None or writer.is_closing():
             return False
         pool = _pool(self.config.socket)
-        data = self._unsent + self._protocol.quit_new_connection()
-        owed = self._protocol.owed
-        self._unsent.clear()
-        writer.write(data)
         if writer.transport.get_write_buffer_size():
             # The milter is not reading: not a connection to keep.
+            self._protocol.quit()
             self._close()
             return True
+        farewell = bytes(self._unsent + self._protocol.quit_new_connection())
+        owed = self._protocol.owed
+        self._unsent.clear()
         self._writer = self._reader = None
         if self._deadline is not None:
             self._deadline.close()
-        idle = _Idle(reader, writer, negotiated, asyncio.get_running_loop().time(), owed)
+        idle = _Idle(reader, writer, negotiated, asyncio.get_running_loop().time(), owed, farewell)
         if not pool.give(idle):
-            writer.close()
+            idle.close()
         return True
 
     async def open(self) -> bool:
