@@ -240,9 +240,7 @@ def milter_table(milter: Milter) -> str:
     session after another (QUIT_NC) instead of being opened and negotiated
     for each.
     """
-    return (
-        f'\n[[milters]]\nsocket = "{milter.socket}"\ndefault_action = "tempfail"\nreuse = true\n'
-    )
+    return f'\n[[milters]]\nsocket = "{milter.socket}"\ndefault_action = "tempfail"\nreuse = true\n'
 
 
 def sender_records() -> dict[tuple[str, str], list[str]]:

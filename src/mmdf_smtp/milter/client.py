@@ -402,8 +402,10 @@ class _Link(asyncio.Protocol):
         if self._loop.time() < self._deadline:
             self._timer = self._loop.call_at(self._deadline, self._fire)
             return
-        self.error = f"no answer in {self._timeout:g} s" if self._wanted else (
-            f"no progress writing for {self._timeout:g} s"
+        self.error = (
+            f"no answer in {self._timeout:g} s"
+            if self._wanted
+            else (f"no progress writing for {self._timeout:g} s")
         )
         self._wake()
 
