@@ -324,6 +324,9 @@ class StagePlan:
     sends: bool  # the command goes to the milter (its macros go even when it does not)
     expects_reply: bool
     macro_names: tuple[str, ...]
+    # Each name as a caller's mapping may have it: in wire form, then bare
+    # ("{client_addr}", "client_addr"), so that no mapping is rebuilt a packet.
+    macro_keys: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -353,6 +356,7 @@ class Negotiated:
                 sends=sends,
                 expects_reply=sends and not protocol & rule.no_reply_flag,
                 macro_names=names,
+                macro_keys=tuple((n, n[1:-1] if n.startswith("{") else n) for n in names),
             )
         object.__setattr__(self, "plan", plan)
         object.__setattr__(self, "leading_space", bool(protocol & ProtocolFlag.HDR_LEADSPC))
@@ -681,14 +685,19 @@ class MilterProtocol:
         return Step(data, None)
 
     def _macros(self, plan: StagePlan, values: Mapping[str, str]) -> bytes:
-        names = plan.macro_names
-        if not names or not values:
+        if not values or not plan.macro_keys:
             return b""
-        by_wire_name = {macro_name(k): v for k, v in values.items()}
-        pairs = tuple((n, by_wire_name[n]) for n in names if n in by_wire_name)
+        pairs = []
+        for wire, bare in plan.macro_keys:
+            value = values.get(wire)
+            if value is None:
+                value = values.get(bare)
+                if value is None:
+                    continue
+            pairs.append((wire, value))
         if not pairs:
             return b""
-        return codec.encode(codec.DefineMacros(for_code=plan.code, macros=pairs))
+        return codec.encode(codec.DefineMacros(for_code=plan.code, macros=tuple(pairs)))
 
     def abort(self) -> bytes:
         """ABORT, when a transaction is open: RSET, a refused or failed transaction."""
