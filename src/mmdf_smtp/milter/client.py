@@ -1,11 +1,14 @@
 """A milter, as the SMTP session sees it: one awaitable per SMTP stage.
 
 One :class:`Milter` per configured milter per SMTP session.  A connection
-serves one session at a time; when a session ends right after an end of
-message the milter answered CONTINUE, and the milter speaks protocol
-version 6, the session ends with SMFIC_QUIT_NC instead of QUIT and the
-connection waits in a small pool for the next session of the same worker
-(``reuse = false`` turns this off: one connection a session, as Postfix
+serves one session at a time; with ``reuse = true``, when a session ends
+out of a transaction and the protocol allows it (version 6; right after an
+end of message the milter answered CONTINUE, or after anything else when
+it negotiated SMFIP_NOUNKNOWN: see :attr:`.MilterProtocol.reusable`), it
+ends with SMFIC_QUIT_NC (UNKNOWN first where needed) instead of QUIT and
+the connection waits in a small pool for the next session of the same
+worker; that farewell is written with the next session's first packet
+(``reuse = false``, the default: one connection a session, as Postfix
 does).  A connection that broke, timed out or ended any other way is closed,
 never pooled.  Every stage method returns a :class:`~.protocol.Verdict` and
 never raises for the milter's sake: a milter that cannot be reached, is
