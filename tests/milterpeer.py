@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 
 from mmdf_smtp.milter import codec
+from mmdf_smtp.milter.client import close_idle_connections
 from mmdf_smtp.milter.codec import ActionFlag, ProtocolFlag
 
 
@@ -155,6 +156,10 @@ class MilterPeer:
         tb: TracebackType | None,
     ) -> None:
         assert self._server is not None
+        # The MTA's kept connections first, as a worker closes them at
+        # shutdown: each writes what ends its last session (QUIT_NC), which
+        # the conversation below then reads.
+        close_idle_connections()
         self._server.close()
         self._stopping = True
         for writer in list(self._parked.values()):

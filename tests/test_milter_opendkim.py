@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from mmdf_smtp.milter import Action, Milter, MilterConfig, apply_header_changes, codec
+from mmdf_smtp.milter.client import close_idle_connections, idle_connections
 
 pytestmark = pytest.mark.skipif(
     shutil.which("opendkim") is None or shutil.which("opendkim-genkey") is None,
@@ -126,5 +127,60 @@ def test_opendkim_signs_through_the_client(opendkim: str) -> None:
         assert tags["c"] == "simple/simple"
         assert tags["bh"] == simple_body_hash(BODY)
         assert "from" in tags["h"].lower().split(":")
+
+    asyncio.run(main())
+
+
+def test_a_kept_connection_serves_the_next_session_after_opendkim_accepted(
+    opendkim: str,
+) -> None:
+    """OpenDKIM answers ACCEPT at end of message; UNKNOWN, QUIT_NC keep its connection.
+
+    Each session on the one connection gets its own CONNECT: a client in
+    OpenDKIM's InternalHosts (127.0.0.1, its default) is signed, one outside
+    it (192.0.2.9) is not, whatever came before on the connection.  (OpenDKIM
+    answers that one ACCEPT before the end of the pipelined content, so the
+    connection is then closed and the last session opens a new one.)
+    """
+
+    async def one_session(address: str) -> tuple[list[codec.Modification], object]:
+        milter = Milter(
+            MilterConfig.from_table({"socket": opendkim, "command_timeout": 10, "reuse": True})
+        )
+        macros = {"j": "mx.example.org", "i": "4C3F2A", "{client_addr}": address}
+        verdicts = [
+            await milter.connect(
+                hostname="client.example", address=address, port=4000, macros=macros
+            ),
+            await milter.helo("client.example", macros),
+            await milter.mail("<alice@example.org>", (), macros),
+            await milter.rcpt("<bob@example.net>", (), macros),
+        ]
+        connection = milter.connection_name
+        final = await milter.message(HEADERS, [b"a short body\r\n"], macros)
+        await milter.quit()
+        assert all(v.action is Action.CONTINUE for v in verdicts)
+        assert final.action in (Action.CONTINUE, Action.ACCEPT)
+        assert not milter.failed
+        return list(final.modifications), connection
+
+    async def main() -> None:
+        try:
+            outcomes = [
+                await one_session(address)
+                for address in ("127.0.0.1", "127.0.0.1", "192.0.2.9", "127.0.0.1")
+            ]
+            assert idle_connections(opendkim) == 1
+        finally:
+            close_idle_connections()
+        signed = [
+            any(getattr(m, "name", "") == "DKIM-Signature" for m in modifications)
+            for modifications, _ in outcomes
+        ]
+        assert signed == [True, True, False, True]
+        # One connection for the first three: QUIT_NC was taken each time.
+        connections = [connection for _, connection in outcomes]
+        assert connections[0] is not None
+        assert connections[:3] == [connections[0]] * 3
 
     asyncio.run(main())

@@ -1,11 +1,14 @@
 """A milter, as the SMTP session sees it: one awaitable per SMTP stage.
 
 One :class:`Milter` per configured milter per SMTP session.  A connection
-serves one session at a time; when a session ends right after an end of
-message the milter answered CONTINUE, and the milter speaks protocol
-version 6, the session ends with SMFIC_QUIT_NC instead of QUIT and the
-connection waits in a small pool for the next session of the same worker
-(``reuse = false`` turns this off: one connection a session, as Postfix
+serves one session at a time; with ``reuse = true``, when a session ends
+out of a transaction and the protocol allows it (version 6; right after an
+end of message the milter answered CONTINUE, or after anything else when
+it negotiated SMFIP_NOUNKNOWN: see :attr:`.MilterProtocol.reusable`), it
+ends with SMFIC_QUIT_NC (UNKNOWN first where needed) instead of QUIT and
+the connection waits in a small pool for the next session of the same
+worker; that farewell is written with the next session's first packet
+(``reuse = false``, the default: one connection a session, as Postfix
 does).  A connection that broke, timed out or ended any other way is closed,
 never pooled.  Every stage method returns a :class:`~.protocol.Verdict` and
 never raises for the milter's sake: a milter that cannot be reached, is
@@ -67,6 +70,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import cast
 
 from .. import metrics
 from . import codec
@@ -104,10 +108,19 @@ POOL_IDLE_SECONDS = 30.0
 
 @dataclass(slots=True)
 class _Idle:
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
+    link: _Link
     negotiated: Negotiated
     since: float
+    owed: int  # answers due to the UNKNOWN before QUIT_NC, not read yet
+    # What ends the last conversation (QUIT_NC, UNKNOWN before it), not
+    # written yet: it goes with the next session's first packet, or before
+    # the connection is closed.  One write and one wake-up of the milter's
+    # thread fewer a session.
+    farewell: bytes
+
+    def close(self) -> None:
+        self.link.write(self.farewell)
+        self.link.close()
 
 
 class _Pool:
@@ -131,8 +144,8 @@ class _Pool:
         self._expire()
         while self._idle:
             idle = self._idle.pop()
-            if idle.writer.is_closing() or idle.reader.at_eof() or idle.reader.exception():
-                idle.writer.close()
+            if idle.link.closed:
+                idle.link.close()
                 continue
             return idle
         return None
@@ -149,7 +162,7 @@ class _Pool:
 
     def close(self) -> None:
         while self._idle:
-            self._idle.pop().writer.close()
+            self._idle.pop().close()
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
@@ -157,8 +170,8 @@ class _Pool:
     def _expire(self) -> None:
         oldest = self._loop.time() - POOL_IDLE_SECONDS
         while self._idle and self._idle[0].since <= oldest:
-            # Nothing to say first: libmilter ignores a QUIT after QUIT_NC.
-            self._idle.popleft().writer.close()
+            # Nothing to say after the farewell: libmilter ignores a QUIT after QUIT_NC.
+            self._idle.popleft().close()
 
     def _sweep(self) -> None:
         self._sweeper = None
@@ -214,57 +227,193 @@ def client_family(address: str) -> codec.Family:
     return codec.Family.INET if parsed.version == 4 else codec.Family.INET6
 
 
-class _Deadline:
-    """The wait for a milter's answer, bounded by one timer kept across round trips.
+class _Link(asyncio.Protocol):
+    """One connection to a milter: answers parsed as they arrive, one wake-up a batch.
 
-    A stage only moves the deadline; the timer, when it fires early, sets
-    itself again for the deadline of the moment.  So a conversation of
-    eleven round trips a message sets a timer about once a message rather
-    than eleven times (``asyncio.timeout`` makes and cancels one for each).
+    :meth:`expect` hands it the conversation's sans-IO core and how many
+    answers the driver waits for; :meth:`data_received` feeds the core at
+    once and wakes the waiting task only when the last of them, or one that
+    is not CONTINUE, is complete, or the wait is over (the milter closed,
+    broke the protocol, or was too slow).  Between conversations (a kept
+    connection) what arrives is held for the next one.
+
+    One timer a connection bounds the waits: a wait only moves the deadline,
+    and the timer, when it fires early, sets itself again for the deadline of
+    the moment, so a message's round trips do not each make and cancel one.
+    SMFIR_PROGRESS moves the deadline too.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._when = 0.0
-        self._handle: asyncio.TimerHandle | None = None
-        self._task: asyncio.Task[object] | None = None
-        self.expired = False
+        self.transport: asyncio.Transport | None = None
+        self._held = bytearray()
+        self._sink: MilterProtocol | None = None
+        self._wanted = 0
+        self.answers: list[Verdict | Negotiated] = []
+        self.error: str | None = None
+        self.closed = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._paused = False
+        self._timeout = 0.0
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        # Over TCP: acknowledge what came at once before each wait (see _quickack_for).
+        self.quickack: Callable[[], None] | None = None
 
-    def arm(self, timeout: float) -> None:
-        """Bound the current task's wait: ``timeout`` seconds from now."""
-        self._when = self._loop.time() + timeout
-        self._task = asyncio.current_task()
-        self.expired = False
-        handle = self._handle
-        if handle is not None and handle.when() > self._when:
-            handle.cancel()
-            handle = None
-        if handle is None:
-            self._handle = self._loop.call_at(self._when, self._fire)
+    # -- asyncio.Protocol
 
-    def disarm(self) -> None:
-        self._task = None
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # A stream transport (uvloop's are not asyncio.Transport's subclasses).
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        sink = self._sink
+        if sink is None or not self._wanted:
+            # Nothing awaited: the next wait (or conversation) reads it.
+            self._held += data
+            return
+        sink.receive_data(data)
+        self._collect()
+
+    def eof_received(self) -> bool:
+        self._end("the milter closed the connection")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end("connection lost" if exc is None else f"connection lost: {exc}")
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        self._wake()
+
+    # -- the driver's side
+
+    def write(self, data: bytes) -> None:
+        transport = self.transport
+        if data and transport is not None and not transport.is_closing():
+            transport.write(data)
 
     def close(self) -> None:
-        self._task = None
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
+        self.closed = True
+        self._sink = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.transport is not None:
+            self.transport.close()
+
+    def detach(self) -> None:
+        """Between conversations: what comes is held for the next."""
+        self._sink = None
+
+    def expect(self, sink: MilterProtocol, count: int, timeout: float) -> None:
+        """Wait for ``count`` answers of ``sink``'s conversation (fewer if one is not CONTINUE)."""
+        self._sink = sink
+        self.answers = []
+        self.error = None
+        self._wanted = count
+        self._arm(timeout)
+        if self._held:
+            held, self._held = bytes(self._held), bytearray()
+            sink.receive_data(held)
+        self._collect()
+        if self._wanted and self.closed and self.error is None:
+            self.error = "the milter closed the connection"
+
+    @property
+    def waiting(self) -> bool:
+        return bool(self._wanted) and self.error is None
+
+    async def wait(self) -> None:
+        """Until the answers expected are in, or :attr:`error` says why not."""
+        while self._wanted and self.error is None:
+            if self.quickack is not None:
+                self.quickack()
+            await self._sleep()
+
+    async def drain(self, timeout: float) -> None:
+        """Until the transport takes more, if it asked to be spared (pause_writing)."""
+        if not self._paused:
+            return
+        self._arm(timeout)
+        while self._paused and self.error is None:
+            await self._sleep()
+        if self.error is not None:
+            raise _Broken(self.error)
+
+    async def _sleep(self) -> None:
+        waiter = self._waiter = self._loop.create_future()
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+
+    def _collect(self) -> None:
+        sink = self._sink
+        assert sink is not None
+        try:
+            while self._wanted:
+                event = sink.next_event()
+                if event is codec.NEED_DATA:
+                    return
+                if event is PROGRESS:
+                    self._deadline = self._loop.time() + self._timeout
+                    continue
+                assert isinstance(event, Verdict | Negotiated)
+                self.answers.append(event)
+                self._wanted -= 1
+                if isinstance(event, Verdict) and event.action is not Action.CONTINUE:
+                    self._wanted = 0
+        except codec.MilterProtocolError as error:
+            self.error = f"protocol error: {error}"
+        self._wake()
+
+    def _end(self, why: str) -> None:
+        self.closed = True
+        if self._sink is not None and self._wanted and self.error is None:
+            # Feeds the end of file: an answer cut short is a protocol error.
+            self._sink.receive_data(b"")
+            self._collect()
+            if self._wanted and self.error is None:
+                self.error = why
+        if self._paused and self.error is None:
+            self.error = why
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _arm(self, timeout: float) -> None:
+        self._timeout = timeout
+        self._deadline = self._loop.time() + timeout
+        timer = self._timer
+        if timer is not None and timer.when() > self._deadline:
+            timer.cancel()
+            timer = None
+        if timer is None:
+            self._timer = self._loop.call_at(self._deadline, self._fire)
 
     def _fire(self) -> None:
-        self._handle = None
-        task = self._task
-        if task is None:
+        self._timer = None
+        if self.closed or not (self._wanted or self._paused):
             return
-        if self._loop.time() < self._when:
-            self._handle = self._loop.call_at(self._when, self._fire)
+        if self._loop.time() < self._deadline:
+            self._timer = self._loop.call_at(self._deadline, self._fire)
             return
-        self._task = None
-        self.expired = True
-        task.cancel()
+        self.error = (
+            f"no answer in {self._timeout:g} s"
+            if self._wanted
+            else (f"no progress writing for {self._timeout:g} s")
+        )
+        self._wake()
 
 
-def _quickack_for(writer: asyncio.StreamWriter) -> Callable[[], None] | None:
+def _quickack_for(transport: asyncio.BaseTransport) -> Callable[[], None] | None:
     """What sends the ACK of the octets received so far at once, on a TCP connection.
 
     A milter answers in several small writes (each header's answer when
@@ -276,7 +425,7 @@ def _quickack_for(writer: asyncio.StreamWriter) -> Callable[[], None] | None:
     before each wait sends it now; it is not sticky (tcp(7)), hence each
     time.
     """
-    sock = writer.get_extra_info("socket")
+    sock = transport.get_extra_info("socket")
     quickack = getattr(socket, "TCP_QUICKACK", None)
     if sock is None or quickack is None:
         return None
@@ -295,19 +444,15 @@ class Milter:
         self.config = config
         self.name = name or config.socket
         self._protocol = MilterProtocol()
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
+        self._link: _Link | None = None
         self._body = bytearray()
         # Packets that get no answer (the macros of a stage the milter
         # skips, a command it asked not to answer), sent with the next write:
         # each write on its own would wake the milter for nothing.
         self._unsent = bytearray()
-        self._deadline: _Deadline | None = None
         # A pooled connection that has not answered yet in this session: if
         # it turns out closed, the session opens a new one (once).
         self._untried = False
-        # Over TCP: acknowledge what came at once before each wait (see _quickack_for).
-        self._quickack: Callable[[], None] | None = None
         # CONNECT and the last HELO, to say again on a new connection after
         # pipelined content left the old one out of step.
         self._introduction: list[tuple[codec.Command, Mapping[str, str]]] = []
@@ -326,6 +471,17 @@ class Milter:
     @property
     def failed(self) -> bool:
         return self._protocol.failed
+
+    @property
+    def connection_name(self) -> object:
+        """This side's address of the connection to the milter (None when there is none).
+
+        Two sessions with the same one went over the same connection.
+        """
+        link = self._link
+        if link is None or link.transport is None:
+            return None
+        return link.transport.get_extra_info("sockname")
 
     # -- the stages
 
@@ -487,17 +643,14 @@ class Milter:
                     break
             if awaited:
                 await self._write(bytes(data), timeout)
+                answers = await self._answers(awaited, timeout)
+                result = answers[-1]
+                assert isinstance(result, Verdict)
+                verdict = result
             else:
                 self._unsent += data
                 if len(self._unsent) >= codec.CHUNK_SIZE:
                     await self._write(b"", timeout)
-            while awaited:
-                result = await self._receive(timeout, "content")
-                assert isinstance(result, Verdict)
-                awaited -= 1
-                verdict = result
-                if verdict.action is not Action.CONTINUE:
-                    break
         except _Broken as error:
             return self._fail(f"content: {error}")
         if not protocol.usable:
@@ -533,8 +686,8 @@ class Milter:
         if self.config.reuse and self._protocol.reusable and self._pool_connection():
             return
         data = self._protocol.quit()
-        if data and self._writer is not None and not self._writer.is_closing():
-            self._writer.write(self._unsent + data)
+        if data and self._link is not None:
+            self._link.write(bytes(self._unsent + data))
         self._close()
 
     # -- connection
@@ -554,30 +707,30 @@ class Milter:
         idle = _pool(self.config.socket).take()
         if idle is None:
             return False
-        self._reader, self._writer = idle.reader, idle.writer
-        if self.config.address.kind != "unix":
-            self._quickack = _quickack_for(idle.writer)
-        self._protocol.resume(idle.negotiated)
+        self._link = idle.link
+        self._protocol.resume(idle.negotiated, owed=idle.owed)
+        self._unsent += idle.farewell
         self._untried = True
         return True
 
     def _pool_connection(self) -> bool:
-        writer, reader, negotiated = self._writer, self._reader, self._protocol.negotiated
-        if writer is None or reader is None or negotiated is None or writer.is_closing():
+        link, negotiated = self._link, self._protocol.negotiated
+        if link is None or negotiated is None or link.closed or link.transport is None:
             return False
-        pool = _pool(self.config.socket)
-        data = self._unsent + self._protocol.quit_new_connection()
-        self._unsent.clear()
-        writer.write(data)
-        if writer.transport.get_write_buffer_size():
+        if link.transport.get_write_buffer_size():
             # The milter is not reading: not a connection to keep.
+            self._protocol.quit()
             self._close()
             return True
-        self._writer = self._reader = None
-        if self._deadline is not None:
-            self._deadline.close()
-        if not pool.give(_Idle(reader, writer, negotiated, asyncio.get_running_loop().time())):
-            writer.close()
+        farewell = bytes(self._unsent + self._protocol.quit_new_connection())
+        owed = self._protocol.owed
+        self._unsent.clear()
+        self._link = None
+        link.detach()
+        pool = _pool(self.config.socket)
+        idle = _Idle(link, negotiated, asyncio.get_running_loop().time(), owed, farewell)
+        if not pool.give(idle):
+            idle.close()
         return True
 
     async def open(self) -> bool:
@@ -585,24 +738,28 @@ class Milter:
         if self._protocol.state is not State.NEW:
             return self._protocol.usable
         address = self.config.address
+        loop = asyncio.get_running_loop()
+        link = _Link(loop)
         try:
             async with asyncio.timeout(self.config.connect_timeout):
                 if address.kind == "unix":
-                    self._reader, self._writer = await asyncio.open_unix_connection(address.path)
+                    await loop.create_unix_connection(lambda: link, address.path)
                 else:
-                    self._reader, self._writer = await asyncio.open_connection(
-                        address.host, address.port
-                    )
-                    self._quickack = _quickack_for(self._writer)
+                    await loop.create_connection(lambda: link, address.host, address.port)
         except TimeoutError:
+            link.close()
             self._fail(f"connect: no connection in {self.config.connect_timeout:g} s")
             return False
         except OSError as error:
+            link.close()
             self._fail(f"connect: {error.strerror or error}")
             return False
+        if address.kind != "unix" and link.transport is not None:
+            link.quickack = _quickack_for(link.transport)
+        self._link = link
         try:
             await self._write(self._protocol.negotiate(), self.config.command_timeout)
-            await self._receive(self.config.command_timeout, "negotiation")
+            await self._answers(1, self.config.command_timeout)
         except _Broken as error:
             self._fail(f"negotiation: {error}")
             return False
@@ -626,7 +783,7 @@ class Milter:
                 verdict = step.verdict
             else:
                 await self._write(step.data, timeout)
-                result = await self._receive(timeout, what)
+                [result] = await self._answers(1, timeout)
                 assert isinstance(result, Verdict)
                 verdict = result
                 self._untried = False
@@ -641,61 +798,33 @@ class Milter:
         return verdict
 
     async def _write(self, data: bytes, timeout: float) -> None:
-        writer = self._writer
-        if writer is None or writer.is_closing():
+        link = self._link
+        if link is None or link.closed:
             raise _Broken("connection closed")
         if self._unsent:
             data = bytes(self._unsent + data)
             self._unsent.clear()
         try:
-            writer.write(data)
-            if writer.transport.get_write_buffer_size():
-                async with asyncio.timeout(timeout):
-                    await writer.drain()
-        except TimeoutError:
-            raise _Broken(f"no progress writing for {timeout:g} s") from None
-        except OSError as error:
-            raise _Broken(f"write error: {error.strerror or error}") from None
+            link.write(data)
+            await link.drain(timeout)
         except asyncio.CancelledError:
             self._close()
             raise
 
-    async def _receive(self, timeout: float, what: str) -> Verdict | Negotiated:
-        reader = self._reader
-        assert reader is not None
-        deadline = self._deadline
-        if deadline is None:
-            deadline = self._deadline = _Deadline(asyncio.get_running_loop())
-        protocol = self._protocol
-        task = asyncio.current_task()
-        assert task is not None
-        cancelling = task.cancelling()
-        deadline.arm(timeout)
+    async def _answers(self, count: int, timeout: float) -> list[Verdict | Negotiated]:
+        """The next ``count`` answers, or those up to the first that is not CONTINUE."""
+        link = self._link
+        assert link is not None
+        link.expect(self._protocol, count, timeout)
         try:
-            while True:
-                event = protocol.next_event()
-                if event is codec.NEED_DATA:
-                    if self._quickack is not None:
-                        self._quickack()
-                    protocol.receive_data(await reader.read(65536))
-                elif event is PROGRESS:
-                    deadline.arm(timeout)
-                else:
-                    assert isinstance(event, Verdict | Negotiated)
-                    return event
-        except codec.MilterProtocolError as error:
-            raise _Broken(f"protocol error: {error}") from None
-        except OSError as error:
-            raise _Broken(f"read error: {error.strerror or error}") from None
+            if link.waiting:
+                await link.wait()
         except asyncio.CancelledError:
-            # As asyncio.timeout does: the deadline's own cancellation
-            # becomes the timeout, unless the session was cancelled as well.
-            if deadline.expired and task.uncancel() <= cancelling:
-                raise _Broken(f"no answer in {timeout:g} s") from None
             self._close()
             raise
-        finally:
-            deadline.disarm()
+        if link.error is not None:
+            raise _Broken(link.error)
+        return link.answers
 
     def _fail(self, what: str) -> Verdict:
         verdict = default_verdict(self.config.default_action)
@@ -708,8 +837,6 @@ class Milter:
 
     def _close(self) -> None:
         self._unsent.clear()
-        if self._deadline is not None:
-            self._deadline.close()
-        writer, self._writer, self._reader = self._writer, None, None
-        if writer is not None:
-            writer.close()
+        link, self._link = self._link, None
+        if link is not None:
+            link.close()

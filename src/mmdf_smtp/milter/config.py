@@ -107,9 +107,10 @@ class MilterConfig:
     # Also filter mail from submit and the maildrop (Postfix's non_smtpd_milters).
     submit: bool = False
     # End a session with SMFIC_QUIT_NC rather than QUIT where the protocol
-    # allows it (version 6, right after an end of message), and give the
-    # connection to the next session: no connect, no OPTNEG, and for
-    # libmilter's milters no thread started, a session.
+    # allows it (version 6, out of a transaction; see
+    # MilterProtocol.reusable), and give the connection to the next
+    # session: no connect, no OPTNEG, and for libmilter's milters no thread
+    # started, a session.
     reuse: bool = False
 
     @property

@@ -324,6 +324,9 @@ class StagePlan:
     sends: bool  # the command goes to the milter (its macros go even when it does not)
     expects_reply: bool
     macro_names: tuple[str, ...]
+    # Each name as a caller's mapping may have it: in wire form, then bare
+    # ("{client_addr}", "client_addr"), so that no mapping is rebuilt a packet.
+    macro_keys: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -353,6 +356,7 @@ class Negotiated:
                 sends=sends,
                 expects_reply=sends and not protocol & rule.no_reply_flag,
                 macro_names=names,
+                macro_keys=tuple((n, n[1:-1] if n.startswith("{") else n) for n in names),
             )
         object.__setattr__(self, "plan", plan)
         object.__setattr__(self, "leading_space", bool(protocol & ProtocolFlag.HDR_LEADSPC))
@@ -460,6 +464,16 @@ _MODIFICATION_ACTION: dict[type[codec.Modification], ActionFlag] = {
     codec.Quarantine: ActionFlag.QUARANTINE,
 }
 
+# What a milter may answer an UNKNOWN with and still take the QUIT_NC after it.
+_UNKNOWN_ANSWERS = (
+    codec.Continue,
+    codec.Accept,
+    codec.Reject,
+    codec.TempFail,
+    codec.ReplyCode,
+    codec.Discard,
+    codec.Skip,
+)
 _CONNECTION_STAGES = (Stage.CONNECT, Stage.HELO)
 _CONTENT_STAGES = (Stage.HEADER, Stage.END_OF_HEADERS, Stage.BODY)
 _PIPELINED_STAGES = (*_CONTENT_STAGES, Stage.END_OF_MESSAGE)
@@ -485,10 +499,14 @@ class MilterProtocol:
         self._body_replaced = False
         self._body_closed = False
         # The last thing the milter was sent is an end of message it answered
-        # CONTINUE: the one point where libmilter takes QUIT_NC (its
-        # engine.c allows ST_Q_NC only after ST_ENDM; after a refusal or an
-        # ACCEPT it would ignore QUIT_NC and the CONNECT after it).
+        # CONTINUE: the one point where libmilter takes QUIT_NC at once (its
+        # engine.c allows ST_Q_NC only after ST_ENDM or ST_UNKN; after a
+        # refusal or an ACCEPT it would ignore QUIT_NC and the CONNECT after
+        # it, unless an UNKNOWN comes first: see quit_new_connection).
         self._clean_end = False
+        # Answers still due to the UNKNOWN that ended the connection's last
+        # conversation (see quit_new_connection); read and dropped first.
+        self.owed = 0
 
     # -- negotiation
 
@@ -500,35 +518,63 @@ class MilterProtocol:
             codec.Negotiate(version=codec.VERSION, actions=MTA_ACTIONS, protocol=MTA_PROTOCOL)
         )
 
-    def resume(self, negotiated: Negotiated) -> None:
-        """Go on over a connection kept with QUIT_NC: negotiated already, no OPTNEG."""
+    def resume(self, negotiated: Negotiated, *, owed: int = 0) -> None:
+        """Go on over a connection kept with QUIT_NC: negotiated already, no OPTNEG.
+
+        ``owed``: the answers the last conversation left due (its
+        :attr:`owed`), dropped before this conversation's first.
+        """
         if self.state is not State.NEW:
             raise RuntimeError(f"resume() in state {self.state}")
         self.negotiated = negotiated
         self.state = State.READY
+        self.owed = owed
 
     @property
     def reusable(self) -> bool:
         """Whether QUIT_NC may end this conversation and keep its connection.
 
-        SMFIC_QUIT_NC came with protocol version 6; libmilter accepts it
-        only right after an end of message it answered CONTINUE (engine.c,
-        NX_ENDM), so that is the only point a connection is kept at.
+        SMFIC_QUIT_NC came with protocol version 6.  libmilter (engine.c,
+        its next_states table) takes it in two states only: right after an
+        end of message it answered CONTINUE (ST_ENDM), and right after an
+        UNKNOWN command (ST_UNKN); anywhere else it ignores QUIT_NC and then
+        the next CONNECT too.  UNKNOWN itself is legal from every state
+        outside a transaction's content, the state an ACCEPT, a refusal or
+        an ABORT leaves (ST_HELO) included.  So a conversation is reusable
+        after a clean end of message, or, out of a transaction, when the
+        milter asked not to be told of unknown commands (SMFIP_NOUNKNOWN:
+        for libmilter, it has no callback for them, and libmilter answers
+        the UNKNOWN with CONTINUE itself, st_unknown), so that the UNKNOWN
+        that makes QUIT_NC legal reaches none of the milter's own code.
         """
         negotiated = self.negotiated
-        return (
-            self.state is State.READY
-            and self._clean_end
-            and negotiated is not None
-            and negotiated.version >= 6
-        )
+        if (
+            negotiated is None
+            or negotiated.version < 6
+            or self.state is not State.READY
+            or self._in_transaction
+        ):
+            return False
+        return self._clean_end or not negotiated.plan[Stage.UNKNOWN].sends
 
     def quit_new_connection(self) -> bytes:
-        """QUIT_NC: this SMTP session is over, the milter's connection goes on."""
+        """QUIT_NC: this SMTP session is over, the milter's connection goes on.
+
+        Unless the conversation ended cleanly, UNKNOWN goes first (see
+        :attr:`reusable`); its answer, unless the milter negotiated
+        SMFIP_NR_UNKN, is then :attr:`owed`, to pass to :meth:`resume` of
+        the next conversation on the connection.
+        """
         if not self.reusable:
             raise RuntimeError("quit_new_connection() when the connection cannot be reused")
+        negotiated = self.negotiated
+        assert negotiated is not None
+        data = b""
+        if not self._clean_end:
+            data = codec.encode(codec.Unknown(line="QUIT"))
+            self.owed += not negotiated.protocol & ProtocolFlag.NR_UNKN
         self.state = State.CLOSED
-        return codec.encode(codec.QuitNewConnection())
+        return data + codec.encode(codec.QuitNewConnection())
 
     # -- input
 
@@ -549,6 +595,9 @@ class MilterProtocol:
             if response is codec.NEED_DATA:
                 return codec.NEED_DATA
             assert not isinstance(response, codec.Signal)
+            if self.owed:
+                self._drop_owed(response)
+                continue
             if self.state is State.NEGOTIATING:
                 return self._negotiated(response)
             if self.state is not State.WAITING:
@@ -558,6 +607,15 @@ class MilterProtocol:
             verdict = self._answer(response)
             if verdict is not None:
                 return verdict
+
+    def _drop_owed(self, response: codec.Response) -> None:
+        """An answer to the UNKNOWN that came before QUIT_NC: whatever it says, it is past."""
+        if isinstance(response, codec.Progress):
+            return
+        if not isinstance(response, _UNKNOWN_ANSWERS):
+            # SHUTDOWN, or a modification: not a connection to go on with.
+            raise UnexpectedResponse(f"{type(response).__name__} as the answer to UNKNOWN")
+        self.owed -= 1
 
     def _negotiated(self, response: codec.Response) -> Negotiated:
         if not isinstance(response, codec.Negotiate):
@@ -627,14 +685,19 @@ class MilterProtocol:
         return Step(data, None)
 
     def _macros(self, plan: StagePlan, values: Mapping[str, str]) -> bytes:
-        names = plan.macro_names
-        if not names or not values:
+        if not values or not plan.macro_keys:
             return b""
-        by_wire_name = {macro_name(k): v for k, v in values.items()}
-        pairs = tuple((n, by_wire_name[n]) for n in names if n in by_wire_name)
+        pairs = []
+        for wire, bare in plan.macro_keys:
+            value = values.get(wire)
+            if value is None:
+                value = values.get(bare)
+                if value is None:
+                    continue
+            pairs.append((wire, value))
         if not pairs:
             return b""
-        return codec.encode(codec.DefineMacros(for_code=plan.code, macros=pairs))
+        return codec.encode(codec.DefineMacros(for_code=plan.code, macros=tuple(pairs)))
 
     def abort(self) -> bytes:
         """ABORT, when a transaction is open: RSET, a refused or failed transaction."""
