@@ -262,7 +262,7 @@ _SYNC_FILE_RANGE = _sync_file_range()
 _WRITE = 2  # SYNC_FILE_RANGE_WRITE
 
 
-def _start_writeback(fd: int) -> None:
+def begin_writeback(fd: int) -> None:
     """Start writing a file's dirty pages out, without waiting.
 
     Done for every file of a group commit first, so that the disk takes
@@ -473,7 +473,7 @@ class SpoolWriter:
                 raise _error("cannot write a queue file", exc) from exc
         if start_writeback:
             assert self._fd is not None
-            _start_writeback(self._fd)
+            begin_writeback(self._fd)
 
     def _publish(self) -> None:
         """Durable in queue/: let deliver see it.  Raises QueueError."""
