@@ -14,10 +14,15 @@ import smtplib
 from pathlib import Path
 
 from peer import Handler, peer
-from test_deliver_wire import BODY, configure, maildir_messages, run_deliver
+from test_deliver_wire import BODY, maildir_messages, run_deliver
+from test_deliver_wire import configure as configure_deliver
 from wire import daemon, queued, session_uid, stored
 
 SENDER = "sender@example.net"
+
+
+def configure(directory: Path, extra: str = "") -> Path:
+    return configure_deliver(directory, extra, at_commit=True)
 
 
 def send(port: int, recipients: list[str], *, rcpt_options: tuple[str, ...] = ()) -> str:
@@ -175,9 +180,7 @@ def test_a_maildir_that_cannot_be_written_queues_the_message_and_deliver_finishe
 
 
 def test_switched_off_local_mail_is_queued(tmp_path: Path) -> None:
-    config = configure(tmp_path, "")
-    text = config.read_text().replace("[local]\n", "[local]\ndeliver_at_commit = false\n", 1)
-    config.write_text(text)
+    config = configure_deliver(tmp_path, at_commit=False)
     with daemon(config) as server:
         queue_id = send(server.port, ["alice@example.org"])
         [shown] = queued(config)
