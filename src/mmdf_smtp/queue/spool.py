@@ -443,7 +443,7 @@ class SpoolWriter:
         if self._fd is None:
             end = self._held.index(b"\n") + 1
             envelope = _unsealed_envelope(self._held[:end])
-            return envelope, io.BytesIO(memoryview(self._held)[end:])
+            return envelope, io.BytesIO(self._held[end:])
         if self._held:
             self._write_held()
         assert self._fd is not None
