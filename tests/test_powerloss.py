@@ -513,8 +513,8 @@ def test_strace_shows_queue_fsynced_before_the_250(tmp_path: Path) -> None:
 
 
 def test_strace_shows_maildir_copy_and_new_fsynced_before_the_250(tmp_path: Path) -> None:
-    """The same for a copy written at commit time: the copy's fsync, its link
-    into new/, and new/'s fsync, all before the 250."""
+    """The same for a copy written at commit time: the copy's fsync, its
+    rename into new/, and new/'s fsync, all before the 250."""
     strace = shutil.which("strace")
     if strace is None:
         pytest.fail("strace is missing (Debian: strace)")
@@ -523,7 +523,7 @@ def test_strace_shows_maildir_copy_and_new_fsynced_before_the_250(tmp_path: Path
     process = subprocess.Popen(
         [
             strace, "-f", "-y", "-s", "48", "-o", str(trace),
-            "-e", "trace=fsync,fdatasync,link,linkat,write,sendto,sendmsg",
+            "-e", "trace=fsync,fdatasync,rename,renameat,renameat2,write,sendto,sendmsg",
             PYTHON, "-m", "mmdf_smtp.cli.smtpd", "-c", str(config), "smtpsrvr", "local",
         ],
         stderr=subprocess.PIPE,
@@ -561,7 +561,7 @@ def test_strace_shows_maildir_copy_and_new_fsynced_before_the_250(tmp_path: Path
         )
 
     synced = finished(first(rf"fsync\(\d+<{re.escape(str(box / 'tmp' / name))}>"))
-    linked = first(rf"link(at)?\(.*/tmp/{re.escape(name)}\".*/new/{re.escape(name)}\"")
+    linked = first(rf"rename(at2?)?\(.*/tmp/{re.escape(name)}\".*/new/{re.escape(name)}\"")
     new_synced = finished(first(rf"fsync\(\d+<{re.escape(str(box / 'new'))}>"))
     assert lines[new_synced].rstrip().endswith("= 0"), lines[new_synced]
     answered = first(r"(write|sendto)\(\d+<(TCP|socket)[^>]*>, \"[^\"]*250 2\.0\.0 Submitted")

@@ -15,8 +15,9 @@ group of messages, as the commit process gathered them:
    ``recipient_delimiter`` make of its recipients is a local mailbox,
    decided by deliver's own :class:`~.local.LocalRecipients`;
 2. every copy of the group is written in its Maildir's ``tmp/`` and its
-   write-out started, then each is fsynced and linked into ``new/``, then
-   each distinct ``new/`` is fsynced once (:class:`.maildir.Copy`): the
+   write-out started, then each is fsynced, then each renamed into
+   ``new/``, then each distinct ``new/`` is fsynced once
+   (:class:`.maildir.Copy`): the
    names and header deliver would give them (queue id and entry index);
 3. a message whose copies are all on stable storage is done: it never
    reaches the queue, and its 250 follows.  The others are committed to
@@ -90,8 +91,7 @@ class _Copy:
     index: int
     copy: maildir.Copy
     error: OSError | None = None
-    linked: bool = False
-    written: bool = True  # False: found already there
+    linked: bool = False  # in new/
 
 
 @dataclass(slots=True)
@@ -132,13 +132,24 @@ class CommitDelivery:
         for plan in plans:
             if plan is not None:
                 self._write(plan, several=several)
+        # Each step for all before the next: every fsync before any link,
+        # so that one journal commit carries them all.
         for c in copies:
             if c.error is None:
                 try:
-                    c.written = c.copy.link()
+                    c.copy.sync()
+                except OSError as exc:
+                    c.error = exc
+        for c in copies:
+            if c.error is None:
+                try:
+                    # The names are a new queue id's: none can be in new/
+                    # yet, so a rename, which leaves no name in tmp/ to remove.
+                    c.copy.move()
                     c.linked = True
                 except OSError as exc:
                     c.error = exc
+                    c.copy.abort()
         self._sync_new(copies)
         now = self._clock()
         results: list[Result] = [None] * len(writers)
@@ -213,12 +224,16 @@ class CommitDelivery:
     def _write(self, plan: _Plan, *, several: bool) -> None:
         for c in plan.copies:
             entry = plan.state.recipients[c.index]
+            header = local.header(plan.envelope, entry)
             try:
-                maildir.create(c.copy.maildir)
                 plan.message.seek(plan.start)
-                c.copy.write(
-                    local.header(plan.envelope, entry), plan.message, start_writeback=several
-                )
+                try:
+                    c.copy.write(header, plan.message, start_writeback=several)
+                except FileNotFoundError:
+                    # A Maildir's first copy: made then, not looked for each time.
+                    maildir.create(c.copy.maildir)
+                    plan.message.seek(plan.start)
+                    c.copy.write(header, plan.message, start_writeback=several)
             except OSError as exc:
                 c.error = exc
 
@@ -247,7 +262,7 @@ class CommitDelivery:
                 entry.status = DELIVERED
                 entry.attempts = 1
                 entry.last_try = now
-                reply = local.written_reply(c.copy.name, written=c.written)
+                reply = local.written_reply(c.copy.name, written=True)
                 entry.last_reply = str(Outcome(250, reply))
                 lines.append(local.attempt_line(plan.writer.id, entry, "maildir"))
             else:

@@ -88,22 +88,29 @@ def deliver(
         return False
     copy = Copy(maildir, name)
     copy.write(header, message)
-    if not copy.link():
-        return False
-    sync_new(maildir)
+    try:
+        copy.sync()
+        if not copy.link():
+            return False
+        sync_new(maildir)
+    finally:
+        copy.abort()  # the name in tmp/
     return True
 
 
 class Copy:
     """One copy on its way into a Maildir, in the steps maildir(5) asks for:
-    written in ``tmp/`` (:meth:`write`), then fsynced and linked into
-    ``new/`` (:meth:`link`); ``new/`` itself is synced by :func:`sync_new`,
-    once for every copy linked into it meanwhile.
+    written in ``tmp/`` (:meth:`write`), fsynced (:meth:`sync`), linked
+    into ``new/`` (:meth:`link`); ``new/`` itself is synced by
+    :func:`sync_new`, once for every copy linked into it meanwhile, and
+    the name in ``tmp/`` removed last (:meth:`abort`).
 
-    deliver runs the steps one copy at a time; smtpd's commit process
-    writes every copy of a group first, so that their write-outs overlap
-    and their fsyncs share journal commits, as the spool's commit does.
-    The Maildir must exist (:func:`create`).
+    deliver runs the steps one copy at a time; smtpd's commit process runs
+    each step for every copy of a group before the next step, so that
+    their write-outs overlap and their fsyncs share journal commits, as
+    the spool's commit does: a link between two fsyncs would make the
+    second one commit the journal again.  The Maildir must exist
+    (:func:`create`).
     """
 
     def __init__(self, maildir: Path, name: str) -> None:
@@ -126,26 +133,36 @@ class Copy:
             self.abort()
             raise
 
-    def link(self) -> bool:
-        """On stable storage, then into ``new/`` under its name; False when a
-        file of that name is there already.  Raises OSError, leaving nothing."""
+    def sync(self) -> None:
+        """On stable storage, and closed.  Raises OSError, leaving nothing."""
         fd, self._fd = self._fd, -1
         try:
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            try:
-                # A link, not a rename: it never replaces a file of that name.
-                os.link(self._temporary, self.maildir / "new" / self.name)
-            except FileExistsError:
-                return False
-            return True
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(self._temporary)
+        except BaseException:
+            self.abort()
+            raise
+
+    def link(self) -> bool:
+        """Into ``new/`` under its name; False when a file of that name is
+        there already.  Raises OSError."""
+        try:
+            # A link, not a rename: it never replaces a file of that name.
+            os.link(self._temporary, self.maildir / "new" / self.name)
+        except FileExistsError:
+            return False
+        return True
+
+    def move(self) -> None:
+        """Into ``new/`` under its name, by a rename: for a name that no one
+        can have written before (a new queue id's), it spares the removal of
+        the name in ``tmp/``.  Raises OSError."""
+        os.rename(self._temporary, self.maildir / "new" / self.name)
 
     def abort(self) -> None:
+        """Close it if open, and remove its name in ``tmp/``."""
         fd, self._fd = self._fd, -1
         if fd >= 0:
             with contextlib.suppress(OSError):
