@@ -16,6 +16,7 @@ from pathlib import Path
 from peer import Handler, peer
 from test_deliver_wire import BODY, maildir_messages, run_deliver
 from test_deliver_wire import configure as configure_deliver
+from test_metrics import samples, scrape, value
 from wire import daemon, queued, session_uid, stored
 
 SENDER = "sender@example.net"
@@ -186,3 +187,16 @@ def test_switched_off_local_mail_is_queued(tmp_path: Path) -> None:
         [shown] = queued(config)
     assert shown["id"] == queue_id
     assert copies(tmp_path) == []
+
+
+def test_copies_written_at_commit_time_are_counted_as_deliveries(tmp_path: Path) -> None:
+    config = configure(tmp_path, '\n[metrics]\nlisten = "127.0.0.1:0"\n')
+    with daemon(config) as server:
+        [line] = server.log_lines("metrics at http://")
+        url = line.split("metrics at ", 1)[1].split()[0]
+        send(server.port, ["staff@example.org"])
+        server.log_lines("status=delivered", count=2)
+        found = samples(scrape(url))
+    assert value(found, "mmdf_deliveries_total", status="delivered", kind="local") == 2
+    assert value(found, "mmdf_delivery_seconds_count", kind="local") == 2
+    assert value(found, "mmdf_messages_accepted_total", channel="local") == 1
