@@ -89,7 +89,12 @@ class MmdfMail(Mmdf):
         self.deliver: subprocess.Popen[bytes] | None = None
 
     def config_text(self) -> str:
-        text = super().config_text()
+        # Local mail is delivered at commit time, as the default has it.
+        text = (
+            super()
+            .config_text()
+            .replace("deliver_at_commit = false\n", "deliver_at_commit = true\n")
+        )
         if self.next_hop is None:
             return text + f'maildir = "{self.mail}/{{user}}/Maildir"\n'
         # The mailbox's domain is not local: every message goes to the next hop.

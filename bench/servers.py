@@ -261,6 +261,7 @@ relay = true
 
 [local]
 users = ["a"]
+deliver_at_commit = false
 {self.extra}""" + ('\n[metrics]\nlisten = "127.0.0.1:0"\n' if self.metrics else "")
 
     def environment(self) -> dict[str, str]:

@@ -35,14 +35,19 @@ BODY = (
 )
 
 
-def configure(directory: Path, extra: str = "") -> Path:
+def configure(directory: Path, extra: str = "", *, at_commit: bool = False) -> Path:
     """A configuration whose Maildirs lie under ``directory/mail``.
 
     Started as root, deliver creates that folder for the configured
-    ``user`` and writes the Maildirs as that user.
+    ``user`` and writes the Maildirs as that user.  ``at_commit``: smtpd
+    delivers local mail at commit time; off, all mail goes through the
+    queue, as these tests of deliver want.
     """
     (directory / "aliases").write_text("staff: alice, bob\n")
-    local = f'maildir = "{directory}/mail/{{user}}/Maildir"\naliases = "{directory}/aliases"\n'
+    local = (
+        f'maildir = "{directory}/mail/{{user}}/Maildir"\naliases = "{directory}/aliases"\n'
+        f"deliver_at_commit = {'true' if at_commit else 'false'}\n"
+    )
     return write_config(directory, local + extra)
 
 

@@ -104,7 +104,11 @@ class Mail:
 @contextmanager
 def mail_system(directory: Path, extra: str = "", *, aliases: str = "") -> Iterator[Mail]:
     (directory / "aliases").write_text("broken: carol\n" + aliases)
-    local = f'maildir = "{directory}/mail/{{user}}/Maildir"\naliases = "{directory}/aliases"\n'
+    # The notices are deliver's: all mail goes through the queue to it.
+    local = (
+        f'maildir = "{directory}/mail/{{user}}/Maildir"\naliases = "{directory}/aliases"\n'
+        "deliver_at_commit = false\n"
+    )
     config = write_config(directory, local + extra)
     with daemon(config) as server:
         yield Mail(directory, server, config)

@@ -225,13 +225,18 @@ class Traffic:
             assert not thread.is_alive()
 
 
-def configure(tmp_path: Path, disk: Disk) -> Path:
-    """smtpd's and deliver's configuration; the spool and the Maildirs on LazyFS."""
+def configure(tmp_path: Path, disk: Disk, *, at_commit: bool = False) -> Path:
+    """smtpd's and deliver's configuration; the spool and the Maildirs on LazyFS.
+    ``at_commit``: smtpd delivers local mail itself (otherwise all is queued)."""
     config = write_config(tmp_path)
     text = config.read_text()
     replaced = text.replace(f'spool = "{tmp_path / "spool"}"', f'spool = "{disk.root / "spool"}"')
     users = 'users = ["alice", "bob"]\n'
-    replaced = replaced.replace(users, f'{users}maildir = "{disk.root}/mail/{{user}}/Maildir"\n')
+    replaced = replaced.replace(
+        users,
+        f'{users}maildir = "{disk.root}/mail/{{user}}/Maildir"\n'
+        f"deliver_at_commit = {'true' if at_commit else 'false'}\n",
+    )
     assert replaced.count(str(disk.root)) == 2, text
     config.write_text(replaced)
     return config
@@ -297,6 +302,59 @@ def test_power_cut_while_smtpd_commits(
         for user in ("alice", "bob"):
             copies = maildir(disk.root, user)
             assert len(copies) == len(set(copies)) >= len(acknowledged)
+    finally:
+        disk.unmount()
+
+
+def check_copies(root: Path, sent: dict[str, bytes], acknowledged: list[str]) -> None:
+    """Every acknowledged message in each Maildir exactly once, whole and
+    byte-exact; nothing else but whole copies of messages sent whole, once."""
+    for user in RECIPIENTS:
+        mailbox = user.split("@")[0]
+        head = f"Return-Path: <{SENDER}>\nDelivered-To: {user}\n".encode()
+        found: dict[str, str] = {}
+        for name in maildir(root, mailbox):
+            copy = (root / "mail" / mailbox / "Maildir" / "new" / name).read_bytes()
+            assert copy.startswith(head + b"Received: from "), f"{name}: {copy[:120]!r}"
+            lines = copy[len(head) :].split(b"\n")
+            i = 1
+            while lines[i].startswith(b"\t"):
+                i += 1
+            content = b"\n".join(lines[i:])
+            token = re.match(rb"Message-ID: <([a-z0-9]+)@power\.test>", content)
+            assert token is not None, f"{name}: {content[:80]!r}"
+            key = token.group(1).decode()
+            assert key not in found, f"{key} delivered twice to {mailbox}: {found[key]}, {name}"
+            assert content == sent[key].replace(b"\r\n", b"\n"), f"{mailbox}'s {name} is torn"
+            found[key] = name
+        lost = [token for token in acknowledged if token not in found]
+        assert not lost, f"{len(lost)} messages answered 250 are not in {mailbox}'s: {lost[:5]}"
+
+
+def test_power_cut_while_smtpd_delivers_at_commit(
+    tmp_path: Path, lazyfs_built: None, request: pytest.FixtureRequest
+) -> None:
+    """Local mail written into the Maildirs by smtpd's commit processes: a
+    250 means a whole copy in each, which survives the cut, exactly once."""
+    disk = Disk(tmp_path)
+    disk.mount()
+    try:
+        config = configure(tmp_path, disk, at_commit=True)
+        spool = Spool(disk.root / "spool")
+        sent: dict[str, bytes] = {}
+        acknowledged: list[str] = []
+        for seed in range(rounds(request, 4, 40)):
+            rng = random.Random(seed)
+            with daemon(config) as server:
+                traffic = Traffic(server.port, 500 + seed, sent)
+                traffic.wait_for(rng.randint(3, 40))
+                time.sleep(rng.uniform(0, 0.2))  # the cut falls anywhere in a commit
+                disk.cut(server.process.pid)
+                traffic.join()
+            acknowledged += traffic.acknowledged
+            with daemon(config):
+                check_copies(disk.root, sent, acknowledged)
+                assert spool.ids() == []  # nothing for deliver: all of it was local
     finally:
         disk.unmount()
 
@@ -407,7 +465,7 @@ def test_strace_shows_queue_fsynced_before_the_250(tmp_path: Path) -> None:
     strace = shutil.which("strace")
     if strace is None:
         pytest.fail("strace is missing (Debian: strace)")
-    config = write_config(tmp_path)
+    config = write_config(tmp_path, "deliver_at_commit = false\n")  # under [local]
     trace = tmp_path / "trace"
     process = subprocess.Popen(
         [
@@ -451,4 +509,62 @@ def test_strace_shows_queue_fsynced_before_the_250(tmp_path: Path) -> None:
     answered = first(r"(write|sendto)\(\d+<(TCP|socket)[^>]*>, \"[^\"]*250 2\.0\.0 Submitted")
     assert synced < renamed < dir_synced < answered, json.dumps(
         [lines[i] for i in (synced, renamed, dir_synced, answered)], indent=1
+    )
+
+
+def test_strace_shows_maildir_copy_and_new_fsynced_before_the_250(tmp_path: Path) -> None:
+    """The same for a copy written at commit time: the copy's fsync, its
+    rename into new/, and new/'s fsync, all before the 250."""
+    strace = shutil.which("strace")
+    if strace is None:
+        pytest.fail("strace is missing (Debian: strace)")
+    config = write_config(tmp_path, f'maildir = "{tmp_path}/mail/{{user}}/Maildir"\n')
+    trace = tmp_path / "trace"
+    process = subprocess.Popen(
+        [
+            strace, "-f", "-y", "-s", "48", "-o", str(trace),
+            "-e", "trace=fsync,fdatasync,rename,renameat,renameat2,write,sendto,sendmsg",
+            PYTHON, "-m", "mmdf_smtp.cli.smtpd", "-c", str(config), "smtpsrvr", "local",
+        ],
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        env=env(),
+    )  # fmt: skip
+    server = Daemon(process, config)
+    try:
+        message = b"Subject: traced\r\n\r\n" + b"x" * 100 + b"\r\n"
+        with smtplib.SMTP(server.host, server.port, timeout=60) as smtp:
+            smtp.sendmail(SENDER, ["alice@example.org"], message)
+    finally:
+        for smtpd_pid in tree(process.pid)[1:2]:
+            os.kill(smtpd_pid, signal.SIGTERM)
+        server.stop()
+    assert os.listdir(tmp_path / "spool" / "queue") == []
+    box = tmp_path / "mail" / "alice" / "Maildir"
+    [name] = os.listdir(box / "new")
+    lines = trace.read_text().splitlines()
+
+    def first(pattern: str) -> int:
+        for i, line in enumerate(lines):
+            if re.search(pattern, line):
+                return i
+        raise AssertionError(f"no {pattern!r} in the trace:\n" + "\n".join(lines[-60:]))
+
+    def finished(start: int) -> int:
+        if "<unfinished ...>" not in lines[start]:
+            return start
+        pid = lines[start].split()[0]
+        return next(
+            i
+            for i in range(start + 1, len(lines))
+            if re.search(rf"^{pid} +<\.\.\. fsync resumed>\) += 0", lines[i])
+        )
+
+    synced = finished(first(rf"fsync\(\d+<{re.escape(str(box / 'tmp' / name))}>"))
+    linked = first(rf"rename(at2?)?\(.*/tmp/{re.escape(name)}\".*/new/{re.escape(name)}\"")
+    new_synced = finished(first(rf"fsync\(\d+<{re.escape(str(box / 'new'))}>"))
+    assert lines[new_synced].rstrip().endswith("= 0"), lines[new_synced]
+    answered = first(r"(write|sendto)\(\d+<(TCP|socket)[^>]*>, \"[^\"]*250 2\.0\.0 Submitted")
+    assert synced < linked < new_synced < answered, json.dumps(
+        [lines[i] for i in (synced, linked, new_synced, answered)], indent=1
     )

@@ -454,7 +454,7 @@ def test_commit_all_isolates_a_failing_message_and_syncs_queue_once(
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(spool_module, "_fsync_directory", fsync_directory)
-    monkeypatch.setattr(spool_module, "_start_writeback", start_writeback)
+    monkeypatch.setattr(spool_module, "begin_writeback", start_writeback)
     monkeypatch.setattr(os, "rename", rename)
     results = spool.commit_all(writers)
 

@@ -71,6 +71,9 @@ class LocalConfig:
     users: tuple[str, ...] = ()
     aliases: Path | None = None
     maildir: str = "/var/mail/{user}/Maildir"
+    # smtpd's commit process writes the Maildir copies of a message for
+    # local mailboxes only, instead of queueing it for deliver (the spool only).
+    deliver_at_commit: bool = True
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -522,13 +525,14 @@ class _Reader:
         return channels
 
     def _local(self, data: Mapping[str, Any]) -> LocalConfig:
-        t = self._table(data, "local", {"users", "aliases", "maildir"})
+        t = self._table(data, "local", {"users", "aliases", "maildir", "deliver_at_commit"})
         aliases = self._str(t, "local.aliases", None)
         maildir = self._str(t, "local.maildir", LocalConfig().maildir) or LocalConfig().maildir
         return LocalConfig(
             users=tuple(u.lower() for u in self._strings(t, "local.users")),
             aliases=self._path(aliases) if aliases else None,
             maildir=str(self._path(maildir)),
+            deliver_at_commit=self._bool(t, "local.deliver_at_commit", True),
         )
 
     def _deliver(self, data: Mapping[str, Any]) -> DeliverConfig:

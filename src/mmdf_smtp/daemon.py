@@ -27,6 +27,7 @@ from typing import Any, TextIO
 from . import metrics
 from .admission import Admission, Ticket
 from .config import ConfigError, SmtpdConfig, split_listen
+from .delivery.atcommit import commit_delivery
 from .milter.client import close_idle_connections
 from .policy import UnknownChannel
 from .protocol import replies
@@ -170,7 +171,13 @@ class Daemon:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = asyncio.Event()  # accept no more
         self._terminating = asyncio.Event()  # SIGTERM: a grace period, then 421
-        self._committer = Committer(asyncio.get_running_loop(), service.queue)
+        # Made here, in the process that serves: whether it may write the
+        # Maildirs depends on who it runs as.
+        self._committer = Committer(
+            asyncio.get_running_loop(),
+            service.queue,
+            commit_delivery(service.config, service.queue),
+        )
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -224,7 +231,9 @@ class Daemon:
             log.error("reload failed, keeping the running configuration: %s", exc)
             return
         self.service = reloaded
-        self._committer.use(self.service.queue)
+        self._committer.use(
+            self.service.queue, commit_delivery(self.service.config, self.service.queue)
+        )
         log.info("configuration reloaded from %s", self.service.config.source)
 
     async def _drain(self) -> None:

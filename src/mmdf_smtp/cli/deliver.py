@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pwd
 import signal
 import socket
 import sys
@@ -40,24 +39,6 @@ from .common import (
 )
 
 log = logging.getLogger("mmdf_smtp.deliver")
-
-
-def give_maildir_base(template: str, user: str) -> None:
-    """Create the folder the Maildirs go in, for ``user``, when it is missing.
-
-    deliver writes Maildirs as ``user`` (as smtpd serves sessions as it): a
-    missing base such as ``var/mail`` is made its own, as the spool is.  An
-    existing folder is left as it is; the administrator chose its owner.
-    """
-    base = maildir.base_of(template)
-    if base.exists():
-        return
-    try:
-        entry = pwd.getpwnam(user)
-    except KeyError:
-        return  # drop_privileges says so
-    base.mkdir(mode=0o755, parents=True, exist_ok=True)
-    os.chown(base, entry.pw_uid, entry.pw_gid)
 
 
 class Service:
@@ -139,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         return EX_CONFIG
     try:
         if os.geteuid() == 0 and config.user:
-            give_maildir_base(config.local.maildir, config.user)
+            maildir.give_base(config.local.maildir, config.user)
         drop_privileges(config.user, config.spool)
     except ConfigError as exc:
         print(f"deliver: {config.source}: {exc}", file=sys.stderr)

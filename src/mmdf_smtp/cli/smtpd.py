@@ -36,7 +36,7 @@ from typing import Any
 from .. import metrics
 from ..admission import Admission
 from ..checks import start_verifiers, stop_verifiers
-from ..config import ConfigError
+from ..config import Config, ConfigError
 from ..daemon import (
     STARTUP_BLOCKED,
     Daemon,
@@ -52,6 +52,7 @@ from ..daemon import (
     sockname,
     workers_for,
 )
+from ..delivery import maildir
 from ..policy import UnknownChannel
 from ..privileges import acting_as, become, prepare_account
 from ..service import Service
@@ -363,6 +364,8 @@ def serve(
     if service.config.metrics.listen is not None:
         metrics.load_exposition()
     account = prepare_user("smtpd", service)
+    if account is not None:
+        give_maildir_base(service.config)
     with acting_as(account):  # what recovery touches stays the user's
         removed = service.queue.recover()
     if removed:
@@ -388,6 +391,7 @@ def serve(
             check_proxy_support(reloaded, external)
             if account is not None:
                 reloaded_account = prepare_account(reloaded.config.user, reloaded.config.spool)
+                give_maildir_base(reloaded.config)
             else:
                 reloaded_account = None
         except (ConfigError, UnknownChannel, OSError) as exc:
@@ -456,6 +460,16 @@ def serve(
     finally:
         if server is not None:
             server.close()
+
+
+def give_maildir_base(config: Config) -> None:
+    """As root: the folder of the Maildirs made for ``user`` when the commit
+    processes deliver local mail (as deliver makes it; see atcommit)."""
+    if config.local.deliver_at_commit and config.queue.backend == "spool" and config.user:
+        try:
+            maildir.give_base(config.local.maildir, config.user)
+        except OSError as exc:
+            log.warning("cannot make the folder of the Maildirs: %s", exc)
 
 
 if __name__ == "__main__":

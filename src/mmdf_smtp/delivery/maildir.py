@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from ..queue.spool import GroupSync
+from ..queue.spool import GroupSync, begin_writeback
 
 _CHUNK = 256 * 1024
 
@@ -34,6 +35,25 @@ def base_of(template: str) -> Path:
     ``/var/mail/{user}/Maildir``; for a template without ``{user}``, its parent."""
     head, user, _ = template.partition("{user}")
     return Path(head) if user and head.endswith("/") else Path(head).parent
+
+
+def give_base(template: str, user: str) -> None:
+    """Create the folder the Maildirs go in, for ``user``, when it is missing.
+
+    Run as root, before becoming ``user``: deliver and smtpd's commit
+    processes write Maildirs as ``user`` (as smtpd serves sessions as it);
+    a missing base such as ``var/mail`` is made its own, as the spool is.
+    An existing folder is left as it is; the administrator chose its owner.
+    """
+    base = base_of(template)
+    if base.exists():
+        return
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        return  # dropping privileges says so
+    base.mkdir(mode=0o755, parents=True, exist_ok=True)
+    os.chown(base, entry.pw_uid, entry.pw_gid)
 
 
 def create(maildir: Path) -> None:
@@ -66,28 +86,101 @@ def deliver(
     create(maildir)
     if look_first and already_delivered(maildir, name):
         return False
-    temporary = maildir / "tmp" / name
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    copy = Copy(maildir, name)
+    copy.write(header, message)
     try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(header)
+        copy.sync()
+        if not copy.link():
+            return False
+        sync_new(maildir)
+    finally:
+        copy.abort()  # the name in tmp/
+    return True
+
+
+class Copy:
+    """One copy on its way into a Maildir, in the steps maildir(5) asks for:
+    written in ``tmp/`` (:meth:`write`), fsynced (:meth:`sync`), linked
+    into ``new/`` (:meth:`link`); ``new/`` itself is synced by
+    :func:`sync_new`, once for every copy linked into it meanwhile, and
+    the name in ``tmp/`` removed last (:meth:`abort`).
+
+    deliver runs the steps one copy at a time; smtpd's commit process runs
+    each step for every copy of a group before the next step, so that
+    their write-outs overlap and their fsyncs share journal commits, as
+    the spool's commit does: a link between two fsyncs would make the
+    second one commit the journal again.  The Maildir must exist
+    (:func:`create`).
+    """
+
+    def __init__(self, maildir: Path, name: str) -> None:
+        self.maildir = maildir
+        self.name = name
+        self._temporary = maildir / "tmp" / name
+        self._fd = -1
+
+    def write(self, header: bytes, message: BinaryIO, *, start_writeback: bool = False) -> None:
+        """``header`` then ``message`` with LF line ends, into ``tmp/``; with
+        ``start_writeback``, on its way to the disk.  Raises OSError, leaving nothing."""
+        self._fd = os.open(self._temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            _write_all(self._fd, header)
             for chunk in lf_line_ends(message):
-                file.write(chunk)
-            file.flush()
-            os.fsync(file.fileno())
+                _write_all(self._fd, chunk)
+            if start_writeback:
+                begin_writeback(self._fd)
+        except BaseException:
+            self.abort()
+            raise
+
+    def sync(self) -> None:
+        """On stable storage, and closed.  Raises OSError, leaving nothing."""
+        fd, self._fd = self._fd, -1
+        try:
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except BaseException:
+            self.abort()
+            raise
+
+    def link(self) -> bool:
+        """Into ``new/`` under its name; False when a file of that name is
+        there already.  Raises OSError."""
         try:
             # A link, not a rename: it never replaces a file of that name.
-            os.link(temporary, maildir / "new" / name)
+            os.link(self._temporary, self.maildir / "new" / self.name)
         except FileExistsError:
             return False
-        finally:
-            os.unlink(temporary)
-    except BaseException:
+        return True
+
+    def move(self) -> None:
+        """Into ``new/`` under its name, by a rename: for a name that no one
+        can have written before (a new queue id's), it spares the removal of
+        the name in ``tmp/``.  Raises OSError."""
+        os.rename(self._temporary, self.maildir / "new" / self.name)
+
+    def abort(self) -> None:
+        """Close it if open, and remove its name in ``tmp/``."""
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
         with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
+            os.unlink(self._temporary)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    with memoryview(data) as whole:
+        done = 0
+        while done < len(whole):
+            done += os.write(fd, whole[done:])
+
+
+def sync_new(maildir: Path) -> None:
+    """Make the links into ``maildir``'s ``new/`` so far durable.  Raises OSError."""
     _sync_of(maildir / "new").sync()
-    return True
 
 
 # One shared fsync per new/ for the deliveries linking into it at once:

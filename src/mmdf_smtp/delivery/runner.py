@@ -62,7 +62,6 @@ from typing import BinaryIO, Protocol
 from .. import metrics
 from ..config import Config
 from ..policy import Policy
-from ..policy.aliases import Aliases, Destination, read_aliases
 from ..queue import (
     BOUNCED,
     DEFERRED,
@@ -75,12 +74,12 @@ from ..queue import (
     LeaseLost,
     Queue,
     QueueError,
-    RecipientState,
     Wakeups,
     maildrop,
     open_backend,
 )
-from . import dsn, maildir, nexthop
+from . import dsn, local, maildir, nexthop
+from .local import LocalRecipients
 from .nexthop import Outcome
 
 log = logging.getLogger("mmdf_smtp.deliver")
@@ -212,15 +211,8 @@ class Runner:
         # connection timeout, not one for each message.
         self._hop_down: tuple[datetime, Outcome] | None = None
         self._hop_lock = threading.Lock()
-        table = read_aliases(config.local.aliases) if config.local.aliases else {}
-        domains = config.local_domains
-        self.aliases = Aliases(
-            table,
-            users=config.local.users,
-            local_domains=domains,
-            default_domain=domains[0] if domains else config.hostname,
-            delimiters=config.deliver.recipient_delimiter,
-        )
+        self.local = LocalRecipients(config)
+        self.aliases = self.local.aliases
 
     def close(self) -> None:
         """Close the connections kept to the next hop."""
@@ -510,30 +502,10 @@ class Runner:
 
     def expand(self, envelope: Envelope) -> DeliveryState:
         """The message's destinations, in envelope order, aliases expanded."""
-        entries: list[RecipientState] = []
-        seen: set[str] = set()  # one copy per mailbox or address, as sendmail and Postfix
-        for recipient in envelope.recipients:
-            destinations = (
-                self.aliases.expand(recipient)
-                if self.aliases.is_local(recipient)
-                else [Destination(recipient)]
-            )
-            for d in destinations:
-                if d.key in seen:
-                    continue
-                seen.add(d.key)
-                entries.append(
-                    RecipientState(
-                        recipient=recipient,
-                        address=d.address,
-                        mailbox=d.mailbox,
-                        problem=d.problem,
-                    )
-                )
-        return DeliveryState(entries)
+        return self.local.expand(envelope)
 
     def maildir_of(self, mailbox: str) -> Path:
-        return Path(self.config.local.maildir.replace("{user}", mailbox))
+        return self.local.maildir_of(mailbox)
 
     def _local(self, lease: Lease, envelope: Envelope, state: DeliveryState, i: int) -> _Tried:
         entry = state.recipients[i]
@@ -541,18 +513,15 @@ class Runner:
             return _Tried(i, Outcome(550, entry.problem), "local")
         assert entry.mailbox is not None
         folder = self.maildir_of(entry.mailbox)
-        name = maildir.file_name(
-            int(envelope.received.timestamp()), lease.id, i, self.config.hostname
-        )
-        header = f"Return-Path: <{envelope.sender}>\nDelivered-To: {entry.address}\n".encode()
+        name = self.local.copy_name(envelope, lease.id, i)
         try:
             with lease.open_message() as message:
-                written = maildir.deliver(folder, name, header, message, look_first=lease.resumed)
+                written = maildir.deliver(
+                    folder, name, local.header(envelope, entry), message, look_first=lease.resumed
+                )
         except OSError as exc:
             return _Tried(i, _maildir_failure(folder, exc), "maildir")
-        text = f"2.0.0 Delivered to maildir as {name}"
-        if not written:
-            text = f"2.0.0 Found already delivered as {name}"
+        text = local.written_reply(name, written=written)
         return _Tried(i, Outcome(250, text), "maildir")
 
     def _remote(
@@ -643,17 +612,7 @@ class Runner:
             metrics.observe(
                 "mmdf_delivery_seconds", (kind,), (now - envelope.received).total_seconds()
             )
-        log.info(
-            "id=%s to=<%s>%s relay=%s attempts=%d status=%s (%s)%s",
-            queue_id,
-            entry.address,
-            f" orig_to=<{entry.recipient}>" if entry.recipient != entry.address else "",
-            tried.relay,
-            entry.attempts,
-            entry.status,
-            entry.last_reply,
-            f" next_try={entry.next_try.isoformat()}" if entry.next_try else "",
-        )
+        log.info("%s", local.attempt_line(queue_id, entry, tried.relay))
         return report
 
     def _notify(

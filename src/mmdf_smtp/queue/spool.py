@@ -71,6 +71,7 @@ import ctypes
 import errno
 import fcntl
 import heapq
+import io
 import itertools
 import json
 import logging
@@ -178,6 +179,13 @@ def envelope_from_json(line: bytes) -> Envelope:
     return _parse_envelope(line)[0]
 
 
+def _unsealed_envelope(line: bytes | bytearray) -> Envelope:
+    """The envelope line of a message not yet sealed (its size slot blank)."""
+    sealed = bytearray(line)
+    sealed[SIZE_SLOT : SIZE_SLOT + _SIZE_WIDTH] = size_field(0)
+    return envelope_from_json(bytes(sealed))
+
+
 def read_envelope(file: BinaryIO) -> Envelope:
     """The envelope of a queue file open at its start, once the file has
     proved itself whole; ValueError, saying why, when it cannot.
@@ -262,7 +270,7 @@ _SYNC_FILE_RANGE = _sync_file_range()
 _WRITE = 2  # SYNC_FILE_RANGE_WRITE
 
 
-def _start_writeback(fd: int) -> None:
+def begin_writeback(fd: int) -> None:
     """Start writing a file's dirty pages out, without waiting.
 
     Done for every file of a group commit first, so that the disk takes
@@ -352,6 +360,11 @@ class SpoolWriter:
         size as queued (what checkque shows)."""
         return self._size
 
+    @property
+    def claimed(self) -> bool:
+        """Pickup's, replacing its claim in pickup/ (:meth:`Spool.open_claimed`)."""
+        return self._claim is not None
+
     def write(self, data: bytes) -> None:
         if not self._open:
             raise QueueError("message already closed")
@@ -418,6 +431,40 @@ class SpoolWriter:
         self._held = bytearray()
         return token
 
+    def read_back(self) -> tuple[Envelope, BinaryIO]:
+        """What the commit would queue, before it: the envelope, and the
+        message to read (what follows the envelope line).  For the commit
+        process, which may deliver a message instead of queueing it
+        (delivery/atcommit.py).  Raises QueueError, ValueError for an
+        envelope line that cannot be read.
+        """
+        if not self._open:
+            raise QueueError("message already closed")
+        if self._fd is None:
+            end = self._held.index(b"\n") + 1
+            envelope = _unsealed_envelope(self._held[:end])
+            return envelope, io.BytesIO(self._held[end:])
+        if self._held:
+            self._write_held()
+        assert self._fd is not None
+        try:
+            # Its mode while it is being committed keeps everyone off it,
+            # its owner too: readable for as long as it takes to open it.
+            os.fchmod(self._fd, QUEUED)
+            try:
+                fd = os.open(self._path, os.O_RDONLY)
+            finally:
+                os.fchmod(self._fd, COMMITTING)
+        except OSError as exc:
+            raise _error("cannot read a queue file back", exc) from exc
+        file = os.fdopen(fd, "rb")
+        try:
+            envelope = _unsealed_envelope(file.readline())
+        except BaseException:
+            file.close()
+            raise
+        return envelope, file
+
     def commit(self) -> None:
         if self._claim is not None:
             self._commit_claimed(self._claim)
@@ -473,7 +520,7 @@ class SpoolWriter:
                 raise _error("cannot write a queue file", exc) from exc
         if start_writeback:
             assert self._fd is not None
-            _start_writeback(self._fd)
+            begin_writeback(self._fd)
 
     def _publish(self) -> None:
         """Durable in queue/: let deliver see it.  Raises QueueError."""

@@ -48,9 +48,11 @@ import traceback
 from collections.abc import Callable, Iterator
 
 from .. import metrics
+from ..delivery.atcommit import CommitDelivery, Report, Result
 from ..queue import MessageWriter, Queue, QueueError
 
 log = logging.getLogger("mmdf_smtp.smtpd")
+delivery_log = logging.getLogger("mmdf_smtp.deliver")
 
 CommitDone = Callable[[Exception | None], None]
 
@@ -75,7 +77,7 @@ DATAGRAM = 256 * 1024
 _MOST_IN_A_BATCH = 256
 _SOCKET_BUFFER = 4 * DATAGRAM
 _OUTCOME = 4096  # an outcome's most octets
-_COMMITTED = b"0"
+_COMMITTED = b"0"  # then, for local copies written at commit time, their Report
 _FAILED = b"1"  # then the QueueError's text: a temporary failure
 _FULL = b"2"  # then the text: storage ran out
 _BROKEN = b"3"  # then the text: an unexpected error, not the message's fault
@@ -99,9 +101,11 @@ class CommitThreads:
     def __init__(
         self,
         queue: Queue,
-        finished: Callable[[list[tuple[MessageWriter, int]], list[Exception | None]], None],
+        finished: Callable[[list[tuple[MessageWriter, int]], list[Result]], None],
+        delivery: CommitDelivery | None = None,
     ) -> None:
         self._queue = queue
+        self._delivery = delivery
         self._finished = finished
         self._jobs: list[tuple[MessageWriter, int]] = []
         self._ready = threading.Condition()
@@ -133,7 +137,7 @@ class CommitThreads:
                     self._idle -= 1
                 batch, self._jobs = self._jobs, []
                 self._busy += 1
-            results = _commit(self._queue, [writer for writer, _ in batch])
+            results = _commit(self._queue, [writer for writer, _ in batch], self._delivery)
             try:
                 self._finished(batch, results)
             finally:
@@ -142,16 +146,24 @@ class CommitThreads:
                     self._ready.notify_all()
 
 
-def _commit(queue: Queue, writers: list[MessageWriter]) -> list[Exception | None]:
+def _commit(
+    queue: Queue, writers: list[MessageWriter], delivery: CommitDelivery | None
+) -> list[Result]:
+    """Each message committed to ``queue``, or, by ``delivery``, its local copies written."""
     try:
+        if delivery is not None:
+            return delivery.commit_all(writers)
         return list(queue.commit_all(writers))
     except Exception as exc:
         return [exc] * len(writers)
 
 
-def _outcome(result: Exception | None) -> bytes:
+def _outcome(result: Result) -> bytes:
     if result is None:
         return _COMMITTED
+    if isinstance(result, Report):
+        # Bounded by atcommit.MOST_COPIES: well within a datagram.
+        return _COMMITTED + result.to_bytes()
     if isinstance(result, QueueError):
         kind, text = _FULL if result.full else _FAILED, str(result)
     else:
@@ -191,8 +203,12 @@ def _records(datagram: memoryview) -> Iterator[tuple[int, bytes, bytes]]:
         offset += size
 
 
-def serve(sock: socket.socket, queue: Queue) -> None:
-    """The commit process: commit what comes on ``sock`` until it closes."""
+def serve(sock: socket.socket, queue: Queue, delivery: CommitDelivery | None = None) -> None:
+    """The commit process: commit what comes on ``sock`` until it closes;
+    with ``delivery``, local mail is delivered instead (:mod:`..delivery.atcommit`)."""
+    # The worker's segment of the metrics has one writer, the worker: what
+    # is done here is counted there, from the outcomes.
+    metrics.stop_recording()
     # The worker's signals are the worker's: a SIGTERM to the process group
     # must not cut a commit short.  The end comes with the socket's.
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -205,11 +221,11 @@ def serve(sock: socket.socket, queue: Queue) -> None:
             for datagram in _datagrams(outcomes):
                 sock.send(datagram)
 
-    def finished(batch: list[tuple[MessageWriter, int]], results: list[Exception | None]) -> None:
+    def finished(batch: list[tuple[MessageWriter, int]], results: list[Result]) -> None:
         pairs = zip(batch, results, strict=True)
         answer([(number, _OUTCOME_KIND, _outcome(result)) for (_, number), result in pairs])
 
-    big = CommitThreads(queue, finished)
+    big = CommitThreads(queue, finished, delivery)
     buffer = bytearray(DATAGRAM)
     with memoryview(buffer) as view:
         flags = 0  # the first datagram of a batch is waited for; the rest are what came meanwhile
@@ -242,7 +258,7 @@ def serve(sock: socket.socket, queue: Queue) -> None:
             # Nothing more came (or a batch is full): commit the small ones together, here.
             if small:
                 batch, small = small, []
-                finished(batch, _commit(queue, [writer for writer, _ in batch]))
+                finished(batch, _commit(queue, [writer for writer, _ in batch], delivery))
             flags = 0
     big.wait_until_done()
 
@@ -264,7 +280,12 @@ def _leave_the_worker(*, keep: int) -> None:
 class CommitProcess:
     """The worker's side of a commit process for one queue."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, queue: Queue) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        queue: Queue,
+        delivery: CommitDelivery | None = None,
+    ) -> None:
         self.queue = queue
         self._loop = loop
         self._pending: dict[int, tuple[CommitDone, MessageWriter]] = {}
@@ -281,7 +302,7 @@ class CommitProcess:
             status = 0
             try:
                 _leave_the_worker(keep=theirs.fileno())
-                serve(theirs, queue)
+                serve(theirs, queue, delivery)
             except BaseException:
                 status = 70
                 with contextlib.suppress(OSError):
@@ -367,6 +388,8 @@ class CommitProcess:
                     self._broken(None)
                     return
                 for number, _, outcome in _records(view[:size]):
+                    if len(outcome) > 1 and outcome[:1] == _COMMITTED:
+                        _delivered(Report.from_bytes(outcome[1:]))
                     job = self._pending.pop(number, None)
                     if job is not None:
                         job[0](_result(outcome))
@@ -452,6 +475,16 @@ class CommitProcess:
         self._loop.call_later(_REAP_EVERY, self._reap, exited, waited + _REAP_EVERY)
 
 
+def _delivered(report: Report) -> None:
+    """Log and count local copies written at commit time, as deliver does its own."""
+    for line in report.lines:
+        delivery_log.info("%s", line)
+    if report.copies:
+        metrics.count("mmdf_deliveries", ("delivered", "local"), report.copies)
+        for _ in range(report.copies):
+            metrics.observe("mmdf_delivery_seconds", ("local",), report.seconds)
+
+
 class Committer:
     """Where the worker's sessions commit: a commit process per queue.
 
@@ -460,9 +493,16 @@ class Committer:
     it has nothing left to commit.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, queue: Queue) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        queue: Queue,
+        delivery: CommitDelivery | None = None,
+    ) -> None:
+        """``delivery``: what delivers local mail at commit time for ``queue``, if anything."""
         self._loop = loop
         self._processes: dict[int, CommitProcess] = {}  # by id() of the queue
+        self._deliveries: dict[int, CommitDelivery | None] = {id(queue): delivery}
         self._current = queue
         self._process_for(queue)
 
@@ -479,9 +519,13 @@ class Committer:
 
         process.submit(writer, size, finished)
 
-    def use(self, queue: Queue) -> None:
-        """From now on new sessions commit to ``queue``."""
+    def use(self, queue: Queue, delivery: CommitDelivery | None = None) -> None:
+        """From now on new sessions commit to ``queue`` (through ``delivery``)."""
         self._current = queue
+        self._deliveries = {
+            key: value for key, value in self._deliveries.items() if key in self._processes
+        }
+        self._deliveries[id(queue)] = delivery
         for process in list(self._processes.values()):
             if process.idle and process.queue is not queue:
                 self._retire(process)
@@ -493,7 +537,7 @@ class Committer:
     def _process_for(self, queue: Queue) -> CommitProcess:
         process = self._processes.get(id(queue))
         if process is None or not process.alive:
-            process = CommitProcess(self._loop, queue)
+            process = CommitProcess(self._loop, queue, self._deliveries.get(id(queue)))
             self._processes[id(queue)] = process
         return process
 
