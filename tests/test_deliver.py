@@ -458,13 +458,13 @@ def test_waiting_states_are_not_read_again_until_due(
     waiting = s.queue("far@remote.test")
     s.runner.run()
     read: list[str] = []
-    original = s.spool.read_state
+    original = s.spool._state_of_locked
 
     def counting(queue_id: str) -> DeliveryState | None:
         read.append(queue_id)
         return original(queue_id)
 
-    monkeypatch.setattr(s.spool, "read_state", counting)
+    monkeypatch.setattr(s.spool, "_state_of_locked", counting)
     fresh = s.queue("alice@example.org")
     assert s.runner.run() == NOW + timedelta(seconds=60)
     assert waiting not in read and fresh in read

@@ -244,6 +244,19 @@ def drop(spool: Spool, request: Request, octets: Iterable[bytes]) -> str:
     return name
 
 
+def _nothing_in(*folders: Path) -> bool:
+    """Whether each of ``folders`` exists and is empty.  One missing or
+    unreadable is not: :func:`prepare` has yet to make it, or says why not."""
+    for folder in folders:
+        try:
+            with os.scandir(folder) as entries:
+                if next(entries, None) is not None:
+                    return False
+        except OSError:
+            return False
+    return True
+
+
 def _trusted_uids(config: Config) -> set[int]:
     """Whose files in ``pickup/`` are queued messages: root, us, the spool's user."""
     uids = {0, os.geteuid()}
@@ -460,6 +473,8 @@ def pickup(
     channel or its ``user`` does not exist.  Run as root, pickup gives
     what it creates to ``user``.
     """
+    if _nothing_in(maildrop_dir(spool), spool.directory / "pickup"):
+        return []  # deliver asks at each new mail: the usual answer costs two reads
     owner = spool_owner(config)
     prepare(spool, owner)
     if into is spool:

@@ -592,6 +592,7 @@ class Spool:
         self._in_queue = os.path.join(self.queue, "")
         self._in_hold = os.path.join(self.hold_dir, "")
         self.state = directory / "state"
+        self._in_state = os.path.join(self.state, "")
         self.corrupt = directory / "corrupt"
         self.trigger = directory / TRIGGER
         self._counter = itertools.count()
@@ -1058,6 +1059,21 @@ class Spool:
                 continue
         raise KeyError(queue_id)
 
+    def _state_of_locked(self, queue_id: str) -> DeliveryState | None:
+        """:meth:`read_state` of a message whose file this process holds
+        locked in queue/: it cannot be removed meanwhile, so no second look.
+        The deliverer's path, once a message."""
+        path = self._in_state + queue_id
+        try:
+            with open(path, "rb") as file:
+                data = file.read()
+        except FileNotFoundError:
+            return None
+        try:
+            return DeliveryState.from_bytes(data)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path}: unreadable delivery state: {exc!r}") from exc
+
     def read_state(self, queue_id: str) -> DeliveryState | None:
         """A queued or held message's delivery state; None before deliver first saw it.
 
@@ -1265,7 +1281,7 @@ class Spool:
                     os.close(fd)
                     return None
             try:
-                state = self.read_state(queue_id)
+                state = self._state_of_locked(queue_id)
             except ValueError as exc:
                 log.error("id=%s: cannot deliver: %s", queue_id, exc)
                 work.make_waiting(queue_id, (now + UNREADABLE_WAIT).timestamp())
