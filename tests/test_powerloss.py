@@ -459,112 +459,85 @@ def test_power_cut_while_deliver_writes_maildirs_and_states(
 # -- the directory fsync ----------------------------------------------------------
 
 
+class Trace:
+    """smtpd's system calls (strace) while one message is sent to alice."""
+
+    def __init__(self, tmp_path: Path, config: Path) -> None:
+        strace = shutil.which("strace")
+        if strace is None:
+            pytest.fail("strace is missing (Debian: strace)")
+        trace = tmp_path / "trace"
+        process = subprocess.Popen(
+            [
+                strace, "-f", "-y", "-s", "48", "-o", str(trace),
+                "-e", "trace=fsync,fdatasync,rename,renameat,renameat2,write,sendto,sendmsg",
+                PYTHON, "-m", "mmdf_smtp.cli.smtpd", "-c", str(config), "smtpsrvr", "local",
+            ],
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            env=env(),
+        )  # fmt: skip
+        server = Daemon(process, config)
+        try:
+            message = b"Subject: traced\r\n\r\n" + b"x" * 100 + b"\r\n"
+            with smtplib.SMTP(server.host, server.port, timeout=60) as smtp:
+                smtp.sendmail(SENDER, ["alice@example.org"], message)
+        finally:
+            # strace passes no signal on: smtpd itself is stopped, strace ends with it.
+            for smtpd_pid in tree(process.pid)[1:2]:
+                os.kill(smtpd_pid, signal.SIGTERM)
+            server.stop()
+        self.lines = trace.read_text().splitlines()
+
+    def first(self, pattern: str) -> int:
+        for i, line in enumerate(self.lines):
+            if re.search(pattern, line):
+                return i
+        raise AssertionError(f"no {pattern!r} in the trace:\n" + "\n".join(self.lines[-60:]))
+
+    def fsynced(self, path: Path) -> int:
+        """The line where the first fsync of ``path`` returned 0."""
+        start = self.first(rf"fsync\(\d+<{re.escape(str(path))}>")
+        done = start
+        if "<unfinished ...>" in self.lines[start]:
+            # Another process's call came between: the end is on a line of its own.
+            pid = self.lines[start].split()[0]
+            done = next(
+                i
+                for i in range(start + 1, len(self.lines))
+                if re.search(rf"^{pid} +<\.\.\. fsync resumed>\)", self.lines[i])
+            )
+        assert self.lines[done].rstrip().endswith("= 0"), self.lines[done]
+        return done
+
+    def answered(self) -> int:
+        return self.first(r"(write|sendto)\(\d+<(TCP|socket)[^>]*>, \"[^\"]*250 2\.0\.0 Submitted")
+
+    def in_order(self, *steps: int) -> None:
+        assert list(steps) == sorted(steps), json.dumps([self.lines[i] for i in steps], indent=1)
+
+
 def test_strace_shows_queue_fsynced_before_the_250(tmp_path: Path) -> None:
     """What LazyFS cannot show: the rename into queue/ made durable before the
     250, and the file's fsync before that rename."""
-    strace = shutil.which("strace")
-    if strace is None:
-        pytest.fail("strace is missing (Debian: strace)")
     config = write_config(tmp_path, "deliver_at_commit = false\n")  # under [local]
-    trace = tmp_path / "trace"
-    process = subprocess.Popen(
-        [
-            strace, "-f", "-y", "-s", "48", "-o", str(trace),
-            "-e", "trace=fsync,fdatasync,rename,renameat,renameat2,write,sendto,sendmsg",
-            PYTHON, "-m", "mmdf_smtp.cli.smtpd", "-c", str(config), "smtpsrvr", "local",
-        ],
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        env=env(),
-    )  # fmt: skip
-    server = Daemon(process, config)
-    try:
-        message = b"Subject: traced\r\n\r\n" + b"x" * 100 + b"\r\n"
-        with smtplib.SMTP(server.host, server.port, timeout=60) as smtp:
-            smtp.sendmail(SENDER, ["alice@example.org"], message)
-    finally:
-        # strace passes no signal on: smtpd itself is stopped, strace ends with it.
-        for smtpd_pid in tree(process.pid)[1:2]:
-            os.kill(smtpd_pid, signal.SIGTERM)
-        server.stop()
+    trace = Trace(tmp_path, config)
     [queue_id] = os.listdir(tmp_path / "spool" / "queue")
-    lines = trace.read_text().splitlines()
-    queue = re.escape(str(tmp_path / "spool" / "queue"))
-
-    def first(pattern: str) -> int:
-        for i, line in enumerate(lines):
-            if re.search(pattern, line):
-                return i
-        raise AssertionError(f"no {pattern!r} in the trace:\n" + "\n".join(lines[-60:]))
-
-    synced = first(rf"fsync\(\d+<[^>]*/tmp/{queue_id}>")
-    renamed = first(rf"rename(at2?)?\(.*/tmp/{queue_id}\".*/queue/{queue_id}\"")
-    started = first(rf"fsync\(\d+<{queue}>")
-    dir_synced = started
-    if "<unfinished ...>" in lines[started]:
-        # Another process's call came between: the end is on a line of its own.
-        pid = lines[started].split()[0]
-        dir_synced = first(rf"^{pid} +<\.\.\. fsync resumed>\) += 0")
-    assert lines[dir_synced].rstrip().endswith("= 0"), lines[dir_synced]
-    answered = first(r"(write|sendto)\(\d+<(TCP|socket)[^>]*>, \"[^\"]*250 2\.0\.0 Submitted")
-    assert synced < renamed < dir_synced < answered, json.dumps(
-        [lines[i] for i in (synced, renamed, dir_synced, answered)], indent=1
-    )
+    synced = trace.first(rf"fsync\(\d+<[^>]*/tmp/{queue_id}>")
+    renamed = trace.first(rf"rename(at2?)?\(.*/tmp/{queue_id}\".*/queue/{queue_id}\"")
+    dir_synced = trace.fsynced(tmp_path / "spool" / "queue")
+    trace.in_order(synced, renamed, dir_synced, trace.answered())
 
 
 def test_strace_shows_maildir_copy_and_new_fsynced_before_the_250(tmp_path: Path) -> None:
     """The same for a copy written at commit time: the copy's fsync, its
     rename into new/, and new/'s fsync, all before the 250."""
-    strace = shutil.which("strace")
-    if strace is None:
-        pytest.fail("strace is missing (Debian: strace)")
     config = write_config(tmp_path, f'maildir = "{tmp_path}/mail/{{user}}/Maildir"\n')
-    trace = tmp_path / "trace"
-    process = subprocess.Popen(
-        [
-            strace, "-f", "-y", "-s", "48", "-o", str(trace),
-            "-e", "trace=fsync,fdatasync,rename,renameat,renameat2,write,sendto,sendmsg",
-            PYTHON, "-m", "mmdf_smtp.cli.smtpd", "-c", str(config), "smtpsrvr", "local",
-        ],
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        env=env(),
-    )  # fmt: skip
-    server = Daemon(process, config)
-    try:
-        message = b"Subject: traced\r\n\r\n" + b"x" * 100 + b"\r\n"
-        with smtplib.SMTP(server.host, server.port, timeout=60) as smtp:
-            smtp.sendmail(SENDER, ["alice@example.org"], message)
-    finally:
-        for smtpd_pid in tree(process.pid)[1:2]:
-            os.kill(smtpd_pid, signal.SIGTERM)
-        server.stop()
+    trace = Trace(tmp_path, config)
     assert os.listdir(tmp_path / "spool" / "queue") == []
     box = tmp_path / "mail" / "alice" / "Maildir"
     [name] = os.listdir(box / "new")
-    lines = trace.read_text().splitlines()
-
-    def first(pattern: str) -> int:
-        for i, line in enumerate(lines):
-            if re.search(pattern, line):
-                return i
-        raise AssertionError(f"no {pattern!r} in the trace:\n" + "\n".join(lines[-60:]))
-
-    def finished(start: int) -> int:
-        if "<unfinished ...>" not in lines[start]:
-            return start
-        pid = lines[start].split()[0]
-        return next(
-            i
-            for i in range(start + 1, len(lines))
-            if re.search(rf"^{pid} +<\.\.\. fsync resumed>\) += 0", lines[i])
-        )
-
-    synced = finished(first(rf"fsync\(\d+<{re.escape(str(box / 'tmp' / name))}>"))
-    linked = first(rf"rename(at2?)?\(.*/tmp/{re.escape(name)}\".*/new/{re.escape(name)}\"")
-    new_synced = finished(first(rf"fsync\(\d+<{re.escape(str(box / 'new'))}>"))
-    assert lines[new_synced].rstrip().endswith("= 0"), lines[new_synced]
-    answered = first(r"(write|sendto)\(\d+<(TCP|socket)[^>]*>, \"[^\"]*250 2\.0\.0 Submitted")
-    assert synced < linked < new_synced < answered, json.dumps(
-        [lines[i] for i in (synced, linked, new_synced, answered)], indent=1
-    )
+    synced = trace.fsynced(box / "tmp" / name)
+    moved = trace.first(rf"rename(at2?)?\(.*/tmp/{re.escape(name)}\".*/new/{re.escape(name)}\"")
+    new_synced = trace.fsynced(box / "new")
+    trace.in_order(synced, moved, new_synced, trace.answered())
