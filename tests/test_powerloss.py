@@ -113,7 +113,7 @@ def tree(pid: int) -> list[int]:
         try:
             for task in Path(f"/proc/{member}/task").iterdir():
                 todo += map(int, (task / "children").read_text().split())
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):
             continue
     return found
 
@@ -122,11 +122,15 @@ def _states(pid: int) -> list[str]:
     """The scheduler state of each thread of a process ([] once it is gone)."""
     states = []
     try:
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            stat = (task / "stat").read_text()
-            states.append(stat[stat.rindex(")") + 2])
-    except FileNotFoundError:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except (FileNotFoundError, ProcessLookupError):
         return []
+    for task in tasks:
+        try:
+            stat = (task / "stat").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # a thread that ended since the listing (ESRCH while its entry goes)
+        states.append(stat[stat.rindex(")") + 2])
     return states
 
 

@@ -512,14 +512,19 @@ class Supervisor:
         # Counts the reloads, in memory the workers share: a worker started
         # before the last one accepts no more callers (Daemon's ``retired``).
         self._generation = multiprocessing.RawValue(ctypes.c_uint64, 0)
+        # The generation a worker was forked in, in the worker's own copy of
+        # this object: read in the worker after a reload that came while it
+        # started, the shared count would make an old worker look new.
+        self.born = 0
 
     def generation(self) -> int:
-        """The number of reloads so far; a worker reads it as it starts, and while it runs."""
+        """The number of reloads so far; a worker compares it with :attr:`born` while it runs."""
         return int(self._generation.value)
 
     def _spawn(self, index: int) -> None:
         parent = os.getpid()
         self._started[index] = time.monotonic()
+        self.born = self.generation()
         pid = os.fork()
         if pid == 0:
             # Held back until the worker's loop has its handlers (Daemon.run):

@@ -415,7 +415,7 @@ def serve(
             die_with(supervisor_pid)
         retired = None
         if supervisor is not None:
-            generation, born = supervisor.generation, supervisor.generation()
+            generation, born = supervisor.generation, supervisor.born
 
             def retired() -> bool:
                 return generation() != born
