@@ -369,9 +369,9 @@ def test_nodes_die_one_kind_after_the_other_and_every_250_is_delivered(
     # hop, whose promise is at least once, sent again only as that one
     # queued message, after a death during its send.
     hop_ids = hop_queue_ids(handler)
-    for token in accepted:
+    for token, queue_id in accepted.items():
         if recipients_of(token) != [LOCAL]:
-            assert hop_ids[token] == {accepted[token]}, (token, hop_ids[token])
+            assert hop_ids[token] == {queue_id}, (token, hop_ids[token])
     for token in failed:
         assert maildir_counts[token] <= 1, token
         assert len(hop_ids.get(token, ())) <= 1, (token, hop_ids[token])
