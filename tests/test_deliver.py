@@ -211,6 +211,16 @@ def test_a_delivery_found_in_cur_is_not_repeated(tmp_path: Path) -> None:
     assert list(s.spool.messages()) == []
 
 
+def state_writes(s: Setup, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The ids whose delivery state the spool writes from now on, in order."""
+    written: list[str] = []
+    write_state = s.spool.write_state
+    monkeypatch.setattr(
+        s.spool, "write_state", lambda i, state: (written.append(i), write_state(i, state))
+    )
+    return written
+
+
 def test_a_first_delivery_does_not_search_the_maildir(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -222,11 +232,7 @@ def test_a_first_delivery_does_not_search_the_maildir(
         raise AssertionError("searched cur/ on a first delivery")
 
     monkeypatch.setattr(maildir, "already_delivered", never)
-    written: list[str] = []
-    write_state = s.spool.write_state
-    monkeypatch.setattr(
-        s.spool, "write_state", lambda i, state: (written.append(i), write_state(i, state))
-    )
+    written = state_writes(s, monkeypatch)
     s.runner.run()
     assert s.messages("alice") == [as_delivered("alice@example.org")]
     # Delivered whole in its first attempt: completed with no state written.
@@ -556,11 +562,7 @@ def test_a_new_message_for_the_next_hop_alone_is_sent_with_no_state_written(
     with peer(handler) as (_, port):
         s = hop_setup(tmp_path, "lmtp", port)
         s.runner.run()  # the deliverer starts on an empty queue; then mail comes
-        written: list[str] = []
-        write_state = s.spool.write_state
-        monkeypatch.setattr(
-            s.spool, "write_state", lambda i, state: (written.append(i), write_state(i, state))
-        )
+        written = state_writes(s, monkeypatch)
         whole = s.queue("a@remote.test")
         s.runner.run()
         assert written == []  # sent, then completed: nothing recorded on the way

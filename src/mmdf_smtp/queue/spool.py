@@ -1069,10 +1069,7 @@ class Spool:
                 data = file.read()
         except FileNotFoundError:
             return None
-        try:
-            return DeliveryState.from_bytes(data)
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"{path}: unreadable delivery state: {exc!r}") from exc
+        return _parsed_state(path, data)
 
     def read_state(self, queue_id: str) -> DeliveryState | None:
         """A queued or held message's delivery state; None before deliver first saw it.
@@ -1091,12 +1088,7 @@ class Spool:
         # After the read: a message removed meanwhile has no state to show.
         if not self._is_stored(queue_id):
             raise KeyError(queue_id)
-        if data is None:
-            return None
-        try:
-            return DeliveryState.from_bytes(data)
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"{path}: unreadable delivery state: {exc!r}") from exc
+        return None if data is None else _parsed_state(str(path), data)
 
     def write_state(self, queue_id: str, state: DeliveryState) -> None:
         """Replace the delivery state atomically and durably.  Raises OSError.
@@ -1583,6 +1575,14 @@ def _greatest_id(*directories: str) -> str:
 def _arrival(queue_id: str) -> float:
     """A queue id's arrival time, in seconds since the epoch (its first 14 hex digits)."""
     return int(queue_id[:14], 16) / 1e6
+
+
+def _parsed_state(path: str, data: bytes) -> DeliveryState:
+    """A state file's contents; ValueError naming ``path`` when they cannot be read."""
+    try:
+        return DeliveryState.from_bytes(data)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: unreadable delivery state: {exc!r}") from exc
 
 
 class _WorkIndex:
