@@ -51,7 +51,7 @@ import selectors
 import socket
 import threading
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -194,8 +194,8 @@ class Runner:
         # times a lease while a send to the next hop runs: a large message
         # to a slow hop must not be claimed and sent by another deliverer
         # meanwhile.  The spool's leases end only with their holder.
-        self._renew_every = (
-            config.queue.lease_seconds / _RENEWALS_A_LEASE
+        self._renewer = (
+            _Renewer(config.queue.lease_seconds / _RENEWALS_A_LEASE)
             if config.queue.backend == "postgresql"
             else None
         )
@@ -464,7 +464,8 @@ class Runner:
         state = work.state
         assert state is not None
         now = self._clock()
-        with _Renewing(lease, self._renew_every):
+        renewing = self._renewer.during(lease) if self._renewer else contextlib.nullcontext()
+        with renewing:
             tried = self._remote(lease, lease.envelope, state, work.remote)
         self._settle(lease, lease.envelope, state, tried, now, first=work.unrecorded)
         self._finish(work, state)
@@ -665,42 +666,46 @@ class Runner:
         )
 
 
-class _Renewing:
-    """Renews a lease every ``every`` seconds from a thread of its own, for
-    as long as the ``with`` block runs (None: never).  A renewal that fails
-    is tried again at the next turn (the lease lives on for the rest of
-    its time); a lease lost stops the renewals, and the step finds it lost
-    when it records."""
+class _Renewer:
+    """Renews, every ``every`` seconds, the leases whose sends to the next hop
+    are running, from one thread for the whole deliverer (started at the
+    first such send), not one a send.  A renewal that fails is tried again
+    at the next turn (the lease lives on for the rest of its time); a lease
+    lost is renewed no more, and its step finds it lost when it records."""
 
-    def __init__(self, lease: Lease, every: float | None) -> None:
-        self._lease = lease
+    def __init__(self, every: float) -> None:
         self._every = every
-        self._done = threading.Event()
+        self._leases: dict[int, Lease] = {}  # by id(): a lease need not be hashable
+        self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> _Renewing:
-        if self._every is not None:
-            self._thread = threading.Thread(
-                target=self._run, name=f"renew-{self._lease.id}", daemon=True
-            )
-            self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._done.set()
-        if self._thread is not None:
-            self._thread.join()
+    @contextlib.contextmanager
+    def during(self, lease: Lease) -> Iterator[None]:
+        with self._lock:
+            self._leases[id(lease)] = lease
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="renew", daemon=True)
+                self._thread.start()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._leases.pop(id(lease), None)
 
     def _run(self) -> None:
-        assert self._every is not None
-        while not self._done.wait(self._every):
-            try:
-                self._lease.renew()
-            except LeaseLost as exc:
-                log.warning("id=%s: %s", self._lease.id, exc)
-                return
-            except (OSError, QueueError) as exc:
-                log.warning("id=%s: cannot renew the lease: %s", self._lease.id, exc)
+        while True:
+            time.sleep(self._every)
+            with self._lock:
+                leases = list(self._leases.values())
+            for lease in leases:
+                try:
+                    lease.renew()
+                except LeaseLost as exc:
+                    log.warning("id=%s: %s", lease.id, exc)
+                    with self._lock:
+                        self._leases.pop(id(lease), None)
+                except (OSError, QueueError) as exc:
+                    log.warning("id=%s: cannot renew the lease: %s", lease.id, exc)
 
 
 def _kind(envelope: Envelope, relay: str) -> str:
