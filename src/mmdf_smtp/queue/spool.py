@@ -122,6 +122,9 @@ _BUFFER = 256 * 1024
 # What smtpd's sessions hold in memory before a message gets its file
 # (envelope included): a smaller one is written whole at its commit.
 IN_MEMORY = 64 * 1024
+# A state without its message is removed only once this old (seconds): a
+# commit in progress writes the state before the file (Spool.forget_orphans).
+ORPHAN_AGE = 3600
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 # A message file's mode says whether it is queued: one being committed is
 # not readable, so deliver and checkque pass it by (Spool.ids).
@@ -1291,13 +1294,19 @@ class Spool:
         work.held.add(queue_id)
         return SpoolLease(self, work, queue_id, fd, envelope=envelope, state=state)
 
-    def forget_orphans(self) -> list[str]:
-        """Remove states whose message is gone and temporary states a crash left.
+    def forget_orphans(self, now: float | None = None) -> list[str]:
+        """Remove states whose message is gone and temporary states a crash
+        left, once they are :data:`ORPHAN_AGE` old.
 
-        Only deliver writes states; it runs this at start-up, before its
-        first pass.
+        deliver runs this at start-up, before its first pass.  The age is
+        what keeps it from a state whose message is being committed at that
+        moment: smtpd's commit process (local copies written at commit
+        time) and :meth:`adopt` write a message's state before its file,
+        and a state removed in between would have those copies written
+        again.  ``now``: the clock's time, for the tests.
         """
         removed: list[str] = []
+        young = (time.time() if now is None else now) - ORPHAN_AGE
         try:
             entries = os.scandir(self.state)
         except FileNotFoundError:
@@ -1313,8 +1322,9 @@ class Spool:
                 ):
                     continue
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(entry.path)
-                    removed.append(name)
+                    if entry.stat().st_mtime <= young:
+                        os.unlink(entry.path)
+                        removed.append(name)
         return removed
 
     def open_message(self, queue_id: str) -> BinaryIO:
