@@ -13,6 +13,8 @@ import os
 import smtplib
 from pathlib import Path
 
+import pytest
+
 from peer import Handler, peer
 from test_deliver_wire import BODY, maildir_messages, run_deliver
 from test_deliver_wire import configure as configure_deliver
@@ -178,6 +180,20 @@ def test_a_maildir_that_cannot_be_written_queues_the_message_and_deliver_finishe
     [bob] = maildir_messages(tmp_path, "bob").values()
     assert stored_as(alice, "alice@example.org") == LF_BODY
     assert stored_as(bob, "bob@example.org") == LF_BODY
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="gives the Maildirs' folder to another account")
+def test_a_maildir_folder_of_another_owner_leaves_local_mail_to_deliver(tmp_path: Path) -> None:
+    config = configure(tmp_path)
+    # As Debian's /var/mail: there, but not the session user's.
+    (tmp_path / "mail").mkdir(mode=0o775)
+    os.chown(tmp_path / "mail", 0, session_uid())
+    with daemon(config) as server:
+        queue_id = send(server.port, ["alice@example.org"])
+        assert server.log_lines(f"does not own {tmp_path / 'mail'}")
+        [shown] = queued(config)
+    assert shown["id"] == queue_id
+    assert copies(tmp_path) == []
 
 
 def test_switched_off_local_mail_is_queued(tmp_path: Path) -> None:

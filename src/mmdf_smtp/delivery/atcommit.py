@@ -283,18 +283,16 @@ def commit_delivery(config: Config, queue: Queue) -> CommitDelivery | None:
 
     Only on the spool (a PostgreSQL queue promises a copy on other hosts
     before the 250, which a Maildir here does not), with ``[local]
-    deliver_at_commit`` on, and only when this process writes Maildirs as
-    deliver does: deliver started as root writes them as ``user``, and
-    otherwise as whoever started it, who owns the folder they go in.
+    deliver_at_commit`` on, and only when this process owns the folder the
+    Maildirs go in, as deliver does (started as root it writes them as
+    ``user``, who is given that folder; otherwise as whoever started it).
     """
     if not config.local.deliver_at_commit or not isinstance(queue, Spool):
         return None
     if not _writes_as_deliver(config):
         log.info(
-            "local mail is queued for deliver: this process (uid %d) is neither user %r"
-            " nor the owner of %s",
+            "local mail is queued for deliver: this process (uid %d) does not own %s",
             os.geteuid(),
-            config.user,
             maildir.base_of(config.local.maildir),
         )
         return None
@@ -307,14 +305,24 @@ def commit_delivery(config: Config, queue: Queue) -> CommitDelivery | None:
 
 
 def _writes_as_deliver(config: Config) -> bool:
+    """Whether the Maildirs' folder is this process's own: deliver writes
+    there as its owner too, so the Maildirs keep one owner.  One owned by
+    another account (Debian's ``/var/mail``, root's; a deliver run as an
+    account of its own) leaves local mail to deliver, decided once here
+    rather than found by a failed copy a message."""
     uid = os.geteuid()
     if uid == 0:
         return False  # a process serving clients is never root; deliver neither
-    if config.user:
-        with contextlib.suppress(KeyError):
-            if pwd.getpwnam(config.user).pw_uid == uid:
-                return True
     try:
         return maildir.base_of(config.local.maildir).stat().st_uid == uid
     except OSError as exc:
-        return exc.errno == errno.ENOENT and not config.user
+        if exc.errno != errno.ENOENT:
+            return False
+    # Not there yet: smtpd and deliver started as root make it ``user``'s
+    # (maildir.give_base); otherwise it is whoever writes first.
+    if not config.user:
+        return True
+    try:
+        return pwd.getpwnam(config.user).pw_uid == uid
+    except KeyError:
+        return False
