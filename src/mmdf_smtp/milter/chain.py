@@ -131,21 +131,7 @@ class MilterChain:
         """
         if self._discarding is not None:
             return await self.end_of_message(macros)
-        modifications: list[codec.Modification] = []
-        quarantine: str | None = None
-        for milter in self.milters:
-            verdict = await milter.message(fields, chunks(), macros)
-            if verdict.action not in _GOING_ON:
-                # Those that saw the end of the message have nothing to abort.
-                for every in self.milters:
-                    await every.abort()
-                return verdict
-            modifications.extend(verdict.modifications)
-            if quarantine is None:
-                quarantine = verdict.quarantine
-        return Verdict(
-            action=Action.CONTINUE, modifications=tuple(modifications), quarantine=quarantine
-        )
+        return await self._each_end(lambda m: m.message(fields, chunks(), macros))
 
     async def end_of_message(self, macros: Mapping[str, str] = _NO_MACROS) -> Verdict:
         discarding, self._discarding = self._discarding, None
@@ -153,14 +139,20 @@ class MilterChain:
             for milter in self.milters:
                 await milter.abort()
             return discarding
+        return await self._each_end(lambda m: m.end_of_message(macros))
+
+    async def _each_end(self, end: Callable[[Milter], Awaitable[Verdict]]) -> Verdict:
+        """``end`` (a message's end) of each milter in turn: the first verdict
+        that is neither CONTINUE nor ACCEPT, every milter then told ABORT (a
+        no-op for those that saw the end), or CONTINUE with every milter's
+        modifications and the first quarantine asked for."""
         modifications: list[codec.Modification] = []
         quarantine: str | None = None
         for milter in self.milters:
-            verdict = await milter.end_of_message(macros)
+            verdict = await end(milter)
             if verdict.action not in _GOING_ON:
-                # The milters after it never saw the end of the message.
-                for later in self.milters[self.milters.index(milter) + 1 :]:
-                    await later.abort()
+                for every in self.milters:
+                    await every.abort()
                 return verdict
             modifications.extend(verdict.modifications)
             if quarantine is None:
