@@ -160,8 +160,7 @@ def measure(top: Path, src: Path, sink: LmtpSink, *, count: int, size: int, prof
 
 def _line(cost: Cost) -> str:
     return (
-        f"{cost.rate:.0f} msg/s, CPU ms a message: deliver {cost.deliver:.3f},"
-        f" sink {cost.sink:.3f}"
+        f"{cost.rate:.0f} msg/s, CPU ms a message: deliver {cost.deliver:.3f}, sink {cost.sink:.3f}"
     )
 
 

@@ -615,9 +615,9 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def dot_stuffed(message: BinaryIO) -> Iterator[bytes]:
+def dot_stuffed(message: BinaryIO, chunk_size: int = _CHUNK) -> Iterator[bytes]:
     """The message with CRLF line ends and leading dots doubled (RFC 5321
-    4.5.2), in chunks of about 64 KiB.
+    4.5.2), in chunks of about ``chunk_size``.
 
     Each chunk read is cut after its last line end; the whole lines are
     changed with bytes methods, at C speed: every line end becomes CRLF
@@ -627,7 +627,7 @@ def dot_stuffed(message: BinaryIO) -> Iterator[bytes]:
     """
     pending = b""  # the start of a line not yet ended
     within = False  # whether pending's octets follow some of its line already sent
-    while chunk := message.read(_CHUNK):
+    while chunk := message.read(chunk_size):
         data = pending + chunk if pending else chunk
         cut = data.rfind(b"\n") + 1
         if cut == 0:
