@@ -9,7 +9,7 @@ pass over the queue, as ``deliver --once`` does, with
     .venv/bin/python bench/deliver_cpu.py                     # 1 KiB and 100 KiB
     .venv/bin/python bench/deliver_cpu.py --size 1024 --count 5000
     .venv/bin/python bench/deliver_cpu.py --src A/src --src B/src   # A/B, alternating
-    .venv/bin/python bench/deliver_cpu.py --profile out.pstats      # cProfile of deliver
+    .venv/bin/python bench/deliver_cpu.py --profile stacks.txt      # py-spy of deliver
 
 Each line gives msg/s and the CPU milliseconds a message of deliver (its
 process, every thread: getrusage) and of the sink (/proc/<pid>/stat); the
@@ -27,6 +27,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -105,28 +106,55 @@ def child(args: argparse.Namespace) -> int:
         writer.commit()
     os.sync()
     runner = Runner(config, spool)
-    profiler = None
-    if args.profile:
-        import cProfile
-
-        profiler = cProfile.Profile()
+    spy = _spy(args.profile) if args.profile else None
     before = resource.getrusage(resource.RUSAGE_SELF)
     started = time.perf_counter()
-    if profiler is not None:
-        profiler.enable()
     try:
         runner.run()
     finally:
         runner.close()
-    if profiler is not None:
-        profiler.disable()
-        profiler.dump_stats(args.profile)
     seconds = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_SELF)
+    if spy is not None:
+        spy.send_signal(signal.SIGINT)
+        spy.wait(60)
     left = len(spool.ids())
     cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     print(json.dumps({"seconds": seconds, "cpu": cpu, "left": left}))
     return 0
+
+
+def _spy(output: str) -> subprocess.Popen[bytes]:
+    """py-spy sampling this process, every thread (the deliveries run in a
+    pool), from now until SIGINT: collapsed stacks into ``output``."""
+    spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+    if spy is None:
+        raise SystemExit("deliver_cpu: --profile needs py-spy (.venv/bin/pip install py-spy)")
+    process = subprocess.Popen(
+        [
+            *(spy, "record", "--pid", str(os.getpid()), "--gil", "--rate", "1000"),
+            *("--format", "raw", "--output", output),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    # Started once it says so: its first line comes when sampling begins.
+    assert process.stderr is not None
+    process.stderr.readline()
+    return process
+
+
+def top_of(collapsed: Path, lines: int = 15) -> str:
+    """The functions most often on the CPU (with the GIL) in py-spy's collapsed stacks."""
+    own: dict[str, int] = {}
+    total = 0
+    for line in collapsed.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frame = stack.rsplit(";", 1)[-1]
+        own[frame] = own.get(frame, 0) + int(count)
+        total += int(count)
+    ranked = sorted(own.items(), key=lambda item: -item[1])[:lines]
+    return "\n".join(f"{100 * n / total:5.1f}%  {frame}" for frame, n in ranked)
 
 
 def measure(top: Path, src: Path, sink: LmtpSink, *, count: int, size: int, profile: str) -> Cost:
@@ -139,6 +167,7 @@ def measure(top: Path, src: Path, sink: LmtpSink, *, count: int, size: int, prof
     argv += ["--count", str(count), "--size", str(size)]
     if profile:
         argv += ["--profile", profile]
+        Path(profile).unlink(missing_ok=True)
     result = subprocess.run(argv, env=env, capture_output=True, check=False)
     if result.returncode != 0:
         raise SystemExit(f"deliver_cpu: the run failed:\n{result.stderr.decode()}")
@@ -151,6 +180,9 @@ def measure(top: Path, src: Path, sink: LmtpSink, *, count: int, size: int, prof
             f" {delivered_after - delivered_before} of {count} delivered"
         )
     shutil.rmtree(directory, ignore_errors=True)
+    if profile:
+        print(f"py-spy, own samples (GIL held) of deliver's pass, {size} octets:")
+        print(top_of(Path(profile)))
     return Cost(
         count / figures["seconds"],
         figures["cpu"] / count * 1000,
@@ -176,7 +208,9 @@ def main() -> int:
     )
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp"))
     parser.add_argument("--root-fs", action="store_true", help="no journaled ext4: --workdir's")
-    parser.add_argument("--profile", default="", help="cProfile deliver's pass into this file")
+    parser.add_argument(
+        "--profile", default="", help="py-spy deliver's pass (collapsed stacks) into this file"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
