@@ -54,14 +54,16 @@ def _cpu_seconds(pid: int) -> float:
 
 
 def message_of(size: int, n: int) -> bytes:
-    """A message of about ``size`` octets: headers, then lines of 76 octets."""
+    """A message of about ``size`` octets: headers, then lines of text."""
     head = (
         f"From: <sender@example.net>\r\nTo: <a@remote.bench>\r\n"
         f"Subject: message {n}\r\nMessage-ID: <{n}@bench>\r\n\r\n"
     ).encode()
-    line = b"." + b"x" * 73 + b"\r\n"  # a leading dot on every line: stuffing is exercised
-    lines = max(1, (size - len(head)) // len(line))
-    return head + line * lines
+    # Text, one line in eight with a leading dot: stuffing is exercised.
+    text = b"Some words of a line of text, as mail has them, wrapped at 76.\r\n" * 7
+    block = text + b".a line that starts with a dot, doubled on the wire\r\n"
+    body = block * (size // len(block) + 1)
+    return head + body[: max(0, size - len(head))].rpartition(b"\r\n")[0] + b"\r\n"
 
 
 @dataclass
@@ -117,7 +119,7 @@ def child(args: argparse.Namespace) -> int:
     after = resource.getrusage(resource.RUSAGE_SELF)
     if spy is not None:
         spy.send_signal(signal.SIGINT)
-        spy.wait(60)
+        spy.communicate(timeout=60)
     left = len(spool.ids())
     cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     print(json.dumps({"seconds": seconds, "cpu": cpu, "left": left}))
@@ -135,12 +137,12 @@ def _spy(output: str) -> subprocess.Popen[bytes]:
             *(spy, "record", "--pid", str(os.getpid()), "--gil", "--rate", "1000"),
             *("--format", "raw", "--output", output),
         ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
     )
     # Started once it says so: its first line comes when sampling begins.
-    assert process.stderr is not None
-    process.stderr.readline()
+    assert process.stdout is not None
+    process.stdout.readline()
     return process
 
 

@@ -640,7 +640,12 @@ def dot_stuffed(message: BinaryIO, chunk_size: int = _CHUNK) -> Iterator[bytes]:
                 within = True
             continue
         lines, pending = data[:cut], data[cut:]
-        lines = lines.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n").replace(b"\r\n.", b"\r\n..")
+        # Mail comes in with CRLF line ends, base64 has no dot: both checks
+        # cost less than the replaces they spare.
+        if lines.count(b"\n") != lines.count(b"\r\n"):
+            lines = lines.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        if b"." in lines:
+            lines = lines.replace(b"\r\n.", b"\r\n..")
         yield b"." + lines if not within and lines.startswith(b".") else lines
         within = False
     if pending or within:
