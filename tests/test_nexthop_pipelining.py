@@ -4,18 +4,23 @@ and the dot-stuffing of what it sends (RFC 5321 4.5.2)."""
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from io import BytesIO
 
 import pytest
+import trustme
+from aiosmtpd.smtp import SMTP, Envelope
+from aiosmtpd.smtp import Session as SMTPSession
 from hypothesis import given
 from hypothesis import strategies as st
 
 from mmdf_smtp.config import NextHop
 from mmdf_smtp.delivery import nexthop
 from mmdf_smtp.delivery.nexthop import Outcome, dot_stuffed
+from peer import Handler, peer
 
 MESSAGE = b"Subject: pipelined\r\n\r\n.a dot\r\nbody\r\n"
 STUFFED = b"Subject: pipelined\r\n\r\n..a dot\r\nbody\r\n.\r\n"
@@ -47,6 +52,7 @@ class Peer:
         data_always: bool = False,
         close_after_messages: int | None = None,
         rset_reply: bytes | None = None,
+        going_down_at: str | None = None,
     ) -> None:
         self.lmtp = lmtp
         self.extensions = extensions
@@ -55,6 +61,7 @@ class Peer:
         self.data_always = data_always  # 354 to DATA even with no recipient
         self.close_after_messages = close_after_messages  # then the peer hangs up
         self.rset_reply = rset_reply  # instead of 250; a 421 closes
+        self.going_down_at = going_down_at  # this recipient's RCPT gets 421, and the peer hangs up
         self.sessions: list[Session] = []
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
@@ -149,6 +156,10 @@ class Peer:
                     replies.append(self.mail_reply)
                 elif verb == b"RCPT":
                     address = line.split(b"<", 1)[1].split(b">", 1)[0].decode()
+                    if address == self.going_down_at:
+                        replies.append(b"421 4.3.2 going down")
+                        connection.sendall(b"".join(r + b"\r\n" for r in replies))
+                        return
                     if not mail:
                         replies.append(b"503 5.5.1 MAIL first")
                     elif address in self.refuse:
@@ -186,8 +197,8 @@ class Peer:
 def peers() -> Iterator[list[Peer]]:
     made: list[Peer] = []
     yield made
-    for peer in made:
-        peer.close()
+    for made_peer in made:
+        made_peer.close()
 
 
 def send(
@@ -333,6 +344,67 @@ def test_some_recipients_refused_the_rest_get_the_message(peers: list[Peer]) -> 
     outcomes = send(connections, peer, ["a@relay.test", "b@relay.test", "c@relay.test"])
     assert outcomes == ["250 2.0.0 stored", "550 5.1.1 no such user", "250 2.0.0 stored"]
     assert peer.sessions[0].messages == [STUFFED]
+
+
+def test_a_421_in_the_group_decides_every_recipient_and_ends_the_connection(
+    peers: list[Peer],
+) -> None:
+    peer = Peer(lmtp=True, going_down_at="b@relay.test")
+    peers.append(peer)
+    connections = nexthop.Connections(idle=60, reuse=100)
+    outcomes = send(connections, peer, ["a@relay.test", "b@relay.test", "c@relay.test"])
+    assert outcomes == ["421 4.3.2 going down"] * 3
+    assert peer.sessions[0].messages == []
+    assert connections.idle() == 0
+
+
+class PipeliningHandler(Handler):
+    """aiosmtpd (a server that reads commands in order from its stream,
+    however they were batched) offering PIPELINING."""
+
+    async def handle_EHLO(  # noqa: N802 - aiosmtpd's hook names
+        self,
+        server: SMTP,
+        session: SMTPSession,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname
+        return [*responses[:-1], "250-PIPELINING", responses[-1]]
+
+
+@pytest.mark.parametrize("lmtp", [True, False])
+def test_pipelined_to_aiosmtpd(lmtp: bool) -> None:
+    """Over STARTTLS for SMTP; LMTP in plaintext (aiosmtpd would have STARTTLS before LHLO)."""
+    ca = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("peer.test").configure_cert(context)
+    handler = PipeliningHandler(
+        lmtp=lmtp, rcpt=lambda r: "550 5.1.1 unknown" if r.startswith("x") else None
+    )
+    connections = nexthop.Connections(idle=60, reuse=100)
+    with peer(handler, tls=None if lmtp else context, require_tls=not lmtp) as (_, port):
+        hop = NextHop(protocol="lmtp" if lmtp else "smtp", host="127.0.0.1", port=port)
+        for n in range(3):
+            outcomes = connections.send(
+                hop,
+                hostname="mx.test",
+                sender="sender@example.net",
+                recipients=[f"a{n}@relay.test", "x@relay.test", f"b{n}@relay.test"],
+                message=BytesIO(MESSAGE),
+                timeout=30,
+            )
+            assert [str(o) for o in outcomes] == [
+                "250 2.0.0 OK",
+                "550 5.1.1 unknown",
+                "250 2.0.0 OK",
+            ]
+        connections.close()
+    assert connections.opened == 1
+    assert [(m.recipients, m.tls, m.content) for m in handler.messages] == [
+        ([f"a{n}@relay.test", f"b{n}@relay.test"], not lmtp, MESSAGE) for n in range(3)
+    ]
 
 
 def test_dsn_and_utf8_parameters_go_in_the_group(peers: list[Peer]) -> None:
