@@ -9,8 +9,11 @@ else the reply to the end of data (LMTP gives one per accepted
 recipient, SMTP one for all).  STARTTLS is used whenever the peer offers
 it, opportunistically: the certificate is not checked, as with Postfix's
 ``smtp_tls_security_level = may`` (a peer that offers no STARTTLS gets the
-message in plaintext).  The message is streamed from the spool,
-dot-stuffed on the way (RFC 5321 4.5.2).  To a next hop that offers DSN
+message in plaintext).  To a peer that offers PIPELINING the RSET of a
+kept connection, MAIL, the RCPTs and DATA go in one write (RFC 2920);
+smtplib connects, greets, says EHLO and STARTTLS and reads the replies.
+The message is streamed from the spool, dot-stuffed on the way (RFC 5321
+4.5.2) a chunk at a time.  To a next hop that offers DSN
 the sender's RET and ENVID go on MAIL, each recipient's NOTIFY and ORCPT
 on its RCPT (RFC 3461 6.1), and the outcomes say so: that hop reports
 successes itself, where one without DSN leaves a "relayed" to us.
