@@ -368,10 +368,7 @@ def test_a_connection_idle_too_long_or_that_erred_is_not_used_again(
 class BrokenOff(BytesIO):
     """A message whose reading fails after its first line (a database gone mid-read)."""
 
-    def __iter__(self) -> BrokenOff:
-        return self
-
-    def __next__(self) -> bytes:
+    def read(self, size: int | None = -1, /) -> bytes:
         if self.tell() > 0:
             raise OSError(5, "cannot read the message: the queue went away")
         return self.readline()

@@ -9,8 +9,11 @@ else the reply to the end of data (LMTP gives one per accepted
 recipient, SMTP one for all).  STARTTLS is used whenever the peer offers
 it, opportunistically: the certificate is not checked, as with Postfix's
 ``smtp_tls_security_level = may`` (a peer that offers no STARTTLS gets the
-message in plaintext).  The message is streamed from the spool,
-dot-stuffed on the way (RFC 5321 4.5.2).  To a next hop that offers DSN
+message in plaintext).  To a peer that offers PIPELINING the RSET of a
+kept connection, MAIL, the RCPTs and DATA go in one write (RFC 2920);
+smtplib connects, greets, says EHLO and STARTTLS and reads the replies.
+The message is streamed from the spool, dot-stuffed on the way (RFC 5321
+4.5.2) a chunk at a time.  To a next hop that offers DSN
 the sender's RET and ENVID go on MAIL, each recipient's NOTIFY and ORCPT
 on its RCPT (RFC 3461 6.1), and the outcomes say so: that hop reports
 successes itself, where one without DSN leaves a "relayed" to us.
@@ -177,9 +180,12 @@ class Connections:
         )
         kept = self._take(hop)
         if kept is not None:
-            if _reset(kept.client):
-                return self._use(hop, kept, transaction, len(recipients))
-            _close(kept.client)
+            outcomes = self._use(hop, kept, transaction, len(recipients), reset=True)
+            if outcomes is not None:
+                return outcomes
+            # Found dead by its RSET, before any of the message went: once
+            # more on a new connection.
+            message.seek(start)
         for tls in (True, False):
             message.seek(start)
             try:
@@ -203,20 +209,29 @@ class Connections:
                 return [failure] * len(recipients)
             with self._lock:
                 self.opened += 1
-            return self._use(hop, _Kept(client, 0.0, 0), transaction, len(recipients))
+            outcomes = self._use(hop, _Kept(client, 0.0, 0), transaction, len(recipients))
+            assert outcomes is not None  # only a reset finds a connection stale
+            return outcomes
         raise AssertionError("unreachable: plaintext raises no handshake failure")
 
     def _use(
         self,
         hop: NextHop,
         kept: _Kept,
-        transaction: Callable[..., None],
+        transaction: Callable[..., bool],
         count: int,
-    ) -> list[Outcome]:
+        *,
+        reset: bool = False,
+    ) -> list[Outcome] | None:
+        """The outcomes of ``transaction`` over ``kept``; with ``reset``
+        (a kept connection), None when its RSET found it dead."""
         outcomes: list[Outcome | None] = [None] * count
-        healthy = True
         try:
-            transaction(kept.client, outcomes=outcomes)
+            healthy = transaction(kept.client, outcomes=outcomes, reset=reset)
+        except _Stale as exc:
+            log.debug("%s: kept connection no longer usable: %s", describe(hop), exc)
+            kept.client.close()
+            return None
         except (OSError, smtplib.SMTPException) as exc:
             healthy = False
             failure = Outcome(451, f"4.4.2 {describe(hop)}: {_reason(exc)}")
@@ -347,15 +362,6 @@ def _close(client: smtplib.SMTP) -> None:
         client.close()
 
 
-def _reset(client: smtplib.SMTP) -> bool:
-    """RSET on a kept connection: whether it is alive and ready for a transaction."""
-    try:
-        code, _ = client.docmd("RSET")
-    except (OSError, smtplib.SMTPException):
-        return False
-    return code == 250
-
-
 def _connect(
     hop: NextHop, *, hostname: str, timeout: float, connect_timeout: float, tls: bool
 ) -> smtplib.SMTP:
@@ -407,18 +413,18 @@ def _transaction(
     body: str | None,
     dsn: _DsnParameters,
     outcomes: list[Outcome | None],
-) -> None:
-    def all_get(outcome: Outcome) -> None:
-        for i, current in enumerate(outcomes):
-            if current is None:
-                outcomes[i] = outcome
+    reset: bool,
+) -> bool:
+    """One transaction; ``outcomes`` filled in as replies come.  Whether
+    the connection may carry another message.  With ``reset`` an RSET goes
+    first, and raises _Stale when it finds the connection dead."""
 
     options = ""
     client.command_encoding = "ascii"
     if smtputf8:
         if not client.has_extn("smtputf8"):
-            all_get(Outcome(550, "5.6.7 The next hop does not support SMTPUTF8"))
-            return
+            _all_get(outcomes, Outcome(550, "5.6.7 The next hop does not support SMTPUTF8"))
+            return True
         client.command_encoding = "utf-8"
         options += " SMTPUTF8"
     if body == "8BITMIME" and client.has_extn("8bitmime"):
@@ -426,24 +432,17 @@ def _transaction(
     offers_dsn = client.has_extn("dsn")
     if offers_dsn:
         options += dsn.mail()
-    code, text = client.docmd("MAIL", f"FROM:<{sender}>{options}")
-    if code != 250:
-        all_get(_outcome(code, text, "MAIL"))
-        return
-    accepted: list[int] = []
-    for i, recipient in enumerate(recipients):
-        rcpt_options = dsn.rcpt(i) if offers_dsn else ""
-        code, text = client.docmd("RCPT", f"TO:<{recipient}>{rcpt_options}")
-        if code in (250, 251):
-            accepted.append(i)
-        else:
-            outcomes[i] = _outcome(code, text, "RCPT")
+    mail = f"FROM:<{sender}>{options}"
+    rcpts = [
+        f"TO:<{recipient}>{dsn.rcpt(i) if offers_dsn else ''}"
+        for i, recipient in enumerate(recipients)
+    ]
+    group = _pipelined if client.has_extn("pipelining") else _lockstep
+    accepted = group(client, reset=reset, mail=mail, rcpts=rcpts, outcomes=outcomes)
+    if accepted is None:
+        return False
     if not accepted:
-        return
-    code, text = client.docmd("DATA")
-    if code != 354:
-        all_get(_outcome(code, text, "DATA"))
-        return
+        return True
     assert client.sock is not None
     last = b""
     for chunk in dot_stuffed(message):
@@ -459,12 +458,140 @@ def _transaction(
             outcomes[i] = _outcome(code, text, "end of data")
     else:
         code, text = client.getreply()
-        all_get(_outcome(code, text, "end of data"))
+        _all_get(outcomes, _outcome(code, text, "end of data"))
     if offers_dsn:
         for i in accepted:
             outcome = outcomes[i]
             if outcome is not None:
                 outcomes[i] = replace(outcome, hop_dsn=True)
+    return True
+
+
+class _Stale(Exception):
+    """A kept connection that did not take its RSET: closed, or 421, or
+    worse.  Nothing of the message went over it."""
+
+
+def _lockstep(
+    client: smtplib.SMTP,
+    *,
+    reset: bool,
+    mail: str,
+    rcpts: Sequence[str],
+    outcomes: list[Outcome | None],
+) -> list[int] | None:
+    """RSET, MAIL, each RCPT and DATA, each waiting for its reply, to a
+    peer that does not offer PIPELINING.  The recipients accepted once DATA
+    got its 354, in order; [] when the data is not to be sent."""
+    if reset:
+        try:
+            code, text = client.docmd("RSET")
+        except (OSError, smtplib.SMTPException) as exc:
+            raise _Stale(_reason(exc)) from exc
+        if code != 250:
+            raise _Stale(f"{code} {text.decode('utf-8', 'replace')}")
+    code, text = client.docmd("MAIL", mail)
+    if code != 250:
+        _all_get(outcomes, _outcome(code, text, "MAIL"))
+        return []
+    accepted: list[int] = []
+    for i, rcpt in enumerate(rcpts):
+        code, text = client.docmd("RCPT", rcpt)
+        if code in (250, 251):
+            accepted.append(i)
+        else:
+            outcomes[i] = _outcome(code, text, "RCPT")
+    if not accepted:
+        return []
+    code, text = client.docmd("DATA")
+    if code != 354:
+        _all_get(outcomes, _outcome(code, text, "DATA"))
+        return []
+    return accepted
+
+
+def _pipelined(
+    client: smtplib.SMTP,
+    *,
+    reset: bool,
+    mail: str,
+    rcpts: Sequence[str],
+    outcomes: list[Outcome | None],
+) -> list[int] | None:
+    """RSET (on a kept connection), MAIL, the RCPTs and DATA in one write,
+    their replies read in order: RFC 2920 3.1, "the DATA command ... MUST
+    be the last in the group" when the peer offers PIPELINING.  Returns
+    as :func:`_lockstep` does; None when the connection is not to carry
+    another message."""
+    assert client.sock is not None
+    commands = [("MAIL", mail), *(("RCPT", rcpt) for rcpt in rcpts), ("DATA", "")]
+    if reset:
+        commands.insert(0, ("RSET", ""))
+    group = b"".join(_command_line(client, verb, argument) for verb, argument in commands)
+    try:
+        client.sock.sendall(group)
+        if reset:
+            code, text = client.getreply()
+    except (OSError, smtplib.SMTPException) as exc:
+        if reset:
+            raise _Stale(_reason(exc)) from exc
+        raise
+    if reset and code != 250:
+        raise _Stale(f"{code} {text.decode('utf-8', 'replace')}")
+
+    code, text = client.getreply()
+    if code == 421:  # RFC 5321 3.8: the peer closes; no more replies come
+        _all_get(outcomes, _outcome(code, text, "MAIL"))
+        return None
+    mail_refused = None if code == 250 else _outcome(code, text, "MAIL")
+    accepted: list[int] = []
+    for i in range(len(rcpts)):
+        code, text = client.getreply()
+        if code == 421:
+            _all_get(outcomes, _outcome(code, text, "RCPT"))
+            return None
+        if mail_refused is not None:
+            continue  # the RCPTs of a refused MAIL fail for its reason
+        if code in (250, 251):
+            accepted.append(i)
+        else:
+            outcomes[i] = _outcome(code, text, "RCPT")
+    code, text = client.getreply()
+    if code == 421:
+        _all_get(outcomes, _outcome(code, text, "DATA"))
+        return None
+    if mail_refused is not None:
+        _all_get(outcomes, mail_refused)
+    if code != 354:
+        if accepted and mail_refused is None:
+            _all_get(outcomes, _outcome(code, text, "DATA"))
+        return []
+    if accepted and mail_refused is None:
+        return accepted
+    # A 354 with no recipient (RFC 2920 3.1 foresees it): an empty message
+    # ends the data, and its refusal is expected.  An LMTP peer owes no
+    # reply for no recipient (RFC 2033 4.2), and should have refused DATA:
+    # it is not trusted with another message.
+    client.sock.sendall(b".\r\n")
+    if isinstance(client, smtplib.LMTP):
+        return None
+    client.getreply()
+    return []
+
+
+def _command_line(client: smtplib.SMTP, verb: str, argument: str) -> bytes:
+    """A command as smtplib's putcmd writes it, and refused for the same reason."""
+    line = f"{verb} {argument}" if argument else verb
+    if "\r" in line or "\n" in line:
+        raise ValueError(f"command and arguments contain prohibited newline characters: {line!r}")
+    return f"{line}\r\n".encode(client.command_encoding)
+
+
+def _all_get(outcomes: list[Outcome | None], outcome: Outcome) -> None:
+    """``outcome`` for each recipient that has none yet."""
+    for i, current in enumerate(outcomes):
+        if current is None:
+            outcomes[i] = outcome
 
 
 def _outcome(code: int, text: bytes, after: str) -> Outcome:
@@ -491,15 +618,39 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def dot_stuffed(message: BinaryIO) -> Iterator[bytes]:
-    """The message with CRLF line ends and leading dots doubled, in chunks."""
-    buffer = bytearray()
-    for line in message:
-        if line.startswith(b"."):
-            buffer += b"."
-        buffer += line.removesuffix(b"\n").removesuffix(b"\r") + b"\r\n"
-        if len(buffer) >= _CHUNK:
-            yield bytes(buffer)
-            buffer.clear()
-    if buffer:
-        yield bytes(buffer)
+def dot_stuffed(message: BinaryIO, chunk_size: int = _CHUNK) -> Iterator[bytes]:
+    """The message with CRLF line ends and leading dots doubled (RFC 5321
+    4.5.2), in chunks of about ``chunk_size``.
+
+    Each chunk read is cut after its last line end; the whole lines are
+    changed with bytes methods, at C speed: every line end becomes CRLF
+    (a CR before an LF is the line end's own, any other CR stays), and a
+    "." that starts a line is doubled.  The rest of a line waits for the
+    next read.  A last line without its end gets one.
+    """
+    pending = b""  # the start of a line not yet ended
+    within = False  # whether pending's octets follow some of its line already sent
+    while chunk := message.read(chunk_size):
+        data = pending + chunk if pending else chunk
+        cut = data.rfind(b"\n") + 1
+        if cut == 0:
+            # A line longer than a chunk: sent on but for a last CR, which
+            # may be its end's.
+            keep = 1 if data.endswith(b"\r") else 0
+            part, pending = data[: len(data) - keep], data[len(data) - keep :]
+            if part:
+                yield b"." + part if not within and part.startswith(b".") else part
+                within = True
+            continue
+        lines, pending = data[:cut], data[cut:]
+        # Mail comes in with CRLF line ends, base64 has no dot: both checks
+        # cost less than the replaces they spare.
+        if lines.count(b"\n") != lines.count(b"\r\n"):
+            lines = lines.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        if b"." in lines:
+            lines = lines.replace(b"\r\n.", b"\r\n..")
+        yield b"." + lines if not within and lines.startswith(b".") else lines
+        within = False
+    if pending or within:
+        last = pending.removesuffix(b"\r")
+        yield (b"." + last if not within and last.startswith(b".") else last) + b"\r\n"
