@@ -447,10 +447,13 @@ class ServerConnection:
             self._discarding_line = False
             self._reply(replies.LINE_TOO_LONG)
             return True
-        if not line.endswith(b"\r\n") or b"\r" in line[:-2]:
+        # find, not "in": for bytes, "in" first tries its operand as an
+        # integer (a byte's value), and raises and drops a TypeError for
+        # every bytes operand (CPython's _Py_bytes_contains).
+        if not line.endswith(b"\r\n") or line.find(b"\r", 0, -2) >= 0:
             self._reply(replies.BARE_LINE_END_IN_COMMAND)
             return True
-        if b"\0" in line:
+        if line.find(b"\0") >= 0:
             self._reply(replies.NUL_IN_COMMAND)
             return True
         try:
