@@ -12,8 +12,9 @@ what a change to the fast path is judged by::
     .venv/bin/python bench/cpu.py --postgres --src A/src --src B/src   # A/B, alternating
 
 Each repetition starts a fresh smtpd (served as ``nobody``), sends
-``--count`` messages, and prints msg/s and CPU milliseconds per message;
-the last line gives the medians.  With ``--postgres`` smtpd is one node
+``--count`` messages, and prints msg/s and CPU milliseconds per message,
+in all and by role (the supervisor, the workers, their commit processes);
+the last lines give the medians.  With ``--postgres`` smtpd is one node
 on a PostgreSQL the run starts (as ``bench/run.py --postgres`` does), and
 the CPU is smtpd's and the database's (the postmaster and every backend,
 those that exited too), each given, beside the transactions that wrote
@@ -164,6 +165,8 @@ def measure(
             database_before = tree_cpu_seconds(database.root_pid(), reaped=True)
             counted_before = database.counts()
             roles_before = smtpd_roles(server.root_pid()) | database_roles(database.root_pid())
+        else:
+            roles_before = smtpd_roles(server.root_pid())
         before = tree_cpu_seconds(server.root_pid())
         run = smtp_source(server.port, size=size, count=count, sessions=sessions, reuse=reuse)
         after = tree_cpu_seconds(server.root_pid())
@@ -175,10 +178,12 @@ def measure(
             cost.transactions = (counted_after[0] - counted_before[0]) / count
             cost.statements = (counted_after[1] - counted_before[1]) / count
             roles_after = smtpd_roles(server.root_pid()) | database_roles(database.root_pid())
-            cost.roles = {
-                role: (seconds - roles_before.get(role, 0.0)) / count * 1000
-                for role, seconds in roles_after.items()
-            }
+        else:
+            roles_after = smtpd_roles(server.root_pid())
+        cost.roles = {
+            role: (seconds - roles_before.get(role, 0.0)) / count * 1000
+            for role, seconds in roles_after.items()
+        }
     finally:
         server.stop()
         if database is not None:
@@ -193,6 +198,7 @@ def _line(cost: Cost, postgres: bool) -> str:
             f" (smtpd {cost.smtpd:.2f}, database {cost.database:.2f});"
             f" {cost.transactions:.2f} transactions, {cost.statements:.2f} statements a message"
         )
+    if cost.roles:
         line += "\n  ms a message: " + ", ".join(
             f"{role} {ms:.3f}" for role, ms in cost.roles.items()
         )

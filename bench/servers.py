@@ -227,9 +227,12 @@ class Mmdf(_OneProcess):
         name: str = "mmdf-smtp",
         metrics: bool = False,
         uvloop: bool = True,
+        wrapper: Sequence[str] = (),
     ) -> None:
+        """``wrapper``: a command that runs smtpd (valgrind, say)."""
         super().__init__(directory)
         self.config = directory / "mmdf.toml"
+        self.wrapper = list(wrapper)
         self.uvloop = uvloop  # False: asyncio's own loop, as `pip install .` without [fast]
         self.maxconnects = maxconnects
         self.src = src
@@ -278,6 +281,7 @@ deliver_at_commit = false
         self.config.write_text(self.config_text())
         self.process = subprocess.Popen(
             [
+                *self.wrapper,
                 sys.executable,
                 "-m",
                 "mmdf_smtp.cli.smtpd",

@@ -151,7 +151,9 @@ class Service:
             limits=self.config.limits,
             tls_available=self.tls_context is not None,
             filters=filters,
-            staging_directory=str(self.config.spool / "tmp"),
+            # Only filters that read the content stage it; a path join costs a
+            # session more than its identification does.
+            staging_directory=str(self.config.spool / "tmp") if filters is not None else None,
         )
 
 

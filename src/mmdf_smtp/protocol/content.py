@@ -57,7 +57,8 @@ class ContentChecker:
             self.problem = replies.MESSAGE_TOO_BIG
             return
         self._check_line_ends(block)
-        if self.problem is None and not self._limits.allow_nul and b"\0" in block:
+        # find, not "in", as in the command reader (connection.py).
+        if self.problem is None and not self._limits.allow_nul and block.find(b"\0") >= 0:
             self.problem = replies.NUL_IN_DATA
         self._check_line_lengths(block)
         if self._in_headers:

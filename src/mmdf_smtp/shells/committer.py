@@ -375,24 +375,28 @@ class CommitProcess:
         self._loop.remove_writer(self._sock.fileno())
 
     def _read(self) -> None:
+        # One datagram a call: the loop calls again while more are waiting,
+        # and a read until EAGAIN would cost a system call and an exception
+        # for each batch's outcomes, most often the only datagram there.
+        if self._closed:
+            return
+        try:
+            size = self._sock.recv_into(self._input)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._broken(exc)
+            return
+        if not size:
+            self._broken(None)
+            return
         with memoryview(self._input) as view:
-            while not self._closed:
-                try:
-                    size = self._sock.recv_into(self._input)
-                except BlockingIOError:
-                    return
-                except OSError as exc:
-                    self._broken(exc)
-                    return
-                if not size:
-                    self._broken(None)
-                    return
-                for number, _, outcome in _records(view[:size]):
-                    if len(outcome) > 1 and outcome[:1] == _COMMITTED:
-                        _delivered(Report.from_bytes(outcome[1:]))
-                    job = self._pending.pop(number, None)
-                    if job is not None:
-                        job[0](_result(outcome))
+            for number, _, outcome in _records(view[:size]):
+                if len(outcome) > 1 and outcome[:1] == _COMMITTED:
+                    _delivered(Report.from_bytes(outcome[1:]))
+                job = self._pending.pop(number, None)
+                if job is not None:
+                    job[0](_result(outcome))
 
     def _broken(self, exc: OSError | None) -> None:
         """The commit process is gone, or its socket broke: once it has
