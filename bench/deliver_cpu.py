@@ -9,6 +9,8 @@ pass over the queue, as ``deliver --once`` does, with
     .venv/bin/python bench/deliver_cpu.py                     # 1 KiB and 100 KiB
     .venv/bin/python bench/deliver_cpu.py --size 1024 --count 5000
     .venv/bin/python bench/deliver_cpu.py --src A/src --src B/src   # A/B, alternating
+    .venv/bin/python bench/deliver_cpu.py --arriving   # new mail, as end to end: no state written
+    .venv/bin/python bench/deliver_cpu.py --set 'concurrency = 8'   # a [deliver] setting
     .venv/bin/python bench/deliver_cpu.py --profile stacks.txt      # py-spy of deliver
 
 Each line gives msg/s and the CPU milliseconds a message of deliver (its
@@ -86,12 +88,17 @@ def child(args: argparse.Namespace) -> int:
         f'hostname = "mx.bench"\nspool = "{directory / "spool"}"\n'
         'local_domains = ["local.bench"]\n\n'
         f'[deliver]\nnext_hop = "lmtp:127.0.0.1:{args.port}"\n'
+        + "".join(f"{setting}\n" for setting in args.set or ())
     )
     config = load(str(config_path))
     spool = Spool(config.spool)
     spool.prepare()
     from datetime import UTC, datetime
 
+    if args.arriving:
+        # The deliverer's first claim (of nothing) marks where the queue stood
+        # when it started: what is queued after it is new mail, never tried.
+        spool.claim(0, datetime.now(UTC))
     for n in range(args.count):
         writer = spool.open(
             Envelope(
@@ -159,7 +166,17 @@ def top_of(collapsed: Path, lines: int = 15) -> str:
     return "\n".join(f"{100 * n / total:5.1f}%  {frame}" for frame, n in ranked)
 
 
-def measure(top: Path, src: Path, sink: LmtpSink, *, count: int, size: int, profile: str) -> Cost:
+def measure(
+    top: Path,
+    src: Path,
+    sink: LmtpSink,
+    *,
+    count: int,
+    size: int,
+    profile: str,
+    settings: list[str],
+    arriving: bool,
+) -> Cost:
     directory = Path(tempfile.mkdtemp(prefix="deliver-", dir=top))
     env = dict(os.environ, PYTHONPATH=str(src) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     assert sink.process is not None
@@ -167,6 +184,10 @@ def measure(top: Path, src: Path, sink: LmtpSink, *, count: int, size: int, prof
     sink_before = _cpu_seconds(sink.process.pid)
     argv = [sys.executable, __file__, "--child", str(directory), "--port", str(sink.port)]
     argv += ["--count", str(count), "--size", str(size)]
+    for setting in settings:
+        argv += ["--set", setting]
+    if arriving:
+        argv.append("--arriving")
     if profile:
         argv += ["--profile", profile]
         Path(profile).unlink(missing_ok=True)
@@ -213,6 +234,19 @@ def main() -> int:
     parser.add_argument(
         "--profile", default="", help="py-spy deliver's pass (collapsed stacks) into this file"
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="a line for deliver's [deliver] table, e.g. 'concurrency = 8' (repeatable)",
+    )
+    parser.add_argument(
+        "--arriving",
+        action="store_true",
+        help="the messages come after deliver started, as in the end-to-end cases"
+        " (never tried: sent with no delivery state written); by default they were"
+        " queued before, and each gets its state recorded first",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -244,7 +278,16 @@ def main() -> int:
             costs: dict[Path, list[Cost]] = {src: [] for src in sources}
             for _ in range(args.repeat):
                 for src in sources:
-                    cost = measure(top, src, sink, count=count, size=size, profile=args.profile)
+                    cost = measure(
+                        top,
+                        src,
+                        sink,
+                        count=count,
+                        size=size,
+                        profile=args.profile,
+                        settings=args.set or [],
+                        arriving=args.arriving,
+                    )
                     costs[src].append(cost)
                     where_from = f"{src}: " if len(sources) > 1 else ""
                     print(where_from + _line(cost), flush=True)

@@ -14,8 +14,10 @@ taken yet; its state is recorded once, after the attempt, and not at all
 when the attempt finishes it (the commonest case: two fsyncs and an
 unlink a message fewer).  A crash in that attempt leaves no state, and
 the next deliverer, which counts the message among those queued before
-it started, looks for each copy before it writes it.  The second, for
-the recipients left for the next hop,
+it started, looks for each copy before it writes it.  Such a message
+whose every destination is the next hop's has nothing to do in the
+first step but find them: that is done where it is claimed, not in the
+pool.  The second, for the recipients left for the next hop,
 waits for a free place among the hop's ``destination_concurrency_limit``
 (never more than ``concurrency`` less one), so that a slow or dead hop
 holds only those places: local mail and new mail go on beside it.  The
@@ -275,6 +277,17 @@ class Runner:
 
             pool.submit(step_and_report)
 
+        def wait_for_hop(work: _Work) -> None:
+            """Into the next hop's backlog, or back to the queue when it is full."""
+            nonlocal held, hop_busy_until
+            if len(to_hop) >= _BACKLOG_PER_SLOT * self.concurrency:
+                hop_busy_until = self._clock() + HOP_BUSY_WAIT
+                log.debug("id=%s: the next hop's backlog is full", work.lease.id)
+                self._give_back(work.lease, hop_busy_until)
+                held -= 1
+            else:
+                to_hop.append(work)
+
         try:
             while True:
                 while not results.empty():
@@ -291,13 +304,8 @@ class Runner:
                         retry = timedelta(seconds=self.config.deliver.retry_min)
                         self._give_back(work.lease, self._clock() + retry)
                         held -= 1
-                    elif len(to_hop) >= _BACKLOG_PER_SLOT * self.concurrency:
-                        hop_busy_until = self._clock() + HOP_BUSY_WAIT
-                        log.debug("id=%s: the next hop's backlog is full", work.lease.id)
-                        self._give_back(work.lease, hop_busy_until)
-                        held -= 1
                     else:
-                        to_hop.append(work)
+                        wait_for_hop(work)
                 stopping = self._stopping()
                 if stopping:
                     while to_hop:
@@ -333,8 +341,12 @@ class Runner:
                         flush_all, flush_these = False, set()
                     for lease in leases:
                         held += 1
-                        running += 1
-                        submit(self._local_step, _Work(lease))
+                        work = _Work(lease)
+                        if self._for_the_hop_alone(work):
+                            wait_for_hop(work)
+                        else:
+                            running += 1
+                            submit(self._local_step, work)
                     claimed = len(leases)
                 if stopping and running == 0:
                     break
@@ -349,7 +361,9 @@ class Runner:
                         log.warning("cannot read the queue, trying again: %s", exc)
                         next_due = unreachable_until = now + QUEUE_RETRY
                 more_now = next_due is not None and next_due <= now
-                if (claimed == room and room > 0) or (more_now and room > claimed):
+                # Claimed for the hop alone, with a place free at it: sent next.
+                hop_free = bool(to_hop) and running < self.concurrency and at_hop < self.hop_limit
+                if (claimed == room and room > 0) or (more_now and room > claimed) or hop_free:
                     timeout: float | None = 0.0
                 elif backlog_full and not stalled:
                     timeout = HOP_STALL  # a step's end, or the hop found stalled
@@ -427,6 +441,28 @@ class Runner:
         work.finished = True
         self._give_back(lease, self._clock() + timedelta(seconds=self.config.deliver.retry_min))
 
+    def _for_the_hop_alone(self, work: _Work) -> bool:
+        """The first step in place, for a new message whose every destination
+        is the next hop's: then it records nothing and delivers nothing, and
+        a turn through the pool (two thread hand-overs, each contending for
+        the interpreter's lock) would cost more than the step.  Whether it
+        was; if not, ``work.state`` holds the destinations if they were
+        found, for the first step to take."""
+        lease = work.lease
+        if lease.state is not None or not _unattempted(lease):
+            return False
+        try:
+            state = self.expand(lease.envelope)
+        except Exception:  # the pool's step meets it again, and says so
+            return False
+        work.state = state
+        due = _due(state, self._clock())
+        if not due or any(_is_local(state, i) for i in due):
+            return False
+        work.remote = due
+        work.unrecorded = True
+        return True
+
     def _deliver_local(self, work: _Work) -> None:
         """The first step: the list of destinations recorded, the local ones delivered."""
         lease = work.lease
@@ -434,7 +470,7 @@ class Runner:
         state = lease.state
         unrecorded = state is None
         if state is None:
-            state = self.expand(envelope)
+            state = work.state if work.state is not None else self.expand(envelope)
             if not _unattempted(lease):
                 lease.record(state)
                 unrecorded = False
