@@ -486,9 +486,22 @@ def test_recovery_finishes_a_commit_into_hold_and_keeps_held_states(tmp_path: Pa
     # Young, it may be a commit's whose file is yet to come: kept.
     assert spool.forget_orphans() == []
     assert orphan.exists()
-    later = orphan.stat().st_mtime + ORPHAN_AGE + 1
+    later = orphan.stat().st_ctime + ORPHAN_AGE + 1
     assert spool.forget_orphans(now=later) == ["f" * 26]
     assert (spool.state / writer.id).exists()
+
+
+def test_a_temporary_state_goes_once_its_writer_is_gone(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    spool.prepare()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    stale = spool.state / f".{'e' * 26}.{gone.pid}.1"
+    live = spool.state / f".{'d' * 26}.{os.getpid()}.1"
+    for path in (stale, live):
+        path.write_text("{")
+    assert spool.forget_orphans() == [stale.name]
+    assert live.exists()
 
 
 def test_deliver_holds_a_message_and_the_administrator_does_not_wait_for_ever(

@@ -243,6 +243,19 @@ class MessageClaim:
         self.close()
 
 
+def _writer_alive(temporary: str) -> bool:
+    """Whether the process that named a temporary state (``.ID.PID.THREAD``,
+    :meth:`Spool.write_state`) still runs."""
+    try:
+        pid = int(temporary.split(".")[2])
+        os.kill(pid, 0)
+    except (IndexError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True  # another user's: it exists
+    return True
+
+
 def _still_at(fd: int, path: str) -> bool:
     """Whether ``path`` still names the file open at ``fd`` (a lock is on the
     file, and it may have been moved or removed before the lock was had)."""
@@ -1295,15 +1308,17 @@ class Spool:
         return SpoolLease(self, work, queue_id, fd, envelope=envelope, state=state)
 
     def forget_orphans(self, now: float | None = None) -> list[str]:
-        """Remove states whose message is gone and temporary states a crash
-        left, once they are :data:`ORPHAN_AGE` old.
+        """Remove states whose message is gone, once :data:`ORPHAN_AGE` old,
+        and temporary states a crash left.
 
-        deliver runs this at start-up, before its first pass.  The age is
-        what keeps it from a state whose message is being committed at that
-        moment: smtpd's commit process (local copies written at commit
-        time) and :meth:`adopt` write a message's state before its file,
-        and a state removed in between would have those copies written
-        again.  ``now``: the clock's time, for the tests.
+        deliver runs this at start-up, before its first pass.  The age (from
+        the file's ctime: its mtime is when the message is next due) keeps
+        it from a state whose message is being committed at that moment:
+        smtpd's commit process (local copies written at commit time) and
+        :meth:`adopt` write a message's state before its file, and a state
+        removed in between would have those copies written again.  A
+        temporary state goes at once when its writer's process is gone.
+        ``now``: the clock's time, for the tests.
         """
         removed: list[str] = []
         young = (time.time() if now is None else now) - ORPHAN_AGE
@@ -1317,12 +1332,14 @@ class Spool:
         with entries:
             for entry in entries:
                 name = entry.name
-                if _ID.fullmatch(name) and (
+                temporary = not _ID.fullmatch(name)
+                if not temporary and (
                     os.path.exists(self._in_queue + name) or os.path.exists(self._in_hold + name)
                 ):
                     continue
                 with contextlib.suppress(FileNotFoundError):
-                    if entry.stat().st_mtime <= young:
+                    old = entry.stat().st_ctime <= young
+                    if old or (temporary and not _writer_alive(name)):
                         os.unlink(entry.path)
                         removed.append(name)
         return removed
