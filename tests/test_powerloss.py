@@ -439,9 +439,13 @@ def test_power_cut_while_deliver_writes_maildirs_and_states(
             assert process.stderr is not None
             target = rng.randint(1, 20)  # of 120 deliveries (800 with --soak): it stops short
             delivered = 0
+            said: list[str] = []  # deliver's log, for the message of a failure
             while delivered < target:
                 line = process.stderr.readline().decode()
-                assert line, f"deliver ended ({process.wait()}) before {target} deliveries"
+                said.append(line)
+                assert line, (
+                    f"deliver ended ({process.wait()}) before {target} deliveries: {said[-5:]}"
+                )
                 assert "Traceback" not in line, line
                 delivered += "status=delivered" in line
             time.sleep(rng.uniform(0, 0.05))

@@ -1337,11 +1337,16 @@ class Spool:
                     os.path.exists(self._in_queue + name) or os.path.exists(self._in_hold + name)
                 ):
                     continue
-                with contextlib.suppress(FileNotFoundError):
+                try:
                     old = entry.stat().st_ctime <= young
                     if old or (temporary and not _writer_alive(name)):
                         os.unlink(entry.path)
                         removed.append(name)
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    # A clean-up: what it cannot do waits for the next start.
+                    log.warning("cannot remove the delivery state %s: %s", name, exc)
         return removed
 
     def open_message(self, queue_id: str) -> BinaryIO:
