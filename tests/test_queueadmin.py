@@ -25,7 +25,7 @@ from mmdf_smtp.cli import checkque as checkque_module
 from mmdf_smtp.cli.checkque import LONGEST, duration
 from mmdf_smtp.milter import codec
 from mmdf_smtp.queue import Envelope, MessageBusy
-from mmdf_smtp.queue.spool import IN_MEMORY, ORPHAN_AGE, MessageClaim, Spool
+from mmdf_smtp.queue.spool import IN_MEMORY, MessageClaim, Spool
 from peer import Handler, peer
 from test_deliver_wire import BODY, configure, deliver_command, maildir_messages
 from test_submit_milters import milter
@@ -481,27 +481,8 @@ def test_recovery_finishes_a_commit_into_hold_and_keeps_held_states(tmp_path: Pa
     spool.recover()
     assert spool.held_ids() == [writer.id]
     (spool.state / writer.id).write_text('{"recipients": []}\n')
-    orphan = spool.state / ("f" * 26)
-    orphan.write_text('{"recipients": []}\n')
-    # Young, it may be a commit's whose file is yet to come: kept.
-    assert spool.forget_orphans() == []
-    assert orphan.exists()
-    later = orphan.stat().st_ctime + ORPHAN_AGE + 1
-    assert spool.forget_orphans(now=later) == ["f" * 26]
-    assert (spool.state / writer.id).exists()
-
-
-def test_a_temporary_state_goes_once_its_writer_is_gone(tmp_path: Path) -> None:
-    spool = Spool(tmp_path / "spool")
-    spool.prepare()
-    gone = subprocess.Popen(["true"])
-    gone.wait()
-    stale = spool.state / f".{'e' * 26}.{gone.pid}.1"
-    live = spool.state / f".{'d' * 26}.{os.getpid()}.1"
-    for path in (stale, live):
-        path.write_text("{")
-    assert spool.forget_orphans() == [stale.name]
-    assert live.exists()
+    (spool.state / ("f" * 26)).write_text('{"recipients": []}\n')
+    assert spool.forget_orphans() == ["f" * 26]
 
 
 def test_deliver_holds_a_message_and_the_administrator_does_not_wait_for_ever(

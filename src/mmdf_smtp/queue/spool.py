@@ -122,9 +122,6 @@ _BUFFER = 256 * 1024
 # What smtpd's sessions hold in memory before a message gets its file
 # (envelope included): a smaller one is written whole at its commit.
 IN_MEMORY = 64 * 1024
-# A state without its message is removed only once this old (seconds): a
-# commit in progress writes the state before the file (Spool.forget_orphans).
-ORPHAN_AGE = 3600
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 # A message file's mode says whether it is queued: one being committed is
 # not readable, so deliver and checkque pass it by (Spool.ids).
@@ -241,19 +238,6 @@ class MessageClaim:
 
     def __exit__(self, *_: object) -> None:
         self.close()
-
-
-def _writer_alive(temporary: str) -> bool:
-    """Whether the process that named a temporary state (``.ID.PID.THREAD``,
-    :meth:`Spool.write_state`) still runs."""
-    try:
-        pid = int(temporary.split(".")[2])
-        os.kill(pid, 0)
-    except (IndexError, ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True  # another user's: it exists
-    return True
 
 
 def _still_at(fd: int, path: str) -> bool:
@@ -1307,21 +1291,13 @@ class Spool:
         work.held.add(queue_id)
         return SpoolLease(self, work, queue_id, fd, envelope=envelope, state=state)
 
-    def forget_orphans(self, now: float | None = None) -> list[str]:
-        """Remove states whose message is gone, once :data:`ORPHAN_AGE` old,
-        and temporary states a crash left.
+    def forget_orphans(self) -> list[str]:
+        """Remove states whose message is gone and temporary states a crash left.
 
-        deliver runs this at start-up, before its first pass.  The age (from
-        the file's ctime: its mtime is when the message is next due) keeps
-        it from a state whose message is being committed at that moment:
-        smtpd's commit process (local copies written at commit time) and
-        :meth:`adopt` write a message's state before its file, and a state
-        removed in between would have those copies written again.  A
-        temporary state goes at once when its writer's process is gone.
-        ``now``: the clock's time, for the tests.
+        Only deliver writes states; it runs this at start-up, before its
+        first pass.
         """
         removed: list[str] = []
-        young = (time.time() if now is None else now) - ORPHAN_AGE
         try:
             entries = os.scandir(self.state)
         except FileNotFoundError:
@@ -1332,21 +1308,13 @@ class Spool:
         with entries:
             for entry in entries:
                 name = entry.name
-                temporary = not _ID.fullmatch(name)
-                if not temporary and (
+                if _ID.fullmatch(name) and (
                     os.path.exists(self._in_queue + name) or os.path.exists(self._in_hold + name)
                 ):
                     continue
-                try:
-                    old = entry.stat().st_ctime <= young
-                    if old or (temporary and not _writer_alive(name)):
-                        os.unlink(entry.path)
-                        removed.append(name)
-                except FileNotFoundError:
-                    pass
-                except OSError as exc:
-                    # A clean-up: what it cannot do waits for the next start.
-                    log.warning("cannot remove the delivery state %s: %s", name, exc)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    removed.append(name)
         return removed
 
     def open_message(self, queue_id: str) -> BinaryIO:
