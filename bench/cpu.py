@@ -30,6 +30,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -97,15 +98,54 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def smtpd_roles(root: int) -> dict[str, float]:
-    """CPU seconds of smtpd's supervisor, its workers and their commit processes."""
-    roles: dict[str, float] = {}
+def _smtpd_processes(root: int) -> Iterator[tuple[str, int]]:
+    """(role, pid) of smtpd's supervisor, its workers and their commit processes."""
     depth = {root: 0}
     for pid in process_tree(root):  # parents before their children
         for child in _children(pid):
             depth[child] = depth[pid] + 1
-        role = {0: "supervisor", 1: "workers", 2: "commit processes"}.get(depth[pid], "other")
+        yield {0: "supervisor", 1: "workers", 2: "commit processes"}.get(depth[pid], "other"), pid
+
+
+def smtpd_roles(root: int) -> dict[str, float]:
+    """CPU seconds of smtpd's supervisor, its workers and their commit processes."""
+    roles: dict[str, float] = {}
+    for role, pid in _smtpd_processes(root):
         roles[role] = roles.get(role, 0.0) + _cpu_of(pid)[0] / _TICKS
+    return roles
+
+
+def _switches_of(pid: int) -> tuple[int, int]:
+    """(voluntary, involuntary) context switches of all of ``pid``'s threads."""
+    waits = preempted = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0, 0
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as file:
+                for line in file:
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        waits += int(line.split()[1])
+                    elif line.startswith("nonvoluntary_ctxt_switches:"):
+                        preempted += int(line.split()[1])
+        except OSError:
+            continue
+    return waits, preempted
+
+
+def smtpd_switches(root: int) -> dict[str, tuple[int, int]]:
+    """Context switches by role: how often each slept (waits) and was preempted.
+
+    A process that sleeps and is woken for each client's command pays for
+    the wake-up each time: this shows why a message costs more CPU with few
+    clients than with many, where one wake-up serves several."""
+    roles: dict[str, tuple[int, int]] = {}
+    for role, pid in _smtpd_processes(root):
+        waits, preempted = _switches_of(pid)
+        before = roles.get(role, (0, 0))
+        roles[role] = (before[0] + waits, before[1] + preempted)
     return roles
 
 
@@ -135,6 +175,8 @@ class Cost:
     transactions: float = 0.0  # that wrote, a message
     statements: float = 0.0  # a message
     roles: dict[str, float] = field(default_factory=dict)  # CPU milliseconds a message
+    # waits and preemptions a message
+    switches: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     @property
     def cpu(self) -> float:
@@ -167,6 +209,7 @@ def measure(
             roles_before = smtpd_roles(server.root_pid()) | database_roles(database.root_pid())
         else:
             roles_before = smtpd_roles(server.root_pid())
+        switches_before = smtpd_switches(server.root_pid())
         before = tree_cpu_seconds(server.root_pid())
         run = smtp_source(server.port, size=size, count=count, sessions=sessions, reuse=reuse)
         after = tree_cpu_seconds(server.root_pid())
@@ -183,6 +226,14 @@ def measure(
         cost.roles = {
             role: (seconds - roles_before.get(role, 0.0)) / count * 1000
             for role, seconds in roles_after.items()
+        }
+        cost.switches = {
+            role: (
+                (waits - switches_before.get(role, (0, 0))[0]) / count,
+                (preempted - switches_before.get(role, (0, 0))[1]) / count,
+            )
+            for role, (waits, preempted) in smtpd_switches(server.root_pid()).items()
+            if role != "supervisor"
         }
     finally:
         server.stop()
@@ -201,6 +252,11 @@ def _line(cost: Cost, postgres: bool) -> str:
     if cost.roles:
         line += "\n  ms a message: " + ", ".join(
             f"{role} {ms:.3f}" for role, ms in cost.roles.items()
+        )
+    if cost.switches:
+        line += "\n  context switches a message (waits + preempted): " + ", ".join(
+            f"{role} {waits:.1f} + {preempted:.1f}"
+            for role, (waits, preempted) in cost.switches.items()
         )
     return line
 
@@ -249,11 +305,18 @@ def main() -> int:
         shutil.rmtree(top, ignore_errors=True)
     for src, runs in costs.items():
         median = Cost(0.0, 0.0)
-        for name in (f.name for f in fields(Cost) if f.name != "roles"):
+        for name in (f.name for f in fields(Cost) if f.name not in ("roles", "switches")):
             setattr(median, name, statistics.median(getattr(run, name) for run in runs))
         median.roles = {
             role: statistics.median(run.roles.get(role, 0.0) for run in runs)
             for role in runs[0].roles
+        }
+        median.switches = {
+            role: (
+                statistics.median(run.switches.get(role, (0.0, 0.0))[0] for run in runs),
+                statistics.median(run.switches.get(role, (0.0, 0.0))[1] for run in runs),
+            )
+            for role in runs[0].switches
         }
         where = f" {src}" if len(sources) > 1 else ""
         print(f"median{where}: " + _line(median, args.postgres))
