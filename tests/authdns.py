@@ -54,6 +54,9 @@ class AuthZone:
     held: set[str] = field(default_factory=set)
     release: threading.Event = field(default_factory=threading.Event)
     arrivals: queue.Queue[str] = field(default_factory=queue.Queue)
+    # The zone's SOA, sent with every answer that has no record (NXDOMAIN and
+    # NODATA): its last field is the negative answers' time to live (RFC 2308 5).
+    soa: str | None = None
 
     def add(self, name: str, rdtype: str, *values: str, ttl: int = 300) -> None:
         kind = rdtype.upper()
@@ -118,6 +121,8 @@ class AuthZone:
                 )
         elif not any(key[0] == name for key in self.records):
             response.set_rcode(dns.rcode.NXDOMAIN)
+        if not response.answer and self.soa is not None:
+            response.authority.append(dns.rrset.from_text("example.", 300, "IN", "SOA", self.soa))
         limit = 65535
         if udp:
             limit = max(query.payload, 512) if query.edns >= 0 else 512

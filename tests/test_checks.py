@@ -32,6 +32,7 @@ from mmdf_smtp.checks import (
     SpfVerdicts,
 )
 from mmdf_smtp.checks.dmarc import evaluate_dmarc, organizational_domain
+from mmdf_smtp.checks.dns import DnsTemporaryError
 from mmdf_smtp.checks.dnsbl import Dnsbl, query_name
 from mmdf_smtp.checks.results import authentication_results, remove_claiming_fields
 from mmdf_smtp.protocol.replies import Reply
@@ -534,6 +535,60 @@ def test_dnsbl_cache_follows_ttl(server: str, zone: AuthZone) -> None:
     assert run(go) == [1, 1, 1]
     # Asked at t=0, answered from the cache at t=29, asked again after 30 s.
     assert zone.queries.count(("5.0.0.127.ttl.example", "A")) - before == 2
+
+
+# --- the resolver's cache ----------------------------------------------------------
+
+
+def test_resolver_keeps_answers_for_their_ttl_and_asks_again_after_a_failure(
+    server: str, zone: AuthZone
+) -> None:
+    zone.add("kept.cache.example", "TXT", "v=spf1 -all", ttl=300)
+    zone.add("fleeting.cache.example", "TXT", "v=spf1 ~all", ttl=0)
+    zone.servfail.add("broken.cache.example")
+
+    async def go(cache_size: int) -> tuple[list[tuple[str, ...]], int]:
+        resolver = Resolver([server], timeout=TIMEOUT, lifetime=2 * TIMEOUT, cache_size=cache_size)
+        texts = []
+        for name in ["kept.cache.example", "fleeting.cache.example"] * 2:
+            texts.append((await resolver.query(name, "TXT")).texts)
+        failures = 0
+        for _ in range(2):
+            with pytest.raises(DnsTemporaryError):
+                await resolver.query("broken.cache.example", "TXT")
+            failures += 1
+        return texts, failures
+
+    def asked(name: str) -> int:
+        return zone.queries.count((name, "TXT"))
+
+    names = ("kept.cache.example", "fleeting.cache.example", "broken.cache.example")
+    before = {name: asked(name) for name in names}
+    texts, failures = run(lambda: go(100))
+    assert texts == [("v=spf1 -all",), ("v=spf1 ~all",)] * 2 and failures == 2
+    # The record is asked once; one with no time to live, and a failure, each time.
+    assert [asked(name) - before[name] for name in names] == [1, 2, 2]
+
+    before = {name: asked(name) for name in names}
+    run(lambda: go(0))  # no cache: every look-up is a query
+    assert [asked(name) - before[name] for name in names] == [2, 2, 2]
+
+
+def test_resolver_keeps_no_such_name_and_no_such_record_for_the_negative_ttl() -> None:
+    zone = AuthZone(soa="ns.example. hostmaster.example. 1 7200 900 86400 60")
+    zone.add("records.example", "A", "192.0.2.1")  # the name exists; it has no TXT
+
+    async def go(address: str) -> list[tuple[bool, tuple[str, ...]]]:
+        resolver = Resolver([address], timeout=TIMEOUT, lifetime=2 * TIMEOUT, cache_size=100)
+        found = []
+        for name in ["absent.example", "records.example"] * 2:
+            answer = await resolver.query(name, "TXT")
+            found.append((answer.exists, answer.texts))
+        return found
+
+    with auth_dns_server(zone) as address:
+        assert run(lambda: go(address)) == [(False, ()), (True, ())] * 2
+    assert zone.queries == [("absent.example", "TXT"), ("records.example", "TXT")]
 
 
 # --- configuration ----------------------------------------------------------------

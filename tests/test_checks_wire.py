@@ -100,14 +100,17 @@ def checks_config(
         "slow.example",
     ),
     scripted: bool = False,
+    dns_cache_size: int | None = None,
 ) -> Path:
     listed = ", ".join(f'"{z}"' for z in zones)
+    cache = "" if dns_cache_size is None else f"cache_size = {dns_cache_size}"
     return write_config(
         directory,
         f"""
 [dns]
 nameservers = ["{dns}"]
 timeout = {dns_timeout}
+{cache}
 
 [auth]
 authserv_id = "{AUTHSERV_ID}"
@@ -319,6 +322,21 @@ def test_spf_pass_and_the_whole_field(mx: Daemon) -> None:
         "arc=none;",
         "dmarc=none header.from=pass.example",
     )
+
+
+@pytest.mark.parametrize(("cache_size", "asked"), [(None, 1), (0, 2)])
+def test_a_sender_domain_seen_before_is_not_asked_again(
+    tmp_path: Path, dns: str, zone: AuthZone, cache_size: int | None, asked: int
+) -> None:
+    """By default a worker keeps DNS answers for their time to live; cache_size = 0 keeps none."""
+    domain = f"again-{cache_size}.example".lower()
+    zone.add(domain, "TXT", "v=spf1 ip4:127.0.0.1 -all")
+    config = checks_config(tmp_path, dns, dns_cache_size=cache_size)
+    with daemon(config, "-n", "1", channels=CHANNELS) as one_worker:
+        for _ in range(2):
+            reply = send(one_worker, f"alice@{domain}", message(f"Alice <alice@{domain}>"))
+            assert "spf=pass smtp.mailfrom=" in our_results(queued_copy(one_worker, reply))
+    assert zone.queries.count((domain, "TXT")) == asked
 
 
 @pytest.mark.parametrize(

@@ -189,6 +189,23 @@ def test_dns_failure_is_a_temporary_refusal(
     )
 
 
+def test_names_are_kept_for_their_time_to_live_and_failures_asked_again(
+    dns_policy: Policy, zone: Zone
+) -> None:
+    for _ in range(2):
+        for address in ("127.0.0.10", "127.0.0.12"):
+            dns_policy.identify(["smtp"], ip(address), None, finicky=True, us="mx.example.org")
+    asked = [
+        zone.queries.count((name, kind))
+        for name, kind in [
+            ("10.0.0.127.in-addr.arpa", "PTR"),
+            ("client.example.net", "A"),
+            ("12.0.0.127.in-addr.arpa", "PTR"),  # SERVFAIL
+        ]
+    ]
+    assert asked == [1, 1, 2]
+
+
 def test_own_address_is_never_found_through_dns(dns_policy: Policy) -> None:
     who = dns_policy.identify(
         ["smtp"], ip("127.0.0.10"), None, finicky=True, us="mx", local_address=ip("127.0.0.10")

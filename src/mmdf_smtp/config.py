@@ -55,6 +55,7 @@ class TlsConfig:
 class DnsConfig:
     nameservers: tuple[str, ...] = ()  # "host" or "host:port"; empty: the system resolver
     timeout: float = 10.0  # seconds for one whole look-up
+    cache_size: int = 10_000  # answers kept for their TTL, in each process; 0: none
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -493,7 +494,7 @@ class _Reader:
         return TlsConfig(certificate=self._path(cert), key=self._path(key))
 
     def _dns(self, data: Mapping[str, Any]) -> DnsConfig:
-        t = self._table(data, "dns", {"nameservers", "timeout"})
+        t = self._table(data, "dns", {"nameservers", "timeout", "cache_size"})
         servers = self._strings(t, "dns.nameservers")
         for server in servers:
             try:
@@ -501,7 +502,8 @@ class _Reader:
             except ValueError as exc:
                 raise self.error("dns.nameservers", str(exc)) from exc
         timeout = self._seconds(t, "dns.timeout", DnsConfig().timeout, zero=False)
-        return DnsConfig(nameservers=servers, timeout=timeout)
+        cache_size = self._int(t, "dns.cache_size", DnsConfig().cache_size, 0)
+        return DnsConfig(nameservers=servers, timeout=timeout, cache_size=cache_size)
 
     def _channels(self, data: Mapping[str, Any]) -> dict[str, ChannelConfig]:
         t = self._table(data, "channels", set(data.get("channels", {})))

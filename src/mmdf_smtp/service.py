@@ -161,5 +161,7 @@ def _checks(config: Config) -> Checks | None:
     """The built-in checks, when configured.  No thread starts until a session asks."""
     if config.auth is None and config.dnsbl is None:
         return None
-    resolver = Resolver(config.dns.nameservers, lifetime=config.dns.timeout)
+    resolver = Resolver(
+        config.dns.nameservers, lifetime=config.dns.timeout, cache_size=config.dns.cache_size
+    )
     return Checks(auth=config.auth, dnsbl=config.dnsbl, resolver=resolver)

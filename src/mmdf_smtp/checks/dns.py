@@ -11,6 +11,13 @@
   ``temperror`` (RFC 8601 2.7), never into an answer: a caller that read a
   failure as "no record" would let a forger pass by breaking DNS.
 
+Answers are kept for their time to live (``cache_size`` of them, least
+recently used first out; 0 keeps none): a mail host asks about the same
+few senders' domains and blocklisted networks all day, and each answer
+kept is a query, a socket and a parse saved.  dnspython's cache keeps
+records, NODATA and NXDOMAIN (for the zone's negative TTL, RFC 2308),
+never a failure: a SERVFAIL or timeout is asked again next time.
+
 Every look-up is bounded: ``timeout`` for one query to one server,
 ``lifetime`` for the whole look-up (retries and servers included), and at
 most ``max_in_flight`` look-ups under way at once (the others wait, and
@@ -112,11 +119,14 @@ class Resolver:
         timeout: float = DEFAULT_TIMEOUT,
         lifetime: float = DEFAULT_LIFETIME,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        cache_size: int = 0,
     ) -> None:
         if timeout <= 0 or lifetime <= 0:
             raise ValueError("DNS timeout and lifetime must be positive")
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
+        if cache_size < 0:
+            raise ValueError("cache_size must be at least 0")
         if nameservers:
             resolver = dns.asyncresolver.Resolver(configure=False)
             resolver.nameservers = [
@@ -132,6 +142,8 @@ class Resolver:
         resolver.timeout = timeout
         resolver.lifetime = lifetime
         resolver.use_edns(0, 0, EDNS_PAYLOAD)
+        if cache_size:
+            resolver.cache = dns.resolver.LRUCache(cache_size)
         self._resolver = resolver
         self.timeout = timeout
         self.lifetime = lifetime

@@ -48,6 +48,8 @@ def make_resolver(config: DnsConfig) -> dns.resolver.Resolver:
             resolver.nameservers = ["127.0.0.1"]
     resolver.timeout = config.timeout
     resolver.lifetime = config.timeout
+    if config.cache_size:
+        resolver.cache = dns.resolver.LRUCache(config.cache_size)
     return resolver
 
 
