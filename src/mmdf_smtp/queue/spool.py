@@ -1356,10 +1356,11 @@ class Spool:
         """Whether a message is in queue/ or hold/, or on its way there from tmp/.
 
         A file only moves onward, from tmp/ into queue/ or hold/ (and
-        between those two, one move under the message's lock), so it is
-        looked for in that order, queue/ once more at the end: a file that
-        moves while it is looked for is found where it went.  queue/ first
-        too, where almost every state's message is.
+        between those two by the administrator, under the message's lock),
+        so it is looked for in that order, queue/ once more at the end for
+        a release: a file that moves once while it is looked for is found
+        where it went.  queue/ first too, where almost every state's
+        message is.
         """
         return any(
             os.path.exists(directory + queue_id)
