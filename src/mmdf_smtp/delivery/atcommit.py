@@ -24,7 +24,10 @@ group of messages, as the commit process gathered them:
    the spool as usual, together, and deliver does the rest; one with some
    copies linked gets a delivery state first that records those as
    delivered (so that deliver never writes them again, and looks for the
-   others before writing them: :attr:`~..queue.Lease.resumed`).
+   others before writing them: :attr:`~..queue.Lease.resumed`), its file
+   in the spool's ``tmp/`` before that, the sign of a commit under way
+   that keeps a deliver starting meanwhile off the state
+   (:meth:`~..queue.spool.Spool.forget_orphans`).
 
 What a 250 promises is unchanged: the message is on stable storage, as
 the copies in ``new/`` or as a queue file.  A crash before it may leave
@@ -167,11 +170,18 @@ class CommitDelivery:
                 continue
             if any(c.linked for c in plan.copies):
                 try:
-                    # Before the message: a state without its message is
-                    # removed by deliver (forget_orphans); the other way
-                    # round the copies would be written again.
+                    # Before the message: a crash in between leaves a state
+                    # without its message, which deliver removes
+                    # (forget_orphans); the other way round the copies
+                    # would be written again.  The message's file goes to
+                    # tmp/ first: a deliver starting in between keeps the
+                    # state of a file there, a commit under way.
+                    plan.writer.create_file()
                     self.spool.write_state(plan.writer.id, plan.state)
                     plan.state_written = True
+                except QueueError as exc:
+                    results[i] = exc  # its file could not be created
+                    continue
                 except OSError as exc:
                     plan.writer.abort()
                     results[i] = QueueError(f"cannot write a delivery state: {exc}")

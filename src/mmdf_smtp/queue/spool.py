@@ -57,7 +57,10 @@ The delivery state is JSON, replaced whole (temporary file, fsync, rename,
 fsync of ``state/``).  A finished message is removed file first, state
 second: a crash between the two leaves a state without a message, which
 :meth:`Spool.forget_orphans` removes; the other order could leave a
-message without its state, to be delivered again.
+message without its state, to be delivered again.  A writer that puts a
+state before its message (smtpd's commit process, :meth:`Spool.adopt`)
+creates the message's file in ``tmp/`` first, the sign of a commit under
+way that keeps the state from being taken for an orphan meanwhile.
 
 Queue ids are hex: microseconds since the epoch (14 digits), the writer's
 pid (7) and a per-process counter (5).  They are unique across the
@@ -430,6 +433,20 @@ class SpoolWriter:
         self._created = False  # the file is the taker's now
         self._held = bytearray()
         return token
+
+    def create_file(self) -> None:
+        """Give a message still held in memory its file in ``tmp/`` now.
+
+        For a writer that puts the message's delivery state before the
+        message (smtpd's commit process, :meth:`Spool.adopt`): from now
+        until the commit's rename into ``queue/`` the file says that a
+        commit is under way, and deliver keeps the state
+        (:meth:`Spool.forget_orphans`).  Raises QueueError.
+        """
+        if not self._open:
+            raise QueueError("message already closed")
+        if self._fd is None:
+            self._write_held()
 
     def read_back(self) -> tuple[Envelope, BinaryIO]:
         """What the commit would queue, before it: the envelope, and the
@@ -813,10 +830,12 @@ class Spool:
 
     def adopt(self, message: QueuedMessage, body: BinaryIO, state: DeliveryState | None) -> bool:
         """Take in a message stored elsewhere (see :meth:`.Queue.adopt`):
-        its state first, then the message committed as any other, into
-        hold/ when it is held.  A crash between the two leaves a state
-        without its message, which :meth:`forget_orphans` removes; the other
-        order could leave the message without its state, delivered again.
+        its file in tmp/, its state, then the message committed as any
+        other, into hold/ when it is held.  A crash between the state and
+        the commit leaves a state without its message, which
+        :meth:`forget_orphans` removes (and keeps while the file is in
+        tmp/); the other order could leave the message without its state,
+        delivered again.
         False when a message of that id is queued or held here."""
         if not _ID.fullmatch(message.id):
             raise QueueError(f"not a queue id: {message.id!r}")
@@ -824,10 +843,8 @@ class Spool:
             return False
         try:
             self.prepare()
-            if state is not None:
-                self.write_state(message.id, state)
         except OSError as exc:
-            raise _error(f"cannot write the state of {message.id}", exc) from exc
+            raise _error(f"cannot create the spool {self.directory}", exc) from exc
         writer = SpoolWriter(
             self,
             message.id,
@@ -835,6 +852,15 @@ class Spool:
             in_memory=self.in_memory,
             into_hold=message.held,
         )
+        if state is not None:
+            # The file in tmp/ before the state: a deliver starting in
+            # between takes the state for a commit's, not an orphan's.
+            writer.create_file()
+            try:
+                self.write_state(message.id, state)
+            except OSError as exc:
+                writer.abort()
+                raise _error(f"cannot write the state of {message.id}", exc) from exc
         try:
             while piece := body.read(_BUFFER):
                 writer.write(piece)
@@ -1292,10 +1318,18 @@ class Spool:
         return SpoolLease(self, work, queue_id, fd, envelope=envelope, state=state)
 
     def forget_orphans(self) -> list[str]:
-        """Remove states whose message is gone and temporary states a crash left.
+        """Remove states whose message is gone, and temporary states whose
+        writer is gone.
 
-        Only deliver writes states; it runs this at start-up, before its
-        first pass.
+        deliver runs this at start-up, after :meth:`recover` and before its
+        first pass.  A state may come before its message: smtpd's commit
+        process (copies written at commit time) and :meth:`adopt` write it
+        while the message's file is in ``tmp/``, and rename the file into
+        ``queue/`` (or ``hold/``) only then.  Recovery has removed every
+        file in ``tmp/`` whose writer is gone, so a file still there is a
+        commit under way, and its state stays: removed, deliver would take
+        the message for a new one and write the commit's copies again.  A
+        state whose message is in none of these places has none coming.
         """
         removed: list[str] = []
         try:
@@ -1308,14 +1342,36 @@ class Spool:
         with entries:
             for entry in entries:
                 name = entry.name
-                if _ID.fullmatch(name) and (
-                    os.path.exists(self._in_queue + name) or os.path.exists(self._in_hold + name)
-                ):
-                    continue
+                if _ID.fullmatch(name):
+                    if self._has_message(name):
+                        continue
+                elif (writer := _writer_of_temporary(name)) is not None and _alive(writer):
+                    continue  # write_state's, under way
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(entry.path)
                     removed.append(name)
         return removed
+
+    def _has_message(self, queue_id: str) -> bool:
+        """Whether a message is in queue/ or hold/, or on its way there from tmp/.
+
+        A file only moves onward, from tmp/ into queue/ or hold/ (and
+        between those two by the administrator, under the message's lock),
+        so it is looked for in that order, queue/ once more at the end for
+        a release: a file that moves once while it is looked for is found
+        where it went.  queue/ first too, where almost every state's
+        message is.
+        """
+        return any(
+            os.path.exists(directory + queue_id)
+            for directory in (
+                self._in_queue,
+                self._in_tmp,
+                self._in_queue,
+                self._in_hold,
+                self._in_queue,
+            )
+        )
 
     def open_message(self, queue_id: str) -> BinaryIO:
         """The stored message (without its envelope line), queued or held, for reading.
@@ -1517,6 +1573,15 @@ def _open_regular(path: Path) -> BinaryIO:
         os.close(fd)
         raise OSError(errno.EINVAL, "not a regular file")
     return open(fd, "rb")
+
+
+def _writer_of_temporary(name: str) -> int | None:
+    """The pid in a temporary state's name (``.ID.PID.THREAD``,
+    :meth:`Spool.write_state`); None for any other name."""
+    parts = name.split(".")
+    if len(parts) != 4 or parts[0] or not parts[2].isdigit() or int(parts[2]) <= 0:
+        return None
+    return int(parts[2])
 
 
 def _alive(pid: int) -> bool:
