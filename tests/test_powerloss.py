@@ -132,20 +132,17 @@ class Disk:
         lazyfs("mount", self.root, self.backing, self.fifo)
 
     def unmount(self) -> None:
-        self.check_alive()
-        lazyfs("umount", self.root)
-
-    def check_alive(self) -> None:
-        """Fail, with its last output, if LazyFS ended while mounted (a
-        crash: the mount then answers ENOTCONN to everything)."""
+        """Unmount; then fail, with its last output, if LazyFS had ended
+        while mounted (a crash: the mount answers ENOTCONN to everything)."""
         pid = int(Path(f"{self.fifo}.pid").read_text())
-        states = _states(pid)
-        if states and not all(s in "ZX" for s in states):
-            return
-        output = Path(f"{self.fifo}.out").read_text(errors="replace").splitlines()
-        raise AssertionError(
-            f"LazyFS (pid {pid}) died while mounted; its last output:\n" + "\n".join(output[-15:])
-        )
+        died = all(s in "ZX" for s in _states(pid))
+        lazyfs("umount", self.root)
+        if died:
+            output = Path(f"{self.fifo}.out").read_text(errors="replace").splitlines()
+            raise AssertionError(
+                f"LazyFS (pid {pid}) died while mounted; its last output:\n"
+                + "\n".join(output[-15:])
+            )
 
     def cut(self, pid: int) -> None:
         """The power cut under a running process tree: frozen, unsynced data
