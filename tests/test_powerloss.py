@@ -8,6 +8,12 @@ the writer's processes frozen (SIGSTOP, and waited for until every thread
 is stopped), LazyFS's cache cleared, the processes killed, LazyFS
 unmounted and mounted again, the writer restarted on what is left.
 
+The LazyFS built here carries a patch (``tests/lazyfs/``): without it, a
+lookup of an item's lock races with another FUSE thread's insert, and the
+daemon dies of a null mutex now and then (more often on a busy machine);
+every access to the mount then fails with ENOTCONN.  A daemon that dies
+all the same fails the test with its last output.
+
 LazyFS passes renames and other metadata straight to its backing folder,
 so it cannot show a missing fsync of a directory: the strace test at the
 end checks that the fsync of ``queue/`` comes before the 250.
@@ -18,6 +24,8 @@ makes many more.
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
 import random
@@ -26,6 +34,7 @@ import shutil
 import signal
 import smtplib
 import subprocess
+import tempfile
 import threading
 import time
 from contextlib import suppress
@@ -41,7 +50,17 @@ pytestmark = pytest.mark.timeout(600)
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 # CI clones the repository with shared/ beside it.
-LAZYFS = REPOSITORY.parent / "shared" / "tools" / "lazyfs" / "lazyfs.sh"
+SHARED_LAZYFS = REPOSITORY.parent / "shared" / "tools" / "lazyfs"
+PATCHES = sorted((Path(__file__).parent / "lazyfs").glob("*.patch"))
+# The patched copy of shared/'s LazyFS (script and sources) and its build,
+# kept across runs under a name that changes with the patches and the script.
+_KEY = hashlib.sha256(
+    b"".join(path.read_bytes() for path in [*PATCHES, SHARED_LAZYFS / "lazyfs.sh"])
+    if (SHARED_LAZYFS / "lazyfs.sh").exists()
+    else b""
+).hexdigest()[:12]
+PATCHED = Path(tempfile.gettempdir()) / f"lazyfs-patched-{_KEY}"
+LAZYFS = PATCHED / "tool" / "lazyfs.sh"
 SENDER = "sender@example.net"
 RECIPIENTS = ["alice@example.org", "bob@example.org"]
 CLIENTS = 4
@@ -54,6 +73,7 @@ def lazyfs(*args: str | Path, timeout: float = 60) -> str:
         timeout=timeout,
         check=False,
         stdin=subprocess.DEVNULL,
+        env={**os.environ, "LAZYFS_OUT": str(PATCHED / "build")},
     )
     assert result.returncode == 0, f"lazyfs.sh {args[0]}: {result.stderr.decode()}"
     return result.stdout.decode()
@@ -65,9 +85,33 @@ def lazyfs_built() -> None:
     a machine that cannot run these tests must not pass them."""
     if not Path("/dev/fuse").exists():
         pytest.fail("/dev/fuse is missing: the power-loss tests need FUSE (a container: --device)")
-    if not LAZYFS.exists():
-        pytest.fail(f"{LAZYFS} is missing: shared/ must lie beside the repository")
-    lazyfs("build", timeout=900)
+    if not (SHARED_LAZYFS / "lazyfs.sh").exists():
+        pytest.fail(f"{SHARED_LAZYFS} is missing: shared/ must lie beside the repository")
+    PATCHED.mkdir(exist_ok=True)
+    # Two test runs at once would build in the same folder, each removing
+    # what the other is compiling: one builds, the other waits for it.
+    with open(PATCHED / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not LAZYFS.exists():
+            patch_lazyfs()
+        lazyfs("build", timeout=900)
+
+
+def patch_lazyfs() -> None:
+    """shared/'s LazyFS copied to PATCHED/tool with tests/lazyfs/*.patch applied."""
+    work = Path(tempfile.mkdtemp(dir=PATCHED, prefix="tool."))
+    shutil.copytree(SHARED_LAZYFS, work, dirs_exist_ok=True, symlinks=True)
+    for patch in PATCHES:
+        applied = subprocess.run(
+            ["git", "apply", "--whitespace=nowarn", str(patch)],
+            cwd=work / "vendor" / "lazyfs-src",
+            # Outside any repository: git apply patches plain files then.
+            env={**os.environ, "GIT_CEILING_DIRECTORIES": str(PATCHED)},
+            capture_output=True,
+            check=False,
+        )
+        assert applied.returncode == 0, f"{patch.name}: {applied.stderr.decode()}"
+    work.rename(PATCHED / "tool")
 
 
 def rounds(request: pytest.FixtureRequest, short: int, soak: int) -> int:
@@ -88,7 +132,17 @@ class Disk:
         lazyfs("mount", self.root, self.backing, self.fifo)
 
     def unmount(self) -> None:
+        """Unmount; then fail, with its last output, if LazyFS had ended
+        while mounted (a crash: the mount answers ENOTCONN to everything)."""
+        pid = int(Path(f"{self.fifo}.pid").read_text())
+        died = all(s in "ZX" for s in _states(pid))
         lazyfs("umount", self.root)
+        if died:
+            output = Path(f"{self.fifo}.out").read_text(errors="replace").splitlines()
+            raise AssertionError(
+                f"LazyFS (pid {pid}) died while mounted; its last output:\n"
+                + "\n".join(output[-15:])
+            )
 
     def cut(self, pid: int) -> None:
         """The power cut under a running process tree: frozen, unsynced data
@@ -188,6 +242,7 @@ class Traffic:
         self.port = port
         self.sent = sent  # every message a client sent whole (its final dot included)
         self.acknowledged: list[str] = []
+        self.ended: list[str] = []  # how each client that stopped stopped
         self.stop = threading.Event()  # for a clean end: each client quits after its message
         self._changed = threading.Condition()
         self._threads = [
@@ -214,14 +269,27 @@ class Traffic:
                 with self._changed:
                     self.acknowledged.append(token)
                     self._changed.notify_all()
-        except (OSError, smtplib.SMTPException):
+        except (OSError, smtplib.SMTPException) as exc:
+            with self._changed:
+                self.ended.append(f"{tag}: {exc!r}")
             return  # the daemon was killed
+        finally:
+            with self._changed:
+                self._changed.notify_all()
 
     def wait_for(self, count: int) -> None:
+        """Until ``count`` messages are acknowledged; a failure at once when
+        every client has stopped, or when none was answered for a minute."""
         with self._changed:
-            assert self._changed.wait_for(lambda: len(self.acknowledged) >= count, timeout=300), (
-                f"only {len(self.acknowledged)} messages acknowledged"
-            )
+            while len(self.acknowledged) < count:
+                assert any(thread.is_alive() for thread in self._threads), (
+                    f"every client stopped after {len(self.acknowledged)} messages: {self.ended}"
+                )
+                before = len(self.acknowledged)
+                self._changed.wait(timeout=60)
+                assert len(self.acknowledged) > before or not all(
+                    thread.is_alive() for thread in self._threads
+                ), f"no message acknowledged for 60 s, {before} in all"
 
     def join(self) -> None:
         for thread in self._threads:
