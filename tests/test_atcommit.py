@@ -32,6 +32,7 @@ from mmdf_smtp.queue import (
     QueueError,
 )
 from mmdf_smtp.queue.spool import IN_MEMORY, Spool, SpoolWakeups
+from queue_contract import envelope as queued_envelope
 from test_deliver_wire import configure
 
 SMALL = b"Subject: test\r\n\r\na message held in memory until its commit\r\n"
@@ -60,15 +61,7 @@ def dead_pid() -> int:
 
 
 def envelope(*recipients: str) -> Envelope:
-    return Envelope(
-        sender="sender@example.net",
-        recipients=recipients,
-        channel="local",
-        remote_host="client.test",
-        remote_addr="127.0.0.1",
-        helo="client.test",
-        received=datetime.now(UTC),
-    )
+    return queued_envelope(*recipients, received=datetime.now(UTC))
 
 
 class Deliverer:
