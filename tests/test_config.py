@@ -57,6 +57,7 @@ def test_relative_paths_are_taken_from_the_file(tmp_path: Path) -> None:
         ('[channels.local]\nhosts = "x"\n', "f.toml:2: channels.local.hosts: must be a list"),
         ("[dns]\ntimeout = 0\n", "f.toml:2: dns.timeout: must be a positive number"),
         ("[dns]\ncache_size = -1\n", "f.toml:2: dns.cache_size: must be at least 0"),
+        ("[smtpd]\nworkers = -1\n", "f.toml:2: smtpd.workers: must be at least 0"),
         ('[dns]\ncache_size = "big"\n', "f.toml:2: dns.cache_size: must be a whole number"),
         ("[limits]\nerror_delay = -1\n", "f.toml:2: limits.error_delay: must be a number"),
         (

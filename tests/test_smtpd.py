@@ -385,6 +385,21 @@ def test_systemd_socket_activation(tmp_path: Path) -> None:
         process.stderr.close()  # type: ignore[union-attr]
 
 
+def test_workers_sets_how_many_processes_serve_the_sessions(tmp_path: Path) -> None:
+    wanted = (os.cpu_count() or 1) + 1  # never the default, one per core
+    config = write_config(tmp_path, scripted=True)
+    config.write_text(
+        config.read_text().replace("maxconnects = 8\n", f"maxconnects = 64\nworkers = {wanted}\n")
+    )
+    with daemon(config) as d:
+        assert d.workers == wanted
+        pids = {int(line.rsplit(" ", 1)[1]) for line in d.log_lines(" started, pid ", wanted)}
+        assert len(pids) == wanted
+        with d.connect() as sock:
+            sock.settimeout(30)
+            assert recv_reply(sock) == b"220 mx.test Server SMTP ready\r\n"
+
+
 def test_a_worker_that_dies_is_replaced(tmp_path: Path) -> None:
     config = write_config(tmp_path, scripted=True)
     with daemon(config, "-n", "4") as d:

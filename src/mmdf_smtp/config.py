@@ -34,6 +34,7 @@ class ConfigError(Exception):
 class SmtpdConfig:
     listen: tuple[str, ...] = ("127.0.0.1:2525",)
     maxconnects: int = 4
+    workers: int = 0  # processes serving sessions; 0: one per core
     max_per_client: int = 0  # sessions at once from one address; 0: no limit
     max_per_network: int = 0  # from one /24 or /64
     rate_per_client: int = 0  # new connections a minute from one address
@@ -409,7 +410,8 @@ class _Reader:
     def _smtpd(self, data: Mapping[str, Any]) -> SmtpdConfig:
         counts = {"max_per_client", "max_per_network", "rate_per_client", "rate_per_network"}
         proxy = {"proxy_protocol", "proxy_from", "proxy_timeout"}
-        t = self._table(data, "smtpd", {"listen", "maxconnects", *counts, *_DOOR_KEYS, *proxy})
+        keys = {"listen", "maxconnects", "workers", *counts, *_DOOR_KEYS, *proxy}
+        t = self._table(data, "smtpd", keys)
         listen = self._strings(t, "smtpd.listen") if "listen" in t else SmtpdConfig().listen
         for address in listen:
             try:
@@ -419,6 +421,7 @@ class _Reader:
         return SmtpdConfig(
             listen=listen,
             maxconnects=self._int(t, "smtpd.maxconnects", 4, 1),
+            workers=self._int(t, "smtpd.workers", 0, 0),
             **{key: self._int(t, f"smtpd.{key}", 0, 0) for key in sorted(counts)},
             proxy_protocol=self._bool(t, "smtpd.proxy_protocol", False),
             proxy_from=self._networks(t, "smtpd.proxy_from", SmtpdConfig().proxy_from),

@@ -463,9 +463,10 @@ def sockname(sock: socket.socket) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def workers_for(maxconnects: int) -> int:
-    """One worker process per core, but never one with no session to serve."""
-    return max(1, min(os.cpu_count() or 1, maxconnects))
+def workers_for(maxconnects: int, configured: int = 0) -> int:
+    """``configured`` worker processes (0: one per core), but never one with
+    no session to serve."""
+    return max(1, min(configured or os.cpu_count() or 1, maxconnects))
 
 
 def share(total: int, workers: int, index: int) -> int:

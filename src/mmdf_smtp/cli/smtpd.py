@@ -371,7 +371,7 @@ def serve(
     if removed:
         log.info("removed %d unfinished messages left by a crash", len(removed))
     maxconnects = service.config.smtpd.maxconnects
-    workers = workers_for(maxconnects)
+    workers = workers_for(maxconnects, service.config.smtpd.workers)
     admission = Admission(maxconnects)
     names = ", ".join(sockname(sock) for sock in listeners)
     log.info("listening on %s, maxconnects %d, %d workers", names, maxconnects, workers)
