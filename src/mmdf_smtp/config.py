@@ -56,7 +56,7 @@ class TlsConfig:
 class DnsConfig:
     nameservers: tuple[str, ...] = ()  # "host" or "host:port"; empty: the system resolver
     timeout: float = 10.0  # seconds for one whole look-up
-    cache_size: int = 10_000  # answers kept for their TTL, in each process; 0: none
+    cache_size: int = 1_000  # answers kept for their TTL, in each process; 0: none
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
