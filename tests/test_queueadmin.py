@@ -483,6 +483,7 @@ def test_recovery_finishes_a_commit_into_hold_and_keeps_held_states(tmp_path: Pa
     (spool.state / writer.id).write_text('{"recipients": []}\n')
     (spool.state / ("f" * 26)).write_text('{"recipients": []}\n')
     assert spool.forget_orphans() == ["f" * 26]
+    assert (spool.state / writer.id).exists()  # the held message's state stays
 
 
 def test_deliver_holds_a_message_and_the_administrator_does_not_wait_for_ever(
