@@ -24,7 +24,7 @@ import pytest
 
 from mmdf_smtp.queue.spool import Spool
 from test_wire import read_replies, recv_reply
-from wire import PYTHON, body_of, daemon, env, queued, stored, write_config
+from wire import PYTHON, body_of, daemon, env, queued, stored, tcp_pair, write_config
 
 SMTPSRVR = [PYTHON, "-m", "mmdf_smtp.cli.smtpsrvr"]
 GREET_PAUSE = 0.3
@@ -79,8 +79,7 @@ class Smtpsrvr:
         self._lines: queue.Queue[str] = queue.Queue()
 
     def connect(self) -> socket.socket:
-        client = socket.create_connection(self._listener.getsockname(), timeout=30)
-        accepted, _ = self._listener.accept()
+        client, accepted = tcp_pair(self._listener)
         with accepted:
             process = subprocess.Popen(
                 [*SMTPSRVR, "-c", str(self.config), "[127.0.0.1]", "mx.test", "local"],

@@ -22,6 +22,7 @@ from wire import (
     smtpsrvr,
     spawn_smtpsrvr,
     stored,
+    tcp_pair,
     write_config,
 )
 
@@ -425,8 +426,7 @@ def test_tcpserver_environment_gives_the_peer(config: Path) -> None:
 )
 def test_smtpsrvr_reads_the_peer_from_a_socket(config: Path, source: str, greeting: str) -> None:
     with socket.create_server(("127.0.0.1", 0)) as listener:
-        client = socket.create_connection(listener.getsockname(), source_address=(source, 0))
-        conn, _ = listener.accept()
+        client, conn = tcp_pair(listener, source)
     code = (
         "import sys; from mmdf_smtp.cli.smtpsrvr import main; sys.argv[0] = 'rsmtpsrvr'; "
         "raise SystemExit(main())"

@@ -279,6 +279,36 @@ def spawn_smtpsrvr(config: Path, remote: str = "[127.0.0.1]") -> subprocess.Pope
     )
 
 
+def tcp_pair(
+    listener: socket.socket, source: str | None = None
+) -> tuple[socket.socket, socket.socket]:
+    """A client connected to ``listener`` and the server's end of that connection.
+
+    The server's end is the accepted connection whose peer is this client,
+    found within a bound time.  On a heavily loaded machine the client's
+    connect has returned while the listener, twice in CI runs, had nothing to
+    accept for minutes; a client whose connection does not arrive is given
+    up and another made, and a late arrival of an earlier one is closed.
+    """
+    listener.settimeout(10)
+    for _ in range(3):
+        client = socket.create_connection(
+            listener.getsockname(),
+            timeout=30,
+            source_address=None if source is None else (source, 0),
+        )
+        try:
+            while True:
+                accepted, peer = listener.accept()
+                if peer == client.getsockname():
+                    accepted.settimeout(None)
+                    return client, accepted
+                accepted.close()
+        except TimeoutError:
+            client.close()
+    raise AssertionError(f"no connection to {listener.getsockname()} arrived in 30 s")
+
+
 def certificate(ca: trustme.CA, directory: Path) -> tuple[Path, Path]:
     """A certificate for mx.test and 127.0.0.1, as [tls] wants it: (cert, key)."""
     cert = ca.issue_cert("mx.test", "localhost", "127.0.0.1")
