@@ -33,6 +33,7 @@ was too large (DKIM ``policy``) gives ``fail`` with disposition none.
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Sequence
 from dataclasses import replace
@@ -44,7 +45,6 @@ from publicsuffixlist import PublicSuffixList
 from .dns import DnsTemporaryError, Resolver
 from .verdicts import Disposition, DkimVerdict, DmarcVerdict, SpfVerdict
 
-_psl = PublicSuffixList()
 _registry = HeaderRegistry()
 _POLICIES = ("none", "quarantine", "reject")
 _LOWER: dict[Disposition, Disposition] = {
@@ -54,10 +54,21 @@ _LOWER: dict[Disposition, Disposition] = {
 }
 
 
+@functools.cache
+def public_suffixes() -> PublicSuffixList:
+    """The public suffix list, read at its first use.
+
+    Reading it takes tens of milliseconds, which no program that never
+    evaluates DMARC (submit, checkque, deliver) should pay at start-up; a
+    server that does evaluates it calls this before its loop starts.
+    """
+    return PublicSuffixList()
+
+
 def organizational_domain(domain: str) -> str:
     """RFC 7489 3.2: the public suffix plus one label (the name itself if it is a suffix)."""
     name = domain.lower().rstrip(".")
-    suffix: str | None = _psl.privatesuffix(name)
+    suffix: str | None = public_suffixes().privatesuffix(name)
     return suffix or name
 
 

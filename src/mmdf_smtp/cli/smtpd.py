@@ -36,6 +36,7 @@ from typing import Any
 from .. import metrics
 from ..admission import Admission
 from ..checks import start_verifiers, stop_verifiers
+from ..checks.dmarc import public_suffixes
 from ..config import Config, ConfigError
 from ..daemon import (
     STARTUP_BLOCKED,
@@ -339,6 +340,11 @@ def verifies_dkim(service: Service) -> bool:
     return auth is not None and auth.dkim
 
 
+def evaluates_dmarc(service: Service) -> bool:
+    auth = service.checks.auth if service.checks is not None else None
+    return auth is not None and auth.dmarc
+
+
 def serve(
     service: Service,
     listeners: list[socket.socket],
@@ -426,6 +432,8 @@ def serve(
         if verifies_dkim(current):
             # Here the worker has one thread and no privileges: see checks.
             start_verifiers()
+        if evaluates_dmarc(current):
+            public_suffixes()  # read before the loop, not on it at the first message
         try:
             run(
                 lambda: Daemon(
