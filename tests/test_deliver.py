@@ -371,6 +371,17 @@ def test_an_unknown_user_is_bounced_to_the_sender(tmp_path: Path) -> None:
     assert list(s.spool.messages()) == []
 
 
+def test_a_notice_is_queued_with_crlf_line_ends(tmp_path: Path) -> None:
+    s = hop_setup(tmp_path, "smtp", 9)  # nothing listens there: the notice stays queued
+    s.queue("nobody@example.org", sender="bob@remote.test")
+    s.runner.run()
+    [notice] = s.spool.messages()
+    assert (notice.envelope.channel, notice.envelope.crlf) == ("deliver", True)
+    with s.spool.open_message(notice.id) as file:
+        text = file.read()
+    assert text.count(b"\n") == text.count(b"\r\n")
+
+
 def test_an_international_address_gets_rfc_6533_forms(tmp_path: Path) -> None:
     s = Setup(tmp_path)
     s.queue("jörg@example.org", sender="alice@example.org")
@@ -527,6 +538,16 @@ def test_smtp_next_hop_gets_the_message_and_answers_per_recipient(tmp_path: Path
     assert failed["Remote-MTA"] == "dns; 127.0.0.1"
     assert failed["Diagnostic-Code"] == "smtp; 550 5.1.1 <x@remote.test>: unknown"
     assert list(s.spool.messages()) == []
+
+
+def test_a_queue_file_whose_line_ends_may_be_lf_goes_out_with_crlf(tmp_path: Path) -> None:
+    # An envelope without "crlf" (a queue file from before it was written).
+    with peer(Handler()) as (handler, port):
+        s = hop_setup(tmp_path, "smtp", port)
+        s.queue("z@remote.test", message=b"Subject: old\n\n.dot\r\nlast\n")
+        s.runner.run()
+    [received] = handler.messages
+    assert received.content == b"Subject: old\r\n\r\n.dot\r\nlast\r\n"
 
 
 def test_lmtp_4xx_defers_and_a_later_success_delivers_once(tmp_path: Path) -> None:

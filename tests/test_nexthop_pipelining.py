@@ -481,6 +481,29 @@ def test_dot_stuffing_equals_line_by_line_whatever_the_reads(
     assert b"".join(dot_stuffed(ShortReads(message, sizes), 16)) == line_by_line(message)
 
 
+# Messages as this version queues them: every line end a CRLF; a CR may
+# stand alone within a line, and the last line may lack its end.
+_LINE = st.lists(st.sampled_from([b"\r", b".", b"a", b"\x00", b"\xff"])).map(
+    b"".join
+) | st.binary().map(lambda line: line.replace(b"\n", b""))
+
+
+@given(lines=st.lists(_LINE), last=_LINE, chunk=st.integers(1, 40))
+def test_dot_stuffing_of_a_message_queued_with_crlf_line_ends(
+    lines: list[bytes], last: bytes, chunk: int
+) -> None:
+    message = b"".join(line + b"\r\n" for line in lines) + last
+    stuffed = b"".join(dot_stuffed(BytesIO(message), chunk, crlf=True))
+    assert stuffed == line_by_line(message)
+
+
+def test_line_ends_an_envelope_says_are_crlf_are_not_looked_at() -> None:
+    # What the flag spares: an LF it wrongly vouched for would go out as it is.
+    message = b"a\nb\r\n.c\r\n"
+    assert b"".join(dot_stuffed(BytesIO(message), crlf=True)) == b"a\nb\r\n..c\r\n"
+    assert b"".join(dot_stuffed(BytesIO(message))) == b"a\r\nb\r\n..c\r\n"
+
+
 def test_dot_stuffing_a_long_line_keeps_chunks_bounded() -> None:
     message = b"." + b"x" * 1000 + b"\r"
     chunks = list(dot_stuffed(BytesIO(message), 64))

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import trustme
 
+from mmdf_smtp.queue.spool import Spool
 from wire import (
     PYTHON,
     body_of,
@@ -58,6 +59,8 @@ def test_a_message_over_pipes_is_queued_byte_exact(config: Path) -> None:
     assert lines[5] == f"250 2.0.0 Submitted & queued ({message['id']})"
     assert message["sender"] == "sender@example.net"
     assert message["recipients"] == ["alice@example.org"]
+    [queued_message] = Spool(config.parent / "spool").messages()
+    assert queued_message.envelope.crlf  # the core refused any bare line end
     assert message["channel"] == "local"
     assert message["remote_addr"] == "127.0.0.1"
     assert message["helo"] == "client.example"

@@ -138,6 +138,9 @@ def test_line_ends_become_crlf_and_long_lines_are_stored_whole(config: Path) -> 
         + giant
         + b"\r\nno final newline\r\n"
     )
+    # Its envelope says so, and deliver sends it on without looking at them.
+    [queued_message] = Spool(load(str(config)).spool).messages()
+    assert queued_message.envelope.crlf
 
 
 def test_a_single_dot_ends_the_message_unless_i(config: Path) -> None:

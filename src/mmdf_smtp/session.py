@@ -640,6 +640,7 @@ class Session:
             envid=mail.envid,
             notify=tuple(n for n, _ in asked) if self._recipient_dsn else (),
             orcpt=tuple(o for _, o in asked) if self._recipient_dsn else (),
+            crlf=True,
         )
 
     def received_header(self, queue_id: str, now: datetime) -> bytes:

@@ -526,6 +526,7 @@ def envelope(plan: Plan, now: datetime, staged: StagedMessage | None = None) -> 
         ret=plan.ret,
         envid=plan.envid,
         notify=(notify,) * len(recipients) if notify else (),
+        crlf=True,
     )
 
 

@@ -93,6 +93,7 @@ def send(
     message: BinaryIO,
     smtputf8: bool = False,
     body: str | None = None,
+    crlf: bool = False,
     timeout: float = TIMEOUT,
     connect_timeout: float = CONNECT_TIMEOUT,
     ret: str | None = None,
@@ -110,6 +111,7 @@ def send(
         message=message,
         smtputf8=smtputf8,
         body=body,
+        crlf=crlf,
         timeout=timeout,
         connect_timeout=connect_timeout,
         ret=ret,
@@ -152,6 +154,7 @@ class Connections:
         message: BinaryIO,
         smtputf8: bool = False,
         body: str | None = None,
+        crlf: bool = False,
         timeout: float = TIMEOUT,
         connect_timeout: float = CONNECT_TIMEOUT,
         ret: str | None = None,
@@ -176,6 +179,7 @@ class Connections:
             message=message,
             smtputf8=smtputf8,
             body=body,
+            crlf=crlf,
             dsn=_DsnParameters(ret, envid, notify, orcpt),
         )
         kept = self._take(hop)
@@ -411,6 +415,7 @@ def _transaction(
     message: BinaryIO,
     smtputf8: bool,
     body: str | None,
+    crlf: bool,
     dsn: _DsnParameters,
     outcomes: list[Outcome | None],
     reset: bool,
@@ -445,7 +450,7 @@ def _transaction(
         return True
     assert client.sock is not None
     last = b""
-    for chunk in dot_stuffed(message):
+    for chunk in dot_stuffed(message, crlf=crlf):
         if last:
             client.sock.sendall(last)
         last = chunk
@@ -618,7 +623,9 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def dot_stuffed(message: BinaryIO, chunk_size: int = _CHUNK) -> Iterator[bytes]:
+def dot_stuffed(
+    message: BinaryIO, chunk_size: int = _CHUNK, *, crlf: bool = False
+) -> Iterator[bytes]:
     """The message with CRLF line ends and leading dots doubled (RFC 5321
     4.5.2), in chunks of about ``chunk_size``.
 
@@ -626,7 +633,10 @@ def dot_stuffed(message: BinaryIO, chunk_size: int = _CHUNK) -> Iterator[bytes]:
     changed with bytes methods, at C speed: every line end becomes CRLF
     (a CR before an LF is the line end's own, any other CR stays), and a
     "." that starts a line is doubled.  The rest of a line waits for the
-    next read.  A last line without its end gets one.
+    next read.  A last line without its end gets one.  With ``crlf`` (the
+    envelope's: every line already ends in CRLF) the line ends are not
+    looked at: two passes over each chunk, a sixth of deliver's time for a
+    message of 100 KiB.
     """
     pending = b""  # the start of a line not yet ended
     within = False  # whether pending's octets follow some of its line already sent
@@ -645,7 +655,7 @@ def dot_stuffed(message: BinaryIO, chunk_size: int = _CHUNK) -> Iterator[bytes]:
         lines, pending = data[:cut], data[cut:]
         # Mail comes in with CRLF line ends, base64 has no dot: both checks
         # cost less than the replaces they spare.
-        if lines.count(b"\n") != lines.count(b"\r\n"):
+        if not crlf and lines.count(b"\n") != lines.count(b"\r\n"):
             lines = lines.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
         if b"." in lines:
             lines = lines.replace(b"\r\n.", b"\r\n..")

@@ -584,6 +584,7 @@ class Runner:
                 message=message,
                 smtputf8=envelope.smtputf8,
                 body=envelope.body,
+                crlf=envelope.crlf,
                 **dsn.hop_parameters(envelope, [state.recipients[i].recipient for i in due]),
             )
         if outcomes and all(outcome.unreachable for outcome in outcomes):
@@ -683,6 +684,7 @@ class Runner:
                 received=now,
                 smtputf8=not envelope.sender.isascii(),
                 body="8BITMIME",
+                crlf=True,
             )
         )
         try:

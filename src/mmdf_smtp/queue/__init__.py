@@ -88,6 +88,12 @@ class Envelope:
     # "addr-type;address" (xtext decoded); None where the RCPT had none.
     notify: tuple[str | None, ...] = ()
     orcpt: tuple[str | None, ...] = ()
+    # Whether every line of the stored message ends in CRLF.  This version's
+    # writers make it so (the SMTP core refuses a bare line end; submit, a
+    # milter's changes and the notices convert theirs), and a next hop then
+    # gets the message without its line ends being looked at.  False (a
+    # queue file from before): they may be LF (CONTRACT.md), and are made CRLF.
+    crlf: bool = False
 
     def __post_init__(self) -> None:
         # Read back from JSON they are lists: tuples, so that envelopes compare and hash.
