@@ -110,7 +110,8 @@ __all__ = [
     "stop_verifiers",
     "verify_in_threads",
 ]
-log = logging.getLogger(__name__)
+
+log = logging.getLogger("mmdf_smtp.checks")
 
 QUARANTINE_FIELD = "X-MMDF-Quarantine"
 DEFAULT_WORKERS = 16
