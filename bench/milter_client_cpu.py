@@ -1,6 +1,6 @@
 """CPU time per message of the milter client alone, against OpenDKIM, for A/B runs of two trees.
 
-No SMTP server around it: a script drives ``mmdf_smtp.milter.Milter``
+No SMTP server around it: a script drives ``mmdf_smtp.milter.client.Milter``
 under uvloop, one session after another, against one OpenDKIM (signing
 with RSA 2048, as in ``bench/run.py --milter opendkim``) over its Unix
 socket, with ``reuse = true``, and reads its own CPU time
@@ -39,7 +39,8 @@ WARM_UP = 50
 DRIVER = r"""
 import sys, time
 import uvloop
-from mmdf_smtp.milter import Milter, MilterConfig
+from mmdf_smtp.milter.client import Milter
+from mmdf_smtp.milter.config import MilterConfig
 
 socket_, count, mode, sender = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 WARM_UP = int(sys.argv[5])

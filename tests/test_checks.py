@@ -22,19 +22,13 @@ import pytest
 
 from authdns import AuthZone, auth_dns_server
 from dkimkeys import ED_PRIVATE, ED_PUBLIC, RSA_PRIVATE, RSA_PUBLIC
-from mmdf_smtp.checks import (
-    AuthConfig,
-    Checks,
-    DkimVerdict,
-    DnsblConfig,
-    Resolver,
-    SpfVerdict,
-    SpfVerdicts,
-)
+from mmdf_smtp.checks.config import AuthConfig, DnsblConfig
 from mmdf_smtp.checks.dmarc import evaluate_dmarc, organizational_domain
-from mmdf_smtp.checks.dns import DnsTemporaryError
+from mmdf_smtp.checks.dns import DnsTemporaryError, Resolver
 from mmdf_smtp.checks.dnsbl import Dnsbl, query_name
+from mmdf_smtp.checks.gate import Checks
 from mmdf_smtp.checks.results import authentication_results, remove_claiming_fields
+from mmdf_smtp.checks.verdicts import DkimVerdict, SpfVerdict, SpfVerdicts
 from mmdf_smtp.protocol.replies import Reply
 
 T = TypeVar("T")

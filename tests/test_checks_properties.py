@@ -10,10 +10,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from authdns import AuthZone, auth_dns_server
-from mmdf_smtp.checks import DkimVerdict, SpfVerdict, SpfVerdicts
+from mmdf_smtp.checks.config import Site
 from mmdf_smtp.checks.dmarc import parse_record
 from mmdf_smtp.checks.dns import DnsTemporaryError, Resolver
-from mmdf_smtp.checks.dnsbl import Site
 from mmdf_smtp.checks.results import (
     authentication_results,
     authserv_id_of,
@@ -21,6 +20,7 @@ from mmdf_smtp.checks.results import (
     pvalue,
     remove_claiming_fields,
 )
+from mmdf_smtp.checks.verdicts import DkimVerdict, SpfVerdict, SpfVerdicts
 
 # --- DNSBL sites ------------------------------------------------------------------
 

@@ -12,16 +12,12 @@ from pathlib import Path
 import pytest
 
 from milterpeer import CLOSE, HANG, Delay, Item, MilterPeer
-from mmdf_smtp.milter import (
-    Action,
-    DefaultAction,
-    Milter,
-    MilterChain,
-    MilterConfig,
-    Verdict,
-    codec,
-)
+from mmdf_smtp.milter import codec
+from mmdf_smtp.milter.chain import MilterChain
+from mmdf_smtp.milter.client import Milter
 from mmdf_smtp.milter.codec import ActionFlag, Family, MacroStage, ProtocolFlag
+from mmdf_smtp.milter.config import DefaultAction, MilterConfig
+from mmdf_smtp.milter.protocol import Action, Verdict
 from mmdf_smtp.protocol.replies import Reply
 
 MACROS = {

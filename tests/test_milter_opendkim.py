@@ -14,8 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from mmdf_smtp.milter import Action, Milter, MilterConfig, apply_header_changes, codec
-from mmdf_smtp.milter.client import close_idle_connections, idle_connections
+from mmdf_smtp.milter import codec
+from mmdf_smtp.milter.chain import apply_header_changes
+from mmdf_smtp.milter.client import Milter, close_idle_connections, idle_connections
+from mmdf_smtp.milter.config import MilterConfig
+from mmdf_smtp.milter.protocol import Action
 
 pytestmark = pytest.mark.skipif(
     shutil.which("opendkim") is None or shutil.which("opendkim-genkey") is None,

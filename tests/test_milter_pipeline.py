@@ -11,9 +11,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from milterpeer import HANG, Item, MilterPeer
-from mmdf_smtp.milter import Action, Milter, MilterChain, codec
+from mmdf_smtp.milter import codec
+from mmdf_smtp.milter.chain import MilterChain
+from mmdf_smtp.milter.client import Milter
 from mmdf_smtp.milter.codec import ActionFlag
-from mmdf_smtp.milter.protocol import MilterProtocol, Negotiated, State, Verdict
+from mmdf_smtp.milter.protocol import Action, MilterProtocol, Negotiated, State, Verdict
 from mmdf_smtp.protocol.replies import Reply
 from test_milter_client import BODY, HEADERS, MACROS, config, session
 

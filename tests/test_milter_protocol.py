@@ -6,9 +6,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mmdf_smtp.milter import DefaultAction, MilterConfig, apply_header_changes, codec
+from mmdf_smtp.milter import codec
+from mmdf_smtp.milter.chain import apply_header_changes
 from mmdf_smtp.milter.codec import ActionFlag, MacroStage, ProtocolFlag
-from mmdf_smtp.milter.config import SocketAddress, parse_socket
+from mmdf_smtp.milter.config import DefaultAction, MilterConfig, SocketAddress, parse_socket
 from mmdf_smtp.milter.protocol import (
     CONTINUE,
     DEFAULT_MACROS,

@@ -12,10 +12,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from milterpeer import CLOSE, Item, MilterPeer
-from mmdf_smtp.milter import Action, DefaultAction, Milter, MilterConfig, codec
-from mmdf_smtp.milter.client import close_idle_connections, idle_connections
+from mmdf_smtp.milter import codec
+from mmdf_smtp.milter.client import Milter, close_idle_connections, idle_connections
 from mmdf_smtp.milter.codec import ActionFlag, ProtocolFlag
-from mmdf_smtp.milter.protocol import MilterProtocol, Negotiated
+from mmdf_smtp.milter.config import DefaultAction, MilterConfig
+from mmdf_smtp.milter.protocol import Action, MilterProtocol, Negotiated
 from test_milter_client import config as unpooled_config
 from test_milter_client import session
 

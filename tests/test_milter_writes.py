@@ -8,8 +8,10 @@ import logging
 import pytest
 
 from milterpeer import MilterPeer
-from mmdf_smtp.milter import DefaultAction, Milter, MilterConfig, codec
+from mmdf_smtp.milter import codec
+from mmdf_smtp.milter.client import Milter
 from mmdf_smtp.milter.codec import ProtocolFlag
+from mmdf_smtp.milter.config import DefaultAction, MilterConfig
 
 
 def test_unanswered_body_chunks_are_not_held_past_a_chunk() -> None:

@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .checks import AuthConfig, DnsblConfig
+from .checks.config import AuthConfig, DnsblConfig
 from .milter.config import MilterConfig
 from .protocol.limits import Limits
 

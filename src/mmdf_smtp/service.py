@@ -13,7 +13,8 @@ import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .checks import Checks, Resolver
+from .checks.dns import Resolver
+from .checks.gate import Checks
 from .config import Config, load
 from .filters import Connection
 from .filters.combined import SessionFilters

@@ -20,7 +20,6 @@ is queued.
 
 from __future__ import annotations
 
-import asyncio
 import pwd
 import re
 import tempfile
@@ -33,10 +32,9 @@ from typing import Literal, Protocol
 
 from .config import ChannelConfig, Config, ConfigError
 from .filters import Connection, Verdict
-from .filters.combined import SessionFilters
 from .filters.staged import Envelope as StagedEnvelope
 from .filters.staged import StagedMessage
-from .milter import MilterConfig
+from .milter.config import MilterConfig
 from .policy import Policy
 from .protocol import MailFrom, Path, Reply, replies
 from .protocol.grammar import GrammarError, parse_path
@@ -577,6 +575,8 @@ def queue_message(
     is read, an interrupt) aborts the message, so nothing of it stays.
     """
     if milters:
+        import asyncio  # a submission without milters runs no event loop
+
         staged = asyncio.run(
             _filtered(
                 plan,
@@ -647,6 +647,8 @@ async def _filtered(
     Postfix hands locally submitted mail to its non_smtpd_milters as from
     ``localhost [127.0.0.1]``, so do we.  Raises :class:`FilterRefused`.
     """
+    from .filters.combined import SessionFilters  # the milter client, for milters only
+
     filters = SessionFilters(
         Connection(
             client_name="localhost",

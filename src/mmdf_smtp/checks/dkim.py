@@ -45,10 +45,10 @@ from typing import Any, cast
 import dkim
 from dkim.util import InvalidTagValueList, parse_tag_value
 
+from .config import DEFAULT_MAX_SIZE
 from .dns import DnsTemporaryError, Resolver
 from .verdicts import ArcResult, ArcVerdict, DkimResult, DkimVerdict
 
-DEFAULT_MAX_SIZE = 16 * 1024 * 1024
 # RFC 8301 3.2: "Verifiers MUST NOT consider signatures using RSA keys of
 # less than 1024 bits as valid signatures."
 MIN_RSA_BITS = 1024
@@ -216,7 +216,7 @@ def verify_message(
 ) -> DkimReport:
     """Verify every DKIM-Signature and the ARC chain with the keys in ``records``.
 
-    Pure CPU work, no DNS: :class:`~mmdf_smtp.checks.Checks` runs it in a
+    Pure CPU work, no DNS: :class:`~mmdf_smtp.checks.gate.Checks` runs it in a
     worker process, the keys fetched beforehand by :func:`fetch_keys`.
     """
     message, too_large = read_message(source, max_size)

@@ -12,10 +12,7 @@ from typing import NoReturn
 
 from ..config import Config, ConfigError, load
 from ..logjson import JsonFormatter
-from ..policy import UnknownChannel
-from ..privileges import Account, drop_privileges, prepare_account
 from ..queue import QueueBackend, open_backend
-from ..service import Service
 
 EX_OK = 0
 EX_USAGE = 64
@@ -55,49 +52,6 @@ def open_queue(program: str, config: Config) -> QueueBackend:
     except ConfigError as exc:
         print(f"{program}: {exc}", file=sys.stderr)
         raise SystemExit(EX_CONFIG) from None
-
-
-def load_service(
-    program: str,
-    config_path: str | None,
-    channels: list[str],
-    *,
-    finicky: bool,
-    hostname: str | None = None,
-) -> Service:
-    """The service, or exit: 64 for an unknown channel, 78 for bad configuration."""
-    try:
-        return Service.load(config_path, channels, finicky=finicky, hostname=hostname)
-    except UnknownChannel as exc:
-        print(f"{program}: {exc}", file=sys.stderr)
-        raise SystemExit(EX_USAGE) from None
-    except ConfigError as exc:
-        print(f"{program}: {exc}", file=sys.stderr)
-        raise SystemExit(EX_CONFIG) from None
-
-
-def become_user(program: str, service: Service) -> None:
-    """Stop being root before serving anyone, or exit 78 (see privileges)."""
-    try:
-        drop_privileges(service.config.user, service.config.spool)
-    except ConfigError as exc:
-        print(f"{program}: {service.config.source}: {exc}", file=sys.stderr)
-        raise SystemExit(EX_CONFIG) from None
-    except OSError as exc:
-        print(f"{program}: cannot become {service.config.user}: {exc}", file=sys.stderr)
-        raise SystemExit(EX_OSERR) from None
-
-
-def prepare_user(program: str, service: Service) -> Account | None:
-    """For a process that stays root: the user its children become, or exit 78."""
-    try:
-        return prepare_account(service.config.user, service.config.spool)
-    except ConfigError as exc:
-        print(f"{program}: {service.config.source}: {exc}", file=sys.stderr)
-        raise SystemExit(EX_CONFIG) from None
-    except OSError as exc:
-        print(f"{program}: cannot give the spool to {service.config.user}: {exc}", file=sys.stderr)
-        raise SystemExit(EX_OSERR) from None
 
 
 def stderr_is_the_client() -> bool:

@@ -35,8 +35,8 @@ from typing import Any
 
 from .. import metrics
 from ..admission import Admission
-from ..checks import start_verifiers, stop_verifiers
 from ..checks.dmarc import public_suffixes
+from ..checks.gate import start_verifiers, stop_verifiers
 from ..config import Config, ConfigError
 from ..daemon import (
     STARTUP_BLOCKED,
@@ -65,11 +65,9 @@ from .common import (
     EX_OSERR,
     EX_SOFTWARE,
     ArgumentParser,
-    become_user,
-    load_service,
-    prepare_user,
     setup_logging,
 )
+from .serving import become_user, load_service, prepare_user
 from .smtpsrvr import find_peer
 
 log = logging.getLogger("mmdf_smtp.smtpd")

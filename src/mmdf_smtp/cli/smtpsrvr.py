@@ -18,10 +18,11 @@ import os
 import socket
 import sys
 
-from ..checks import verify_in_threads
+from ..checks.gate import verify_in_threads
 from ..service import Peer, parse_address
 from ..shells.blocking import BlockingShell
-from .common import EX_OK, EX_SOFTWARE, ArgumentParser, become_user, load_service, setup_logging
+from .common import EX_OK, EX_SOFTWARE, ArgumentParser, setup_logging
+from .serving import become_user, load_service
 
 
 def find_peer(remotehost: str, fd: int = 0) -> Peer:

@@ -18,14 +18,22 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
-from .. import milter
-from ..checks import Checks, SpfVerdicts
 from ..checks.results import FIELD_NAME, claims_authserv_id
+from ..checks.verdicts import SpfVerdicts
 from ..milter import codec as milter_codec
+from ..milter.chain import MilterChain, apply_header_changes
+from ..milter.config import MilterConfig
+from ..milter.protocol import Action
+from ..milter.protocol import Verdict as MilterVerdict
 from ..protocol import MailFrom, Path, Reply
 from . import CONTINUE, Connection, Verdict
 from .staged import StagedMessage
+
+if TYPE_CHECKING:
+    # Only smtpd and smtpsrvr make Checks; submit filters with milters alone.
+    from ..checks.gate import Checks
 
 log = logging.getLogger("mmdf_smtp.filters")
 
@@ -40,11 +48,11 @@ class SessionFilters:
         connection: Connection,
         *,
         checks: Checks | None,
-        milters: Sequence[milter.MilterConfig],
+        milters: Sequence[MilterConfig],
     ) -> None:
         self._connection = connection
         self._checks = checks
-        self._chain = milter.MilterChain(milters) if milters else None
+        self._chain = MilterChain(milters) if milters else None
         self._helo = ""
         self._tls: str | None = None
         self._queue_id = ""
@@ -158,7 +166,7 @@ class SessionFilters:
         message.headers = kept[:1] + added + kept[1:]
         return CONTINUE
 
-    async def _filter_message(self, chain: milter.MilterChain, message: StagedMessage) -> Verdict:
+    async def _filter_message(self, chain: MilterChain, message: StagedMessage) -> Verdict:
         macros: Mapping[str, str] = {"i": self._queue_id}
         # Pipelined to each milter: one wait a message rather than one a field.
         end = await chain.message(message.headers, message.body_chunks, macros)
@@ -205,11 +213,11 @@ class SessionFilters:
         return {"{tls_version}": version, "{cipher}": cipher}
 
 
-def _mapped(verdict: milter.Verdict) -> Verdict:
+def _mapped(verdict: MilterVerdict) -> Verdict:
     action = verdict.action
-    if action is milter.Action.DISCARD:
+    if action is Action.DISCARD:
         return Verdict(discard=True, reason="milter")
-    if action in (milter.Action.CONTINUE, milter.Action.ACCEPT) or verdict.reply is None:
+    if action in (Action.CONTINUE, Action.ACCEPT) or verdict.reply is None:
         return CONTINUE
     return Verdict(reply=verdict.reply, reason="milter")
 
@@ -232,7 +240,7 @@ def _field(data: bytes) -> tuple[str, str]:
 
 def _apply(message: StagedMessage, modifications: Sequence[milter_codec.Modification]) -> None:
     """A milter's changes to the staged message, in the order sent."""
-    message.headers = milter.apply_header_changes(message.headers, modifications)
+    message.headers = apply_header_changes(message.headers, modifications)
     envelope = message.envelope
     body: list[bytes] = []
     for change in modifications:

@@ -15,19 +15,8 @@ The session makes one :class:`MilterChain` per SMTP connection from the
 configured :class:`MilterConfig` list (none for a channel with
 ``checks = false``) and awaits it at each stage; see :mod:`.chain` for what
 to do with each verdict and :mod:`.client` for the call order.
+
+This package imports none of them: the configuration reads ``[[milters]]``
+(:mod:`.config`, the standard library only) in every program, and only a
+program that talks to milters loads the client.
 """
-
-from .chain import MilterChain, apply_header_changes
-from .client import Milter
-from .config import DefaultAction, MilterConfig
-from .protocol import Action, Verdict
-
-__all__ = [
-    "Action",
-    "DefaultAction",
-    "Milter",
-    "MilterChain",
-    "MilterConfig",
-    "Verdict",
-    "apply_header_changes",
-]

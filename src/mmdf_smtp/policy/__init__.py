@@ -13,14 +13,17 @@ from __future__ import annotations
 import pathlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import dns.resolver
+from typing import TYPE_CHECKING
 
 from ..config import ChannelConfig, Config
 from ..protocol import Path, Reply, replies
 from .aliases import base_name, read_aliases, unquote
 from .hosts import HostTable, IPAddress, build_table, normalize_name
-from .nameserver import DnsTemporaryError, NameServer, make_resolver
+
+if TYPE_CHECKING:
+    import dns.resolver
+
+    from .nameserver import NameServer
 
 __all__ = ["DnsTemporaryError", "Identification", "Policy", "UnknownChannel"]
 
@@ -29,6 +32,10 @@ NAMESERVER = "nameserver"
 
 class UnknownChannel(Exception):
     """A channel named on the command line that the configuration lacks."""
+
+
+class DnsTemporaryError(Exception):
+    """DNS could not answer now; try again later."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +75,9 @@ class Policy:
     @property
     def nameserver(self) -> NameServer:
         if self._nameserver is None:
+            # dnspython only for a policy that asks DNS: not submit's nor deliver's start.
+            from .nameserver import NameServer, make_resolver
+
             self._nameserver = NameServer(self._resolver or make_resolver(self.config.dns))
         return self._nameserver
 

@@ -18,16 +18,13 @@ import dns.resolver
 import dns.reversename
 
 from ..config import DnsConfig, split_listen
+from . import DnsTemporaryError
 from .hosts import IPAddress, normalize_address, normalize_name
 
 _NOT_FOUND = (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer)
 _TEMPORARY = (dns.resolver.NoNameservers, dns.exception.Timeout, dns.resolver.LifetimeTimeout)
 # A PTR set with more names than this is not worth chasing (and is a trick).
 MAX_PTR_NAMES = 10
-
-
-class DnsTemporaryError(Exception):
-    """DNS could not answer now; try again later."""
 
 
 def make_resolver(config: DnsConfig) -> dns.resolver.Resolver:
