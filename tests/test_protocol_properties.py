@@ -182,6 +182,43 @@ def test_content_checker_finds_at_any_split_what_the_whole_shows(
         assert checker.problem.to_bytes() in problems
 
 
+_HEADER_LINES = [
+    *(b"Received: from x", b"RECEIVED:y", b"received:", b"Receive", b"Subject: s"),
+    *(b"\tReceived: folded", b"X-Received: z", b"", b"body"),
+]
+
+
+def _received_in_header_section(content: bytes) -> int:
+    """RFC 5322's header section, line by line: the Received fields in it."""
+    count = 0
+    for line in content.split(b"\r\n")[:-1]:  # the last, unended, is not a field yet
+        if not line:
+            break
+        count += line[:9].lower() == b"received:"
+    return count
+
+
+@settings(max_examples=500)
+@given(
+    st.lists(
+        st.sampled_from(_HEADER_LINES),
+        max_size=30,
+    ),
+    st.integers(min_value=0, max_value=6),
+    st.lists(st.integers(min_value=0), max_size=8),
+)
+def test_received_fields_are_counted_at_any_split(
+    lines: list[bytes], limit: int, cuts: list[int]
+) -> None:
+    content = b"".join(line + b"\r\n" for line in lines)
+    checker = ContentChecker(Limits(received_headers=limit))
+    for piece in _split(content, cuts):
+        checker.feed(piece)
+    checker.finish()
+    too_many = _received_in_header_section(content) > limit
+    assert checker.problem == (replies.TOO_MANY_HOPS if too_many else None)
+
+
 @settings(suppress_health_check=[HealthCheck.too_slow], max_examples=300)
 @given(st.binary(max_size=2000), st.lists(st.integers(min_value=0), max_size=8))
 def test_any_input_gives_well_formed_replies_and_bounded_buffers(

@@ -104,9 +104,15 @@ class ContentChecker:
 
     def _count_received(self, block: bytes) -> None:
         # Only the start of each header line matters: keep a short prefix.
-        pieces = block.split(b"\n")
-        self._line_prefix = (self._line_prefix + pieces[0])[:16]
-        for piece in pieces[1:]:
+        # From line end to line end with find, not split: the header
+        # section is a few lines at the start of a block that may hold
+        # 64 KiB of body.
+        find = block.find
+        end = find(b"\n")
+        if len(self._line_prefix) < 16:
+            head = block[: 16 if end < 0 else min(end, 16)]
+            self._line_prefix = (self._line_prefix + head)[:16]
+        while end >= 0:
             if self._line_prefix in (b"", b"\r"):
                 self._in_headers = False  # the empty line ends the header section
                 return
@@ -115,7 +121,9 @@ class ContentChecker:
                 if self._received > self._limits.received_headers:
                     self.problem = replies.TOO_MANY_HOPS
                     return
-            self._line_prefix = piece[:16]
+            start = end + 1
+            end = find(b"\n", start)
+            self._line_prefix = block[start : start + 16 if end < 0 else min(end, start + 16)]
 
     def finish(self) -> None:
         """The message ended.
