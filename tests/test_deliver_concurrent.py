@@ -280,6 +280,9 @@ class Sink:
                     connection.sendall(b"500 5.5.1 what\r\n")
 
     def close(self) -> None:
+        # Wakes the accept() the other thread is blocked in; close() alone
+        # would leave that thread blocked for the rest of the test run.
+        self._listener.shutdown(socket.SHUT_RDWR)
         self._listener.close()
         for thread in self._threads:
             thread.join(10)

@@ -188,6 +188,9 @@ class Peer:
                 connection.sendall(b"".join(r + b"\r\n" for r in replies))
 
     def close(self) -> None:
+        # Wakes the accept() the other thread is blocked in; close() alone
+        # would leave that thread blocked for the rest of the test run.
+        self._listener.shutdown(socket.SHUT_RDWR)
         self._listener.close()
         for thread in self._threads:
             thread.join(10)
