@@ -7,6 +7,8 @@ and the milter client, which the other programs never use.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from ..config import ConfigError
 from ..policy import UnknownChannel
@@ -36,23 +38,25 @@ def load_service(
 
 def become_user(program: str, service: Service) -> None:
     """Stop being root before serving anyone, or exit 78 (see privileges)."""
-    try:
+    with _or_exit(program, service, f"cannot become {service.config.user}"):
         drop_privileges(service.config.user, service.config.spool)
-    except ConfigError as exc:
-        print(f"{program}: {service.config.source}: {exc}", file=sys.stderr)
-        raise SystemExit(EX_CONFIG) from None
-    except OSError as exc:
-        print(f"{program}: cannot become {service.config.user}: {exc}", file=sys.stderr)
-        raise SystemExit(EX_OSERR) from None
 
 
 def prepare_user(program: str, service: Service) -> Account | None:
     """For a process that stays root: the user its children become, or exit 78."""
-    try:
+    with _or_exit(program, service, f"cannot give the spool to {service.config.user}"):
         return prepare_account(service.config.user, service.config.spool)
+
+
+@contextmanager
+def _or_exit(program: str, service: Service, failing: str) -> Iterator[None]:
+    """Exit 78 for a configuration the user cannot be set up from, 71 (saying
+    ``failing``) when the system refuses."""
+    try:
+        yield
     except ConfigError as exc:
         print(f"{program}: {service.config.source}: {exc}", file=sys.stderr)
         raise SystemExit(EX_CONFIG) from None
     except OSError as exc:
-        print(f"{program}: cannot give the spool to {service.config.user}: {exc}", file=sys.stderr)
+        print(f"{program}: {failing}: {exc}", file=sys.stderr)
         raise SystemExit(EX_OSERR) from None

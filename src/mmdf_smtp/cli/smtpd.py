@@ -35,6 +35,7 @@ from typing import Any
 
 from .. import metrics
 from ..admission import Admission
+from ..checks.config import AuthConfig
 from ..checks.dmarc import public_suffixes
 from ..checks.gate import start_verifiers, stop_verifiers
 from ..config import Config, ConfigError
@@ -333,14 +334,9 @@ def main_41(program: str, channel_list: str, port: str, maxconnects: str, networ
     return EX_OK
 
 
-def verifies_dkim(service: Service) -> bool:
-    auth = service.checks.auth if service.checks is not None else None
-    return auth is not None and auth.dkim
-
-
-def evaluates_dmarc(service: Service) -> bool:
-    auth = service.checks.auth if service.checks is not None else None
-    return auth is not None and auth.dmarc
+def auth_of(service: Service) -> AuthConfig | None:
+    """The ``[auth]`` checks the service makes; None when it makes none."""
+    return service.checks.auth if service.checks is not None else None
 
 
 def serve(
@@ -427,10 +423,11 @@ def serve(
         if shared is not None:
             metrics.record_in(shared.segment(index))
         slots = share(maxconnects, workers, index)
-        if verifies_dkim(current):
+        auth = auth_of(current)
+        if auth is not None and auth.dkim:
             # Here the worker has one thread and no privileges: see checks.
             start_verifiers()
-        if evaluates_dmarc(current):
+        if auth is not None and auth.dmarc:
             public_suffixes()  # read before the loop, not on it at the first message
         try:
             run(
