@@ -17,8 +17,10 @@ import trustme
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from mmdf_smtp.cli import checkque
+from mmdf_smtp.cli.deliver import Service
 from mmdf_smtp.config import ConfigError, NextHop, load
 from mmdf_smtp.delivery import nexthop
+from mmdf_smtp.delivery.nexthop import security_of
 from mmdf_smtp.delivery.runner import Runner
 from peer import Handler, Received, peer
 from test_deliver import MESSAGE, Setup, stored_message
@@ -60,14 +62,26 @@ class Accounts:
         return AuthResult(success=right, handled=False, auth_data=data)
 
 
-class NoAuth(Handler):
-    """A peer that offers no AUTH (aiosmtpd offers it over TLS unasked)."""
+class Offering(Handler):
+    """A peer whose EHLO offers ``auth`` for AUTH (None: no AUTH; aiosmtpd
+    offers PLAIN and LOGIN over TLS unasked), and STARTTLS when
+    ``starttls`` even without a context (it then answers 454)."""
+
+    def __init__(self, auth: str | None, *, starttls: bool = False) -> None:
+        super().__init__()
+        self.auth = auth
+        self.starttls = starttls
 
     async def handle_EHLO(  # noqa: N802 - aiosmtpd's hook names
         self, server: object, session: Any, envelope: object, name: str, lines: list[str]
     ) -> list[str]:
         session.host_name = name
-        return [line for line in lines if not line.startswith("250-AUTH")]
+        kept = [line for line in lines[:-1] if not line.startswith("250-AUTH")]
+        if self.auth is not None:
+            kept.append(f"250-AUTH {self.auth}")
+        if self.starttls:
+            kept.append("250-STARTTLS")
+        return [*kept, lines[-1]]
 
 
 def setup(tmp_path: Path, port: int, extra: str = "", *, protocol: str = "smtp") -> Setup:
@@ -322,7 +336,7 @@ def test_auth_with_a_wrong_password_defers_and_never_bounces(
 def test_auth_defers_when_the_peer_offers_no_auth(
     tmp_path: Path, ca: trustme.CA, log: pytest.LogCaptureFixture
 ) -> None:
-    with peer(NoAuth(), tls=server_context(ca)) as (handler, port):
+    with peer(Offering(None), tls=server_context(ca)) as (handler, port):
         s = setup(tmp_path, port, auth_keys(tmp_path))
         queue_id = run(s)
     reply = (
@@ -330,6 +344,70 @@ def test_auth_defers_when_the_peer_offers_no_auth(
         " (deliver speaks PLAIN and LOGIN)"
     )
     deferred(s, queue_id, handler, log, reply)
+
+
+def test_auth_login_where_the_peer_offers_no_plain(
+    tmp_path: Path, ca: trustme.CA, log: pytest.LogCaptureFixture
+) -> None:
+    accounts = Accounts()
+    handler = Offering("CRAM-MD5 LOGIN")
+    with peer(handler, tls=server_context(ca), authenticator=accounts) as (_, port):
+        s = setup(tmp_path, port, auth_keys(tmp_path))
+        run(s)
+    assert sent(s, handler, log, tls=True).login == USER.encode()
+    assert accounts.mechanisms == ["LOGIN"]
+
+
+def test_auth_defers_when_the_peer_offers_only_mechanisms_deliver_does_not_speak(
+    tmp_path: Path, ca: trustme.CA, log: pytest.LogCaptureFixture
+) -> None:
+    with peer(Offering("CRAM-MD5 XOAUTH2"), tls=server_context(ca)) as (handler, port):
+        s = setup(tmp_path, port, auth_keys(tmp_path))
+        queue_id = run(s)
+    reply = (
+        f"451 4.7.4 [deliver] auth_user is set and smtp:[127.0.0.1]:{port} offers"
+        " AUTH CRAM-MD5 XOAUTH2 (deliver speaks PLAIN and LOGIN)"
+    )
+    deferred(s, queue_id, handler, log, reply)
+
+
+def test_a_refused_starttls_goes_on_in_plaintext_under_may_only(
+    tmp_path: Path, log: pytest.LogCaptureFixture
+) -> None:
+    with peer(Offering(None, starttls=True)) as (handler, port):
+        s = setup(tmp_path, port)
+        run(s)
+        sent(s, handler, log, tls=False)
+        assert f"smtp:[127.0.0.1]:{port} refused STARTTLS: 454 TLS not available" in log.text
+        handler.messages.clear()
+        (tmp_path / "encrypt").mkdir()
+        s = setup(tmp_path / "encrypt", port, 'tls = "encrypt"\n')
+        queue_id = run(s)
+    reply = (
+        '451 4.7.4 TLS is required by [deliver] tls = "encrypt" and'
+        f" smtp:[127.0.0.1]:{port} refused STARTTLS: 454 TLS not available"
+    )
+    deferred(s, queue_id, handler, log, reply)
+
+
+def test_no_password_goes_in_plaintext_even_under_a_policy_made_without_tls() -> None:
+    # The configuration cannot make this policy: one made in code is still refused.
+    accounts = Accounts()
+    careless = nexthop.Security(level="may", user=USER, password=PASSWORD)
+    with peer(Handler(), authenticator=accounts) as (handler, port):
+        [outcome] = nexthop.send(
+            NextHop(protocol="smtp", host="127.0.0.1", port=port),
+            hostname="mx.test",
+            sender="a@example.org",
+            recipients=[RECIPIENT],
+            message=BytesIO(MESSAGE),
+            security=careless,
+        )
+    assert outcome == nexthop.Outcome(
+        451,
+        f"4.7.4 [deliver] auth_user is set and smtp:[127.0.0.1]:{port} is not spoken to over TLS",
+    )
+    assert (accounts.mechanisms, handler.messages) == ([], [])
 
 
 def test_auth_never_sends_credentials_in_plaintext(
@@ -443,3 +521,25 @@ def test_deliver_exits_78_on_a_ca_file_it_cannot_load(tmp_path: Path) -> None:
     assert result.returncode == 78
     assert f"{path}:".encode() in result.stderr
     assert f": deliver.tls_ca_file: {garbage}: cannot load the CAs:".encode() in result.stderr
+
+
+def test_a_reload_reads_the_password_file_again_and_keeps_the_old_one_on_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    s = setup(tmp_path, 9, auth_keys(tmp_path, "first"))
+    wakeups = s.spool.start_delivering()
+    try:
+        service = Service(str(s.config_path), s.config, s.spool, wakeups, security_of(s.config))
+        assert service.runner.security.password == "first"
+        password = tmp_path / "relay.password"
+        password.write_text("second\n")
+        service.reload()
+        assert service.runner.security.password == "second"
+        password.unlink()
+        service.reload()
+        assert service.runner.security.password == "second"
+        service.runner.close()
+    finally:
+        wakeups.close()
+    assert f"reload failed, keeping the running configuration: {s.config_path}:" in caplog.text
+    assert f"deliver.auth_password_file: {password}: cannot read:" in caplog.text

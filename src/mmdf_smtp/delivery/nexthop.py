@@ -558,9 +558,10 @@ def _start_tls(client: smtplib.SMTP, hop: NextHop, security: Security, name: str
         return
     code, text = client.docmd("STARTTLS")
     if code != 220:
+        refusal = _refused(hop, code, text, "STARTTLS").text.split(" ", 1)[1]
         if required:
-            refusal = _refused(hop, code, text, "STARTTLS").text.split(" ", 1)[1]
             raise _Refused(Outcome(451, f"4.7.4 {_required(security)} and {refusal}"))
+        log.warning("%s; sending in plaintext", refusal)
         return
     assert client.sock is not None
     try:
@@ -592,7 +593,10 @@ def _authenticate(client: smtplib.SMTP, hop: NextHop, security: Security) -> Non
     session without TLS: the configuration makes TLS required with AUTH."""
     assert security.user is not None and security.password is not None
     if not isinstance(client.sock, ssl.SSLSocket):
-        raise AssertionError("AUTH without TLS: the policy should have required it")
+        # The configuration cannot make such a policy; one made otherwise
+        # still sends no password in plaintext.
+        why = f"{describe(hop)} is not spoken to over TLS"
+        raise _Refused(Outcome(451, f"4.7.4 [deliver] auth_user is set and {why}"))
     offered = client.esmtp_features.get("auth", "").upper().split()
     mechanism = next((m for m in _MECHANISMS if m in offered), None)
     if mechanism is None:
