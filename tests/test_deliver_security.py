@@ -51,15 +51,16 @@ def server_context(ca: trustme.CA, name: str = "relay.test") -> ssl.SSLContext:
 class Accounts:
     """The peer's AUTH: one user, one password; the mechanisms asked for, in order."""
 
-    def __init__(self) -> None:
+    def __init__(self, refusal: str | None = None) -> None:
         self.mechanisms: list[str] = []
+        self.refusal = refusal  # the reply to wrong credentials; None: aiosmtpd's 535
 
     def __call__(
         self, server: object, session: object, envelope: object, mechanism: str, data: Any
     ) -> AuthResult:
         self.mechanisms.append(mechanism)
         right = isinstance(data, LoginPassword) and data == (USER.encode(), PASSWORD.encode())
-        return AuthResult(success=right, handled=False, auth_data=data)
+        return AuthResult(success=right, handled=False, message=self.refusal, auth_data=data)
 
 
 class Offering(Handler):
@@ -331,6 +332,21 @@ def test_auth_with_a_wrong_password_defers_and_never_bounces(
     )
     deferred(s, queue_id, handler, log, reply)
     assert accounts.mechanisms == ["PLAIN"]
+
+
+def test_a_503_to_auth_is_no_success(
+    tmp_path: Path, ca: trustme.CA, log: pytest.LogCaptureFixture
+) -> None:
+    # smtplib's auth() returns a 503 as it does a 235: MAIL would follow unauthenticated.
+    accounts = Accounts("503 5.5.1 Not now")
+    with peer(Handler(), tls=server_context(ca), authenticator=accounts) as (handler, port):
+        s = setup(tmp_path, port, auth_keys(tmp_path, "wrong"))
+        queue_id = run(s)
+    reply = (
+        f"451 4.7.0 smtp:[127.0.0.1]:{port} refused AUTH PLAIN as {USER} ([deliver] auth_user):"
+        " 503 5.5.1 Not now"
+    )
+    deferred(s, queue_id, handler, log, reply)
 
 
 def test_auth_defers_when_the_peer_offers_no_auth(

@@ -158,7 +158,7 @@ def _read_password(config: Config, path: Path) -> str:
 
 @cache
 def _unverified() -> ssl.SSLContext:
-    """ "may" and "encrypt"'s context: encryption, no check of the peer."""
+    """The context of "may" and "encrypt": encryption, no check of the peer."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
@@ -611,17 +611,21 @@ def _authenticate(client: smtplib.SMTP, hop: NextHop, security: Security) -> Non
     client.user, client.password = security.user, security.password
     answer = client.auth_plain if mechanism == "PLAIN" else client.auth_login
     try:
-        client.auth(mechanism, answer)
+        code, text = client.auth(mechanism, answer)
+        reply = text.decode("utf-8", "replace")
     except smtplib.SMTPAuthenticationError as exc:
-        words = " ".join(_reason(exc).split())
-        status = "4.7.8" if exc.smtp_code == 535 else "4.7.0"
+        code, reply = exc.smtp_code, _reason(exc).split(" ", 1)[-1]
+    # smtplib takes a 503 for success too; only a 235 is one (RFC 4954 6).
+    if code != 235:
+        words = " ".join(reply.split())
+        status = "4.7.8" if code == 535 else "4.7.0"
         raise _Refused(
             Outcome(
                 451,
                 f"{status} {describe(hop)} refused AUTH {mechanism} as"
-                f" {security.user} ([deliver] auth_user): {words}",
+                f" {security.user} ([deliver] auth_user): {code} {words}",
             )
-        ) from exc
+        )
 
 
 def _required(security: Security) -> str:
