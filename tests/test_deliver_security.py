@@ -15,10 +15,12 @@ from typing import Any
 import pytest
 import trustme
 from aiosmtpd.smtp import AuthResult, LoginPassword
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mmdf_smtp.cli import checkque
 from mmdf_smtp.cli.deliver import Service
-from mmdf_smtp.config import ConfigError, NextHop, load
+from mmdf_smtp.config import ConfigError, NextHop, load, parse
 from mmdf_smtp.delivery import nexthop
 from mmdf_smtp.delivery.nexthop import security_of
 from mmdf_smtp.delivery.runner import Runner
@@ -559,3 +561,24 @@ def test_a_reload_reads_the_password_file_again_and_keeps_the_old_one_on_error(
         wakeups.close()
     assert f"reload failed, keeping the running configuration: {s.config_path}:" in caplog.text
     assert f"deliver.auth_password_file: {password}: cannot read:" in caplog.text
+
+
+@settings(max_examples=50, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    password=st.text(
+        st.characters(exclude_characters="\r\n", exclude_categories=["Cs"]), min_size=1
+    ),
+    end=st.sampled_from(["", "\n", "\r\n"]),
+)
+def test_the_password_is_the_files_one_line_as_written(
+    tmp_path: Path, password: str, end: str
+) -> None:
+    path = tmp_path / "relay.password"
+    path.write_bytes((password + end).encode())
+    config = parse(
+        f'[deliver]\nnext_hop = "smtp:relay.test:587"\nauth_user = "{USER}"\n'
+        f'auth_password_file = "{path}"\n',
+        "f.toml",
+        base=tmp_path,
+    )
+    assert security_of(config).password == password
