@@ -12,7 +12,7 @@ from typing import Any
 
 from aiosmtpd.controller import Controller, UnixSocketController
 from aiosmtpd.lmtp import LMTP
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
 
 # What the peer answers: a function of the recipient, or None for "250".
 Answer = Callable[[str], str | None]
@@ -28,6 +28,7 @@ class Received:
     # With ``Handler.dsn``: the DSN parameters as they came, MAIL's and each recipient's.
     mail_dsn: list[str] = field(default_factory=list)
     rcpt_dsn: dict[str, list[str]] = field(default_factory=dict)
+    login: bytes | None = None  # the user that authenticated (AUTH), if one did
 
 
 @dataclass
@@ -74,10 +75,16 @@ class Handler:
                     sender=envelope.mail_from or "",
                     recipients=accepted,
                     content=envelope.original_content,
-                    tls=session.ssl is not None,
+                    # session.ssl is STARTTLS's; the transport's, TLS from the start.
+                    tls=session.ssl is not None
+                    or (
+                        server.transport is not None
+                        and server.transport.get_extra_info("ssl_object") is not None
+                    ),
                     mail_options=list(envelope.mail_options),
                     mail_dsn=list(getattr(envelope, "mail_dsn", [])),
                     rcpt_dsn={r: getattr(envelope, "rcpt_dsn", {}).get(r, []) for r in accepted},
+                    login=session.auth_data.login if session.authenticated else None,
                 )
             )
         return "\r\n".join(replies)
@@ -181,12 +188,29 @@ def unix_lmtp_peer(handler: Handler, path: str) -> Iterator[Handler]:
 
 @contextmanager
 def peer(
-    handler: Handler, *, tls: ssl.SSLContext | None = None, require_tls: bool = False
+    handler: Handler,
+    *,
+    tls: ssl.SSLContext | None = None,
+    require_tls: bool = False,
+    implicit_tls: ssl.SSLContext | None = None,
+    authenticator: Callable[..., AuthResult] | None = None,
 ) -> Iterator[tuple[Handler, int]]:
+    """An SMTP (LMTP) server: STARTTLS with ``tls``, TLS from the first
+    octet with ``implicit_tls`` (RFC 8314), AUTH PLAIN and LOGIN checked by
+    ``authenticator`` with it (offered after STARTTLS only, or at once
+    over implicit TLS)."""
     kwargs: dict[str, Any] = {}
     if tls is not None:
         kwargs["tls_context"] = tls
         kwargs["require_starttls"] = require_tls
+    if implicit_tls is not None:
+        kwargs["ssl_context"] = implicit_tls
+    if authenticator is not None:
+        kwargs["authenticator"] = authenticator
+        # aiosmtpd counts only STARTTLS as TLS; it offers AUTH without
+        # TLS only where asked, so that a client that sends credentials in
+        # plaintext is seen doing it.
+        kwargs["auth_require_tls"] = tls is not None
     controller = _Controller(handler, **kwargs)
     controller.start()
     try:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mmdf_smtp.config import ConfigError, find_config_path, load, parse, split_listen
+from mmdf_smtp.config import ConfigError, NextHop, find_config_path, load, parse, split_listen
 
 
 def test_embedded_default_serves_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -179,3 +179,83 @@ def test_the_proxy_keys_are_checked(tmp_path: Path, text: str, message: str) -> 
     with pytest.raises(ConfigError) as error:
         parse(text, "t.toml", base=tmp_path)
     assert str(error.value) == message
+
+
+def test_the_next_hops_tls_and_auth_keys(tmp_path: Path) -> None:
+    path = tmp_path / "mmdf.toml"
+    path.write_text('[deliver]\nnext_hop = "smtp:relay.test:587"\n')
+    deliver = load(str(path)).deliver
+    assert (deliver.tls, deliver.tls_level, deliver.tls_ca_file, deliver.tls_name) == (
+        "may",
+        "may",
+        None,
+        None,
+    )
+    assert (deliver.auth_user, deliver.auth_password_file) == (None, None)
+    path.write_text(
+        '[deliver]\nnext_hop = "smtp:relay.test:587"\ntls_ca_file = "ca.pem"\n'
+        'tls_name = "mail.relay.test"\nauth_user = "me"\nauth_password_file = "relay.pw"\n'
+    )
+    deliver = load(str(path)).deliver
+    # Credentials go over TLS only: auth_user makes "may" "encrypt".
+    assert (deliver.tls, deliver.tls_level, deliver.tls_required_by) == (
+        "may",
+        "encrypt",
+        "auth_user",
+    )
+    assert deliver.tls_ca_file == tmp_path / "ca.pem"
+    assert deliver.auth_password_file == tmp_path / "relay.pw"
+    assert (deliver.tls_name, deliver.auth_user) == ("mail.relay.test", "me")
+    path.write_text('[deliver]\nnext_hop = "smtps:relay.test:465"\ntls = "verify"\n')
+    deliver = load(str(path)).deliver
+    assert deliver.next_hop == NextHop(protocol="smtps", host="relay.test", port=465)
+    assert (deliver.tls_level, deliver.tls_required_by) == ("verify", "tls")
+    path.write_text('[deliver]\nnext_hop = "smtps:relay.test:465"\n')
+    assert (load(str(path)).deliver.tls_level, load(str(path)).deliver.tls_required_by) == (
+        "encrypt",
+        "smtps",
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            'tls = "required"\n',
+            'f.toml:2: deliver.tls: must be "none", "may", "encrypt" or "verify"',
+        ),
+        ("tls = true\n", "f.toml:2: deliver.tls: must be a string"),
+        (
+            'next_hop = "lmtp:/run/dovecot/lmtp"\ntls = "encrypt"\n',
+            'f.toml:3: deliver.tls: "encrypt" cannot be had over a Unix socket',
+        ),
+        (
+            'next_hop = "smtps:relay.test:465"\ntls = "none"\n',
+            'f.toml:3: deliver.tls: "none" contradicts an "smtps:" next_hop',
+        ),
+        ('tls_name = ""\n', "f.toml:2: deliver.tls_name: must not be empty"),
+        ("tls_ca_file = 1\n", "f.toml:2: deliver.tls_ca_file: must be a string"),
+        ('auth_user = "me"\n', "f.toml:2: deliver.auth_user: needs deliver.auth_password_file"),
+        (
+            'auth_password_file = "pw"\n',
+            "f.toml:2: deliver.auth_password_file: needs deliver.auth_user",
+        ),
+        (
+            'tls = "none"\nauth_user = "me"\nauth_password_file = "pw"\n',
+            'f.toml:3: deliver.auth_user: needs TLS, and deliver.tls = "none" forbids it',
+        ),
+        (
+            'next_hop = "lmtp:/run/lmtp"\nauth_user = "me"\nauth_password_file = "pw"\n',
+            "f.toml:3: deliver.auth_user: needs TLS, which a Unix-socket next_hop cannot have",
+        ),
+        (
+            'auth_user = ""\nauth_password_file = "pw"\n',
+            "f.toml:2: deliver.auth_user: must be a printable, non-empty name",
+        ),
+        ('next_hop = "smtps:/run/socket"\n', "f.toml:2: deliver.next_hop: 'smtps:/run/socket'"),
+    ],
+)
+def test_the_next_hops_tls_and_auth_keys_are_checked(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse("[deliver]\n" + text, "f.toml", base=Path("/"))
+    assert str(caught.value).startswith(message)

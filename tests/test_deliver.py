@@ -835,6 +835,7 @@ def test_dot_stuffing_and_line_ends() -> None:
         ("lmtp:127.0.0.1:24", NextHop(protocol="lmtp", host="127.0.0.1", port=24)),
         ("smtp:[::1]:25", NextHop(protocol="smtp", host="::1", port=25)),
         ("lmtp:/run/dovecot/lmtp", NextHop(protocol="lmtp", host="/run/dovecot/lmtp", port=0)),
+        ("smtps:relay.test:465", NextHop(protocol="smtps", host="relay.test", port=465)),
     ],
 )
 def test_next_hop_forms(text: str, hop: NextHop) -> None:

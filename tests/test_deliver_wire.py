@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+import trustme
 
 from mmdf_smtp.queue import Envelope
 from mmdf_smtp.queue.spool import Spool
@@ -337,3 +338,36 @@ def test_deliver_picks_up_what_a_user_left_in_the_maildrop(tmp_path: Path) -> No
     # The trace names the submitter as pickup found it: the file's owner.
     assert f"(from {user.pw_name}@localhost)" in message["Received"]
     assert queued(config) == []  # delivered, and gone from the queue
+
+
+def test_a_password_file_only_root_can_read_is_read_before_deliver_gives_up_root(
+    tmp_path: Path,
+) -> None:
+    from test_deliver_security import PASSWORD, USER, Accounts, server_context
+
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    password = tmp_path / "relay.password"
+    password.write_text(PASSWORD + "\n")
+    password.chmod(0o600)  # root's: the user deliver becomes cannot read it
+    accounts = Accounts()
+    context = server_context(ca, "relay.test")
+    with peer(Handler(), tls=context, authenticator=accounts) as (handler, port):
+        config = configure(
+            tmp_path,
+            f'[deliver]\nnext_hop = "smtp:127.0.0.1:{port}"\ntls = "verify"\n'
+            f'tls_ca_file = "{tmp_path / "ca.pem"}"\ntls_name = "relay.test"\n'
+            f'auth_user = "{USER}"\nauth_password_file = "{password}"\n',
+        )
+        queue_many(Spool(tmp_path / "spool"), 1, recipients=("far@relay.test",))
+        result = run_deliver(config, "--once")
+    assert result.returncode == 0, result.stderr
+    assert b"attempts=1 status=delivered (250 2.0.0 OK)" in result.stderr
+    assert PASSWORD.encode() not in result.stderr
+    [received] = handler.messages
+    assert (received.recipients, received.tls, received.login) == (
+        ["far@relay.test"],
+        True,
+        USER.encode(),
+    )
+    assert accounts.mechanisms == ["PLAIN"]

@@ -6,6 +6,7 @@ the key, and the commands exit with EX_CONFIG (78) on it.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import re
@@ -80,11 +81,17 @@ class LocalConfig:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class NextHop:
-    """Where non-local mail goes: ``lmtp:host:port``, ``lmtp:/socket`` or ``smtp:host:port``."""
+    """Where non-local mail goes: ``lmtp:host:port``, ``lmtp:/socket``,
+    ``smtp:host:port`` or ``smtps:host:port`` (SMTP in TLS from the first
+    octet, RFC 8314 3.3)."""
 
-    protocol: str  # "lmtp" or "smtp"
+    protocol: str  # "lmtp", "smtp" or "smtps"
     host: str  # a host name, an address, or (LMTP only) the path of a Unix socket
     port: int  # 0 for a Unix socket
+
+
+# [deliver] tls, Postfix's smtp_tls_security_level's names, weakest first.
+TLS_LEVELS = ("none", "may", "encrypt", "verify")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -107,6 +114,34 @@ class DeliverConfig:
     # at most this many messages (smtp_connection_reuse_count_limit).
     connection_cache_time: float = 2.0
     connection_reuse_limit: int = 100
+    # TLS to the next hop, one of TLS_LEVELS; auth_user and an smtps hop
+    # make it at least "encrypt" (see tls_required_by).
+    tls: str = "may"
+    tls_ca_file: Path | None = None  # the CAs "verify" trusts; None: the system's
+    tls_name: str | None = None  # the name "verify" checks; None: the next hop's host
+    # SMTP AUTH (RFC 4954) to the next hop; the password is read from its
+    # own file by deliver, so that the configuration holds no secret.
+    auth_user: str | None = None
+    auth_password_file: Path | None = None
+
+    @property
+    def tls_level(self) -> str:
+        """The level in force: ``tls``, raised to "encrypt" where credentials
+        go or the hop speaks TLS from the start."""
+        if self.tls in ("none", "may") and self.tls_required_by != "tls":
+            return "encrypt"
+        return self.tls
+
+    @property
+    def tls_required_by(self) -> str:
+        """What asks for the level in force: "tls", "auth_user" or "smtps"."""
+        if self.tls in ("encrypt", "verify"):
+            return "tls"
+        if self.auth_user is not None:
+            return "auth_user"
+        if self.next_hop is not None and self.next_hop.protocol == "smtps":
+            return "smtps"
+        return "tls"
 
 
 QUEUE_BACKENDS = ("spool", "postgresql")
@@ -165,6 +200,7 @@ class Config:
 
 
 _DOOR_KEYS = {"greet_pause", "forbid_unauth_pipelining"}
+_HOP_SECURITY_KEYS = {"tls", "tls_ca_file", "tls_name", "auth_user", "auth_password_file"}
 
 
 def find_config_path(explicit: str | None) -> Path | None:
@@ -195,6 +231,17 @@ def read_text(path: Path, what: str) -> str:
         raise ConfigError(f"{path}: cannot read {what}: {exc.strerror}") from exc
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: {what} is not UTF-8: {exc}") from exc
+
+
+def key_error(config: Config, dotted: str, problem: str) -> ConfigError:
+    """An error about what a key names (a file that cannot be used), found
+    after parsing: named as a parsing error is, with the key's line."""
+    text = ""
+    if config.source != EMBEDDED:
+        # Changed or gone since: the file and the key are still named.
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            text = Path(config.source).read_text(encoding="utf-8")
+    return _Reader(text, config.source, Path(config.source).parent).error(dotted, problem)
 
 
 def _default_base() -> Path:
@@ -555,6 +602,7 @@ class _Reader:
                 "destination_concurrency_limit",
                 "connection_cache_time",
                 "connection_reuse_limit",
+                *_HOP_SECURITY_KEYS,
             },
         )
         next_hop = self._str(t, "deliver.next_hop", None)
@@ -579,7 +627,51 @@ class _Reader:
             ),
             connection_cache_time=self._seconds(t, "deliver.connection_cache_time", 2.0, zero=True),
             connection_reuse_limit=self._int(t, "deliver.connection_reuse_limit", 100, 1),
+            **self._hop_security(t, hop),
         )
+
+    def _hop_security(self, data: Mapping[str, Any], hop: NextHop | None) -> dict[str, Any]:
+        """[deliver]'s TLS and AUTH keys, checked against each other and the hop."""
+        tls = self._str(data, "deliver.tls", "may")
+        if tls not in TLS_LEVELS:
+            raise self.error("deliver.tls", 'must be "none", "may", "encrypt" or "verify"')
+        unix_socket = hop is not None and hop.port == 0
+        if unix_socket and tls in ("encrypt", "verify"):
+            raise self.error(
+                "deliver.tls", f'"{tls}" cannot be had over a Unix socket (next_hop "lmtp:/...")'
+            )
+        if hop is not None and hop.protocol == "smtps" and tls == "none":
+            raise self.error("deliver.tls", '"none" contradicts an "smtps:" next_hop')
+        ca_file = self._str(data, "deliver.tls_ca_file", None)
+        name = self._str(data, "deliver.tls_name", None)
+        for key, value in (("tls_ca_file", ca_file), ("tls_name", name)):
+            if value is not None and not value.strip():
+                raise self.error(f"deliver.{key}", "must not be empty")
+        user = self._str(data, "deliver.auth_user", None)
+        password_file = self._str(data, "deliver.auth_password_file", None)
+        if user is not None:
+            if not user or any(not c.isprintable() for c in user):
+                raise self.error("deliver.auth_user", "must be a printable, non-empty name")
+            if password_file is None:
+                raise self.error("deliver.auth_user", "needs deliver.auth_password_file")
+            # Credentials go over TLS only (RFC 4954 4, RFC 4616 4).
+            if tls == "none":
+                raise self.error(
+                    "deliver.auth_user", 'needs TLS, and deliver.tls = "none" forbids it'
+                )
+            if unix_socket:
+                raise self.error(
+                    "deliver.auth_user", "needs TLS, which a Unix-socket next_hop cannot have"
+                )
+        elif password_file is not None:
+            raise self.error("deliver.auth_password_file", "needs deliver.auth_user")
+        return {
+            "tls": tls,
+            "tls_ca_file": self._path(ca_file) if ca_file else None,
+            "tls_name": name,
+            "auth_user": user,
+            "auth_password_file": self._path(password_file) if password_file else None,
+        }
 
     def _delimiter(self, data: Mapping[str, Any]) -> str:
         value = self._str(data, "deliver.recipient_delimiter", "+") or ""
@@ -591,10 +683,12 @@ class _Reader:
 
 
 def parse_next_hop(text: str) -> NextHop:
-    """``lmtp:host:port``, ``lmtp:/path/to/socket`` or ``smtp:host:port``."""
+    """``lmtp:host:port``, ``lmtp:/path/to/socket``, ``smtp:host:port`` or ``smtps:host:port``."""
     protocol, _, rest = text.partition(":")
-    expected = 'expected "lmtp:host:port", "lmtp:/path/to/socket" or "smtp:host:port"'
-    if protocol not in ("lmtp", "smtp") or not rest:
+    expected = (
+        'expected "lmtp:host:port", "lmtp:/path/to/socket", "smtp:host:port" or "smtps:host:port"'
+    )
+    if protocol not in ("lmtp", "smtp", "smtps") or not rest:
         raise ValueError(f"{text!r}: {expected}")
     if protocol == "lmtp" and rest.startswith("/"):
         return NextHop(protocol=protocol, host=rest, port=0)

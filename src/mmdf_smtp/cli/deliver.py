@@ -24,6 +24,7 @@ import sys
 from .. import metrics
 from ..config import Config, ConfigError, load
 from ..delivery import maildir
+from ..delivery.nexthop import Security, security_of
 from ..delivery.runner import DeliveryBackend, Runner, open_queue
 from ..privileges import drop_privileges
 from ..queue import DelivererRunning, Wakeups
@@ -45,17 +46,26 @@ class Service:
     """The long-running deliver: claims on wake-ups, on retry times, and reloads on SIGHUP."""
 
     def __init__(
-        self, config_path: str | None, config: Config, spool: DeliveryBackend, wakeups: Wakeups
+        self,
+        config_path: str | None,
+        config: Config,
+        spool: DeliveryBackend,
+        wakeups: Wakeups,
+        security: Security,
     ) -> None:
         self._config_path = config_path
         self._spool = spool
         self._wakeups = wakeups
         self._stop = False
         self._reload = False
-        self.runner = self._runner(config)
+        self.runner = self._runner(config, security)
 
-    def _runner(self, config: Config) -> Runner:
-        return Runner(config, self._spool, stopping=lambda: self._stop or self._reload)
+    def _runner(self, config: Config, security: Security | None = None) -> Runner:
+        """A runner; without ``security`` it reads the next hop's password
+        file and CAs again (as the user deliver runs as, on reload)."""
+        return Runner(
+            config, self._spool, stopping=lambda: self._stop or self._reload, security=security
+        )
 
     def run(self, *, flush: bool) -> None:
         wake_read, wake_write = socket.socketpair()
@@ -115,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     # driver and what it imports) may lie where only root may read.
     try:
         spool = open_queue(config)
+        # Before privileges are dropped too: the password file may be root's alone.
+        security = security_of(config)
     except ConfigError as exc:
         print(f"deliver: {exc}", file=sys.stderr)
         return EX_CONFIG
@@ -165,13 +177,13 @@ def main(argv: list[str] | None = None) -> int:
             if removed:
                 log.info("removed %d delivery states of messages no longer queued", len(removed))
         if args.once:
-            runner = Runner(config, spool)
+            runner = Runner(config, spool, security=security)
             try:
                 runner.run(flush=args.flush)
             finally:
                 runner.close()
         else:
-            Service(args.config, config, spool, wakeups).run(flush=args.flush)
+            Service(args.config, config, spool, wakeups, security).run(flush=args.flush)
     except ConfigError as exc:
         print(f"deliver: {exc}", file=sys.stderr)
         return EX_CONFIG

@@ -6,12 +6,17 @@ connection kept for the next message when it is idle for at most
 ``connection_reuse_limit`` (:class:`Connections`); the
 answer is one reply per recipient: the RCPT refusal for those refused,
 else the reply to the end of data (LMTP gives one per accepted
-recipient, SMTP one for all).  STARTTLS is used whenever the peer offers
-it, opportunistically: the certificate is not checked, as with Postfix's
-``smtp_tls_security_level = may`` (a peer that offers no STARTTLS gets the
-message in plaintext).  To a peer that offers PIPELINING the RSET of a
-kept connection, MAIL, the RCPTs and DATA go in one write (RFC 2920);
-smtplib connects, greets, says EHLO and STARTTLS and reads the replies.
+recipient, SMTP one for all).  TLS follows ``[deliver] tls``, with the
+names and meanings of Postfix's ``smtp_tls_security_level`` (:class:`Security`):
+by default STARTTLS is used whenever the peer offers it, opportunistically
+(the certificate is not checked; a peer that offers no STARTTLS gets the
+message in plaintext); "encrypt" and "verify" defer the recipients rather
+than send in plaintext; an ``smtps:`` hop speaks TLS from the first octet
+(RFC 8314 3.3).  With ``[deliver] auth_user`` the session authenticates
+(RFC 4954) with PLAIN (RFC 4616) or LOGIN, over TLS only.  To a peer that
+offers PIPELINING the RSET of a kept connection, MAIL, the RCPTs and
+DATA go in one write (RFC 2920); smtplib connects, greets, says EHLO and
+AUTH and reads the replies.
 The message is streamed from the spool, dot-stuffed on the way (RFC 5321
 4.5.2) a chunk at a time.  To a next hop that offers DSN
 the sender's RET and ENVID go on MAIL, each recipient's NOTIFY and ORCPT
@@ -28,11 +33,12 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
-from functools import partial
+from dataclasses import dataclass, field, replace
+from functools import cache, partial
+from pathlib import Path
 from typing import BinaryIO
 
-from ..config import NextHop
+from ..config import Config, NextHop, key_error
 from ..protocol.dsnparams import encode_xtext
 
 log = logging.getLogger("mmdf_smtp.deliver")
@@ -68,6 +74,97 @@ class Outcome:
         return f"{self.code} {self.text}"
 
 
+@dataclass(frozen=True, slots=True)
+class Security:
+    """What a session with the next hop must have: TLS at ``level`` (one of
+    config.TLS_LEVELS, the one in force), and AUTH as ``user`` when set.
+    Kept connections are kept under it: one made under another policy is
+    never used for it."""
+
+    level: str = "may"
+    required_by: str = "tls"  # what asks for level: "tls", "auth_user" or "smtps"
+    name: str | None = None  # the name "verify" checks; None: the next hop's host
+    ca_file: Path | None = None  # the CAs "verify" trusts; None: the system's
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+    # "verify"'s, made once: loading the trusted CAs is the costly part.
+    verifying: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def requires_tls(self) -> bool:
+        return self.level in ("encrypt", "verify")
+
+    def requirement(self) -> str:
+        """What requires TLS, as the administrator wrote it."""
+        if self.required_by == "auth_user":
+            return "[deliver] auth_user"
+        if self.required_by == "smtps":
+            return "the smtps: next hop"
+        return f'[deliver] tls = "{self.level}"'
+
+    def context(self) -> ssl.SSLContext:
+        if self.level == "verify":
+            assert self.verifying is not None
+            return self.verifying
+        return _unverified()
+
+
+# The default: Postfix's smtp_tls_security_level's, no AUTH.
+OPPORTUNISTIC = Security()
+
+
+def security_of(config: Config) -> Security:
+    """The next hop's :class:`Security` from ``[deliver]``: the password
+    file read and the trusted CAs loaded now (deliver does it before it
+    gives up root, and again on reload).  Raises ConfigError naming the key."""
+    deliver = config.deliver
+    password = None
+    if deliver.auth_password_file is not None:
+        password = _read_password(config, deliver.auth_password_file)
+    verifying = None
+    if deliver.tls_level == "verify":
+        ca_file = deliver.tls_ca_file
+        try:
+            verifying = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+        except (OSError, ssl.SSLError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            key = "deliver.tls_ca_file" if ca_file else "deliver.tls"
+            raise key_error(config, key, f"{ca_file}: cannot load the CAs: {reason}") from exc
+    return Security(
+        level=deliver.tls_level,
+        required_by=deliver.tls_required_by,
+        name=deliver.tls_name,
+        ca_file=deliver.tls_ca_file,
+        user=deliver.auth_user,
+        password=password,
+        verifying=verifying,
+    )
+
+
+def _read_password(config: Config, path: Path) -> str:
+    """The one line of ``auth_password_file``, without its line end."""
+    key = "deliver.auth_password_file"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise key_error(config, key, f"{path}: cannot read: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise key_error(config, key, f"{path}: not UTF-8: {exc.reason}") from exc
+    password = text.removesuffix("\n").removesuffix("\r")
+    if not password or "\n" in password or "\r" in password:
+        raise key_error(config, key, f"{path}: must hold the password alone, on one line")
+    return password
+
+
+@cache
+def _unverified() -> ssl.SSLContext:
+    """The context of "may" and "encrypt": encryption, no check of the peer."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
 def suspended(failure: Outcome) -> Outcome:
     """What recipients are told while a next hop that was ``failure`` is left alone."""
     why = failure.text.split(" ", 1)[-1]  # the failure's text without its status code
@@ -100,6 +197,7 @@ def send(
     envid: str | None = None,
     notify: Sequence[str | None] = (),
     orcpt: Sequence[str | None] = (),
+    security: Security = OPPORTUNISTIC,
 ) -> list[Outcome]:
     """Send ``message`` to ``recipients`` over a connection of its own; one
     outcome per recipient, in order.  See :meth:`Connections.send`."""
@@ -118,6 +216,7 @@ def send(
         envid=envid,
         notify=notify,
         orcpt=orcpt,
+        security=security,
     )
 
 
@@ -141,7 +240,7 @@ class Connections:
         self._idle = idle
         self._reuse = reuse
         self._lock = threading.Lock()
-        self._kept: dict[NextHop, list[_Kept]] = {}
+        self._kept: dict[tuple[NextHop, Security], list[_Kept]] = {}
         self.opened = 0  # connections opened, for the curious (and the tests)
 
     def send(
@@ -161,14 +260,17 @@ class Connections:
         envid: str | None = None,
         notify: Sequence[str | None] = (),
         orcpt: Sequence[str | None] = (),
+        security: Security = OPPORTUNISTIC,
     ) -> list[Outcome]:
         """Send ``message`` to ``recipients``; one outcome per recipient, in order.
 
         Never raises for the peer's or the network's faults: they become
-        temporary outcomes for every recipient not yet answered.  A peer whose
-        TLS handshake fails gets the message again in plaintext, as with
-        Postfix's opportunistic TLS: encryption nobody checks is not worth
-        holding mail for.
+        temporary outcomes for every recipient not yet answered.  Under
+        ``security`` "may", a peer whose TLS handshake fails gets the message
+        again in plaintext, as with Postfix's opportunistic TLS: encryption
+        nobody checks is not worth holding mail for.  Where TLS is required
+        (or AUTH fails) the recipients are deferred instead: the relay's
+        fault or the administrator's, never the recipients'.
         """
         start = message.tell()
         transaction = partial(
@@ -182,15 +284,18 @@ class Connections:
             crlf=crlf,
             dsn=_DsnParameters(ret, envid, notify, orcpt),
         )
-        kept = self._take(hop)
+        key = (hop, security)
+        kept = self._take(key)
         if kept is not None:
-            outcomes = self._use(hop, kept, transaction, len(recipients), reset=True)
+            outcomes = self._use(key, kept, transaction, len(recipients), reset=True)
             if outcomes is not None:
                 return outcomes
             # Found dead by its RSET, before any of the message went: once
             # more on a new connection.
             message.seek(start)
-        for tls in (True, False):
+        # Only opportunistic TLS tries again without: a policy that requires
+        # it takes a failed handshake as the hop's answer.
+        for tls in (True, False) if security.level == "may" else (security.level != "none",):
             message.seek(start)
             try:
                 client = _connect(
@@ -199,6 +304,7 @@ class Connections:
                     timeout=timeout,
                     connect_timeout=connect_timeout,
                     tls=tls,
+                    security=security,
                 )
             except _HandshakeFailed as exc:
                 log.warning(
@@ -213,14 +319,14 @@ class Connections:
                 return [failure] * len(recipients)
             with self._lock:
                 self.opened += 1
-            outcomes = self._use(hop, _Kept(client, 0.0, 0), transaction, len(recipients))
+            outcomes = self._use(key, _Kept(client, 0.0, 0), transaction, len(recipients))
             assert outcomes is not None  # only a reset finds a connection stale
             return outcomes
         raise AssertionError("unreachable: plaintext raises no handshake failure")
 
     def _use(
         self,
-        hop: NextHop,
+        key: tuple[NextHop, Security],
         kept: _Kept,
         transaction: Callable[..., bool],
         count: int,
@@ -233,12 +339,12 @@ class Connections:
         try:
             healthy = transaction(kept.client, outcomes=outcomes, reset=reset)
         except _Stale as exc:
-            log.debug("%s: kept connection no longer usable: %s", describe(hop), exc)
+            log.debug("%s: kept connection no longer usable: %s", describe(key[0]), exc)
             kept.client.close()
             return None
         except (OSError, smtplib.SMTPException) as exc:
             healthy = False
-            failure = Outcome(451, f"4.4.2 {describe(hop)}: {_reason(exc)}")
+            failure = Outcome(451, f"4.4.2 {describe(key[0])}: {_reason(exc)}")
             outcomes = [o if o is not None else failure for o in outcomes]
         kept.messages += 1
         # 421: the peer closes the session (RFC 5321 3.8).
@@ -246,7 +352,7 @@ class Connections:
         if healthy and kept.messages < self._reuse and self._idle > 0:
             kept.idle_since = time.monotonic()
             with self._lock:
-                self._kept.setdefault(hop, []).append(kept)
+                self._kept.setdefault(key, []).append(kept)
         elif healthy:
             _close(kept.client)
         else:
@@ -256,13 +362,14 @@ class Connections:
             kept.client.close()
         return [o or Outcome(451, "4.4.2 No reply from the next hop") for o in outcomes]
 
-    def _take(self, hop: NextHop) -> _Kept | None:
-        """The connection to ``hop`` idle the shortest while, if one is still fresh."""
+    def _take(self, key: tuple[NextHop, Security]) -> _Kept | None:
+        """The connection to the hop under its policy idle the shortest
+        while, if one is still fresh."""
         stale: list[_Kept] = []
         found = None
         now = time.monotonic()
         with self._lock:
-            idle = self._kept.get(hop, [])
+            idle = self._kept.get(key, [])
             while idle:
                 kept = idle.pop()
                 if now - kept.idle_since <= self._idle:
@@ -298,7 +405,7 @@ class Connections:
 
 
 class _HandshakeFailed(Exception):
-    pass
+    """Opportunistic TLS failed: the session is to be had again in plaintext."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,7 +433,9 @@ class _DsnParameters:
 
 
 class _Refused(Exception):
-    """The next hop would not talk (its greeting or EHLO refused)."""
+    """No session fit for the message: the next hop would not talk (its
+    greeting or EHLO refused), or not as the policy requires (TLS, AUTH).
+    ``outcome`` is what the recipients are told."""
 
     def __init__(self, outcome: Outcome) -> None:
         super().__init__(str(outcome))
@@ -335,18 +444,36 @@ class _Refused(Exception):
 
 class _SMTPClient(smtplib.SMTP):
     """smtplib's client, whose connecting has a bound of its own, shorter
-    than the one every command's reply gets (from the greeting on)."""
+    than the one every command's reply gets (from the greeting on).  With
+    ``implicit_tls`` (a context and the name to check) the TLS handshake
+    comes first, within the same bound (RFC 8314 3.3)."""
 
     def __init__(
-        self, host: str, port: int, *, local_hostname: str, timeout: float, connect_timeout: float
+        self,
+        host: str,
+        port: int,
+        *,
+        local_hostname: str,
+        timeout: float,
+        connect_timeout: float,
+        implicit_tls: tuple[ssl.SSLContext, str] | None = None,
     ) -> None:
-        self._connect_timeout = connect_timeout  # read while the constructor connects
+        # Read while the constructor connects.
+        self._connect_timeout = connect_timeout
+        self._implicit_tls = implicit_tls
         super().__init__(host, port, local_hostname=local_hostname, timeout=timeout)
 
     def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
         # smtplib's hook for how to connect (SMTP_SSL's too), not in its stubs.
         bound = min(timeout, self._connect_timeout)
         sock: socket.socket = super()._get_socket(host, port, bound)  # type: ignore[misc]
+        if self._implicit_tls is not None:
+            context, name = self._implicit_tls
+            try:
+                sock = context.wrap_socket(sock, server_hostname=name)
+            except BaseException:
+                sock.close()
+                raise
         sock.settimeout(timeout)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             # Each command is one write and waits for its reply: Nagle's
@@ -367,43 +494,157 @@ def _close(client: smtplib.SMTP) -> None:
 
 
 def _connect(
-    hop: NextHop, *, hostname: str, timeout: float, connect_timeout: float, tls: bool
+    hop: NextHop,
+    *,
+    hostname: str,
+    timeout: float,
+    connect_timeout: float,
+    tls: bool,
+    security: Security,
 ) -> smtplib.SMTP:
-    """A session with the next hop, greeted, EHLO (LHLO) said, STARTTLS
-    done when offered.  Raises _Refused, _HandshakeFailed, OSError or
-    SMTPException."""
+    """A session with the next hop, greeted, EHLO (LHLO) said, TLS and AUTH
+    done as ``security`` asks; STARTTLS tried when ``tls`` and offered.
+    Raises _Refused, _HandshakeFailed, OSError or SMTPException."""
     kind = _LMTPClient if hop.protocol == "lmtp" else _SMTPClient
-    # Connecting in the constructor: STARTTLS names the host it was given.
-    client = kind(
-        hop.host,
-        hop.port,
-        local_hostname=hostname,
-        timeout=timeout,
-        connect_timeout=connect_timeout,
-    )
+    name = security.name or hop.host
+    implicit = (security.context(), name) if hop.protocol == "smtps" else None
     try:
-        code, text = client.ehlo()
-        if code != 250 and hop.protocol == "smtp":
-            code, text = client.helo()
-        if code != 250:
-            command = "LHLO" if hop.protocol == "lmtp" else "EHLO and HELO"
-            raise _Refused(_refused(hop, code, text, command))
-        if tls and client.has_extn("starttls") and hop.port != 0:
-            context = ssl.create_default_context()
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-            try:
-                code, text = client.starttls(context=context)
-            except ssl.SSLError as exc:
-                raise _HandshakeFailed(exc.reason or str(exc)) from exc
-            if code == 220:
-                code, text = client.ehlo()
-                if code != 250:
-                    raise _Refused(_refused(hop, code, text, "EHLO after STARTTLS"))
+        client = kind(
+            hop.host,
+            hop.port,
+            local_hostname=hostname,
+            timeout=timeout,
+            connect_timeout=connect_timeout,
+            implicit_tls=implicit,
+        )
+    except ssl.SSLError as exc:
+        raise _Refused(_tls_failure(hop, security, name, exc)) from exc
+    try:
+        _hello(client, hop, "EHLO")
+        if tls and implicit is None and hop.port != 0:
+            _start_tls(client, hop, security, name)
+        if security.user is not None:
+            _authenticate(client, hop, security)
     except BaseException:
         _close(client)
         raise
     return client
+
+
+def _hello(client: smtplib.SMTP, hop: NextHop, command: str) -> None:
+    """EHLO (LHLO), or HELO where an SMTP peer refuses EHLO; _Refused when
+    it will not be greeted."""
+    code, text = client.ehlo()
+    if code != 250 and hop.protocol != "lmtp" and command == "EHLO":
+        code, text = client.helo()
+    if code != 250:
+        if hop.protocol == "lmtp":
+            command = command.replace("EHLO", "LHLO")
+        elif command == "EHLO":
+            command = "EHLO and HELO"
+        raise _Refused(_refused(hop, code, text, command))
+
+
+def _start_tls(client: smtplib.SMTP, hop: NextHop, security: Security, name: str) -> None:
+    """STARTTLS (RFC 3207) when offered, and EHLO again over TLS.  What is
+    not to be had raises _HandshakeFailed where TLS is opportunistic
+    (after a refused STARTTLS the session simply goes on in plaintext),
+    _Refused where it is required."""
+    required = security.requires_tls
+    if not client.has_extn("starttls"):
+        if required:
+            why = f"{describe(hop)} does not offer STARTTLS"
+            raise _Refused(Outcome(451, f"4.7.4 {_required(security)} and {why}"))
+        return
+    code, text = client.docmd("STARTTLS")
+    if code != 220:
+        refusal = _refused(hop, code, text, "STARTTLS").text.split(" ", 1)[1]
+        if required:
+            raise _Refused(Outcome(451, f"4.7.4 {_required(security)} and {refusal}"))
+        log.warning("%s; sending in plaintext", refusal)
+        return
+    assert client.sock is not None
+    try:
+        client.sock = security.context().wrap_socket(client.sock, server_hostname=name)
+    except ssl.SSLError as exc:
+        # Cut in the middle of a handshake: no QUIT can be said on it.
+        client.close()
+        if required:
+            raise _Refused(_tls_failure(hop, security, name, exc)) from exc
+        raise _HandshakeFailed(_ssl_reason(exc)) from exc
+    # RFC 3207 4.2: what the server said before TLS is forgotten; as
+    # smtplib's own starttls does, which would check the connected host's
+    # name rather than tls_name.
+    client.file = None
+    client.helo_resp = client.ehlo_resp = None
+    client.esmtp_features = {}
+    client.does_esmtp = False
+    _hello(client, hop, "EHLO after STARTTLS")
+
+
+# AUTH mechanisms sent, the first the peer offers: the password is sent as
+# it is in both, which TLS protects (RFC 4616 6).
+_MECHANISMS = ("PLAIN", "LOGIN")
+
+
+def _authenticate(client: smtplib.SMTP, hop: NextHop, security: Security) -> None:
+    """AUTH (RFC 4954) as ``security.user``; _Refused when the peer offers
+    no mechanism deliver speaks or refuses the credentials.  Never over a
+    session without TLS: the configuration makes TLS required with AUTH."""
+    assert security.user is not None and security.password is not None
+    if not isinstance(client.sock, ssl.SSLSocket):
+        # The configuration cannot make such a policy; one made otherwise
+        # still sends no password in plaintext.
+        why = f"{describe(hop)} is not spoken to over TLS"
+        raise _Refused(Outcome(451, f"4.7.4 [deliver] auth_user is set and {why}"))
+    offered = client.esmtp_features.get("auth", "").upper().split()
+    mechanism = next((m for m in _MECHANISMS if m in offered), None)
+    if mechanism is None:
+        what = f"AUTH {' '.join(offered)}" if offered else "no AUTH"
+        raise _Refused(
+            Outcome(
+                451,
+                f"4.7.4 [deliver] auth_user is set and {describe(hop)} offers {what}"
+                f" (deliver speaks {' and '.join(_MECHANISMS)})",
+            )
+        )
+    client.user, client.password = security.user, security.password
+    answer = client.auth_plain if mechanism == "PLAIN" else client.auth_login
+    try:
+        code, text = client.auth(mechanism, answer)
+        reply = text.decode("utf-8", "replace")
+    except smtplib.SMTPAuthenticationError as exc:
+        code, reply = exc.smtp_code, _reason(exc).split(" ", 1)[-1]
+    # smtplib takes a 503 for success too; only a 235 is one (RFC 4954 6).
+    if code != 235:
+        words = " ".join(reply.split())
+        status = "4.7.8" if code == 535 else "4.7.0"
+        raise _Refused(
+            Outcome(
+                451,
+                f"{status} {describe(hop)} refused AUTH {mechanism} as"
+                f" {security.user} ([deliver] auth_user): {code} {words}",
+            )
+        )
+
+
+def _required(security: Security) -> str:
+    return f"TLS is required by {security.requirement()}"
+
+
+def _tls_failure(hop: NextHop, security: Security, name: str, exc: ssl.SSLError) -> Outcome:
+    """A handshake that failed where TLS is required."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        why = f"the certificate of {name} did not verify: {_ssl_reason(exc)}"
+    else:
+        why = f"the TLS handshake with {describe(hop)} failed: {_ssl_reason(exc)}"
+    return Outcome(451, f"4.7.5 {_required(security)} and {why}")
+
+
+def _ssl_reason(exc: ssl.SSLError) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        return str(exc.verify_message)
+    return str(exc.reason or exc)
 
 
 def _transaction(

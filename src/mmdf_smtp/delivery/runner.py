@@ -157,6 +157,7 @@ class Runner:
         send: Sender | None = None,
         pickup: Callable[[], object] | None = None,
         stopping: Callable[[], bool] = lambda: False,
+        security: nexthop.Security | None = None,
     ) -> None:
         """``pickup`` runs at the start of :meth:`run` and on new mail, and
         moves locally submitted mail into the queue; by default it is the
@@ -165,10 +166,20 @@ class Runner:
         stop finishes the deliveries under way and claims no more.
         ``send``: the next hop's client (by default one that keeps its
         connections for the next message, :class:`nexthop.Connections`).
+        ``security``: the next hop's TLS and AUTH, as
+        :func:`nexthop.security_of` makes them (by default, now).
 
-        Raises ConfigError when the aliases file cannot be read.
+        Raises ConfigError when the aliases file, the next hop's password
+        file or its trusted CAs cannot be read.
         """
         self.config = config
+        if security is None:
+            security = (
+                nexthop.security_of(config)
+                if config.deliver.next_hop is not None
+                else nexthop.OPPORTUNISTIC
+            )
+        self.security = security
         self.spool = spool
         self._clock = clock
         self.connections: nexthop.Connections | None = None
@@ -586,6 +597,7 @@ class Runner:
                 body=envelope.body,
                 crlf=envelope.crlf,
                 **dsn.hop_parameters(envelope, [state.recipients[i].recipient for i in due]),
+                security=self.security,
             )
         if outcomes and all(outcome.unreachable for outcome in outcomes):
             pause = self.config.deliver.retry_min
