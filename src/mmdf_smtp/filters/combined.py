@@ -49,9 +49,12 @@ class SessionFilters:
         *,
         checks: Checks | None,
         milters: Sequence[MilterConfig],
+        dnsbl: bool = True,
     ) -> None:
+        """``dnsbl``: whether the blocklists are asked (False: an access table's OK)."""
         self._connection = connection
         self._checks = checks
+        self._dnsbl = dnsbl
         self._chain = MilterChain(milters) if milters else None
         self._helo = ""
         self._tls: str | None = None
@@ -67,7 +70,7 @@ class SessionFilters:
 
     async def connect(self) -> Verdict:
         client = self._connection
-        if self._checks is not None and client.client_address:
+        if self._checks is not None and self._dnsbl and client.client_address:
             listed = await self._checks.at_connect(client.client_address)
             if listed.refusal is not None:
                 return Verdict(reply=listed.refusal.reply(), reason="dnsbl")
