@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from authdns import AuthZone, auth_dns_server
+from test_logs import fail2ban_matches
 from wire import PYTHON, Daemon, daemon, env, queued, write_config
 
 SENDERS = """\
@@ -162,15 +163,26 @@ def test_senders_table(both: Daemon, sender: str, reply: tuple[int, bytes]) -> N
         assert client.mail("ok@example.net") == (250, b"2.1.0 Sender OK")
 
 
-def test_a_refusal_is_logged_and_the_session_goes_on(mx: Daemon) -> None:
+def test_refusals_are_logged_and_fail2ban_bans_the_permanent_ones(
+    mx: Daemon, tmp_path: Path
+) -> None:
     with closing(smtp(mx, "127.0.0.3")) as client:
         assert client.mail("logged@spammer.example")[0] == 550
-    [line] = mx.log_lines("from=<logged@spammer.example>")
-    assert " refused client=unknown[127.0.0.3] helo=client.test " in line
-    assert line.endswith(
+        assert client.mail("logged@deferred.example")[0] == 450
+    [refused] = mx.log_lines("from=<logged@spammer.example>")
+    [deferred] = mx.log_lines("from=<logged@deferred.example>")
+    assert " refused client=unknown[127.0.0.3] helo=client.test " in refused
+    assert refused.endswith(
         'reply="550 5.7.1 Sender address rejected: Access denied" reason=access '
         "stage=mail from=<logged@spammer.example>\n"
     )
+    greeting(mx, "127.0.0.2")
+    [client] = mx.log_lines("reason=access stage=connect")
+    assert " refused client=unknown[127.0.0.2] helo= " in client
+    log = tmp_path / "smtpd.log"
+    log.write_text(refused + deferred + client)
+    # The deferral is not the client's fault for good: not banned.
+    assert fail2ban_matches(log) == ["127.0.0.3", "127.0.0.2"]
 
 
 # --- recipients ----------------------------------------------------------------------
@@ -271,8 +283,6 @@ def test_a_refused_client_may_only_quit(mx: Daemon) -> None:
     with closing(smtp_raw(mx, "127.0.0.2")) as sock:
         sock.sendall(b"EHLO client.test\r\n")
         assert sock.recv(1000).startswith(b"503 ")
-    [line] = mx.log_lines("reason=access stage=connect")
-    assert " refused client=unknown[127.0.0.2] helo= reply=" in line
 
 
 def smtp_raw(d: Daemon, source: str) -> socket.socket:

@@ -90,7 +90,7 @@ class Service:
         does not define), so a bad reload leaves the running service alone.
         """
         config = load(config_path)
-        policy = Policy(config)
+        policy = Policy(config, access=True)
         policy.check_channels(channels)
         return cls(
             config=config,

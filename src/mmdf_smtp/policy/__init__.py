@@ -64,7 +64,15 @@ class Policy:
     ConfigError and the old Policy stays in use.
     """
 
-    def __init__(self, config: Config, resolver: dns.resolver.Resolver | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        resolver: dns.resolver.Resolver | None = None,
+        *,
+        access: bool = False,
+    ) -> None:
+        """``access``: read the ``[access]`` tables too (the SMTP servers'
+        alone: a local submission is not asked, as in Postfix)."""
         self.config = config
         self._tables: dict[str, HostTable] = {}
         for name, channel in config.channels.items():
@@ -75,7 +83,8 @@ class Policy:
         self._local_domains = {normalize_name(d) for d in config.local_domains}
         self._users = {u.lower() for u in config.local.users}
         self._aliases = read_aliases(config.local.aliases) if config.local.aliases else {}
-        self.access = AccessTables.read(config.access, config.deliver.recipient_delimiter)
+        delimiters = config.deliver.recipient_delimiter
+        self.access = AccessTables.read(config.access, delimiters) if access else AccessTables()
         self._resolver = resolver
         self._nameserver: NameServer | None = None
 
