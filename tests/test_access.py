@@ -20,7 +20,7 @@ import pytest
 
 from authdns import AuthZone, auth_dns_server
 from test_logs import fail2ban_matches
-from wire import PYTHON, Daemon, daemon, env, queued, write_config
+from wire import PYTHON, Daemon, daemon, env, queued, reply_lines, smtpsrvr, write_config
 
 SENDERS = """\
 # the senders table
@@ -369,3 +369,43 @@ def codes(d: Daemon, *senders: str) -> list[int]:
             found.append(client.mail(sender)[0])
             client.rset()
     return found
+
+
+def test_an_unknown_key_in_access_stops_smtpd(tmp_path: Path) -> None:
+    config = write_config(tmp_path, '[access]\nsender = "senders"\n')
+    result = smtpd_start(config)
+    assert result.returncode == 78
+    assert f"{config}:" in result.stderr and "access.sender: unknown key" in result.stderr
+
+
+def test_smtpsrvr_over_pipes(tmp_path: Path) -> None:
+    """The blocking shell's way: a refusal, a discard, and the message after them."""
+    config = write_config(tmp_path, tables(tmp_path), scripted=True)
+    script = (
+        b"EHLO client.test\r\nMAIL FROM:<x@spammer.example>\r\n"
+        b"MAIL FROM:<pipe@dropped.example>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n"
+        + MESSAGE
+        + b".\r\nMAIL FROM:<pipe@example.net>\r\nRCPT TO:<bob@example.org>\r\n"
+        b"RCPT TO:<alice@example.org>\r\nDATA\r\n" + MESSAGE + b".\r\nQUIT\r\n"
+    )
+    result = smtpsrvr(config, script)
+    replies = reply_lines(result.stdout)
+    assert replies[2:] == [
+        "550 5.7.1 Sender address rejected: Access denied",
+        "250 2.1.0 Sender OK",
+        "250 2.1.5 Recipient OK",
+        "354 Start mail input; end with <CRLF>.<CRLF>",
+        replies[6],
+        "250 2.1.0 Sender OK",
+        "550 5.7.1 Recipient address rejected: Access denied",
+        "250 2.1.5 Recipient OK",
+        "354 Start mail input; end with <CRLF>.<CRLF>",
+        replies[11],
+        "221 2.0.0 mx.test closing connection",
+    ], replies
+    assert replies[6].startswith("250 2.0.0 Submitted & queued (")
+    assert replies[11].startswith("250 2.0.0 Submitted & queued (")
+    [message] = queued(config)
+    assert message["sender"] == "pipe@example.net"
+    assert message["recipients"] == ["alice@example.org"]
+    assert queued(config, "held") == []

@@ -126,3 +126,23 @@ def test_replies(words: str, stage: Stage, reply: str) -> None:
 def test_ok_goes_on() -> None:
     verdict = parse_action("OK").verdict(Stage.SENDER)
     assert verdict.reply is None and not verdict.discard and verdict.hold is None
+
+
+# A name all of digits and dots is refused: it would read as an address.
+host_label = st.from_regex(r"[a-z]([a-z0-9-]{0,8}[a-z0-9])?", fullmatch=True)
+
+
+@given(st.lists(host_label, min_size=2, max_size=5), st.sets(st.integers(0, 4)))
+def test_the_nearest_client_name_wins(labels: list[str], levels: set[int]) -> None:
+    """Level 0: the name itself; 1..: ``.parent``, the nearest first."""
+    name = ".".join(labels)
+    keys = {0: name} | {i: "." + ".".join(labels[i:]) for i in range(1, len(labels))}
+    present = sorted(level for level in levels if level in keys)
+    table = parse_client_table(
+        {n: f"{keys[level]} REJECT level {level}" for n, level in enumerate(present, 1)}, WHERE
+    )
+    entry = table.by_name(name.upper() + ".")
+    if not present:
+        assert entry is None
+    else:
+        assert entry is not None and entry.text == f"level {present[0]}"
