@@ -11,6 +11,7 @@ import signal
 import smtplib
 import socket
 import subprocess
+import urllib.request
 from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
@@ -409,3 +410,20 @@ def test_smtpsrvr_over_pipes(tmp_path: Path) -> None:
     assert message["sender"] == "pipe@example.net"
     assert message["recipients"] == ["alice@example.org"]
     assert queued(config, "held") == []
+
+
+def test_refusals_are_counted_by_reason(tmp_path: Path) -> None:
+    extra = tables(tmp_path) + '\n[metrics]\nlisten = "127.0.0.1:0"\n'
+    with daemon(write_config(tmp_path, extra)) as d:
+        [line] = d.log_lines("metrics at http://")
+        url = line.split("metrics at ", 1)[1].split()[0]
+        assert greeting(d, "127.0.0.2").startswith(b"554 ")
+        assert codes(d, "x@spammer.example", "x@deferred.example", "x@example.net") == [
+            550,
+            450,
+            250,
+        ]
+        d.log_lines("session ", 2)  # both sessions are over, and counted
+        with urllib.request.urlopen(url, timeout=30) as response:
+            text = response.read().decode()
+    assert 'mmdf_refusals_total{reason="access"} 3.0' in text.splitlines()
