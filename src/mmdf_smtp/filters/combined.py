@@ -2,8 +2,9 @@
 
 Order, stage by stage (Postfix's, with postscreen in front):
 
-- connect: the DNS blocklists, then the milters; a refusal replaces the
-  greeting (``554``: the client may only QUIT; a temporary one ``421``).
+- connect: the DNS blocklists (unless the clients access table said OK),
+  then the milters; a refusal replaces the greeting (``554``: the client
+  may only QUIT; a temporary one ``421``).
 - MAIL: SPF (``[auth]``), then the milters.
 - RCPT, DATA: the milters.
 - end of data: DKIM, ARC and DMARC of the message as received, then our
