@@ -95,9 +95,14 @@ timeout = 2
 zones = ["bl.example=127.0.0.2"]
 threshold = 1
 timeout = 2
+
+[channels.trusted]
+hosts = ["127.0.0.40"]
+checks = false
 """
         )
-        with daemon(write_config(directory, extra)) as started:
+        config = write_config(directory, extra)
+        with daemon(config, channels="trusted,local,smtp") as started:
             yield started
 
 
@@ -290,6 +295,13 @@ def smtp_raw(d: Daemon, source: str) -> socket.socket:
     sock = d.connect(source)
     assert sock.recv(1000).startswith(b"554 ")
     return sock
+
+
+def test_a_channel_without_checks_still_gets_the_tables(filtered: Daemon) -> None:
+    with closing(smtp(filtered, "127.0.0.40")) as client:
+        assert client.mail("x@spammer.example")[0] == 550
+        assert client.mail("x@example.net")[0] == 250
+        assert client.rcpt("bob@example.org")[0] == 550
 
 
 def test_ok_outweighs_a_blocklist(filtered: Daemon) -> None:
