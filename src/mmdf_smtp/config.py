@@ -144,6 +144,15 @@ class DeliverConfig:
         return "tls"
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AccessConfig:
+    """The access tables' files (see :mod:`mmdf_smtp.policy.access`); None: no table."""
+
+    clients: Path | None = None
+    senders: Path | None = None
+    recipients: Path | None = None
+
+
 QUEUE_BACKENDS = ("spool", "postgresql")
 
 
@@ -192,6 +201,7 @@ class Config:
     milters: tuple[MilterConfig, ...] = ()  # in the order they are asked
     dnsbl: DnsblConfig | None = None  # the blocklists asked at connect; None: none
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    access: AccessConfig = field(default_factory=AccessConfig)
 
     @property
     def filters(self) -> bool:
@@ -348,7 +358,7 @@ class _Reader:
     def config(self, data: dict[str, Any]) -> Config:
         top = {"hostname", "spool", "local_domains", "user", "log", "log_format"}
         tables = {"smtpd", "limits", "tls", "dns", "channels", "local", "deliver"}
-        tables |= {"auth", "milters", "dnsbl", "metrics", "queue"}
+        tables |= {"auth", "milters", "dnsbl", "metrics", "queue", "access"}
         for unknown in sorted(set(data) - top - tables):
             raise self.error(unknown, "unknown key")
         hostname = self._str(data, "hostname", None) or socket.getfqdn()
@@ -381,7 +391,18 @@ class _Reader:
             milters=self._milters(data),
             dnsbl=self._dnsbl(data),
             metrics=self._metrics(data),
+            access=self._access(data),
         )
+
+    def _access(self, data: Mapping[str, Any]) -> AccessConfig:
+        t = self._table(data, "access", {"clients", "senders", "recipients"})
+        paths = {}
+        for key in ("clients", "senders", "recipients"):
+            text = self._str(t, f"access.{key}", None)
+            if text is not None and not text.strip():
+                raise self.error(f"access.{key}", "must be the path of a table file")
+            paths[key] = self._path(text) if text else None
+        return AccessConfig(**paths)
 
     def _queue(self, data: Mapping[str, Any]) -> QueueConfig:
         t = self._table(data, "queue", {"backend", "dsn", "lease_seconds"})

@@ -90,7 +90,7 @@ class Service:
         does not define), so a bad reload leaves the running service alone.
         """
         config = load(config_path)
-        policy = Policy(config)
+        policy = Policy(config, access=True)
         policy.check_channels(channels)
         return cls(
             config=config,
@@ -141,6 +141,8 @@ class Service:
                 ),
                 checks=self.checks,
                 milters=self.config.milters,
+                # An OK in the clients access table lets the client past the blocklists.
+                dnsbl=not who.trusted,
             )
         return Session(
             hostname=self.hostname,
@@ -148,6 +150,9 @@ class Service:
             channel=who.channel,
             refusal=who.refusal,
             check_recipient=self.policy.check_recipient,
+            # Every channel's, checks = false or not: the administrator's own list.
+            access=self.policy.access,
+            client_access=who.access,
             queue=self.queue,
             limits=self.config.limits,
             tls_available=self.tls_context is not None,

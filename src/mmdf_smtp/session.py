@@ -29,10 +29,11 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
+from typing import Protocol
 
 from . import metrics
 from .config import ChannelConfig
-from .filters import Filters, StagedMessage, Verdict
+from .filters import CONTINUE, Filters, StagedMessage, Verdict
 from .filters import staged as staging
 from .protocol import (
     ConnectionClosed,
@@ -69,6 +70,18 @@ class Client:
     host: str  # a name, or an address literal such as "[192.0.2.7]"
     address: str  # "" when unknown (a pipe)
     port: int = 0  # 0 when unknown
+
+
+class Access(Protocol):
+    """The access tables' word on a sender at MAIL and a recipient at RCPT.
+
+    The policy's (:class:`mmdf_smtp.policy.access.AccessTables`): asked as
+    ``check_recipient`` is, so that the session never reads a table.
+    """
+
+    def sender(self, address: str) -> Verdict: ...
+
+    def recipient(self, address: str) -> Verdict: ...
 
 
 @functools.lru_cache(maxsize=4)  # messages come many a second
@@ -129,10 +142,14 @@ class Session:
         tls_available: bool,
         filters: Filters | None = None,
         staging_directory: str | None = None,
+        access: Access | None = None,
+        client_access: Verdict = CONTINUE,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         """``filters``: the session's, if any; with filters that read the
-        content, ``staging_directory`` is where a big message is staged."""
+        content, ``staging_directory`` is where a big message is staged.
+        ``access``: the access tables, asked at MAIL and RCPT;
+        ``client_access``: what the clients table said of this client."""
         self.hostname = hostname
         self.client = client
         self.channel = channel
@@ -161,12 +178,18 @@ class Session:
         self._staging_directory = staging_directory
         self._queue_id: str | None = None  # with filters: named at MAIL
         self._discard = False  # a filter asked to drop the transaction's message
+        self._hold: str | None = None  # an access table's HOLD: queued on hold, with this
+        self._access = access
+        self._client_access = client_access
+        self._recipient_access = CONTINUE  # the RCPT's, until the recipient is accepted
         self._staged: StagedMessage | None = None
         self._staged_at: datetime | None = None  # when the staged message's data began
 
     def begin(self) -> Pending | None:
         """Greet the client: at once, or by the coroutine returned (filters first)."""
         greeting = self._greeting(self._refusal)
+        if greeting.code == 220:
+            greeting = self._refused("connect", self._client_access) or greeting
         if self._filters is None or greeting.code != 220:
             self.connection.send(greeting)
             return None
@@ -210,7 +233,7 @@ class Session:
                 self._recipients.clear()
                 self._recipient_dsn.clear()
                 self._transaction_sender = event.sender.address
-                conn.send(replies.SENDER_OK)
+                conn.send(self._sender_refusal(event) or replies.SENDER_OK)
             case RcptTo():
                 conn.send(self._rcpt(event))
             case StartData():
@@ -218,7 +241,10 @@ class Session:
             case MessageData():
                 self._write(event.data)
             case MessageComplete():
-                self._commit_in_place(event)
+                if self._discard:
+                    self._discard_unfiltered()
+                else:
+                    self._commit_in_place(event)
             case MessageAborted():
                 self._message_refused(event)
                 self._drop_message()
@@ -243,7 +269,6 @@ class Session:
                 self._recipients.clear()
                 self._recipient_dsn.clear()
                 self._transaction_sender = event.sender.address
-                self._discard = False
                 return self._filtered_mail(filters, event)
             case RcptTo():
                 refusal = self._recipient_refusal(event)
@@ -306,9 +331,14 @@ class Session:
     async def _filtered_mail(self, filters: Filters, event: MailFrom) -> None:
         if self._queue_id is not None:
             await filters.reset()  # the transaction before this one ended without data
+            self._queue_id = None
+        refused = self._sender_refusal(event)
+        if refused is not None:
+            self.connection.send(refused)
+            return
         self._queue_id = self._queue.new_id()
         verdict = await filters.mail(event, self._queue_id)
-        self._discard = verdict.discard
+        self._discard = self._discard or verdict.discard
         refusal = self._refused("mail", verdict, sender=event.sender.address)
         if refusal is not None:
             self._queue_id = None
@@ -362,8 +392,20 @@ class Session:
         readies the message for :meth:`end_message` (True).
         """
         if self._filters is None:
-            return None
+            return self._discarding() if self._discard else None
         return self._filter_message(self._filters, event)
+
+    async def _discarding(self) -> bool:
+        self._discard_unfiltered()
+        return False
+
+    def _discard_unfiltered(self) -> None:
+        """An access table's DISCARD, without filters: 250, and the file dropped."""
+        if self._writer is not None:
+            self._queue_id = self._writer.id
+        reply = self._discarded()
+        self._drop_message()
+        self.connection.send(reply)
 
     async def _filter_message(self, filters: Filters, event: MessageComplete) -> bool:
         staged, self._staged = self._staged, None
@@ -456,7 +498,25 @@ class Session:
         self._add_recipient(event)
         return replies.RECIPIENT_OK
 
+    def _sender_refusal(self, event: MailFrom) -> Reply | None:
+        """The senders access table's refusal, logged; else its hold or discard
+        (or the clients table's) is the new transaction's."""
+        self._hold, self._discard = self._client_access.hold, self._client_access.discard
+        if self._access is None:
+            return None
+        verdict = self._access.sender(event.sender.address)
+        refusal = self._refused("mail", verdict, sender=event.sender.address)
+        if refusal is None:
+            self._hold = self._hold or verdict.hold
+            self._discard = self._discard or verdict.discard
+        return refusal
+
     def _add_recipient(self, event: RcptTo) -> None:
+        # A recipient's HOLD or DISCARD, once it is accepted, is the whole
+        # message's (as in Postfix: one message, one queue file).
+        access, self._recipient_access = self._recipient_access, CONTINUE
+        self._hold = self._hold or access.hold
+        self._discard = self._discard or access.discard
         address = event.recipient.address
         self._recipients.append(address)
         if event.notify is not None or event.orcpt is not None:
@@ -466,14 +526,21 @@ class Session:
             self._recipient_dsn.pop(address, None)
 
     def _recipient_refusal(self, event: RcptTo) -> Reply | None:
-        """The policy's refusal of a recipient (unknown user, relaying), logged."""
+        """The policy's refusal of a recipient (unknown user, relaying, the
+        access table), logged.  The relay rules come first: no access entry
+        makes a recipient the host may not relay to acceptable."""
         assert self.channel is not None
         refusal = self._check_recipient(self.channel, event.recipient)
         if refusal is not None:
             reason = _RECIPIENT_REASONS.get(refusal.enhanced, "recipient")
             details = f"from=<{self._sender()}> to=<{event.recipient.address}>"
             self._log_refusal(refusal, reason, details)
-        return refusal
+            return refusal
+        if self._access is None:
+            return None
+        address = event.recipient.address
+        self._recipient_access = self._access.recipient(address)
+        return self._refused("rcpt", self._recipient_access, recipient=address)
 
     def _open_message(self, event: StartData) -> Reply:
         self._drop_message()
@@ -622,6 +689,7 @@ class Session:
         mail = self.connection.mail
         assert mail is not None and self.channel is not None
         recipients = tuple(staged.envelope.recipients if staged else self._recipients)
+        quarantine = staged.quarantine if staged else None
         # A recipient a milter added had no RCPT of its own: nothing asked.
         asked = [self._recipient_dsn.get(r, (None, None)) for r in recipients]
         return Envelope(
@@ -635,7 +703,7 @@ class Session:
             tls=self.tls,
             smtputf8=mail.smtputf8,
             body=mail.body,
-            quarantine=staged.quarantine if staged else None,
+            quarantine=self._hold if self._hold is not None else quarantine,
             ret=mail.ret,
             envid=mail.envid,
             notify=tuple(n for n, _ in asked) if self._recipient_dsn else (),

@@ -31,12 +31,15 @@ class Verdict:
 
     ``discard``: the message is taken (250) and then dropped, as a milter's
     SMFIR_DISCARD asks; said before the end of data, it holds for the
-    whole transaction.
+    whole transaction, as ``hold`` does.
     """
 
     reply: Reply | None = None
     discard: bool = False
-    reason: str = ""  # what refused: "dnsbl", "spf", "dmarc", "milter" (for the log)
+    reason: str = ""  # what refused: "dnsbl", "spf", "dmarc", "milter", "access" (for the log)
+    # The message is taken and queued on hold, with this reason (an access
+    # table's HOLD, as a milter's quarantine at the end of data).
+    hold: str | None = None
 
 
 CONTINUE = Verdict()

@@ -2,8 +2,9 @@
 
 Order, stage by stage (Postfix's, with postscreen in front):
 
-- connect: the DNS blocklists, then the milters; a refusal replaces the
-  greeting (``554``: the client may only QUIT; a temporary one ``421``).
+- connect: the DNS blocklists (unless the clients access table said OK),
+  then the milters; a refusal replaces the greeting (``554``: the client
+  may only QUIT; a temporary one ``421``).
 - MAIL: SPF (``[auth]``), then the milters.
 - RCPT, DATA: the milters.
 - end of data: DKIM, ARC and DMARC of the message as received, then our
@@ -49,9 +50,12 @@ class SessionFilters:
         *,
         checks: Checks | None,
         milters: Sequence[MilterConfig],
+        dnsbl: bool = True,
     ) -> None:
+        """``dnsbl``: whether the blocklists are asked (False: an access table's OK)."""
         self._connection = connection
         self._checks = checks
+        self._dnsbl = dnsbl
         self._chain = MilterChain(milters) if milters else None
         self._helo = ""
         self._tls: str | None = None
@@ -67,7 +71,7 @@ class SessionFilters:
 
     async def connect(self) -> Verdict:
         client = self._connection
-        if self._checks is not None and client.client_address:
+        if self._checks is not None and self._dnsbl and client.client_address:
             listed = await self._checks.at_connect(client.client_address)
             if listed.refusal is not None:
                 return Verdict(reply=listed.refusal.reply(), reason="dnsbl")

@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..config import ChannelConfig, Config
+from ..filters import CONTINUE, Verdict
 from ..protocol import Path, Reply, replies
+from .access import AccessTables, Action, Entry, Stage
 from .aliases import base_name, read_aliases, unquote
 from .hosts import HostTable, IPAddress, build_table, normalize_name
 
@@ -25,7 +27,7 @@ if TYPE_CHECKING:
 
     from .nameserver import NameServer
 
-__all__ = ["DnsTemporaryError", "Identification", "Policy", "UnknownChannel"]
+__all__ = ["AccessTables", "DnsTemporaryError", "Identification", "Policy", "UnknownChannel"]
 
 NAMESERVER = "nameserver"
 
@@ -43,6 +45,10 @@ class Identification:
     channel: ChannelConfig | None  # the source channel; None when refused
     client_name: str | None  # the name the client was known by, if any
     refusal: Reply | None  # the greeting to give instead of 220
+    # The clients access table's word on it: a refusal, a hold or discard
+    # of its mail, or go on; ``trusted``: its entry said OK (no blocklists).
+    access: Verdict = CONTINUE
+    trusted: bool = False
 
 
 def literal(address: IPAddress | None) -> str:
@@ -58,7 +64,15 @@ class Policy:
     ConfigError and the old Policy stays in use.
     """
 
-    def __init__(self, config: Config, resolver: dns.resolver.Resolver | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        resolver: dns.resolver.Resolver | None = None,
+        *,
+        access: bool = False,
+    ) -> None:
+        """``access``: read the ``[access]`` tables too (the SMTP servers'
+        alone: a local submission is not asked, as in Postfix)."""
         self.config = config
         self._tables: dict[str, HostTable] = {}
         for name, channel in config.channels.items():
@@ -69,6 +83,8 @@ class Policy:
         self._local_domains = {normalize_name(d) for d in config.local_domains}
         self._users = {u.lower() for u in config.local.users}
         self._aliases = read_aliases(config.local.aliases) if config.local.aliases else {}
+        delimiters = config.deliver.recipient_delimiter
+        self.access = AccessTables.read(config.access, delimiters) if access else AccessTables()
         self._resolver = resolver
         self._nameserver: NameServer | None = None
 
@@ -117,18 +133,43 @@ class Policy:
             for channel_name in channels:
                 channel = self.config.channels[channel_name]
                 if self._knows(channel, lookup, local_address):
-                    return Identification(channel, lookup.name_if_known, None)
+                    return self._identified(channel, lookup)
+            if not finicky:
+                return self._identified(self.config.channels[channels[-1]], lookup)
         except _DnsNeeded:
             return None
         except DnsTemporaryError:
             text = f"{us}: Cannot resolve your address {literal(address)}, try again later"
             return Identification(None, None, replies.CANNOT_RESOLVE.with_text(text))
-        if finicky:
-            them = name or lookup.name_if_known or literal(address)
-            text = f"{us}: Your name, '{them}', is unknown to us."
-            return Identification(None, lookup.name_if_known, replies.UNKNOWN_HOST.with_text(text))
-        last = self.config.channels[channels[-1]]
-        return Identification(last, lookup.name_if_known, None)
+        them = name or lookup.name_if_known or literal(address)
+        text = f"{us}: Your name, '{them}', is unknown to us."
+        return Identification(None, lookup.name_if_known, replies.UNKNOWN_HOST.with_text(text))
+
+    def _identified(self, channel: ChannelConfig, lookup: _Lookup) -> Identification:
+        """The client of ``channel``, with what the clients access table says of it."""
+        entry = self._client_entry(lookup)
+        if entry is None:
+            return Identification(channel, lookup.name_if_known, None)
+        return Identification(
+            channel,
+            lookup.name_if_known,
+            None,
+            access=entry.verdict(Stage.CLIENT),
+            trusted=entry.action is Action.OK,
+        )
+
+    def _client_entry(self, lookup: _Lookup) -> Entry | None:
+        """The address decides first: a client it names never waits on DNS."""
+        table = self.access.clients
+        if table is None:
+            return None
+        entry = table.by_address(lookup.address)
+        if entry is None and table.needs_name:
+            try:
+                entry = table.by_name(lookup.name())
+            except DnsTemporaryError:
+                return None  # no verified name now: the names cannot match it
+        return entry
 
     def _knows(
         self, channel: ChannelConfig, lookup: _Lookup, local_address: IPAddress | None
