@@ -362,3 +362,48 @@ def test_aliases_errors_name_the_line(tmp_path: FilePath) -> None:
     aliases.write_text("ok: a\nbroken line\n")
     with pytest.raises(ConfigError, match=f"^{aliases}:2: expected 'name: target"):
         Policy(config(f'[local]\naliases = "{aliases}"\n'))
+
+
+# -- the clients access table by name ----------------------------------------------
+
+
+def test_clients_access_table_by_verified_name(zone: Zone, tmp_path: FilePath) -> None:
+    """A name entry matches the client's forward-confirmed name only, and
+    the most specific entry wins; a client whose name cannot be had now is
+    matched by nothing but its address."""
+    table = tmp_path / "clients"
+    table.write_text(
+        "client.example.net   REJECT Not you\n"
+        ".example.net         HOLD Looked at first\n"
+        "127.0.0.13           OK\n"
+    )
+    with dns_server(zone) as address:
+        policy = Policy(
+            config(
+                f"""
+[dns]
+nameservers = ["{address}"]
+timeout = 0.5
+[channels.smtp]
+hosts = ["127.0.0.0/8"]
+[access]
+clients = "{table}"
+"""
+            ),
+            access=True,
+        )
+
+        def verdict(client: str) -> tuple[int | None, str | None, bool]:
+            who = policy.identify(["smtp"], ip(client), None, finicky=True, us="mx.example.org")
+            assert who.channel is not None and who.refusal is None
+            reply = who.access.reply
+            return (reply.code if reply else None, who.access.hold, who.trusted)
+
+        assert verdict("127.0.0.10") == (554, None, False)  # client.example.net, at the greeting
+        assert verdict("127.0.0.15") == (None, "Looked at first", False)  # two.example.net
+        assert verdict("127.0.0.11") == (None, None, False)  # liar.example.net: not confirmed
+        assert verdict("127.0.0.12") == (None, None, False)  # SERVFAIL: no name to match
+        assert verdict("127.0.0.13") == (None, None, True)  # by address, DNS never asked
+    assert ("13.0.0.127.in-addr.arpa", "PTR") not in zone.queries
+    reply = policy.identify(["smtp"], ip("127.0.0.10"), None, finicky=True, us="mx").access.reply
+    assert reply is not None and (reply.enhanced, reply.text) == ("5.7.1", "Not you")
