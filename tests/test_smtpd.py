@@ -273,6 +273,49 @@ def test_sighup_reloads_and_keeps_the_old_configuration_when_the_new_is_bad(
             assert recv_reply(sock) == b"220 mx2.test Server SMTP ready\r\n"
 
 
+def test_sighup_to_every_process_reloads_once_and_no_worker_dies(tmp_path: Path) -> None:
+    """`pkill -HUP smtpd` signals the workers as well as the supervisor:
+    the reload is the supervisor's alone, and a worker's own SIGHUP leaves
+    it serving until the supervisor retires it."""
+    config = write_config(tmp_path, scripted=True)
+    with daemon(config) as d:
+        said: list[str] = []
+
+        def read_until(text: str, count: int = 1) -> None:
+            """Every line of the log until ``count`` more of them hold ``text``."""
+            deadline, found = time.monotonic() + 20, 0
+            while found < count:
+                line = d.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+                assert line is not None, f"smtpd ended before logging {text!r}: {said}"
+                said.append(line)
+                found += text in line
+
+        wait_for(lambda: len(children_of(d.process.pid)) == d.workers)
+        workers = children_of(d.process.pid)
+        for pid in workers:  # the workers alone: nothing changes
+            os.kill(pid, signal.SIGHUP)
+        read_until("SIGHUP ignored: it is the supervisor's", d.workers)
+        with d.connect() as sock:
+            assert recv_reply(sock) == b"220 mx.test Server SMTP ready\r\n"
+        assert children_of(d.process.pid) == workers
+        config.write_text(
+            config.read_text().replace('hostname = "mx.test"', 'hostname = "mx2.test"')
+        )
+        for pid in [d.process.pid, *workers]:  # as pkill does
+            os.kill(pid, signal.SIGHUP)
+        read_until("configuration reloaded")
+        read_until(" started, pid ", d.workers)
+        with d.connect() as sock:
+            assert recv_reply(sock) == b"220 mx2.test Server SMTP ready\r\n"
+        wait_for(lambda: not set(workers) & set(children_of(d.process.pid)))
+        d.process.send_signal(signal.SIGTERM)
+        d.process.wait(timeout=40)
+        said.extend(iter(lambda: d.lines.get(timeout=30), None))
+    text = "".join(said)
+    assert " died " not in text, text
+    assert text.count("configuration reloaded") == 1, text
+
+
 def test_after_sighup_messages_go_to_the_new_spool(tmp_path: Path) -> None:
     config = write_config(tmp_path, scripted=True)
     with daemon(config, "-n", "1") as d:

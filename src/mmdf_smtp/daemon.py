@@ -44,15 +44,28 @@ BACKLOG = 128
 GRACE_SECONDS = 30.0
 LOG_FLUSH_DELAY = 0.02  # seconds a log line may wait to share a write with others
 SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+# How a supervisor tells a worker that a reload replaced it.  Not SIGHUP:
+# `pkill -HUP smtpd` and `killall -HUP` reach the workers too, and a worker
+# that took that for its retirement would leave its slot empty for a second.
+RETIRE = signal.SIGUSR2
 # Blocked from before the first socket listens until a handler takes them:
-# SIGNALS, and SIGCHLD, which a supervisor waits for (a thread started
-# meanwhile, with SIGCHLD not blocked, would take it and drop it).
-STARTUP_BLOCKED = {*SIGNALS, signal.SIGCHLD}
+# SIGNALS, RETIRE, and SIGCHLD, which a supervisor waits for (a thread
+# started meanwhile, with SIGCHLD not blocked, would take it and drop it).
+# A worker inherits the mask at its fork: a RETIRE sent before its loop has
+# a handler waits for it.
+STARTUP_BLOCKED = {*SIGNALS, RETIRE, signal.SIGCHLD}
 # A worker that dies sooner than QUICK_EXIT after its start is restarted only
 # after a pause: THROTTLE_FIRST, doubled for each quick death in a row.
 QUICK_EXIT = 5.0
 THROTTLE_FIRST = 1.0
 THROTTLE_MAX = 60.0
+
+
+def _ignored(signum: int) -> None:
+    # Said, so that whoever sent it learns where it should go.
+    log.info(
+        "%s ignored: it is the supervisor's (pid %d)", signal.Signals(signum).name, os.getppid()
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -152,7 +165,8 @@ class Daemon:
     ) -> None:
         """``retired``: for a worker of a :class:`Supervisor`, which reloads
         for it; true once a reload replaced this worker, which then accepts
-        no one more, and SIGHUP means "finish your sessions and exit"."""
+        no one more, and RETIRE means "finish your sessions and exit".  Such a
+        worker leaves SIGHUP to its supervisor."""
         self.service = service
         self._retired = retired
         self._listeners = listeners
@@ -183,9 +197,12 @@ class Daemon:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self._terminate)
         loop.add_signal_handler(signal.SIGINT, self._terminate)
-        loop.add_signal_handler(
-            signal.SIGHUP, self.reload if self._retired is None else self._stopping.set
-        )
+        if self._retired is None:
+            loop.add_signal_handler(signal.SIGHUP, self.reload)
+            loop.add_signal_handler(RETIRE, _ignored, RETIRE)
+        else:
+            loop.add_signal_handler(signal.SIGHUP, _ignored, signal.SIGHUP)
+            loop.add_signal_handler(RETIRE, self._stopping.set)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STARTUP_BLOCKED)
         self._start_accepting()
         try:
@@ -206,7 +223,7 @@ class Daemon:
                 terminating.cancel()
             await self._drain()
         finally:
-            for sig in SIGNALS:
+            for sig in (*SIGNALS, RETIRE):
                 loop.remove_signal_handler(sig)
         self._committer.close()
         # Milter connections kept for sessions that will not come now.
@@ -490,9 +507,10 @@ class Supervisor:
     workers.  SIGHUP calls ``reload``, here, where root's rights may still
     be (smtpd's supervisor stays root to read keys only root may): when it
     returns True, every worker is retired (told to finish its sessions and
-    exit, by SIGHUP) and a new one forked in its place, with what was
-    reloaded.  Signals are taken with sigtimedwait(2), never by a handler:
-    one that comes while a worker is being forked waits its turn.
+    exit, by RETIRE) and a new one forked in its place, with what was
+    reloaded; a worker leaves a SIGHUP of its own alone.  Signals are taken
+    with sigtimedwait(2), never by a handler: one that comes while a worker
+    is being forked waits its turn.
     """
 
     def __init__(
@@ -530,8 +548,8 @@ class Supervisor:
         if pid == 0:
             # Held back until the worker's loop has its handlers (Daemon.run):
             # a SIGHUP or SIGTERM passed on meanwhile is delivered, not lost.
-            signal.pthread_sigmask(signal.SIG_SETMASK, SIGNALS)
-            for sig in SIGNALS:
+            signal.pthread_sigmask(signal.SIG_SETMASK, {*SIGNALS, RETIRE})
+            for sig in (*SIGNALS, RETIRE):
                 signal.signal(sig, signal.SIG_DFL)
             die_with(parent)
             status = 0
@@ -547,6 +565,8 @@ class Supervisor:
         log.info("worker %d started, pid %d", index, pid)
 
     def _signalled(self, signum: int) -> None:
+        if signum == RETIRE:
+            return  # a worker's signal, sent to every process by name
         if signum == signal.SIGHUP:
             if self._reload is not None and not self._reload():
                 return  # the running configuration stays, and so do the workers
@@ -562,7 +582,7 @@ class Supervisor:
         self._generation.value += 1
         for pid, index in list(self._pids.items()):
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGHUP)
+                os.kill(pid, RETIRE)
             del self._pids[pid]
             self._retiring.add(pid)
             self._pauses.pop(index, None)

@@ -211,7 +211,7 @@ def serve(sock: socket.socket, queue: Queue, delivery: CommitDelivery | None = N
     metrics.stop_recording()
     # The worker's signals are the worker's: a SIGTERM to the process group
     # must not cut a commit short.  The end comes with the socket's.
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
     signal.set_wakeup_fd(-1)
     sock.setblocking(True)
