@@ -49,14 +49,14 @@ def parse_aliases(
         line = raw.split("#", 1)[0].rstrip()
         if not line.strip():
             continue
-        if line[0].isspace():
+        if line[0] in " \t":
             if current is None:
                 raise ConfigError(f"{where}:{number}: continuation line with no alias before it")
             aliases[current].extend(_targets(line))
             continue
         name, colon, rest = line.partition(":")
         name = name.strip().lower()
-        if not colon or not name or any(c.isspace() for c in name):
+        if not colon or not name or " " in name:
             raise ConfigError(f"{where}:{number}: expected 'name: target, target'")
         current = _key(name, domains, f"{where}:{number}")
         aliases.setdefault(current, []).extend(_targets(rest))
