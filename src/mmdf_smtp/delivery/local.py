@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import Config
-from ..policy.aliases import Aliases, Destination, read_aliases
+from ..policy.aliases import Aliases, Destination
 from ..queue import DeliveryState, Envelope, RecipientState
 from . import maildir
 
@@ -25,15 +25,7 @@ class LocalRecipients:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        table = read_aliases(config.local.aliases) if config.local.aliases else {}
-        domains = config.local_domains
-        self.aliases = Aliases(
-            table,
-            users=config.local.users,
-            local_domains=domains,
-            default_domain=domains[0] if domains else config.hostname,
-            delimiters=config.deliver.recipient_delimiter,
-        )
+        self.aliases = Aliases.of(config)
 
     def expand(self, envelope: Envelope) -> DeliveryState:
         """The message's destinations, in envelope order, aliases expanded

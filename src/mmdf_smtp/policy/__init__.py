@@ -19,7 +19,7 @@ from ..config import ChannelConfig, Config
 from ..filters import CONTINUE, Verdict
 from ..protocol import Path, Reply, replies
 from .access import AccessTables, Action, Entry, Stage
-from .aliases import base_name, read_aliases, unquote
+from .aliases import POSTMASTER, Aliases, unquote
 from .hosts import HostTable, IPAddress, build_table, normalize_name
 
 if TYPE_CHECKING:
@@ -81,8 +81,7 @@ class Policy:
                 file = pathlib.Path(channel.table)
             self._tables[name] = build_table(channel.hosts, file, f"channels.{name}.hosts")
         self._local_domains = {normalize_name(d) for d in config.local_domains}
-        self._users = {u.lower() for u in config.local.users}
-        self._aliases = read_aliases(config.local.aliases) if config.local.aliases else {}
+        self.aliases = Aliases.of(config)
         delimiters = config.deliver.recipient_delimiter
         self.access = AccessTables.read(config.access, delimiters) if access else AccessTables()
         self._resolver = resolver
@@ -204,20 +203,19 @@ class Policy:
             if channel.relay:
                 return None
             return replies.RELAY_DENIED.with_text(f"Relaying denied for {recipient.domain}")
+        if recipient.domain:
+            # Accepted when any key covers it: an address, a name, a user or
+            # the domain's catch-all (the order of Aliases.find, which
+            # delivery expands by too).
+            found = self.aliases.find(f"{recipient.local}@{domain}")
+            return None if found is not None else replies.UNKNOWN_USER
+        # Without a domain (RFC 5321 4.1.1.3's <postmaster>): the names, as
+        # they always were; an extension only on postmaster.
+        found = self.aliases.find(recipient.local)
         local = unquote(recipient.local).lower()
-        if self._is_local_name(local):
+        if found is not None and found.key in (local, POSTMASTER):
             return None
-        # "alice+tag" is accepted wherever "alice" is (recipient_delimiter).
-        base = base_name(local, self.config.deliver.recipient_delimiter)
-        if base != local and self._is_local_name(base):
-            # Only postmaster may go without a domain, extension or none.
-            return None if recipient.domain or base == "postmaster" else replies.RELAY_DENIED
-        if not recipient.domain and local != "postmaster":
-            return replies.RELAY_DENIED  # only postmaster may go without a domain
-        return replies.UNKNOWN_USER
-
-    def _is_local_name(self, name: str) -> bool:
-        return name == "postmaster" or name in self._users or name in self._aliases
+        return replies.RELAY_DENIED
 
 
 class _DnsNeeded(Exception):

@@ -4,10 +4,15 @@
     postmaster: root
     staff: alice, bob,
         carol            <- a line starting with white space continues the last
+    info@example.org: bob           <- that address only
+    @example.net: carol             <- example.net's catch-all
 
-Keys are compared in lower case.  At RCPT time only the names matter (a
-recipient exists when it is an alias); delivery expands the targets with
-:class:`Aliases`.
+Keys are compared in lower case.  A key with a domain (Postfix's
+virtual(5) forms) must name one of the local domains: mail for any other
+never reaches the aliases.  At RCPT time only the keys matter (a
+recipient exists when a key covers it); delivery expands the targets
+with :class:`Aliases`.  Both ask :meth:`Aliases.find`, the one place
+that orders the keys.
 
 Address extensions, as Postfix's ``recipient_delimiter``: ``alice+tag``
 is the name ``alice+tag`` when that is an alias, else ``alice`` (see
@@ -16,19 +21,28 @@ is the name ``alice+tag`` when that is an alias, else ``alice`` (see
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import ConfigError, read_text
+from ..config import Config, ConfigError, read_text
 
 POSTMASTER = "postmaster"
 # Deeper than any sane alias tree, shallow enough to stop a runaway one.
 MAX_DEPTH = 20
 
 
-def read_aliases(path: Path) -> dict[str, tuple[str, ...]]:
-    text = read_text(path, "aliases")
+def read_aliases(path: Path, local_domains: Collection[str]) -> dict[str, tuple[str, ...]]:
+    return parse_aliases(read_text(path, "aliases"), str(path), local_domains)
+
+
+def parse_aliases(
+    text: str, where: str, local_domains: Collection[str]
+) -> dict[str, tuple[str, ...]]:
+    """The table of an aliases file's ``text``; ConfigError, naming
+    ``where`` and the line, for anything else."""
+    domains = {_domain(d) for d in local_domains}
     aliases: dict[str, list[str]] = {}
     current: str | None = None
     for number, raw in enumerate(text.splitlines(), 1):
@@ -37,16 +51,36 @@ def read_aliases(path: Path) -> dict[str, tuple[str, ...]]:
             continue
         if line[0] in " \t":
             if current is None:
-                raise ConfigError(f"{path}:{number}: continuation line with no alias before it")
+                raise ConfigError(f"{where}:{number}: continuation line with no alias before it")
             aliases[current].extend(_targets(line))
             continue
         name, colon, rest = line.partition(":")
         name = name.strip().lower()
         if not colon or not name or " " in name:
-            raise ConfigError(f"{path}:{number}: expected 'name: target, target'")
-        current = name
-        aliases.setdefault(name, []).extend(_targets(rest))
+            raise ConfigError(f"{where}:{number}: expected 'name: target, target'")
+        current = _key(name, domains, f"{where}:{number}")
+        aliases.setdefault(current, []).extend(_targets(rest))
     return {name: tuple(targets) for name, targets in aliases.items()}
+
+
+def _key(name: str, domains: Collection[str], where: str) -> str:
+    """A classic name as it is; ``local@domain`` and ``@domain`` with the
+    domain checked and the local part unquoted, as a recipient's is."""
+    if "@" not in name:
+        return name
+    local, _, domain = name.rpartition("@")
+    domain = _domain(domain)
+    if not domain:
+        raise ConfigError(f"{where}: expected 'name@domain: target' or '@domain: target'")
+    if domain not in domains:
+        raise ConfigError(
+            f"{where}: {domain!r} is not one of local_domains (its mail never reaches the aliases)"
+        )
+    return f"{unquote(local)}@{domain}"
+
+
+def _domain(domain: str) -> str:
+    return domain.strip().rstrip(".").lower()
 
 
 def _targets(text: str) -> list[str]:
@@ -86,11 +120,28 @@ class Destination:
         return self.mailbox or self.address.lower()
 
 
+class Kind(enum.Enum):
+    ADDRESS = "address"  # a "local@domain" key
+    NAME = "name"  # a classic aliases(5) name
+    USER = "user"  # no key: a local user's mailbox (postmaster is always one)
+    CATCH_ALL = "catch-all"  # an "@domain" key
+
+
+@dataclass(frozen=True, slots=True)
+class Found:
+    """What covers a local address: ``key`` is the table's key (the user's
+    name for a USER); ``targets`` are the key's, empty for a USER."""
+
+    kind: Kind
+    key: str
+    targets: tuple[str, ...] = ()
+
+
 class Aliases:
     """Recursive expansion of local recipients through the aliases table.
 
-    A target is a local name, ``name@`` one of the local domains, or a
-    remote address.  As in sendmail, an alias that reaches its own name
+    A target is a local name, an address at one of the local domains, or a
+    remote address.  As in sendmail, an alias that reaches its own key
     again delivers to the user of that name when there is one; otherwise
     the cycle is a loop.  Each destination appears once per expansion.
     """
@@ -107,12 +158,60 @@ class Aliases:
         self._table = table
         self._delimiters = delimiters
         self._users = {u.lower() for u in users} | {POSTMASTER}
-        self._domains = {d.lower().rstrip(".") for d in local_domains}
+        self._domains = {_domain(d) for d in local_domains}
         self._default_domain = default_domain
+
+    @classmethod
+    def of(cls, config: Config) -> Aliases:
+        """The configuration's aliases file, users and domains: what smtpd
+        asks at RCPT time and deliver expands by.  Raises ConfigError."""
+        domains = config.local_domains
+        path = config.local.aliases
+        return cls(
+            read_aliases(path, domains) if path else {},
+            users=config.local.users,
+            local_domains=domains,
+            default_domain=domains[0] if domains else config.hostname,
+            delimiters=config.deliver.recipient_delimiter,
+        )
 
     def is_local(self, address: str) -> bool:
         _, domain = _split(address)
-        return not domain or domain.lower().rstrip(".") in self._domains
+        return not domain or _domain(domain) in self._domains
+
+    def find(self, address: str) -> Found | None:
+        """What covers the local ``address``, most specific first (the
+        order of Postfix's virtual(5), then the classic table):
+
+        1. ``user+ext@domain``, 2. ``user@domain``,
+        3. the name ``user+ext``, then ``user`` (an alias, else a local
+           user of that name: postmaster is always one),
+        4. ``@domain``, the catch-all.
+
+        A local user outranks the catch-all, which takes only the names
+        nothing else knows (as Postfix's luser_relay; Postfix's own
+        ``@domain`` would also take its users' mail unless each were
+        mapped to itself); ``user@domain`` still outranks the user.  An
+        address without a domain is a classic name alone.  None: nothing
+        covers it (5.1.1).
+        """
+        local, domain = _split(address)
+        name = unquote(local).lower()
+        base = base_name(name, self._delimiters)
+        domain = _domain(domain)
+        if domain:
+            for key in dict.fromkeys((f"{name}@{domain}", f"{base}@{domain}")):
+                if key in self._table:
+                    return Found(Kind.ADDRESS, key, self._table[key])
+        for candidate in dict.fromkeys((name, base)):
+            if candidate in self._table:
+                return Found(Kind.NAME, candidate, self._table[candidate])
+            if candidate in self._users:
+                return Found(Kind.USER, candidate)
+        catch_all = f"@{domain}"
+        if domain and catch_all in self._table:
+            return Found(Kind.CATCH_ALL, catch_all, self._table[catch_all])
+        return None
 
     def expand(self, address: str) -> list[Destination]:
         found: dict[str, Destination] = {}
@@ -129,37 +228,35 @@ class Aliases:
             return
         local, domain = _split(address)
         name = unquote(local).lower()
-        domain = domain.lower().rstrip(".") or self._default_domain
+        domain = _domain(domain) or self._default_domain
         qualified = f"{local}@{domain}"
-        if name not in self._table and name not in self._users:
-            # "alice+tag" that is no alias of its own is alice's (Postfix's
-            # order: the name as given first, then without its extension).
-            base = base_name(name, self._delimiters)
-            if base in self._table or base in self._users:
-                yield from self._walk_name(base, qualified, f"{name}@{domain}", chain)
-                return
-        yield from self._walk_name(name, qualified, f"{name}@{domain}", chain)
-
-    def _walk_name(
-        self, name: str, qualified: str, given: str, chain: tuple[str, ...]
-    ) -> Iterable[Destination]:
-        """The destinations of the local ``name``, found as ``qualified``;
-        ``given``, the address with its extension, is what a Maildir
-        delivery names in Delivered-To."""
-        if name in self._table and name not in chain:
-            if len(chain) >= MAX_DEPTH:
-                yield Destination(qualified, problem=f"5.4.6 Alias nesting too deep at {name}")
-                return
-            for target in self._table[name]:
-                yield from self._walk(target, (*chain, name))
-            return
-        if name in self._users:
-            yield Destination(given, mailbox=name)
-        elif name in chain:
-            loop = " -> ".join((*chain, name))
-            yield Destination(qualified, problem=f"5.4.6 Alias loop: {loop}")
-        else:
+        # What a Maildir delivery names in Delivered-To: the address as
+        # given, extension and all.
+        given = f"{name}@{domain}"
+        # A bare name is looked up as one (no address key or catch-all
+        # covers it); its destinations are still named at the default domain.
+        found = self.find(address)
+        if found is None:
             yield Destination(qualified, problem="5.1.1 No such user here")
+            return
+        if found.kind is Kind.USER:
+            yield Destination(given, mailbox=found.key)
+            return
+        if found.key in chain:
+            # "alice: alice, alice@elsewhere" and "alice@example.org:
+            # alice@example.org, archive" keep alice's copy.
+            user = found.key.partition("@")[0]
+            if user in self._users:
+                yield Destination(given, mailbox=user)
+            else:
+                loop = " -> ".join((*chain, found.key))
+                yield Destination(qualified, problem=f"5.4.6 Alias loop: {loop}")
+            return
+        if len(chain) >= MAX_DEPTH:
+            yield Destination(qualified, problem=f"5.4.6 Alias nesting too deep at {found.key}")
+            return
+        for target in found.targets:
+            yield from self._walk(target, (*chain, found.key))
 
 
 def base_name(name: str, delimiters: str) -> str:
