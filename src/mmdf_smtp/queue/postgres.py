@@ -100,7 +100,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
-from dataclasses import fields
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
@@ -118,12 +117,14 @@ from . import (
     LeaseLost,
     MessageBusy,
     MessageWriter,
+    NewerFormat,
     QueueBackend,
     QueuedMessage,
     QueueError,
     RecipientState,
     SetAside,
     Wakeup,
+    warn_newer_format,
 )
 
 log = logging.getLogger("mmdf_smtp.queue")
@@ -146,7 +147,8 @@ _GONE_KEPT = timedelta(hours=1)
 _PURGE = 20_000  # rows a purge removes at most
 _NOTIFY_GAP = 0.025  # seconds after a NOTIFY of new mail in which the next waits, to go as one
 _NOTIFY_LAST = 5.0  # seconds a process that ends waits for the NOTIFY it owes
-_FIELDS = fields(Envelope)
+# How long a message a newer version wrote is left before a claim reads it again.
+NEWER_WAIT = timedelta(minutes=10)
 # What a message handed over to another process starts with (hand_over).
 _IN_TOKEN = b"M"  # then its id, its envelope line and its octets
 _IN_FILE = b"F"  # then its id and the name of its file in staging
@@ -230,17 +232,14 @@ _NEXT_DUE = f"""
 
 
 def envelope_to_text(envelope: Envelope) -> str:
-    data: dict[str, Any] = {field.name: getattr(envelope, field.name) for field in _FIELDS}
-    data["recipients"] = list(envelope.recipients)
-    data["received"] = envelope.received.isoformat()
-    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    """The envelope column: the spool's envelope line, without its size slot."""
+    return json.dumps(envelope.to_data(), ensure_ascii=False, separators=(",", ":"))
 
 
 def envelope_from_text(text: str) -> Envelope:
-    data = json.loads(text)
-    data["recipients"] = tuple(data["recipients"])
-    data["received"] = datetime.fromisoformat(data["received"])
-    return Envelope(**data)
+    """The envelope column's envelope; ValueError when it is not one
+    (:class:`NewerFormat` when a newer version wrote it)."""
+    return Envelope.from_data(json.loads(text))
 
 
 def _due_of(state: DeliveryState | None) -> datetime | None:
@@ -1403,6 +1402,10 @@ class PostgresQueue:
                     if entries
                     else None
                 )
+            except NewerFormat as exc:
+                warn_newer_format(queue_id, exc)
+                self._leave_for_newer(queue_id, holder, now)
+                continue
             except (ValueError, TypeError, KeyError, AttributeError) as exc:
                 self._set_aside(queue_id, f"cannot be read: {exc!r}")
                 continue
@@ -1442,13 +1445,19 @@ class PostgresQueue:
             except psycopg.Error as exc:
                 raise _error("cannot read the queue", exc) from exc
             for queue_id, envelope, size, is_held in rows:
+                needs: tuple[str, ...] = ()
                 try:
                     parsed = envelope_from_text(envelope)
+                except NewerFormat as exc:
+                    if exc.envelope is None:
+                        log.warning("id=%s: unreadable envelope: %s", queue_id, exc)
+                        continue
+                    parsed, needs = exc.envelope, exc.needed
                 except (ValueError, TypeError, KeyError, AttributeError) as exc:
                     # One damaged row must not hide the others; claim sets it aside.
                     log.warning("id=%s: unreadable envelope: %r", queue_id, exc)
                     continue
-                yield QueuedMessage(queue_id, parsed, size, held=is_held)
+                yield QueuedMessage(queue_id, parsed, size, held=is_held, needs=needs)
             if len(rows) < _PAGE:
                 return
             after = rows[-1][0]
@@ -1562,6 +1571,22 @@ class PostgresQueue:
         if deleted:
             log.info("id=%s: set-aside message deleted by the administrator", name)
         return bool(deleted)
+
+    def _leave_for_newer(self, queue_id: str, holder: str, now: datetime) -> None:
+        """Give back a message a newer version wrote, due again only after
+        :data:`NEWER_WAIT`: claims do not hand it out again and again (the
+        newer version, rolled forward, claims it then; its next record
+        sets when it is due from its states)."""
+        try:
+            with self._pool.connection() as conn:
+                conn.execute(
+                    "UPDATE mmdf_message SET due_at = %s, lease_holder = NULL,"
+                    " lease_renewed = NULL WHERE id = %s AND lease_holder = %s",
+                    (now + NEWER_WAIT, queue_id, holder),
+                )
+        except (psycopg.Error, QueueError) as exc:
+            # Its lease runs out by itself: claimed again after lease_seconds.
+            log.warning("id=%s: cannot give it back: %s", queue_id, exc)
 
     def _set_aside(self, queue_id: str, reason: str) -> None:
         """Keep a message that cannot be read from delivery, for the administrator."""
