@@ -29,11 +29,16 @@ from mmdf_smtp.queue.postgres import (
 from queue_contract import (
     BODY,
     NOW,
+    Edit,
     QueueContract,
+    Record,
     _readable,
     deferred,
+    edit_pg_envelope,
+    edit_pg_state,
     envelope,
     expanded,
+    pg_envelope,
     queue_one,
 )
 
@@ -77,6 +82,15 @@ def _claim_once_the_lease_runs_out(claimer: PostgresQueue) -> Lease:
 
 class TestPostgresContract(PostgresCase, QueueContract):
     leases_end_with_holder = False
+
+    def stored_envelope(self, queue_id: str) -> Record:
+        return pg_envelope(self.dsn, queue_id)
+
+    def edit_envelope(self, queue_id: str, edit: Edit) -> None:
+        edit_pg_envelope(self.dsn, queue_id, edit)
+
+    def edit_state(self, queue_id: str, index: int, edit: Edit) -> None:
+        edit_pg_state(self.dsn, queue_id, index, edit)
 
     def claim_after_holder_died(self, backend: Any) -> Lease:
         return _claim_once_the_lease_runs_out(self.make_backend(lease_seconds=QUICK_LEASE))

@@ -47,7 +47,7 @@ import logging
 import threading
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 if TYPE_CHECKING:
@@ -108,6 +108,11 @@ def must_understand(data: dict[str, Any], critical: Mapping[str, Any]) -> dict[s
         data[MUST_UNDERSTAND] = named
     return data
 
+
+# How long a deliverer leaves a message a newer version wrote before it
+# reads it again (an administrator may have rewritten it meanwhile): so
+# that a deliverer does not spin on it, claim after claim.
+NEWER_WAIT = timedelta(minutes=10)
 
 _newer_warned: set[str] = set()
 _newer_lock = threading.Lock()

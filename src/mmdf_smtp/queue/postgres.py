@@ -110,6 +110,7 @@ from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from . import (
+    NEWER_WAIT,
     PENDING,
     DeliveryState,
     Envelope,
@@ -147,8 +148,6 @@ _GONE_KEPT = timedelta(hours=1)
 _PURGE = 20_000  # rows a purge removes at most
 _NOTIFY_GAP = 0.025  # seconds after a NOTIFY of new mail in which the next waits, to go as one
 _NOTIFY_LAST = 5.0  # seconds a process that ends waits for the NOTIFY it owes
-# How long a message a newer version wrote is left before a claim reads it again.
-NEWER_WAIT = timedelta(minutes=10)
 # What a message handed over to another process starts with (hand_over).
 _IN_TOKEN = b"M"  # then its id, its envelope line and its octets
 _IN_FILE = b"F"  # then its id and the name of its file in staging

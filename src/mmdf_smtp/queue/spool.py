@@ -90,6 +90,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from . import (
+    NEWER_WAIT,
     PENDING,
     DelivererRunning,
     DeliveryState,
@@ -1631,9 +1632,6 @@ DELIVER_LOCK = "deliver.lock"
 RESCAN_INTERVAL = 60.0
 # How long a message whose state cannot be read waits before it is tried again.
 UNREADABLE_WAIT = timedelta(seconds=60)
-# How long a deliver leaves a message a newer version wrote before it reads
-# it again (an administrator may have rewritten it meanwhile).
-NEWER_WAIT = timedelta(minutes=10)
 # Queue entries a claim may examine per message it asks for: a claim's cost
 # is bounded by its limit, never by the queue's length.
 _SCAN_PER_CLAIM = 64
