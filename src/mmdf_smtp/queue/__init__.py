@@ -196,7 +196,7 @@ class Envelope:
         if not isinstance(data, dict):
             raise ValueError(f"not an envelope: {type(data).__name__}, not an object")
         try:
-            known = known_fields(data, ENVELOPE_FIELDS)
+            known = known_fields(data, _ENVELOPE_NAMES)
         except NewerFormat as exc:
             # What it needs may be what keeps this version from reading the rest.
             with contextlib.suppress(ValueError):
@@ -207,7 +207,7 @@ class Envelope:
     @classmethod
     def _of_known(cls, data: Mapping[str, Any]) -> Envelope:
         try:
-            known = {name: value for name, value in data.items() if name in ENVELOPE_FIELDS}
+            known = {name: value for name, value in data.items() if name in _ENVELOPE_NAMES}
             known["recipients"] = tuple(known["recipients"])
             known["received"] = datetime.fromisoformat(known["received"])
             return cls(**known)
@@ -215,7 +215,9 @@ class Envelope:
             raise ValueError(f"not an envelope: {exc!r}") from exc
 
 
-ENVELOPE_FIELDS = frozenset(field.name for field in fields(Envelope))
+# In the order they are written: a file's envelope line stays as it was.
+ENVELOPE_FIELDS = tuple(field.name for field in fields(Envelope))
+_ENVELOPE_NAMES = frozenset(ENVELOPE_FIELDS)
 # The envelope's fields that a reader must not ignore when they are set,
 # with their defaults (docs/design.md, "Queue format"): a quarantined
 # message ignored would be delivered; DSN's fields ignored send notices the

@@ -219,6 +219,7 @@ _CLAIM = f"""
         WHERE NOT held AND gone IS NULL AND {_FREE}
           AND (due_at IS NULL OR due_at <= %(now)s
                OR %(flush_all)s OR id = ANY(%(flush_ids)s::text[]))
+          AND NOT id = ANY(%(newer)s::text[])
         ORDER BY COALESCE(due_at, arrived), id
         LIMIT %(limit)s
         FOR UPDATE SKIP LOCKED)
@@ -226,7 +227,7 @@ _CLAIM = f"""
 """
 _NEXT_DUE = f"""
     SELECT min(COALESCE(due_at, arrived)) FROM mmdf_message
-    WHERE NOT held AND gone IS NULL AND {_FREE}
+    WHERE NOT held AND gone IS NULL AND {_FREE} AND NOT id = ANY(%(newer)s::text[])
 """
 
 
@@ -912,6 +913,10 @@ class PostgresQueue:
         self._tag = 0
         self._staging_ready = False
         self._doorbell = _Doorbell(self)
+        # Messages a newer version wrote, passed by until then (the
+        # caller's clock): see _leave_for_newer.
+        self._newer: dict[str, datetime] = {}
+        self._newer_lock = threading.Lock()
 
     # -- connections ---------------------------------------------------------
 
@@ -1368,6 +1373,11 @@ class PostgresQueue:
         if limit <= 0:
             return []
         holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(6)}"
+        with self._newer_lock:
+            for queue_id, until in list(self._newer.items()):
+                if until <= now:
+                    del self._newer[queue_id]
+            newer = list(self._newer)
         params = {
             "holder": holder,
             "lease": self.lease,
@@ -1375,6 +1385,7 @@ class PostgresQueue:
             "flush_all": flush_all,
             "flush_ids": list(flush_ids),
             "limit": limit,
+            "newer": newer,
         }
         try:
             with self._pool.connection() as conn, conn.transaction():
@@ -1416,7 +1427,9 @@ class PostgresQueue:
     def next_due(self) -> datetime | None:
         try:
             with self._pool.connection() as conn:
-                row = conn.execute(_NEXT_DUE, {"lease": self.lease}).fetchone()
+                with self._newer_lock:
+                    newer = list(self._newer)
+                row = conn.execute(_NEXT_DUE, {"lease": self.lease, "newer": newer}).fetchone()
         except psycopg.Error as exc:
             raise _error("cannot read the queue", exc) from exc
         return None if row is None else row[0]
@@ -1572,19 +1585,22 @@ class PostgresQueue:
         return bool(deleted)
 
     def _leave_for_newer(self, queue_id: str, holder: str, now: datetime) -> None:
-        """Give back a message a newer version wrote, due again only after
-        :data:`NEWER_WAIT`: claims do not hand it out again and again (the
-        newer version, rolled forward, claims it then; its next record
-        sets when it is due from its states)."""
+        """Give back a message a newer version wrote, its row as it was but
+        for the lease, and pass it by for :data:`NEWER_WAIT`: this process's
+        claims do not hand it out again and again, nor does :meth:`next_due`
+        count it.  Not by pushing back its ``due_at``: the newer version,
+        rolled forward, is to find it due at once."""
+        with self._newer_lock:
+            self._newer[queue_id] = now + NEWER_WAIT
         try:
             with self._pool.connection() as conn:
                 conn.execute(
-                    "UPDATE mmdf_message SET due_at = %s, lease_holder = NULL,"
-                    " lease_renewed = NULL WHERE id = %s AND lease_holder = %s",
-                    (now + NEWER_WAIT, queue_id, holder),
+                    "UPDATE mmdf_message SET lease_holder = NULL, lease_renewed = NULL"
+                    " WHERE id = %s AND lease_holder = %s",
+                    (queue_id, holder),
                 )
         except (psycopg.Error, QueueError) as exc:
-            # Its lease runs out by itself: claimed again after lease_seconds.
+            # Its lease runs out by itself.
             log.warning("id=%s: cannot give it back: %s", queue_id, exc)
 
     def _set_aside(self, queue_id: str, reason: str) -> None:
