@@ -19,7 +19,10 @@ is filled in at the commit, in a slot of fixed width kept blank until
 then (:func:`seal`), so a file that lost any of its end, or was never
 finished, proves itself incomplete (as the END record ends a Postfix
 queue file).  Readers see the same octets as without it: the message
-starts after the envelope line.
+starts after the envelope line.  The other fields are read by the rule
+of ``must_understand`` (:meth:`.Envelope.from_data`): a file a newer
+version wrote is whole and yet not this version's to deliver, and is
+left where it is (:class:`.NewerFormat`), never set aside.
 
 Commit: the file, created unreadable (mode :data:`COMMITTING`), is
 sealed, fsynced, renamed from ``tmp/`` into ``queue/``, and ``queue/`` is
