@@ -9,16 +9,24 @@ backends is said by class attributes, not by skipping tests.
 from __future__ import annotations
 
 import io
+import json
+import logging
 import os
 import select
 import signal
+from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from mmdf_smtp.queue import (
     DEFERRED,
     DELIVERED,
+    MUST_UNDERSTAND,
+    NEWER_WAIT,
     DelivererRunning,
     DeliveryState,
     Envelope,
@@ -29,6 +37,7 @@ from mmdf_smtp.queue import (
     QueuedMessage,
     RecipientState,
 )
+from mmdf_smtp.queue.spool import SIZE_SLOT, Spool, size_field
 
 NOW = datetime(2026, 12, 6, 12, 0, 0, tzinfo=UTC)
 BODY = b"Received: from client by mx; Sun, 6 Dec 2026 12:00:00 +0000\r\n\r\nHello.\r\n"
@@ -68,12 +77,144 @@ def expanded(lease: Lease) -> DeliveryState:
     )
 
 
+Record = dict[str, Any]
+Edit = Callable[[Record], None]
+
+# -- records as stored, read and changed as a newer version (or an
+# administrator) would write them: the spool's files, the database's rows.
+
+
+def _spool_file(spool: Spool, queue_id: str) -> Path:
+    for folder in (spool.queue, spool.hold_dir):
+        if (folder / queue_id).exists():
+            return folder / queue_id
+    raise KeyError(queue_id)
+
+
+def spool_envelope(spool: Spool, queue_id: str) -> Record:
+    """The stored envelope line's fields, ``file_size`` left out."""
+    with open(_spool_file(spool, queue_id), "rb") as file:
+        data: Record = json.loads(file.readline())
+    data.pop("file_size")
+    return data
+
+
+def edit_spool_envelope(spool: Spool, queue_id: str, edit: Edit) -> None:
+    """Rewrite a queue file's envelope line, sealed with its new size."""
+    path = _spool_file(spool, queue_id)
+    line, rest = path.read_bytes().split(b"\n", 1)
+    data = json.loads(line)
+    data.pop("file_size")
+    edit(data)
+    fields = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
+    head = b'{"file_size":' + size_field(0) + b"," + fields[1:] + b"\n"
+    size = len(head) + len(rest)
+    head = head[:SIZE_SLOT] + size_field(size) + head[SIZE_SLOT + len(size_field(0)) :]
+    path.write_bytes(head + rest)
+
+
+def edit_spool_state(spool: Spool, queue_id: str, index: int, edit: Edit) -> None:
+    """Rewrite one entry of a message's state file, its mtime (when due) kept."""
+    path = spool.state / queue_id
+    due = path.stat().st_mtime_ns
+    data = json.loads(path.read_bytes())
+    edit(data["recipients"][index])
+    path.write_text(json.dumps(data))
+    os.utime(path, ns=(due, due))
+
+
+def _sql(dsn: str, statement: str, *params: Any) -> list[tuple[Any, ...]]:
+    import psycopg  # a site on the spool has no driver: only these functions need it
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        cursor = conn.execute(statement, params or None)
+        return cursor.fetchall() if cursor.description else []
+
+
+def pg_envelope(dsn: str, queue_id: str) -> Record:
+    [(text,)] = _sql(dsn, "SELECT envelope FROM mmdf_message WHERE id = %s", queue_id)
+    data: Record = json.loads(text)
+    return data
+
+
+def edit_pg_envelope(dsn: str, queue_id: str, edit: Edit) -> None:
+    data = pg_envelope(dsn, queue_id)
+    edit(data)
+    _sql(dsn, "UPDATE mmdf_message SET envelope = %s WHERE id = %s", json.dumps(data), queue_id)
+
+
+def edit_pg_state(dsn: str, queue_id: str, index: int, edit: Edit) -> None:
+    [(text,)] = _sql(
+        dsn, "SELECT state FROM mmdf_recipient WHERE message_id = %s AND idx = %s", queue_id, index
+    )
+    data = json.loads(text)
+    edit(data)
+    _sql(
+        dsn,
+        "UPDATE mmdf_recipient SET state = %s WHERE message_id = %s AND idx = %s",
+        json.dumps(data),
+        queue_id,
+        index,
+    )
+
+
+def with_field(name: str, value: Any, *, critical: bool) -> Edit:
+    """An edit adding a field this version does not know, as a newer version
+    would write it: listed in ``must_understand`` when ``critical``."""
+
+    def edit(data: Record) -> None:
+        data[name] = value
+        if critical:
+            data[MUST_UNDERSTAND] = [*data.get(MUST_UNDERSTAND, []), name]
+
+    return edit
+
+
+def without_field(name: str) -> Edit:
+    """The roll-forward's work, done by hand: the field and its listing gone."""
+
+    def edit(data: Record) -> None:
+        del data[name]
+        listed = [n for n in data.get(MUST_UNDERSTAND, []) if n != name]
+        if listed:
+            data[MUST_UNDERSTAND] = listed
+        else:
+            data.pop(MUST_UNDERSTAND, None)
+
+    return edit
+
+
+def newer_warnings(caplog: pytest.LogCaptureFixture, queue_id: str) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING
+        and r.getMessage().startswith(f"id={queue_id}: written by a newer version")
+    ]
+
+
 class QueueContract:
     # The backend allows one deliverer at a time (the spool's deliver.lock).
     one_deliverer: bool = False
 
     def make_backend(self) -> QueueBackend:
         raise NotImplementedError
+
+    def stored_envelope(self, queue_id: str) -> Record:
+        """The envelope's fields as the backend stores them."""
+        raise NotImplementedError
+
+    def edit_envelope(self, queue_id: str, edit: Edit) -> None:
+        raise NotImplementedError
+
+    def edit_state(self, queue_id: str, index: int, edit: Edit) -> None:
+        raise NotImplementedError
+
+    @staticmethod
+    def assert_left_until(backend: QueueBackend, when: datetime) -> None:
+        """Nothing is due before ``when`` for this deliverer: it sleeps."""
+        due = backend.next_due()
+        assert due is None or due >= when - timedelta(seconds=1), due
 
     @pytest.fixture
     def backend(self) -> QueueBackend:
@@ -344,6 +485,75 @@ class QueueContract:
             (queue_id, envelope(), len(BODY))
         ]
         assert list(backend.messages(held=True)) == []
+
+    # -- records of another version (forward compatibility) ---------------------
+
+    def test_a_plain_envelope_names_nothing_a_quarantined_one_names_quarantine(
+        self, backend: QueueBackend
+    ) -> None:
+        plain = queue_one(backend)
+        assert MUST_UNDERSTAND not in self.stored_envelope(plain)
+        held = queue_one(backend, replace(envelope(), quarantine="spam score 12"))
+        assert self.stored_envelope(held)[MUST_UNDERSTAND] == ["quarantine"]
+        dsn = queue_one(backend, replace(envelope(), ret="HDRS", notify=("NEVER",)))
+        assert self.stored_envelope(dsn)[MUST_UNDERSTAND] == ["ret", "notify"]
+
+    def test_a_field_it_does_not_know_is_ignored(self, backend: QueueBackend) -> None:
+        queue_id = queue_one(backend)
+        self.edit_envelope(queue_id, with_field("line_hint", {"x": 1}, critical=False))
+        (listed,) = backend.messages()
+        assert (listed.id, listed.envelope, listed.needs) == (queue_id, envelope(), ())
+        (lease,) = backend.claim(10, NOW)
+        assert lease.envelope == envelope()
+        lease.record(deferred(expanded(lease), 0, NOW + timedelta(minutes=1)))
+        lease.end()
+        self.edit_state(queue_id, 0, with_field("hop_hint", "b", critical=False))
+        (again,) = backend.claim(10, NOW + timedelta(minutes=2))
+        assert again.state is not None and again.state.recipients[0].attempts == 1
+        again.end()
+        assert backend.set_aside() == []
+
+    def test_a_field_it_must_understand_leaves_the_message_in_the_queue(
+        self, backend: QueueBackend, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        queue_id = queue_one(backend)
+        self.edit_envelope(queue_id, with_field("hold_for", "legal", critical=True))
+        with caplog.at_level(logging.WARNING, logger="mmdf_smtp.queue"):
+            assert backend.claim(10, NOW) == []
+            # Not due again at once, though nothing was recorded: a deliverer
+            # does not claim it again and again.
+            self.assert_left_until(backend, NOW + NEWER_WAIT)
+            assert backend.claim(10, NOW) == []
+            assert self.make_backend().claim(10, NOW) == []
+        assert newer_warnings(caplog, queue_id) == [
+            f"id={queue_id}: written by a newer version: it needs hold_for; left in the queue"
+        ]
+        assert backend.set_aside() == []
+        (listed,) = backend.messages()
+        assert (listed.id, listed.envelope, listed.needs) == (queue_id, envelope(), ("hold_for",))
+        # Rolled forward, the field done with: the message is claimed once
+        # it is due again.
+        self.edit_envelope(queue_id, without_field("hold_for"))
+        (lease,) = backend.claim(10, NOW + NEWER_WAIT + timedelta(seconds=1))
+        assert lease.id == queue_id and lease.envelope == envelope()
+        lease.complete()
+
+    def test_a_state_field_it_must_understand_leaves_the_message_in_the_queue(
+        self, backend: QueueBackend, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        queue_id = queue_one(backend, envelope("a@example.net", "b@example.net"))
+        (lease,) = backend.claim(10, NOW)
+        lease.record(deferred(expanded(lease), 1, NOW))
+        lease.end()
+        self.edit_state(queue_id, 1, with_field("relay_via", "mx2", critical=True))
+        with caplog.at_level(logging.WARNING, logger="mmdf_smtp.queue"):
+            assert backend.claim(10, NOW) == []
+            self.assert_left_until(backend, NOW + NEWER_WAIT)
+            assert backend.claim(10, NOW) == []
+        assert len(newer_warnings(caplog, queue_id)) == 1
+        assert "it needs relay_via" in newer_warnings(caplog, queue_id)[0]
+        assert backend.set_aside() == []
+        assert [m.id for m in backend.messages()] == [queue_id]
 
     # The spool's lock is the holder's open file: it ends with the holder only.
     leases_end_with_holder: bool = False

@@ -18,7 +18,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from mmdf_smtp.queue import Lease, LeaseLost, QueueError
+from mmdf_smtp.queue import NEWER_WAIT, Lease, LeaseLost, QueueError
 from mmdf_smtp.queue.postgres import (
     _NOTIFY_GAP,
     CHANNEL,
@@ -29,12 +29,19 @@ from mmdf_smtp.queue.postgres import (
 from queue_contract import (
     BODY,
     NOW,
+    Edit,
     QueueContract,
+    Record,
     _readable,
     deferred,
+    edit_pg_envelope,
+    edit_pg_state,
     envelope,
     expanded,
+    pg_envelope,
     queue_one,
+    with_field,
+    without_field,
 )
 
 pytest_plugins = ["pgcluster"]
@@ -78,6 +85,15 @@ def _claim_once_the_lease_runs_out(claimer: PostgresQueue) -> Lease:
 class TestPostgresContract(PostgresCase, QueueContract):
     leases_end_with_holder = False
 
+    def stored_envelope(self, queue_id: str) -> Record:
+        return pg_envelope(self.dsn, queue_id)
+
+    def edit_envelope(self, queue_id: str, edit: Edit) -> None:
+        edit_pg_envelope(self.dsn, queue_id, edit)
+
+    def edit_state(self, queue_id: str, index: int, edit: Edit) -> None:
+        edit_pg_state(self.dsn, queue_id, index, edit)
+
     def claim_after_holder_died(self, backend: Any) -> Lease:
         return _claim_once_the_lease_runs_out(self.make_backend(lease_seconds=QUICK_LEASE))
 
@@ -94,6 +110,25 @@ def _piece(number: int, size: int = 64 * 1024) -> bytes:
 
 
 class TestPostgresQueue(PostgresCase):
+    def test_a_newer_versions_message_is_passed_by_its_row_untouched(self) -> None:
+        """Its ``due_at`` is not pushed back: rolled forward, the newer
+        version finds it due at once.  This deliverer passes it by for
+        NEWER_WAIT, in its claims and in when it next has work."""
+        backend = self.make_backend()
+        queue_id = queue_one(backend)
+        edit_pg_envelope(self.dsn, queue_id, with_field("hold_for", "legal", critical=True))
+        row = "SELECT envelope, due_at, held, gone, lease_holder FROM mmdf_message WHERE id = %s"
+        before = self.sql(row, queue_id)
+        assert backend.claim(10, NOW) == []
+        assert self.sql(row, queue_id) == before
+        assert backend.next_due() is None
+        assert self.make_backend().next_due() is not None  # another process's business
+        later = NOW + NEWER_WAIT
+        edit_pg_envelope(self.dsn, queue_id, without_field("hold_for"))
+        assert backend.claim(10, later - timedelta(seconds=1)) == []
+        (lease,) = backend.claim(10, later)
+        lease.complete()
+
     def test_a_35_mib_message_is_never_whole_in_memory(self) -> None:
         backend = self.make_backend()
         pieces = 35 * 16  # of 64 KiB

@@ -267,6 +267,7 @@ def test_checkque_json(filled: tuple[Path, list[str]], capsys: pytest.CaptureFix
         "submitter": None,
         "submitter_uid": None,
         "quarantine": None,
+        "needs": [],
         "states": [
             {
                 "recipient": r,

@@ -8,7 +8,14 @@ import pytest
 
 from mmdf_smtp.queue import QueueBackend
 from mmdf_smtp.queue.spool import Spool
-from queue_contract import QueueContract
+from queue_contract import (
+    Edit,
+    QueueContract,
+    Record,
+    edit_spool_envelope,
+    edit_spool_state,
+    spool_envelope,
+)
 
 
 class TestSpoolContract(QueueContract):
@@ -22,3 +29,12 @@ class TestSpoolContract(QueueContract):
 
     def make_backend(self) -> QueueBackend:
         return Spool(self.directory)
+
+    def stored_envelope(self, queue_id: str) -> Record:
+        return spool_envelope(Spool(self.directory), queue_id)
+
+    def edit_envelope(self, queue_id: str, edit: Edit) -> None:
+        edit_spool_envelope(Spool(self.directory), queue_id, edit)
+
+    def edit_state(self, queue_id: str, index: int, edit: Edit) -> None:
+        edit_spool_state(Spool(self.directory), queue_id, index, edit)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import io
+import json
 import logging
 import os
 import pwd
@@ -507,6 +508,38 @@ def test_pickup_sets_aside_what_it_cannot_queue(
     assert "cannot be opened: No such device or address" in reasons  # the socket
     assert "2 links" in reasons
     assert f"uid {user.pw_uid}: <ghost@example.org>: 550 5.1.1 No such user here" in reasons
+
+
+def _request_edited(path: Path, edit: Any) -> None:
+    """Rewrite a maildrop file's request in place (its owner and inode kept)."""
+    line, rest = path.read_bytes().split(b"\n", 1)
+    data = json.loads(line[len(MAGIC) :])
+    edit(data)
+    path.write_bytes(MAGIC + json.dumps(data).encode() + b"\n" + rest)
+
+
+def test_pickup_leaves_a_newer_submits_request_claimed(
+    config: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A request naming in must_understand a field this version does not
+    know waits in pickup/ for the newer version's pickup: not set aside."""
+    user = other_user()
+    root = load(str(config)).spool
+    path = dropped(config, b"b\n", Request(recipients=("bob",)), user.pw_uid, user.pw_gid)
+    _request_edited(path, lambda data: data.update(priority="bulk", must_understand=["priority"]))
+    caplog.set_level(logging.WARNING, logger="mmdf_smtp.queue")
+    assert run_pickup(config) == []
+    assert run_pickup(config) == []  # claimed anew: one warning still
+    listing = spool_listing(config)
+    assert (listing["maildrop"], len(listing["pickup"]), listing["tmp"]) == ([], 1, [])
+    assert os.listdir(root / "corrupt") == []
+    warned = [r.getMessage() for r in caplog.records if "newer version" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].endswith(": it needs priority; left in the queue")
+    [claimed] = (root / "pickup").iterdir()
+    _request_edited(claimed, lambda data: [data.pop(k) for k in ("priority", "must_understand")])
+    [queue_id] = run_pickup(config)
+    [message] = queued(config)
+    assert (message["id"], message["recipients"]) == (queue_id, ["bob@example.org"])
 
 
 def test_pickup_checks_size_and_login(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -10,7 +10,9 @@ held in ``hold/``) and one under it per recipient with its delivery state
 quarantine reason, if a filter gave one, on a line of its own.
 ``--json`` writes one object a line per message, ``states`` holding the
 same and ``state`` saying ``queued`` or ``held`` (``quarantine``: the
-reason, or null).  Files set aside in ``corrupt/`` (a queue file that
+reason, or null; ``needs``: the fields a newer version wrote that this
+one must understand but does not, which deliver leaves in the queue,
+shown in the table on a line of their own).  Files set aside in ``corrupt/`` (a queue file that
 cannot be read whole, a submission pickup refused) follow, in a table of
 their own, or in ``--json`` as objects whose ``state`` is ``corrupt``,
 with ``id``, ``size``, ``reason`` and ``path``.  ``--cat ID`` writes the
@@ -59,6 +61,7 @@ from ..queue import (
     DEFERRED,
     DeliveryState,
     MessageBusy,
+    NewerFormat,
     QueueAdmin,
     QueueBackend,
     QueuedMessage,
@@ -116,6 +119,9 @@ class Listed:
 
     message: QueuedMessage
     state: DeliveryState
+    # Fields of its envelope or state a newer version wrote that this one
+    # must understand but does not: deliver leaves it in the queue.
+    needs: tuple[str, ...] = ()
 
     @property
     def where(self) -> str:
@@ -240,6 +246,7 @@ def as_json(listed: Listed) -> str:
             "states": [state_as_json(entry) for entry in listed.state.recipients],
             "state": listed.where,
             "quarantine": envelope.quarantine,
+            "needs": list(listed.needs),
         },
         ensure_ascii=False,
     )
@@ -282,8 +289,14 @@ def table(listed: list[Listed]) -> list[str]:
         lines.append(line(row))
         if entry.message.envelope.quarantine is not None:
             lines.append(f"    quarantined: {entry.message.envelope.quarantine}")
+        if entry.needs:
+            lines.append(f"    {_newer_reason(entry.needs)}")
         lines.extend(state_as_row(state) for state in entry.state.recipients)
     return lines
+
+
+def _newer_reason(needs: tuple[str, ...]) -> str:
+    return f"written by a newer version: it needs {', '.join(needs)}; left in the queue"
 
 
 def summary(listed: list[Listed], queue: QueueAdmin, *, selected: bool) -> str:
@@ -329,16 +342,20 @@ def listing(
     if not wanted or wanted & {QUEUED, DEFERRED, HELD}:
         for held in (False, True):
             for message in queue.messages(held=held):
+                needs = message.needs
                 try:
                     state = queue.read_state(message.id) or DeliveryState.untouched(
                         message.envelope
                     )
                 except KeyError:
                     continue  # delivered or deleted since it was listed
+                except NewerFormat as exc:
+                    state = DeliveryState()
+                    needs = tuple(sorted({*needs, *exc.needed}))
                 except ValueError as exc:
                     print(f"checkque: {exc}", file=sys.stderr)
                     state = DeliveryState()
-                entry = Listed(message, state)
+                entry = Listed(message, state, needs)
                 if selection.takes(entry, now):
                     listed.append(entry)
     listed.sort(key=lambda entry: entry.message.id)

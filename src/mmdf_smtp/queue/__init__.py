@@ -40,19 +40,93 @@ Delivery, and what makes it exactly once where it can be:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
-from collections.abc import Collection, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
-from datetime import datetime
+import logging
+import threading
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 if TYPE_CHECKING:
     from ..config import Config
 
 
+log = logging.getLogger("mmdf_smtp.queue")
+
 # How the 250 reply names a message: "Submitted & queued (msg.<id>)".
 ID_PREFIX = "msg."
+
+# The field of a record (an envelope, a recipient's state, a maildrop
+# request) that names the fields a reader must understand, as PNG's
+# critical chunks and LDAP's critical controls do: a reader ignores a field
+# it does not know, unless this list names it (see docs/design.md, "Queue
+# format").
+MUST_UNDERSTAND = "must_understand"
+
+
+class NewerFormat(ValueError):
+    """A record written by a newer version, naming in its ``must_understand``
+    fields that this version does not know: it is neither read as if they
+    were not there nor set aside, but left where it is, for the newer
+    version to handle when it runs again.
+
+    ``envelope``: for an envelope record, what this version reads of the
+    fields it knows (for the administrator's listing), when it can.
+    """
+
+    def __init__(self, needed: Iterable[str], *, envelope: Envelope | None = None) -> None:
+        self.needed = tuple(sorted(needed))
+        self.envelope = envelope
+        super().__init__(f"written by a newer version: it needs {', '.join(self.needed)}")
+
+
+def known_fields(data: Mapping[str, Any], known: Collection[str]) -> dict[str, Any]:
+    """The fields of a record that this version reads: those in ``known``.
+
+    Others are dropped, unless the record's ``must_understand`` names one:
+    then it cannot be read by this version (:class:`NewerFormat`).
+    ValueError for a ``must_understand`` that is not a list of names.
+    """
+    must = data.get(MUST_UNDERSTAND, [])
+    if not isinstance(must, list) or not all(isinstance(name, str) for name in must):
+        raise ValueError(f"{MUST_UNDERSTAND} is {must!r}, not a list of field names")
+    needed = {name for name in must if name not in known and name != MUST_UNDERSTAND}
+    if needed:
+        raise NewerFormat(needed)
+    return {name: value for name, value in data.items() if name in known}
+
+
+def must_understand(data: dict[str, Any], critical: Mapping[str, Any]) -> dict[str, Any]:
+    """``data`` with its ``must_understand`` list: the ``critical`` fields
+    set in it (not at their default, given in ``critical``); none listed,
+    no list, so that the record stays as this version wrote it before."""
+    named = [name for name, default in critical.items() if data.get(name, default) != default]
+    if named:
+        data[MUST_UNDERSTAND] = named
+    return data
+
+
+# How long a deliverer leaves a message a newer version wrote before it
+# reads it again (an administrator may have rewritten it meanwhile): so
+# that a deliverer does not spin on it, claim after claim.
+NEWER_WAIT = timedelta(minutes=10)
+
+_newer_warned: set[str] = set()
+_newer_lock = threading.Lock()
+
+
+def warn_newer_format(queue_id: str, exc: NewerFormat, *, key: str | None = None) -> None:
+    """Log, once a message a process, that it is left in the queue: it is
+    met again at every scan, and the log is not to fill up.  ``key``: what
+    names the message across scans when its id does not (by default its id)."""
+    with _newer_lock:
+        if (key or queue_id) in _newer_warned:
+            return
+        _newer_warned.add(key or queue_id)
+    log.warning("id=%s: %s; left in the queue", queue_id, exc)
 
 
 def queue_id_of(text: str) -> str:
@@ -102,6 +176,60 @@ class Envelope:
             if not isinstance(value, tuple):
                 object.__setattr__(self, name, tuple(value))
 
+    def to_data(self) -> dict[str, Any]:
+        """The envelope as a JSON object, in the queue's format (both
+        backends'), its ``must_understand`` listing :data:`ENVELOPE_CRITICAL`
+        fields that are set."""
+        # Field by field, not dataclasses.asdict: that deep-copies, once a message.
+        data: dict[str, Any] = {name: getattr(self, name) for name in ENVELOPE_FIELDS}
+        data["recipients"] = list(self.recipients)
+        data["received"] = self.received.isoformat()
+        return must_understand(data, ENVELOPE_CRITICAL)
+
+    @classmethod
+    def from_data(cls, data: Any) -> Envelope:
+        """The envelope of a JSON object :meth:`to_data` (of this version or
+        another) wrote.  A field this version does not know is ignored,
+        unless its ``must_understand`` names it: :class:`NewerFormat`.
+        ValueError, saying why, for anything else that is not an envelope.
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"not an envelope: {type(data).__name__}, not an object")
+        try:
+            known = known_fields(data, _ENVELOPE_NAMES)
+        except NewerFormat as exc:
+            # What it needs may be what keeps this version from reading the rest.
+            with contextlib.suppress(ValueError):
+                exc.envelope = cls._of_known(data)
+            raise
+        return cls._of_known(known)
+
+    @classmethod
+    def _of_known(cls, data: Mapping[str, Any]) -> Envelope:
+        try:
+            known = {name: value for name, value in data.items() if name in _ENVELOPE_NAMES}
+            known["recipients"] = tuple(known["recipients"])
+            known["received"] = datetime.fromisoformat(known["received"])
+            return cls(**known)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise ValueError(f"not an envelope: {exc!r}") from exc
+
+
+# In the order they are written: a file's envelope line stays as it was.
+ENVELOPE_FIELDS = tuple(field.name for field in fields(Envelope))
+_ENVELOPE_NAMES = frozenset(ENVELOPE_FIELDS)
+# The envelope's fields that a reader must not ignore when they are set,
+# with their defaults (docs/design.md, "Queue format"): a quarantined
+# message ignored would be delivered; DSN's fields ignored send notices the
+# sender did not ask for, or withhold those asked for (RFC 3461, section 5).
+ENVELOPE_CRITICAL: Mapping[str, Any] = {
+    "quarantine": None,
+    "ret": None,
+    "envid": None,
+    "notify": (),
+    "orcpt": (),
+}
+
 
 @dataclass(frozen=True, slots=True)
 class QueuedMessage:
@@ -111,6 +239,9 @@ class QueuedMessage:
     # prepended included, the envelope line not (the log's size=, too).
     size: int
     held: bool = False  # held by the administrator or quarantined: not delivered until released
+    # Fields a newer version wrote that this one must understand but does
+    # not (:class:`NewerFormat`): the message is left in the queue, undelivered.
+    needs: tuple[str, ...] = ()
 
 
 class MessageBusy(Exception):
@@ -149,6 +280,8 @@ class RecipientState:
         return self.status in FINAL
 
     def to_json(self) -> dict[str, Any]:
+        # No field of today's state is listed in must_understand: each is in
+        # every state a version that knows the rule reads (docs/design.md).
         data = asdict(self)
         for key in ("last_try", "next_try"):
             value = data[key]
@@ -156,12 +289,20 @@ class RecipientState:
         return data
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> RecipientState:
-        data = dict(data)
+    def from_json(cls, data: Any) -> RecipientState:
+        """A state :meth:`to_json` wrote, by the rule of ``must_understand``
+        (:func:`known_fields`): :class:`NewerFormat`, or ValueError, TypeError
+        or KeyError for one that is not a state."""
+        if not isinstance(data, dict):
+            raise ValueError(f"not a recipient's state: {data!r}")
+        known = known_fields(data, _STATE_FIELDS)
         for key in ("last_try", "next_try"):
-            if data.get(key) is not None:
-                data[key] = datetime.fromisoformat(data[key])
-        return cls(**data)
+            if known.get(key) is not None:
+                known[key] = datetime.fromisoformat(known[key])
+        return cls(**known)
+
+
+_STATE_FIELDS = frozenset(field.name for field in fields(RecipientState))
 
 
 @dataclass(slots=True)
@@ -199,7 +340,14 @@ class DeliveryState:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> DeliveryState:
-        return cls([RecipientState.from_json(r) for r in json.loads(data)["recipients"]])
+        """A state :meth:`to_bytes` wrote, by the rule of ``must_understand``
+        for the whole and for each entry (:class:`NewerFormat`); ValueError,
+        TypeError or KeyError for what is not one."""
+        whole = json.loads(data)
+        if not isinstance(whole, dict):
+            raise ValueError("not a delivery state: not an object")
+        entries = known_fields(whole, ("recipients",))["recipients"]
+        return cls([RecipientState.from_json(entry) for entry in entries])
 
 
 class QueueError(Exception):

@@ -73,7 +73,15 @@ from ..submission import (
     read_headers,
     read_lines,
 )
-from . import Queue, QueuedMessage, QueueError
+from . import (
+    NewerFormat,
+    Queue,
+    QueuedMessage,
+    QueueError,
+    known_fields,
+    must_understand,
+    warn_newer_format,
+)
 from .spool import Spool, _fsync_directory, read_envelope
 
 log = logging.getLogger("mmdf_smtp.maildrop")
@@ -145,8 +153,16 @@ def prepare(spool: Spool, owner: tuple[int, int] | None = None) -> None:
         os.chmod(drop, MAILDROP_MODE)
 
 
+# The request's fields, and those a pickup must not ignore when set
+# (docs/design.md, "Queue format"): DSN's, as in the envelope.
+_REQUEST_FIELDS = frozenset(
+    ("recipients", "sender", "full_name", "extract", "body", "notify", "ret", "envid")
+)
+_REQUEST_CRITICAL: dict[str, Any] = {"notify": None, "ret": None, "envid": None}
+
+
 def request_to_json(request: Request) -> bytes:
-    data = {
+    data: dict[str, Any] = {
         "recipients": list(request.recipients),
         "sender": request.sender,
         "full_name": request.full_name,
@@ -156,16 +172,20 @@ def request_to_json(request: Request) -> bytes:
         "ret": request.ret,
         "envid": request.envid,
     }
+    must_understand(data, _REQUEST_CRITICAL)
     return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def request_from_json(line: bytes) -> Request:
-    """The request of a maildrop file's first line; ValueError when it is not one."""
+    """The request of a maildrop file's first line; ValueError when it is
+    not one, :class:`NewerFormat` when a newer submit wrote it (fields this
+    version does not know are ignored unless its ``must_understand`` names them)."""
     if not line.startswith(MAGIC) or not line.endswith(b"\n"):
         raise ValueError("not a maildrop file")
     data: Any = json.loads(line[len(MAGIC) :])
     if not isinstance(data, dict):
         raise ValueError("the request is not a JSON object")
+    data = known_fields(data, _REQUEST_FIELDS)
     recipients = data.get("recipients")
     if not isinstance(recipients, list) or not all(isinstance(r, str) for r in recipients):
         raise ValueError("recipients: not a list of strings")
@@ -360,10 +380,20 @@ class _Pickup:
                 self.queue_submission(claim, file, info.st_uid)
 
     def finish(self, claim: Path) -> None:
-        """A queued message a crash left in ``pickup/``: on into the queue."""
+        """A queued message a crash left in ``pickup/``: on into the queue.
+
+        One a newer version queued moves on into the spool's queue/ as it
+        is (a rename), for that version to deliver; into another queue it
+        would be written anew, its fields this version does not know lost:
+        it stays in ``pickup/`` for that version's pickup."""
         try:
             with open(claim, "rb") as file:
                 envelope = read_envelope(file)
+        except NewerFormat as exc:
+            if exc.envelope is None or self.into is not None:
+                warn_newer_format(claim.name, exc)
+                return
+            envelope = exc.envelope
         except ValueError as exc:
             self.set_aside(claim, f"owned by the mail system but not a queued message ({exc})")
             return
@@ -395,6 +425,13 @@ class _Pickup:
     def queue_submission(self, claim: Path, file: BinaryIO, uid: int) -> None:
         try:
             request = request_from_json(file.readline(_MAX_REQUEST))
+        except NewerFormat as exc:
+            # Left claimed: the newer version's pickup takes it.  Claimed
+            # anew at each pass, under a new name: the file's inode names it
+            # for the warning, given once.
+            key = f"maildrop inode {os.fstat(file.fileno()).st_ino}"
+            warn_newer_format(claim.name, exc, key=key)
+            return
         except ValueError as exc:
             self.set_aside(claim, f"not a maildrop file ({exc})")
             return

@@ -91,6 +91,12 @@ def move(
 
 def _move_one(source: Spool, target: Queue, message: QueuedMessage, moved: Moved) -> str:
     queue_id = message.id
+    if message.needs:
+        # Written anew by this version, it would lose what the newer one needs.
+        why = f"written by a newer version: it needs {', '.join(message.needs)}"
+        moved.failed.append((queue_id, why))
+        log.error("id=%s: not moved: %s", queue_id, why)
+        return f"not moved: {why}"
     try:
         state = source.read_state(queue_id)
         with source.open_message(queue_id) as body:

@@ -100,7 +100,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
-from dataclasses import fields
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
@@ -111,6 +110,7 @@ from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from . import (
+    NEWER_WAIT,
     PENDING,
     DeliveryState,
     Envelope,
@@ -118,12 +118,14 @@ from . import (
     LeaseLost,
     MessageBusy,
     MessageWriter,
+    NewerFormat,
     QueueBackend,
     QueuedMessage,
     QueueError,
     RecipientState,
     SetAside,
     Wakeup,
+    warn_newer_format,
 )
 
 log = logging.getLogger("mmdf_smtp.queue")
@@ -146,7 +148,6 @@ _GONE_KEPT = timedelta(hours=1)
 _PURGE = 20_000  # rows a purge removes at most
 _NOTIFY_GAP = 0.025  # seconds after a NOTIFY of new mail in which the next waits, to go as one
 _NOTIFY_LAST = 5.0  # seconds a process that ends waits for the NOTIFY it owes
-_FIELDS = fields(Envelope)
 # What a message handed over to another process starts with (hand_over).
 _IN_TOKEN = b"M"  # then its id, its envelope line and its octets
 _IN_FILE = b"F"  # then its id and the name of its file in staging
@@ -218,6 +219,7 @@ _CLAIM = f"""
         WHERE NOT held AND gone IS NULL AND {_FREE}
           AND (due_at IS NULL OR due_at <= %(now)s
                OR %(flush_all)s OR id = ANY(%(flush_ids)s::text[]))
+          AND NOT id = ANY(%(newer)s::text[])
         ORDER BY COALESCE(due_at, arrived), id
         LIMIT %(limit)s
         FOR UPDATE SKIP LOCKED)
@@ -225,22 +227,19 @@ _CLAIM = f"""
 """
 _NEXT_DUE = f"""
     SELECT min(COALESCE(due_at, arrived)) FROM mmdf_message
-    WHERE NOT held AND gone IS NULL AND {_FREE}
+    WHERE NOT held AND gone IS NULL AND {_FREE} AND NOT id = ANY(%(newer)s::text[])
 """
 
 
 def envelope_to_text(envelope: Envelope) -> str:
-    data: dict[str, Any] = {field.name: getattr(envelope, field.name) for field in _FIELDS}
-    data["recipients"] = list(envelope.recipients)
-    data["received"] = envelope.received.isoformat()
-    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    """The envelope column: the spool's envelope line, without its size slot."""
+    return json.dumps(envelope.to_data(), ensure_ascii=False, separators=(",", ":"))
 
 
 def envelope_from_text(text: str) -> Envelope:
-    data = json.loads(text)
-    data["recipients"] = tuple(data["recipients"])
-    data["received"] = datetime.fromisoformat(data["received"])
-    return Envelope(**data)
+    """The envelope column's envelope; ValueError when it is not one
+    (:class:`NewerFormat` when a newer version wrote it)."""
+    return Envelope.from_data(json.loads(text))
 
 
 def _due_of(state: DeliveryState | None) -> datetime | None:
@@ -914,6 +913,10 @@ class PostgresQueue:
         self._tag = 0
         self._staging_ready = False
         self._doorbell = _Doorbell(self)
+        # Messages a newer version wrote, passed by until then (the
+        # caller's clock): see _leave_for_newer.
+        self._newer: dict[str, datetime] = {}
+        self._newer_lock = threading.Lock()
 
     # -- connections ---------------------------------------------------------
 
@@ -1370,6 +1373,11 @@ class PostgresQueue:
         if limit <= 0:
             return []
         holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(6)}"
+        with self._newer_lock:
+            for queue_id, until in list(self._newer.items()):
+                if until <= now:
+                    del self._newer[queue_id]
+            newer = list(self._newer)
         params = {
             "holder": holder,
             "lease": self.lease,
@@ -1377,6 +1385,7 @@ class PostgresQueue:
             "flush_all": flush_all,
             "flush_ids": list(flush_ids),
             "limit": limit,
+            "newer": newer,
         }
         try:
             with self._pool.connection() as conn, conn.transaction():
@@ -1403,6 +1412,10 @@ class PostgresQueue:
                     if entries
                     else None
                 )
+            except NewerFormat as exc:
+                warn_newer_format(queue_id, exc)
+                self._leave_for_newer(queue_id, holder, now)
+                continue
             except (ValueError, TypeError, KeyError, AttributeError) as exc:
                 self._set_aside(queue_id, f"cannot be read: {exc!r}")
                 continue
@@ -1414,7 +1427,9 @@ class PostgresQueue:
     def next_due(self) -> datetime | None:
         try:
             with self._pool.connection() as conn:
-                row = conn.execute(_NEXT_DUE, {"lease": self.lease}).fetchone()
+                with self._newer_lock:
+                    newer = list(self._newer)
+                row = conn.execute(_NEXT_DUE, {"lease": self.lease, "newer": newer}).fetchone()
         except psycopg.Error as exc:
             raise _error("cannot read the queue", exc) from exc
         return None if row is None else row[0]
@@ -1442,13 +1457,19 @@ class PostgresQueue:
             except psycopg.Error as exc:
                 raise _error("cannot read the queue", exc) from exc
             for queue_id, envelope, size, is_held in rows:
+                needs: tuple[str, ...] = ()
                 try:
                     parsed = envelope_from_text(envelope)
+                except NewerFormat as exc:
+                    if exc.envelope is None:
+                        log.warning("id=%s: unreadable envelope: %s", queue_id, exc)
+                        continue
+                    parsed, needs = exc.envelope, exc.needed
                 except (ValueError, TypeError, KeyError, AttributeError) as exc:
                     # One damaged row must not hide the others; claim sets it aside.
                     log.warning("id=%s: unreadable envelope: %r", queue_id, exc)
                     continue
-                yield QueuedMessage(queue_id, parsed, size, held=is_held)
+                yield QueuedMessage(queue_id, parsed, size, held=is_held, needs=needs)
             if len(rows) < _PAGE:
                 return
             after = rows[-1][0]
@@ -1562,6 +1583,25 @@ class PostgresQueue:
         if deleted:
             log.info("id=%s: set-aside message deleted by the administrator", name)
         return bool(deleted)
+
+    def _leave_for_newer(self, queue_id: str, holder: str, now: datetime) -> None:
+        """Give back a message a newer version wrote, its row as it was but
+        for the lease, and pass it by for :data:`NEWER_WAIT`: this process's
+        claims do not hand it out again and again, nor does :meth:`next_due`
+        count it.  Not by pushing back its ``due_at``: the newer version,
+        rolled forward, is to find it due at once."""
+        with self._newer_lock:
+            self._newer[queue_id] = now + NEWER_WAIT
+        try:
+            with self._pool.connection() as conn:
+                conn.execute(
+                    "UPDATE mmdf_message SET lease_holder = NULL, lease_renewed = NULL"
+                    " WHERE id = %s AND lease_holder = %s",
+                    (queue_id, holder),
+                )
+        except (psycopg.Error, QueueError) as exc:
+            # Its lease runs out by itself.
+            log.warning("id=%s: cannot give it back: %s", queue_id, exc)
 
     def _set_aside(self, queue_id: str, reason: str) -> None:
         """Keep a message that cannot be read from delivery, for the administrator."""

@@ -19,7 +19,10 @@ is filled in at the commit, in a slot of fixed width kept blank until
 then (:func:`seal`), so a file that lost any of its end, or was never
 finished, proves itself incomplete (as the END record ends a Postfix
 queue file).  Readers see the same octets as without it: the message
-starts after the envelope line.
+starts after the envelope line.  The other fields are read by the rule
+of ``must_understand`` (:meth:`.Envelope.from_data`): a file a newer
+version wrote is whole and yet not this version's to deliver, and is
+left where it is (:class:`.NewerFormat`), never set aside.
 
 Commit: the file, created unreadable (mode :data:`COMMITTING`), is
 sealed, fsynced, renamed from ``tmp/`` into ``queue/``, and ``queue/`` is
@@ -85,12 +88,12 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from dataclasses import fields
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from . import (
+    NEWER_WAIT,
     PENDING,
     DelivererRunning,
     DeliveryState,
@@ -99,10 +102,12 @@ from . import (
     LeaseLost,
     MessageBusy,
     MessageWriter,
+    NewerFormat,
     QueuedMessage,
     QueueError,
     SetAside,
     Wakeup,
+    warn_newer_format,
 )
 
 log = logging.getLogger("mmdf_smtp.queue")
@@ -130,7 +135,6 @@ _FULL = (errno.ENOSPC, errno.EDQUOT)
 # not readable, so deliver and checkque pass it by (Spool.ids).
 COMMITTING = 0o200
 QUEUED = 0o600
-_FIELDS = fields(Envelope)
 # How a maildrop file starts (queue/maildrop.py), to tell one in corrupt/.
 _MAILDROP_MAGIC = b"MMDF-MAILDROP "
 TRIGGER = "deliver.sock"
@@ -150,12 +154,12 @@ _SIZE_WIDTH = 20
 
 
 def envelope_to_json(envelope: Envelope) -> bytes:
-    """The envelope line, its size slot still blank (see :func:`seal`)."""
-    # Field by field, not dataclasses.asdict: that deep-copies, once a message.
-    data: dict[str, Any] = {field.name: getattr(envelope, field.name) for field in _FIELDS}
-    data["recipients"] = list(envelope.recipients)
-    data["received"] = envelope.received.isoformat()
-    fields_json = _ENVELOPE_ENCODER.encode(data).encode()
+    """The envelope line, its size slot still blank (see :func:`seal`).
+
+    The slot comes first and the fields after it, ``must_understand``
+    (when any field is critical) last: what follows the slot moves nothing
+    in it."""
+    fields_json = _ENVELOPE_ENCODER.encode(envelope.to_data()).encode()
     return _SIZE_KEY + b" " * _SIZE_WIDTH + b"," + fields_json[1:] + b"\n"
 
 
@@ -178,8 +182,10 @@ _ENVELOPE_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 
 def envelope_from_json(line: bytes) -> Envelope:
-    """The envelope line of a queue file; ValueError when it is not one."""
-    return _parse_envelope(line)[0]
+    """The envelope line of a queue file; ValueError when it is not one
+    (:class:`NewerFormat` when a newer version wrote it)."""
+    data, _ = _envelope_data(line)
+    return Envelope.from_data(data)
 
 
 def _unsealed_envelope(line: bytes | bytearray) -> Envelope:
@@ -197,24 +203,27 @@ def read_envelope(file: BinaryIO) -> Envelope:
     files carried one, and is taken as whole.
     """
     line = file.readline()
-    envelope, declared = _parse_envelope(line)
+    data, declared = _envelope_data(line)
     if declared is not None:
         size = os.fstat(file.fileno()).st_size
         if size != declared:
             raise ValueError(f"incomplete: {size} octets where its envelope says {declared}")
-    return envelope
+    # After the size: a file a newer version wrote is whole before it is
+    # left alone for that version (NewerFormat); a torn one is set aside.
+    return Envelope.from_data(data)
 
 
-def _parse_envelope(line: bytes) -> tuple[Envelope, int | None]:
+def _envelope_data(line: bytes) -> tuple[dict[str, Any], int | None]:
+    """The envelope line's fields, and its ``file_size`` taken out of them."""
     try:
         data = json.loads(line)
+        if not isinstance(data, dict):
+            raise TypeError(f"{type(data).__name__}, not an object")
         declared = data.pop("file_size", None)
         if declared is not None and not isinstance(declared, int):
             raise TypeError(f"file_size is {declared!r}")
-        data["recipients"] = tuple(data["recipients"])
-        data["received"] = datetime.fromisoformat(data["received"])
-        return Envelope(**data), declared
-    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        return data, declared
+    except (ValueError, TypeError) as exc:
         if not line:
             raise ValueError("not an envelope: the file is empty") from exc
         raise ValueError(f"not an envelope: {exc!r}") from exc
@@ -970,6 +979,8 @@ class Spool:
         with open(fd, "rb") as file:
             try:
                 read_envelope(file)
+            except NewerFormat:
+                return None  # whole: committed, for the newer version to deliver
             except ValueError as exc:
                 return str(exc)
         return None
@@ -1057,19 +1068,26 @@ class Spool:
 
         Ones gone meanwhile are skipped; so is one whose envelope cannot be
         read, with a warning: one damaged file must not hide the others.
+        One a newer version wrote comes with what it ``needs``.
         """
         directory = self.hold_dir if held else self.queue
         for queue_id in self.held_ids() if held else self.ids():
+            needs: tuple[str, ...] = ()
             try:
                 with open(directory / queue_id, "rb") as file:
-                    envelope = read_envelope(file)
+                    try:
+                        envelope = read_envelope(file)
+                    except NewerFormat as exc:
+                        if exc.envelope is None:
+                            raise
+                        envelope, needs = exc.envelope, exc.needed
                     size = os.fstat(file.fileno()).st_size - file.tell()
             except FileNotFoundError:
                 continue
             except ValueError as exc:
                 log.warning("queue file %s: %s", directory / queue_id, exc)
                 continue
-            yield QueuedMessage(queue_id, envelope, size, held=held)
+            yield QueuedMessage(queue_id, envelope, size, held=held, needs=needs)
 
     def envelope(self, queue_id: str) -> Envelope:
         """The envelope of a queued or held message; KeyError when there is none.
@@ -1291,6 +1309,13 @@ class Spool:
             with open(fd, "rb", closefd=False) as file:
                 try:
                     envelope = read_envelope(file)
+                except NewerFormat as exc:
+                    # Whole, and for the newer version to deliver when it
+                    # runs again: not set aside, and not read again soon.
+                    warn_newer_format(queue_id, exc)
+                    work.make_waiting(queue_id, (now + NEWER_WAIT).timestamp())
+                    os.close(fd)
+                    return None
                 except ValueError as exc:
                     # Not whole (storage that lied about a flush): delivering it
                     # would hand on a torn message.  The administrator decides.
@@ -1300,6 +1325,11 @@ class Spool:
                     return None
             try:
                 state = self._state_of_locked(queue_id)
+            except NewerFormat as exc:
+                warn_newer_format(queue_id, exc)
+                work.make_waiting(queue_id, (now + NEWER_WAIT).timestamp())
+                os.close(fd)
+                return None
             except ValueError as exc:
                 log.error("id=%s: cannot deliver: %s", queue_id, exc)
                 work.make_waiting(queue_id, (now + UNREADABLE_WAIT).timestamp())
@@ -1643,9 +1673,12 @@ def _arrival(queue_id: str) -> float:
 
 
 def _parsed_state(path: str, data: bytes) -> DeliveryState:
-    """A state file's contents; ValueError naming ``path`` when they cannot be read."""
+    """A state file's contents; ValueError naming ``path`` when they cannot
+    be read (:class:`NewerFormat`, as it is, when a newer version wrote them)."""
     try:
         return DeliveryState.from_bytes(data)
+    except NewerFormat:
+        raise
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{path}: unreadable delivery state: {exc!r}") from exc
 
