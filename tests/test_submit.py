@@ -534,7 +534,7 @@ def test_pickup_leaves_a_newer_submits_request_claimed(
     assert (listing["maildrop"], len(listing["pickup"]), listing["tmp"]) == ([], 1, [])
     assert os.listdir(root / "corrupt") == []
     warned = [r.getMessage() for r in caplog.records if "newer version" in r.getMessage()]
-    assert len(warned) == 1 and warned[0].endswith(": it needs priority; left in the queue")
+    assert len(warned) == 1 and warned[0].endswith(": it needs priority; left in pickup/")
     [claimed] = (root / "pickup").iterdir()
     _request_edited(claimed, lambda data: [data.pop(k) for k in ("priority", "must_understand")])
     [queue_id] = run_pickup(config)

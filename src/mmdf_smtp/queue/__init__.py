@@ -118,15 +118,17 @@ _newer_warned: set[str] = set()
 _newer_lock = threading.Lock()
 
 
-def warn_newer_format(queue_id: str, exc: NewerFormat, *, key: str | None = None) -> None:
-    """Log, once a message a process, that it is left in the queue: it is
+def warn_newer_format(
+    queue_id: str, exc: NewerFormat, *, key: str | None = None, where: str = "the queue"
+) -> None:
+    """Log, once a message a process, that it is left ``where`` it is: it is
     met again at every scan, and the log is not to fill up.  ``key``: what
     names the message across scans when its id does not (by default its id)."""
     with _newer_lock:
         if (key or queue_id) in _newer_warned:
             return
         _newer_warned.add(key or queue_id)
-    log.warning("id=%s: %s; left in the queue", queue_id, exc)
+    log.warning("id=%s: %s; left in %s", queue_id, exc, where)
 
 
 def queue_id_of(text: str) -> str:

@@ -430,7 +430,7 @@ class _Pickup:
             # anew at each pass, under a new name: the file's inode names it
             # for the warning, given once.
             key = f"maildrop inode {os.fstat(file.fileno()).st_ino}"
-            warn_newer_format(claim.name, exc, key=key)
+            warn_newer_format(claim.name, exc, key=key, where="pickup/")
             return
         except ValueError as exc:
             self.set_aside(claim, f"not a maildrop file ({exc})")
