@@ -336,6 +336,36 @@ def test_auth_with_a_wrong_password_defers_and_never_bounces(
     assert accounts.mechanisms == ["PLAIN"]
 
 
+def test_a_refused_password_leaves_the_hop_alone_for_the_next_messages(
+    tmp_path: Path, ca: trustme.CA, log: pytest.LogCaptureFixture
+) -> None:
+    # Every message would meet the same refusal; a smarthost that counts
+    # failed logins locks the account. One try, then retry_min's pause.
+    accounts = Accounts()
+    with peer(Handler(), tls=server_context(ca), authenticator=accounts) as (handler, port):
+        s = setup(
+            tmp_path, port, auth_keys(tmp_path, "wrong") + "destination_concurrency_limit = 1\n"
+        )
+        first, second = s.queue(RECIPIENT), s.queue(RECIPIENT)
+        s.runner.run()
+    assert accounts.mechanisms == ["PLAIN"]
+    assert handler.messages == []
+    refused = (
+        f"451 4.7.8 smtp:[127.0.0.1]:{port} refused AUTH PLAIN as {USER} ([deliver] auth_user):"
+        " 535 5.7.8 Authentication credentials invalid"
+    )
+    replies = []
+    for queue_id in (first, second):
+        state = s.spool.read_state(queue_id)
+        assert state is not None
+        [entry] = state.recipients
+        assert entry.status == "deferred"
+        replies.append(entry.last_reply)
+    suspended = f"451 4.4.1 delivery temporarily suspended: {refused.split(' ', 2)[2]}"
+    assert sorted(replies) == sorted([refused, suspended])
+    assert f"{refused}; delivery to it suspended for " in log.text
+
+
 def test_a_503_to_auth_is_no_success(
     tmp_path: Path, ca: trustme.CA, log: pytest.LogCaptureFixture
 ) -> None:
@@ -424,6 +454,7 @@ def test_no_password_goes_in_plaintext_even_under_a_policy_made_without_tls() ->
     assert outcome == nexthop.Outcome(
         451,
         f"4.7.4 [deliver] auth_user is set and smtp:[127.0.0.1]:{port} is not spoken to over TLS",
+        unreachable=True,
     )
     assert (accounts.mechanisms, handler.messages) == ([], [])
 

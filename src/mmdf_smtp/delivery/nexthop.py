@@ -59,7 +59,11 @@ class Outcome:
     code: int
     text: str  # with the enhanced status code first when there is one
     from_peer: bool = False  # the next hop said it; else we did
-    unreachable: bool = False  # no session with the next hop: not connected, or not greeted
+    # No session fit for mail with the next hop: not connected, not greeted,
+    # or not with the TLS or AUTH that [deliver] requires.  Every message
+    # would meet the same: the hop is left alone a while (and a smarthost
+    # is not sent a wrong password once a message, which locks accounts).
+    unreachable: bool = False
     hop_dsn: bool = False  # the next hop offered DSN and was handed the recipient's NOTIFY
 
     @property
@@ -554,13 +558,13 @@ def _start_tls(client: smtplib.SMTP, hop: NextHop, security: Security, name: str
     if not client.has_extn("starttls"):
         if required:
             why = f"{describe(hop)} does not offer STARTTLS"
-            raise _Refused(Outcome(451, f"4.7.4 {_required(security)} and {why}"))
+            raise _Refused(_policy_failure(f"4.7.4 {_required(security)} and {why}"))
         return
     code, text = client.docmd("STARTTLS")
     if code != 220:
         refusal = _refused(hop, code, text, "STARTTLS").text.split(" ", 1)[1]
         if required:
-            raise _Refused(Outcome(451, f"4.7.4 {_required(security)} and {refusal}"))
+            raise _Refused(_policy_failure(f"4.7.4 {_required(security)} and {refusal}"))
         log.warning("%s; sending in plaintext", refusal)
         return
     assert client.sock is not None
@@ -596,16 +600,15 @@ def _authenticate(client: smtplib.SMTP, hop: NextHop, security: Security) -> Non
         # The configuration cannot make such a policy; one made otherwise
         # still sends no password in plaintext.
         why = f"{describe(hop)} is not spoken to over TLS"
-        raise _Refused(Outcome(451, f"4.7.4 [deliver] auth_user is set and {why}"))
+        raise _Refused(_policy_failure(f"4.7.4 [deliver] auth_user is set and {why}"))
     offered = client.esmtp_features.get("auth", "").upper().split()
     mechanism = next((m for m in _MECHANISMS if m in offered), None)
     if mechanism is None:
         what = f"AUTH {' '.join(offered)}" if offered else "no AUTH"
         raise _Refused(
-            Outcome(
-                451,
+            _policy_failure(
                 f"4.7.4 [deliver] auth_user is set and {describe(hop)} offers {what}"
-                f" (deliver speaks {' and '.join(_MECHANISMS)})",
+                f" (deliver speaks {' and '.join(_MECHANISMS)})"
             )
         )
     client.user, client.password = security.user, security.password
@@ -620,10 +623,9 @@ def _authenticate(client: smtplib.SMTP, hop: NextHop, security: Security) -> Non
         words = " ".join(reply.split())
         status = "4.7.8" if code == 535 else "4.7.0"
         raise _Refused(
-            Outcome(
-                451,
+            _policy_failure(
                 f"{status} {describe(hop)} refused AUTH {mechanism} as"
-                f" {security.user} ([deliver] auth_user): {code} {words}",
+                f" {security.user} ([deliver] auth_user): {code} {words}"
             )
         )
 
@@ -632,13 +634,19 @@ def _required(security: Security) -> str:
     return f"TLS is required by {security.requirement()}"
 
 
+def _policy_failure(text: str) -> Outcome:
+    """No session as ``[deliver]`` requires (TLS, AUTH): the same for every
+    message, so the hop is left alone a while, as an unreachable one."""
+    return Outcome(451, text, unreachable=True)
+
+
 def _tls_failure(hop: NextHop, security: Security, name: str, exc: ssl.SSLError) -> Outcome:
     """A handshake that failed where TLS is required."""
     if isinstance(exc, ssl.SSLCertVerificationError):
         why = f"the certificate of {name} did not verify: {_ssl_reason(exc)}"
     else:
         why = f"the TLS handshake with {describe(hop)} failed: {_ssl_reason(exc)}"
-    return Outcome(451, f"4.7.5 {_required(security)} and {why}")
+    return _policy_failure(f"4.7.5 {_required(security)} and {why}")
 
 
 def _ssl_reason(exc: ssl.SSLError) -> str:
