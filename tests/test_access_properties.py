@@ -76,6 +76,44 @@ def test_the_most_specific_sender_entry_wins(
         assert tagged is not None and tagged.text == entry.text
 
 
+networks = st.one_of(
+    st.builds(
+        lambda n, p: ipaddress.ip_network((n, p), strict=False),
+        st.integers(min_value=0, max_value=2**32 - 1),
+        st.integers(min_value=0, max_value=32),
+    ),
+    st.builds(
+        lambda n, p: ipaddress.ip_network((n, p), strict=False),
+        st.integers(min_value=0, max_value=2**128 - 1),
+        st.integers(min_value=0, max_value=128),
+    ),
+)
+
+
+@given(st.lists(networks, max_size=30), st.ip_addresses())
+def test_networks_are_found_as_a_scan_of_them_would(
+    table_networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network],
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address,
+) -> None:
+    lines = {i: f"{network} REJECT {i}" for i, network in enumerate(table_networks, 1)}
+    table = parse_client_table(lines, WHERE)
+    entry = table.by_address(address)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # a dual-stack socket's view of an IPv4 client
+    holding = [
+        (network.prefixlen, i)
+        for i, network in enumerate(table_networks, 1)
+        if network.version == address.version and address in network
+    ]
+    if not holding:
+        assert entry is None
+        return
+    longest = max(length for length, _ in holding)
+    # Of the same network written twice, the later line, as for any key.
+    last = max(i for length, i in holding if length == longest)
+    assert entry is not None and entry.text == str(last)
+
+
 @given(
     st.integers(min_value=0, max_value=2**32 - 1),
     st.sets(st.integers(min_value=0, max_value=32), min_size=1),

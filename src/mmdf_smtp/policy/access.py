@@ -40,7 +40,7 @@ from ..config import AccessConfig, ConfigError, read_text
 from ..filters import CONTINUE, Verdict
 from ..protocol import Reply
 from .aliases import base_name, unquote
-from .hosts import _LOOKS_NUMERIC, _NAME, IPAddress, IPNetwork, normalize_address, normalize_name
+from .hosts import _LOOKS_NUMERIC, _NAME, IPAddress, normalize_address, normalize_name
 
 NULL_SENDER = "<>"
 
@@ -207,7 +207,12 @@ class AddressTable:
 @dataclass(slots=True)
 class ClientTable:
     addresses: dict[IPAddress, Entry] = field(default_factory=dict)
-    networks: list[tuple[IPNetwork, Entry]] = field(default_factory=list)  # longest prefix first
+    # Networks by IP version and prefix length: a client costs a look-up a
+    # length the table uses, longest first, however many networks it holds
+    # (a country's blocks run to thousands).
+    # Each keyed by its first address as an integer.
+    networks: dict[tuple[int, int], dict[int, Entry]] = field(default_factory=dict)
+    _lengths: list[tuple[int, int]] = field(default_factory=list)  # the keys above, longest first
     names: dict[str, Entry] = field(default_factory=dict)
     below: dict[str, Entry] = field(default_factory=dict)  # ".domain", kept without its dot
 
@@ -222,8 +227,11 @@ class ClientTable:
             network = None
         if network is not None:
             if "/" in key:
-                self.networks.append((network, entry))
-                self.networks.sort(key=lambda item: -item[0].prefixlen)
+                length = (network.version, network.prefixlen)
+                if length not in self.networks:
+                    self._lengths.append(length)
+                    self._lengths.sort(key=lambda length: -length[1])
+                self.networks.setdefault(length, {})[int(network.network_address)] = entry
             else:
                 self.addresses[normalize_address(network.network_address)] = entry
             return
@@ -241,9 +249,12 @@ class ClientTable:
         address = normalize_address(address)
         if (entry := self.addresses.get(address)) is not None:
             return entry
-        for network, entry in self.networks:
-            if address in network:
-                return entry
+        number, bits = int(address), address.max_prefixlen
+        for version, prefix in self._lengths:
+            if version == address.version:
+                first = number >> (bits - prefix) << (bits - prefix)
+                if (entry := self.networks[version, prefix].get(first)) is not None:
+                    return entry
         return None
 
     def by_name(self, name: str | None) -> Entry | None:
