@@ -210,10 +210,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(
         prog="smtpd",
         description="The SMTP connection server.",
-        usage="%(prog)s [-d] [-f] [-t] [-n maxconnects] [-c config] [-l addr:port]... "
+        usage="%(prog)s [-d] [-f] [-n maxconnects] [-c config] [-l addr:port]... "
         "smtpsrvr channels\n"
-        "       %(prog)s [-t] [-c config] sourcehost.sourceport\n"
-        f"       %(prog)s [-t] {FLAVOUR_41}",
+        "       %(prog)s [-c config] sourcehost.sourceport\n"
+        f"       %(prog)s {FLAVOUR_41}\n"
+        "       %(prog)s -t [the options and arguments of a form above]",
         epilog="-t loads what the same arguments start with, says whether it is "
         "right, and exits (0 when it is, 78 when not) without listening. "
         "The last form (the seed's 4.1 and 5.2 flavour) takes no options but -t: "
