@@ -1,6 +1,7 @@
 """deliver: run the queue.
 
     deliver [-c config] [-d] [--once] [--flush]
+    deliver -t [-c config]
 
 As a service (the default) it makes a pass at start, then one whenever a
 message is queued (the spool pokes ``<spool>/deliver.sock``) and when a
@@ -10,7 +11,8 @@ message under way, SIGHUP reloads the configuration and aliases.
 deferred recipients now (as ``postqueue -f``; ``checkque --flush ID``
 asks the same for one message, with a datagram naming it).  One deliver runs per
 spool: when a service holds it, ``--once`` and ``--flush`` ask that
-service for a pass instead.
+service for a pass instead.  ``-t`` loads what a start loads and exits
+(see :func:`check`).
 """
 
 from __future__ import annotations
@@ -22,11 +24,11 @@ import socket
 import sys
 
 from .. import metrics
-from ..config import Config, ConfigError, load
+from ..config import EMBEDDED, Config, ConfigError, load
 from ..delivery import maildir
 from ..delivery.nexthop import Security, security_of
 from ..delivery.runner import DeliveryBackend, Runner, open_queue
-from ..privileges import drop_privileges
+from ..privileges import account, drop_privileges
 from ..queue import DelivererRunning, Wakeups
 from ..queue.spool import Spool
 from .common import (
@@ -110,23 +112,62 @@ class Service:
         self._reload = True
 
 
+def open_for_delivery(config: Config) -> tuple[DeliveryBackend, Security]:
+    """The queue and the next hop's TLS and AUTH, before privileges are
+    dropped: the backend's modules (a database driver and what it imports)
+    may lie where only root may read, and so may the password file.
+    Neither is touched yet (no folder made, no connection).  Raises ConfigError."""
+    return open_queue(config), security_of(config)
+
+
+def check(config_path: str | None) -> int:
+    """``-t``: load what a start loads, short of what changes the machine.
+
+    The configuration, the queue backend (its module and settings; no
+    folder is made and no database connected), the next hop's password
+    file and trusted CAs, and a runner as a start and a reload make it
+    (the aliases file, the access tables of the maildrop's pickup); as
+    root, the ``user`` deliver becomes.  Whether that user can reach the
+    spool, only the start finds out: it gives the spool to the user.
+    """
+    config = load_config("deliver", config_path)
+    try:
+        spool, security = open_for_delivery(config)
+        Runner(config, spool, security=security).close()
+        if os.geteuid() == 0:
+            try:
+                account(config.user)
+            except ConfigError as exc:
+                # As the start says it (drop_privileges).
+                raise ConfigError(f"{config.source}: {exc}") from None
+    except ConfigError as exc:
+        print(f"deliver: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    source = "embedded default" if config.source == EMBEDDED else config.source
+    print(f"deliver: configuration OK ({source})")
+    return EX_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="deliver", description="Run the queue.")
     parser.add_argument("-c", "--config", help="configuration file (TOML)")
     parser.add_argument("-d", "--debug", action="store_true", help="log details on stderr")
     parser.add_argument("--once", action="store_true", help="one pass over what is due, then exit")
     parser.add_argument("--flush", action="store_true", help="try deferred recipients now")
+    parser.add_argument(
+        "-t", "--check", action="store_true", help="check the configuration, then exit"
+    )
     args = parser.parse_args(argv)
+    if args.check and (args.once or args.flush):
+        parser.error("-t checks the configuration alone: no --once nor --flush")
+    if args.check:
+        return check(args.config)
     config = load_config("deliver", args.config)
     setup_logging("deliver", debug=args.debug, target=config.log, log_format=config.log_format)
     if config.metrics.enabled:
         metrics.load_exposition()
-    # Before privileges are dropped: the backend's modules (a database
-    # driver and what it imports) may lie where only root may read.
     try:
-        spool = open_queue(config)
-        # Before privileges are dropped too: the password file may be root's alone.
-        security = security_of(config)
+        spool, security = open_for_delivery(config)
     except ConfigError as exc:
         print(f"deliver: {exc}", file=sys.stderr)
         return EX_CONFIG

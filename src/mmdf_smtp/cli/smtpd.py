@@ -4,6 +4,7 @@
     smtpd [-f] [-c config] smtpsrvr channels      (stdin is a connected socket: inetd)
     smtpd [-c config] sourcehost.sourceport       (sun: channel smtp, peer in hex)
     smtpd smtpsrvr channels port maxconnects network   (4.1 and 5.2: no options)
+    smtpd -t ...                                  (any form: check, then exit)
 
 Standalone, it listens (or takes systemd's sockets, LISTEN_FDS) and serves
 each connection.  ``smtpsrvr`` names the program that serves a session:
@@ -17,10 +18,14 @@ listens on ``port`` at every address of ``network`` (a name or address of
 this machine) and calls itself ``network``: that is the ``localhost`` the
 program gets, argv ``[smtpsrvr, remotehost, network, channels]`` with the
 program's path as written for argv[0], as the original's execl did.
+
+``-t`` loads what the same command line starts with (see :func:`check`)
+and exits, as ``sshd -t`` and ``postfix check`` do.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import errno
 import ipaddress
@@ -38,7 +43,7 @@ from ..admission import Admission
 from ..checks.config import AuthConfig
 from ..checks.dmarc import public_suffixes
 from ..checks.gate import start_verifiers, stop_verifiers
-from ..config import Config, ConfigError
+from ..config import EMBEDDED, Config, ConfigError, split_listen
 from ..daemon import (
     STARTUP_BLOCKED,
     Daemon,
@@ -56,7 +61,7 @@ from ..daemon import (
 )
 from ..delivery import maildir
 from ..policy import UnknownChannel
-from ..privileges import acting_as, become, prepare_account
+from ..privileges import account, acting_as, become, prepare_account
 from ..service import Service
 from ..session import address_literal
 from ..shells.blocking import BlockingShell
@@ -126,6 +131,15 @@ def parse_port(text: str) -> int:
         return socket.getservbyname(text, "tcp")
     except (OSError, ValueError):  # ValueError: a NUL or a lone surrogate in the name
         raise UsageError(f"port {text!r}: not a number nor a known TCP service") from None
+
+
+def parse_listen(text: str) -> str:
+    """``-l``'s ``addr:port`` or ``[v6]:port``, checked now rather than at binding."""
+    try:
+        split_listen(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def parse_maxconnects(text: str) -> int:
@@ -199,8 +213,11 @@ def main(argv: list[str] | None = None) -> int:
         usage="%(prog)s [-d] [-f] [-n maxconnects] [-c config] [-l addr:port]... "
         "smtpsrvr channels\n"
         "       %(prog)s [-c config] sourcehost.sourceport\n"
-        f"       %(prog)s {FLAVOUR_41}",
-        epilog="The last form (the seed's 4.1 and 5.2 flavour) takes no options: "
+        f"       %(prog)s {FLAVOUR_41}\n"
+        "       %(prog)s -t [the options and arguments of a form above]",
+        epilog="-t loads what the same arguments start with, says whether it is "
+        "right, and exits (0 when it is, 78 when not) without listening. "
+        "The last form (the seed's 4.1 and 5.2 flavour) takes no options but -t: "
         "it reads the configuration from $MMDF_CONFIG, /etc/mmdf/mmdf.toml or "
         "the embedded default, "
         "listens on port (a number or service name) at every address of "
@@ -213,7 +230,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-n", "--maxconnects", type=int, help="simultaneous sessions (default 4)")
     parser.add_argument("-c", "--config", help="configuration file (TOML)")
     parser.add_argument(
-        "-l", "--listen", action="append", default=[], help="addr:port to listen on (repeatable)"
+        "-l",
+        "--listen",
+        action="append",
+        default=[],
+        type=parse_listen,
+        help="addr:port to listen on (repeatable)",
+    )
+    parser.add_argument(
+        "-t", "--check", action="store_true", help="check the configuration, then exit"
     )
     parser.add_argument("arguments", nargs="+", metavar="smtpsrvr channels")
     args = parser.parse_args(argv)
@@ -221,8 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         if len(args.arguments) == 5:
             flags = args.debug or args.finicky or args.listen
             if flags or args.maxconnects is not None or args.config is not None:
-                raise UsageError(f"the form smtpd {FLAVOUR_41} takes no options")
-            return main_41(*args.arguments)
+                raise UsageError(f"the form smtpd {FLAVOUR_41} takes no options but -t")
+            return main_41(*args.arguments, check_only=args.check)
         if args.maxconnects is not None and args.maxconnects <= 0:
             raise UsageError("maxconnects must be a positive number")
         sun = len(args.arguments) == 1 and SUN_ARGUMENT.fullmatch(args.arguments[0])
@@ -239,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         parser.error(str(exc))
     service = load_service("smtpd", args.config, channels, finicky=args.finicky)
+    if args.check:
+        return check(service, external, inetd=bool(sun))
     setup_logging(
         "smtpd", debug=args.debug, target=service.config.log, log_format=service.config.log_format
     )
@@ -248,12 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     if sun or (stdin_is_a_connection() and not args.listen):
         # Called by inetd with one connection on stdin: serve it, or run
         # the site's program on it, as the seed's 4.3 and sun flavours did.
-        if service.config.smtpd.proxy_protocol:
-            print(
-                f"smtpd: {service.config.source}: smtpd.proxy_protocol: "
-                "read by the listening daemon only, not on a connection from inetd",
-                file=sys.stderr,
-            )
+        refusal = inetd_refusal(service)
+        if refusal is not None:
+            print(f"smtpd: {refusal}", file=sys.stderr)
             return EX_CONFIG
         peer = find_peer(sun_peer(args.arguments[0]) if sun else "-")
         become_user("smtpd", service)
@@ -282,6 +306,55 @@ def main(argv: list[str] | None = None) -> int:
     return EX_OK
 
 
+def inetd_refusal(service: Service) -> str | None:
+    """Why the configuration cannot serve a connection from inetd; None when it can."""
+    if service.config.smtpd.proxy_protocol:
+        return (
+            f"{service.config.source}: smtpd.proxy_protocol: "
+            "read by the listening daemon only, not on a connection from inetd"
+        )
+    return None
+
+
+def check(service: Service, external: ExternalServer | None, *, inetd: bool) -> int:
+    """``-t``: what a start refuses, short of what changes the machine.
+
+    ``service`` is loaded as a start and a reload load it (configuration,
+    channels, tables, aliases, certificate and key, the checks' settings);
+    then come the start's own refusals that need no socket, no fork, no
+    spool and no change of user: PROXY with a site's smtpsrvr, PROXY under
+    inetd (the sun form is always under inetd), and, as root, a ``user``
+    the sessions cannot become.  Whether the spool can be reached by that
+    user, or the addresses bound, only the start finds out.
+    """
+    try:
+        refusal = start_refusal(service, external, inetd=inetd)
+    finally:
+        if service.checks is not None:
+            service.checks.close()
+    if refusal is not None:
+        print(f"smtpd: {refusal}", file=sys.stderr)
+        return EX_CONFIG
+    source = service.config.source
+    print(f"smtpd: configuration OK ({'embedded default' if source == EMBEDDED else source})")
+    return EX_OK
+
+
+def start_refusal(service: Service, external: ExternalServer | None, *, inetd: bool) -> str | None:
+    """What a start with ``service`` would refuse before binding, as it says it; else None."""
+    try:
+        check_proxy_support(service, external)
+    except ConfigError as exc:
+        return str(exc)
+    refusal = inetd_refusal(service) if inetd else None
+    if refusal is None and os.geteuid() == 0:
+        try:
+            account(service.config.user)
+        except ConfigError as exc:
+            return f"{service.config.source}: {exc}"  # as prepare_user says it
+    return refusal
+
+
 def parse_channels(text: str) -> list[str]:
     channels = [c for c in text.split(",") if c]
     if not channels:
@@ -306,7 +379,15 @@ def with_maxconnects(service: Service, maxconnects: int) -> Service:
     return dataclasses.replace(service, config=dataclasses.replace(service.config, smtpd=smtpd))
 
 
-def main_41(program: str, channel_list: str, port: str, maxconnects: str, network: str) -> int:
+def main_41(
+    program: str,
+    channel_list: str,
+    port: str,
+    maxconnects: str,
+    network: str,
+    *,
+    check_only: bool = False,
+) -> int:
     """``smtpd smtpsrvr channels port maxconnects network``: the 4.1 and 5.2 flavour.
 
     The arguments are checked before the configuration is read (from
@@ -320,6 +401,8 @@ def main_41(program: str, channel_list: str, port: str, maxconnects: str, networ
     # The original exec'd the program by the path it was given, as argv[0] too.
     external = external_server(program, finicky=False, argv0=program)
     service = load_service("smtpd", None, channels, finicky=False, hostname=network)
+    if check_only:
+        return check(service, external, inetd=False)
     setup_logging(
         "smtpd", debug=False, target=service.config.log, log_format=service.config.log_format
     )
