@@ -76,7 +76,7 @@ def test_table_file(tmp_path: FilePath) -> None:
     )
     table = build_table([], path, "x")
     assert table.names == {"gateway.example.org", "relay.example.org"}
-    assert table.suffixes == [".lan"]
+    assert table.suffixes == {".lan"}
     assert table.matches(ip("192.0.2.15"), None)
     assert table.matches(ip("2001:db8::1"), None)
     assert table.matches(None, "printer.lan")
@@ -101,6 +101,47 @@ def test_any_address_in_a_network_matches_and_none_outside(
     table.add(str(network), "test")
     assert table.matches(base, None)
     assert table.matches(other, None) is (other in network)
+
+
+host_networks = st.one_of(
+    st.builds(
+        lambda n, p: ipaddress.ip_network((n, p), strict=False),
+        st.integers(min_value=0, max_value=2**32 - 1),
+        st.integers(min_value=0, max_value=32),
+    ),
+    st.builds(
+        lambda n, p: ipaddress.ip_network((n, p), strict=False),
+        st.integers(min_value=0, max_value=2**128 - 1),
+        st.integers(min_value=0, max_value=128),
+    ),
+)
+labels = st.sampled_from(["a", "b", "example", "org", "mx", "c-d"])
+host_names = st.lists(labels, min_size=1, max_size=4).map(".".join)
+
+
+@given(
+    st.lists(host_networks, max_size=20),
+    st.lists(host_names, max_size=5),
+    st.lists(host_names.map(lambda name: "." + name), max_size=5),
+    st.ip_addresses(),
+    host_names,
+)
+def test_a_table_matches_as_a_scan_of_its_entries_would(
+    networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network],
+    names: list[str],
+    suffixes: list[str],
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address,
+    name: str,
+) -> None:
+    table = HostTable()
+    for entry in [*map(str, networks), *names, *suffixes]:
+        table.add(entry, "test")
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    by_address = any(n.version == address.version and address in n for n in networks)
+    by_name = name in names or any(name.endswith(suffix) for suffix in suffixes)
+    assert table.matches(address, None) is by_address
+    assert table.matches(None, name) is by_name
 
 
 # -- the nameserver table ---------------------------------------------------------

@@ -41,8 +41,11 @@ def normalize_address(address: IPAddress) -> IPAddress:
 @dataclass(slots=True)
 class HostTable:
     names: set[str] = field(default_factory=set)
-    suffixes: list[str] = field(default_factory=list)  # each with its leading "."
-    networks: list[IPNetwork] = field(default_factory=list)
+    suffixes: set[str] = field(default_factory=set)  # each with its leading "."
+    # Networks by IP version and prefix length, each its first address as an
+    # integer: a client costs a look-up a length the table uses, however many
+    # networks a table file holds.
+    networks: dict[tuple[int, int], set[int]] = field(default_factory=dict)
 
     @property
     def needs_name(self) -> bool:
@@ -53,15 +56,18 @@ class HostTable:
         """Add one entry; ``where`` names its origin for the error message."""
         text = entry.strip()
         try:
-            self.networks.append(ipaddress.ip_network(text, strict=False))
-            return
+            network = ipaddress.ip_network(text, strict=False)
         except ValueError:
             pass
+        else:
+            length = (network.version, network.prefixlen)
+            self.networks.setdefault(length, set()).add(int(network.network_address))
+            return
         if _LOOKS_NUMERIC.fullmatch(text):
             raise ConfigError(f"{where}: {text!r} is not a valid address or network")
         name = normalize_name(text)
         if name.startswith(".") and _NAME.fullmatch(name[1:]):
-            self.suffixes.append(name)
+            self.suffixes.add(name)
         elif _NAME.fullmatch(name):
             self.names.add(name)
         else:
@@ -70,12 +76,21 @@ class HostTable:
     def matches(self, address: IPAddress | None, name: str | None) -> bool:
         if address is not None:
             address = normalize_address(address)
-            if any(address in network for network in self.networks):
-                return True
+            number, bits = int(address), address.max_prefixlen
+            for (version, prefix), firsts in self.networks.items():
+                if (
+                    version == address.version
+                    and number >> (bits - prefix) << (bits - prefix) in firsts
+                ):
+                    return True
         if name:
             name = normalize_name(name)
-            if name in self.names or any(name.endswith(s) for s in self.suffixes):
+            if name in self.names:
                 return True
+            labels = name.split(".")
+            for start in range(1, len(labels)):
+                if "." + ".".join(labels[start:]) in self.suffixes:
+                    return True
         return False
 
 
