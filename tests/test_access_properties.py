@@ -16,6 +16,7 @@ from mmdf_smtp.policy.access import (
     parse_address_table,
     parse_client_table,
 )
+from strategies import ip_networks
 
 WHERE = "/etc/mmdf/access"
 
@@ -76,21 +77,7 @@ def test_the_most_specific_sender_entry_wins(
         assert tagged is not None and tagged.text == entry.text
 
 
-networks = st.one_of(
-    st.builds(
-        lambda n, p: ipaddress.ip_network((n, p), strict=False),
-        st.integers(min_value=0, max_value=2**32 - 1),
-        st.integers(min_value=0, max_value=32),
-    ),
-    st.builds(
-        lambda n, p: ipaddress.ip_network((n, p), strict=False),
-        st.integers(min_value=0, max_value=2**128 - 1),
-        st.integers(min_value=0, max_value=128),
-    ),
-)
-
-
-@given(st.lists(networks, max_size=30), st.ip_addresses())
+@given(st.lists(ip_networks, max_size=30), st.ip_addresses())
 def test_networks_are_found_as_a_scan_of_them_would(
     table_networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network],
     address: ipaddress.IPv4Address | ipaddress.IPv6Address,

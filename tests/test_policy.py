@@ -15,6 +15,7 @@ from mmdf_smtp.config import Config, ConfigError, parse
 from mmdf_smtp.policy import Policy, UnknownChannel
 from mmdf_smtp.policy.hosts import HostTable, build_table
 from mmdf_smtp.protocol import Path
+from strategies import ip_networks
 
 ip = ipaddress.ip_address
 
@@ -103,24 +104,12 @@ def test_any_address_in_a_network_matches_and_none_outside(
     assert table.matches(other, None) is (other in network)
 
 
-host_networks = st.one_of(
-    st.builds(
-        lambda n, p: ipaddress.ip_network((n, p), strict=False),
-        st.integers(min_value=0, max_value=2**32 - 1),
-        st.integers(min_value=0, max_value=32),
-    ),
-    st.builds(
-        lambda n, p: ipaddress.ip_network((n, p), strict=False),
-        st.integers(min_value=0, max_value=2**128 - 1),
-        st.integers(min_value=0, max_value=128),
-    ),
-)
 labels = st.sampled_from(["a", "b", "example", "org", "mx", "c-d"])
 host_names = st.lists(labels, min_size=1, max_size=4).map(".".join)
 
 
 @given(
-    st.lists(host_networks, max_size=20),
+    st.lists(ip_networks, max_size=20),
     st.lists(host_names, max_size=5),
     st.lists(host_names.map(lambda name: "." + name), max_size=5),
     st.ip_addresses(),
