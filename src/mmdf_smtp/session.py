@@ -181,7 +181,6 @@ class Session:
         self._hold: str | None = None  # an access table's HOLD: queued on hold, with this
         self._access = access
         self._client_access = client_access
-        self._recipient_access = CONTINUE  # the RCPT's, until the recipient is accepted
         self._staged: StagedMessage | None = None
         self._staged_at: datetime | None = None  # when the staged message's data began
 
@@ -271,11 +270,11 @@ class Session:
                 self._transaction_sender = event.sender.address
                 return self._filtered_mail(filters, event)
             case RcptTo():
-                refusal = self._recipient_refusal(event)
+                refusal, access = self._recipient_refusal(event)
                 if refusal is not None:
                     conn.send(refusal)
                     return None
-                return self._filtered_rcpt(filters, event)
+                return self._filtered_rcpt(filters, event, access)
             case StartData():
                 return self._filtered_data(filters, event)
             case MessageData():
@@ -345,12 +344,12 @@ class Session:
             await filters.reset()
         self.connection.send(refusal or replies.SENDER_OK)
 
-    async def _filtered_rcpt(self, filters: Filters, event: RcptTo) -> None:
+    async def _filtered_rcpt(self, filters: Filters, event: RcptTo, access: Verdict) -> None:
         verdict = await filters.rcpt(event.recipient)
         self._discard = self._discard or verdict.discard
         refusal = self._refused("rcpt", verdict, recipient=event.recipient.address)
         if refusal is None:
-            self._add_recipient(event)
+            self._add_recipient(event, access)
         self.connection.send(refusal or replies.RECIPIENT_OK)
 
     async def _filtered_data(self, filters: Filters, event: StartData) -> None:
@@ -492,10 +491,10 @@ class Session:
         return reply
 
     def _rcpt(self, event: RcptTo) -> Reply:
-        refusal = self._recipient_refusal(event)
+        refusal, access = self._recipient_refusal(event)
         if refusal is not None:
             return refusal
-        self._add_recipient(event)
+        self._add_recipient(event, access)
         return replies.RECIPIENT_OK
 
     def _sender_refusal(self, event: MailFrom) -> Reply | None:
@@ -511,10 +510,9 @@ class Session:
             self._discard = self._discard or verdict.discard
         return refusal
 
-    def _add_recipient(self, event: RcptTo) -> None:
-        # A recipient's HOLD or DISCARD, once it is accepted, is the whole
-        # message's (as in Postfix: one message, one queue file).
-        access, self._recipient_access = self._recipient_access, CONTINUE
+    def _add_recipient(self, event: RcptTo, access: Verdict) -> None:
+        # A recipient's HOLD or DISCARD (``access``), once it is accepted, is
+        # the whole message's (as in Postfix: one message, one queue file).
         self._hold = self._hold or access.hold
         self._discard = self._discard or access.discard
         address = event.recipient.address
@@ -525,22 +523,23 @@ class Session:
         else:
             self._recipient_dsn.pop(address, None)
 
-    def _recipient_refusal(self, event: RcptTo) -> Reply | None:
+    def _recipient_refusal(self, event: RcptTo) -> tuple[Reply | None, Verdict]:
         """The policy's refusal of a recipient (unknown user, relaying, the
-        access table), logged.  The relay rules come first: no access entry
-        makes a recipient the host may not relay to acceptable."""
+        access table), logged, and the access table's word on it.  The relay
+        rules come first: no access entry makes a recipient the host may not
+        relay to acceptable."""
         assert self.channel is not None
         refusal = self._check_recipient(self.channel, event.recipient)
         if refusal is not None:
             reason = _RECIPIENT_REASONS.get(refusal.enhanced, "recipient")
             details = f"from=<{self._sender()}> to=<{event.recipient.address}>"
             self._log_refusal(refusal, reason, details)
-            return refusal
+            return refusal, CONTINUE
         if self._access is None:
-            return None
+            return None, CONTINUE
         address = event.recipient.address
-        self._recipient_access = self._access.recipient(address)
-        return self._refused("rcpt", self._recipient_access, recipient=address)
+        access = self._access.recipient(address)
+        return self._refused("rcpt", access, recipient=address), access
 
     def _open_message(self, event: StartData) -> Reply:
         self._drop_message()
